@@ -1,0 +1,112 @@
+//! The `meshlet` command line: `agent` runs the node agent, the other commands operate on or
+//! inspect a node. Every agent flag has a `MESHLET_*` environment twin for the DaemonSet.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use tracing::info;
+
+use crate::{
+    capture,
+    telemetry::{self, LogFormat},
+};
+
+/// meshlet: sidecarless, eBPF-based ambient service-mesh node agent.
+#[derive(Debug, Parser)]
+#[command(name = "meshlet", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the node agent: attach capture and keep it attached until stopped.
+    Agent(AgentArgs),
+    /// Detach every meshlet eBPF program and remove its pins.
+    Uninstall(UninstallArgs),
+    /// Print build information.
+    Version,
+}
+
+/// Flags of `meshlet agent`.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// cgroup v2 directory to attach capture to [default: the host's cgroup2 mount].
+    #[arg(long, env = "MESHLET_CGROUP_ROOT")]
+    pub cgroup_root: Option<PathBuf>,
+    /// bpffs directory for meshlet's pins [default: <bpffs mount>/meshlet].
+    #[arg(long, env = "MESHLET_BPFFS_DIR")]
+    pub bpffs_dir: Option<PathBuf>,
+    /// Log line format.
+    #[arg(long, env = "MESHLET_LOG_FORMAT", value_enum, default_value_t)]
+    pub log_format: LogFormat,
+}
+
+/// Flags of `meshlet uninstall`.
+#[derive(Debug, Args)]
+pub struct UninstallArgs {
+    /// bpffs directory holding meshlet's pins [default: <bpffs mount>/meshlet].
+    #[arg(long, env = "MESHLET_BPFFS_DIR")]
+    pub bpffs_dir: Option<PathBuf>,
+}
+
+/// Parses the process arguments and runs the command.
+pub fn run() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Agent(args) => agent(args),
+        Command::Uninstall(args) => uninstall(args),
+        Command::Version => {
+            println!(
+                "meshlet {} (eBPF object {} bytes)",
+                env!("CARGO_PKG_VERSION"),
+                capture::object_size()
+            );
+            Ok(())
+        }
+    }
+}
+
+fn agent(args: AgentArgs) -> anyhow::Result<()> {
+    telemetry::init(args.log_format);
+    let config = capture::Config::resolve(args.cgroup_root, args.bpffs_dir)?;
+    info!(config = %serde_json::to_string(&config)?, version = env!("CARGO_PKG_VERSION"), "starting meshlet agent");
+    let capture = capture::Capture::install(config)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(shutdown_signal())?;
+    info!(
+        programs = capture.programs().len(),
+        "stopping; capture stays attached through its pins (`meshlet uninstall` removes it)"
+    );
+    Ok(())
+}
+
+async fn shutdown_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = int.recv() => info!("SIGINT received"),
+    }
+    Ok(())
+}
+
+fn uninstall(args: UninstallArgs) -> anyhow::Result<()> {
+    telemetry::init(LogFormat::Text);
+    let bpffs_dir = match args.bpffs_dir {
+        Some(dir) => dir,
+        None => capture::Config::resolve(None, None)?.bpffs_dir,
+    };
+    let removed = capture::uninstall(&bpffs_dir)?;
+    println!(
+        "meshlet uninstalled from {}: {} program link(s) detached, {} map(s) unpinned",
+        bpffs_dir.display(),
+        removed.links,
+        removed.maps
+    );
+    Ok(())
+}

@@ -1,0 +1,9 @@
+//! meshlet: a sidecarless, eBPF-based ambient service-mesh node agent.
+//!
+//! The crate is the agent's library; `main.rs` only parses the command line and hands over to
+//! [`cli`]. Data flows one way: sources -> workload store -> (capture, proxy, policy) -> metrics.
+
+pub mod capture;
+pub mod cli;
+pub mod netns;
+pub mod telemetry;

@@ -1,0 +1,146 @@
+//! Network namespaces: entering one on a dedicated thread, and naming one by its cookie.
+//!
+//! This is the one userspace module that talks to the kernel through raw syscalls (`setns(2)`,
+//! `getsockopt(SO_NETNS_COOKIE)`), so it is the one place `unsafe` is allowed. Entering a
+//! namespace only ever happens on a thread created for the purpose: the thread's namespace
+//! changes, never the caller's.
+#![allow(
+    unsafe_code,
+    reason = "setns(2) and getsockopt(2) have no safe wrapper in std"
+)]
+
+use std::{
+    fs::File,
+    io,
+    os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
+    path::{Path, PathBuf},
+};
+
+/// An open handle on a network namespace (`/proc/PID/ns/net`, `/var/run/netns/NAME`, ...).
+///
+/// Holding the handle keeps the namespace alive even if every process in it exits.
+#[derive(Debug)]
+pub struct Netns {
+    fd: OwnedFd,
+    path: PathBuf,
+}
+
+impl Netns {
+    /// Opens the network namespace at `path`.
+    pub fn open(path: impl AsRef<Path>) -> io::Result<Self> {
+        let path = path.as_ref();
+        let file = File::open(path).map_err(|err| {
+            io::Error::new(
+                err.kind(),
+                format!("open network namespace {}: {err}", path.display()),
+            )
+        })?;
+        Ok(Self {
+            fd: file.into(),
+            path: path.to_owned(),
+        })
+    }
+
+    /// The network namespace of the calling thread.
+    pub fn current() -> io::Result<Self> {
+        Self::open("/proc/thread-self/ns/net")
+    }
+
+    /// Where this namespace was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` on a new thread that has entered this namespace, and returns its result.
+    ///
+    /// Sockets created by `f` belong to this namespace for their whole life, wherever they are
+    /// used afterwards; that is how the proxy opens in-pod listeners from the node.
+    pub fn run<T, F>(&self, f: F) -> io::Result<T>
+    where
+        T: Send,
+        F: FnOnce() -> T + Send,
+    {
+        let fd = self.fd.as_fd();
+        std::thread::scope(|scope| {
+            std::thread::Builder::new()
+                .name("netns".into())
+                .spawn_scoped(scope, move || {
+                    enter(fd)?;
+                    Ok(f())
+                })?
+                .join()
+                .map_err(|_| io::Error::other("thread running in a network namespace panicked"))?
+        })
+    }
+
+    /// The namespace's cookie: the 64-bit id the kernel (and so the eBPF programs, through
+    /// `bpf_get_netns_cookie`) uses for it. Needs kernel >= 5.14 (`SO_NETNS_COOKIE`).
+    pub fn cookie(&self) -> io::Result<u64> {
+        self.run(|| {
+            let socket = std::net::UdpSocket::bind(("127.0.0.1", 0))?;
+            socket_netns_cookie(socket.as_fd())
+        })?
+    }
+}
+
+impl AsFd for Netns {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// Moves the calling thread into the network namespace `fd`.
+fn enter(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: setns(2) with a valid namespace fd and CLONE_NEWNET only changes the calling
+    // thread's network namespace; it touches no memory of ours.
+    let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        let err = io::Error::last_os_error();
+        Err(io::Error::new(
+            err.kind(),
+            format!("setns(CLONE_NEWNET): {err} (needs CAP_SYS_ADMIN)"),
+        ))
+    }
+}
+
+/// The cookie of the network namespace that the socket `fd` lives in.
+pub fn socket_netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie` and `len` are valid for writes of the sizes given, and outlive the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(cookie)
+    } else {
+        let err = io::Error::last_os_error();
+        Err(io::Error::new(
+            err.kind(),
+            format!("getsockopt(SO_NETNS_COOKIE): {err} (needs kernel >= 5.14)"),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cookie_of_current_namespace_is_stable_and_nonzero() {
+        let netns = Netns::current().unwrap();
+        let first = netns.cookie().unwrap();
+        assert_ne!(first, 0);
+        assert_eq!(first, netns.cookie().unwrap());
+        let socket = std::net::UdpSocket::bind(("127.0.0.1", 0)).unwrap();
+        assert_eq!(first, socket_netns_cookie(socket.as_fd()).unwrap());
+    }
+}

@@ -1,0 +1,163 @@
+//! `cargo xtask`: every piece of meshlet's automation, in one place.
+//!
+//! - `setup`: install what building and testing need on a Debian machine (idempotent, quiet
+//!   when everything is present);
+//! - `build`: setup, then build the workspace (the agent embeds the eBPF object);
+//! - `test`: setup, preflight checks, fmt, clippy, unit tests, then the root-only end-to-end
+//!   tests, then a check that they left nothing behind;
+//! - `demo`: setup, build, then the walk-through on a simulated cluster.
+
+mod preflight;
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "meshlet's automation")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install missing prerequisites (apt packages, nightly rust-src, bpf-linker). Needs root.
+    Setup,
+    /// Setup, then build the workspace and the embedded eBPF programs.
+    Build {
+        /// Build with the release profile.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Setup, then fmt, clippy, unit tests and the root-only end-to-end tests.
+    Test {
+        /// Only run tests whose name contains this filter (lints still run).
+        filter: Option<String>,
+    },
+    /// Setup, build, then walk through meshlet on a simulated two-node cluster.
+    Demo {
+        /// Leave the cluster running at the end and print how to poke at it.
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let root = workspace_root();
+    std::env::set_current_dir(&root).with_context(|| format!("cd {}", root.display()))?;
+    match Cli::parse().command {
+        Task::Setup => setup::run(),
+        Task::Build { release } => {
+            setup::run()?;
+            build(release)
+        }
+        Task::Test { filter } => test(filter.as_deref()),
+        Task::Demo { keep } => demo(keep),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}
+
+fn build(release: bool) -> anyhow::Result<()> {
+    let mut args = vec!["build", "--workspace", "--bins"];
+    if release {
+        args.push("--release");
+    }
+    cargo(&args)
+}
+
+fn test(filter: Option<&str>) -> anyhow::Result<()> {
+    setup::run()?;
+    preflight::check().context("the end-to-end tests cannot run on this machine")?;
+    preflight::remove_leftovers()?;
+
+    step("format");
+    cargo(&["fmt", "--all", "--", "--check"])?;
+    run(Command::new("rustfmt").args(["--edition", "2024", "--check", "ebpf/src/main.rs"]))?;
+
+    step("clippy");
+    cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
+    run(Command::new("rustup")
+        .current_dir("ebpf")
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .args([
+            "run",
+            setup::NIGHTLY,
+            "cargo",
+            "clippy",
+            "--release",
+            "--locked",
+            "--target-dir",
+            "../target/ebpf",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
+
+    let filter: Vec<&str> = filter.into_iter().collect();
+    step("unit tests");
+    let mut unit = vec!["test", "--workspace", "--exclude", "meshlet-tests", "--"];
+    unit.extend(&filter);
+    cargo(&unit)?;
+
+    step("end-to-end tests (network namespaces, cgroups, eBPF)");
+    let mut e2e = vec!["test", "--package", "meshlet-tests", "--"];
+    e2e.extend(&filter);
+    let outcome = cargo(&e2e);
+
+    step("leftovers");
+    let leaks = preflight::leftovers()?;
+    outcome?;
+    if !leaks.is_empty() {
+        bail!("the tests left these behind:\n  {}", leaks.join("\n  "));
+    }
+    println!("no namespaces, cgroups or bpffs pins left behind");
+    Ok(())
+}
+
+fn demo(keep: bool) -> anyhow::Result<()> {
+    setup::run()?;
+    preflight::check().context("the demo cannot run on this machine")?;
+    cargo(&["build", "--workspace", "--bins"])?;
+    let mut demo = Command::new("target/debug/meshlet-demo");
+    if keep {
+        demo.arg("--keep");
+    }
+    run(&mut demo)
+}
+
+fn step(name: &str) {
+    println!("\n==> {name}");
+}
+
+fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    run(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).args(args))
+}
+
+fn run(command: &mut Command) -> anyhow::Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("cannot start {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed: {status}");
+    }
+    Ok(())
+}

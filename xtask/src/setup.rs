@@ -1,0 +1,161 @@
+//! `cargo xtask setup`: installs what building and testing meshlet need on a Debian machine.
+//!
+//! Idempotent and quiet: each prerequisite is checked first and only what is missing is
+//! installed, with one line saying so. Installing needs root.
+
+use std::process::{Command, Stdio};
+
+use anyhow::{Context as _, bail};
+
+/// Debian packages: LLVM 22 for bpf-linker, bpftool and iproute2 for the tests and demo,
+/// tcpdump for the demo's look at the wire.
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "bpftool",
+    "iproute2",
+    "tcpdump",
+];
+
+/// The nightly toolchain that builds `ebpf/`, and the components it needs.
+pub const NIGHTLY: &str = "nightly";
+const NIGHTLY_COMPONENTS: &[&str] = &["rust-src", "clippy"];
+
+/// bpf-linker release series known to work with LLVM 22 and aya 0.14.
+const BPF_LINKER_VERSION: &str = "0.13";
+
+/// Installs whatever is missing.
+pub fn run() -> anyhow::Result<()> {
+    apt()?;
+    nightly()?;
+    bpf_linker()?;
+    Ok(())
+}
+
+fn apt() -> anyhow::Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|pkg| !dpkg_installed(pkg))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    println!("setup: installing apt packages: {}", missing.join(" "));
+    require_root("install apt packages")?;
+    quiet(Command::new("apt-get").args(["update", "-q"]))?;
+    quiet(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing),
+    )
+}
+
+fn dpkg_installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .stderr(Stdio::null())
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("install ok installed"))
+}
+
+fn nightly() -> anyhow::Result<()> {
+    let installed = output(Command::new("rustup").args(["toolchain", "list"])).context(
+        "rustup is needed to manage the nightly toolchain that builds the eBPF programs",
+    )?;
+    if !installed.lines().any(|line| line.starts_with(NIGHTLY)) {
+        println!("setup: installing the {NIGHTLY} toolchain");
+        quiet(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            NIGHTLY,
+            "--profile",
+            "minimal",
+        ]))?;
+    }
+    let components = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        NIGHTLY,
+    ]))?;
+    for component in NIGHTLY_COMPONENTS {
+        if !components.lines().any(|line| line.starts_with(component)) {
+            println!("setup: adding {component} to the {NIGHTLY} toolchain");
+            quiet(Command::new("rustup").args([
+                "component",
+                "add",
+                component,
+                "--toolchain",
+                NIGHTLY,
+            ]))?;
+        }
+    }
+    Ok(())
+}
+
+fn bpf_linker() -> anyhow::Result<()> {
+    let version = Command::new("bpf-linker").arg("--version").output();
+    if let Ok(out) = &version
+        && String::from_utf8_lossy(&out.stdout)
+            .contains(&format!("bpf-linker {BPF_LINKER_VERSION}."))
+    {
+        return Ok(());
+    }
+    println!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (a few minutes, once)"
+    );
+    quiet(
+        Command::new("cargo")
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .args([
+                "install",
+                "bpf-linker",
+                "--force",
+                "--version",
+                &format!("~{BPF_LINKER_VERSION}"),
+            ])
+            .args(["--no-default-features", "--features", "llvm-22"]),
+    )
+}
+
+fn require_root(what: &str) -> anyhow::Result<()> {
+    if !crate::preflight::is_root() {
+        bail!("cannot {what}: setup must run as root");
+    }
+    Ok(())
+}
+
+fn output(command: &mut Command) -> anyhow::Result<String> {
+    let out = command
+        .output()
+        .with_context(|| format!("cannot start {command:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{command:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs a command, showing its output only if it fails.
+fn quiet(command: &mut Command) -> anyhow::Result<()> {
+    let out = command
+        .output()
+        .with_context(|| format!("cannot start {command:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{command:?} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
