@@ -1,1 +1,426 @@
-//! placeholder
+//! meshlet's end-to-end test harness: a simulated Kubernetes cluster made of network
+//! namespaces, cgroups and veth pairs, on which the real agent code runs.
+//!
+//! ```text
+//!              fabric netns: bridge br0 (172.18.0.0/16, fc00:f853:ccd:e793::/64)
+//!              /                                   \
+//!   node-0 netns (172.18.0.2)              node-1 netns (172.18.0.3)
+//!   p0: 10.244.0.1 ── pod netns            p1: 10.244.1.1 ── pod netns
+//!       eth0 10.244.0.10/32                    eth0 10.244.1.11/32
+//! ```
+//!
+//! Every pod is a network namespace with a veth to its node, IPv4 and IPv6 addresses and routes
+//! through its node, and a cgroup shaped like kubelet's under a per-test cgroup root
+//! (`<root>/kubepods/besteffort/pod<uid>/<container>`), so discovery and capture code see what
+//! they would see on a node. Nothing here is connected to the machine's own network namespace.
+//!
+//! Every namespace, cgroup and bpffs directory is named with [`TEST_PREFIX`] and removed by the
+//! [`Cluster`]'s `Drop`, also when a test panics; `cargo xtask test` checks that a run leaves
+//! none behind.
+
+pub mod process;
+
+use std::{
+    fs,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+use meshlet::{capture::mounts, netns::Netns};
+pub use process::{ConnectReport, Process};
+
+/// Prefix of every network namespace, cgroup and bpffs directory the harness creates.
+pub const TEST_PREFIX: &str = "mlt-";
+
+static NEXT_CLUSTER: AtomicU32 = AtomicU32::new(0);
+
+/// Panics with a readable message unless the process can do what the harness needs.
+pub fn require_root() {
+    let uid = fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m)).unwrap_or(u32::MAX);
+    assert_eq!(
+        uid, 0,
+        "the end-to-end tests create network namespaces, cgroups and eBPF programs: run them as root \
+         (`cargo xtask test`)"
+    );
+}
+
+/// Runs `ip` with `args`, panicking with its stderr if it fails.
+pub fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip (iproute2 is installed by `cargo xtask setup`)");
+    assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+}
+
+/// A named network namespace (`ip netns add`), deleted on drop.
+#[derive(Debug)]
+pub struct NetnsGuard {
+    name: String,
+}
+
+impl NetnsGuard {
+    fn create(name: String) -> Self {
+        ip(&["netns", "add", &name]);
+        let guard = Self { name };
+        // No duplicate address detection: addresses are usable at once, tests do not wait.
+        guard.sysctl("net/ipv6/conf/all/accept_dad", "0");
+        guard.sysctl("net/ipv6/conf/default/accept_dad", "0");
+        guard.ip(&["link", "set", "lo", "up"]);
+        guard
+    }
+
+    /// The namespace's name under `/var/run/netns`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its path, for `setns` or `nsenter --net=`.
+    pub fn path(&self) -> PathBuf {
+        Path::new("/var/run/netns").join(&self.name)
+    }
+
+    /// An open handle on the namespace.
+    pub fn open(&self) -> Netns {
+        Netns::open(self.path()).expect("open test network namespace")
+    }
+
+    /// Runs `ip -n <this> args`.
+    pub fn ip(&self, args: &[&str]) {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        ip(&full);
+    }
+
+    /// Writes a `/proc/sys/...` value inside the namespace (from a thread that entered it, so
+    /// no mount namespace is involved).
+    pub fn sysctl(&self, key: &str, value: &str) {
+        let path = Path::new("/proc/sys").join(key);
+        self.open()
+            .run(|| fs::write(&path, value))
+            .expect("enter netns")
+            .unwrap_or_else(|err| panic!("sysctl {key}={value} in {}: {err}", self.name));
+    }
+}
+
+impl Drop for NetnsGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}
+
+/// A cgroup v2 directory tree, emptied (`cgroup.kill`) and removed on drop.
+#[derive(Debug)]
+pub struct CgroupGuard {
+    path: PathBuf,
+}
+
+impl CgroupGuard {
+    fn create(path: PathBuf) -> Self {
+        fs::create_dir_all(&path).unwrap_or_else(|err| panic!("create cgroup {}: {err}", path.display()));
+        Self { path }
+    }
+
+    /// The cgroup directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for CgroupGuard {
+    fn drop(&mut self) {
+        remove_cgroup_tree(&self.path);
+    }
+}
+
+/// Kills every process in a cgroup subtree, then removes its directories bottom-up.
+pub fn remove_cgroup_tree(path: &Path) {
+    if !path.exists() {
+        return;
+    }
+    // cgroup.kill (Linux >= 5.14) SIGKILLs the whole subtree at once.
+    let _ = fs::write(path.join("cgroup.kill"), "1");
+    for _ in 0..200 {
+        let populated = fs::read_to_string(path.join("cgroup.events"))
+            .map(|events| events.lines().any(|l| l == "populated 1"))
+            .unwrap_or(false);
+        if !populated {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    rmdir_tree(path);
+}
+
+fn rmdir_tree(path: &Path) {
+    if let Ok(entries) = fs::read_dir(path) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                rmdir_tree(&entry.path());
+            }
+        }
+    }
+    let _ = fs::remove_dir(path);
+}
+
+/// A directory on bpffs for a test's pins, removed (which unpins and detaches) on drop.
+#[derive(Debug)]
+pub struct BpffsGuard {
+    path: PathBuf,
+}
+
+impl BpffsGuard {
+    /// The directory (not created: the agent creates it).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for BpffsGuard {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A simulated node: a network namespace on the fabric, routing for its pods.
+#[derive(Debug)]
+pub struct Node {
+    /// `node-<index>`.
+    pub name: String,
+    /// Position in the cluster.
+    pub index: usize,
+    /// The node's address on the fabric.
+    pub ipv4: Ipv4Addr,
+    /// The node's IPv6 address on the fabric.
+    pub ipv6: Ipv6Addr,
+    /// The node's network namespace.
+    pub netns: NetnsGuard,
+}
+
+/// A simulated pod: a network namespace behind its node, and a kubelet-shaped cgroup.
+#[derive(Debug)]
+pub struct Pod {
+    /// The pod's name.
+    pub name: String,
+    /// Its UID, as the kubelet names its cgroup.
+    pub uid: String,
+    /// The index of its node.
+    pub node: usize,
+    /// Its IPv4 address.
+    pub ipv4: Ipv4Addr,
+    /// Its IPv6 address.
+    pub ipv6: Ipv6Addr,
+    /// The container cgroup its processes run in.
+    pub cgroup: PathBuf,
+    /// The pod's network namespace.
+    pub netns: NetnsGuard,
+}
+
+impl Pod {
+    /// A socket address of this pod on `port`, IPv4 or IPv6.
+    pub fn addr(&self, ipv6: bool, port: u16) -> SocketAddr {
+        let ip: IpAddr = if ipv6 { self.ipv6.into() } else { self.ipv4.into() };
+        SocketAddr::new(ip, port)
+    }
+
+    /// The cookie the kernel (and the eBPF programs) know this pod's network namespace by.
+    pub fn netns_cookie(&self) -> u64 {
+        self.netns.open().cookie().expect("netns cookie")
+    }
+
+    /// Runs `f` on a thread inside the pod's network namespace (not its cgroup: cgroup v2
+    /// membership is per process, so code that must run in the pod's cgroup uses
+    /// [`Pod::command`]).
+    pub fn in_netns<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        self.netns.open().run(f).expect("enter pod netns")
+    }
+
+    /// A command that runs inside the pod's network namespace and container cgroup.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        process::in_pod(program, &self.netns.path(), &self.cgroup)
+    }
+
+    /// Starts the test echo server on `port` (IPv4 and IPv6) in the pod; waits until it listens.
+    pub fn echo_server(&self, port: u16) -> Process {
+        Process::spawn_ready(self.testpod(&["echo", "--port", &port.to_string()]))
+    }
+
+    /// Connects from inside the pod to `to`, sends `payload` bytes and reads the echo.
+    pub fn connect(&self, to: SocketAddr, payload: usize) -> ConnectReport {
+        process::connect(self.testpod(&["connect", "--to", &to.to_string(), "--send", &payload.to_string()]))
+    }
+
+    fn testpod(&self, args: &[&str]) -> Command {
+        let mut command = self.command(process::testpod_binary());
+        command.args(args);
+        command
+    }
+}
+
+/// The pieces of a test cluster, torn down in the right order on drop: processes (through
+/// their cgroups), pins, namespaces, cgroups.
+#[derive(Debug)]
+pub struct Cluster {
+    id: String,
+    pods: Vec<Pod>,
+    nodes: Vec<Node>,
+    fabric: NetnsGuard,
+    bpffs: BpffsGuard,
+    cgroup: CgroupGuard,
+    cgroup_root: PathBuf,
+}
+
+impl Cluster {
+    /// A cluster of `nodes` nodes on one fabric, with no pods yet.
+    pub fn new(nodes: usize) -> Self {
+        require_root();
+        let id = format!("{TEST_PREFIX}{}-{}", std::process::id(), NEXT_CLUSTER.fetch_add(1, Ordering::Relaxed));
+        let mounts = mounts::mounts().expect("read mountinfo");
+        let cgroup2 = mounts::find(&mounts, "cgroup2").expect("no cgroup2 filesystem is mounted");
+        let bpffs = match mounts::find(&mounts, "bpf") {
+            Some(dir) => dir,
+            None => {
+                let status = Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]).status();
+                assert!(status.is_ok_and(|s| s.success()), "no bpffs mounted and mounting one failed");
+                PathBuf::from("/sys/fs/bpf")
+            }
+        };
+        // Guards first, so that a failure below still cleans up what was made.
+        let cgroup = CgroupGuard::create(cgroup2.join(&id));
+        let cgroup_root = cgroup.path().join("node");
+        fs::create_dir_all(&cgroup_root).expect("create cgroup root");
+        let bpffs = BpffsGuard { path: bpffs.join(&id) };
+        let fabric = NetnsGuard::create(format!("{id}-fab"));
+        fabric.ip(&["link", "add", "br0", "type", "bridge"]);
+        fabric.ip(&["link", "set", "br0", "up"]);
+        let mut cluster = Self { id, pods: Vec::new(), nodes: Vec::new(), fabric, bpffs, cgroup, cgroup_root };
+        for index in 0..nodes {
+            cluster.add_node(index, nodes);
+        }
+        cluster
+    }
+
+    fn add_node(&mut self, index: usize, count: usize) {
+        let name = format!("node-{index}");
+        let netns = NetnsGuard::create(format!("{}-n{index}", self.id));
+        let ipv4 = node_ipv4(index);
+        let ipv6 = node_ipv6(index);
+        netns.sysctl("net/ipv4/ip_forward", "1");
+        netns.sysctl("net/ipv6/conf/all/forwarding", "1");
+        let port = format!("n{index}");
+        ip(&["link", "add", "eth0", "netns", netns.name(), "type", "veth", "peer", "name", &port, "netns", self.fabric.name()]);
+        self.fabric.ip(&["link", "set", &port, "master", "br0", "up"]);
+        netns.ip(&["addr", "add", &format!("{ipv4}/16"), "dev", "eth0"]);
+        netns.ip(&["addr", "add", &format!("{ipv6}/64"), "dev", "eth0", "nodad"]);
+        netns.ip(&["link", "set", "eth0", "up"]);
+        for peer in (0..count).filter(|&peer| peer != index) {
+            netns.ip(&["route", "add", &format!("10.244.{peer}.0/24"), "via", &node_ipv4(peer).to_string()]);
+            netns.ip(&["-6", "route", "add", &format!("fd00:10:244:{peer}::/64"), "via", &node_ipv6(peer).to_string()]);
+        }
+        self.nodes.push(Node { name, index, ipv4, ipv6, netns });
+    }
+
+    /// Adds a pod on node `node`, with its cgroup under the cgroup root.
+    pub fn add_pod(&mut self, name: &str, node: usize) -> &Pod {
+        let parent = self.cgroup_root.join("kubepods/besteffort");
+        self.add_pod_in(name, node, parent)
+    }
+
+    /// Adds a pod whose cgroup is outside the cgroup root: programs attached at the root never
+    /// see its sockets (like a process outside Kubernetes' hierarchy).
+    pub fn add_pod_outside_root(&mut self, name: &str, node: usize) -> &Pod {
+        let parent = self.cgroup.path().join("outside");
+        self.add_pod_in(name, node, parent)
+    }
+
+    fn add_pod_in(&mut self, name: &str, node: usize, cgroup_parent: PathBuf) -> &Pod {
+        assert!(node < self.nodes.len(), "no node {node}");
+        assert!(self.pods.iter().all(|p| p.name != name), "pod {name} exists already");
+        let index = self.pods.len();
+        let host = 10 + index;
+        let uid = format!("6e2a1c3b-{:04x}-4d5e-8f90-{:012x}", node, index);
+        let container = format!("{:064x}", (self.pods.len() as u128 + 1) * 0x9e37_79b9_7f4a_7c15);
+        let cgroup = cgroup_parent.join(format!("pod{uid}")).join(container);
+        fs::create_dir_all(&cgroup).unwrap_or_else(|err| panic!("create {}: {err}", cgroup.display()));
+
+        let netns = NetnsGuard::create(format!("{}-p{index}", self.id));
+        let node_ns = &self.nodes[node].netns;
+        let ipv4 = Ipv4Addr::new(10, 244, node as u8, host as u8);
+        let ipv6: Ipv6Addr = format!("fd00:10:244:{node}::{host:x}").parse().expect("pod IPv6");
+        let (gw4, gw6) = (pod_gateway_v4(node), pod_gateway_v6(node));
+        let port = format!("p{index}");
+        ip(&["link", "add", "eth0", "netns", netns.name(), "type", "veth", "peer", "name", &port, "netns", node_ns.name()]);
+        netns.ip(&["addr", "add", &format!("{ipv4}/32"), "dev", "eth0"]);
+        netns.ip(&["addr", "add", &format!("{ipv6}/128"), "dev", "eth0", "nodad"]);
+        netns.ip(&["link", "set", "eth0", "up"]);
+        netns.ip(&["route", "add", &gw4.to_string(), "dev", "eth0", "scope", "link"]);
+        netns.ip(&["route", "add", "default", "via", &gw4.to_string(), "dev", "eth0"]);
+        netns.ip(&["-6", "route", "add", &gw6.to_string(), "dev", "eth0"]);
+        netns.ip(&["-6", "route", "add", "default", "via", &gw6.to_string(), "dev", "eth0"]);
+        node_ns.ip(&["addr", "add", &format!("{gw4}/32"), "dev", &port]);
+        node_ns.ip(&["addr", "add", &format!("{gw6}/128"), "dev", &port, "nodad"]);
+        node_ns.ip(&["link", "set", &port, "up"]);
+        node_ns.ip(&["route", "add", &format!("{ipv4}/32"), "dev", &port]);
+        node_ns.ip(&["-6", "route", "add", &format!("{ipv6}/128"), "dev", &port]);
+
+        self.pods.push(Pod { name: name.to_owned(), uid, node, ipv4, ipv6, cgroup, netns });
+        self.pods.last().expect("just pushed")
+    }
+
+    /// The pod named `name`.
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    /// Node `index`.
+    pub fn node(&self, index: usize) -> &Node {
+        &self.nodes[index]
+    }
+
+    /// The cluster's id, the prefix of everything it created.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The cgroup the agent attaches to: the stand-in for a node's cgroup2 mount.
+    pub fn cgroup_root(&self) -> &Path {
+        &self.cgroup_root
+    }
+
+    /// The bpffs directory for the agent's pins.
+    pub fn bpffs_dir(&self) -> &Path {
+        self.bpffs.path()
+    }
+
+    /// The fabric (switch) namespace joining the nodes.
+    pub fn fabric(&self) -> &NetnsGuard {
+        &self.fabric
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // Processes first: a namespace or cgroup with live members cannot go.
+        remove_cgroup_tree(self.cgroup.path());
+        let _ = fs::remove_dir_all(self.bpffs.path());
+        self.pods.clear();
+        self.nodes.clear();
+        // `fabric`, `bpffs` and `cgroup` drop after this, in field order.
+    }
+}
+
+fn node_ipv4(index: usize) -> Ipv4Addr {
+    Ipv4Addr::new(172, 18, 0, 2 + index as u8)
+}
+
+fn node_ipv6(index: usize) -> Ipv6Addr {
+    format!("fc00:f853:ccd:e793::{:x}", 2 + index).parse().expect("node IPv6")
+}
+
+fn pod_gateway_v4(node: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244, node as u8, 1)
+}
+
+fn pod_gateway_v6(node: usize) -> Ipv6Addr {
+    format!("fd00:10:244:{node}::1").parse().expect("gateway IPv6")
+}

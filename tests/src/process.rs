@@ -1,0 +1,156 @@
+//! Processes inside pods: the `meshlet-testpod` helper (echo server, client), started in a
+//! pod's network namespace and container cgroup, and killed on drop.
+//!
+//! cgroup v2 membership belongs to a process, not a thread, so anything the eBPF programs must
+//! attribute to a pod runs as a child process that joins the pod's cgroup and network namespace
+//! between `fork` and `exec`.
+#![allow(unsafe_code, reason = "Command::pre_exec is unsafe; the hook only makes two syscalls")]
+
+use std::{
+    ffi::OsStr,
+    fs::{File, OpenOptions},
+    io::{self, BufRead as _, BufReader},
+    net::SocketAddr,
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+/// How long to wait for a helper to say it is ready, or to answer.
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A command whose process joins the cgroup `cgroup` and the network namespace at `netns`
+/// before it executes: every socket it creates belongs to the pod.
+pub fn in_pod(program: impl AsRef<OsStr>, netns: &Path, cgroup: &Path) -> Command {
+    let netns = File::open(netns).unwrap_or_else(|err| panic!("open {}: {err}", netns.display()));
+    let procs_path = cgroup.join("cgroup.procs");
+    let procs = OpenOptions::new()
+        .write(true)
+        .open(&procs_path)
+        .unwrap_or_else(|err| panic!("open {}: {err}", procs_path.display()));
+    let mut command = Command::new(program);
+    // SAFETY: the hook runs in the forked child before exec and only calls write(2) and
+    // setns(2) on descriptors it owns (closed with the Command); both are async-signal-safe and
+    // the hook allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            // Writing "0" to cgroup.procs moves the writing process.
+            if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    command
+}
+
+/// The `meshlet-testpod` helper, built next to the test binaries.
+pub fn testpod_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> or target/<profile>/<bin>
+    exe.ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join("meshlet-testpod"))
+        .find(|candidate| candidate.exists())
+        .unwrap_or_else(|| panic!("meshlet-testpod not found near {}: build the workspace", exe.display()))
+}
+
+/// One connection the echo server accepted, as it reported it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Accepted {
+    /// The local address of the accepted socket.
+    pub local: SocketAddr,
+    /// The peer's address.
+    pub peer: SocketAddr,
+}
+
+/// What the `connect` helper reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectReport {
+    /// The client's local address, when it connected.
+    pub local: Option<SocketAddr>,
+    /// What `getpeername` returned, when it connected.
+    pub peer: Option<SocketAddr>,
+    /// Bytes echoed back and matching what was sent.
+    pub echoed: usize,
+    /// Why it failed, when it did.
+    pub error: Option<String>,
+}
+
+impl ConnectReport {
+    /// Panics unless the connection worked and `payload` bytes came back.
+    pub fn assert_echoed(&self, payload: usize) -> &Self {
+        assert!(self.error.is_none(), "connect failed: {:?}", self.error);
+        assert_eq!(self.echoed, payload, "echo returned {} of {payload} bytes", self.echoed);
+        self
+    }
+}
+
+/// Runs the `connect` helper to completion and returns its report.
+pub fn connect(mut command: Command) -> ConnectReport {
+    let out = command.stderr(Stdio::inherit()).output().expect("run meshlet-testpod connect");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|err| panic!("testpod connect printed {stdout:?}: {err}"))
+}
+
+/// A running helper process, killed on drop. Its stdout lines are collected as they come.
+#[derive(Debug)]
+pub struct Process {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Process {
+    /// Starts `command` and waits for it to print `ready`.
+    pub fn spawn_ready(mut command: Command) -> Self {
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|err| panic!("spawn {command:?}: {err}"));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut process = Self { child, lines };
+        let first = process.next_line();
+        assert_eq!(first.as_deref(), Some("ready"), "{command:?} did not get ready");
+        process
+    }
+
+    /// The next line the process printed, waiting up to the harness timeout.
+    pub fn next_line(&mut self) -> Option<String> {
+        self.lines.recv_timeout(TIMEOUT).ok()
+    }
+
+    /// The next connection an echo server reports having accepted.
+    pub fn next_accepted(&mut self) -> Accepted {
+        let line = self.next_line().expect("echo server reported no accepted connection");
+        serde_json::from_str(&line).unwrap_or_else(|err| panic!("echo server printed {line:?}: {err}"))
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
