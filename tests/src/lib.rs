@@ -39,7 +39,9 @@ static NEXT_CLUSTER: AtomicU32 = AtomicU32::new(0);
 
 /// Panics with a readable message unless the process can do what the harness needs.
 pub fn require_root() {
-    let uid = fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m)).unwrap_or(u32::MAX);
+    let uid = fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+        .unwrap_or(u32::MAX);
     assert_eq!(
         uid, 0,
         "the end-to-end tests create network namespaces, cgroups and eBPF programs: run them as root \
@@ -49,8 +51,16 @@ pub fn require_root() {
 
 /// Runs `ip` with `args`, panicking with its stderr if it fails.
 pub fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip (iproute2 is installed by `cargo xtask setup`)");
-    assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("run ip (iproute2 is installed by `cargo xtask setup`)");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A named network namespace (`ip netns add`), deleted on drop.
@@ -105,7 +115,9 @@ impl NetnsGuard {
 
 impl Drop for NetnsGuard {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 
@@ -117,7 +129,8 @@ pub struct CgroupGuard {
 
 impl CgroupGuard {
     fn create(path: PathBuf) -> Self {
-        fs::create_dir_all(&path).unwrap_or_else(|err| panic!("create cgroup {}: {err}", path.display()));
+        fs::create_dir_all(&path)
+            .unwrap_or_else(|err| panic!("create cgroup {}: {err}", path.display()));
         Self { path }
     }
 
@@ -219,7 +232,11 @@ pub struct Pod {
 impl Pod {
     /// A socket address of this pod on `port`, IPv4 or IPv6.
     pub fn addr(&self, ipv6: bool, port: u16) -> SocketAddr {
-        let ip: IpAddr = if ipv6 { self.ipv6.into() } else { self.ipv4.into() };
+        let ip: IpAddr = if ipv6 {
+            self.ipv6.into()
+        } else {
+            self.ipv4.into()
+        };
         SocketAddr::new(ip, port)
     }
 
@@ -247,7 +264,13 @@ impl Pod {
 
     /// Connects from inside the pod to `to`, sends `payload` bytes and reads the echo.
     pub fn connect(&self, to: SocketAddr, payload: usize) -> ConnectReport {
-        process::connect(self.testpod(&["connect", "--to", &to.to_string(), "--send", &payload.to_string()]))
+        process::connect(self.testpod(&[
+            "connect",
+            "--to",
+            &to.to_string(),
+            "--send",
+            &payload.to_string(),
+        ]))
     }
 
     fn testpod(&self, args: &[&str]) -> Command {
@@ -274,14 +297,23 @@ impl Cluster {
     /// A cluster of `nodes` nodes on one fabric, with no pods yet.
     pub fn new(nodes: usize) -> Self {
         require_root();
-        let id = format!("{TEST_PREFIX}{}-{}", std::process::id(), NEXT_CLUSTER.fetch_add(1, Ordering::Relaxed));
+        let id = format!(
+            "{TEST_PREFIX}{}-{}",
+            std::process::id(),
+            NEXT_CLUSTER.fetch_add(1, Ordering::Relaxed)
+        );
         let mounts = mounts::mounts().expect("read mountinfo");
         let cgroup2 = mounts::find(&mounts, "cgroup2").expect("no cgroup2 filesystem is mounted");
         let bpffs = match mounts::find(&mounts, "bpf") {
             Some(dir) => dir,
             None => {
-                let status = Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]).status();
-                assert!(status.is_ok_and(|s| s.success()), "no bpffs mounted and mounting one failed");
+                let status = Command::new("mount")
+                    .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+                    .status();
+                assert!(
+                    status.is_ok_and(|s| s.success()),
+                    "no bpffs mounted and mounting one failed"
+                );
                 PathBuf::from("/sys/fs/bpf")
             }
         };
@@ -289,11 +321,21 @@ impl Cluster {
         let cgroup = CgroupGuard::create(cgroup2.join(&id));
         let cgroup_root = cgroup.path().join("node");
         fs::create_dir_all(&cgroup_root).expect("create cgroup root");
-        let bpffs = BpffsGuard { path: bpffs.join(&id) };
+        let bpffs = BpffsGuard {
+            path: bpffs.join(&id),
+        };
         let fabric = NetnsGuard::create(format!("{id}-fab"));
         fabric.ip(&["link", "add", "br0", "type", "bridge"]);
         fabric.ip(&["link", "set", "br0", "up"]);
-        let mut cluster = Self { id, pods: Vec::new(), nodes: Vec::new(), fabric, bpffs, cgroup, cgroup_root };
+        let mut cluster = Self {
+            id,
+            pods: Vec::new(),
+            nodes: Vec::new(),
+            fabric,
+            bpffs,
+            cgroup,
+            cgroup_root,
+        };
         for index in 0..nodes {
             cluster.add_node(index, nodes);
         }
@@ -308,16 +350,49 @@ impl Cluster {
         netns.sysctl("net/ipv4/ip_forward", "1");
         netns.sysctl("net/ipv6/conf/all/forwarding", "1");
         let port = format!("n{index}");
-        ip(&["link", "add", "eth0", "netns", netns.name(), "type", "veth", "peer", "name", &port, "netns", self.fabric.name()]);
-        self.fabric.ip(&["link", "set", &port, "master", "br0", "up"]);
+        ip(&[
+            "link",
+            "add",
+            "eth0",
+            "netns",
+            netns.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &port,
+            "netns",
+            self.fabric.name(),
+        ]);
+        self.fabric
+            .ip(&["link", "set", &port, "master", "br0", "up"]);
         netns.ip(&["addr", "add", &format!("{ipv4}/16"), "dev", "eth0"]);
         netns.ip(&["addr", "add", &format!("{ipv6}/64"), "dev", "eth0", "nodad"]);
         netns.ip(&["link", "set", "eth0", "up"]);
         for peer in (0..count).filter(|&peer| peer != index) {
-            netns.ip(&["route", "add", &format!("10.244.{peer}.0/24"), "via", &node_ipv4(peer).to_string()]);
-            netns.ip(&["-6", "route", "add", &format!("fd00:10:244:{peer}::/64"), "via", &node_ipv6(peer).to_string()]);
+            netns.ip(&[
+                "route",
+                "add",
+                &format!("10.244.{peer}.0/24"),
+                "via",
+                &node_ipv4(peer).to_string(),
+            ]);
+            netns.ip(&[
+                "-6",
+                "route",
+                "add",
+                &format!("fd00:10:244:{peer}::/64"),
+                "via",
+                &node_ipv6(peer).to_string(),
+            ]);
         }
-        self.nodes.push(Node { name, index, ipv4, ipv6, netns });
+        self.nodes.push(Node {
+            name,
+            index,
+            ipv4,
+            ipv6,
+            netns,
+        });
     }
 
     /// Adds a pod on node `node`, with its cgroup under the cgroup root.
@@ -335,41 +410,106 @@ impl Cluster {
 
     fn add_pod_in(&mut self, name: &str, node: usize, cgroup_parent: PathBuf) -> &Pod {
         assert!(node < self.nodes.len(), "no node {node}");
-        assert!(self.pods.iter().all(|p| p.name != name), "pod {name} exists already");
+        assert!(
+            self.pods.iter().all(|p| p.name != name),
+            "pod {name} exists already"
+        );
         let index = self.pods.len();
         let host = 10 + index;
         let uid = format!("6e2a1c3b-{:04x}-4d5e-8f90-{:012x}", node, index);
-        let container = format!("{:064x}", (self.pods.len() as u128 + 1) * 0x9e37_79b9_7f4a_7c15);
+        let container = format!(
+            "{:064x}",
+            (self.pods.len() as u128 + 1) * 0x9e37_79b9_7f4a_7c15
+        );
         let cgroup = cgroup_parent.join(format!("pod{uid}")).join(container);
-        fs::create_dir_all(&cgroup).unwrap_or_else(|err| panic!("create {}: {err}", cgroup.display()));
+        fs::create_dir_all(&cgroup)
+            .unwrap_or_else(|err| panic!("create {}: {err}", cgroup.display()));
 
         let netns = NetnsGuard::create(format!("{}-p{index}", self.id));
         let node_ns = &self.nodes[node].netns;
         let ipv4 = Ipv4Addr::new(10, 244, node as u8, host as u8);
-        let ipv6: Ipv6Addr = format!("fd00:10:244:{node}::{host:x}").parse().expect("pod IPv6");
+        let ipv6: Ipv6Addr = format!("fd00:10:244:{node}::{host:x}")
+            .parse()
+            .expect("pod IPv6");
         let (gw4, gw6) = (pod_gateway_v4(node), pod_gateway_v6(node));
         let port = format!("p{index}");
-        ip(&["link", "add", "eth0", "netns", netns.name(), "type", "veth", "peer", "name", &port, "netns", node_ns.name()]);
+        ip(&[
+            "link",
+            "add",
+            "eth0",
+            "netns",
+            netns.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &port,
+            "netns",
+            node_ns.name(),
+        ]);
         netns.ip(&["addr", "add", &format!("{ipv4}/32"), "dev", "eth0"]);
-        netns.ip(&["addr", "add", &format!("{ipv6}/128"), "dev", "eth0", "nodad"]);
+        netns.ip(&[
+            "addr",
+            "add",
+            &format!("{ipv6}/128"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
         netns.ip(&["link", "set", "eth0", "up"]);
-        netns.ip(&["route", "add", &gw4.to_string(), "dev", "eth0", "scope", "link"]);
-        netns.ip(&["route", "add", "default", "via", &gw4.to_string(), "dev", "eth0"]);
+        netns.ip(&[
+            "route",
+            "add",
+            &gw4.to_string(),
+            "dev",
+            "eth0",
+            "scope",
+            "link",
+        ]);
+        netns.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &gw4.to_string(),
+            "dev",
+            "eth0",
+        ]);
         netns.ip(&["-6", "route", "add", &gw6.to_string(), "dev", "eth0"]);
-        netns.ip(&["-6", "route", "add", "default", "via", &gw6.to_string(), "dev", "eth0"]);
+        netns.ip(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &gw6.to_string(),
+            "dev",
+            "eth0",
+        ]);
         node_ns.ip(&["addr", "add", &format!("{gw4}/32"), "dev", &port]);
         node_ns.ip(&["addr", "add", &format!("{gw6}/128"), "dev", &port, "nodad"]);
         node_ns.ip(&["link", "set", &port, "up"]);
         node_ns.ip(&["route", "add", &format!("{ipv4}/32"), "dev", &port]);
         node_ns.ip(&["-6", "route", "add", &format!("{ipv6}/128"), "dev", &port]);
 
-        self.pods.push(Pod { name: name.to_owned(), uid, node, ipv4, ipv6, cgroup, netns });
+        self.pods.push(Pod {
+            name: name.to_owned(),
+            uid,
+            node,
+            ipv4,
+            ipv6,
+            cgroup,
+            netns,
+        });
         self.pods.last().expect("just pushed")
     }
 
     /// The pod named `name`.
     pub fn pod(&self, name: &str) -> &Pod {
-        self.pods.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name}"))
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
     }
 
     /// Node `index`.
@@ -392,6 +532,27 @@ impl Cluster {
         self.bpffs.path()
     }
 
+    /// A command running `meshlet` on node `index`: in the node's network namespace and in a
+    /// cgroup of its own under the cgroup root (as a DaemonSet pod would be), pointed at the
+    /// cluster's cgroup root and bpffs directory.
+    pub fn agent_command(&self, index: usize) -> Command {
+        let node = &self.nodes[index];
+        let cgroup = self.cgroup_root.join("meshlet").join(&node.name);
+        fs::create_dir_all(&cgroup)
+            .unwrap_or_else(|err| panic!("create {}: {err}", cgroup.display()));
+        process::in_pod(process::meshlet_binary(), &node.netns.path(), &cgroup)
+    }
+
+    /// The `meshlet agent` flags that point it at this cluster.
+    pub fn agent_flags(&self) -> Vec<String> {
+        vec![
+            "--cgroup-root".into(),
+            self.cgroup_root.display().to_string(),
+            "--bpffs-dir".into(),
+            self.bpffs.path().display().to_string(),
+        ]
+    }
+
     /// The fabric (switch) namespace joining the nodes.
     pub fn fabric(&self) -> &NetnsGuard {
         &self.fabric
@@ -409,12 +570,48 @@ impl Drop for Cluster {
     }
 }
 
+/// Removes everything a cluster whose id starts with `prefix` created: for a process that must
+/// clean up without unwinding (the demo on Ctrl-C) or after a killed run.
+pub fn teardown(prefix: &str) {
+    assert!(
+        prefix.starts_with(TEST_PREFIX),
+        "refusing to tear down {prefix:?}: not a test prefix"
+    );
+    let Ok(mounts) = mounts::mounts() else { return };
+    if let Some(cgroup2) = mounts::find(&mounts, "cgroup2") {
+        for entry in fs::read_dir(cgroup2).into_iter().flatten().flatten() {
+            if entry.file_name().to_string_lossy().starts_with(prefix) {
+                remove_cgroup_tree(&entry.path());
+            }
+        }
+    }
+    if let Some(bpffs) = mounts::find(&mounts, "bpf") {
+        for entry in fs::read_dir(bpffs).into_iter().flatten().flatten() {
+            if entry.file_name().to_string_lossy().starts_with(prefix) {
+                let _ = fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    for entry in fs::read_dir("/var/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(prefix) {
+            let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        }
+    }
+}
+
 fn node_ipv4(index: usize) -> Ipv4Addr {
     Ipv4Addr::new(172, 18, 0, 2 + index as u8)
 }
 
 fn node_ipv6(index: usize) -> Ipv6Addr {
-    format!("fc00:f853:ccd:e793::{:x}", 2 + index).parse().expect("node IPv6")
+    format!("fc00:f853:ccd:e793::{:x}", 2 + index)
+        .parse()
+        .expect("node IPv6")
 }
 
 fn pod_gateway_v4(node: usize) -> Ipv4Addr {
@@ -422,5 +619,7 @@ fn pod_gateway_v4(node: usize) -> Ipv4Addr {
 }
 
 fn pod_gateway_v6(node: usize) -> Ipv6Addr {
-    format!("fd00:10:244:{node}::1").parse().expect("gateway IPv6")
+    format!("fd00:10:244:{node}::1")
+        .parse()
+        .expect("gateway IPv6")
 }

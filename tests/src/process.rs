@@ -4,7 +4,10 @@
 //! cgroup v2 membership belongs to a process, not a thread, so anything the eBPF programs must
 //! attribute to a pod runs as a child process that joins the pod's cgroup and network namespace
 //! between `fork` and `exec`.
-#![allow(unsafe_code, reason = "Command::pre_exec is unsafe; the hook only makes two syscalls")]
+#![allow(
+    unsafe_code,
+    reason = "Command::pre_exec is unsafe; the hook only makes two syscalls"
+)]
 
 use std::{
     ffi::OsStr,
@@ -53,14 +56,28 @@ pub fn in_pod(program: impl AsRef<OsStr>, netns: &Path, cgroup: &Path) -> Comman
 
 /// The `meshlet-testpod` helper, built next to the test binaries.
 pub fn testpod_binary() -> PathBuf {
+    workspace_binary("meshlet-testpod")
+}
+
+/// The `meshlet` agent binary, built next to the test binaries (`cargo xtask test` builds it).
+pub fn meshlet_binary() -> PathBuf {
+    workspace_binary("meshlet")
+}
+
+fn workspace_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     // target/<profile>/deps/<test> or target/<profile>/<bin>
     exe.ancestors()
         .skip(1)
         .take(2)
-        .map(|dir| dir.join("meshlet-testpod"))
+        .map(|dir| dir.join(name))
         .find(|candidate| candidate.exists())
-        .unwrap_or_else(|| panic!("meshlet-testpod not found near {}: build the workspace", exe.display()))
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} not found near {}: build the workspace's binaries",
+                exe.display()
+            )
+        })
 }
 
 /// One connection the echo server accepted, as it reported it.
@@ -89,16 +106,24 @@ impl ConnectReport {
     /// Panics unless the connection worked and `payload` bytes came back.
     pub fn assert_echoed(&self, payload: usize) -> &Self {
         assert!(self.error.is_none(), "connect failed: {:?}", self.error);
-        assert_eq!(self.echoed, payload, "echo returned {} of {payload} bytes", self.echoed);
+        assert_eq!(
+            self.echoed, payload,
+            "echo returned {} of {payload} bytes",
+            self.echoed
+        );
         self
     }
 }
 
 /// Runs the `connect` helper to completion and returns its report.
 pub fn connect(mut command: Command) -> ConnectReport {
-    let out = command.stderr(Stdio::inherit()).output().expect("run meshlet-testpod connect");
+    let out = command
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run meshlet-testpod connect");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(stdout.trim()).unwrap_or_else(|err| panic!("testpod connect printed {stdout:?}: {err}"))
+    serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|err| panic!("testpod connect printed {stdout:?}: {err}"))
 }
 
 /// A running helper process, killed on drop. Its stdout lines are collected as they come.
@@ -127,7 +152,11 @@ impl Process {
         });
         let mut process = Self { child, lines };
         let first = process.next_line();
-        assert_eq!(first.as_deref(), Some("ready"), "{command:?} did not get ready");
+        assert_eq!(
+            first.as_deref(),
+            Some("ready"),
+            "{command:?} did not get ready"
+        );
         process
     }
 
@@ -138,8 +167,11 @@ impl Process {
 
     /// The next connection an echo server reports having accepted.
     pub fn next_accepted(&mut self) -> Accepted {
-        let line = self.next_line().expect("echo server reported no accepted connection");
-        serde_json::from_str(&line).unwrap_or_else(|err| panic!("echo server printed {line:?}: {err}"))
+        let line = self
+            .next_line()
+            .expect("echo server reported no accepted connection");
+        serde_json::from_str(&line)
+            .unwrap_or_else(|err| panic!("echo server printed {line:?}: {err}"))
     }
 
     /// The process id.

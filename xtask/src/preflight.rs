@@ -144,9 +144,10 @@ fn mount_points(types: &[&str]) -> anyhow::Result<Vec<PathBuf>> {
         .filter_map(|line| {
             let (before, after) = line.split_once(" - ")?;
             let fs_type = after.split(' ').next()?;
-            types
-                .contains(&fs_type)
-                .then(|| PathBuf::from(before.split(' ').nth(4)?))
+            if !types.contains(&fs_type) {
+                return None;
+            }
+            Some(PathBuf::from(before.split(' ').nth(4)?))
         })
         .collect())
 }

@@ -34,6 +34,9 @@ use aya::{
 use meshlet_common::{maps, programs};
 use tracing::{debug, info};
 
+/// The programs attached to the cgroup root, by name.
+const CGROUP_PROGRAMS: &[&str] = &[programs::CONNECT4];
+
 /// The eBPF object built from `ebpf/` by `build.rs`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/meshlet.bpf.o"));
 
@@ -298,7 +301,7 @@ impl Capture {
             .map_err(Error::Load)?;
 
         let mut attached = Vec::new();
-        for name in [programs::CONNECT4] {
+        for &name in CGROUP_PROGRAMS {
             let pin = links_dir.join(name);
             let program: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
@@ -405,7 +408,7 @@ fn remove_stale_links(links_root: &Path, current: &Path) -> Result<(), Error> {
             let known = link
                 .file_name()
                 .and_then(|n| n.to_str())
-                .is_some_and(|n| [programs::CONNECT4].contains(&n));
+                .is_some_and(|n| CGROUP_PROGRAMS.contains(&n));
             if !known {
                 debug!(pin = %link.display(), "removing link of a program this build does not ship");
                 fs::remove_file(&link).map_err(Error::io("unpin", &link))?;

@@ -53,7 +53,8 @@ fn echo(port: u16) -> anyhow::Result<()> {
     println!("ready");
     for stream in listener.incoming() {
         let mut stream = stream?;
-        let accepted = serde_json::json!({ "local": stream.local_addr()?, "peer": stream.peer_addr()? });
+        let accepted =
+            serde_json::json!({ "local": stream.local_addr()?, "peer": stream.peer_addr()? });
         println!("{accepted}");
         std::thread::spawn(move || {
             let mut buf = [0u8; 16 * 1024];
@@ -69,7 +70,12 @@ fn echo(port: u16) -> anyhow::Result<()> {
 }
 
 fn connect(to: SocketAddr, send: usize) -> ConnectReport {
-    let mut report = ConnectReport { local: None, peer: None, echoed: 0, error: None };
+    let mut report = ConnectReport {
+        local: None,
+        peer: None,
+        echoed: 0,
+        error: None,
+    };
     if let Err(err) = exchange(to, send, &mut report) {
         report.error = Some(err.to_string());
     }
@@ -86,6 +92,10 @@ fn exchange(to: SocketAddr, send: usize, report: &mut ConnectReport) -> std::io:
     stream.shutdown(Shutdown::Write)?;
     let mut echoed = Vec::with_capacity(send);
     stream.read_to_end(&mut echoed)?;
-    report.echoed = echoed.iter().zip(&payload).take_while(|(a, b)| a == b).count();
+    report.echoed = echoed
+        .iter()
+        .zip(&payload)
+        .take_while(|(a, b)| a == b)
+        .count();
     Ok(())
 }
