@@ -119,6 +119,8 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
     cargo(&unit)?;
 
     step("end-to-end tests (network namespaces, cgroups, eBPF)");
+    // The tests run the real `meshlet` binary, which `cargo test -p meshlet-tests` does not build.
+    cargo(&["build", "--workspace", "--bins"])?;
     let mut e2e = vec!["test", "--package", "meshlet-tests", "--"];
     e2e.extend(&filter);
     let outcome = cargo(&e2e);
