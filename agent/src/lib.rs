@@ -5,5 +5,5 @@
 
 pub mod capture;
 pub mod cli;
-pub mod netns;
+pub mod sys;
 pub mod telemetry;

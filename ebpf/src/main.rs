@@ -1,54 +1,355 @@
-//! meshlet's eBPF programs.
+//! meshlet's eBPF programs: capture without iptables.
 //!
 //! Built with nightly for `bpfel-unknown-none` and linked by `bpf-linker`; the agent embeds the
 //! object (see `agent/build.rs`) and loads it with aya. Map layouts and names come from
 //! `meshlet-common`, the only contract between this crate and the agent.
+//!
+//! Outbound, for sockets of enrolled network namespaces (cgroup programs at the cgroup root):
+//! `connect4/6` rewrite a TCP connect to the in-pod listener `127.0.0.1:15001` (`[::1]:15001`)
+//! and remember the original destination by socket cookie; `sock_ops` re-keys it by the
+//! client end of the established connection; `getsockopt` answers `SO_ORIGINAL_DST` on the
+//! proxy's accepted socket from that record; `getpeername4/6` show the application the original.
+//!
+//! Inbound (`sk_lookup`, attached to each enrolled namespace): TCP connections to a pod address
+//! on any port but 15008 are handed to the pod's 15006 listener, whose accepted socket keeps the
+//! original destination as its local address.
 #![no_std]
 #![no_main]
 
+use core::ptr::{read_volatile, write_volatile};
+
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::BPF_NOEXIST,
-    helpers::bpf_get_netns_cookie,
-    macros::{cgroup_sock_addr, map},
-    maps::PerCpuHashMap,
-    programs::SockAddrContext,
+    bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, sk_action},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::{cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sock_ops},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, lpm_trie::Key},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext, SockoptContext},
 };
-use meshlet_common::MAX_NETNS;
+use meshlet_common::{
+    ConnKey, Direction, Enrollment, INBOUND_HBONE_PORT, Ip, MAX_CONNECTIONS, MAX_EXCLUSIONS,
+    MAX_NETNS, MESH_MARK, OUTBOUND_PORT, SO_ORIGINAL_DST, SockAddr, is_v4_mapped, v4_mapped,
+};
 
-/// TCP connects seen per network namespace (keyed by netns cookie), per CPU.
 #[map]
-static CONNECTS: PerCpuHashMap<u64, u64> = PerCpuHashMap::with_max_entries(MAX_NETNS, 0);
+static ENROLLED: HashMap<u64, Enrollment> = HashMap::with_max_entries(MAX_NETNS, 0);
+#[map]
+static ORIG_BY_SOCKET: LruHashMap<u64, SockAddr> = LruHashMap::with_max_entries(MAX_CONNECTIONS, 0);
+#[map]
+static ORIG_BY_PEER: LruHashMap<ConnKey, SockAddr> =
+    LruHashMap::with_max_entries(MAX_CONNECTIONS, 0);
+#[map]
+static INBOUND_LISTENERS: SockHash<Ip> = SockHash::with_max_entries(2 * MAX_NETNS, 0);
+#[map]
+static NODE_ADDRS: HashMap<Ip, u8> = HashMap::with_max_entries(MAX_EXCLUSIONS, 0);
+#[map]
+static EXCLUDED_CIDRS: LpmTrie<Ip, u8> = LpmTrie::with_max_entries(MAX_EXCLUSIONS, 0);
+#[map]
+static EXCLUDED_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_EXCLUSIONS, 0);
+#[map]
+static SETTINGS: Array<u32> = Array::with_max_entries(1, 0);
+#[map]
+static REDIRECTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
 
 const SOCK_STREAM: u32 = 1;
+const IPPROTO_TCP: u32 = 6;
+const AF_INET: u32 = 2;
+const AF_INET6: u16 = 10;
+const SOL_IP: i32 = 0;
+const SOL_IPV6: i32 = 41;
 
-/// Verdict of a `cgroup/connect*` program that lets the connect proceed.
-const ALLOW: i32 = 1;
+/// Verdict of a cgroup socket program that lets the call proceed.
+const PROCEED: i32 = 1;
 
-/// `cgroup/connect4`: counts TCP connects per network namespace. Never blocks a connect.
+/// 127.0.0.1 and ::1, as network-order bytes read as native words.
+const LOOPBACK4: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
+const LOOPBACK6: Ip = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
+
+/// `cgroup/connect4`: redirects TCP connects of enrolled namespaces to 127.0.0.1:15001.
 #[cgroup_sock_addr(connect4)]
 pub fn meshlet_connect4(ctx: SockAddrContext) -> i32 {
-    // SAFETY: the kernel hands the program a valid `bpf_sock_addr` for its whole run.
-    let sock_type = unsafe { (*ctx.sock_addr).type_ };
-    if sock_type != SOCK_STREAM {
-        return ALLOW;
+    let sa = ctx.sock_addr;
+    // SAFETY: the kernel hands the program a valid `bpf_sock_addr` for its whole run, and
+    // `user_ip4`/`user_port` are writable in connect4.
+    unsafe {
+        let dst = v4_mapped((*sa).user_ip4);
+        if (*sa).type_ == SOCK_STREAM && redirect(&ctx, &dst, (*sa).user_port as u16) {
+            (*sa).user_ip4 = LOOPBACK4;
+            (*sa).user_port = u32::from(OUTBOUND_PORT.to_be());
+        }
     }
-    // SAFETY: `bpf_get_netns_cookie` accepts a `bpf_sock_addr` context (kernel >= 5.7).
-    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    count(&CONNECTS, cookie);
-    ALLOW
+    PROCEED
 }
 
-/// Adds one to `map[key]` on this CPU, creating the entry on first use.
-#[inline(always)]
-fn count(map: &PerCpuHashMap<u64, u64>, key: u64) {
-    match map.get_ptr_mut(key) {
-        // SAFETY: per-CPU values are only touched by this CPU while the program runs.
-        Some(value) => unsafe { *value += 1 },
-        None => {
-            // Losing a count when the map is full is preferable to failing the connect.
-            let _ = map.insert(key, 1, u64::from(BPF_NOEXIST));
+/// `cgroup/connect6`: the same for IPv6 sockets: v4-mapped destinations go to
+/// `::ffff:127.0.0.1:15001`, IPv6 ones to `[::1]:15001`.
+#[cgroup_sock_addr(connect6)]
+pub fn meshlet_connect6(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: as in connect4; `user_ip6` words are writable in connect6.
+    unsafe {
+        let dst = read_ip6(&(*sa).user_ip6);
+        if (*sa).type_ == SOCK_STREAM && redirect(&ctx, &dst, (*sa).user_port as u16) {
+            let to = if is_v4_mapped(&dst) { v4_mapped(LOOPBACK4) } else { LOOPBACK6 };
+            (*sa).user_ip6[0] = to[0];
+            (*sa).user_ip6[1] = to[1];
+            (*sa).user_ip6[2] = to[2];
+            (*sa).user_ip6[3] = to[3];
+            (*sa).user_port = u32::from(OUTBOUND_PORT.to_be());
         }
+    }
+    PROCEED
+}
+
+/// Decides whether a TCP connect to `dst:port_be` is redirected, and if so records the
+/// original destination and counts it.
+#[inline(always)]
+fn redirect(ctx: &SockAddrContext, dst: &Ip, port_be: u16) -> bool {
+    // SAFETY: `sk` of a sock_addr context is a valid, non-null socket.
+    let mark = unsafe { (*(*ctx.sock_addr).__bindgen_anon_1.sk).mark };
+    if mark == MESH_MARK || is_loopback(dst) {
+        return false;
+    }
+    // SAFETY: `bpf_get_netns_cookie` accepts a sock_addr context (Linux >= 5.7).
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let Some(enrollment) = ENROLLED.get_ptr(netns) else {
+        return false;
+    };
+    // SAFETY: a non-null pointer from a map lookup is valid for the value's size.
+    let enrollment = unsafe { &*enrollment };
+    if fail_open() && enrollment.flags & Enrollment::READY == 0 {
+        return false;
+    }
+    if *dst == enrollment.ipv4 || *dst == enrollment.ipv6 || excluded(dst, u16::from_be(port_be)) {
+        return false;
+    }
+    // SAFETY: `bpf_get_socket_cookie` accepts a sock_addr context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let orig = SockAddr { ip: *dst, port_be, _pad: 0 };
+    if ORIG_BY_SOCKET.insert(cookie, orig, 0).is_err() {
+        // Without a record the proxy could not learn the destination: leave the connect alone.
+        return false;
+    }
+    count(Direction::Outbound);
+    true
+}
+
+/// `cgroup/getpeername4`: a redirected socket's peer is its original destination.
+#[cgroup_sock_addr(getpeername4)]
+pub fn meshlet_getpeername4(ctx: SockAddrContext) -> i32 {
+    if let Some(orig) = original_of(&ctx)
+        && is_v4_mapped(&orig.ip)
+    {
+        // SAFETY: `user_ip4`/`user_port` are writable in getpeername4.
+        unsafe {
+            (*ctx.sock_addr).user_ip4 = orig.ip[3];
+            (*ctx.sock_addr).user_port = u32::from(orig.port_be);
+        }
+    }
+    PROCEED
+}
+
+/// `cgroup/getpeername6`.
+#[cgroup_sock_addr(getpeername6)]
+pub fn meshlet_getpeername6(ctx: SockAddrContext) -> i32 {
+    if let Some(orig) = original_of(&ctx) {
+        // SAFETY: `user_ip6` words and `user_port` are writable in getpeername6.
+        unsafe {
+            let sa = ctx.sock_addr;
+            (*sa).user_ip6[0] = orig.ip[0];
+            (*sa).user_ip6[1] = orig.ip[1];
+            (*sa).user_ip6[2] = orig.ip[2];
+            (*sa).user_ip6[3] = orig.ip[3];
+            (*sa).user_port = u32::from(orig.port_be);
+        }
+    }
+    PROCEED
+}
+
+#[inline(always)]
+fn original_of(ctx: &SockAddrContext) -> Option<SockAddr> {
+    // SAFETY: `bpf_get_socket_cookie` accepts a sock_addr context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: a non-null pointer from a map lookup is valid for the value's size.
+    ORIG_BY_SOCKET.get_ptr(cookie).map(|orig| unsafe { *orig })
+}
+
+/// `sockops`: when a redirected connect has been established (to the proxy), records the
+/// original destination under the client end (netns, local address, local port): the peer the
+/// proxy sees on its accepted socket.
+#[sock_ops]
+pub fn meshlet_sock_ops(ctx: SockOpsContext) -> u32 {
+    if ctx.op() != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        return 1;
+    }
+    // SAFETY: `bpf_get_socket_cookie` accepts a sock_ops context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(orig) = ORIG_BY_SOCKET.get_ptr(cookie) else {
+        return 1;
+    };
+    // SAFETY: the kernel hands the program a valid `bpf_sock_ops`; each field is read with the
+    // access size the kernel allows.
+    let (ip, port) = unsafe {
+        let ops = ctx.ops;
+        let port = read_volatile(&raw const (*ops).local_port) as u16;
+        let family = read_volatile(&raw const (*ops).family);
+        let ip = pick(family, read_volatile(&raw const (*ops).local_ip4), &(*ops).local_ip6);
+        (ip, port)
+    };
+    // SAFETY: `bpf_get_netns_cookie` accepts a sock_ops context (Linux >= 5.15).
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let key = ConnKey { netns_cookie, ip, port, _pad: [0; 6] };
+    // SAFETY: a non-null pointer from a map lookup is valid for the value's size.
+    let _ = ORIG_BY_PEER.insert(key, unsafe { *orig }, 0);
+    1
+}
+
+/// `cgroup/getsockopt`: answers `SO_ORIGINAL_DST` (`SOL_IP`) and `IP6T_SO_ORIGINAL_DST`
+/// (`SOL_IPV6`) on the proxy's accepted socket from the record `sock_ops` made.
+#[cgroup_sockopt(getsockopt)]
+pub fn meshlet_getsockopt(ctx: SockoptContext) -> i32 {
+    let so = ctx.sockopt;
+    // SAFETY: the kernel hands the program a valid `bpf_sockopt`; `sk` is checked for null,
+    // and every store to `optval` is bounds-checked against `optval_end` first.
+    unsafe {
+        let (level, optname) = ((*so).level, (*so).optname);
+        if optname != SO_ORIGINAL_DST || (level != SOL_IP && level != SOL_IPV6) {
+            return PROCEED;
+        }
+        let sk = (*so).__bindgen_anon_1.sk;
+        if sk.is_null() {
+            return PROCEED;
+        }
+        let family = read_volatile(&raw const (*sk).family);
+        let ip = pick(family, read_volatile(&raw const (*sk).dst_ip4), &(*sk).dst_ip6);
+        let key = ConnKey {
+            netns_cookie: bpf_get_netns_cookie(ctx.as_ptr()),
+            ip,
+            port: u16::from_be((*sk).dst_port),
+            _pad: [0; 6],
+        };
+        let Some(orig) = ORIG_BY_PEER.get_ptr(&key) else {
+            return PROCEED;
+        };
+        let orig = *orig;
+        let optval = (*so).__bindgen_anon_2.optval as *mut u8;
+        let end = (*so).__bindgen_anon_3.optval_end as *mut u8;
+        let len: i32 = if level == SOL_IP {
+            if !is_v4_mapped(&orig.ip) || optval.wrapping_add(16) > end {
+                return PROCEED;
+            }
+            // struct sockaddr_in { family, port, addr, zero[8] }
+            *(optval as *mut u16) = AF_INET as u16;
+            *(optval.wrapping_add(2) as *mut u16) = orig.port_be;
+            *(optval.wrapping_add(4) as *mut u32) = orig.ip[3];
+            *(optval.wrapping_add(8) as *mut u64) = 0;
+            16
+        } else {
+            if optval.wrapping_add(28) > end {
+                return PROCEED;
+            }
+            // struct sockaddr_in6 { family, port, flowinfo, addr[16], scope_id }
+            *(optval as *mut u16) = AF_INET6;
+            *(optval.wrapping_add(2) as *mut u16) = orig.port_be;
+            *(optval.wrapping_add(4) as *mut u32) = 0;
+            *(optval.wrapping_add(8) as *mut u32) = orig.ip[0];
+            *(optval.wrapping_add(12) as *mut u32) = orig.ip[1];
+            *(optval.wrapping_add(16) as *mut u32) = orig.ip[2];
+            *(optval.wrapping_add(20) as *mut u32) = orig.ip[3];
+            *(optval.wrapping_add(24) as *mut u32) = 0;
+            28
+        };
+        // Two separate 4-byte stores: a merged 8-byte store is an invalid context access.
+        write_volatile(&raw mut (*so).optlen, len);
+        write_volatile(&raw mut (*so).retval, 0);
+    }
+    PROCEED
+}
+
+/// `sk_lookup`, attached to each enrolled namespace: steers inbound TCP to the pod's 15006
+/// listener, except to 15008 (HBONE), loopback, the pod's own connections (the proxy reaching
+/// the application), connections from the node's addresses (kubelet probes) and excluded ports.
+#[sk_lookup]
+pub fn meshlet_sk_lookup(ctx: SkLookupContext) -> u32 {
+    let l = ctx.lookup;
+    // SAFETY: the kernel hands the program a valid `bpf_sk_lookup` for its whole run.
+    let (protocol, family, port) = unsafe { ((*l).protocol, (*l).family, (*l).local_port) };
+    if protocol != IPPROTO_TCP || port == u32::from(INBOUND_HBONE_PORT) {
+        return sk_action::SK_PASS;
+    }
+    // SAFETY: as above; each address field is read with the access size the kernel allows.
+    let (local, remote) = unsafe {
+        (
+            pick(family, read_volatile(&raw const (*l).local_ip4), &(*l).local_ip6),
+            pick(family, read_volatile(&raw const (*l).remote_ip4), &(*l).remote_ip6),
+        )
+    };
+    if is_loopback(&local)
+        || local == remote
+        || NODE_ADDRS.get_ptr(&remote).is_some()
+        || EXCLUDED_PORTS.get_ptr(port as u16).is_some()
+    {
+        return sk_action::SK_PASS;
+    }
+    match INBOUND_LISTENERS.redirect_sk_lookup(&ctx, local, 0) {
+        Ok(()) => {
+            count(Direction::Inbound);
+            sk_action::SK_PASS
+        }
+        // No listener: the proxy is not (or no longer) up in this namespace.
+        Err(_) if fail_open() => sk_action::SK_PASS,
+        Err(_) => sk_action::SK_DROP,
+    }
+}
+
+#[inline(always)]
+fn read_ip6(words: &[u32; 4]) -> Ip {
+    [words[0], words[1], words[2], words[3]]
+}
+
+/// The address of a context that carries both an IPv4 and an IPv6 field, by `family`.
+///
+/// Both are loaded unconditionally, each with a volatile read at its fixed offset: the verifier
+/// refuses a context access whose offset is computed at run time, which is what the compiler
+/// makes of "load this field or that one" otherwise.
+///
+/// # Safety
+/// `ip6` must point to the IPv6 field of a context the kernel handed the program.
+#[inline(always)]
+unsafe fn pick(family: u32, ip4: u32, ip6: *const [u32; 4]) -> Ip {
+    // SAFETY: the caller passes a valid context field; each word is a 4-byte aligned load.
+    let ip6 = unsafe {
+        let words = ip6 as *const u32;
+        [
+            read_volatile(words),
+            read_volatile(words.wrapping_add(1)),
+            read_volatile(words.wrapping_add(2)),
+            read_volatile(words.wrapping_add(3)),
+        ]
+    };
+    if family == AF_INET { v4_mapped(ip4) } else { ip6 }
+}
+
+#[inline(always)]
+fn is_loopback(ip: &Ip) -> bool {
+    (is_v4_mapped(ip) && ip[3].to_ne_bytes()[0] == 127) || *ip == LOOPBACK6
+}
+
+#[inline(always)]
+fn excluded(dst: &Ip, port: u16) -> bool {
+    EXCLUDED_PORTS.get_ptr(port).is_some() || EXCLUDED_CIDRS.get(Key::new(128, *dst)).is_some()
+}
+
+#[inline(always)]
+fn fail_open() -> bool {
+    SETTINGS.get(meshlet_common::SETTING_FAIL_OPEN).is_some_and(|fail_open| *fail_open != 0)
+}
+
+#[inline(always)]
+fn count(direction: Direction) {
+    if let Some(counter) = REDIRECTS.get_ptr_mut(direction as u32) {
+        // SAFETY: per-CPU values are only touched by this CPU while the program runs.
+        unsafe { *counter += 1 };
     }
 }
 

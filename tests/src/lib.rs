@@ -29,8 +29,8 @@ use std::{
     time::Duration,
 };
 
-use meshlet::{capture::mounts, netns::Netns};
-pub use process::{ConnectReport, Process};
+use meshlet::{capture::mounts, sys::Netns};
+pub use process::{Accepted, ConnectReport, Process};
 
 /// Prefix of every network namespace, cgroup and bpffs directory the harness creates.
 pub const TEST_PREFIX: &str = "mlt-";
@@ -264,13 +264,15 @@ impl Pod {
 
     /// Connects from inside the pod to `to`, sends `payload` bytes and reads the echo.
     pub fn connect(&self, to: SocketAddr, payload: usize) -> ConnectReport {
-        process::connect(self.testpod(&[
-            "connect",
-            "--to",
-            &to.to_string(),
-            "--send",
-            &payload.to_string(),
-        ]))
+        self.connect_with(to, payload, &[])
+    }
+
+    /// [`Pod::connect`] with more `meshlet-testpod connect` flags (`--mark`, `--timeout-ms N`,
+    /// `--delay-ms N`).
+    pub fn connect_with(&self, to: SocketAddr, payload: usize, flags: &[&str]) -> ConnectReport {
+        let mut command = self.testpod(&["connect", "--to", &to.to_string(), "--send", &payload.to_string()]);
+        command.args(flags);
+        process::connect(command)
     }
 
     fn testpod(&self, args: &[&str]) -> Command {
@@ -541,6 +543,38 @@ impl Cluster {
         fs::create_dir_all(&cgroup)
             .unwrap_or_else(|err| panic!("create {}: {err}", cgroup.display()));
         process::in_pod(process::meshlet_binary(), &node.netns.path(), &cgroup)
+    }
+
+    /// Starts a stand-in for the proxy's in-pod listeners in `pod`'s network namespace: marked
+    /// echo listeners on `listen` that report each connection with its `SO_ORIGINAL_DST`. Like
+    /// the agent, it runs in a cgroup under the cgroup root (the `getsockopt` program only
+    /// answers sockets created there).
+    pub fn proxy_listeners(&self, pod: &str, listen: &[SocketAddr]) -> Process {
+        let pod = self.pod(pod);
+        let cgroup = self.cgroup_root.join("meshlet").join(&self.nodes[pod.node].name);
+        fs::create_dir_all(&cgroup).unwrap_or_else(|err| panic!("create {}: {err}", cgroup.display()));
+        let mut command = process::in_pod(process::testpod_binary(), &pod.netns.path(), &cgroup);
+        command.arg("proxy");
+        for addr in listen {
+            command.args(["--listen", &addr.to_string()]);
+        }
+        Process::spawn_ready(command)
+    }
+
+    /// A command running on node `index` (its network namespace; a cgroup under the root, like
+    /// the kubelet's on a host).
+    pub fn node_command(&self, index: usize, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let node = &self.nodes[index];
+        let cgroup = self.cgroup_root.join("system.slice").join(&node.name);
+        fs::create_dir_all(&cgroup).unwrap_or_else(|err| panic!("create {}: {err}", cgroup.display()));
+        process::in_pod(program, &node.netns.path(), &cgroup)
+    }
+
+    /// Connects from node `index` itself to `to` (like a kubelet probe).
+    pub fn connect_from_node(&self, index: usize, to: SocketAddr, payload: usize) -> ConnectReport {
+        let mut command = self.node_command(index, process::testpod_binary());
+        command.args(["connect", "--to", &to.to_string(), "--send", &payload.to_string()]);
+        process::connect(command)
     }
 
     /// The `meshlet agent` flags that point it at this cluster.

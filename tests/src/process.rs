@@ -87,6 +87,8 @@ pub struct Accepted {
     pub local: SocketAddr,
     /// The peer's address.
     pub peer: SocketAddr,
+    /// What `SO_ORIGINAL_DST` said (proxy listeners only): the address, or the error.
+    pub original_dst: Option<Result<SocketAddr, String>>,
 }
 
 /// What the `connect` helper reports.
@@ -172,6 +174,12 @@ impl Process {
             .expect("echo server reported no accepted connection");
         serde_json::from_str(&line)
             .unwrap_or_else(|err| panic!("echo server printed {line:?}: {err}"))
+    }
+
+    /// The next connection reported within `wait`, if any.
+    pub fn try_next_accepted(&mut self, wait: Duration) -> Option<Accepted> {
+        let line = self.lines.recv_timeout(wait).ok()?;
+        Some(serde_json::from_str(&line).unwrap_or_else(|err| panic!("listener printed {line:?}: {err}")))
     }
 
     /// The process id.

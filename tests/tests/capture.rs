@@ -1,183 +1,353 @@
 //! Capture, loaded for real into the kernel by the agent's capture module and attached to the
-//! test cluster's cgroup root: what the programs see, and how attachments survive restarts.
+//! test cluster's cgroup root, exercised with real connections between pod namespaces.
 
-use std::{path::Path, process::Command};
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpListener},
+    os::unix::fs::MetadataExt as _,
+    path::Path,
+    process::Command,
+    thread::JoinHandle,
+    time::Duration,
+};
 
-use meshlet::capture::{self, Attachment, Capture};
-use meshlet_tests::Cluster;
+use meshlet::{
+    capture::{self, Attachment, Capture, FailMode},
+    sys::{netns::local_addresses, socket::listen_in},
+};
+use meshlet_tests::{Cluster, Pod};
+
+const QUIET: Duration = Duration::from_millis(300);
+
+fn config(cluster: &Cluster, fail_mode: FailMode) -> capture::Config {
+    let mut config = capture::Config::resolve(Some(cluster.cgroup_root().to_owned()), Some(cluster.bpffs_dir().to_owned()))
+        .expect("resolve capture config");
+    config.fail_mode = fail_mode;
+    config
+}
 
 fn install(cluster: &Cluster) -> Capture {
-    let config = capture::Config::resolve(
-        Some(cluster.cgroup_root().to_owned()),
-        Some(cluster.bpffs_dir().to_owned()),
-    )
-    .expect("resolve capture config");
-    Capture::install(config).expect("install capture")
+    Capture::install(config(cluster, FailMode::Closed)).expect("install capture")
+}
+
+fn enroll(capture: &mut Capture, pod: &Pod) -> u64 {
+    capture.enroll(&pod.netns.open(), &[pod.ipv4.into(), pod.ipv6.into()]).expect("enroll")
+}
+
+fn addr(text: &str) -> SocketAddr {
+    text.parse().unwrap()
+}
+
+/// What `SO_ORIGINAL_DST` reports for a connect to `to`: v4-mapped destinations as IPv4.
+fn unmapped(to: SocketAddr) -> SocketAddr {
+    match to.ip() {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(to, |v4| SocketAddr::new(v4.into(), to.port())),
+        IpAddr::V4(_) => to,
+    }
 }
 
 /// The kernel's own list of programs attached to `cgroup` (bpftool), as (attach type, name).
 fn attached(cgroup: &Path) -> Vec<(String, String)> {
-    let out = Command::new("bpftool")
-        .args(["-j", "cgroup", "show"])
-        .arg(cgroup)
-        .output()
-        .expect("run bpftool");
-    assert!(
-        out.status.success(),
-        "bpftool: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new("bpftool").args(["-j", "cgroup", "show"]).arg(cgroup).output().expect("run bpftool");
+    assert!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
-    let programs: Vec<serde_json::Value> = if text.trim().is_empty() {
-        Vec::new()
-    } else {
-        serde_json::from_str(&text).unwrap()
-    };
-    programs
+    let programs: Vec<serde_json::Value> = if text.trim().is_empty() { Vec::new() } else { serde_json::from_str(&text).unwrap() };
+    let mut programs: Vec<_> = programs
         .iter()
-        .map(|p| {
-            (
-                p["attach_type"].as_str().unwrap_or_default().to_owned(),
-                p["name"].as_str().unwrap_or_default().to_owned(),
-            )
-        })
-        .collect()
+        .map(|p| (p["attach_type"].as_str().unwrap_or_default().to_owned(), p["name"].as_str().unwrap_or_default().to_owned()))
+        .collect();
+    programs.sort();
+    programs
+}
+
+/// sk_lookup links the kernel has on the network namespace of `pod` (bpftool link show).
+fn sk_lookup_links(pod: &Pod) -> usize {
+    let inode = std::fs::metadata(pod.netns.path()).unwrap().ino();
+    let out = Command::new("bpftool").args(["-j", "link", "show"]).output().expect("run bpftool");
+    let links: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    links.iter().filter(|l| l["type"] == "netns" && l["netns_ino"].as_u64() == Some(inode)).count()
+}
+
+/// Accepts one connection on `listener` (a 15006 stand-in), echoes it, and returns the
+/// accepted socket's (local, peer) addresses.
+fn accept_one(listener: TcpListener) -> JoinHandle<(SocketAddr, SocketAddr)> {
+    listener.set_nonblocking(false).unwrap();
+    std::thread::spawn(move || {
+        let (mut stream, peer) = listener.accept().unwrap();
+        let local = stream.local_addr().unwrap();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stream.read(&mut buf) {
+            if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        (local, peer)
+    })
 }
 
 #[test]
-fn connect4_counts_connects_from_pods_under_the_cgroup_root_only() {
+fn outbound_connects_land_on_the_in_pod_listener_with_the_original_destination() {
     let mut cluster = Cluster::new(2);
     cluster.add_pod("client", 0);
     cluster.add_pod("server", 1);
-    cluster.add_pod_outside_root("outsider", 0);
-    let capture = install(&cluster);
-    let (client, server, outsider) = (
-        cluster.pod("client"),
-        cluster.pod("server"),
-        cluster.pod("outsider"),
-    );
-    let _echo = server.echo_server(8080);
+    let mut capture = install(&cluster);
+    let (client, server) = (cluster.pod("client"), cluster.pod("server"));
+    let mut echo = server.echo_server(8080);
+    let mut proxy = cluster.proxy_listeners("client", &[addr("127.0.0.1:15001"), addr("[::1]:15001")]);
+    enroll(&mut capture, client);
 
-    for _ in 0..3 {
-        client
-            .connect(server.addr(false, 8080), 64)
-            .assert_echoed(64);
+    let mapped = SocketAddr::new(client.ipv4.to_ipv6_mapped().into(), 0); // placeholder for the type
+    let _ = mapped;
+    let v4_mapped_server = SocketAddr::new(server.ipv4.to_ipv6_mapped().into(), 8080);
+    for (to, listener) in [
+        (server.addr(false, 8080), addr("127.0.0.1:15001")),
+        (server.addr(true, 8080), addr("[::1]:15001")),
+        (v4_mapped_server, addr("127.0.0.1:15001")),
+    ] {
+        let report = client.connect(to, 1000);
+        report.assert_echoed(1000);
+        assert_eq!(report.peer, Some(to), "getpeername must show the application its original peer");
+        let accepted = proxy.next_accepted();
+        assert_eq!(accepted.local, listener, "connect to {to} landed on the wrong listener");
+        assert_eq!(accepted.original_dst, Some(Ok(unmapped(to))), "SO_ORIGINAL_DST for a connect to {to}");
     }
-    for _ in 0..2 {
-        outsider
-            .connect(server.addr(false, 8080), 64)
-            .assert_echoed(64);
-    }
-
-    let counts = capture.connects().unwrap();
-    assert_eq!(
-        counts.get(&client.netns_cookie()),
-        Some(&3),
-        "connects of the pod under the root: {counts:?}"
-    );
-    assert_eq!(
-        counts.get(&outsider.netns_cookie()),
-        None,
-        "a pod outside the root was seen: {counts:?}"
-    );
-    // Accepting is not connecting: the server pod made no connect.
-    assert_eq!(counts.get(&server.netns_cookie()), None, "{counts:?}");
-    assert_eq!(
-        counts.len(),
-        1,
-        "only the client's namespace was counted: {counts:?}"
-    );
+    assert!(echo.try_next_accepted(QUIET).is_none(), "a redirected connection reached the server directly");
+    assert_eq!(capture.redirects().unwrap().outbound, 3);
 }
 
 #[test]
-fn a_restarted_agent_adopts_the_pinned_attachment() {
-    let mut cluster = Cluster::new(1);
+fn unenrolled_pods_marked_sockets_and_exclusions_are_not_redirected() {
+    let mut cluster = Cluster::new(2);
     cluster.add_pod("client", 0);
-    cluster.add_pod("server", 0);
+    cluster.add_pod("bystander", 0);
+    cluster.add_pod("server", 1);
+    cluster.add_pod_outside_root("outsider", 0);
+    let mut config = config(&cluster, FailMode::Closed);
+    config.excluded_ports = vec![9090];
+    config.excluded_cidrs = vec!["10.244.1.0/24".parse().unwrap()];
+    let mut capture = Capture::install(config).unwrap();
+    let (client, bystander, server, outsider) =
+        (cluster.pod("client"), cluster.pod("bystander"), cluster.pod("server"), cluster.pod("outsider"));
+    let mut echo = server.echo_server(8080);
+    let mut echo_9090 = server.echo_server(9090);
+    let mut proxy = cluster.proxy_listeners("client", &[addr("127.0.0.1:15001"), addr("[::1]:15001")]);
+    let mut outsider_proxy = cluster.proxy_listeners("outsider", &[addr("127.0.0.1:15001")]);
+    enroll(&mut capture, client);
+    // Enrolled, but its processes live outside the cgroup root the programs are attached to.
+    enroll(&mut capture, outsider);
+
+    let direct = |report: meshlet_tests::ConnectReport, echo: &mut meshlet_tests::Process, from: &Pod| {
+        report.assert_echoed(10);
+        let accepted = echo.next_accepted();
+        assert_eq!(accepted.peer.ip().to_canonical(), IpAddr::from(from.ipv4), "not a direct connection");
+    };
+    direct(bystander.connect(server.addr(false, 8080), 10), &mut echo, bystander);
+    direct(client.connect_with(server.addr(false, 8080), 10, &["--mark"]), &mut echo, client);
+    direct(outsider.connect(server.addr(false, 8080), 10), &mut echo, outsider);
+    // The excluded CIDR covers the server's IPv4 address, but not its IPv6 one.
+    direct(client.connect(server.addr(false, 8080), 10), &mut echo, client);
+    client.connect(server.addr(true, 9090), 10).assert_echoed(10);
+    assert_eq!(echo_9090.next_accepted().peer.ip(), IpAddr::from(client.ipv6), "excluded port was redirected");
+    client.connect(server.addr(true, 8080), 10).assert_echoed(10);
+    assert_eq!(proxy.next_accepted().original_dst, Some(Ok(server.addr(true, 8080))));
+    // Loopback and the pod's own address stay inside the pod.
+    let _self_echo = client.echo_server(7000);
+    client.connect(addr("127.0.0.1:7000"), 10).assert_echoed(10);
+    client.connect(client.addr(false, 7000), 10).assert_echoed(10);
+
+    assert!(proxy.try_next_accepted(QUIET).is_none(), "an excluded connection was redirected");
+    assert!(outsider_proxy.try_next_accepted(Duration::ZERO).is_none(), "the pod outside the root was redirected");
+    assert_eq!(capture.redirects().unwrap().outbound, 1);
+}
+
+#[test]
+fn inbound_connections_on_any_port_are_steered_to_15006_except_hbone_and_the_node() {
+    let mut cluster = Cluster::new(2);
+    cluster.add_pod("client", 0);
+    cluster.add_pod("server", 1);
+    let mut capture = install(&cluster);
+    let (client, server) = (cluster.pod("client"), cluster.pod("server"));
+    let mut echo = server.echo_server(8080);
+    let mut hbone = server.echo_server(15008);
+    let node_addresses = cluster.node(1).netns.open().run(local_addresses).unwrap().unwrap();
+    capture.set_node_addresses(&node_addresses).unwrap();
+    enroll(&mut capture, server);
+    let server_ns = server.netns.open();
+
+    for (to, ipv6) in [(server.addr(false, 8080), false), (server.addr(false, 9999), false), (server.addr(true, 8080), true)] {
+        let bind = if ipv6 { addr("[::]:15006") } else { addr("0.0.0.0:15006") };
+        let listener = listen_in(&server_ns, bind).unwrap();
+        capture.set_inbound_listener(if ipv6 { server.ipv6.into() } else { server.ipv4.into() }, &listener).unwrap();
+        let accepted = accept_one(listener);
+        client.connect(to, 500).assert_echoed(500);
+        let (local, peer) = accepted.join().unwrap();
+        assert_eq!(local, to, "the accepted socket's local address is the original destination");
+        assert_eq!(peer.ip(), if ipv6 { IpAddr::from(client.ipv6) } else { client.ipv4.into() });
+    }
+    // The listeners above are closed: keep one open for the rest.
+    let listener = listen_in(&server_ns, addr("0.0.0.0:15006")).unwrap();
+    capture.set_inbound_listener(server.ipv4.into(), &listener).unwrap();
+
+    client.connect(server.addr(false, 15008), 10).assert_echoed(10);
+    assert_eq!(hbone.next_accepted().local, server.addr(false, 15008).to_canonical_v6(), "15008 must not be steered");
+    let probe = cluster.connect_from_node(1, server.addr(false, 8080), 10);
+    probe.assert_echoed(10);
+    let accepted = echo.next_accepted();
+    assert!(node_addresses.contains(&accepted.peer.ip().to_canonical()), "probe came from {}", accepted.peer);
+    assert_eq!(capture.redirects().unwrap().inbound, 3);
+}
+
+trait CanonicalV6 {
+    fn to_canonical_v6(self) -> SocketAddr;
+}
+
+impl CanonicalV6 for SocketAddr {
+    /// How a dual-stack listener reports an IPv4 address.
+    fn to_canonical_v6(self) -> SocketAddr {
+        match self.ip() {
+            IpAddr::V4(v4) => SocketAddr::new(v4.to_ipv6_mapped().into(), self.port()),
+            IpAddr::V6(_) => self,
+        }
+    }
+}
+
+#[test]
+fn unenrolling_stops_capture_of_new_connections_and_spares_open_ones() {
+    let mut cluster = Cluster::new(2);
+    cluster.add_pod("client", 0);
+    cluster.add_pod("server", 1);
+    let mut capture = install(&cluster);
+    let (client, server) = (cluster.pod("client"), cluster.pod("server"));
+    let mut echo = server.echo_server(8080);
+    let mut proxy = cluster.proxy_listeners("client", &[addr("127.0.0.1:15001")]);
+    let cookie = enroll(&mut capture, client);
+    let to = server.addr(false, 8080);
+
+    std::thread::scope(|scope| {
+        let open = scope.spawn(|| client.connect_with(to, 2000, &["--delay-ms", "1000"]));
+        assert_eq!(proxy.next_accepted().original_dst, Some(Ok(to)));
+        capture.unenroll(cookie).unwrap();
+
+        client.connect(to, 10).assert_echoed(10);
+        assert_eq!(echo.next_accepted().peer.ip().to_canonical(), IpAddr::from(client.ipv4));
+        // The connection redirected before unenrolling carries on through the proxy.
+        open.join().unwrap().assert_echoed(2000);
+    });
+    assert!(proxy.try_next_accepted(QUIET).is_none());
+    assert!(capture.enrolled().unwrap().is_empty());
+}
+
+#[test]
+fn a_restarted_agent_adopts_pinned_capture_and_attaches_nothing_twice() {
+    let mut cluster = Cluster::new(2);
+    cluster.add_pod("client", 0);
+    cluster.add_pod("server", 1);
     let (client, server) = (cluster.pod("client"), cluster.pod("server"));
     let _echo = server.echo_server(8080);
+    let mut proxy = cluster.proxy_listeners("client", &[addr("127.0.0.1:15001")]);
 
-    let first = install(&cluster);
-    let link = first.programs()[0].link_id;
-    assert_eq!(first.programs()[0].attachment, Attachment::Attached);
-    client.connect(server.addr(false, 8080), 1).assert_echoed(1);
-    drop(first); // the agent stops; the pins keep the program attached
+    let mut first = install(&cluster);
+    assert!(first.programs().iter().all(|p| p.attachment == Attachment::Attached));
+    let links: Vec<u32> = first.programs().iter().map(|p| p.link_id).collect();
+    enroll(&mut first, client);
+    enroll(&mut first, server);
+    drop(first); // the agent stops; the pins keep every program attached
 
-    client.connect(server.addr(false, 8080), 1).assert_echoed(1);
-    let second = install(&cluster);
-    assert_eq!(second.programs()[0].attachment, Attachment::Adopted);
-    assert_eq!(
-        second.programs()[0].link_id,
-        link,
-        "the same link, not a new one"
-    );
-    assert_eq!(
-        attached(cluster.cgroup_root()),
-        [(
-            "cgroup_inet4_connect".to_owned(),
-            "meshlet_connect4".to_owned()
-        )]
-    );
-    // Both connects were counted, including the one made while no agent ran.
-    assert_eq!(
-        second.connects().unwrap().get(&client.netns_cookie()),
-        Some(&2)
-    );
+    client.connect(server.addr(false, 8080), 10).assert_echoed(10);
+    assert_eq!(proxy.next_accepted().original_dst, Some(Ok(server.addr(false, 8080))), "capture stopped with the agent");
+
+    let mut second = install(&cluster);
+    assert!(second.programs().iter().all(|p| p.attachment == Attachment::Adopted));
+    assert_eq!(second.programs().iter().map(|p| p.link_id).collect::<Vec<_>>(), links, "the same links");
+    assert_eq!(second.enrolled().unwrap().len(), 2, "enrollment survives the restart");
+    // The new agent enrolls what it finds again, as it would on start: still one sk_lookup each.
+    enroll(&mut second, client);
+    enroll(&mut second, server);
+    let expected = [
+        ("cgroup_getsockopt", "meshlet_getsockopt"),
+        ("cgroup_inet4_connect", "meshlet_connect4"),
+        ("cgroup_inet4_getpeername", "meshlet_getpeername4"),
+        ("cgroup_inet6_connect", "meshlet_connect6"),
+        ("cgroup_inet6_getpeername", "meshlet_getpeername6"),
+        ("cgroup_sock_ops", "meshlet_sock_ops"),
+    ]
+    .map(|(t, n)| (t.to_owned(), n.to_owned()));
+    assert_eq!(attached(cluster.cgroup_root()), expected);
+    assert_eq!(sk_lookup_links(server), 1);
+    assert_eq!(second.redirects().unwrap().outbound, 1, "counters survive the restart");
 }
 
 #[test]
 fn uninstall_detaches_and_unpins_everything() {
     let mut cluster = Cluster::new(1);
-    cluster.add_pod("client", 0);
-    cluster.add_pod("server", 0);
-    let (client, server) = (cluster.pod("client"), cluster.pod("server"));
-    let _echo = server.echo_server(8080);
-    let capture = install(&cluster);
-    client.connect(server.addr(false, 8080), 1).assert_echoed(1);
+    cluster.add_pod("app", 0);
+    let app = cluster.pod("app");
+    let mut capture = install(&cluster);
+    enroll(&mut capture, app);
     drop(capture); // `meshlet uninstall` runs after the agent has stopped
-    assert_eq!(
-        attached(cluster.cgroup_root()).len(),
-        1,
-        "the pin keeps capture attached"
-    );
+    assert_eq!(attached(cluster.cgroup_root()).len(), 6, "the pins keep capture attached");
+    assert_eq!(sk_lookup_links(app), 1);
 
     let removed = capture::uninstall(cluster.bpffs_dir()).unwrap();
-    assert_eq!(removed, capture::Uninstalled { links: 1, maps: 1 });
+    assert_eq!(removed.links, 7);
+    assert_eq!(removed.maps, meshlet_common::maps::ALL.len());
     assert!(!cluster.bpffs_dir().exists());
     assert_eq!(attached(cluster.cgroup_root()), []);
-    client.connect(server.addr(false, 8080), 1).assert_echoed(1);
-    // A fresh install starts from nothing: the old counts went with the map.
-    assert_eq!(
-        install(&cluster)
-            .connects()
-            .unwrap()
-            .get(&client.netns_cookie()),
-        None
-    );
-    capture::uninstall(cluster.bpffs_dir()).unwrap();
-    // Uninstalling twice is fine.
-    assert_eq!(
-        capture::uninstall(cluster.bpffs_dir()).unwrap(),
-        capture::Uninstalled::default()
-    );
+    assert_eq!(sk_lookup_links(app), 0);
+    assert_eq!(capture::uninstall(cluster.bpffs_dir()).unwrap(), capture::Uninstalled::default(), "twice is fine");
+}
+
+#[test]
+fn fail_closed_refuses_captured_connections_with_no_proxy() {
+    let mut cluster = Cluster::new(2);
+    cluster.add_pod("client", 0);
+    cluster.add_pod("server", 1);
+    let mut capture = Capture::install(config(&cluster, FailMode::Closed)).unwrap();
+    let (client, server) = (cluster.pod("client"), cluster.pod("server"));
+    let mut echo = server.echo_server(8080);
+    enroll(&mut capture, client);
+    enroll(&mut capture, server);
+
+    let report = client.connect(server.addr(false, 8080), 10);
+    assert!(report.error.as_deref().is_some_and(|e| e.contains("refused")), "outbound without proxy: {report:?}");
+    capture.unenroll(capture.enrolled().unwrap().iter().map(|(c, _)| *c).find(|&c| c == client.netns_cookie()).unwrap()).unwrap();
+    let report = client.connect_with(server.addr(false, 8080), 10, &["--timeout-ms", "500"]);
+    assert!(report.error.is_some(), "inbound to an enrolled pod with no 15006 listener got through: {report:?}");
+    assert!(echo.try_next_accepted(QUIET).is_none());
+}
+
+#[test]
+fn fail_open_lets_traffic_go_direct_while_the_proxy_is_not_ready() {
+    let mut cluster = Cluster::new(2);
+    cluster.add_pod("client", 0);
+    cluster.add_pod("server", 1);
+    let mut capture = Capture::install(config(&cluster, FailMode::Open)).unwrap();
+    let (client, server) = (cluster.pod("client"), cluster.pod("server"));
+    let mut echo = server.echo_server(8080);
+    let client_cookie = enroll(&mut capture, client);
+    enroll(&mut capture, server);
+
+    // Neither proxy is up: outbound goes direct, and so does inbound.
+    client.connect(server.addr(false, 8080), 10).assert_echoed(10);
+    assert_eq!(echo.next_accepted().peer.ip().to_canonical(), IpAddr::from(client.ipv4));
+
+    // The client's proxy comes up and says so: captured again.
+    let mut proxy = cluster.proxy_listeners("client", &[addr("127.0.0.1:15001")]);
+    capture.set_ready(client_cookie, true).unwrap();
+    client.connect(server.addr(false, 8080), 10).assert_echoed(10);
+    assert_eq!(proxy.next_accepted().original_dst, Some(Ok(server.addr(false, 8080))));
+    assert!(echo.try_next_accepted(QUIET).is_none());
+
+    capture.set_ready(client_cookie, false).unwrap();
+    client.connect(server.addr(false, 8080), 10).assert_echoed(10);
+    assert_eq!(echo.next_accepted().peer.ip().to_canonical(), IpAddr::from(client.ipv4));
 }
 
 #[test]
 fn capture_on_a_path_that_is_not_bpffs_is_refused_with_the_reason() {
     let cluster = Cluster::new(1);
-    let err = capture::Config::resolve(
-        Some(cluster.cgroup_root().to_owned()),
-        Some("/tmp/not-bpffs".into()),
-    )
-    .unwrap_err();
-    assert!(
-        err.to_string().contains("is not on a bpf filesystem"),
-        "{err}"
-    );
-    let err = capture::Config::resolve(Some("/tmp".into()), Some(cluster.bpffs_dir().to_owned()))
-        .unwrap_err();
-    assert!(
-        err.to_string().contains("is not on a cgroup2 filesystem"),
-        "{err}"
-    );
+    let err = capture::Config::resolve(Some(cluster.cgroup_root().to_owned()), Some("/tmp/not-bpffs".into())).unwrap_err();
+    assert!(err.to_string().contains("is not on a bpf filesystem"), "{err}");
+    let err = capture::Config::resolve(Some("/tmp".into()), Some(cluster.bpffs_dir().to_owned())).unwrap_err();
+    assert!(err.to_string().contains("is not on a cgroup2 filesystem"), "{err}");
 }

@@ -1,41 +1,57 @@
-//! Capture: loading meshlet's eBPF programs, attaching them to the cgroup root, and keeping
-//! them attached across agent restarts.
+//! Capture: meshlet's eBPF programs, loaded, attached and kept attached across agent restarts.
 //!
-//! The programs and their maps are pinned under a bpffs directory (`--bpffs-dir`):
+//! At the cgroup root (`--cgroup-root`), six programs capture outbound traffic of enrolled
+//! network namespaces: `connect4/6` redirect TCP connects to the in-pod listener on 15001,
+//! `sock_ops` and `getsockopt` let the proxy read the original destination with
+//! `SO_ORIGINAL_DST`, `getpeername4/6` show it to the application. Each enrolled namespace gets
+//! an `sk_lookup` program that hands inbound connections to its 15006 listener.
 //!
-//! ```text
-//! <bpffs-dir>/maps/<MAP>                          maps, shared by every program generation
-//! <bpffs-dir>/links/cgroup-<id>/<program>         one link per program and cgroup root
-//! ```
+//! Everything is pinned (see [`pins`]): an agent that stops leaves capture in place, and
+//! [`Capture::install`] reconciles on start: links already pinned are adopted (no second
+//! attachment), stale ones unpinned, missing ones attached. [`uninstall`] removes it all.
 //!
-//! A link stays attached as long as its pin exists, so an agent that stops leaves capture in
-//! place. On start, [`Capture::install`] reconciles what is pinned with what it wants: links for
-//! the configured cgroup root are adopted (no second attachment), links for any other cgroup
-//! and for programs it no longer ships are unpinned, missing ones are attached and pinned.
-//! [`uninstall`] removes the whole directory, which detaches everything.
+//! Fail mode ([`FailMode`]): `closed` (default) redirects enrolled namespaces whatever the state
+//! of their proxy, so a connection with no listener behind it is refused; `open` redirects a
+//! namespace only once the agent marked it ready ([`Capture::set_ready`]) and lets inbound
+//! traffic through to the application when no listener is registered.
 
 pub mod mounts;
+pub mod pins;
 
 use std::{
-    collections::HashMap,
     fs, io,
-    os::unix::fs::MetadataExt as _,
+    net::IpAddr,
+    os::{
+        fd::{AsFd, AsRawFd},
+        unix::fs::MetadataExt as _,
+    },
     path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, MapError, PerCpuHashMap},
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, SockHash, lpm_trie::Key},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, ProgramError,
+        CgroupAttachMode, Program, ProgramError, SkLookup,
         links::{FdLink, LinkError, PinnedLink},
     },
 };
-use meshlet_common::{maps, programs};
+use ipnet::IpNet;
+use meshlet_common::{Direction, Enrollment, Ip, SETTING_FAIL_OPEN, maps, programs};
+pub use pins::{Uninstalled, uninstall};
 use tracing::{debug, info};
 
+use crate::sys::Netns;
+
 /// The programs attached to the cgroup root, by name.
-const CGROUP_PROGRAMS: &[&str] = &[programs::CONNECT4];
+const CGROUP_PROGRAMS: &[&str] = &[
+    programs::CONNECT4,
+    programs::CONNECT6,
+    programs::GETPEERNAME4,
+    programs::GETPEERNAME6,
+    programs::SOCK_OPS,
+    programs::GETSOCKOPT,
+];
 
 /// The eBPF object built from `ebpf/` by `build.rs`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/meshlet.bpf.o"));
@@ -173,33 +189,45 @@ fn kernel_hint(err: &io::Error) -> &'static str {
     }
 }
 
-/// Where capture attaches and pins.
+/// What happens to captured traffic of a namespace whose proxy is not there.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailMode {
+    /// Captured connections with no proxy listener behind them are refused.
+    #[default]
+    Closed,
+    /// A namespace is captured only while its proxy is ready; otherwise traffic goes direct.
+    Open,
+}
+
+/// Where and how capture attaches.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Config {
-    /// The cgroup v2 directory the programs attach to: every socket created by a process in
-    /// this subtree is seen by them. On a node, the host's cgroup2 mount.
+    /// The cgroup v2 directory the cgroup programs attach to: every socket created by a process
+    /// in this subtree is seen by them. On a node, the host's cgroup2 mount.
     pub cgroup_root: PathBuf,
     /// The bpffs directory that holds meshlet's pins.
     pub bpffs_dir: PathBuf,
+    /// See [`FailMode`].
+    pub fail_mode: FailMode,
+    /// Destinations never redirected.
+    pub excluded_cidrs: Vec<IpNet>,
+    /// Ports never redirected, outbound (destination port) or inbound (local port).
+    pub excluded_ports: Vec<u16>,
 }
 
 impl Config {
-    /// The configuration with every unset path discovered from the mounts of this process.
-    pub fn resolve(
-        cgroup_root: Option<PathBuf>,
-        bpffs_dir: Option<PathBuf>,
-    ) -> Result<Self, Error> {
-        let mounts =
-            mounts::mounts().map_err(Error::io("read", Path::new("/proc/self/mountinfo")))?;
+    /// The configuration with every unset path discovered from the mounts of this process,
+    /// fail mode `closed` and no exclusions.
+    pub fn resolve(cgroup_root: Option<PathBuf>, bpffs_dir: Option<PathBuf>) -> Result<Self, Error> {
+        let mounts = mounts::mounts().map_err(Error::io("read", Path::new("/proc/self/mountinfo")))?;
         let cgroup_root = match cgroup_root {
             Some(root) => root,
             None => mounts::find(&mounts, "cgroup2").ok_or(Error::NoCgroup2)?,
         };
         let bpffs_dir = match bpffs_dir {
             Some(dir) => dir,
-            None => mounts::find(&mounts, "bpf")
-                .ok_or(Error::NoBpffs)?
-                .join("meshlet"),
+            None => mounts::find(&mounts, "bpf").ok_or(Error::NoBpffs)?.join("meshlet"),
         };
         let check = |path: &Path, want: &str| -> Option<String> {
             match mounts::fs_type_of(&mounts, path) {
@@ -208,29 +236,12 @@ impl Config {
             }
         };
         if let Some(fs_type) = check(&cgroup_root, "cgroup2") {
-            return Err(Error::NotCgroup2 {
-                path: cgroup_root,
-                fs_type,
-            });
+            return Err(Error::NotCgroup2 { path: cgroup_root, fs_type });
         }
         if let Some(fs_type) = check(&bpffs_dir, "bpf") {
-            return Err(Error::NotBpffs {
-                path: bpffs_dir,
-                fs_type,
-            });
+            return Err(Error::NotBpffs { path: bpffs_dir, fs_type });
         }
-        Ok(Self {
-            cgroup_root,
-            bpffs_dir,
-        })
-    }
-
-    fn maps_dir(&self) -> PathBuf {
-        self.bpffs_dir.join("maps")
-    }
-
-    fn links_dir(&self) -> PathBuf {
-        self.bpffs_dir.join("links")
+        Ok(Self { cgroup_root, bpffs_dir, fail_mode: FailMode::default(), excluded_cidrs: Vec::new(), excluded_ports: Vec::new() })
     }
 }
 
@@ -260,86 +271,116 @@ pub struct AttachedProgram {
     _link: FdLink,
 }
 
-/// The capture programs, loaded and attached to the cgroup root.
+/// Connections redirected so far (summed over CPUs; survives agent restarts).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Redirects {
+    /// Connects from enrolled pods sent to their 15001 listener.
+    pub outbound: u64,
+    /// Connections to enrolled pods handed to their 15006 listener.
+    pub inbound: u64,
+}
+
+/// The map key of an address: v4-mapped for IPv4, network-order bytes as native words.
+pub fn ip_key(ip: IpAddr) -> Ip {
+    let v6 = match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    };
+    let o = v6.octets();
+    [
+        u32::from_ne_bytes([o[0], o[1], o[2], o[3]]),
+        u32::from_ne_bytes([o[4], o[5], o[6], o[7]]),
+        u32::from_ne_bytes([o[8], o[9], o[10], o[11]]),
+        u32::from_ne_bytes([o[12], o[13], o[14], o[15]]),
+    ]
+}
+
+/// The address a map key stands for ([`ip_key`] reversed); v4-mapped keys give IPv4.
+pub fn ip_of_key(key: &Ip) -> IpAddr {
+    let mut octets = [0u8; 16];
+    for (chunk, word) in octets.chunks_exact_mut(4).zip(key) {
+        chunk.copy_from_slice(&word.to_ne_bytes());
+    }
+    let v6 = std::net::Ipv6Addr::from(octets);
+    v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+}
+
+/// The capture programs, loaded and attached, and the maps that steer them.
 pub struct Capture {
     config: Config,
+    layout: pins::Layout,
     programs: Vec<AttachedProgram>,
-    connects: PerCpuHashMap<MapData, u64, u64>,
-    // Owns the loaded programs and maps; kept for as long as capture is used.
-    _ebpf: Ebpf,
+    enrolled: HashMap<MapData, u64, Enrollment>,
+    listeners: SockHash<MapData, Ip>,
+    node_addrs: HashMap<MapData, Ip, u8>,
+    redirects: PerCpuArray<MapData, u64>,
+    // Owns the loaded programs (sk_lookup is attached from it on enroll).
+    ebpf: Ebpf,
 }
 
 impl std::fmt::Debug for Capture {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Capture")
-            .field("config", &self.config)
-            .field("programs", &self.programs)
-            .finish_non_exhaustive()
+        f.debug_struct("Capture").field("config", &self.config).field("programs", &self.programs).finish_non_exhaustive()
     }
 }
 
+fn take_map<T: TryFrom<aya::maps::Map, Error = MapError>>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, Error> {
+    let map = ebpf.take_map(name).ok_or(Error::Missing { kind: "map", name })?;
+    T::try_from(map).map_err(|source| Error::Map { name, source })
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> Error {
+    move |source| Error::Map { name, source }
+}
+
 impl Capture {
-    /// Loads the programs, then attaches each to the cgroup root unless an earlier agent's
-    /// pinned link already does; pins what it attaches. Stale pins are removed.
+    /// Loads the programs and maps (maps reuse their pins), applies the settings and
+    /// exclusions, and attaches each cgroup program unless an earlier agent's pinned link
+    /// already does. Stale pins are removed.
     pub fn install(config: Config) -> Result<Self, Error> {
-        let cgroup = fs::File::open(&config.cgroup_root)
-            .map_err(Error::io("open cgroup", &config.cgroup_root))?;
-        let cgroup_id = cgroup
-            .metadata()
-            .map_err(Error::io("stat cgroup", &config.cgroup_root))?
-            .ino();
-        let links_dir = config.links_dir().join(format!("cgroup-{cgroup_id}"));
-        for dir in [config.maps_dir(), links_dir.clone()] {
-            fs::create_dir_all(&dir).map_err(Error::io("create pin directory", &dir))?;
+        let cgroup = fs::File::open(&config.cgroup_root).map_err(Error::io("open cgroup", &config.cgroup_root))?;
+        let cgroup_id = cgroup.metadata().map_err(Error::io("stat cgroup", &config.cgroup_root))?.ino();
+        let layout = pins::Layout::new(&config.bpffs_dir);
+        layout.create(cgroup_id)?;
+
+        let mut loader = EbpfLoader::new();
+        let pin_paths: Vec<_> = maps::ALL.iter().map(|&name| (name, layout.map(name))).collect();
+        for (name, path) in &pin_paths {
+            loader.map_pin_path(name, path.as_path());
         }
-        remove_stale_links(&config.links_dir(), &links_dir)?;
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(Error::Load)?;
 
-        let maps_dir = config.maps_dir();
-        let mut ebpf = EbpfLoader::new()
-            .map_pin_path(maps::CONNECTS, maps_dir.join(maps::CONNECTS))
-            .load(EBPF_OBJECT)
-            .map_err(Error::Load)?;
+        let enrolled: HashMap<_, u64, Enrollment> = take_map(&mut ebpf, maps::ENROLLED)?;
+        layout.remove_stale(cgroup_id, CGROUP_PROGRAMS, |cookie| enrolled.get(&cookie, 0).is_ok())?;
 
+        let mut settings: Array<_, u32> = take_map(&mut ebpf, maps::SETTINGS)?;
+        settings
+            .set(SETTING_FAIL_OPEN, u32::from(config.fail_mode == FailMode::Open), 0)
+            .map_err(map_err(maps::SETTINGS))?;
+        let mut ports: HashMap<_, u16, u8> = take_map(&mut ebpf, maps::EXCLUDED_PORTS)?;
+        replace_all(&mut ports, config.excluded_ports.iter().map(|&port| (port, 1)), maps::EXCLUDED_PORTS)?;
+        let mut cidrs: LpmTrie<_, Ip, u8> = take_map(&mut ebpf, maps::EXCLUDED_CIDRS)?;
+        let stale: Vec<_> = cidrs.keys().collect::<Result<_, _>>().map_err(map_err(maps::EXCLUDED_CIDRS))?;
+        for key in stale {
+            cidrs.remove(&key).map_err(map_err(maps::EXCLUDED_CIDRS))?;
+        }
+        for cidr in &config.excluded_cidrs {
+            let prefix = u32::from(cidr.prefix_len()) + if cidr.addr().is_ipv4() { 96 } else { 0 };
+            cidrs.insert(&Key::new(prefix, ip_key(cidr.network())), 1, 0).map_err(map_err(maps::EXCLUDED_CIDRS))?;
+        }
+
+        let links_dir = layout.cgroup_links(cgroup_id);
         let mut attached = Vec::new();
         for &name in CGROUP_PROGRAMS {
             let pin = links_dir.join(name);
-            let program: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or(Error::Missing {
-                    kind: "program",
-                    name,
-                })?
-                .try_into()
-                .map_err(Error::program(name))?;
-            let (link, attachment): (FdLink, _) = if pin.exists() {
-                let link = PinnedLink::from_pin(&pin).map_err(|source| Error::Link {
-                    path: pin.clone(),
-                    source,
-                })?;
-                (link.into(), Attachment::Adopted)
+            let (link, attachment) = if pin.exists() {
+                let link = PinnedLink::from_pin(&pin).map_err(|source| Error::Link { path: pin.clone(), source })?;
+                (FdLink::from(link), Attachment::Adopted)
             } else {
-                program.load().map_err(Error::program(name))?;
-                let id = program
-                    .attach(&cgroup, CgroupAttachMode::Single)
-                    .map_err(Error::program(name))?;
-                let link = program.take_link(id).map_err(Error::program(name))?;
-                // Only bpf links (kernel >= 5.7) can be pinned; older kernels fall back to
-                // legacy attachments, which this refuses rather than leave unpinned.
-                let link = FdLink::try_from(link).map_err(|source| Error::Link {
-                    path: pin.clone(),
-                    source,
-                })?;
-                let link = link.pin(&pin).map_err(|source| Error::Pin {
-                    path: pin.clone(),
-                    source,
-                })?;
-                (link.into(), Attachment::Attached)
+                (attach_to_cgroup(&mut ebpf, name, &cgroup, &pin)?, Attachment::Attached)
             };
-            let info = link.info().map_err(|source| Error::Link {
-                path: pin.clone(),
-                source,
-            })?;
-            info!(program = name, ?attachment, link_id = info.id(), cgroup = %config.cgroup_root.display(), "capture program attached");
+            let info = link.info().map_err(|source| Error::Link { path: pin.clone(), source })?;
+            debug!(program = name, ?attachment, link_id = info.id(), "capture program attached");
             attached.push(AttachedProgram {
                 name,
                 attachment,
@@ -349,107 +390,197 @@ impl Capture {
                 _link: link,
             });
         }
+        let adopted = attached.iter().filter(|p| p.attachment == Attachment::Adopted).count();
+        info!(
+            cgroup = %config.cgroup_root.display(),
+            attached = attached.len() - adopted,
+            adopted,
+            fail_mode = ?config.fail_mode,
+            "capture installed"
+        );
 
-        let connects = ebpf.take_map(maps::CONNECTS).ok_or(Error::Missing {
-            kind: "map",
-            name: maps::CONNECTS,
-        })?;
-        let connects = PerCpuHashMap::try_from(connects).map_err(|source| Error::Map {
-            name: maps::CONNECTS,
-            source,
-        })?;
+        let sk_lookup: &mut SkLookup = program(&mut ebpf, programs::SK_LOOKUP)?;
+        sk_lookup.load().map_err(Error::program(programs::SK_LOOKUP))?;
+
         Ok(Self {
+            listeners: take_map(&mut ebpf, maps::INBOUND_LISTENERS)?,
+            node_addrs: take_map(&mut ebpf, maps::NODE_ADDRS)?,
+            redirects: take_map(&mut ebpf, maps::REDIRECTS)?,
+            enrolled,
             config,
+            layout,
             programs: attached,
-            connects,
-            _ebpf: ebpf,
+            ebpf,
         })
     }
 
-    /// Where capture is attached and pinned.
+    /// Where and how capture is attached.
     pub fn config(&self) -> &Config {
         &self.config
     }
 
-    /// The attached programs.
+    /// The programs attached to the cgroup root.
     pub fn programs(&self) -> &[AttachedProgram] {
         &self.programs
     }
 
-    /// TCP connects seen so far in each network namespace, keyed by netns cookie (summed over
-    /// CPUs). Counts survive agent restarts: the map is pinned.
-    pub fn connects(&self) -> Result<HashMap<u64, u64>, Error> {
-        self.connects
-            .iter()
-            .map(|entry| {
-                let (cookie, per_cpu) = entry.map_err(|source| Error::Map {
-                    name: maps::CONNECTS,
-                    source,
-                })?;
-                Ok((cookie, per_cpu.iter().sum()))
-            })
-            .collect()
+    /// Enrolls the network namespace `netns` of a pod with addresses `ips`: its outbound TCP
+    /// connects are redirected from now on, and its inbound steered once a listener is
+    /// registered ([`Capture::set_inbound_listener`]). Returns the namespace's cookie.
+    /// Enrolling an enrolled namespace again keeps its steering program (no second one).
+    pub fn enroll(&mut self, netns: &Netns, ips: &[IpAddr]) -> Result<u64, Error> {
+        let cookie = netns.cookie().map_err(Error::io("read netns cookie of", netns.path()))?;
+        let pick = |v4: bool| ips.iter().find(|ip| ip.is_ipv4() == v4).map_or([0; 4], |&ip| ip_key(ip));
+        let flags = self.enrolled.get(&cookie, 0).map_or(0, |e| e.flags);
+        let enrollment = Enrollment { flags, _pad: 0, ipv4: pick(true), ipv6: pick(false) };
+        self.enrolled.insert(cookie, enrollment, 0).map_err(map_err(maps::ENROLLED))?;
+
+        let dir = self.layout.netns_links(cookie);
+        let pin = dir.join(programs::SK_LOOKUP);
+        if !pin.exists() {
+            fs::create_dir_all(&dir).map_err(Error::io("create pin directory", &dir))?;
+            let program: &mut SkLookup = program(&mut self.ebpf, programs::SK_LOOKUP)?;
+            let id = program.attach(netns.as_fd()).map_err(Error::program(programs::SK_LOOKUP))?;
+            let link = program.take_link(id).map_err(Error::program(programs::SK_LOOKUP))?;
+            let link = FdLink::from(link);
+            link.pin(&pin).map_err(|source| Error::Pin { path: pin.clone(), source })?;
+        }
+        info!(netns = %netns.path().display(), cookie, ?ips, "enrolled");
+        Ok(cookie)
+    }
+
+    /// Registers the pod's inbound plaintext listener (15006) for its address `ip`: sk_lookup
+    /// hands it the connections to `ip`. The map holds a reference to the socket, dropped by
+    /// the kernel when the listener closes.
+    pub fn set_inbound_listener(&mut self, ip: IpAddr, listener: &impl AsRawFd) -> Result<(), Error> {
+        self.listeners.insert(ip_key(ip), listener.as_raw_fd(), 0).map_err(map_err(maps::INBOUND_LISTENERS))
+    }
+
+    /// Marks the namespace `cookie` ready (its proxy listeners are up) or not. Only fail-open
+    /// mode reads this.
+    pub fn set_ready(&mut self, cookie: u64, ready: bool) -> Result<(), Error> {
+        let mut enrollment = self.enrolled.get(&cookie, 0).map_err(map_err(maps::ENROLLED))?;
+        enrollment.flags = if ready { enrollment.flags | Enrollment::READY } else { enrollment.flags & !Enrollment::READY };
+        self.enrolled.insert(cookie, enrollment, 0).map_err(map_err(maps::ENROLLED))
+    }
+
+    /// Stops capturing the namespace `cookie`: new connections are no longer redirected or
+    /// steered; connections already established are not touched. Unenrolling a namespace that
+    /// is not enrolled is not an error.
+    pub fn unenroll(&mut self, cookie: u64) -> Result<(), Error> {
+        if let Ok(enrollment) = self.enrolled.get(&cookie, 0) {
+            self.enrolled.remove(&cookie).map_err(map_err(maps::ENROLLED))?;
+            for ip in [enrollment.ipv4, enrollment.ipv6] {
+                if ip != [0; 4] {
+                    // The entry is gone already if the listener closed.
+                    let _ = self.listeners.remove(&ip);
+                }
+            }
+        }
+        let dir = self.layout.netns_links(cookie);
+        if dir.exists() {
+            fs::remove_dir_all(&dir).map_err(Error::io("unpin", &dir))?;
+        }
+        info!(cookie, "unenrolled");
+        Ok(())
+    }
+
+    /// The enrolled namespaces: cookie and state.
+    pub fn enrolled(&self) -> Result<Vec<(u64, Enrollment)>, Error> {
+        self.enrolled.iter().collect::<Result<_, _>>().map_err(map_err(maps::ENROLLED))
+    }
+
+    /// Replaces the node's own addresses: inbound connections from them (kubelet probes) are
+    /// never steered.
+    pub fn set_node_addresses(&mut self, ips: &[IpAddr]) -> Result<(), Error> {
+        replace_all(&mut self.node_addrs, ips.iter().map(|&ip| (ip_key(ip), 1)), maps::NODE_ADDRS)
+    }
+
+    /// Connections redirected so far, by direction.
+    pub fn redirects(&self) -> Result<Redirects, Error> {
+        let read = |direction: Direction| -> Result<u64, Error> {
+            let values = self.redirects.get(&(direction as u32), 0).map_err(map_err(maps::REDIRECTS))?;
+            Ok(values.iter().sum())
+        };
+        Ok(Redirects { outbound: read(Direction::Outbound)?, inbound: read(Direction::Inbound)? })
     }
 }
 
-/// Unpins links for other cgroup roots and for programs this build does not ship.
-fn remove_stale_links(links_root: &Path, current: &Path) -> Result<(), Error> {
-    let entries = fs::read_dir(links_root).map_err(Error::io("list", links_root))?;
-    for entry in entries {
-        let entry = entry.map_err(Error::io("list", links_root))?;
-        let path = entry.path();
-        if path != current {
-            info!(pin = %path.display(), "removing capture pinned for another cgroup root");
-            fs::remove_dir_all(&path).map_err(Error::io("remove stale pins", &path))?;
-            continue;
+/// Loads `name`, attaches it to `cgroup` with a bpf link (Linux >= 5.7) and pins the link.
+fn attach_to_cgroup(ebpf: &mut Ebpf, name: &'static str, cgroup: &fs::File, pin: &Path) -> Result<FdLink, Error> {
+    let err = Error::program;
+    let mode = CgroupAttachMode::Single; // bpf links on cgroups always allow multiple programs
+    let link_err = |source: LinkError| Error::Link { path: pin.to_owned(), source };
+    let pin_err = |source| Error::Pin { path: pin.to_owned(), source };
+    let program = ebpf.program_mut(name).ok_or(Error::Missing { kind: "program", name })?;
+    let link = match program {
+        Program::CgroupSockAddr(p) => {
+            p.load().map_err(err(name))?;
+            let id = p.attach(cgroup, mode).map_err(err(name))?;
+            FdLink::try_from(p.take_link(id).map_err(err(name))?).map_err(link_err)?
         }
-        for link in fs::read_dir(&path).map_err(Error::io("list", &path))? {
-            let link = link.map_err(Error::io("list", &path))?.path();
-            let known = link
-                .file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| CGROUP_PROGRAMS.contains(&n));
-            if !known {
-                debug!(pin = %link.display(), "removing link of a program this build does not ship");
-                fs::remove_file(&link).map_err(Error::io("unpin", &link))?;
-            }
+        Program::SockOps(p) => {
+            p.load().map_err(err(name))?;
+            let id = p.attach(cgroup, mode).map_err(err(name))?;
+            FdLink::try_from(p.take_link(id).map_err(err(name))?).map_err(link_err)?
         }
+        Program::CgroupSockopt(p) => {
+            // aya 0.14 cannot make this link an FdLink: create and pin it ourselves.
+            p.load().map_err(err(name))?;
+            let program_fd = p.fd().map_err(err(name))?;
+            let link = crate::sys::bpf::link_create(program_fd.as_fd(), cgroup.as_fd(), crate::sys::bpf::BPF_CGROUP_GETSOCKOPT)
+                .map_err(|io_error| err(name)(ProgramError::SyscallError(aya::sys::SyscallError { call: "bpf_link_create", io_error })))?;
+            crate::sys::bpf::obj_pin(link.as_fd(), pin).map_err(Error::io("pin link", pin))?;
+            return PinnedLink::from_pin(pin).map(FdLink::from).map_err(link_err);
+        }
+        _ => return Err(Error::Missing { kind: "cgroup program", name }),
+    };
+    Ok(link.pin(pin).map_err(pin_err)?.into())
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, Error>
+where
+    &'a mut T: TryFrom<&'a mut Program, Error = ProgramError>,
+{
+    let program = ebpf.program_mut(name).ok_or(Error::Missing { kind: "program", name })?;
+    program.try_into().map_err(Error::program(name))
+}
+
+/// Makes a hash map hold exactly `entries`.
+fn replace_all<K: aya::Pod + PartialEq, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    entries: impl Iterator<Item = (K, V)>,
+    name: &'static str,
+) -> Result<(), Error> {
+    let entries: Vec<_> = entries.collect();
+    let stale: Vec<K> = map.keys().collect::<Result<_, _>>().map_err(map_err(name))?;
+    for key in stale.iter().filter(|key| !entries.iter().any(|(k, _)| k == *key)) {
+        map.remove(key).map_err(map_err(name))?;
+    }
+    for (key, value) in entries {
+        map.insert(key, value, 0).map_err(map_err(name))?;
     }
     Ok(())
 }
 
-/// What [`uninstall`] removed.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Uninstalled {
-    /// Pinned links removed (each one detached a program).
-    pub links: usize,
-    /// Pinned maps removed.
-    pub maps: usize,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// Detaches and unpins everything under `bpffs_dir`, then removes the directory. Running it
-/// when nothing is installed is not an error.
-pub fn uninstall(bpffs_dir: &Path) -> Result<Uninstalled, Error> {
-    let mut removed = Uninstalled::default();
-    if !bpffs_dir.exists() {
-        return Ok(removed);
-    }
-    let count = |dir: &Path| -> usize { walk(dir).map(|files| files.len()).unwrap_or(0) };
-    removed.links = count(&bpffs_dir.join("links"));
-    removed.maps = count(&bpffs_dir.join("maps"));
-    fs::remove_dir_all(bpffs_dir).map_err(Error::io("remove", bpffs_dir))?;
-    Ok(removed)
-}
-
-fn walk(dir: &Path) -> io::Result<Vec<PathBuf>> {
-    let mut files = Vec::new();
-    for entry in fs::read_dir(dir)? {
-        let path = entry?.path();
-        if path.is_dir() {
-            files.extend(walk(&path)?);
-        } else {
-            files.push(path);
+    #[test]
+    fn ip_keys_round_trip_and_map_ipv4() {
+        for text in ["10.244.1.11", "127.0.0.1", "fd00:10:244:1::b", "::1", "::ffff:10.0.0.1"] {
+            let ip: IpAddr = text.parse().unwrap();
+            let back = ip_of_key(&ip_key(ip));
+            let expected = match ip {
+                IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+                v4 => v4,
+            };
+            assert_eq!(back, expected, "{text}");
         }
+        let key = ip_key("10.244.1.11".parse().unwrap());
+        assert!(meshlet_common::is_v4_mapped(&key));
+        assert_eq!(key[3], u32::from_ne_bytes([10, 244, 1, 11]));
+        assert!(!meshlet_common::is_v4_mapped(&ip_key("fd00::1".parse().unwrap())));
     }
-    Ok(files)
 }

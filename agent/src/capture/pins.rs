@@ -1,0 +1,127 @@
+//! The layout of meshlet's pins under the bpffs directory, and their cleanup.
+//!
+//! ```text
+//! <bpffs-dir>/maps/<MAP>                               maps, reused by every agent generation
+//! <bpffs-dir>/links/cgroup-<cgroup inode>/<program>    cgroup programs, one link each
+//! <bpffs-dir>/links/netns-<netns cookie>/<program>     sk_lookup, one link per enrolled netns
+//! ```
+//!
+//! A link stays attached as long as its pin exists (or a process holds it), so an agent that
+//! stops leaves capture in place; removing a pin detaches the program.
+
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use tracing::info;
+
+use super::Error;
+
+/// Paths of the pins under one bpffs directory.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    root: PathBuf,
+}
+
+impl Layout {
+    /// The layout under `root`.
+    pub fn new(root: &Path) -> Self {
+        Self { root: root.to_owned() }
+    }
+
+    /// Where map `name` is pinned.
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.root.join("maps").join(name)
+    }
+
+    fn links(&self) -> PathBuf {
+        self.root.join("links")
+    }
+
+    /// The directory of the links attached to the cgroup with inode `cgroup_id`.
+    pub fn cgroup_links(&self, cgroup_id: u64) -> PathBuf {
+        self.links().join(format!("cgroup-{cgroup_id}"))
+    }
+
+    /// The directory of the links attached to the network namespace `cookie`.
+    pub fn netns_links(&self, cookie: u64) -> PathBuf {
+        self.links().join(format!("netns-{cookie}"))
+    }
+
+    /// Creates the directories that pins go into.
+    pub fn create(&self, cgroup_id: u64) -> Result<(), Error> {
+        for dir in [self.root.join("maps"), self.cgroup_links(cgroup_id)] {
+            fs::create_dir_all(&dir).map_err(Error::io("create pin directory", &dir))?;
+        }
+        Ok(())
+    }
+
+    /// Unpins links for other cgroup roots, links of cgroup programs not in `programs`, and
+    /// per-netns links of namespaces for which `enrolled` says no.
+    pub fn remove_stale(&self, cgroup_id: u64, programs: &[&str], enrolled: impl Fn(u64) -> bool) -> Result<(), Error> {
+        let current = self.cgroup_links(cgroup_id);
+        for entry in read_dir(&self.links())? {
+            let name = entry.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+            let stale = if entry == current {
+                for link in read_dir(&entry)? {
+                    let known = link.file_name().and_then(|n| n.to_str()).is_some_and(|n| programs.contains(&n));
+                    if !known {
+                        info!(pin = %link.display(), "unpinning a program this build does not ship");
+                        fs::remove_file(&link).map_err(Error::io("unpin", &link))?;
+                    }
+                }
+                false
+            } else if let Some(cookie) = name.strip_prefix("netns-").and_then(|c| c.parse().ok()) {
+                !enrolled(cookie)
+            } else {
+                true
+            };
+            if stale {
+                info!(pin = %entry.display(), "unpinning capture that is no longer wanted");
+                fs::remove_dir_all(&entry).map_err(Error::io("remove stale pins", &entry))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn read_dir(dir: &Path) -> Result<Vec<PathBuf>, Error> {
+    match fs::read_dir(dir) {
+        Ok(entries) => entries.map(|e| e.map(|e| e.path()).map_err(Error::io("list", dir))).collect(),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(err) => Err(Error::io("list", dir)(err)),
+    }
+}
+
+/// What [`uninstall`] removed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Uninstalled {
+    /// Pinned links removed (each one detached a program).
+    pub links: usize,
+    /// Pinned maps removed.
+    pub maps: usize,
+}
+
+/// Detaches and unpins everything under `bpffs_dir`, then removes the directory. Running it
+/// when nothing is installed is not an error. Stop the agent first: links an agent holds open
+/// stay attached until it exits.
+pub fn uninstall(bpffs_dir: &Path) -> Result<Uninstalled, Error> {
+    if !bpffs_dir.exists() {
+        return Ok(Uninstalled::default());
+    }
+    let removed = Uninstalled {
+        links: count_files(&bpffs_dir.join("links")),
+        maps: count_files(&bpffs_dir.join("maps")),
+    };
+    fs::remove_dir_all(bpffs_dir).map_err(Error::io("remove", bpffs_dir))?;
+    Ok(removed)
+}
+
+fn count_files(dir: &Path) -> usize {
+    let Ok(entries) = fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|entry| if entry.path().is_dir() { count_files(&entry.path()) } else { 1 })
+        .sum()
+}

@@ -1,0 +1,92 @@
+//! Sockets of the proxy: marked listeners made inside a pod's network namespace, and the
+//! original destination of a captured connection.
+
+use std::{
+    io,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream},
+    os::fd::{AsRawFd as _, BorrowedFd},
+};
+
+use meshlet_common::{MESH_MARK, SO_ORIGINAL_DST};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use super::Netns;
+
+/// A TCP listener on `addr`, created inside `netns` and carrying the mesh mark (capture never
+/// redirects marked sockets, nor connections the proxy makes from them). IPv6 listeners are
+/// IPv6-only, so each family has its own. Non-blocking, ready for tokio.
+pub fn listen_in(netns: &Netns, addr: SocketAddr) -> io::Result<TcpListener> {
+    netns.run(|| listen(addr))?
+}
+
+/// [`listen_in`] for the calling thread's namespace.
+pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_mark(MESH_MARK).map_err(|err| context(err, "set SO_MARK (needs CAP_NET_ADMIN)"))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.bind(&addr.into()).map_err(|err| context(err, &format!("bind {addr}")))?;
+    socket.listen(1024)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+/// A TCP socket created inside `netns` with the mesh mark, not yet connected: the proxy's
+/// connections leave from the pod's namespace, with the pod's address.
+pub fn marked_socket_in(netns: &Netns, ipv6: bool) -> io::Result<Socket> {
+    netns.run(|| {
+        let domain = if ipv6 { Domain::IPV6 } else { Domain::IPV4 };
+        let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_mark(MESH_MARK).map_err(|err| context(err, "set SO_MARK (needs CAP_NET_ADMIN)"))?;
+        Ok(socket)
+    })?
+}
+
+/// The destination a captured connection was originally addressed to, read with
+/// `getsockopt(SO_ORIGINAL_DST)` (`IP6T_SO_ORIGINAL_DST` on IPv6 sockets) from the accepted
+/// socket. Answered by meshlet's `cgroup/getsockopt` program, or by conntrack when the
+/// connection was captured by iptables: the proxy does not care which.
+pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
+    original_dst_fd(std::os::fd::AsFd::as_fd(stream), stream.local_addr()?.is_ipv6())
+}
+
+/// [`original_dst`] on a raw descriptor of a socket of the given family.
+pub fn original_dst_fd(fd: BorrowedFd<'_>, ipv6: bool) -> io::Result<SocketAddr> {
+    if ipv6 {
+        // SAFETY: sockaddr_in6 is plain data; all-zero is a valid value.
+        let mut addr: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+        getsockopt(fd, libc::SOL_IPV6, &mut addr)?;
+        let ip = Ipv6Addr::from(addr.sin6_addr.s6_addr);
+        Ok(match ip.to_ipv4_mapped() {
+            Some(v4) => SocketAddr::V4(SocketAddrV4::new(v4, u16::from_be(addr.sin6_port))),
+            None => SocketAddr::V6(SocketAddrV6::new(ip, u16::from_be(addr.sin6_port), 0, 0)),
+        })
+    } else {
+        // SAFETY: sockaddr_in is plain data; all-zero is a valid value.
+        let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+        getsockopt(fd, libc::SOL_IP, &mut addr)?;
+        let ip = Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr));
+        Ok(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(addr.sin_port))))
+    }
+}
+
+fn getsockopt<T>(fd: BorrowedFd<'_>, level: libc::c_int, value: &mut T) -> io::Result<()> {
+    let mut len = size_of::<T>() as libc::socklen_t;
+    // SAFETY: `value` is valid for writes of `len` bytes and outlives the call; the kernel
+    // writes at most `len` bytes and updates `len`.
+    let rc = unsafe { libc::getsockopt(fd.as_raw_fd(), level, SO_ORIGINAL_DST, (value as *mut T).cast(), &raw mut len) };
+    if rc != 0 {
+        let err = io::Error::last_os_error();
+        return Err(context(err, "getsockopt(SO_ORIGINAL_DST): the connection was not captured"));
+    }
+    if len as usize != size_of::<T>() {
+        return Err(io::Error::other(format!("getsockopt(SO_ORIGINAL_DST) returned {len} bytes")));
+    }
+    Ok(())
+}
+
+fn context(err: io::Error, what: &str) -> io::Error {
+    io::Error::new(err.kind(), format!("{what}: {err}"))
+}
