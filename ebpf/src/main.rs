@@ -90,7 +90,11 @@ pub fn meshlet_connect6(ctx: SockAddrContext) -> i32 {
     unsafe {
         let dst = read_ip6(&(*sa).user_ip6);
         if (*sa).type_ == SOCK_STREAM && redirect(&ctx, &dst, (*sa).user_port as u16) {
-            let to = if is_v4_mapped(&dst) { v4_mapped(LOOPBACK4) } else { LOOPBACK6 };
+            let to = if is_v4_mapped(&dst) {
+                v4_mapped(LOOPBACK4)
+            } else {
+                LOOPBACK6
+            };
             (*sa).user_ip6[0] = to[0];
             (*sa).user_ip6[1] = to[1];
             (*sa).user_ip6[2] = to[2];
@@ -125,7 +129,11 @@ fn redirect(ctx: &SockAddrContext, dst: &Ip, port_be: u16) -> bool {
     }
     // SAFETY: `bpf_get_socket_cookie` accepts a sock_addr context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let orig = SockAddr { ip: *dst, port_be, _pad: 0 };
+    let orig = SockAddr {
+        ip: *dst,
+        port_be,
+        _pad: 0,
+    };
     if ORIG_BY_SOCKET.insert(cookie, orig, 0).is_err() {
         // Without a record the proxy could not learn the destination: leave the connect alone.
         return false;
@@ -193,12 +201,21 @@ pub fn meshlet_sock_ops(ctx: SockOpsContext) -> u32 {
         let ops = ctx.ops;
         let port = read_volatile(&raw const (*ops).local_port) as u16;
         let family = read_volatile(&raw const (*ops).family);
-        let ip = pick(family, read_volatile(&raw const (*ops).local_ip4), &(*ops).local_ip6);
+        let ip = pick(
+            family,
+            read_volatile(&raw const (*ops).local_ip4),
+            &(*ops).local_ip6,
+        );
         (ip, port)
     };
     // SAFETY: `bpf_get_netns_cookie` accepts a sock_ops context (Linux >= 5.15).
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let key = ConnKey { netns_cookie, ip, port, _pad: [0; 6] };
+    let key = ConnKey {
+        netns_cookie,
+        ip,
+        port,
+        _pad: [0; 6],
+    };
     // SAFETY: a non-null pointer from a map lookup is valid for the value's size.
     let _ = ORIG_BY_PEER.insert(key, unsafe { *orig }, 0);
     1
@@ -221,14 +238,18 @@ pub fn meshlet_getsockopt(ctx: SockoptContext) -> i32 {
             return PROCEED;
         }
         let family = read_volatile(&raw const (*sk).family);
-        let ip = pick(family, read_volatile(&raw const (*sk).dst_ip4), &(*sk).dst_ip6);
+        let ip = pick(
+            family,
+            read_volatile(&raw const (*sk).dst_ip4),
+            &(*sk).dst_ip6,
+        );
         let key = ConnKey {
             netns_cookie: bpf_get_netns_cookie(ctx.as_ptr()),
             ip,
             port: u16::from_be((*sk).dst_port),
             _pad: [0; 6],
         };
-        let Some(orig) = ORIG_BY_PEER.get_ptr(&key) else {
+        let Some(orig) = ORIG_BY_PEER.get_ptr(key) else {
             return PROCEED;
         };
         let orig = *orig;
@@ -280,13 +301,21 @@ pub fn meshlet_sk_lookup(ctx: SkLookupContext) -> u32 {
     // SAFETY: as above; each address field is read with the access size the kernel allows.
     let (local, remote) = unsafe {
         (
-            pick(family, read_volatile(&raw const (*l).local_ip4), &(*l).local_ip6),
-            pick(family, read_volatile(&raw const (*l).remote_ip4), &(*l).remote_ip6),
+            pick(
+                family,
+                read_volatile(&raw const (*l).local_ip4),
+                &(*l).local_ip6,
+            ),
+            pick(
+                family,
+                read_volatile(&raw const (*l).remote_ip4),
+                &(*l).remote_ip6,
+            ),
         )
     };
     if is_loopback(&local)
         || local == remote
-        || NODE_ADDRS.get_ptr(&remote).is_some()
+        || NODE_ADDRS.get_ptr(remote).is_some()
         || EXCLUDED_PORTS.get_ptr(port as u16).is_some()
     {
         return sk_action::SK_PASS;
@@ -327,7 +356,11 @@ unsafe fn pick(family: u32, ip4: u32, ip6: *const [u32; 4]) -> Ip {
             read_volatile(words.wrapping_add(3)),
         ]
     };
-    if family == AF_INET { v4_mapped(ip4) } else { ip6 }
+    if family == AF_INET {
+        v4_mapped(ip4)
+    } else {
+        ip6
+    }
 }
 
 #[inline(always)]
@@ -342,7 +375,9 @@ fn excluded(dst: &Ip, port: u16) -> bool {
 
 #[inline(always)]
 fn fail_open() -> bool {
-    SETTINGS.get(meshlet_common::SETTING_FAIL_OPEN).is_some_and(|fail_open| *fail_open != 0)
+    SETTINGS
+        .get(meshlet_common::SETTING_FAIL_OPEN)
+        .is_some_and(|fail_open| *fail_open != 0)
 }
 
 #[inline(always)]

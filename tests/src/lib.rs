@@ -270,7 +270,13 @@ impl Pod {
     /// [`Pod::connect`] with more `meshlet-testpod connect` flags (`--mark`, `--timeout-ms N`,
     /// `--delay-ms N`).
     pub fn connect_with(&self, to: SocketAddr, payload: usize, flags: &[&str]) -> ConnectReport {
-        let mut command = self.testpod(&["connect", "--to", &to.to_string(), "--send", &payload.to_string()]);
+        let mut command = self.testpod(&[
+            "connect",
+            "--to",
+            &to.to_string(),
+            "--send",
+            &payload.to_string(),
+        ]);
         command.args(flags);
         process::connect(command)
     }
@@ -287,6 +293,7 @@ impl Pod {
 #[derive(Debug)]
 pub struct Cluster {
     id: String,
+    extra_netns: Vec<NetnsGuard>,
     pods: Vec<Pod>,
     nodes: Vec<Node>,
     fabric: NetnsGuard,
@@ -331,6 +338,7 @@ impl Cluster {
         fabric.ip(&["link", "set", "br0", "up"]);
         let mut cluster = Self {
             id,
+            extra_netns: Vec::new(),
             pods: Vec::new(),
             nodes: Vec::new(),
             fabric,
@@ -506,6 +514,17 @@ impl Cluster {
         self.pods.last().expect("just pushed")
     }
 
+    /// Adds `count` bare network namespaces (loopback only, no veth, no cgroup), for
+    /// benchmarks that need many namespaces and nothing else; returns all added so far.
+    pub fn add_bare_namespaces(&mut self, count: usize) -> &[NetnsGuard] {
+        let start = self.extra_netns.len();
+        for index in start..start + count {
+            self.extra_netns
+                .push(NetnsGuard::create(format!("{}-x{index}", self.id)));
+        }
+        &self.extra_netns
+    }
+
     /// The pod named `name`.
     pub fn pod(&self, name: &str) -> &Pod {
         self.pods
@@ -551,8 +570,12 @@ impl Cluster {
     /// answers sockets created there).
     pub fn proxy_listeners(&self, pod: &str, listen: &[SocketAddr]) -> Process {
         let pod = self.pod(pod);
-        let cgroup = self.cgroup_root.join("meshlet").join(&self.nodes[pod.node].name);
-        fs::create_dir_all(&cgroup).unwrap_or_else(|err| panic!("create {}: {err}", cgroup.display()));
+        let cgroup = self
+            .cgroup_root
+            .join("meshlet")
+            .join(&self.nodes[pod.node].name);
+        fs::create_dir_all(&cgroup)
+            .unwrap_or_else(|err| panic!("create {}: {err}", cgroup.display()));
         let mut command = process::in_pod(process::testpod_binary(), &pod.netns.path(), &cgroup);
         command.arg("proxy");
         for addr in listen {
@@ -566,14 +589,21 @@ impl Cluster {
     pub fn node_command(&self, index: usize, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let node = &self.nodes[index];
         let cgroup = self.cgroup_root.join("system.slice").join(&node.name);
-        fs::create_dir_all(&cgroup).unwrap_or_else(|err| panic!("create {}: {err}", cgroup.display()));
+        fs::create_dir_all(&cgroup)
+            .unwrap_or_else(|err| panic!("create {}: {err}", cgroup.display()));
         process::in_pod(program, &node.netns.path(), &cgroup)
     }
 
     /// Connects from node `index` itself to `to` (like a kubelet probe).
     pub fn connect_from_node(&self, index: usize, to: SocketAddr, payload: usize) -> ConnectReport {
         let mut command = self.node_command(index, process::testpod_binary());
-        command.args(["connect", "--to", &to.to_string(), "--send", &payload.to_string()]);
+        command.args([
+            "connect",
+            "--to",
+            &to.to_string(),
+            "--send",
+            &payload.to_string(),
+        ]);
         process::connect(command)
     }
 
@@ -600,6 +630,7 @@ impl Drop for Cluster {
         let _ = fs::remove_dir_all(self.bpffs.path());
         self.pods.clear();
         self.nodes.clear();
+        self.extra_netns.clear();
         // `fabric`, `bpffs` and `cgroup` drop after this, in field order.
     }
 }

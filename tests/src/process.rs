@@ -179,7 +179,10 @@ impl Process {
     /// The next connection reported within `wait`, if any.
     pub fn try_next_accepted(&mut self, wait: Duration) -> Option<Accepted> {
         let line = self.lines.recv_timeout(wait).ok()?;
-        Some(serde_json::from_str(&line).unwrap_or_else(|err| panic!("listener printed {line:?}: {err}")))
+        Some(
+            serde_json::from_str(&line)
+                .unwrap_or_else(|err| panic!("listener printed {line:?}: {err}")),
+        )
     }
 
     /// The process id.

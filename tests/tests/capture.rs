@@ -20,8 +20,11 @@ use meshlet_tests::{Cluster, Pod};
 const QUIET: Duration = Duration::from_millis(300);
 
 fn config(cluster: &Cluster, fail_mode: FailMode) -> capture::Config {
-    let mut config = capture::Config::resolve(Some(cluster.cgroup_root().to_owned()), Some(cluster.bpffs_dir().to_owned()))
-        .expect("resolve capture config");
+    let mut config = capture::Config::resolve(
+        Some(cluster.cgroup_root().to_owned()),
+        Some(cluster.bpffs_dir().to_owned()),
+    )
+    .expect("resolve capture config");
     config.fail_mode = fail_mode;
     config
 }
@@ -31,7 +34,9 @@ fn install(cluster: &Cluster) -> Capture {
 }
 
 fn enroll(capture: &mut Capture, pod: &Pod) -> u64 {
-    capture.enroll(&pod.netns.open(), &[pod.ipv4.into(), pod.ipv6.into()]).expect("enroll")
+    capture
+        .enroll(&pod.netns.open(), &[pod.ipv4.into(), pod.ipv6.into()])
+        .expect("enroll")
 }
 
 fn addr(text: &str) -> SocketAddr {
@@ -41,20 +46,39 @@ fn addr(text: &str) -> SocketAddr {
 /// What `SO_ORIGINAL_DST` reports for a connect to `to`: v4-mapped destinations as IPv4.
 fn unmapped(to: SocketAddr) -> SocketAddr {
     match to.ip() {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(to, |v4| SocketAddr::new(v4.into(), to.port())),
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(to, |v4| SocketAddr::new(v4.into(), to.port())),
         IpAddr::V4(_) => to,
     }
 }
 
 /// The kernel's own list of programs attached to `cgroup` (bpftool), as (attach type, name).
 fn attached(cgroup: &Path) -> Vec<(String, String)> {
-    let out = Command::new("bpftool").args(["-j", "cgroup", "show"]).arg(cgroup).output().expect("run bpftool");
-    assert!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(cgroup)
+        .output()
+        .expect("run bpftool");
+    assert!(
+        out.status.success(),
+        "bpftool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
-    let programs: Vec<serde_json::Value> = if text.trim().is_empty() { Vec::new() } else { serde_json::from_str(&text).unwrap() };
+    let programs: Vec<serde_json::Value> = if text.trim().is_empty() {
+        Vec::new()
+    } else {
+        serde_json::from_str(&text).unwrap()
+    };
     let mut programs: Vec<_> = programs
         .iter()
-        .map(|p| (p["attach_type"].as_str().unwrap_or_default().to_owned(), p["name"].as_str().unwrap_or_default().to_owned()))
+        .map(|p| {
+            (
+                p["attach_type"].as_str().unwrap_or_default().to_owned(),
+                p["name"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
         .collect();
     programs.sort();
     programs
@@ -63,9 +87,15 @@ fn attached(cgroup: &Path) -> Vec<(String, String)> {
 /// sk_lookup links the kernel has on the network namespace of `pod` (bpftool link show).
 fn sk_lookup_links(pod: &Pod) -> usize {
     let inode = std::fs::metadata(pod.netns.path()).unwrap().ino();
-    let out = Command::new("bpftool").args(["-j", "link", "show"]).output().expect("run bpftool");
+    let out = Command::new("bpftool")
+        .args(["-j", "link", "show"])
+        .output()
+        .expect("run bpftool");
     let links: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    links.iter().filter(|l| l["type"] == "netns" && l["netns_ino"].as_u64() == Some(inode)).count()
+    links
+        .iter()
+        .filter(|l| l["type"] == "netns" && l["netns_ino"].as_u64() == Some(inode))
+        .count()
 }
 
 /// Accepts one connection on `listener` (a 15006 stand-in), echoes it, and returns the
@@ -93,7 +123,8 @@ fn outbound_connects_land_on_the_in_pod_listener_with_the_original_destination()
     let mut capture = install(&cluster);
     let (client, server) = (cluster.pod("client"), cluster.pod("server"));
     let mut echo = server.echo_server(8080);
-    let mut proxy = cluster.proxy_listeners("client", &[addr("127.0.0.1:15001"), addr("[::1]:15001")]);
+    let mut proxy =
+        cluster.proxy_listeners("client", &[addr("127.0.0.1:15001"), addr("[::1]:15001")]);
     enroll(&mut capture, client);
 
     let mapped = SocketAddr::new(client.ipv4.to_ipv6_mapped().into(), 0); // placeholder for the type
@@ -106,12 +137,26 @@ fn outbound_connects_land_on_the_in_pod_listener_with_the_original_destination()
     ] {
         let report = client.connect(to, 1000);
         report.assert_echoed(1000);
-        assert_eq!(report.peer, Some(to), "getpeername must show the application its original peer");
+        assert_eq!(
+            report.peer,
+            Some(to),
+            "getpeername must show the application its original peer"
+        );
         let accepted = proxy.next_accepted();
-        assert_eq!(accepted.local, listener, "connect to {to} landed on the wrong listener");
-        assert_eq!(accepted.original_dst, Some(Ok(unmapped(to))), "SO_ORIGINAL_DST for a connect to {to}");
+        assert_eq!(
+            accepted.local, listener,
+            "connect to {to} landed on the wrong listener"
+        );
+        assert_eq!(
+            accepted.original_dst,
+            Some(Ok(unmapped(to))),
+            "SO_ORIGINAL_DST for a connect to {to}"
+        );
     }
-    assert!(echo.try_next_accepted(QUIET).is_none(), "a redirected connection reached the server directly");
+    assert!(
+        echo.try_next_accepted(QUIET).is_none(),
+        "a redirected connection reached the server directly"
+    );
     assert_eq!(capture.redirects().unwrap().outbound, 3);
 }
 
@@ -126,37 +171,82 @@ fn unenrolled_pods_marked_sockets_and_exclusions_are_not_redirected() {
     config.excluded_ports = vec![9090];
     config.excluded_cidrs = vec!["10.244.1.0/24".parse().unwrap()];
     let mut capture = Capture::install(config).unwrap();
-    let (client, bystander, server, outsider) =
-        (cluster.pod("client"), cluster.pod("bystander"), cluster.pod("server"), cluster.pod("outsider"));
+    let (client, bystander, server, outsider) = (
+        cluster.pod("client"),
+        cluster.pod("bystander"),
+        cluster.pod("server"),
+        cluster.pod("outsider"),
+    );
     let mut echo = server.echo_server(8080);
     let mut echo_9090 = server.echo_server(9090);
-    let mut proxy = cluster.proxy_listeners("client", &[addr("127.0.0.1:15001"), addr("[::1]:15001")]);
+    let mut proxy =
+        cluster.proxy_listeners("client", &[addr("127.0.0.1:15001"), addr("[::1]:15001")]);
     let mut outsider_proxy = cluster.proxy_listeners("outsider", &[addr("127.0.0.1:15001")]);
     enroll(&mut capture, client);
     // Enrolled, but its processes live outside the cgroup root the programs are attached to.
     enroll(&mut capture, outsider);
 
-    let direct = |report: meshlet_tests::ConnectReport, echo: &mut meshlet_tests::Process, from: &Pod| {
-        report.assert_echoed(10);
-        let accepted = echo.next_accepted();
-        assert_eq!(accepted.peer.ip().to_canonical(), IpAddr::from(from.ipv4), "not a direct connection");
-    };
-    direct(bystander.connect(server.addr(false, 8080), 10), &mut echo, bystander);
-    direct(client.connect_with(server.addr(false, 8080), 10, &["--mark"]), &mut echo, client);
-    direct(outsider.connect(server.addr(false, 8080), 10), &mut echo, outsider);
+    let direct =
+        |report: meshlet_tests::ConnectReport, echo: &mut meshlet_tests::Process, from: &Pod| {
+            report.assert_echoed(10);
+            let accepted = echo.next_accepted();
+            assert_eq!(
+                accepted.peer.ip().to_canonical(),
+                IpAddr::from(from.ipv4),
+                "not a direct connection"
+            );
+        };
+    direct(
+        bystander.connect(server.addr(false, 8080), 10),
+        &mut echo,
+        bystander,
+    );
+    direct(
+        client.connect_with(server.addr(false, 8080), 10, &["--mark"]),
+        &mut echo,
+        client,
+    );
+    direct(
+        outsider.connect(server.addr(false, 8080), 10),
+        &mut echo,
+        outsider,
+    );
     // The excluded CIDR covers the server's IPv4 address, but not its IPv6 one.
-    direct(client.connect(server.addr(false, 8080), 10), &mut echo, client);
-    client.connect(server.addr(true, 9090), 10).assert_echoed(10);
-    assert_eq!(echo_9090.next_accepted().peer.ip(), IpAddr::from(client.ipv6), "excluded port was redirected");
-    client.connect(server.addr(true, 8080), 10).assert_echoed(10);
-    assert_eq!(proxy.next_accepted().original_dst, Some(Ok(server.addr(true, 8080))));
+    direct(
+        client.connect(server.addr(false, 8080), 10),
+        &mut echo,
+        client,
+    );
+    client
+        .connect(server.addr(true, 9090), 10)
+        .assert_echoed(10);
+    assert_eq!(
+        echo_9090.next_accepted().peer.ip(),
+        IpAddr::from(client.ipv6),
+        "excluded port was redirected"
+    );
+    client
+        .connect(server.addr(true, 8080), 10)
+        .assert_echoed(10);
+    assert_eq!(
+        proxy.next_accepted().original_dst,
+        Some(Ok(server.addr(true, 8080)))
+    );
     // Loopback and the pod's own address stay inside the pod.
     let _self_echo = client.echo_server(7000);
     client.connect(addr("127.0.0.1:7000"), 10).assert_echoed(10);
-    client.connect(client.addr(false, 7000), 10).assert_echoed(10);
+    client
+        .connect(client.addr(false, 7000), 10)
+        .assert_echoed(10);
 
-    assert!(proxy.try_next_accepted(QUIET).is_none(), "an excluded connection was redirected");
-    assert!(outsider_proxy.try_next_accepted(Duration::ZERO).is_none(), "the pod outside the root was redirected");
+    assert!(
+        proxy.try_next_accepted(QUIET).is_none(),
+        "an excluded connection was redirected"
+    );
+    assert!(
+        outsider_proxy.try_next_accepted(Duration::ZERO).is_none(),
+        "the pod outside the root was redirected"
+    );
     assert_eq!(capture.redirects().unwrap().outbound, 1);
 }
 
@@ -169,31 +259,76 @@ fn inbound_connections_on_any_port_are_steered_to_15006_except_hbone_and_the_nod
     let (client, server) = (cluster.pod("client"), cluster.pod("server"));
     let mut echo = server.echo_server(8080);
     let mut hbone = server.echo_server(15008);
-    let node_addresses = cluster.node(1).netns.open().run(local_addresses).unwrap().unwrap();
+    let node_addresses = cluster
+        .node(1)
+        .netns
+        .open()
+        .run(local_addresses)
+        .unwrap()
+        .unwrap();
     capture.set_node_addresses(&node_addresses).unwrap();
     enroll(&mut capture, server);
     let server_ns = server.netns.open();
 
-    for (to, ipv6) in [(server.addr(false, 8080), false), (server.addr(false, 9999), false), (server.addr(true, 8080), true)] {
-        let bind = if ipv6 { addr("[::]:15006") } else { addr("0.0.0.0:15006") };
+    for (to, ipv6) in [
+        (server.addr(false, 8080), false),
+        (server.addr(false, 9999), false),
+        (server.addr(true, 8080), true),
+    ] {
+        let bind = if ipv6 {
+            addr("[::]:15006")
+        } else {
+            addr("0.0.0.0:15006")
+        };
         let listener = listen_in(&server_ns, bind).unwrap();
-        capture.set_inbound_listener(if ipv6 { server.ipv6.into() } else { server.ipv4.into() }, &listener).unwrap();
+        capture
+            .set_inbound_listener(
+                if ipv6 {
+                    server.ipv6.into()
+                } else {
+                    server.ipv4.into()
+                },
+                &listener,
+            )
+            .unwrap();
         let accepted = accept_one(listener);
         client.connect(to, 500).assert_echoed(500);
         let (local, peer) = accepted.join().unwrap();
-        assert_eq!(local, to, "the accepted socket's local address is the original destination");
-        assert_eq!(peer.ip(), if ipv6 { IpAddr::from(client.ipv6) } else { client.ipv4.into() });
+        assert_eq!(
+            local, to,
+            "the accepted socket's local address is the original destination"
+        );
+        assert_eq!(
+            peer.ip(),
+            if ipv6 {
+                IpAddr::from(client.ipv6)
+            } else {
+                client.ipv4.into()
+            }
+        );
     }
     // The listeners above are closed: keep one open for the rest.
     let listener = listen_in(&server_ns, addr("0.0.0.0:15006")).unwrap();
-    capture.set_inbound_listener(server.ipv4.into(), &listener).unwrap();
+    capture
+        .set_inbound_listener(server.ipv4.into(), &listener)
+        .unwrap();
 
-    client.connect(server.addr(false, 15008), 10).assert_echoed(10);
-    assert_eq!(hbone.next_accepted().local, server.addr(false, 15008).to_canonical_v6(), "15008 must not be steered");
+    client
+        .connect(server.addr(false, 15008), 10)
+        .assert_echoed(10);
+    assert_eq!(
+        hbone.next_accepted().local,
+        server.addr(false, 15008).to_canonical_v6(),
+        "15008 must not be steered"
+    );
     let probe = cluster.connect_from_node(1, server.addr(false, 8080), 10);
     probe.assert_echoed(10);
     let accepted = echo.next_accepted();
-    assert!(node_addresses.contains(&accepted.peer.ip().to_canonical()), "probe came from {}", accepted.peer);
+    assert!(
+        node_addresses.contains(&accepted.peer.ip().to_canonical()),
+        "probe came from {}",
+        accepted.peer
+    );
     assert_eq!(capture.redirects().unwrap().inbound, 3);
 }
 
@@ -229,7 +364,10 @@ fn unenrolling_stops_capture_of_new_connections_and_spares_open_ones() {
         capture.unenroll(cookie).unwrap();
 
         client.connect(to, 10).assert_echoed(10);
-        assert_eq!(echo.next_accepted().peer.ip().to_canonical(), IpAddr::from(client.ipv4));
+        assert_eq!(
+            echo.next_accepted().peer.ip().to_canonical(),
+            IpAddr::from(client.ipv4)
+        );
         // The connection redirected before unenrolling carries on through the proxy.
         open.join().unwrap().assert_echoed(2000);
     });
@@ -247,19 +385,47 @@ fn a_restarted_agent_adopts_pinned_capture_and_attaches_nothing_twice() {
     let mut proxy = cluster.proxy_listeners("client", &[addr("127.0.0.1:15001")]);
 
     let mut first = install(&cluster);
-    assert!(first.programs().iter().all(|p| p.attachment == Attachment::Attached));
+    assert!(
+        first
+            .programs()
+            .iter()
+            .all(|p| p.attachment == Attachment::Attached)
+    );
     let links: Vec<u32> = first.programs().iter().map(|p| p.link_id).collect();
     enroll(&mut first, client);
     enroll(&mut first, server);
     drop(first); // the agent stops; the pins keep every program attached
 
-    client.connect(server.addr(false, 8080), 10).assert_echoed(10);
-    assert_eq!(proxy.next_accepted().original_dst, Some(Ok(server.addr(false, 8080))), "capture stopped with the agent");
+    client
+        .connect(server.addr(false, 8080), 10)
+        .assert_echoed(10);
+    assert_eq!(
+        proxy.next_accepted().original_dst,
+        Some(Ok(server.addr(false, 8080))),
+        "capture stopped with the agent"
+    );
 
     let mut second = install(&cluster);
-    assert!(second.programs().iter().all(|p| p.attachment == Attachment::Adopted));
-    assert_eq!(second.programs().iter().map(|p| p.link_id).collect::<Vec<_>>(), links, "the same links");
-    assert_eq!(second.enrolled().unwrap().len(), 2, "enrollment survives the restart");
+    assert!(
+        second
+            .programs()
+            .iter()
+            .all(|p| p.attachment == Attachment::Adopted)
+    );
+    assert_eq!(
+        second
+            .programs()
+            .iter()
+            .map(|p| p.link_id)
+            .collect::<Vec<_>>(),
+        links,
+        "the same links"
+    );
+    assert_eq!(
+        second.enrolled().unwrap().len(),
+        2,
+        "enrollment survives the restart"
+    );
     // The new agent enrolls what it finds again, as it would on start: still one sk_lookup each.
     enroll(&mut second, client);
     enroll(&mut second, server);
@@ -274,7 +440,11 @@ fn a_restarted_agent_adopts_pinned_capture_and_attaches_nothing_twice() {
     .map(|(t, n)| (t.to_owned(), n.to_owned()));
     assert_eq!(attached(cluster.cgroup_root()), expected);
     assert_eq!(sk_lookup_links(server), 1);
-    assert_eq!(second.redirects().unwrap().outbound, 1, "counters survive the restart");
+    assert_eq!(
+        second.redirects().unwrap().outbound,
+        1,
+        "counters survive the restart"
+    );
 }
 
 #[test]
@@ -285,7 +455,11 @@ fn uninstall_detaches_and_unpins_everything() {
     let mut capture = install(&cluster);
     enroll(&mut capture, app);
     drop(capture); // `meshlet uninstall` runs after the agent has stopped
-    assert_eq!(attached(cluster.cgroup_root()).len(), 6, "the pins keep capture attached");
+    assert_eq!(
+        attached(cluster.cgroup_root()).len(),
+        6,
+        "the pins keep capture attached"
+    );
     assert_eq!(sk_lookup_links(app), 1);
 
     let removed = capture::uninstall(cluster.bpffs_dir()).unwrap();
@@ -294,7 +468,11 @@ fn uninstall_detaches_and_unpins_everything() {
     assert!(!cluster.bpffs_dir().exists());
     assert_eq!(attached(cluster.cgroup_root()), []);
     assert_eq!(sk_lookup_links(app), 0);
-    assert_eq!(capture::uninstall(cluster.bpffs_dir()).unwrap(), capture::Uninstalled::default(), "twice is fine");
+    assert_eq!(
+        capture::uninstall(cluster.bpffs_dir()).unwrap(),
+        capture::Uninstalled::default(),
+        "twice is fine"
+    );
 }
 
 #[test]
@@ -309,10 +487,29 @@ fn fail_closed_refuses_captured_connections_with_no_proxy() {
     enroll(&mut capture, server);
 
     let report = client.connect(server.addr(false, 8080), 10);
-    assert!(report.error.as_deref().is_some_and(|e| e.contains("refused")), "outbound without proxy: {report:?}");
-    capture.unenroll(capture.enrolled().unwrap().iter().map(|(c, _)| *c).find(|&c| c == client.netns_cookie()).unwrap()).unwrap();
+    assert!(
+        report
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("refused")),
+        "outbound without proxy: {report:?}"
+    );
+    capture
+        .unenroll(
+            capture
+                .enrolled()
+                .unwrap()
+                .iter()
+                .map(|(c, _)| *c)
+                .find(|&c| c == client.netns_cookie())
+                .unwrap(),
+        )
+        .unwrap();
     let report = client.connect_with(server.addr(false, 8080), 10, &["--timeout-ms", "500"]);
-    assert!(report.error.is_some(), "inbound to an enrolled pod with no 15006 listener got through: {report:?}");
+    assert!(
+        report.error.is_some(),
+        "inbound to an enrolled pod with no 15006 listener got through: {report:?}"
+    );
     assert!(echo.try_next_accepted(QUIET).is_none());
 }
 
@@ -328,26 +525,52 @@ fn fail_open_lets_traffic_go_direct_while_the_proxy_is_not_ready() {
     enroll(&mut capture, server);
 
     // Neither proxy is up: outbound goes direct, and so does inbound.
-    client.connect(server.addr(false, 8080), 10).assert_echoed(10);
-    assert_eq!(echo.next_accepted().peer.ip().to_canonical(), IpAddr::from(client.ipv4));
+    client
+        .connect(server.addr(false, 8080), 10)
+        .assert_echoed(10);
+    assert_eq!(
+        echo.next_accepted().peer.ip().to_canonical(),
+        IpAddr::from(client.ipv4)
+    );
 
     // The client's proxy comes up and says so: captured again.
     let mut proxy = cluster.proxy_listeners("client", &[addr("127.0.0.1:15001")]);
     capture.set_ready(client_cookie, true).unwrap();
-    client.connect(server.addr(false, 8080), 10).assert_echoed(10);
-    assert_eq!(proxy.next_accepted().original_dst, Some(Ok(server.addr(false, 8080))));
+    client
+        .connect(server.addr(false, 8080), 10)
+        .assert_echoed(10);
+    assert_eq!(
+        proxy.next_accepted().original_dst,
+        Some(Ok(server.addr(false, 8080)))
+    );
     assert!(echo.try_next_accepted(QUIET).is_none());
 
     capture.set_ready(client_cookie, false).unwrap();
-    client.connect(server.addr(false, 8080), 10).assert_echoed(10);
-    assert_eq!(echo.next_accepted().peer.ip().to_canonical(), IpAddr::from(client.ipv4));
+    client
+        .connect(server.addr(false, 8080), 10)
+        .assert_echoed(10);
+    assert_eq!(
+        echo.next_accepted().peer.ip().to_canonical(),
+        IpAddr::from(client.ipv4)
+    );
 }
 
 #[test]
 fn capture_on_a_path_that_is_not_bpffs_is_refused_with_the_reason() {
     let cluster = Cluster::new(1);
-    let err = capture::Config::resolve(Some(cluster.cgroup_root().to_owned()), Some("/tmp/not-bpffs".into())).unwrap_err();
-    assert!(err.to_string().contains("is not on a bpf filesystem"), "{err}");
-    let err = capture::Config::resolve(Some("/tmp".into()), Some(cluster.bpffs_dir().to_owned())).unwrap_err();
-    assert!(err.to_string().contains("is not on a cgroup2 filesystem"), "{err}");
+    let err = capture::Config::resolve(
+        Some(cluster.cgroup_root().to_owned()),
+        Some("/tmp/not-bpffs".into()),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("is not on a bpf filesystem"),
+        "{err}"
+    );
+    let err = capture::Config::resolve(Some("/tmp".into()), Some(cluster.bpffs_dir().to_owned()))
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("is not on a cgroup2 filesystem"),
+        "{err}"
+    );
 }

@@ -22,7 +22,7 @@ fn the_demo_walks_through_every_step_and_leaves_nothing_behind() {
             "step {step} missing:\n{stdout}"
         );
     }
-    assert!(stdout.contains("3 connects"), "{stdout}");
+    assert!(stdout.contains("1 outbound"), "{stdout}");
     let id = stdout
         .split(['(', ')'])
         .nth(1)

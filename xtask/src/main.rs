@@ -5,7 +5,8 @@
 //! - `build`: setup, then build the workspace (the agent embeds the eBPF object);
 //! - `test`: setup, preflight checks, fmt, clippy, unit tests, then the root-only end-to-end
 //!   tests, then a check that they left nothing behind;
-//! - `demo`: setup, build, then the walk-through on a simulated cluster.
+//! - `demo`: setup, build, then the walk-through on a simulated cluster;
+//! - `bench`: setup, release build, then the benchmarks on a simulated cluster.
 
 mod preflight;
 mod setup;
@@ -40,6 +41,15 @@ enum Task {
         /// Only run tests whose name contains this filter (lints still run).
         filter: Option<String>,
     },
+    /// Setup, build (release), then run the benchmarks on the simulated cluster.
+    Bench {
+        /// Fewer repetitions: a regression check in well under two minutes.
+        #[arg(long)]
+        quick: bool,
+        /// Also write every figure as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Setup, build, then walk through meshlet on a simulated two-node cluster.
     Demo {
         /// Leave the cluster running at the end and print how to poke at it.
@@ -58,6 +68,7 @@ fn main() -> anyhow::Result<()> {
             build(release)
         }
         Task::Test { filter } => test(filter.as_deref()),
+        Task::Bench { quick, json } => bench(quick, json),
         Task::Demo { keep } => demo(keep),
     }
 }
@@ -133,6 +144,21 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
     }
     println!("no namespaces, cgroups or bpffs pins left behind");
     Ok(())
+}
+
+fn bench(quick: bool, json: Option<PathBuf>) -> anyhow::Result<()> {
+    setup::run()?;
+    preflight::check().context("the benchmarks cannot run on this machine")?;
+    cargo(&["build", "--release", "--workspace", "--bins"])?;
+    let mut bench = Command::new("target/release/meshlet-bench");
+    bench.arg("all");
+    if quick {
+        bench.arg("--quick");
+    }
+    if let Some(json) = json {
+        bench.arg("--json").arg(json);
+    }
+    run(&mut bench)
 }
 
 fn demo(keep: bool) -> anyhow::Result<()> {

@@ -219,15 +219,21 @@ pub struct Config {
 impl Config {
     /// The configuration with every unset path discovered from the mounts of this process,
     /// fail mode `closed` and no exclusions.
-    pub fn resolve(cgroup_root: Option<PathBuf>, bpffs_dir: Option<PathBuf>) -> Result<Self, Error> {
-        let mounts = mounts::mounts().map_err(Error::io("read", Path::new("/proc/self/mountinfo")))?;
+    pub fn resolve(
+        cgroup_root: Option<PathBuf>,
+        bpffs_dir: Option<PathBuf>,
+    ) -> Result<Self, Error> {
+        let mounts =
+            mounts::mounts().map_err(Error::io("read", Path::new("/proc/self/mountinfo")))?;
         let cgroup_root = match cgroup_root {
             Some(root) => root,
             None => mounts::find(&mounts, "cgroup2").ok_or(Error::NoCgroup2)?,
         };
         let bpffs_dir = match bpffs_dir {
             Some(dir) => dir,
-            None => mounts::find(&mounts, "bpf").ok_or(Error::NoBpffs)?.join("meshlet"),
+            None => mounts::find(&mounts, "bpf")
+                .ok_or(Error::NoBpffs)?
+                .join("meshlet"),
         };
         let check = |path: &Path, want: &str| -> Option<String> {
             match mounts::fs_type_of(&mounts, path) {
@@ -236,12 +242,24 @@ impl Config {
             }
         };
         if let Some(fs_type) = check(&cgroup_root, "cgroup2") {
-            return Err(Error::NotCgroup2 { path: cgroup_root, fs_type });
+            return Err(Error::NotCgroup2 {
+                path: cgroup_root,
+                fs_type,
+            });
         }
         if let Some(fs_type) = check(&bpffs_dir, "bpf") {
-            return Err(Error::NotBpffs { path: bpffs_dir, fs_type });
+            return Err(Error::NotBpffs {
+                path: bpffs_dir,
+                fs_type,
+            });
         }
-        Ok(Self { cgroup_root, bpffs_dir, fail_mode: FailMode::default(), excluded_cidrs: Vec::new(), excluded_ports: Vec::new() })
+        Ok(Self {
+            cgroup_root,
+            bpffs_dir,
+            fail_mode: FailMode::default(),
+            excluded_cidrs: Vec::new(),
+            excluded_ports: Vec::new(),
+        })
     }
 }
 
@@ -320,12 +338,20 @@ pub struct Capture {
 
 impl std::fmt::Debug for Capture {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Capture").field("config", &self.config).field("programs", &self.programs).finish_non_exhaustive()
+        f.debug_struct("Capture")
+            .field("config", &self.config)
+            .field("programs", &self.programs)
+            .finish_non_exhaustive()
     }
 }
 
-fn take_map<T: TryFrom<aya::maps::Map, Error = MapError>>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, Error> {
-    let map = ebpf.take_map(name).ok_or(Error::Missing { kind: "map", name })?;
+fn take_map<T: TryFrom<aya::maps::Map, Error = MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<T, Error> {
+    let map = ebpf
+        .take_map(name)
+        .ok_or(Error::Missing { kind: "map", name })?;
     T::try_from(map).map_err(|source| Error::Map { name, source })
 }
 
@@ -338,35 +364,57 @@ impl Capture {
     /// exclusions, and attaches each cgroup program unless an earlier agent's pinned link
     /// already does. Stale pins are removed.
     pub fn install(config: Config) -> Result<Self, Error> {
-        let cgroup = fs::File::open(&config.cgroup_root).map_err(Error::io("open cgroup", &config.cgroup_root))?;
-        let cgroup_id = cgroup.metadata().map_err(Error::io("stat cgroup", &config.cgroup_root))?.ino();
+        let cgroup = fs::File::open(&config.cgroup_root)
+            .map_err(Error::io("open cgroup", &config.cgroup_root))?;
+        let cgroup_id = cgroup
+            .metadata()
+            .map_err(Error::io("stat cgroup", &config.cgroup_root))?
+            .ino();
         let layout = pins::Layout::new(&config.bpffs_dir);
         layout.create(cgroup_id)?;
 
         let mut loader = EbpfLoader::new();
-        let pin_paths: Vec<_> = maps::ALL.iter().map(|&name| (name, layout.map(name))).collect();
+        let pin_paths: Vec<_> = maps::ALL
+            .iter()
+            .map(|&name| (name, layout.map(name)))
+            .collect();
         for (name, path) in &pin_paths {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(Error::Load)?;
 
         let enrolled: HashMap<_, u64, Enrollment> = take_map(&mut ebpf, maps::ENROLLED)?;
-        layout.remove_stale(cgroup_id, CGROUP_PROGRAMS, |cookie| enrolled.get(&cookie, 0).is_ok())?;
+        layout.remove_stale(cgroup_id, CGROUP_PROGRAMS, |cookie| {
+            enrolled.get(&cookie, 0).is_ok()
+        })?;
 
         let mut settings: Array<_, u32> = take_map(&mut ebpf, maps::SETTINGS)?;
         settings
-            .set(SETTING_FAIL_OPEN, u32::from(config.fail_mode == FailMode::Open), 0)
+            .set(
+                SETTING_FAIL_OPEN,
+                u32::from(config.fail_mode == FailMode::Open),
+                0,
+            )
             .map_err(map_err(maps::SETTINGS))?;
         let mut ports: HashMap<_, u16, u8> = take_map(&mut ebpf, maps::EXCLUDED_PORTS)?;
-        replace_all(&mut ports, config.excluded_ports.iter().map(|&port| (port, 1)), maps::EXCLUDED_PORTS)?;
+        replace_all(
+            &mut ports,
+            config.excluded_ports.iter().map(|&port| (port, 1)),
+            maps::EXCLUDED_PORTS,
+        )?;
         let mut cidrs: LpmTrie<_, Ip, u8> = take_map(&mut ebpf, maps::EXCLUDED_CIDRS)?;
-        let stale: Vec<_> = cidrs.keys().collect::<Result<_, _>>().map_err(map_err(maps::EXCLUDED_CIDRS))?;
+        let stale: Vec<_> = cidrs
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(maps::EXCLUDED_CIDRS))?;
         for key in stale {
             cidrs.remove(&key).map_err(map_err(maps::EXCLUDED_CIDRS))?;
         }
         for cidr in &config.excluded_cidrs {
             let prefix = u32::from(cidr.prefix_len()) + if cidr.addr().is_ipv4() { 96 } else { 0 };
-            cidrs.insert(&Key::new(prefix, ip_key(cidr.network())), 1, 0).map_err(map_err(maps::EXCLUDED_CIDRS))?;
+            cidrs
+                .insert(&Key::new(prefix, ip_key(cidr.network())), 1, 0)
+                .map_err(map_err(maps::EXCLUDED_CIDRS))?;
         }
 
         let links_dir = layout.cgroup_links(cgroup_id);
@@ -374,13 +422,27 @@ impl Capture {
         for &name in CGROUP_PROGRAMS {
             let pin = links_dir.join(name);
             let (link, attachment) = if pin.exists() {
-                let link = PinnedLink::from_pin(&pin).map_err(|source| Error::Link { path: pin.clone(), source })?;
+                let link = PinnedLink::from_pin(&pin).map_err(|source| Error::Link {
+                    path: pin.clone(),
+                    source,
+                })?;
                 (FdLink::from(link), Attachment::Adopted)
             } else {
-                (attach_to_cgroup(&mut ebpf, name, &cgroup, &pin)?, Attachment::Attached)
+                (
+                    attach_to_cgroup(&mut ebpf, name, &cgroup, &pin)?,
+                    Attachment::Attached,
+                )
             };
-            let info = link.info().map_err(|source| Error::Link { path: pin.clone(), source })?;
-            debug!(program = name, ?attachment, link_id = info.id(), "capture program attached");
+            let info = link.info().map_err(|source| Error::Link {
+                path: pin.clone(),
+                source,
+            })?;
+            debug!(
+                program = name,
+                ?attachment,
+                link_id = info.id(),
+                "capture program attached"
+            );
             attached.push(AttachedProgram {
                 name,
                 attachment,
@@ -390,7 +452,10 @@ impl Capture {
                 _link: link,
             });
         }
-        let adopted = attached.iter().filter(|p| p.attachment == Attachment::Adopted).count();
+        let adopted = attached
+            .iter()
+            .filter(|p| p.attachment == Attachment::Adopted)
+            .count();
         info!(
             cgroup = %config.cgroup_root.display(),
             attached = attached.len() - adopted,
@@ -400,7 +465,9 @@ impl Capture {
         );
 
         let sk_lookup: &mut SkLookup = program(&mut ebpf, programs::SK_LOOKUP)?;
-        sk_lookup.load().map_err(Error::program(programs::SK_LOOKUP))?;
+        sk_lookup
+            .load()
+            .map_err(Error::program(programs::SK_LOOKUP))?;
 
         Ok(Self {
             listeners: take_map(&mut ebpf, maps::INBOUND_LISTENERS)?,
@@ -429,21 +496,41 @@ impl Capture {
     /// registered ([`Capture::set_inbound_listener`]). Returns the namespace's cookie.
     /// Enrolling an enrolled namespace again keeps its steering program (no second one).
     pub fn enroll(&mut self, netns: &Netns, ips: &[IpAddr]) -> Result<u64, Error> {
-        let cookie = netns.cookie().map_err(Error::io("read netns cookie of", netns.path()))?;
-        let pick = |v4: bool| ips.iter().find(|ip| ip.is_ipv4() == v4).map_or([0; 4], |&ip| ip_key(ip));
+        let cookie = netns
+            .cookie()
+            .map_err(Error::io("read netns cookie of", netns.path()))?;
+        let pick = |v4: bool| {
+            ips.iter()
+                .find(|ip| ip.is_ipv4() == v4)
+                .map_or([0; 4], |&ip| ip_key(ip))
+        };
         let flags = self.enrolled.get(&cookie, 0).map_or(0, |e| e.flags);
-        let enrollment = Enrollment { flags, _pad: 0, ipv4: pick(true), ipv6: pick(false) };
-        self.enrolled.insert(cookie, enrollment, 0).map_err(map_err(maps::ENROLLED))?;
+        let enrollment = Enrollment {
+            flags,
+            _pad: 0,
+            ipv4: pick(true),
+            ipv6: pick(false),
+        };
+        self.enrolled
+            .insert(cookie, enrollment, 0)
+            .map_err(map_err(maps::ENROLLED))?;
 
         let dir = self.layout.netns_links(cookie);
         let pin = dir.join(programs::SK_LOOKUP);
         if !pin.exists() {
             fs::create_dir_all(&dir).map_err(Error::io("create pin directory", &dir))?;
             let program: &mut SkLookup = program(&mut self.ebpf, programs::SK_LOOKUP)?;
-            let id = program.attach(netns.as_fd()).map_err(Error::program(programs::SK_LOOKUP))?;
-            let link = program.take_link(id).map_err(Error::program(programs::SK_LOOKUP))?;
+            let id = program
+                .attach(netns.as_fd())
+                .map_err(Error::program(programs::SK_LOOKUP))?;
+            let link = program
+                .take_link(id)
+                .map_err(Error::program(programs::SK_LOOKUP))?;
             let link = FdLink::from(link);
-            link.pin(&pin).map_err(|source| Error::Pin { path: pin.clone(), source })?;
+            link.pin(&pin).map_err(|source| Error::Pin {
+                path: pin.clone(),
+                source,
+            })?;
         }
         info!(netns = %netns.path().display(), cookie, ?ips, "enrolled");
         Ok(cookie)
@@ -452,16 +539,31 @@ impl Capture {
     /// Registers the pod's inbound plaintext listener (15006) for its address `ip`: sk_lookup
     /// hands it the connections to `ip`. The map holds a reference to the socket, dropped by
     /// the kernel when the listener closes.
-    pub fn set_inbound_listener(&mut self, ip: IpAddr, listener: &impl AsRawFd) -> Result<(), Error> {
-        self.listeners.insert(ip_key(ip), listener.as_raw_fd(), 0).map_err(map_err(maps::INBOUND_LISTENERS))
+    pub fn set_inbound_listener(
+        &mut self,
+        ip: IpAddr,
+        listener: &impl AsRawFd,
+    ) -> Result<(), Error> {
+        self.listeners
+            .insert(ip_key(ip), listener.as_raw_fd(), 0)
+            .map_err(map_err(maps::INBOUND_LISTENERS))
     }
 
     /// Marks the namespace `cookie` ready (its proxy listeners are up) or not. Only fail-open
     /// mode reads this.
     pub fn set_ready(&mut self, cookie: u64, ready: bool) -> Result<(), Error> {
-        let mut enrollment = self.enrolled.get(&cookie, 0).map_err(map_err(maps::ENROLLED))?;
-        enrollment.flags = if ready { enrollment.flags | Enrollment::READY } else { enrollment.flags & !Enrollment::READY };
-        self.enrolled.insert(cookie, enrollment, 0).map_err(map_err(maps::ENROLLED))
+        let mut enrollment = self
+            .enrolled
+            .get(&cookie, 0)
+            .map_err(map_err(maps::ENROLLED))?;
+        enrollment.flags = if ready {
+            enrollment.flags | Enrollment::READY
+        } else {
+            enrollment.flags & !Enrollment::READY
+        };
+        self.enrolled
+            .insert(cookie, enrollment, 0)
+            .map_err(map_err(maps::ENROLLED))
     }
 
     /// Stops capturing the namespace `cookie`: new connections are no longer redirected or
@@ -469,7 +571,9 @@ impl Capture {
     /// is not enrolled is not an error.
     pub fn unenroll(&mut self, cookie: u64) -> Result<(), Error> {
         if let Ok(enrollment) = self.enrolled.get(&cookie, 0) {
-            self.enrolled.remove(&cookie).map_err(map_err(maps::ENROLLED))?;
+            self.enrolled
+                .remove(&cookie)
+                .map_err(map_err(maps::ENROLLED))?;
             for ip in [enrollment.ipv4, enrollment.ipv6] {
                 if ip != [0; 4] {
                     // The entry is gone already if the listener closed.
@@ -487,32 +591,59 @@ impl Capture {
 
     /// The enrolled namespaces: cookie and state.
     pub fn enrolled(&self) -> Result<Vec<(u64, Enrollment)>, Error> {
-        self.enrolled.iter().collect::<Result<_, _>>().map_err(map_err(maps::ENROLLED))
+        self.enrolled
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(maps::ENROLLED))
     }
 
     /// Replaces the node's own addresses: inbound connections from them (kubelet probes) are
     /// never steered.
     pub fn set_node_addresses(&mut self, ips: &[IpAddr]) -> Result<(), Error> {
-        replace_all(&mut self.node_addrs, ips.iter().map(|&ip| (ip_key(ip), 1)), maps::NODE_ADDRS)
+        replace_all(
+            &mut self.node_addrs,
+            ips.iter().map(|&ip| (ip_key(ip), 1)),
+            maps::NODE_ADDRS,
+        )
     }
 
     /// Connections redirected so far, by direction.
     pub fn redirects(&self) -> Result<Redirects, Error> {
         let read = |direction: Direction| -> Result<u64, Error> {
-            let values = self.redirects.get(&(direction as u32), 0).map_err(map_err(maps::REDIRECTS))?;
+            let values = self
+                .redirects
+                .get(&(direction as u32), 0)
+                .map_err(map_err(maps::REDIRECTS))?;
             Ok(values.iter().sum())
         };
-        Ok(Redirects { outbound: read(Direction::Outbound)?, inbound: read(Direction::Inbound)? })
+        Ok(Redirects {
+            outbound: read(Direction::Outbound)?,
+            inbound: read(Direction::Inbound)?,
+        })
     }
 }
 
 /// Loads `name`, attaches it to `cgroup` with a bpf link (Linux >= 5.7) and pins the link.
-fn attach_to_cgroup(ebpf: &mut Ebpf, name: &'static str, cgroup: &fs::File, pin: &Path) -> Result<FdLink, Error> {
+fn attach_to_cgroup(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    cgroup: &fs::File,
+    pin: &Path,
+) -> Result<FdLink, Error> {
     let err = Error::program;
     let mode = CgroupAttachMode::Single; // bpf links on cgroups always allow multiple programs
-    let link_err = |source: LinkError| Error::Link { path: pin.to_owned(), source };
-    let pin_err = |source| Error::Pin { path: pin.to_owned(), source };
-    let program = ebpf.program_mut(name).ok_or(Error::Missing { kind: "program", name })?;
+    let link_err = |source: LinkError| Error::Link {
+        path: pin.to_owned(),
+        source,
+    };
+    let pin_err = |source| Error::Pin {
+        path: pin.to_owned(),
+        source,
+    };
+    let program = ebpf.program_mut(name).ok_or(Error::Missing {
+        kind: "program",
+        name,
+    })?;
     let link = match program {
         Program::CgroupSockAddr(p) => {
             p.load().map_err(err(name))?;
@@ -528,12 +659,28 @@ fn attach_to_cgroup(ebpf: &mut Ebpf, name: &'static str, cgroup: &fs::File, pin:
             // aya 0.14 cannot make this link an FdLink: create and pin it ourselves.
             p.load().map_err(err(name))?;
             let program_fd = p.fd().map_err(err(name))?;
-            let link = crate::sys::bpf::link_create(program_fd.as_fd(), cgroup.as_fd(), crate::sys::bpf::BPF_CGROUP_GETSOCKOPT)
-                .map_err(|io_error| err(name)(ProgramError::SyscallError(aya::sys::SyscallError { call: "bpf_link_create", io_error })))?;
+            let link = crate::sys::bpf::link_create(
+                program_fd.as_fd(),
+                cgroup.as_fd(),
+                crate::sys::bpf::BPF_CGROUP_GETSOCKOPT,
+            )
+            .map_err(|io_error| {
+                err(name)(ProgramError::SyscallError(aya::sys::SyscallError {
+                    call: "bpf_link_create",
+                    io_error,
+                }))
+            })?;
             crate::sys::bpf::obj_pin(link.as_fd(), pin).map_err(Error::io("pin link", pin))?;
-            return PinnedLink::from_pin(pin).map(FdLink::from).map_err(link_err);
+            return PinnedLink::from_pin(pin)
+                .map(FdLink::from)
+                .map_err(link_err);
         }
-        _ => return Err(Error::Missing { kind: "cgroup program", name }),
+        _ => {
+            return Err(Error::Missing {
+                kind: "cgroup program",
+                name,
+            });
+        }
     };
     Ok(link.pin(pin).map_err(pin_err)?.into())
 }
@@ -542,7 +689,10 @@ fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, E
 where
     &'a mut T: TryFrom<&'a mut Program, Error = ProgramError>,
 {
-    let program = ebpf.program_mut(name).ok_or(Error::Missing { kind: "program", name })?;
+    let program = ebpf.program_mut(name).ok_or(Error::Missing {
+        kind: "program",
+        name,
+    })?;
     program.try_into().map_err(Error::program(name))
 }
 
@@ -553,8 +703,14 @@ fn replace_all<K: aya::Pod + PartialEq, V: aya::Pod>(
     name: &'static str,
 ) -> Result<(), Error> {
     let entries: Vec<_> = entries.collect();
-    let stale: Vec<K> = map.keys().collect::<Result<_, _>>().map_err(map_err(name))?;
-    for key in stale.iter().filter(|key| !entries.iter().any(|(k, _)| k == *key)) {
+    let stale: Vec<K> = map
+        .keys()
+        .collect::<Result<_, _>>()
+        .map_err(map_err(name))?;
+    for key in stale
+        .iter()
+        .filter(|key| !entries.iter().any(|(k, _)| k == *key))
+    {
         map.remove(key).map_err(map_err(name))?;
     }
     for (key, value) in entries {
@@ -569,7 +725,13 @@ mod tests {
 
     #[test]
     fn ip_keys_round_trip_and_map_ipv4() {
-        for text in ["10.244.1.11", "127.0.0.1", "fd00:10:244:1::b", "::1", "::ffff:10.0.0.1"] {
+        for text in [
+            "10.244.1.11",
+            "127.0.0.1",
+            "fd00:10:244:1::b",
+            "::1",
+            "::ffff:10.0.0.1",
+        ] {
             let ip: IpAddr = text.parse().unwrap();
             let back = ip_of_key(&ip_key(ip));
             let expected = match ip {
@@ -581,6 +743,8 @@ mod tests {
         let key = ip_key("10.244.1.11".parse().unwrap());
         assert!(meshlet_common::is_v4_mapped(&key));
         assert_eq!(key[3], u32::from_ne_bytes([10, 244, 1, 11]));
-        assert!(!meshlet_common::is_v4_mapped(&ip_key("fd00::1".parse().unwrap())));
+        assert!(!meshlet_common::is_v4_mapped(&ip_key(
+            "fd00::1".parse().unwrap()
+        )));
     }
 }

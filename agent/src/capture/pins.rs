@@ -27,7 +27,9 @@ pub struct Layout {
 impl Layout {
     /// The layout under `root`.
     pub fn new(root: &Path) -> Self {
-        Self { root: root.to_owned() }
+        Self {
+            root: root.to_owned(),
+        }
     }
 
     /// Where map `name` is pinned.
@@ -59,13 +61,25 @@ impl Layout {
 
     /// Unpins links for other cgroup roots, links of cgroup programs not in `programs`, and
     /// per-netns links of namespaces for which `enrolled` says no.
-    pub fn remove_stale(&self, cgroup_id: u64, programs: &[&str], enrolled: impl Fn(u64) -> bool) -> Result<(), Error> {
+    pub fn remove_stale(
+        &self,
+        cgroup_id: u64,
+        programs: &[&str],
+        enrolled: impl Fn(u64) -> bool,
+    ) -> Result<(), Error> {
         let current = self.cgroup_links(cgroup_id);
         for entry in read_dir(&self.links())? {
-            let name = entry.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+            let name = entry
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+                .to_owned();
             let stale = if entry == current {
                 for link in read_dir(&entry)? {
-                    let known = link.file_name().and_then(|n| n.to_str()).is_some_and(|n| programs.contains(&n));
+                    let known = link
+                        .file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| programs.contains(&n));
                     if !known {
                         info!(pin = %link.display(), "unpinning a program this build does not ship");
                         fs::remove_file(&link).map_err(Error::io("unpin", &link))?;
@@ -88,7 +102,9 @@ impl Layout {
 
 fn read_dir(dir: &Path) -> Result<Vec<PathBuf>, Error> {
     match fs::read_dir(dir) {
-        Ok(entries) => entries.map(|e| e.map(|e| e.path()).map_err(Error::io("list", dir))).collect(),
+        Ok(entries) => entries
+            .map(|e| e.map(|e| e.path()).map_err(Error::io("list", dir)))
+            .collect(),
         Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
         Err(err) => Err(Error::io("list", dir)(err)),
     }
@@ -119,9 +135,17 @@ pub fn uninstall(bpffs_dir: &Path) -> Result<Uninstalled, Error> {
 }
 
 fn count_files(dir: &Path) -> usize {
-    let Ok(entries) = fs::read_dir(dir) else { return 0 };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
     entries
         .flatten()
-        .map(|entry| if entry.path().is_dir() { count_files(&entry.path()) } else { 1 })
+        .map(|entry| {
+            if entry.path().is_dir() {
+                count_files(&entry.path())
+            } else {
+                1
+            }
+        })
         .sum()
 }

@@ -7,8 +7,10 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use tracing::info;
 
+use ipnet::IpNet;
+
 use crate::{
-    capture,
+    capture::{self, FailMode},
     telemetry::{self, LogFormat},
 };
 
@@ -39,6 +41,24 @@ pub struct AgentArgs {
     /// bpffs directory for meshlet's pins [default: <bpffs mount>/meshlet].
     #[arg(long, env = "MESHLET_BPFFS_DIR")]
     pub bpffs_dir: Option<PathBuf>,
+    /// What happens to captured traffic of a pod whose proxy is not there: `closed` refuses
+    /// it, `open` lets it go direct.
+    #[arg(long, env = "MESHLET_FAIL_MODE", value_enum, default_value_t)]
+    pub fail_mode: FailMode,
+    /// Destination CIDR never captured (repeat, or comma-separate in the environment).
+    #[arg(
+        long = "exclude-cidr",
+        env = "MESHLET_EXCLUDE_CIDRS",
+        value_delimiter = ','
+    )]
+    pub exclude_cidrs: Vec<IpNet>,
+    /// Port never captured, as destination (outbound) or local port (inbound).
+    #[arg(
+        long = "exclude-port",
+        env = "MESHLET_EXCLUDE_PORTS",
+        value_delimiter = ','
+    )]
+    pub exclude_ports: Vec<u16>,
     /// Log line format.
     #[arg(long, env = "MESHLET_LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: LogFormat,
@@ -70,7 +90,10 @@ pub fn run() -> anyhow::Result<()> {
 
 fn agent(args: AgentArgs) -> anyhow::Result<()> {
     telemetry::init(args.log_format);
-    let config = capture::Config::resolve(args.cgroup_root, args.bpffs_dir)?;
+    let mut config = capture::Config::resolve(args.cgroup_root, args.bpffs_dir)?;
+    config.fail_mode = args.fail_mode;
+    config.excluded_cidrs = args.exclude_cidrs;
+    config.excluded_ports = args.exclude_ports;
     info!(config = %serde_json::to_string(&config)?, version = env!("CARGO_PKG_VERSION"), "starting meshlet agent");
     let capture = capture::Capture::install(config)?;
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -42,11 +42,19 @@ fn bpf(cmd: libc::c_long, attr: &mut BpfAttr) -> io::Result<libc::c_long> {
     // for some commands writes) at most that many bytes, and any pointer inside it (a pin path)
     // outlives the call.
     let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.0.as_mut_ptr(), attr.0.len() as u32) };
-    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
 }
 
 /// `BPF_LINK_CREATE`: attaches `program` to the cgroup `cgroup` as a bpf link (Linux >= 5.7).
-pub fn link_create(program: BorrowedFd<'_>, cgroup: BorrowedFd<'_>, attach_type: u32) -> io::Result<OwnedFd> {
+pub fn link_create(
+    program: BorrowedFd<'_>,
+    cgroup: BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<OwnedFd> {
     let mut attr = BpfAttr::new();
     attr.put_u32(0, program.as_raw_fd() as u32); // link_create.prog_fd
     attr.put_u32(4, cgroup.as_raw_fd() as u32); // link_create.target_fd

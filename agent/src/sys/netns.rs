@@ -130,21 +130,6 @@ pub fn socket_netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cookie_of_current_namespace_is_stable_and_nonzero() {
-        let netns = Netns::current().unwrap();
-        let first = netns.cookie().unwrap();
-        assert_ne!(first, 0);
-        assert_eq!(first, netns.cookie().unwrap());
-        let socket = std::net::UdpSocket::bind(("127.0.0.1", 0)).unwrap();
-        assert_eq!(first, socket_netns_cookie(socket.as_fd()).unwrap());
-    }
-}
-
 /// The IP addresses configured on the interfaces of the calling thread's network namespace
 /// (`getifaddrs(3)`): on a node, its own addresses, whose connections to pods (kubelet probes)
 /// capture leaves alone.
@@ -165,7 +150,9 @@ pub fn local_addresses() -> io::Result<Vec<std::net::IpAddr>> {
                 match i32::from((*addr).sa_family) {
                     libc::AF_INET => {
                         let v4 = &*(addr as *const libc::sockaddr_in);
-                        addresses.push(std::net::Ipv4Addr::from(u32::from_be(v4.sin_addr.s_addr)).into());
+                        addresses.push(
+                            std::net::Ipv4Addr::from(u32::from_be(v4.sin_addr.s_addr)).into(),
+                        );
                     }
                     libc::AF_INET6 => {
                         let v6 = &*(addr as *const libc::sockaddr_in6);
@@ -182,4 +169,28 @@ pub fn local_addresses() -> io::Result<Vec<std::net::IpAddr>> {
     addresses.sort();
     addresses.dedup();
     Ok(addresses)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_addresses_include_loopback() {
+        let addresses = local_addresses().unwrap();
+        assert!(
+            addresses.contains(&std::net::Ipv4Addr::LOCALHOST.into()),
+            "{addresses:?}"
+        );
+    }
+
+    #[test]
+    fn cookie_of_current_namespace_is_stable_and_nonzero() {
+        let netns = Netns::current().unwrap();
+        let first = netns.cookie().unwrap();
+        assert_ne!(first, 0);
+        assert_eq!(first, netns.cookie().unwrap());
+        let socket = std::net::UdpSocket::bind(("127.0.0.1", 0)).unwrap();
+        assert_eq!(first, socket_netns_cookie(socket.as_fd()).unwrap());
+    }
 }

@@ -22,12 +22,16 @@ pub fn listen_in(netns: &Netns, addr: SocketAddr) -> io::Result<TcpListener> {
 /// [`listen_in`] for the calling thread's namespace.
 pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_mark(MESH_MARK).map_err(|err| context(err, "set SO_MARK (needs CAP_NET_ADMIN)"))?;
+    socket
+        .set_mark(MESH_MARK)
+        .map_err(|err| context(err, "set SO_MARK (needs CAP_NET_ADMIN)"))?;
     socket.set_reuse_address(true)?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
-    socket.bind(&addr.into()).map_err(|err| context(err, &format!("bind {addr}")))?;
+    socket
+        .bind(&addr.into())
+        .map_err(|err| context(err, &format!("bind {addr}")))?;
     socket.listen(1024)?;
     socket.set_nonblocking(true)?;
     Ok(socket.into())
@@ -39,7 +43,9 @@ pub fn marked_socket_in(netns: &Netns, ipv6: bool) -> io::Result<Socket> {
     netns.run(|| {
         let domain = if ipv6 { Domain::IPV6 } else { Domain::IPV4 };
         let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
-        socket.set_mark(MESH_MARK).map_err(|err| context(err, "set SO_MARK (needs CAP_NET_ADMIN)"))?;
+        socket
+            .set_mark(MESH_MARK)
+            .map_err(|err| context(err, "set SO_MARK (needs CAP_NET_ADMIN)"))?;
         Ok(socket)
     })?
 }
@@ -49,7 +55,10 @@ pub fn marked_socket_in(netns: &Netns, ipv6: bool) -> io::Result<Socket> {
 /// socket. Answered by meshlet's `cgroup/getsockopt` program, or by conntrack when the
 /// connection was captured by iptables: the proxy does not care which.
 pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
-    original_dst_fd(std::os::fd::AsFd::as_fd(stream), stream.local_addr()?.is_ipv6())
+    original_dst_fd(
+        std::os::fd::AsFd::as_fd(stream),
+        stream.local_addr()?.is_ipv6(),
+    )
 }
 
 /// [`original_dst`] on a raw descriptor of a socket of the given family.
@@ -68,7 +77,10 @@ pub fn original_dst_fd(fd: BorrowedFd<'_>, ipv6: bool) -> io::Result<SocketAddr>
         let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
         getsockopt(fd, libc::SOL_IP, &mut addr)?;
         let ip = Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr));
-        Ok(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(addr.sin_port))))
+        Ok(SocketAddr::V4(SocketAddrV4::new(
+            ip,
+            u16::from_be(addr.sin_port),
+        )))
     }
 }
 
@@ -76,13 +88,26 @@ fn getsockopt<T>(fd: BorrowedFd<'_>, level: libc::c_int, value: &mut T) -> io::R
     let mut len = size_of::<T>() as libc::socklen_t;
     // SAFETY: `value` is valid for writes of `len` bytes and outlives the call; the kernel
     // writes at most `len` bytes and updates `len`.
-    let rc = unsafe { libc::getsockopt(fd.as_raw_fd(), level, SO_ORIGINAL_DST, (value as *mut T).cast(), &raw mut len) };
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            SO_ORIGINAL_DST,
+            (value as *mut T).cast(),
+            &raw mut len,
+        )
+    };
     if rc != 0 {
         let err = io::Error::last_os_error();
-        return Err(context(err, "getsockopt(SO_ORIGINAL_DST): the connection was not captured"));
+        return Err(context(
+            err,
+            "getsockopt(SO_ORIGINAL_DST): the connection was not captured",
+        ));
     }
     if len as usize != size_of::<T>() {
-        return Err(io::Error::other(format!("getsockopt(SO_ORIGINAL_DST) returned {len} bytes")));
+        return Err(io::Error::other(format!(
+            "getsockopt(SO_ORIGINAL_DST) returned {len} bytes"
+        )));
     }
     Ok(())
 }

@@ -2,13 +2,13 @@
 //! network namespaces, step by step. Every claim it prints is checked; it exits non-zero the
 //! moment one does not hold, and removes everything it made on exit, on failure and on Ctrl-C.
 //!
-//! This is the foundation-stage demo: the real agent attaches the real connect4 program to the
-//! cluster's cgroup root, the kernel counts the pods' connects, the attachment survives an agent
-//! restart, and `meshlet uninstall` removes it. Redirection, mTLS and policy are not built yet,
-//! and the demo does not pretend they are.
+//! This is the capture-stage demo: the real agent attaches the real eBPF programs to the
+//! cluster's cgroup root; an enrolled pod's connections land on its in-pod listener with their
+//! original destination; capture survives an agent restart; `meshlet uninstall` removes it.
+//! The tunnel (mTLS), workload discovery and policy are not built yet, and the demo does not
+//! pretend they are: a stand-in listens where the proxy will.
 
 use std::{
-    collections::HashMap,
     path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -16,6 +16,7 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 use clap::Parser;
+use meshlet::capture::{self, Capture, FailMode};
 use meshlet_tests::{Cluster, process::meshlet_binary, teardown};
 
 /// Walk through meshlet on a simulated two-node cluster.
@@ -52,23 +53,18 @@ fn walk_through(cluster: &mut Cluster, keep: bool) -> anyhow::Result<()> {
     );
     cluster.add_pod("client", 0);
     cluster.add_pod("server", 1);
-    cluster.add_pod_outside_root("outsider", 0);
-    for name in ["client", "server", "outsider"] {
+    cluster.add_pod("bystander", 0);
+    for name in ["client", "server", "bystander"] {
         let pod = cluster.pod(name);
-        let cgroup = pod
-            .cgroup
-            .strip_prefix(cluster.cgroup_root())
-            .map(|p| format!("<root>/{}", p.display()));
         println!(
-            "      {:<9} node-{}  {:<12} {:<22} cgroup {}",
+            "      {:<10} node-{}  {:<12} {}",
             pod.name,
             pod.node,
             pod.ipv4.to_string(),
-            pod.ipv6.to_string(),
-            cgroup.unwrap_or_else(|_| "outside the cgroup root".into())
+            pod.ipv6
         );
     }
-    let _echo = cluster.pod("server").echo_server(8080);
+    let mut echo = cluster.pod("server").echo_server(8080);
     println!("      the server pod runs a TCP echo server on port 8080");
 
     step(
@@ -78,78 +74,118 @@ fn walk_through(cluster: &mut Cluster, keep: bool) -> anyhow::Result<()> {
     let log = std::env::temp_dir().join(format!("{}-agent.log", cluster.id()));
     let _ = std::fs::remove_file(&log);
     let mut agent = start_agent(cluster, &log)?;
-    let programs = wait_attached(cluster.cgroup_root(), 1)?;
-    show_log(&log, "capture program attached", 0)?;
+    let programs = wait_attached(cluster.cgroup_root(), 6)?;
+    show_log(&log, "capture installed", 0)?;
     println!("      the kernel's own list (bpftool cgroup show <root>):");
     for (id, attach_type, name) in &programs {
-        println!("        prog id {id:<6} {attach_type:<22} {name}");
+        println!("        prog id {id:<6} {attach_type:<26} {name}");
     }
 
     step(
         3,
-        "traffic: client -> server 3 connections, outsider -> server 2 connections",
+        "enroll the client pod (the capture API the agent's enrollment will drive)",
     );
-    let server = cluster.pod("server").addr(false, 8080);
-    for _ in 0..3 {
-        cluster
-            .pod("client")
-            .connect(server, 1024)
-            .assert_echoed(1024);
-    }
-    for _ in 0..2 {
-        cluster
-            .pod("outsider")
-            .connect(server, 1024)
-            .assert_echoed(1024);
-    }
-    println!("      every connection echoed its 1024 bytes");
+    // The agent learns which pods to enroll from the Kubernetes API once the workloads work
+    // lands; until then the demo drives the same capture module the agent uses.
+    let mut config = capture::Config::resolve(
+        Some(cluster.cgroup_root().to_owned()),
+        Some(cluster.bpffs_dir().to_owned()),
+    )?;
+    config.fail_mode = FailMode::Closed;
+    let mut capture = Capture::install(config)?;
+    let client = cluster.pod("client");
+    let mut proxy = cluster.proxy_listeners(
+        "client",
+        &["127.0.0.1:15001".parse()?, "[::1]:15001".parse()?],
+    );
+    let cookie = capture.enroll(
+        &client.netns.open(),
+        &[client.ipv4.into(), client.ipv6.into()],
+    )?;
+    println!(
+        "      client netns cookie {cookie} enrolled; a stand-in for the proxy listens on its 127.0.0.1:15001"
+    );
 
     step(
         4,
-        "what the eBPF program saw (bpftool map dump of the pinned CONNECTS map)",
+        "traffic: client -> server:8080 is captured; bystander -> server:8080 is not",
     );
-    let counts = pinned_counts(&cluster.bpffs_dir().join("maps/CONNECTS"))?;
-    let client_cookie = cluster.pod("client").netns_cookie();
-    let outsider_cookie = cluster.pod("outsider").netns_cookie();
-    let client_count = counts.get(&client_cookie).copied().unwrap_or(0);
-    println!("      client   netns cookie {client_cookie:<6} {client_count} connects");
+    let server = cluster.pod("server").addr(false, 8080);
+    let report = client.connect(server, 1024);
+    ensure!(
+        report.error.is_none() && report.echoed == 1024,
+        "client connection failed: {report:?}"
+    );
+    let accepted = proxy.next_accepted();
     println!(
-        "      outsider netns cookie {outsider_cookie:<6} {} connects",
-        counts.get(&outsider_cookie).copied().unwrap_or(0)
+        "      client connect({server}) was accepted by {} in the client pod",
+        accepted.local
+    );
+    let shown = |addr: Option<Result<std::net::SocketAddr, String>>| match addr {
+        Some(Ok(addr)) => addr.to_string(),
+        other => format!("{other:?}"),
+    };
+    println!(
+        "      SO_ORIGINAL_DST on the accepted socket: {}",
+        shown(accepted.original_dst.clone())
+    );
+    println!(
+        "      the client's getpeername(): {}",
+        shown(report.peer.map(Ok))
     );
     ensure!(
-        client_count == 3,
-        "expected 3 connects from the client, the kernel counted {client_count}"
+        accepted.original_dst == Some(Ok(server)),
+        "SO_ORIGINAL_DST did not give the original destination"
     );
     ensure!(
-        !counts.contains_key(&outsider_cookie),
-        "the pod outside the cgroup root was counted"
+        report.peer == Some(server),
+        "getpeername did not give the original destination"
     );
-    println!("      checked: the pod under the cgroup root is seen, the one outside is not");
+    cluster
+        .pod("bystander")
+        .connect(server, 1024)
+        .assert_echoed(1024);
+    let direct = echo.next_accepted();
+    println!(
+        "      the server saw the bystander directly, from {}",
+        direct.peer
+    );
+    ensure!(
+        echo.try_next_accepted(Duration::from_millis(200)).is_none(),
+        "a captured connection reached the server"
+    );
+    let redirects = capture.redirects()?;
+    println!(
+        "      eBPF counters: {} outbound, {} inbound redirects",
+        redirects.outbound, redirects.inbound
+    );
+    ensure!(
+        redirects.outbound == 1,
+        "expected 1 outbound redirect, the kernel counted {}",
+        redirects.outbound
+    );
+    drop(capture);
 
     step(
         5,
         "restart the agent: capture stays attached through its pins, and is adopted",
     );
     stop(&mut agent)?;
-    let after_stop = wait_attached(cluster.cgroup_root(), 1)?;
+    client.connect(server, 10).assert_echoed(10);
     ensure!(
-        after_stop == programs,
-        "the attachment changed while no agent ran"
+        proxy.next_accepted().original_dst == Some(Ok(server)),
+        "capture stopped with the agent"
     );
-    println!(
-        "      agent stopped: program {} still attached",
-        programs[0].0
-    );
+    println!("      agent stopped: a new client connection is still captured");
     let mut agent = start_agent(cluster, &log)?;
-    wait_for_log(&log, "attachment=Adopted")?;
-    show_log(&log, "capture program attached", 1)?;
-    let after_restart = wait_attached(cluster.cgroup_root(), 1)?;
+    wait_for_log(&log, "adopted=6")?;
+    show_log(&log, "capture installed", 1)?;
+    let after_restart = wait_attached(cluster.cgroup_root(), 6)?;
     ensure!(
         after_restart == programs,
         "the restarted agent attached again instead of adopting"
     );
-    println!("      agent restarted: the same single attachment, no duplicate");
+    println!("      agent restarted: the same six attachments, no duplicates");
 
     if keep {
         println!("\nleft running (--keep):");
@@ -171,6 +207,8 @@ fn walk_through(cluster: &mut Cluster, keep: bool) -> anyhow::Result<()> {
             cluster.id()
         );
         std::mem::forget(agent);
+        std::mem::forget(proxy);
+        std::mem::forget(echo);
         return Ok(());
     }
 
@@ -194,7 +232,14 @@ fn walk_through(cluster: &mut Cluster, keep: bool) -> anyhow::Result<()> {
         wait_attached(cluster.cgroup_root(), 0)?.is_empty(),
         "programs still attached after uninstall"
     );
-    println!("      checked: nothing attached, no pins left; removing the cluster");
+    client.connect(server, 10).assert_echoed(10);
+    ensure!(
+        echo.next_accepted().peer.ip().to_canonical() == std::net::IpAddr::from(client.ipv4),
+        "still captured"
+    );
+    println!(
+        "      checked: nothing attached, the client reaches the server directly again; removing the cluster"
+    );
     let _ = std::fs::remove_file(&log);
     Ok(())
 }
@@ -298,42 +343,6 @@ fn wait_attached(cgroup: &Path, want: usize) -> anyhow::Result<Vec<(u64, String,
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// Reads a pinned `PerCpuHashMap<u64, u64>` with bpftool and sums each key over CPUs.
-fn pinned_counts(pin: &Path) -> anyhow::Result<HashMap<u64, u64>> {
-    let out = Command::new("bpftool")
-        .args(["-j", "map", "dump", "pinned"])
-        .arg(pin)
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "bpftool map dump: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let entries: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)?;
-    let mut counts = HashMap::new();
-    for entry in entries {
-        let key = le_u64(&entry["key"])?;
-        let values = entry["values"].as_array().context("per-CPU values")?;
-        let total = values
-            .iter()
-            .map(|v| le_u64(&v["value"]))
-            .sum::<anyhow::Result<u64>>()?;
-        counts.insert(key, total);
-    }
-    Ok(counts)
-}
-
-/// bpftool prints raw keys and values as arrays of "0x.." bytes.
-fn le_u64(bytes: &serde_json::Value) -> anyhow::Result<u64> {
-    let bytes = bytes.as_array().context("byte array")?;
-    let mut value = [0u8; 8];
-    for (slot, byte) in value.iter_mut().zip(bytes) {
-        let text = byte.as_str().context("byte")?;
-        *slot = u8::from_str_radix(text.trim_start_matches("0x"), 16)?;
-    }
-    Ok(u64::from_le_bytes(value))
 }
 
 /// On Ctrl-C, remove everything the cluster made (its agent dies with its cgroup) and exit.

@@ -49,20 +49,57 @@ enum Mode {
         #[arg(long, default_value_t = 0)]
         delay_ms: u64,
     },
+    /// Times `count` connects (connect, then close) to `to`; prints the latencies in
+    /// nanoseconds as one JSON array.
+    ConnectBench {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        count: usize,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Mode::Echo { port } => serve(vec![TcpListener::bind((Ipv6Addr::UNSPECIFIED, port))?], false),
+        Mode::Echo { port } => serve(
+            vec![TcpListener::bind((Ipv6Addr::UNSPECIFIED, port))?],
+            false,
+        ),
         Mode::Proxy { listen } => {
-            let listeners = listen.into_iter().map(socket::listen).collect::<Result<Vec<_>, _>>()?;
+            let listeners = listen
+                .into_iter()
+                .map(socket::listen)
+                .collect::<Result<Vec<_>, _>>()?;
             for listener in &listeners {
                 listener.set_nonblocking(false)?;
             }
             serve(listeners, true)
         }
-        Mode::Connect { to, send, mark, timeout_ms, delay_ms } => {
-            let report = connect(to, send, mark, Duration::from_millis(timeout_ms), Duration::from_millis(delay_ms));
+        Mode::ConnectBench { to, count } => {
+            let mut latencies = Vec::with_capacity(count);
+            for _ in 0..count {
+                let start = std::time::Instant::now();
+                let stream = TcpStream::connect(to)?;
+                latencies.push(start.elapsed().as_nanos() as u64);
+                drop(stream);
+            }
+            println!("{}", serde_json::to_string(&latencies)?);
+            Ok(())
+        }
+        Mode::Connect {
+            to,
+            send,
+            mark,
+            timeout_ms,
+            delay_ms,
+        } => {
+            let report = connect(
+                to,
+                send,
+                mark,
+                Duration::from_millis(timeout_ms),
+                Duration::from_millis(delay_ms),
+            );
             println!("{}", serde_json::to_string(&report)?);
             Ok(())
         }
@@ -78,7 +115,8 @@ fn serve(listeners: Vec<TcpListener>, report_original: bool) -> anyhow::Result<(
             std::thread::spawn(move || {
                 for stream in listener.incoming() {
                     let Ok(stream) = stream else { continue };
-                    let original_dst = report_original.then(|| socket::original_dst(&stream).map_err(|e| e.to_string()));
+                    let original_dst = report_original
+                        .then(|| socket::original_dst(&stream).map_err(|e| e.to_string()));
                     let accepted = Accepted {
                         local: stream.local_addr().expect("local addr"),
                         peer: stream.peer_addr().expect("peer addr"),
@@ -106,8 +144,19 @@ fn echo(mut stream: TcpStream) {
     let _ = stream.shutdown(Shutdown::Write);
 }
 
-fn connect(to: SocketAddr, send: usize, mark: bool, timeout: Duration, delay: Duration) -> ConnectReport {
-    let mut report = ConnectReport { local: None, peer: None, echoed: 0, error: None };
+fn connect(
+    to: SocketAddr,
+    send: usize,
+    mark: bool,
+    timeout: Duration,
+    delay: Duration,
+) -> ConnectReport {
+    let mut report = ConnectReport {
+        local: None,
+        peer: None,
+        echoed: 0,
+        error: None,
+    };
     if let Err(err) = exchange(to, send, mark, timeout, delay, &mut report) {
         report.error = Some(err.to_string());
     }
@@ -138,6 +187,10 @@ fn exchange(
     stream.shutdown(Shutdown::Write)?;
     let mut echoed = Vec::with_capacity(send);
     stream.read_to_end(&mut echoed)?;
-    report.echoed = echoed.iter().zip(&payload).take_while(|(a, b)| a == b).count();
+    report.echoed = echoed
+        .iter()
+        .zip(&payload)
+        .take_while(|(a, b)| a == b)
+        .count();
     Ok(())
 }

@@ -1,0 +1,272 @@
+//! `meshlet-bench` (run by `cargo xtask bench`): performance scenarios on the simulated
+//! cluster, each measured side by side with its baseline in the same run, repeated and
+//! interleaved so ratios hold on a noisy machine.
+//!
+//! Scenarios so far (capture):
+//! - `enroll`: time to enroll and unenroll one pod's network namespace as the number of
+//!   enrolled namespaces grows to `--namespaces`;
+//! - `connect`: connect latency from a pod, three ways, interleaved: to the in-pod listener
+//!   directly (loopback, not captured), to a remote pod redirected by eBPF to that same listener
+//!   (the difference is what redirection costs), and to the remote pod directly (context).
+
+use std::{net::SocketAddr, time::Instant};
+
+use anyhow::{Context as _, ensure};
+use clap::{Parser, Subcommand};
+use meshlet::capture::{self, Capture};
+use meshlet_tests::{Cluster, process};
+use serde::Serialize;
+
+#[derive(Debug, Parser)]
+struct Args {
+    #[command(subcommand)]
+    scenario: Scenario,
+    /// Fewer repetitions, for a quick regression check.
+    #[arg(long, global = true)]
+    quick: bool,
+    /// Also write the figures as JSON to this file.
+    #[arg(long, global = true)]
+    json: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Scenario {
+    /// Every scenario.
+    All {
+        /// Namespaces to enroll in the enroll scenario.
+        #[arg(long, default_value_t = 1000)]
+        namespaces: usize,
+    },
+    /// Enroll and unenroll time against the number of enrolled namespaces.
+    Enroll {
+        #[arg(long, default_value_t = 1000)]
+        namespaces: usize,
+    },
+    /// Connect latency: redirected versus not.
+    Connect,
+}
+
+/// Latency summary in microseconds.
+#[derive(Debug, Serialize)]
+struct Summary {
+    samples: usize,
+    p50_us: f64,
+    p90_us: f64,
+    p99_us: f64,
+    max_us: f64,
+}
+
+impl Summary {
+    fn of(mut nanos: Vec<u64>) -> Self {
+        nanos.sort_unstable();
+        let at = |q: f64| nanos[((nanos.len() - 1) as f64 * q).round() as usize] as f64 / 1000.0;
+        Self {
+            samples: nanos.len(),
+            p50_us: at(0.5),
+            p90_us: at(0.9),
+            p99_us: at(0.99),
+            max_us: at(1.0),
+        }
+    }
+
+    fn row(&self, name: &str) {
+        println!(
+            "  {name:<44} {:>7} {:>9.1} {:>9.1} {:>9.1} {:>9.1}",
+            self.samples, self.p50_us, self.p90_us, self.p99_us, self.max_us
+        );
+    }
+}
+
+fn header(title: &str) {
+    println!("\n{title}");
+    println!(
+        "  {:<44} {:>7} {:>9} {:>9} {:>9} {:>9}",
+        "", "samples", "p50 µs", "p90 µs", "p99 µs", "max µs"
+    );
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    meshlet_tests::require_root();
+    let mut report = serde_json::Map::new();
+    report.insert(
+        "kernel".into(),
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")?
+            .trim()
+            .into(),
+    );
+    report.insert(
+        "cores".into(),
+        std::thread::available_parallelism()?.get().into(),
+    );
+    match args.scenario {
+        Scenario::All { namespaces } => {
+            report.insert("enroll".into(), enroll(namespaces, args.quick)?);
+            report.insert("connect".into(), connect(args.quick)?);
+        }
+        Scenario::Enroll { namespaces } => {
+            report.insert("enroll".into(), enroll(namespaces, args.quick)?);
+        }
+        Scenario::Connect => {
+            report.insert("connect".into(), connect(args.quick)?);
+        }
+    }
+    if let Some(path) = args.json {
+        std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("write {}", path.display()))?;
+        println!("\nfigures written to {}", path.display());
+    }
+    Ok(())
+}
+
+fn install(cluster: &Cluster) -> anyhow::Result<Capture> {
+    let config = capture::Config::resolve(
+        Some(cluster.cgroup_root().to_owned()),
+        Some(cluster.bpffs_dir().to_owned()),
+    )?;
+    Ok(Capture::install(config)?)
+}
+
+fn enroll(namespaces: usize, quick: bool) -> anyhow::Result<serde_json::Value> {
+    let namespaces = if quick {
+        namespaces.min(200)
+    } else {
+        namespaces
+    };
+    let mut cluster = Cluster::new(1);
+    let mut capture = install(&cluster)?;
+    let start = Instant::now();
+    let all: Vec<_> = cluster
+        .add_bare_namespaces(namespaces)
+        .iter()
+        .map(|ns| ns.open())
+        .collect();
+    println!(
+        "\ncreated {namespaces} network namespaces in {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+
+    // Enroll all, timing each; then time unenroll + re-enroll of a sample at full occupancy.
+    let mut enroll_ns = Vec::with_capacity(namespaces);
+    let mut cookies = Vec::with_capacity(namespaces);
+    for (i, netns) in all.iter().enumerate() {
+        let ip = std::net::Ipv4Addr::new(10, 200, (i / 250) as u8, (i % 250) as u8 + 1);
+        let start = Instant::now();
+        cookies.push(capture.enroll(netns, &[ip.into()])?);
+        enroll_ns.push(start.elapsed().as_nanos() as u64);
+    }
+    ensure!(
+        capture.enrolled()?.len() == namespaces,
+        "not every namespace was enrolled"
+    );
+    let sample = (namespaces / 10).max(10).min(namespaces);
+    let mut unenroll_full = Vec::new();
+    let mut reenroll_full = Vec::new();
+    for (i, &cookie) in cookies.iter().enumerate().take(sample) {
+        let start = Instant::now();
+        capture.unenroll(cookie)?;
+        unenroll_full.push(start.elapsed().as_nanos() as u64);
+        let ip = std::net::Ipv4Addr::new(10, 200, (i / 250) as u8, (i % 250) as u8 + 1);
+        let start = Instant::now();
+        capture.enroll(&all[i], &[ip.into()])?;
+        reenroll_full.push(start.elapsed().as_nanos() as u64);
+    }
+    let mut unenroll_all = Vec::new();
+    for cookie in cookies {
+        let start = Instant::now();
+        capture.unenroll(cookie)?;
+        unenroll_all.push(start.elapsed().as_nanos() as u64);
+    }
+
+    header(&format!(
+        "enroll / unenroll one pod network namespace ({namespaces} namespaces)"
+    ));
+    let first = Summary::of(enroll_ns[..sample].to_vec());
+    let last = Summary::of(enroll_ns[namespaces - sample..].to_vec());
+    let reenroll = Summary::of(reenroll_full);
+    let unenroll_at_full = Summary::of(unenroll_full);
+    let unenroll_last = Summary::of(unenroll_all[namespaces - sample..].to_vec());
+    first.row(&format!("enroll, first {sample} (0..{sample} enrolled)"));
+    last.row(&format!(
+        "enroll, last {sample} ({}..{namespaces} enrolled)",
+        namespaces - sample
+    ));
+    reenroll.row(&format!("enroll at {namespaces} enrolled"));
+    unenroll_at_full.row(&format!("unenroll at {namespaces} enrolled"));
+    unenroll_last.row(&format!("unenroll, last {sample} (few enrolled)"));
+    Ok(serde_json::json!({
+        "namespaces": namespaces,
+        "enroll_first": first, "enroll_last": last, "enroll_full": reenroll,
+        "unenroll_full": unenroll_at_full, "unenroll_last": unenroll_last,
+    }))
+}
+
+fn connect(quick: bool) -> anyhow::Result<serde_json::Value> {
+    let (rounds, per_round) = if quick { (3, 300) } else { (7, 1000) };
+    let mut cluster = Cluster::new(2);
+    cluster.add_pod("client", 0);
+    cluster.add_pod("bystander", 0);
+    cluster.add_pod("server", 1);
+    let mut capture = install(&cluster)?;
+    let (client, bystander, server) = (
+        cluster.pod("client"),
+        cluster.pod("bystander"),
+        cluster.pod("server"),
+    );
+    let _echo = server.echo_server(8080);
+    let listener: SocketAddr = "127.0.0.1:15001".parse()?;
+    let _proxy = cluster.proxy_listeners("client", &[listener]);
+    capture.enroll(
+        &client.netns.open(),
+        &[client.ipv4.into(), client.ipv6.into()],
+    )?;
+    let remote = server.addr(false, 8080);
+
+    let run = |pod: &meshlet_tests::Pod, to: SocketAddr| -> anyhow::Result<Vec<u64>> {
+        let mut command = pod.command(process::testpod_binary());
+        command.args([
+            "connect-bench",
+            "--to",
+            &to.to_string(),
+            "--count",
+            &per_round.to_string(),
+        ]);
+        let out = command.output()?;
+        ensure!(
+            out.status.success(),
+            "connect-bench failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+    let (mut local, mut redirected, mut direct) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        local.extend(run(client, listener)?);
+        redirected.extend(run(client, remote)?);
+        direct.extend(run(bystander, remote)?);
+    }
+    let redirects = capture.redirects()?.outbound;
+    ensure!(
+        redirects == (rounds * per_round) as u64,
+        "expected {} redirects, counted {redirects}",
+        rounds * per_round
+    );
+
+    header(&format!(
+        "connect latency from a pod ({rounds} interleaved rounds of {per_round} connects)"
+    ));
+    let local = Summary::of(local);
+    let redirected = Summary::of(redirected);
+    let direct = Summary::of(direct);
+    local.row("to the in-pod listener directly (baseline)");
+    redirected.row("to a remote pod, redirected to that listener");
+    direct.row("to the remote pod directly, not enrolled");
+    println!(
+        "  added by redirection: p50 {:+.1} µs, p99 {:+.1} µs",
+        redirected.p50_us - local.p50_us,
+        redirected.p99_us - local.p99_us
+    );
+    Ok(
+        serde_json::json!({ "in_pod_listener": local, "redirected": redirected, "direct_remote": direct }),
+    )
+}
