@@ -53,6 +53,27 @@ const CGROUP_PROGRAMS: &[&str] = &[
     programs::GETSOCKOPT,
 ];
 
+/// The oldest kernel capture works on, and the feature that sets it.
+pub const MIN_KERNEL: (u32, u32) = (5, 15);
+const MIN_KERNEL_REASON: &str = "bpf_get_netns_cookie in sock_ops programs";
+
+/// Parses the major and minor version out of a kernel release (`6.18.44-fc-v657`).
+pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+fn check_kernel() -> Result<(), Error> {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map_err(Error::io("read", Path::new("/proc/sys/kernel/osrelease")))?;
+    match kernel_version(&release) {
+        Some(version) if version < MIN_KERNEL => Err(Error::KernelTooOld {
+            found: release.trim().to_owned(),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// The eBPF object built from `ebpf/` by `build.rs`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/meshlet.bpf.o"));
 
@@ -78,6 +99,15 @@ pub enum Error {
         path: PathBuf,
         /// The filesystem it is really on.
         fs_type: String,
+    },
+    /// The kernel is older than meshlet supports.
+    #[error(
+        "kernel {found} is too old: meshlet needs Linux >= {}.{} ({}); see docs/operations.md",
+        MIN_KERNEL.0, MIN_KERNEL.1, MIN_KERNEL_REASON
+    )]
+    KernelTooOld {
+        /// The running kernel's release.
+        found: String,
     },
     /// No bpffs is mounted.
     #[error(
@@ -364,6 +394,7 @@ impl Capture {
     /// exclusions, and attaches each cgroup program unless an earlier agent's pinned link
     /// already does. Stale pins are removed.
     pub fn install(config: Config) -> Result<Self, Error> {
+        check_kernel()?;
         let cgroup = fs::File::open(&config.cgroup_root)
             .map_err(Error::io("open cgroup", &config.cgroup_root))?;
         let cgroup_id = cgroup
@@ -722,6 +753,20 @@ fn replace_all<K: aya::Pod + PartialEq, V: aya::Pod>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_versions_parse_and_compare() {
+        assert_eq!(kernel_version("6.18.44-fc-v657"), Some((6, 18)));
+        assert_eq!(kernel_version("5.15.0-91-generic\n"), Some((5, 15)));
+        assert_eq!(kernel_version("garbage"), None);
+        assert!(kernel_version("5.10.0").unwrap() < MIN_KERNEL);
+        assert!(kernel_version("5.15.1").unwrap() >= MIN_KERNEL);
+        let err = Error::KernelTooOld {
+            found: "5.10.0".into(),
+        }
+        .to_string();
+        assert!(err.contains("5.10.0") && err.contains(">= 5.15"), "{err}");
+    }
 
     #[test]
     fn ip_keys_round_trip_and_map_ipv4() {
