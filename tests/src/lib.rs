@@ -18,6 +18,7 @@
 //! [`Cluster`]'s `Drop`, also when a test panics; `cargo xtask test` checks that a run leaves
 //! none behind.
 
+pub mod kube_api;
 pub mod process;
 
 use std::{
