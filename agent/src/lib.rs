@@ -3,7 +3,12 @@
 //! The crate is the agent's library; `main.rs` only parses the command line and hands over to
 //! [`cli`]. Data flows one way: sources -> workload store -> (capture, proxy, policy) -> metrics.
 
+pub mod agent;
 pub mod capture;
 pub mod cli;
+pub mod inpod;
+pub mod proxy;
+pub mod source;
 pub mod sys;
 pub mod telemetry;
+pub mod workload;

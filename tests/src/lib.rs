@@ -228,9 +228,42 @@ pub struct Pod {
     pub cgroup: PathBuf,
     /// The pod's network namespace.
     pub netns: NetnsGuard,
+    /// Its first process (like the kubelet's pause container): what netns discovery finds.
+    pause: Option<Process>,
 }
 
 impl Pod {
+    /// The pod's manifest as the API server (or a workload file) would hold it: running and
+    /// ready on its node, with its UID, addresses and service account (the pod's name).
+    pub fn manifest(&self, namespace: &str, labels: &[(&str, &str)]) -> serde_json::Value {
+        let labels: serde_json::Map<String, serde_json::Value> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), (*v).into()))
+            .collect();
+        serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": { "name": self.name, "namespace": namespace, "uid": self.uid, "labels": labels },
+            "spec": {
+                "nodeName": format!("node-{}", self.node),
+                "serviceAccountName": self.name,
+                "containers": [{ "name": "app", "image": "meshlet-testpod" }],
+            },
+            "status": {
+                "phase": "Running",
+                "podIP": self.ipv4.to_string(),
+                "podIPs": [{ "ip": self.ipv4.to_string() }, { "ip": self.ipv6.to_string() }],
+                "conditions": [{ "type": "Ready", "status": "True" }],
+            },
+        })
+    }
+
+    /// Stops the pod's processes (its pause process first): the namespace stays, but discovery
+    /// no longer finds the pod.
+    pub fn stop_processes(&mut self) {
+        self.pause = None;
+    }
+
     /// A socket address of this pod on `port`, IPv4 or IPv6.
     pub fn addr(&self, ipv6: bool, port: u16) -> SocketAddr {
         let ip: IpAddr = if ipv6 {
@@ -300,7 +333,6 @@ pub struct Cluster {
     fabric: NetnsGuard,
     bpffs: BpffsGuard,
     cgroup: CgroupGuard,
-    cgroup_root: PathBuf,
 }
 
 impl Cluster {
@@ -329,8 +361,6 @@ impl Cluster {
         };
         // Guards first, so that a failure below still cleans up what was made.
         let cgroup = CgroupGuard::create(cgroup2.join(&id));
-        let cgroup_root = cgroup.path().join("node");
-        fs::create_dir_all(&cgroup_root).expect("create cgroup root");
         let bpffs = BpffsGuard {
             path: bpffs.join(&id),
         };
@@ -345,7 +375,6 @@ impl Cluster {
             fabric,
             bpffs,
             cgroup,
-            cgroup_root,
         };
         for index in 0..nodes {
             cluster.add_node(index, nodes);
@@ -355,6 +384,7 @@ impl Cluster {
 
     fn add_node(&mut self, index: usize, count: usize) {
         let name = format!("node-{index}");
+        fs::create_dir_all(self.cgroup_root(index)).expect("create the node's cgroup root");
         let netns = NetnsGuard::create(format!("{}-n{index}", self.id));
         let ipv4 = node_ipv4(index);
         let ipv6 = node_ipv6(index);
@@ -408,7 +438,7 @@ impl Cluster {
 
     /// Adds a pod on node `node`, with its cgroup under the cgroup root.
     pub fn add_pod(&mut self, name: &str, node: usize) -> &Pod {
-        let parent = self.cgroup_root.join("kubepods/besteffort");
+        let parent = self.cgroup_root(node).join("kubepods/besteffort");
         self.add_pod_in(name, node, parent)
     }
 
@@ -427,7 +457,16 @@ impl Cluster {
         );
         let index = self.pods.len();
         let host = 10 + index;
-        let uid = format!("6e2a1c3b-{:04x}-4d5e-8f90-{:012x}", node, index);
+        // Unique across every cluster of every test process: discovery scans all of /proc.
+        let (pid, seq) = self.id[TEST_PREFIX.len()..]
+            .split_once('-')
+            .expect("cluster id is mlt-<pid>-<seq>");
+        let uid = format!(
+            "{:08x}-{:04x}-4{:03x}-8000-{index:012x}",
+            pid.parse::<u32>().expect("pid"),
+            seq.parse::<u32>().expect("seq") & 0xffff,
+            node & 0xfff
+        );
         let container = format!(
             "{:064x}",
             (self.pods.len() as u128 + 1) * 0x9e37_79b9_7f4a_7c15
@@ -503,7 +542,11 @@ impl Cluster {
         node_ns.ip(&["route", "add", &format!("{ipv4}/32"), "dev", &port]);
         node_ns.ip(&["-6", "route", "add", &format!("{ipv6}/128"), "dev", &port]);
 
+        let mut pause = process::in_pod(process::testpod_binary(), &netns.path(), &cgroup);
+        pause.arg("pause");
+        let pause = Some(Process::spawn_ready(pause));
         self.pods.push(Pod {
+            pause,
             name: name.to_owned(),
             uid,
             node,
@@ -526,6 +569,14 @@ impl Cluster {
         &self.extra_netns
     }
 
+    /// The pod named `name`, mutably.
+    pub fn pod_mut(&mut self, name: &str) -> &mut Pod {
+        self.pods
+            .iter_mut()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
     /// The pod named `name`.
     pub fn pod(&self, name: &str) -> &Pod {
         self.pods
@@ -544,14 +595,15 @@ impl Cluster {
         &self.id
     }
 
-    /// The cgroup the agent attaches to: the stand-in for a node's cgroup2 mount.
-    pub fn cgroup_root(&self) -> &Path {
-        &self.cgroup_root
+    /// The cgroup root of node `index`, the stand-in for that node's cgroup2 mount: its pods'
+    /// cgroups are below it, and its agent attaches there.
+    pub fn cgroup_root(&self, index: usize) -> PathBuf {
+        self.cgroup.path().join(format!("node-{index}"))
     }
 
-    /// The bpffs directory for the agent's pins.
-    pub fn bpffs_dir(&self) -> &Path {
-        self.bpffs.path()
+    /// The bpffs directory for the pins of node `index`'s agent.
+    pub fn bpffs_dir(&self, index: usize) -> PathBuf {
+        self.bpffs.path().join(format!("node-{index}"))
     }
 
     /// A command running `meshlet` on node `index`: in the node's network namespace and in a
@@ -559,7 +611,7 @@ impl Cluster {
     /// cluster's cgroup root and bpffs directory.
     pub fn agent_command(&self, index: usize) -> Command {
         let node = &self.nodes[index];
-        let cgroup = self.cgroup_root.join("meshlet").join(&node.name);
+        let cgroup = self.cgroup_root(index).join("meshlet");
         fs::create_dir_all(&cgroup)
             .unwrap_or_else(|err| panic!("create {}: {err}", cgroup.display()));
         process::in_pod(process::meshlet_binary(), &node.netns.path(), &cgroup)
@@ -571,10 +623,7 @@ impl Cluster {
     /// answers sockets created there).
     pub fn proxy_listeners(&self, pod: &str, listen: &[SocketAddr]) -> Process {
         let pod = self.pod(pod);
-        let cgroup = self
-            .cgroup_root
-            .join("meshlet")
-            .join(&self.nodes[pod.node].name);
+        let cgroup = self.cgroup_root(pod.node).join("meshlet");
         fs::create_dir_all(&cgroup)
             .unwrap_or_else(|err| panic!("create {}: {err}", cgroup.display()));
         let mut command = process::in_pod(process::testpod_binary(), &pod.netns.path(), &cgroup);
@@ -589,7 +638,7 @@ impl Cluster {
     /// the kubelet's on a host).
     pub fn node_command(&self, index: usize, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let node = &self.nodes[index];
-        let cgroup = self.cgroup_root.join("system.slice").join(&node.name);
+        let cgroup = self.cgroup_root(index).join("system.slice");
         fs::create_dir_all(&cgroup)
             .unwrap_or_else(|err| panic!("create {}: {err}", cgroup.display()));
         process::in_pod(program, &node.netns.path(), &cgroup)
@@ -608,14 +657,31 @@ impl Cluster {
         process::connect(command)
     }
 
-    /// The `meshlet agent` flags that point it at this cluster.
-    pub fn agent_flags(&self) -> Vec<String> {
+    /// The `meshlet agent` flags that point node `index`'s agent at its cgroup root and bpffs
+    /// directory.
+    pub fn agent_flags(&self, index: usize) -> Vec<String> {
         vec![
+            "--node-name".into(),
+            self.nodes[index].name.clone(),
             "--cgroup-root".into(),
-            self.cgroup_root.display().to_string(),
+            self.cgroup_root(index).display().to_string(),
             "--bpffs-dir".into(),
-            self.bpffs.path().display().to_string(),
+            self.bpffs_dir(index).display().to_string(),
         ]
+    }
+
+    /// Starts `meshlet agent` on node `index` with the cluster's flags plus `extra`, logging to
+    /// a file; stopped (SIGTERM) on drop.
+    pub fn start_agent(&self, index: usize, extra: &[&str]) -> process::Agent {
+        let mut command = self.agent_command(index);
+        command
+            .arg("agent")
+            .args(self.agent_flags(index))
+            .args(extra);
+        static STARTS: AtomicU32 = AtomicU32::new(0);
+        let start = STARTS.fetch_add(1, Ordering::Relaxed);
+        let log = std::env::temp_dir().join(format!("{}-agent-{index}-{start}.log", self.id));
+        process::Agent::spawn(command, log)
     }
 
     /// The fabric (switch) namespace joining the nodes.
@@ -668,6 +734,30 @@ pub fn teardown(prefix: &str) {
             let _ = Command::new("ip").args(["netns", "del", &name]).output();
         }
     }
+}
+
+/// A Namespace manifest.
+pub fn namespace_manifest(name: &str, labels: &[(&str, &str)]) -> serde_json::Value {
+    let labels: serde_json::Map<String, serde_json::Value> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), (*v).into()))
+        .collect();
+    serde_json::json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": name, "labels": labels } })
+}
+
+/// Objects as a multi-document YAML file.
+pub fn to_yaml(objects: &[serde_json::Value]) -> String {
+    objects
+        .iter()
+        .map(|o| format!("---\n{}", serde_yaml::to_string(o).expect("yaml")))
+        .collect()
+}
+
+/// Writes a workload file atomically (write, then rename), as a config manager would.
+pub fn write_workloads(path: &Path, objects: &[serde_json::Value]) {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, to_yaml(objects)).expect("write workloads");
+    fs::rename(&tmp, path).expect("rename workloads");
 }
 
 fn node_ipv4(index: usize) -> Ipv4Addr {

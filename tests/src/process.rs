@@ -128,11 +128,113 @@ pub fn connect(mut command: Command) -> ConnectReport {
         .unwrap_or_else(|err| panic!("testpod connect printed {stdout:?}: {err}"))
 }
 
+/// A running `meshlet agent`, its log in a file; stopped with SIGTERM on drop. If the test is
+/// failing, the log's tail goes to stderr so the failure can be read.
+#[derive(Debug)]
+pub struct Agent {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Agent {
+    /// Starts `command` (a `meshlet agent ...`), logging to `log`.
+    pub fn spawn(mut command: Command, log: PathBuf) -> Self {
+        let file =
+            File::create(&log).unwrap_or_else(|err| panic!("create {}: {err}", log.display()));
+        let child = command
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|err| panic!("spawn {command:?}: {err}"));
+        Self { child, log }
+    }
+
+    /// The log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Where the log is.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// Waits until the log has `needle` `count` times; panics with the log after `timeout`.
+    pub fn wait_for_log(&self, needle: &str, count: usize, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.log().matches(needle).count() < count {
+            if let Ok(Some(status)) = self.child_status() {
+                panic!(
+                    "meshlet agent exited ({status}) before logging {needle:?}:\n{}",
+                    self.log()
+                );
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "agent did not log {needle:?} {count}x in {timeout:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn child_status(&self) -> io::Result<Option<std::process::ExitStatus>> {
+        // try_wait needs &mut; peek through /proc instead.
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
+        Ok(stat
+            .split(' ')
+            .nth(2)
+            .filter(|s| *s == "Z")
+            .map(|_| std::process::ExitStatus::default()))
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Stops the agent with SIGTERM (SIGKILL after 5 s) and returns how it exited.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                return self.child.wait().expect("wait for killed agent");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.stop();
+        }
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("--- meshlet agent log ({}) ---", self.log.display());
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        } else {
+            let _ = std::fs::remove_file(&self.log);
+        }
+    }
+}
+
 /// A running helper process, killed on drop. Its stdout lines are collected as they come.
 #[derive(Debug)]
 pub struct Process {
     child: Child,
-    lines: mpsc::Receiver<String>,
+    lines: std::sync::Mutex<mpsc::Receiver<String>>,
 }
 
 impl Process {
@@ -152,7 +254,10 @@ impl Process {
                 }
             }
         });
-        let mut process = Self { child, lines };
+        let mut process = Self {
+            child,
+            lines: std::sync::Mutex::new(lines),
+        };
         let first = process.next_line();
         assert_eq!(
             first.as_deref(),
@@ -164,7 +269,7 @@ impl Process {
 
     /// The next line the process printed, waiting up to the harness timeout.
     pub fn next_line(&mut self) -> Option<String> {
-        self.lines.recv_timeout(TIMEOUT).ok()
+        self.lines.lock().expect("lines").recv_timeout(TIMEOUT).ok()
     }
 
     /// The next connection an echo server reports having accepted.
@@ -178,7 +283,7 @@ impl Process {
 
     /// The next connection reported within `wait`, if any.
     pub fn try_next_accepted(&mut self, wait: Duration) -> Option<Accepted> {
-        let line = self.lines.recv_timeout(wait).ok()?;
+        let line = self.lines.lock().expect("lines").recv_timeout(wait).ok()?;
         Some(
             serde_json::from_str(&line)
                 .unwrap_or_else(|err| panic!("listener printed {line:?}: {err}")),

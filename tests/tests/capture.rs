@@ -21,8 +21,8 @@ const QUIET: Duration = Duration::from_millis(300);
 
 fn config(cluster: &Cluster, fail_mode: FailMode) -> capture::Config {
     let mut config = capture::Config::resolve(
-        Some(cluster.cgroup_root().to_owned()),
-        Some(cluster.bpffs_dir().to_owned()),
+        Some(cluster.cgroup_root(0).to_owned()),
+        Some(cluster.bpffs_dir(0).to_owned()),
     )
     .expect("resolve capture config");
     config.fail_mode = fail_mode;
@@ -438,7 +438,7 @@ fn a_restarted_agent_adopts_pinned_capture_and_attaches_nothing_twice() {
         ("cgroup_sock_ops", "meshlet_sock_ops"),
     ]
     .map(|(t, n)| (t.to_owned(), n.to_owned()));
-    assert_eq!(attached(cluster.cgroup_root()), expected);
+    assert_eq!(attached(&cluster.cgroup_root(0)), expected);
     assert_eq!(sk_lookup_links(server), 1);
     assert_eq!(
         second.redirects().unwrap().outbound,
@@ -456,20 +456,20 @@ fn uninstall_detaches_and_unpins_everything() {
     enroll(&mut capture, app);
     drop(capture); // `meshlet uninstall` runs after the agent has stopped
     assert_eq!(
-        attached(cluster.cgroup_root()).len(),
+        attached(&cluster.cgroup_root(0)).len(),
         6,
         "the pins keep capture attached"
     );
     assert_eq!(sk_lookup_links(app), 1);
 
-    let removed = capture::uninstall(cluster.bpffs_dir()).unwrap();
+    let removed = capture::uninstall(&cluster.bpffs_dir(0)).unwrap();
     assert_eq!(removed.links, 7);
     assert_eq!(removed.maps, meshlet_common::maps::ALL.len());
-    assert!(!cluster.bpffs_dir().exists());
-    assert_eq!(attached(cluster.cgroup_root()), []);
+    assert!(!cluster.bpffs_dir(0).exists());
+    assert_eq!(attached(&cluster.cgroup_root(0)), []);
     assert_eq!(sk_lookup_links(app), 0);
     assert_eq!(
-        capture::uninstall(cluster.bpffs_dir()).unwrap(),
+        capture::uninstall(&cluster.bpffs_dir(0)).unwrap(),
         capture::Uninstalled::default(),
         "twice is fine"
     );
@@ -559,7 +559,7 @@ fn fail_open_lets_traffic_go_direct_while_the_proxy_is_not_ready() {
 fn capture_on_a_path_that_is_not_bpffs_is_refused_with_the_reason() {
     let cluster = Cluster::new(1);
     let err = capture::Config::resolve(
-        Some(cluster.cgroup_root().to_owned()),
+        Some(cluster.cgroup_root(0).to_owned()),
         Some("/tmp/not-bpffs".into()),
     )
     .unwrap_err();
@@ -567,7 +567,7 @@ fn capture_on_a_path_that_is_not_bpffs_is_refused_with_the_reason() {
         err.to_string().contains("is not on a bpf filesystem"),
         "{err}"
     );
-    let err = capture::Config::resolve(Some("/tmp".into()), Some(cluster.bpffs_dir().to_owned()))
+    let err = capture::Config::resolve(Some("/tmp".into()), Some(cluster.bpffs_dir(0).to_owned()))
         .unwrap_err();
     assert!(
         err.to_string().contains("is not on a cgroup2 filesystem"),

@@ -22,7 +22,10 @@ fn the_demo_walks_through_every_step_and_leaves_nothing_behind() {
             "step {step} missing:\n{stdout}"
         );
     }
-    assert!(stdout.contains("1 outbound"), "{stdout}");
+    assert!(
+        stdout.contains("node-0 redirected 1 outbound, node-1 steered 1 inbound"),
+        "{stdout}"
+    );
     let id = stdout
         .split(['(', ')'])
         .nth(1)

@@ -47,7 +47,7 @@ fn pod_processes_run_in_the_pods_cgroup_and_netns() {
     // kubelet's shape: <root>/kubepods/besteffort/pod<uid>/<container>
     let relative = pod
         .cgroup
-        .strip_prefix(cluster.cgroup_root())
+        .strip_prefix(cluster.cgroup_root(0))
         .expect("pod cgroup under the root");
     let parts: Vec<_> = relative
         .iter()
@@ -82,11 +82,11 @@ fn a_panicking_test_still_leaves_nothing_behind() {
         let echo = pod.echo_server(7000);
         names = Some((
             cluster.id().to_owned(),
-            cluster.cgroup_root().to_owned(),
-            cluster.bpffs_dir().to_owned(),
+            cluster.cgroup_root(0).to_owned(),
+            cluster.bpffs_dir(0).to_owned(),
             echo.pid(),
         ));
-        fs::create_dir_all(cluster.bpffs_dir()).unwrap();
+        fs::create_dir_all(cluster.bpffs_dir(0)).unwrap();
         std::mem::forget(echo); // even a leaked process must not keep the cluster alive
         panic!("test failure inside a cluster");
     }));
@@ -127,7 +127,7 @@ fn teardown_removes_a_cluster_that_was_never_dropped() {
     let _echo = cluster.pod("orphan").echo_server(7001);
     let (id, base) = (
         cluster.id().to_owned(),
-        cluster.cgroup_root().parent().unwrap().to_owned(),
+        cluster.cgroup_root(0).parent().unwrap().to_owned(),
     );
     std::mem::forget(cluster);
     assert!(base.exists());

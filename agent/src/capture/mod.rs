@@ -654,6 +654,64 @@ impl Capture {
     }
 }
 
+/// Read-only access to the pinned state of a running (or stopped) agent, for inspection:
+/// what is enrolled, and how many connections were redirected.
+pub struct Pinned {
+    enrolled: HashMap<MapData, u64, Enrollment>,
+    redirects: PerCpuArray<MapData, u64>,
+}
+
+impl std::fmt::Debug for Pinned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pinned").finish_non_exhaustive()
+    }
+}
+
+impl Pinned {
+    /// Opens the pinned maps under `bpffs_dir`.
+    pub fn open(bpffs_dir: &Path) -> Result<Self, Error> {
+        let layout = pins::Layout::new(bpffs_dir);
+        let open = |name: &'static str| -> Result<aya::maps::Map, Error> {
+            let data = MapData::from_pin(layout.map(name)).map_err(map_err(name))?;
+            aya::maps::Map::from_map_data(data).map_err(map_err(name))
+        };
+        Ok(Self {
+            enrolled: open(maps::ENROLLED)?
+                .try_into()
+                .map_err(map_err(maps::ENROLLED))?,
+            redirects: open(maps::REDIRECTS)?
+                .try_into()
+                .map_err(map_err(maps::REDIRECTS))?,
+        })
+    }
+
+    /// The enrolled namespaces: cookie and state.
+    pub fn enrolled(&self) -> Result<Vec<(u64, Enrollment)>, Error> {
+        self.enrolled
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(maps::ENROLLED))
+    }
+
+    /// Connections redirected so far, by direction.
+    pub fn redirects(&self) -> Result<Redirects, Error> {
+        read_redirects(&self.redirects)
+    }
+}
+
+fn read_redirects(map: &PerCpuArray<MapData, u64>) -> Result<Redirects, Error> {
+    let read = |direction: Direction| -> Result<u64, Error> {
+        let values = map
+            .get(&(direction as u32), 0)
+            .map_err(map_err(maps::REDIRECTS))?;
+        Ok(values.iter().sum())
+    };
+    Ok(Redirects {
+        outbound: read(Direction::Outbound)?,
+        inbound: read(Direction::Inbound)?,
+    })
+}
+
 /// Loads `name`, attaches it to `cgroup` with a bpf link (Linux >= 5.7) and pins the link.
 fn attach_to_cgroup(
     ebpf: &mut Ebpf,

@@ -3,14 +3,14 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use tracing::info;
 
 use ipnet::IpNet;
 
 use crate::{
+    agent,
     capture::{self, FailMode},
+    source::SourceConfig,
     telemetry::{self, LogFormat},
 };
 
@@ -24,7 +24,7 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the node agent: attach capture and keep it attached until stopped.
+    /// Run the node agent: capture enrolled pods and carry their traffic until stopped.
     Agent(AgentArgs),
     /// Detach every meshlet eBPF program and remove its pins.
     Uninstall(UninstallArgs),
@@ -35,6 +35,12 @@ enum Command {
 /// Flags of `meshlet agent`.
 #[derive(Debug, Args)]
 pub struct AgentArgs {
+    /// Where workloads come from: `kube` (the Kubernetes API) or `file:<path>` (Kubernetes YAML).
+    #[arg(long, env = "MESHLET_SOURCE", default_value = "kube")]
+    pub source: SourceConfig,
+    /// This node's name: the agent serves the pods scheduled here.
+    #[arg(long, env = "MESHLET_NODE_NAME")]
+    pub node_name: String,
     /// cgroup v2 directory to attach capture to [default: the host's cgroup2 mount].
     #[arg(long, env = "MESHLET_CGROUP_ROOT")]
     pub cgroup_root: Option<PathBuf>,
@@ -90,32 +96,20 @@ pub fn run() -> anyhow::Result<()> {
 
 fn agent(args: AgentArgs) -> anyhow::Result<()> {
     telemetry::init(args.log_format);
-    let mut config = capture::Config::resolve(args.cgroup_root, args.bpffs_dir)?;
-    config.fail_mode = args.fail_mode;
-    config.excluded_cidrs = args.exclude_cidrs;
-    config.excluded_ports = args.exclude_ports;
-    info!(config = %serde_json::to_string(&config)?, version = env!("CARGO_PKG_VERSION"), "starting meshlet agent");
-    let capture = capture::Capture::install(config)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    let mut capture = capture::Config::resolve(args.cgroup_root, args.bpffs_dir)?;
+    capture.fail_mode = args.fail_mode;
+    capture.excluded_cidrs = args.exclude_cidrs;
+    capture.excluded_ports = args.exclude_ports;
+    let config = agent::Config {
+        node_name: args.node_name,
+        source: args.source,
+        capture,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()?;
-    runtime.block_on(shutdown_signal())?;
-    info!(
-        programs = capture.programs().len(),
-        "stopping; capture stays attached through its pins (`meshlet uninstall` removes it)"
-    );
-    Ok(())
-}
-
-async fn shutdown_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM received"),
-        _ = int.recv() => info!("SIGINT received"),
-    }
-    Ok(())
+    runtime.block_on(agent::run(config))
 }
 
 fn uninstall(args: UninstallArgs) -> anyhow::Result<()> {

@@ -121,8 +121,8 @@ fn main() -> anyhow::Result<()> {
 
 fn install(cluster: &Cluster) -> anyhow::Result<Capture> {
     let config = capture::Config::resolve(
-        Some(cluster.cgroup_root().to_owned()),
-        Some(cluster.bpffs_dir().to_owned()),
+        Some(cluster.cgroup_root(0).to_owned()),
+        Some(cluster.bpffs_dir(0).to_owned()),
     )?;
     Ok(Capture::install(config)?)
 }

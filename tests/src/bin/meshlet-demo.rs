@@ -2,22 +2,24 @@
 //! network namespaces, step by step. Every claim it prints is checked; it exits non-zero the
 //! moment one does not hold, and removes everything it made on exit, on failure and on Ctrl-C.
 //!
-//! This is the capture-stage demo: the real agent attaches the real eBPF programs to the
-//! cluster's cgroup root; an enrolled pod's connections land on its in-pod listener with their
-//! original destination; capture survives an agent restart; `meshlet uninstall` removes it.
-//! The tunnel (mTLS), workload discovery and policy are not built yet, and the demo does not
-//! pretend they are: a stand-in listens where the proxy will.
+//! This stage of the demo: an agent per node learns workloads from a file of Kubernetes
+//! manifests (the embedded default), labelling the namespace enrolls its pods through real
+//! discovery and eBPF capture, traffic flows through the agents' in-pod listeners, capture
+//! survives an agent restart, and `meshlet uninstall` removes it. The tunnel (mTLS), policy and
+//! metrics are not built yet, and the demo does not pretend they are.
 
 use std::{
     path::Path,
-    process::{Child, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail, ensure};
 use clap::Parser;
-use meshlet::capture::{self, Capture, FailMode};
-use meshlet_tests::{Cluster, process::meshlet_binary, teardown};
+use meshlet::capture::Pinned;
+use meshlet_tests::{
+    Cluster, namespace_manifest, process::meshlet_binary, teardown, write_workloads,
+};
 
 /// Walk through meshlet on a simulated two-node cluster.
 #[derive(Debug, Parser)]
@@ -43,7 +45,7 @@ fn main() -> anyhow::Result<()> {
 
 fn walk_through(cluster: &mut Cluster, keep: bool) -> anyhow::Result<()> {
     println!(
-        "meshlet demo: capture on a simulated two-node cluster ({})\n",
+        "meshlet demo: a simulated two-node cluster ({})\n",
         cluster.id()
     );
 
@@ -66,246 +68,218 @@ fn walk_through(cluster: &mut Cluster, keep: bool) -> anyhow::Result<()> {
     }
     let mut echo = cluster.pod("server").echo_server(8080);
     println!("      the server pod runs a TCP echo server on port 8080");
+    let file = std::env::temp_dir().join(format!("{}-workloads.yaml", cluster.id()));
+    let objects = |labels: &[(&str, &str)]| {
+        vec![
+            namespace_manifest("demo", labels),
+            namespace_manifest("legacy", &[]),
+            cluster.pod("client").manifest("demo", &[("app", "client")]),
+            cluster.pod("server").manifest("demo", &[("app", "server")]),
+            cluster
+                .pod("bystander")
+                .manifest("legacy", &[("app", "bystander")]),
+        ]
+    };
+    write_workloads(&file, &objects(&[]));
+    println!(
+        "      workloads (Namespace and Pod manifests, as a cluster holds them): {}",
+        file.display()
+    );
 
     step(
         2,
-        "start `meshlet agent` on node-0: it loads the eBPF programs and attaches them",
+        "start `meshlet agent --source file:...` on both nodes: eBPF attached, source synced",
     );
-    let log = std::env::temp_dir().join(format!("{}-agent.log", cluster.id()));
-    let _ = std::fs::remove_file(&log);
-    let mut agent = start_agent(cluster, &log)?;
-    let programs = wait_attached(cluster.cgroup_root(), 6)?;
-    show_log(&log, "capture installed", 0)?;
-    println!("      the kernel's own list (bpftool cgroup show <root>):");
+    let source = format!("file:{}", file.display());
+    let mut agents = vec![
+        cluster.start_agent(0, &["--source", &source]),
+        cluster.start_agent(1, &["--source", &source]),
+    ];
+    for (i, agent) in agents.iter().enumerate() {
+        agent.wait_for_log("source synced", 1, Duration::from_secs(10));
+        println!("      node-{i}: {}", last_line(agent, "capture installed"));
+    }
+    let programs = wait_attached(&cluster.cgroup_root(0), 6)?;
+    println!("      the kernel's own list on node-0 (bpftool cgroup show <root>):");
     for (id, attach_type, name) in &programs {
         println!("        prog id {id:<6} {attach_type:<26} {name}");
     }
 
     step(
         3,
-        "enroll the client pod (the capture API the agent's enrollment will drive)",
+        "label the namespace: kubectl label namespace demo meshlet.io/dataplane-mode=ambient",
     );
-    // The agent learns which pods to enroll from the Kubernetes API once the workloads work
-    // lands; until then the demo drives the same capture module the agent uses.
-    let mut config = capture::Config::resolve(
-        Some(cluster.cgroup_root().to_owned()),
-        Some(cluster.bpffs_dir().to_owned()),
-    )?;
-    config.fail_mode = FailMode::Closed;
-    let mut capture = Capture::install(config)?;
-    let client = cluster.pod("client");
-    let mut proxy = cluster.proxy_listeners(
-        "client",
-        &["127.0.0.1:15001".parse()?, "[::1]:15001".parse()?],
-    );
-    let cookie = capture.enroll(
-        &client.netns.open(),
-        &[client.ipv4.into(), client.ipv6.into()],
-    )?;
+    let start = Instant::now();
+    write_workloads(&file, &objects(&[("meshlet.io/dataplane-mode", "ambient")]));
+    agents[0].wait_for_log("pod enrolled", 1, Duration::from_secs(5));
+    agents[1].wait_for_log("pod enrolled", 1, Duration::from_secs(5));
     println!(
-        "      client netns cookie {cookie} enrolled; a stand-in for the proxy listens on its 127.0.0.1:15001"
+        "      both pods enrolled in {} ms, found through their cgroups:",
+        start.elapsed().as_millis()
+    );
+    for (i, agent) in agents.iter().enumerate() {
+        println!("      node-{i}: {}", last_line(agent, "pod enrolled"));
+    }
+    for (node, pod) in [(0, "client"), (1, "server")] {
+        let cookie = cluster.pod(pod).netns_cookie();
+        let enrolled: Vec<u64> = Pinned::open(&cluster.bpffs_dir(node))?
+            .enrolled()?
+            .into_iter()
+            .map(|(c, _)| c)
+            .collect();
+        ensure!(
+            enrolled == [cookie],
+            "node-{node} enrolled {enrolled:?}, expected {pod}'s namespace {cookie}"
+        );
+    }
+    println!(
+        "      checked: each node's ENROLLED map holds exactly its pod's namespace; bystander (namespace legacy) is not"
     );
 
-    step(
-        4,
-        "traffic: client -> server:8080 is captured; bystander -> server:8080 is not",
-    );
+    step(4, "traffic: client -> server:8080, captured at both ends");
     let server = cluster.pod("server").addr(false, 8080);
-    let report = client.connect(server, 1024);
+    let counters = |node: usize| Pinned::open(&cluster.bpffs_dir(node)).and_then(|p| p.redirects());
+    let (out_before, in_before) = (counters(0)?.outbound, counters(1)?.inbound);
+    let report = cluster.pod("client").connect(server, 64 * 1024);
     ensure!(
-        report.error.is_none() && report.echoed == 1024,
+        report.error.is_none() && report.echoed == 64 * 1024,
         "client connection failed: {report:?}"
     );
-    let accepted = proxy.next_accepted();
+    let accepted = echo.next_accepted();
     println!(
-        "      client connect({server}) was accepted by {} in the client pod",
-        accepted.local
+        "      the server echoed 64 KiB (connection from {})",
+        accepted.peer
     );
-    let shown = |addr: Option<Result<std::net::SocketAddr, String>>| match addr {
-        Some(Ok(addr)) => addr.to_string(),
-        other => format!("{other:?}"),
-    };
-    println!(
-        "      SO_ORIGINAL_DST on the accepted socket: {}",
-        shown(accepted.original_dst.clone())
+    let (outbound, inbound) = (
+        counters(0)?.outbound - out_before,
+        counters(1)?.inbound - in_before,
     );
     println!(
-        "      the client's getpeername(): {}",
-        shown(report.peer.map(Ok))
+        "      eBPF counters: node-0 redirected {outbound} outbound, node-1 steered {inbound} inbound"
     );
     ensure!(
-        accepted.original_dst == Some(Ok(server)),
-        "SO_ORIGINAL_DST did not give the original destination"
+        outbound == 1 && inbound == 1,
+        "expected one redirect at each end"
     );
-    ensure!(
-        report.peer == Some(server),
-        "getpeername did not give the original destination"
-    );
-    cluster
-        .pod("bystander")
-        .connect(server, 1024)
-        .assert_echoed(1024);
-    let direct = echo.next_accepted();
+    agents[0].wait_for_log("connection closed", 1, Duration::from_secs(5));
+    agents[1].wait_for_log("connection closed", 1, Duration::from_secs(5));
+    for (i, agent) in agents.iter().enumerate() {
+        println!(
+            "      node-{i} access log: {}",
+            last_line(agent, "connection closed")
+        );
+    }
     println!(
-        "      the server saw the bystander directly, from {}",
-        direct.peer
+        "      (this stage carries captured traffic in plaintext; mutual TLS arrives with the tunnel)"
     );
-    ensure!(
-        echo.try_next_accepted(Duration::from_millis(200)).is_none(),
-        "a captured connection reached the server"
-    );
-    let redirects = capture.redirects()?;
-    println!(
-        "      eBPF counters: {} outbound, {} inbound redirects",
-        redirects.outbound, redirects.inbound
-    );
-    ensure!(
-        redirects.outbound == 1,
-        "expected 1 outbound redirect, the kernel counted {}",
-        redirects.outbound
-    );
-    drop(capture);
 
     step(
         5,
-        "restart the agent: capture stays attached through its pins, and is adopted",
+        "restart the agent on node-0: capture is pinned, the new agent adopts it",
     );
-    stop(&mut agent)?;
-    client.connect(server, 10).assert_echoed(10);
+    let status = agents[0].stop();
+    ensure!(status.success(), "agent exited with {status}");
     ensure!(
-        proxy.next_accepted().original_dst == Some(Ok(server)),
-        "capture stopped with the agent"
+        wait_attached(&cluster.cgroup_root(0), 6)? == programs,
+        "the attachments changed while no agent ran"
     );
-    println!("      agent stopped: a new client connection is still captured");
-    let mut agent = start_agent(cluster, &log)?;
-    wait_for_log(&log, "adopted=6")?;
-    show_log(&log, "capture installed", 1)?;
-    let after_restart = wait_attached(cluster.cgroup_root(), 6)?;
+    println!("      agent stopped: the six programs are still attached");
+    agents[0] = cluster.start_agent(0, &["--source", &source]);
+    agents[0].wait_for_log("pod enrolled", 1, Duration::from_secs(10));
+    println!(
+        "      node-0: {}",
+        last_line(&agents[0], "capture installed")
+    );
     ensure!(
-        after_restart == programs,
+        wait_attached(&cluster.cgroup_root(0), 6)? == programs,
         "the restarted agent attached again instead of adopting"
     );
-    println!("      agent restarted: the same six attachments, no duplicates");
+    cluster
+        .pod("client")
+        .connect(server, 1024)
+        .assert_echoed(1024);
+    println!(
+        "      checked: the same six attachments, and the client reaches the server through it again"
+    );
 
     if keep {
         println!("\nleft running (--keep):");
+        for (i, agent) in agents.iter().enumerate() {
+            println!(
+                "  node-{i} agent pid {}, log {}",
+                agent.pid(),
+                agent.log_path().display()
+            );
+        }
         println!(
-            "  agent pid {} on node-0, log {}; pins in {}",
-            agent.id(),
-            log.display(),
-            cluster.bpffs_dir().display()
+            "  workloads: {} (edit it: the agents follow)",
+            file.display()
         );
-        println!("  bpftool cgroup show {}", cluster.cgroup_root().display());
         println!(
             "  nsenter --net=/var/run/netns/{}-p0 bash   # a shell in the client pod's network",
             cluster.id()
         );
         println!(
-            "  clean up: {} uninstall --bpffs-dir {}, then delete the namespaces `ip netns | grep {}`",
-            meshlet_binary().display(),
-            cluster.bpffs_dir().display(),
+            "  clean up: kill the agents, `meshlet uninstall --bpffs-dir <dir>` for each node, delete the namespaces `ip netns | grep {}`",
             cluster.id()
         );
-        std::mem::forget(agent);
-        std::mem::forget(proxy);
+        std::mem::forget(agents);
         std::mem::forget(echo);
         return Ok(());
     }
 
     step(
         6,
-        "uninstall: `meshlet uninstall` detaches and unpins everything",
+        "remove the label, stop the agents, `meshlet uninstall`: nothing left",
     );
-    stop(&mut agent)?;
-    let out = Command::new(meshlet_binary())
-        .args(["uninstall", "--bpffs-dir"])
-        .arg(cluster.bpffs_dir())
-        .output()
-        .context("run meshlet uninstall")?;
-    ensure!(
-        out.status.success(),
-        "meshlet uninstall failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    print!("      {}", String::from_utf8_lossy(&out.stdout));
-    ensure!(
-        wait_attached(cluster.cgroup_root(), 0)?.is_empty(),
-        "programs still attached after uninstall"
-    );
-    client.connect(server, 10).assert_echoed(10);
-    ensure!(
-        echo.next_accepted().peer.ip().to_canonical() == std::net::IpAddr::from(client.ipv4),
-        "still captured"
-    );
+    write_workloads(&file, &objects(&[]));
+    agents[0].wait_for_log("pod unenrolled", 1, Duration::from_secs(5));
+    agents[1].wait_for_log("pod unenrolled", 1, Duration::from_secs(5));
+    println!("      both pods released");
+    for (node, agent) in agents.iter_mut().enumerate() {
+        agent.stop();
+        let out = Command::new(meshlet_binary())
+            .args(["uninstall", "--bpffs-dir"])
+            .arg(cluster.bpffs_dir(node))
+            .output()
+            .context("run meshlet uninstall")?;
+        ensure!(
+            out.status.success(),
+            "meshlet uninstall failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        print!(
+            "      node-{node}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        ensure!(
+            wait_attached(&cluster.cgroup_root(node), 0)?.is_empty(),
+            "programs still attached after uninstall"
+        );
+    }
+    cluster.pod("client").connect(server, 10).assert_echoed(10);
     println!(
-        "      checked: nothing attached, the client reaches the server directly again; removing the cluster"
+        "      checked: nothing attached, the client reaches the server directly; removing the cluster"
     );
-    let _ = std::fs::remove_file(&log);
+    let _ = std::fs::remove_file(&file);
     Ok(())
+}
+
+/// The agent's last log line containing `needle`, without the timestamp and level.
+fn last_line(agent: &meshlet_tests::process::Agent, needle: &str) -> String {
+    let log = agent.log();
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains(needle))
+        .unwrap_or_default();
+    line.split_once("meshlet::")
+        .map_or(line, |(_, rest)| rest)
+        .to_owned()
 }
 
 fn step(n: usize, what: &str) {
     println!("\n[{n}/{STEPS}] {what}");
-}
-
-/// Starts the agent on node-0, its log going to `log`.
-fn start_agent(cluster: &Cluster, log: &Path) -> anyhow::Result<Child> {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)?;
-    let mut command = cluster.agent_command(0);
-    command
-        .arg("agent")
-        .args(cluster.agent_flags())
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(log);
-    command.spawn().context("start meshlet agent")
-}
-
-/// Prints the agent's log lines that contain `needle`, indented; fails if there are none.
-fn show_log(log: &Path, needle: &str, skip: usize) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(log)?;
-    let lines: Vec<&str> = text
-        .lines()
-        .filter(|l| l.contains(needle))
-        .skip(skip)
-        .collect();
-    ensure!(
-        !lines.is_empty(),
-        "the agent never logged {needle:?}; its log is {}",
-        log.display()
-    );
-    for line in lines {
-        println!(
-            "      agent log: {}",
-            line.split_once("meshlet::").map_or(line, |(_, rest)| rest)
-        );
-    }
-    Ok(())
-}
-
-fn stop(agent: &mut Child) -> anyhow::Result<()> {
-    Command::new("kill")
-        .args(["-TERM", &agent.id().to_string()])
-        .status()?;
-    let status = agent.wait()?;
-    ensure!(status.success(), "meshlet agent exited with {status}");
-    Ok(())
-}
-
-fn wait_for_log(log: &Path, needle: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !std::fs::read_to_string(log)?.contains(needle) {
-        ensure!(
-            Instant::now() < deadline,
-            "the agent never logged {needle:?}; its log is {}",
-            log.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
 }
 
 /// Waits until exactly `want` programs are attached to `cgroup` and returns them.

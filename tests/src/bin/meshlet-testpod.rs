@@ -1,6 +1,7 @@
 //! `meshlet-testpod`: the one program the test pods run (one container, no sidecar), and the
 //! stand-in for the proxy's in-pod listeners in capture tests.
 //!
+//! - `pause`: says `ready` and sleeps (a pod's first process, like the pause container).
 //! - `echo --port P`: a dual-stack TCP echo server; prints `ready`, then one JSON line per
 //!   accepted connection (`{"local":..,"peer":..,"original_dst":null}`).
 //! - `proxy --listen ADDR...`: marked listeners (like the proxy's), echoing; one JSON line per
@@ -30,6 +31,8 @@ enum Mode {
         #[arg(long)]
         port: u16,
     },
+    /// Says `ready` and sleeps: a pod's first process, like the pause container.
+    Pause,
     Proxy {
         #[arg(long, required = true)]
         listen: Vec<SocketAddr>,
@@ -61,6 +64,12 @@ enum Mode {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Mode::Pause => {
+            println!("ready");
+            loop {
+                std::thread::park();
+            }
+        }
         Mode::Echo { port } => serve(
             vec![TcpListener::bind((Ipv6Addr::UNSPECIFIED, port))?],
             false,

@@ -1,0 +1,83 @@
+//! The node agent: wires source -> store -> in-pod enrollment -> capture and proxy, and runs
+//! until SIGTERM/SIGINT.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::{
+    capture::{self, Capture},
+    inpod::{Annotator, InPod},
+    source::{self, SourceConfig, SyncState},
+    sys::netns::local_addresses,
+    workload::Store,
+};
+
+/// Everything `meshlet agent` is configured with.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Config {
+    /// This node's name: the agent serves the pods whose `spec.nodeName` it is.
+    pub node_name: String,
+    /// Where workloads come from.
+    pub source: SourceConfig,
+    /// Capture.
+    pub capture: capture::Config,
+}
+
+/// Runs the agent until a termination signal.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    info!(config = %serde_json::to_string(&config)?, version = env!("CARGO_PKG_VERSION"), "starting meshlet agent");
+    let mut capture = Capture::install(config.capture.clone())?;
+    let node_addresses = local_addresses().context("list the node's addresses")?;
+    capture.set_node_addresses(&node_addresses)?;
+
+    let store = Arc::new(Store::new());
+    let sync = Arc::new(SyncState::default());
+    let mut annotator: Option<Annotator> = None;
+    let source_task = match &config.source {
+        SourceConfig::File(path) => {
+            tokio::spawn(source::file::run(path.clone(), store.clone(), sync.clone()))
+        }
+        SourceConfig::Kube => {
+            let client = kube::Client::try_default()
+                .await
+                .context("connect to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+            let patcher = client.clone();
+            annotator = Some(Arc::new(move |pod, enabled| {
+                let client = patcher.clone();
+                tokio::spawn(async move {
+                    if let Err(err) =
+                        source::kube::annotate_redirection(&client, &pod, enabled).await
+                    {
+                        warn!(%pod, %err, "cannot record the redirection annotation on the pod");
+                    }
+                });
+            }));
+            tokio::spawn(source::kube::run(client, store.clone(), sync.clone()))
+        }
+    };
+
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    let inpod = tokio::spawn(
+        InPod::new(config.node_name.clone(), store, sync, capture, annotator).run(shutdown),
+    );
+    shutdown_signal().await?;
+    let _ = shutdown_tx.send(true);
+    source_task.abort();
+    inpod.await.context("in-pod reconciler")?;
+    info!("stopped; capture stays attached through its pins (`meshlet uninstall` removes it)");
+    Ok(())
+}
+
+async fn shutdown_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = int.recv() => info!("SIGINT received"),
+    }
+    Ok(())
+}

@@ -1,0 +1,349 @@
+//! In-pod enrollment: keeps the set of captured pods equal to what the store asks for.
+//!
+//! For every local pod that [`enrollment::decide`] enrolls, the reconciler finds the pod's
+//! network namespace (the `meshlet.io/netns` annotation, or a process of the pod's cgroup),
+//! opens the in-pod listeners there (15001 outbound on loopback, 15006 inbound), enrolls the
+//! namespace in the capture maps, registers the 15006 listeners for inbound steering and marks
+//! the pod ready. It undoes all of it when the pod is unlabelled, deleted, or its namespace
+//! disappears. It runs on every store change and every 250 ms (pods whose namespace has not
+//! appeared yet are retried), and only after the source has synced, so a restarted agent never
+//! unenrolls pods it simply has not heard of yet.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use meshlet_common::{INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+use tokio::{sync::watch, task::JoinHandle};
+use tracing::{info, warn};
+
+use crate::{
+    capture::Capture,
+    proxy::passthrough::{self, Direction, PodContext},
+    source::SyncState,
+    sys::{Netns, socket},
+    workload::{
+        Store, discovery,
+        enrollment::{self, Decision},
+        model::{NETNS_ANNOTATION, ObjectKey, Pod},
+    },
+};
+
+/// How often pending pods are retried and enrolled ones checked.
+const TICK: Duration = Duration::from_millis(250);
+
+/// Where a pod's network namespace was found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum NetnsSource {
+    /// The `meshlet.io/netns` annotation.
+    Annotation(PathBuf),
+    /// A process of the pod: `/proc/<pid>/ns/net`.
+    Process(PathBuf),
+}
+
+impl NetnsSource {
+    fn path(&self) -> &Path {
+        match self {
+            Self::Annotation(path) | Self::Process(path) => path,
+        }
+    }
+}
+
+/// A pod this agent captures.
+#[derive(Debug)]
+struct Enrolled {
+    key: ObjectKey,
+    cookie: u64,
+    ips: Vec<IpAddr>,
+    source: NetnsSource,
+    inode: u64,
+    listeners: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Enrolled {
+    fn drop(&mut self) {
+        for task in &self.listeners {
+            task.abort();
+        }
+    }
+}
+
+/// Something that records a pod's capture state on the pod itself (the kube source's
+/// `meshlet.io/redirection` annotation).
+pub type Annotator = Arc<dyn Fn(ObjectKey, bool) + Send + Sync>;
+
+/// The reconciler.
+pub struct InPod {
+    node: String,
+    store: Arc<Store>,
+    sync: Arc<SyncState>,
+    capture: Capture,
+    annotator: Option<Annotator>,
+    proc_root: PathBuf,
+    enrolled: HashMap<String, Enrolled>,
+    /// Last failure per pod UID, so a pod that keeps failing is logged once per reason.
+    failures: HashMap<String, String>,
+}
+
+impl std::fmt::Debug for InPod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InPod")
+            .field("node", &self.node)
+            .field("enrolled", &self.enrolled.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl InPod {
+    /// A reconciler for node `node`.
+    pub fn new(
+        node: String,
+        store: Arc<Store>,
+        sync: Arc<SyncState>,
+        capture: Capture,
+        annotator: Option<Annotator>,
+    ) -> Self {
+        Self {
+            node,
+            store,
+            sync,
+            capture,
+            annotator,
+            proc_root: PathBuf::from("/proc"),
+            enrolled: HashMap::new(),
+            failures: HashMap::new(),
+        }
+    }
+
+    /// Reconciles until `shutdown` turns true; then closes the listeners (capture stays
+    /// pinned, so a restarted agent takes over; in fail-open mode pods are marked not ready
+    /// and their traffic goes direct meanwhile).
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut synced = self.sync.subscribe();
+        tokio::select! {
+            _ = synced.wait_for(|s| *s) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        info!(node = %self.node, "source synced; reconciling enrollment");
+        self.forget_unknown_enrollments();
+        let mut changes = self.store.subscribe();
+        let mut tick = tokio::time::interval(TICK);
+        loop {
+            self.reconcile();
+            tokio::select! {
+                _ = changes.changed() => {}
+                _ = tick.tick() => {}
+                _ = shutdown.wait_for(|s| *s) => break,
+            }
+        }
+        for enrolled in self.enrolled.values() {
+            let _ = self.capture.set_ready(enrolled.cookie, false);
+        }
+        info!(
+            pods = self.enrolled.len(),
+            "in-pod listeners closed; capture stays pinned"
+        );
+    }
+
+    /// Unenrolls namespaces an earlier agent enrolled for pods this one will not claim.
+    fn forget_unknown_enrollments(&mut self) {
+        let Ok(existing) = self.capture.enrolled() else {
+            return;
+        };
+        let wanted: Vec<u64> = self
+            .store
+            .pods()
+            .iter()
+            .filter(|pod| self.decide(pod) == Decision::Enroll)
+            .filter_map(|pod| {
+                find_netns(&self.proc_root, pod)
+                    .and_then(|s| Netns::open(s.path()).ok()?.cookie().ok())
+            })
+            .collect();
+        for (cookie, _) in existing {
+            if !wanted.contains(&cookie) {
+                info!(cookie, "unenrolling a namespace left by an earlier agent");
+                let _ = self.capture.unenroll(cookie);
+            }
+        }
+    }
+
+    fn decide(&self, pod: &Pod) -> Decision {
+        let namespace = self.store.namespace(&pod.key.namespace);
+        enrollment::decide(pod, namespace.as_deref(), &self.node)
+    }
+
+    /// One pass: unenroll what should not be captured any more, enroll what should.
+    pub fn reconcile(&mut self) {
+        let pods = self.store.pods();
+        let desired: HashMap<&str, &Arc<Pod>> = pods
+            .iter()
+            .filter(|pod| self.decide(pod) == Decision::Enroll)
+            .map(|pod| (pod.uid.as_str(), pod))
+            .collect();
+
+        let proc_root = self.proc_root.clone();
+        let stale: Vec<String> = self
+            .enrolled
+            .iter_mut()
+            .filter_map(|(uid, enrolled)| {
+                let keep = desired
+                    .get(uid.as_str())
+                    .is_some_and(|pod| pod.ips == enrolled.ips)
+                    && netns_alive(&proc_root, uid, enrolled);
+                (!keep).then(|| uid.clone())
+            })
+            .collect();
+        for uid in stale {
+            if let Some(enrolled) = self.enrolled.remove(&uid) {
+                self.unenroll(enrolled);
+            }
+        }
+
+        for (uid, pod) in desired {
+            if self.enrolled.contains_key(uid) {
+                continue;
+            }
+            let Some(source) = find_netns(&self.proc_root, pod) else {
+                continue;
+            };
+            match self.enroll(pod, source) {
+                Ok(enrolled) => {
+                    self.failures.remove(uid);
+                    info!(pod = %pod.key, cookie = enrolled.cookie, netns = %enrolled.source.path().display(), "pod enrolled");
+                    if let Some(annotate) = &self.annotator {
+                        annotate(pod.key.clone(), true);
+                    }
+                    self.enrolled.insert(uid.to_owned(), enrolled);
+                }
+                Err(err) => {
+                    let message = format!("{err:#}");
+                    if self.failures.get(uid) != Some(&message) {
+                        warn!(pod = %pod.key, err = %message, "cannot enroll pod; will retry");
+                        self.failures.insert(uid.to_owned(), message);
+                    }
+                }
+            }
+        }
+    }
+
+    fn enroll(&mut self, pod: &Pod, source: NetnsSource) -> anyhow::Result<Enrolled> {
+        use anyhow::Context as _;
+        let netns = Arc::new(Netns::open(source.path())?);
+        let inode =
+            std::fs::metadata(source.path()).map(|m| std::os::unix::fs::MetadataExt::ino(&m))?;
+        let context = Arc::new(PodContext {
+            key: pod.key.clone(),
+            netns: netns.clone(),
+        });
+
+        // Listeners first: in fail-closed mode, capture before them would refuse connections.
+        let mut listeners = Vec::new();
+        let mut inbound = Vec::new();
+        let wanted = [
+            (
+                SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT)),
+                Direction::Outbound,
+            ),
+            (
+                SocketAddr::from((Ipv6Addr::LOCALHOST, OUTBOUND_PORT)),
+                Direction::Outbound,
+            ),
+            (
+                SocketAddr::from((Ipv4Addr::UNSPECIFIED, INBOUND_PLAINTEXT_PORT)),
+                Direction::Inbound,
+            ),
+            (
+                SocketAddr::from((Ipv6Addr::UNSPECIFIED, INBOUND_PLAINTEXT_PORT)),
+                Direction::Inbound,
+            ),
+        ];
+        for (addr, direction) in wanted {
+            let listener = match socket::listen_in(&netns, addr) {
+                Ok(listener) => listener,
+                // A pod without IPv6 (disabled in its namespace) has no [::1] or [::].
+                Err(err) if addr.is_ipv6() && !pod.ips.iter().any(IpAddr::is_ipv6) => {
+                    tracing::debug!(pod = %pod.key, %addr, %err, "no IPv6 listener");
+                    continue;
+                }
+                Err(err) => {
+                    return Err(err).with_context(|| {
+                        format!("listen on {addr} in {}", source.path().display())
+                    });
+                }
+            };
+            if direction == Direction::Inbound {
+                inbound.push((addr, listener.try_clone()?));
+            }
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            listeners.push(tokio::spawn(passthrough::serve(
+                listener,
+                direction,
+                context.clone(),
+            )));
+        }
+
+        let cookie = self.capture.enroll(&netns, &pod.ips)?;
+        for ip in &pod.ips {
+            if let Some((_, listener)) = inbound
+                .iter()
+                .find(|(addr, _)| addr.is_ipv6() == ip.is_ipv6())
+            {
+                self.capture.set_inbound_listener(*ip, listener)?;
+            }
+        }
+        self.capture.set_ready(cookie, true)?;
+        Ok(Enrolled {
+            key: pod.key.clone(),
+            cookie,
+            ips: pod.ips.clone(),
+            source,
+            inode,
+            listeners,
+        })
+    }
+
+    fn unenroll(&mut self, enrolled: Enrolled) {
+        if let Err(err) = self.capture.unenroll(enrolled.cookie) {
+            warn!(pod = %enrolled.key, %err, "unenroll failed");
+        }
+        info!(pod = %enrolled.key, cookie = enrolled.cookie, "pod unenrolled");
+        if let Some(annotate) = &self.annotator {
+            annotate(enrolled.key.clone(), false);
+        }
+        drop(enrolled); // closes its listeners; established connections carry on
+    }
+}
+
+/// Whether the pod's namespace is still there. A pod found through a process that has exited
+/// is looked up again: another process of the pod in the same namespace keeps it enrolled.
+fn netns_alive(proc_root: &Path, uid: &str, enrolled: &mut Enrolled) -> bool {
+    let inode = |path: &Path| {
+        std::fs::metadata(path)
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .ok()
+    };
+    if inode(enrolled.source.path()) == Some(enrolled.inode) {
+        return true;
+    }
+    if let NetnsSource::Process(_) = enrolled.source
+        && let Some(path) = discovery::find_pod_netns(proc_root, uid)
+        && inode(&path) == Some(enrolled.inode)
+    {
+        enrolled.source = NetnsSource::Process(path);
+        return true;
+    }
+    false
+}
+
+fn find_netns(proc_root: &Path, pod: &Pod) -> Option<NetnsSource> {
+    if let Some(path) = pod.annotations.get(NETNS_ANNOTATION) {
+        let path = PathBuf::from(path);
+        return path.exists().then_some(NetnsSource::Annotation(path));
+    }
+    discovery::find_pod_netns(proc_root, &pod.uid).map(NetnsSource::Process)
+}

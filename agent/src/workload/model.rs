@@ -1,0 +1,256 @@
+//! The workload model: the few fields of each Kubernetes object the agent acts on. Both
+//! sources (Kubernetes API and file) convert into these types, so everything downstream has
+//! one code path.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use serde::Serialize;
+
+/// Label (on a namespace or pod) that enrolls pods in the mesh: `ambient` enrolls, on a pod
+/// `none` opts out.
+pub const DATAPLANE_MODE_LABEL: &str = "meshlet.io/dataplane-mode";
+/// Pod annotation naming the pod's network namespace directly (non-Kubernetes use).
+pub const NETNS_ANNOTATION: &str = "meshlet.io/netns";
+/// Pod annotation the agent sets while a pod is captured.
+pub const REDIRECTION_ANNOTATION: &str = "meshlet.io/redirection";
+
+/// Labels or annotations.
+pub type Labels = BTreeMap<String, String>;
+
+/// Namespace and name of an object.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct ObjectKey {
+    /// The namespace (empty for cluster-scoped objects).
+    pub namespace: String,
+    /// The name.
+    pub name: String,
+}
+
+impl ObjectKey {
+    /// A key from its parts.
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.namespace.is_empty() {
+            f.write_str(&self.name)
+        } else {
+            write!(f, "{}/{}", self.namespace, self.name)
+        }
+    }
+}
+
+/// A namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Namespace {
+    /// Its name.
+    pub name: String,
+    /// Its labels.
+    pub labels: Labels,
+}
+
+/// A pod.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Pod {
+    /// Namespace and name.
+    pub key: ObjectKey,
+    /// `metadata.uid`: how the kubelet names the pod's cgroup.
+    pub uid: String,
+    /// Its labels.
+    pub labels: Labels,
+    /// Its annotations.
+    pub annotations: Labels,
+    /// `spec.serviceAccountName` (`default` when unset).
+    pub service_account: String,
+    /// `spec.nodeName`, once scheduled.
+    pub node_name: Option<String>,
+    /// `status.podIPs`.
+    pub ips: Vec<IpAddr>,
+    /// `spec.hostNetwork`: such pods share the node's network and are never enrolled.
+    pub host_network: bool,
+    /// `status.phase`.
+    pub phase: String,
+    /// The `Ready` condition.
+    pub ready: bool,
+}
+
+impl Pod {
+    /// Whether the pod can hold connections: running (or pending with an address), not done.
+    pub fn is_live(&self) -> bool {
+        !matches!(self.phase.as_str(), "Succeeded" | "Failed") && !self.ips.is_empty()
+    }
+}
+
+/// A port of a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServicePort {
+    /// The port's name (matches the EndpointSlice port of the same name).
+    pub name: String,
+    /// The service port.
+    pub port: u16,
+    /// `targetPort`: a number, or the name of a container port.
+    pub target_port: TargetPort,
+    /// `TCP`, `UDP` or `SCTP`.
+    pub protocol: String,
+}
+
+/// `targetPort` of a service port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum TargetPort {
+    /// A port number.
+    Number(u16),
+    /// The name of a container port.
+    Name(String),
+}
+
+/// A service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Service {
+    /// Namespace and name.
+    pub key: ObjectKey,
+    /// `spec.clusterIPs` (empty for headless services).
+    pub cluster_ips: Vec<IpAddr>,
+    /// Its ports.
+    pub ports: Vec<ServicePort>,
+    /// `spec.selector`, if any.
+    pub selector: Option<Labels>,
+}
+
+/// An endpoint of an EndpointSlice.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Endpoint {
+    /// Its addresses.
+    pub addresses: Vec<IpAddr>,
+    /// The `ready` condition (unset means ready).
+    pub ready: bool,
+    /// The pod behind it, if named.
+    pub target_pod: Option<ObjectKey>,
+}
+
+/// A port of an EndpointSlice.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EndpointPort {
+    /// The port's name (the service port's name).
+    pub name: String,
+    /// The port on the endpoints.
+    pub port: u16,
+}
+
+/// An EndpointSlice.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EndpointSlice {
+    /// Namespace and name.
+    pub key: ObjectKey,
+    /// The service it belongs to (label `kubernetes.io/service-name`).
+    pub service: String,
+    /// Its ports.
+    pub ports: Vec<EndpointPort>,
+    /// Its endpoints.
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// The kind of a policy object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum PolicyKind {
+    /// `security.istio.io/v1` `AuthorizationPolicy`.
+    AuthorizationPolicy,
+    /// `security.istio.io/v1` `PeerAuthentication`.
+    PeerAuthentication,
+}
+
+/// An AuthorizationPolicy or PeerAuthentication, spec kept as written (the policy module
+/// compiles it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Policy {
+    /// Which kind.
+    pub kind: PolicyKind,
+    /// Namespace and name.
+    pub key: ObjectKey,
+    /// `spec`.
+    pub spec: serde_json::Value,
+}
+
+/// Any object the store holds.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind")]
+pub enum Object {
+    /// A namespace.
+    Namespace(Namespace),
+    /// A pod.
+    Pod(Pod),
+    /// A service.
+    Service(Service),
+    /// An EndpointSlice.
+    EndpointSlice(EndpointSlice),
+    /// An AuthorizationPolicy or PeerAuthentication.
+    Policy(Policy),
+}
+
+/// The kinds of objects, for per-kind resyncs and sync tracking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum Kind {
+    /// Namespaces.
+    Namespace,
+    /// Pods.
+    Pod,
+    /// Services.
+    Service,
+    /// EndpointSlices.
+    EndpointSlice,
+    /// AuthorizationPolicies.
+    AuthorizationPolicy,
+    /// PeerAuthentications.
+    PeerAuthentication,
+}
+
+impl Kind {
+    /// Every kind.
+    pub const ALL: [Kind; 6] = [
+        Kind::Namespace,
+        Kind::Pod,
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::AuthorizationPolicy,
+        Kind::PeerAuthentication,
+    ];
+}
+
+impl Object {
+    /// The object's kind.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Object::Namespace(_) => Kind::Namespace,
+            Object::Pod(_) => Kind::Pod,
+            Object::Service(_) => Kind::Service,
+            Object::EndpointSlice(_) => Kind::EndpointSlice,
+            Object::Policy(p) => match p.kind {
+                PolicyKind::AuthorizationPolicy => Kind::AuthorizationPolicy,
+                PolicyKind::PeerAuthentication => Kind::PeerAuthentication,
+            },
+        }
+    }
+
+    /// The object's namespace and name.
+    pub fn key(&self) -> ObjectKey {
+        match self {
+            Object::Namespace(n) => ObjectKey::new("", n.name.clone()),
+            Object::Pod(p) => p.key.clone(),
+            Object::Service(s) => s.key.clone(),
+            Object::EndpointSlice(s) => s.key.clone(),
+            Object::Policy(p) => p.key.clone(),
+        }
+    }
+}
+
+/// Whether a label selector (`matchLabels` form) selects `labels`. An empty selector selects
+/// everything.
+pub fn selects(selector: &Labels, labels: &Labels) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
