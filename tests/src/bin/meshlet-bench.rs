@@ -2,7 +2,9 @@
 //! cluster, each measured side by side with its baseline in the same run, repeated and
 //! interleaved so ratios hold on a noisy machine.
 //!
-//! Scenarios so far (capture):
+//! Scenarios so far:
+//! - `store`: the workload store with 100,000 pods and 10,000 services: memory per pod, IP and
+//!   VIP lookups per second;
 //! - `enroll`: time to enroll and unenroll one pod's network namespace as the number of
 //!   enrolled namespaces grows to `--namespaces`;
 //! - `connect`: connect latency from a pod, three ways, interleaved: to the in-pod listener
@@ -44,6 +46,13 @@ enum Scenario {
     },
     /// Connect latency: redirected versus not.
     Connect,
+    /// The workload store: memory per pod, lookups per second.
+    Store {
+        #[arg(long, default_value_t = 100_000)]
+        pods: usize,
+        #[arg(long, default_value_t = 10_000)]
+        services: usize,
+    },
 }
 
 /// Latency summary in microseconds.
@@ -103,6 +112,15 @@ fn main() -> anyhow::Result<()> {
         Scenario::All { namespaces } => {
             report.insert("enroll".into(), enroll(namespaces, args.quick)?);
             report.insert("connect".into(), connect(args.quick)?);
+            let (pods, services) = if args.quick {
+                (10_000, 1_000)
+            } else {
+                (100_000, 10_000)
+            };
+            report.insert("store".into(), store(pods, services)?);
+        }
+        Scenario::Store { pods, services } => {
+            report.insert("store".into(), store(pods, services)?);
         }
         Scenario::Enroll { namespaces } => {
             report.insert("enroll".into(), enroll(namespaces, args.quick)?);
@@ -117,6 +135,130 @@ fn main() -> anyhow::Result<()> {
         println!("\nfigures written to {}", path.display());
     }
     Ok(())
+}
+
+/// Resident memory of this process, in bytes.
+fn rss() -> anyhow::Result<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm")?;
+    let pages: u64 = statm.split(' ').nth(1).context("statm")?.parse()?;
+    Ok(pages * 4096)
+}
+
+fn store(pods: usize, services: usize) -> anyhow::Result<serde_json::Value> {
+    use meshlet::workload::{
+        Store,
+        model::{
+            Endpoint, EndpointPort, EndpointSlice, Labels, Object, ObjectKey, Pod, Service,
+            ServicePort, TargetPort,
+        },
+    };
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+    let pod_ip = |i: usize| IpAddr::V4(Ipv4Addr::from(0x0af4_0000u32 + i as u32)); // 10.244.0.0 + i
+    let vip = |i: usize| IpAddr::V4(Ipv4Addr::from(0x0a60_0000u32 + i as u32)); // 10.96.0.0 + i
+    let store = Store::new();
+    let base = rss()?;
+    let start = Instant::now();
+    for i in 0..pods {
+        let namespace = format!("ns-{}", i % 100);
+        store.upsert(Object::Pod(Pod {
+            key: ObjectKey::new(namespace, format!("pod-{i}")),
+            uid: format!("{i:08x}-0000-4000-8000-000000000000"),
+            labels: [("app".to_owned(), format!("app-{}", i % services.max(1)))].into(),
+            annotations: Labels::new(),
+            service_account: format!("sa-{}", i % 1000),
+            node_name: Some(format!("node-{}", i % 100)),
+            ips: vec![pod_ip(i)],
+            host_network: false,
+            phase: "Running".into(),
+            ready: true,
+        }));
+    }
+    let load_pods = start.elapsed();
+    let after_pods = rss()?;
+    for s in 0..services {
+        let namespace = format!("ns-{}", s % 100);
+        store.upsert(Object::Service(Service {
+            key: ObjectKey::new(namespace.clone(), format!("svc-{s}")),
+            cluster_ips: vec![vip(s)],
+            ports: vec![ServicePort {
+                name: "http".into(),
+                port: 80,
+                target_port: TargetPort::Number(8080),
+                protocol: "TCP".into(),
+            }],
+            selector: Some([("app".to_owned(), format!("app-{s}"))].into()),
+        }));
+        store.upsert(Object::EndpointSlice(EndpointSlice {
+            key: ObjectKey::new(namespace, format!("svc-{s}-abcde")),
+            service: format!("svc-{s}"),
+            ports: vec![EndpointPort {
+                name: "http".into(),
+                port: 8080,
+            }],
+            endpoints: (0..10)
+                .map(|e| Endpoint {
+                    addresses: vec![pod_ip((s * 10 + e) % pods.max(1))],
+                    ready: true,
+                    target_pod: None,
+                })
+                .collect(),
+        }));
+    }
+    let after_services = rss()?;
+
+    // Lookups: a fixed pseudo-random sequence, so runs compare.
+    let lookups = 2_000_000;
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move |n: usize| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x % n as u64) as usize
+    };
+    let ips: Vec<IpAddr> = (0..4096).map(|_| pod_ip(next(pods))).collect();
+    let vips: Vec<SocketAddr> = (0..4096)
+        .map(|_| SocketAddr::new(vip(next(services)), 80))
+        .collect();
+    let start = Instant::now();
+    let mut found = 0usize;
+    for i in 0..lookups {
+        found += usize::from(store.pod_by_ip(ips[i & 4095]).is_some());
+    }
+    let ip_rate = lookups as f64 / start.elapsed().as_secs_f64();
+    ensure!(found == lookups, "pod lookups missed");
+    let start = Instant::now();
+    let mut endpoints = 0usize;
+    for i in 0..lookups {
+        endpoints += store
+            .service_by_vip(vips[i & 4095])
+            .map_or(0, |(_, e)| e.len());
+    }
+    let vip_rate = lookups as f64 / start.elapsed().as_secs_f64();
+    ensure!(endpoints == lookups * 10, "VIP lookups missed");
+
+    let per_pod = (after_pods - base) as f64 / pods as f64;
+    let per_service = (after_services - after_pods) as f64 / services.max(1) as f64;
+    println!("\nworkload store ({pods} pods, {services} services with 10 endpoints each)");
+    println!(
+        "  load {pods} pods                  {:>10.0} ms",
+        load_pods.as_secs_f64() * 1000.0
+    );
+    println!("  memory per pod (RSS delta)      {per_pod:>10.0} bytes");
+    println!("  memory per service + slice      {per_service:>10.0} bytes");
+    println!(
+        "  IP -> workload lookups          {:>10.1} M/s (one thread)",
+        ip_rate / 1e6
+    );
+    println!(
+        "  VIP:port -> endpoints lookups   {:>10.1} M/s (one thread)",
+        vip_rate / 1e6
+    );
+    Ok(serde_json::json!({
+        "pods": pods, "services": services, "load_pods_ms": load_pods.as_millis() as u64,
+        "bytes_per_pod": per_pod, "bytes_per_service": per_service,
+        "ip_lookups_per_s": ip_rate, "vip_lookups_per_s": vip_rate,
+    }))
 }
 
 fn install(cluster: &Cluster) -> anyhow::Result<Capture> {
