@@ -678,6 +678,36 @@ impl Cluster {
             .arg("agent")
             .args(self.agent_flags(index))
             .args(extra);
+        self.spawn_agent(index, command)
+    }
+
+    /// [`Cluster::start_agent`] with environment variables (`KUBECONFIG`, ...), in the test
+    /// process's own network namespace rather than the node's: how an agent reaches a stand-in
+    /// API server listening on loopback. Capture is unaffected (it acts on the pods' namespaces);
+    /// only the node addresses it exempts are the machine's.
+    pub fn start_agent_with_env(
+        &self,
+        index: usize,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> process::Agent {
+        let cgroup = self.cgroup_root(index).join("meshlet");
+        fs::create_dir_all(&cgroup)
+            .unwrap_or_else(|err| panic!("create {}: {err}", cgroup.display()));
+        let mut command = process::in_pod(
+            process::meshlet_binary(),
+            Path::new("/proc/self/ns/net"),
+            &cgroup,
+        );
+        command
+            .arg("agent")
+            .args(self.agent_flags(index))
+            .args(extra)
+            .envs(env.iter().copied());
+        self.spawn_agent(index, command)
+    }
+
+    fn spawn_agent(&self, index: usize, command: Command) -> process::Agent {
         static STARTS: AtomicU32 = AtomicU32::new(0);
         let start = STARTS.fetch_add(1, Ordering::Relaxed);
         let log = std::env::temp_dir().join(format!("{}-agent-{index}-{start}.log", self.id));
