@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod capture;
 pub mod cli;
+pub mod identity;
 pub mod inpod;
 pub mod proxy;
 pub mod source;
