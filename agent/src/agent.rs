@@ -1,7 +1,7 @@
 //! The node agent: wires source -> store -> in-pod enrollment -> capture and proxy, and runs
 //! until SIGTERM/SIGINT.
 
-use std::sync::Arc;
+use std::{path::PathBuf, sync::Arc};
 
 use anyhow::Context as _;
 use tokio::sync::watch;
@@ -9,15 +9,31 @@ use tracing::{info, warn};
 
 use crate::{
     capture::{self, Capture},
+    identity::{self, Ca, SystemClock},
     inpod::{Annotator, InPod},
+    proxy::Proxy,
     source::{self, SourceConfig, SyncState},
     sys::netns::local_addresses,
     workload::Store,
 };
 
+/// Where the mesh CA comes from.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct IdentityConfig {
+    /// The SPIFFE trust domain.
+    pub trust_domain: String,
+    /// A CA certificate chain (PEM: the signing CA first, the root last) and its key. Without
+    /// them, a development root is generated in (or reloaded from) `state_dir`.
+    pub ca: Option<(PathBuf, PathBuf)>,
+    /// Where the agent keeps state (the development root).
+    pub state_dir: PathBuf,
+}
+
 /// Everything `meshlet agent` is configured with.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Config {
+    /// Identity: trust domain and CA.
+    pub identity: IdentityConfig,
     /// This node's name: the agent serves the pods whose `spec.nodeName` it is.
     pub node_name: String,
     /// Where workloads come from.
@@ -33,7 +49,25 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let node_addresses = local_addresses().context("list the node's addresses")?;
     capture.set_node_addresses(&node_addresses)?;
 
+    let ca = match &config.identity.ca {
+        Some((cert, key)) => {
+            let read = |path: &PathBuf| {
+                std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))
+            };
+            Ca::from_pem(&read(cert)?, &read(key)?)?
+        }
+        None => Ca::load_or_generate(&config.identity.state_dir, &config.identity.trust_domain)?,
+    };
+    let identities = Arc::new(identity::Manager::new(
+        Arc::new(ca),
+        &config.identity.trust_domain,
+        Arc::new(SystemClock),
+    )?);
+    let renewals = tokio::spawn(identities.clone().run());
+
     let store = Arc::new(Store::new());
+    let proxy = Arc::new(Proxy::new(store.clone(), identities));
+    let reaper = tokio::spawn(proxy.pool.clone().run_reaper());
     let sync = Arc::new(SyncState::default());
     let mut annotator: Option<Annotator> = None;
     let source_task = match &config.source {
@@ -61,11 +95,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let (shutdown_tx, shutdown) = watch::channel(false);
     let inpod = tokio::spawn(
-        InPod::new(config.node_name.clone(), store, sync, capture, annotator).run(shutdown),
+        InPod::new(config.node_name.clone(), proxy, sync, capture, annotator).run(shutdown),
     );
     shutdown_signal().await?;
     let _ = shutdown_tx.send(true);
     source_task.abort();
+    renewals.abort();
+    reaper.abort();
     inpod.await.context("in-pod reconciler")?;
     info!("stopped; capture stays attached through its pins (`meshlet uninstall` removes it)");
     Ok(())

@@ -17,13 +17,13 @@ use std::{
     time::Duration,
 };
 
-use meshlet_common::{INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+use meshlet_common::{INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use tokio::{sync::watch, task::JoinHandle};
 use tracing::{info, warn};
 
 use crate::{
     capture::Capture,
-    proxy::passthrough::{self, Direction, PodContext},
+    proxy::{PodContext, Proxy, inbound, outbound, passthrough},
     source::SyncState,
     sys::{Netns, socket},
     workload::{
@@ -79,6 +79,7 @@ pub type Annotator = Arc<dyn Fn(ObjectKey, bool) + Send + Sync>;
 /// The reconciler.
 pub struct InPod {
     node: String,
+    proxy: Arc<Proxy>,
     store: Arc<Store>,
     sync: Arc<SyncState>,
     capture: Capture,
@@ -102,13 +103,15 @@ impl InPod {
     /// A reconciler for node `node`.
     pub fn new(
         node: String,
-        store: Arc<Store>,
+        proxy: Arc<Proxy>,
         sync: Arc<SyncState>,
         capture: Capture,
         annotator: Option<Annotator>,
     ) -> Self {
+        let store = proxy.store.clone();
         Self {
             node,
+            proxy,
             store,
             sync,
             capture,
@@ -236,33 +239,52 @@ impl InPod {
         let netns = Arc::new(Netns::open(source.path())?);
         let inode =
             std::fs::metadata(source.path()).map(|m| std::os::unix::fs::MetadataExt::ino(&m))?;
+        let identity = self.proxy.identity_of(pod)?;
+        // Issue the pod's certificate now: a CA problem shows here, not on the first connection.
+        self.proxy.identities.certified(&identity)?;
         let context = Arc::new(PodContext {
             key: pod.key.clone(),
             netns: netns.clone(),
+            identity,
+            ips: pod.ips.clone(),
         });
 
         // Listeners first: in fail-closed mode, capture before them would refuse connections.
+        #[derive(Clone, Copy, PartialEq, Eq)]
+        enum Role {
+            Outbound,
+            InboundPlaintext,
+            InboundHbone,
+        }
         let mut listeners = Vec::new();
         let mut inbound = Vec::new();
         let wanted = [
             (
                 SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT)),
-                Direction::Outbound,
+                Role::Outbound,
             ),
             (
                 SocketAddr::from((Ipv6Addr::LOCALHOST, OUTBOUND_PORT)),
-                Direction::Outbound,
+                Role::Outbound,
             ),
             (
                 SocketAddr::from((Ipv4Addr::UNSPECIFIED, INBOUND_PLAINTEXT_PORT)),
-                Direction::Inbound,
+                Role::InboundPlaintext,
             ),
             (
                 SocketAddr::from((Ipv6Addr::UNSPECIFIED, INBOUND_PLAINTEXT_PORT)),
-                Direction::Inbound,
+                Role::InboundPlaintext,
+            ),
+            (
+                SocketAddr::from((Ipv4Addr::UNSPECIFIED, INBOUND_HBONE_PORT)),
+                Role::InboundHbone,
+            ),
+            (
+                SocketAddr::from((Ipv6Addr::UNSPECIFIED, INBOUND_HBONE_PORT)),
+                Role::InboundHbone,
             ),
         ];
-        for (addr, direction) in wanted {
+        for (addr, role) in wanted {
             let listener = match socket::listen_in(&netns, addr) {
                 Ok(listener) => listener,
                 // A pod without IPv6 (disabled in its namespace) has no [::1] or [::].
@@ -276,15 +298,22 @@ impl InPod {
                     });
                 }
             };
-            if direction == Direction::Inbound {
+            if role == Role::InboundPlaintext {
                 inbound.push((addr, listener.try_clone()?));
             }
             let listener = tokio::net::TcpListener::from_std(listener)?;
-            listeners.push(tokio::spawn(passthrough::serve(
-                listener,
-                direction,
-                context.clone(),
-            )));
+            let (proxy, context) = (self.proxy.clone(), context.clone());
+            listeners.push(match role {
+                Role::Outbound => tokio::spawn(outbound::serve(listener, proxy, context)),
+                Role::InboundPlaintext => {
+                    tokio::spawn(passthrough::serve_inbound(listener, context))
+                }
+                Role::InboundHbone => tokio::spawn(async move {
+                    if let Err(err) = inbound::serve(listener, proxy, context).await {
+                        warn!(%err, "cannot serve HBONE");
+                    }
+                }),
+            });
         }
 
         let cookie = self.capture.enroll(&netns, &pod.ips)?;

@@ -33,6 +33,9 @@ use std::{
 use meshlet::{capture::mounts, sys::Netns};
 pub use process::{Accepted, ConnectReport, Process};
 
+/// What every test client sends, repeated: a capture of a link can look for it.
+pub const PLAINTEXT_MARKER: &[u8] = b"meshlet-plaintext-marker.";
+
 /// Prefix of every network namespace, cgroup and bpffs directory the harness creates.
 pub const TEST_PREFIX: &str = "mlt-";
 
@@ -657,10 +660,21 @@ impl Cluster {
         process::connect(command)
     }
 
-    /// The `meshlet agent` flags that point node `index`'s agent at its cgroup root and bpffs
-    /// directory.
+    /// The cluster's state directory: the mesh CA every agent of the cluster shares (created
+    /// on first use, removed with the cluster).
+    pub fn state_dir(&self) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("{}-state", self.id));
+        meshlet::identity::Ca::load_or_generate(&dir, meshlet::identity::DEFAULT_TRUST_DOMAIN)
+            .unwrap_or_else(|err| panic!("create the test mesh CA in {}: {err}", dir.display()));
+        dir
+    }
+
+    /// The `meshlet agent` flags that point node `index`'s agent at its cgroup root, bpffs
+    /// directory and the cluster's CA.
     pub fn agent_flags(&self, index: usize) -> Vec<String> {
         vec![
+            "--state-dir".into(),
+            self.state_dir().display().to_string(),
             "--node-name".into(),
             self.nodes[index].name.clone(),
             "--cgroup-root".into(),
@@ -714,6 +728,21 @@ impl Cluster {
         process::Agent::spawn(command, log)
     }
 
+    /// Starts capturing node-0's link to the fabric (everything node-0 exchanges with the other
+    /// nodes) with tcpdump.
+    pub fn capture_link(&self) -> process::LinkCapture {
+        let cgroup = self.cgroup.path().join("tools");
+        fs::create_dir_all(&cgroup)
+            .unwrap_or_else(|err| panic!("create {}: {err}", cgroup.display()));
+        let text = std::env::temp_dir().join(format!("{}-link.txt", self.id));
+        let mut command = process::in_pod("tcpdump", &self.fabric.path(), &cgroup);
+        // node-0's port on the bridge: a bridge device itself does not see forwarded frames.
+        // Text output (`-A`, payload as ASCII): writing a pcap with `-w` captures nothing on
+        // these machines.
+        command.args(["-i", "n0", "-nn", "-l", "-A", "-s", "0", "tcp"]);
+        process::LinkCapture::start(command, text)
+    }
+
     /// The fabric (switch) namespace joining the nodes.
     pub fn fabric(&self) -> &NetnsGuard {
         &self.fabric
@@ -728,6 +757,7 @@ impl Drop for Cluster {
         self.pods.clear();
         self.nodes.clear();
         self.extra_netns.clear();
+        let _ = fs::remove_dir_all(std::env::temp_dir().join(format!("{}-state", self.id)));
         // `fabric`, `bpffs` and `cgroup` drop after this, in field order.
     }
 }

@@ -230,6 +230,77 @@ impl Drop for Agent {
     }
 }
 
+/// tcpdump on a link, until [`LinkCapture::finish`].
+#[derive(Debug)]
+pub struct LinkCapture {
+    child: Child,
+    output: PathBuf,
+}
+
+/// What a link carried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkSummary {
+    /// TCP packets captured.
+    pub packets: usize,
+    /// Of them, packets to or from port 15008 (HBONE).
+    pub hbone_packets: usize,
+    /// Whether [`crate::PLAINTEXT_MARKER`] appeared anywhere in a packet.
+    pub plaintext_seen: bool,
+}
+
+impl LinkCapture {
+    /// Starts `command` (a `tcpdump -l -A ...` printing packets to stdout) and waits until it
+    /// listens.
+    pub fn start(mut command: Command, output: PathBuf) -> Self {
+        let file = File::create(&output)
+            .unwrap_or_else(|err| panic!("create {}: {err}", output.display()));
+        let mut child = command
+            .stdout(file)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|err| panic!("spawn tcpdump (cargo xtask setup installs it): {err}"));
+        let stderr = child.stderr.take().expect("piped stderr");
+        let mut lines = BufReader::new(stderr).lines();
+        let started = lines
+            .by_ref()
+            .map_while(Result::ok)
+            .find(|l| l.contains("listening on"));
+        assert!(started.is_some(), "tcpdump did not start");
+        std::thread::spawn(move || for _ in lines {});
+        Self { child, output }
+    }
+
+    /// Stops the capture and summarises it.
+    pub fn finish(mut self) -> LinkSummary {
+        std::thread::sleep(Duration::from_millis(200));
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGINT) };
+        let _ = self.child.wait();
+        let text = std::fs::read_to_string(&self.output).unwrap_or_default();
+        let headers: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains(" IP ") || l.contains(" IP6 "))
+            .collect();
+        let marker = String::from_utf8_lossy(crate::PLAINTEXT_MARKER).into_owned();
+        LinkSummary {
+            packets: headers.len(),
+            hbone_packets: headers
+                .iter()
+                .filter(|l| l.contains(".15008 ") || l.contains(".15008:"))
+                .count(),
+            plaintext_seen: text.contains(&marker),
+        }
+    }
+}
+
+impl Drop for LinkCapture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.output);
+    }
+}
+
 /// A running helper process, killed on drop. Its stdout lines are collected as they come.
 #[derive(Debug)]
 pub struct Process {

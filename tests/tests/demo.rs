@@ -23,7 +23,7 @@ fn the_demo_walks_through_every_step_and_leaves_nothing_behind() {
         );
     }
     assert!(
-        stdout.contains("node-0 redirected 1 outbound, node-1 steered 1 inbound"),
+        stdout.contains("application plaintext seen: false"),
         "{stdout}"
     );
     let id = stdout

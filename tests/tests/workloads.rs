@@ -150,12 +150,18 @@ fn labelling_a_namespace_enrolls_its_pods_and_unlabelling_releases_them() {
         2,
         "client connects captured on node-0"
     );
+    // Mesh to mesh: the client's agent tunnels to the server pod's 15008 (never steered).
     assert_eq!(
-        after.1.inbound - before.1.inbound,
-        2,
-        "server connections steered on node-1"
+        after.1.inbound, before.1.inbound,
+        "HBONE arrives on 15008, never steered"
     );
-    node0.wait_for_log("connection closed", 2, Duration::from_secs(5));
+    node0.wait_for_log("protocol=\"HBONE\"", 2, Duration::from_secs(5));
+    node1.wait_for_log("connection admitted", 2, Duration::from_secs(5));
+    let admitted = node1.log();
+    assert!(
+        admitted.contains("src_identity=spiffe://cluster.local/ns/demo/sa/client"),
+        "node-1 did not see the client's identity:\n{admitted}"
+    );
 
     // A pod that starts later is enrolled as soon as its namespace (a process) appears.
     cluster.add_pod("late", 0);

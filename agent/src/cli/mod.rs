@@ -25,7 +25,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the node agent: capture enrolled pods and carry their traffic until stopped.
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Detach every meshlet eBPF program and remove its pins.
     Uninstall(UninstallArgs),
     /// Print build information.
@@ -65,6 +65,18 @@ pub struct AgentArgs {
         value_delimiter = ','
     )]
     pub exclude_ports: Vec<u16>,
+    /// SPIFFE trust domain of the mesh.
+    #[arg(long, env = "MESHLET_TRUST_DOMAIN", default_value = crate::identity::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// Mesh CA certificate chain (PEM: signing CA first, root last). With --ca-key.
+    #[arg(long, env = "MESHLET_CA_CERT", requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+    /// The CA's private key (PEM: ECDSA P-256/P-384 or RSA 2048-4096).
+    #[arg(long, env = "MESHLET_CA_KEY", requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
+    /// Where the agent keeps state (a development root CA when no --ca-cert is given).
+    #[arg(long, env = "MESHLET_STATE_DIR", default_value = "/var/lib/meshlet")]
+    pub state_dir: PathBuf,
     /// Log line format.
     #[arg(long, env = "MESHLET_LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: LogFormat,
@@ -81,7 +93,7 @@ pub struct UninstallArgs {
 /// Parses the process arguments and runs the command.
 pub fn run() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Agent(args) => agent(args),
+        Command::Agent(args) => agent(*args),
         Command::Uninstall(args) => uninstall(args),
         Command::Version => {
             println!(
@@ -100,7 +112,13 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
     capture.fail_mode = args.fail_mode;
     capture.excluded_cidrs = args.exclude_cidrs;
     capture.excluded_ports = args.exclude_ports;
+    let identity = agent::IdentityConfig {
+        trust_domain: args.trust_domain,
+        ca: args.ca_cert.zip(args.ca_key),
+        state_dir: args.state_dir,
+    };
     let config = agent::Config {
+        identity,
         node_name: args.node_name,
         source: args.source,
         capture,

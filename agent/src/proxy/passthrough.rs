@@ -1,80 +1,58 @@
-//! Plaintext passthrough: a captured connection is carried to where it was going, from inside
-//! the pod's network namespace, bytes copied both ways with half-close kept (a client that shuts
-//! down its write side still gets the reply).
+//! Plaintext: inbound connections steered to a pod's 15006 are carried to the application, and
+//! [`connect_in`] makes the proxy's outgoing connections from inside a pod's network namespace.
+//! Bytes are copied both ways with half-close kept (a client that shuts down its write side
+//! still gets the reply).
 
-use std::{io, net::SocketAddr, os::fd::AsFd as _, sync::Arc, time::Instant};
+use std::{io, net::SocketAddr, sync::Arc, time::Instant};
 
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tracing::{debug, info, warn};
 
-use crate::{
-    sys::{Netns, socket},
-    workload::model::ObjectKey,
-};
+use super::PodContext;
+use crate::sys::{Netns, socket};
 
-/// The pod a listener serves.
-#[derive(Debug)]
-pub struct PodContext {
-    /// The pod.
-    pub key: ObjectKey,
-    /// Its network namespace, where the proxy's outgoing sockets are made.
-    pub netns: Arc<Netns>,
-}
-
-/// Which listener a connection came in on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Direction {
-    /// 15001: the pod is the client.
-    Outbound,
-    /// 15006: the pod is the server.
-    Inbound,
-}
-
-/// Accepts on `listener` until the task is dropped, carrying each connection in its own task
-/// (which outlives the listener: dropping the listener stops new connections only).
-pub async fn serve(listener: TcpListener, direction: Direction, pod: Arc<PodContext>) {
+/// Accepts on a pod's 15006 listener (inbound plaintext, steered by sk_lookup) until the task
+/// is dropped, carrying each connection to the application in its own task (which outlives
+/// the listener: dropping the listener stops new connections only).
+pub async fn serve_inbound(listener: TcpListener, pod: Arc<PodContext>) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let pod = pod.clone();
                 tokio::spawn(async move {
-                    if let Err(err) = carry(stream, peer, direction, &pod).await {
-                        debug!(pod = %pod.key, ?direction, %peer, %err, "connection failed");
+                    if let Err(err) = carry_inbound(stream, peer, &pod).await {
+                        debug!(pod = %pod.key, %peer, %err, "inbound connection failed");
                     }
                 });
             }
             Err(err) => {
                 // Out of descriptors and the like: back off rather than spin.
-                warn!(pod = %pod.key, ?direction, %err, "accept failed");
+                warn!(pod = %pod.key, %err, "accept on 15006 failed");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
         }
     }
 }
 
-async fn carry(
+async fn carry_inbound(
     mut stream: TcpStream,
     peer: SocketAddr,
-    direction: Direction,
     pod: &PodContext,
 ) -> io::Result<()> {
     let start = Instant::now();
-    let destination = match direction {
-        Direction::Outbound => {
-            socket::original_dst_fd(stream.as_fd(), stream.local_addr()?.is_ipv6())?
-        }
-        // sk_lookup hands the connection over without rewriting it: the local address is the
-        // original destination.
-        Direction::Inbound => stream.local_addr()?,
-    };
+    // sk_lookup hands the connection over without rewriting it: the local address is the
+    // original destination.
+    let destination = stream.local_addr()?;
     let mut upstream = connect_in(&pod.netns, destination).await?;
-    let (sent, received) = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await?;
+    let (received, sent) = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await?;
     info!(
         target: "meshlet::access",
-        pod = %pod.key,
-        direction = ?direction,
+        direction = "inbound",
+        dst_workload = %pod.key,
+        dst_identity = %pod.identity,
         src = %peer,
         dst = %destination,
+        protocol = "TCP",
         bytes_sent = sent,
         bytes_received = received,
         duration_ms = start.elapsed().as_millis() as u64,

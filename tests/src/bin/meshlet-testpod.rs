@@ -191,7 +191,12 @@ fn exchange(
     report.local = Some(stream.local_addr()?);
     report.peer = Some(stream.peer_addr()?);
     std::thread::sleep(delay);
-    let payload: Vec<u8> = (0..send).map(|i| (i % 251) as u8).collect();
+    let payload: Vec<u8> = meshlet_tests::PLAINTEXT_MARKER
+        .iter()
+        .copied()
+        .cycle()
+        .take(send)
+        .collect();
     stream.write_all(&payload)?;
     stream.shutdown(Shutdown::Write)?;
     let mut echoed = Vec::with_capacity(send);
