@@ -52,6 +52,16 @@ enum Mode {
         #[arg(long, default_value_t = 0)]
         delay_ms: u64,
     },
+    /// Opens `count` connections at once to `to`, each sending `send` bytes and reading the
+    /// echo; prints `{"ok":N,"failed":M,"first_error":..}`.
+    ConnectMany {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        count: usize,
+        #[arg(long, default_value_t = 1024)]
+        send: usize,
+    },
     /// Times `count` connects (connect, then close) to `to`; prints the latencies in
     /// nanoseconds as one JSON array.
     ConnectBench {
@@ -83,6 +93,32 @@ fn main() -> anyhow::Result<()> {
                 listener.set_nonblocking(false)?;
             }
             serve(listeners, true)
+        }
+        Mode::ConnectMany { to, count, send } => {
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(count));
+            let threads: Vec<_> = (0..count)
+                .map(|_| {
+                    let barrier = barrier.clone();
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        connect(to, send, false, Duration::from_secs(10), Duration::ZERO)
+                    })
+                })
+                .collect();
+            let reports: Vec<ConnectReport> = threads
+                .into_iter()
+                .map(|t| t.join().expect("client thread"))
+                .collect();
+            let ok = reports
+                .iter()
+                .filter(|r| r.error.is_none() && r.echoed == send)
+                .count();
+            let first_error = reports.iter().find_map(|r| r.error.clone());
+            println!(
+                "{}",
+                serde_json::json!({ "ok": ok, "failed": count - ok, "first_error": first_error })
+            );
+            Ok(())
         }
         Mode::ConnectBench { to, count } => {
             let mut latencies = Vec::with_capacity(count);
@@ -187,24 +223,50 @@ fn exchange(
     }
     socket.connect_timeout(&to.into(), timeout)?;
     let mut stream: TcpStream = socket.into();
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     report.local = Some(stream.local_addr()?);
     report.peer = Some(stream.peer_addr()?);
     std::thread::sleep(delay);
-    let payload: Vec<u8> = meshlet_tests::PLAINTEXT_MARKER
-        .iter()
-        .copied()
-        .cycle()
-        .take(send)
-        .collect();
-    stream.write_all(&payload)?;
-    stream.shutdown(Shutdown::Write)?;
-    let mut echoed = Vec::with_capacity(send);
-    stream.read_to_end(&mut echoed)?;
-    report.echoed = echoed
-        .iter()
-        .zip(&payload)
-        .take_while(|(a, b)| a == b)
-        .count();
+    // Write and read at once: an echo of a large payload would otherwise fill every buffer on
+    // the way and deadlock.
+    let mut writer = stream.try_clone()?;
+    let sending = std::thread::spawn(move || -> std::io::Result<()> {
+        let chunk: Vec<u8> = meshlet_tests::PLAINTEXT_MARKER
+            .iter()
+            .copied()
+            .cycle()
+            .take(64 * 1024 * meshlet_tests::PLAINTEXT_MARKER.len())
+            .collect();
+        let mut left = send;
+        let mut offset = 0;
+        while left > 0 {
+            let n = left.min(chunk.len() - offset);
+            writer.write_all(&chunk[offset..offset + n])?;
+            left -= n;
+            offset = (offset + n) % meshlet_tests::PLAINTEXT_MARKER.len();
+        }
+        writer.shutdown(Shutdown::Write)
+    });
+    let marker = meshlet_tests::PLAINTEXT_MARKER;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut matched = 0usize;
+    let mut diverged = false;
+    loop {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        for &byte in &buf[..n] {
+            if !diverged && byte == marker[matched % marker.len()] {
+                matched += 1;
+            } else {
+                diverged = true;
+            }
+        }
+    }
+    sending
+        .join()
+        .map_err(|_| std::io::Error::other("sender panicked"))??;
+    report.echoed = matched.min(send);
     Ok(())
 }

@@ -1,0 +1,410 @@
+//! The HBONE tunnel end to end: two nodes, an agent per node, pods enrolled through the
+//! workload file. Mesh traffic crosses the node link only as TLS on port 15008, in both
+//! directions, for small and large transfers and many concurrent connections; the 15008 server
+//! refuses bad clients and bad requests and keeps serving everyone else.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::Empty;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use meshlet::{
+    capture::Pinned,
+    identity::{self, Ca, Identity},
+    proxy::passthrough::connect_in,
+    sys::Netns,
+};
+use meshlet_tests::{Cluster, namespace_manifest, process::testpod_binary, write_workloads};
+
+const AMBIENT: (&str, &str) = ("meshlet.io/dataplane-mode", "ambient");
+
+struct Mesh {
+    cluster: Cluster,
+    file: PathBuf,
+    agents: Vec<meshlet_tests::process::Agent>,
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        self.agents.clear();
+        let _ = std::fs::remove_file(&self.file);
+    }
+}
+
+/// client + neighbour... on the nodes given, all in namespace `demo` (ambient), bystander in
+/// `legacy` (not), agents on both nodes, everything enrolled.
+fn mesh() -> Mesh {
+    let mut cluster = Cluster::new(2);
+    cluster.add_pod("client", 0);
+    cluster.add_pod("bystander", 0);
+    cluster.add_pod("server", 1);
+    cluster.add_pod("neighbour", 1);
+    let file = std::env::temp_dir().join(format!("{}-workloads.yaml", cluster.id()));
+    write_workloads(
+        &file,
+        &[
+            namespace_manifest("demo", &[AMBIENT]),
+            namespace_manifest("legacy", &[]),
+            cluster.pod("client").manifest("demo", &[("app", "client")]),
+            cluster.pod("server").manifest("demo", &[("app", "server")]),
+            cluster
+                .pod("neighbour")
+                .manifest("demo", &[("app", "neighbour")]),
+            cluster
+                .pod("bystander")
+                .manifest("legacy", &[("app", "bystander")]),
+        ],
+    );
+    let source = format!("file:{}", file.display());
+    let agents = vec![
+        cluster.start_agent(0, &["--source", &source]),
+        cluster.start_agent(1, &["--source", &source]),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for (node, count) in [(0, 1), (1, 2)] {
+        while Pinned::open(&cluster.bpffs_dir(node))
+            .and_then(|p| p.enrolled())
+            .map(|e| e.len())
+            .unwrap_or(0)
+            < count
+        {
+            assert!(
+                Instant::now() < deadline,
+                "pods not enrolled on node-{node}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Mesh {
+        cluster,
+        file,
+        agents,
+    }
+}
+
+#[test]
+fn mesh_traffic_crosses_the_node_link_only_as_tls_for_any_size_and_many_connections() {
+    let mesh = mesh();
+    let cluster = &mesh.cluster;
+    let (client, server) = (cluster.pod("client"), cluster.pod("server"));
+    let _echo = server.echo_server(8080);
+
+    let link = cluster.capture_link();
+    client.connect(server.addr(false, 8080), 1).assert_echoed(1);
+    client
+        .connect(server.addr(false, 8080), 1024 * 1024)
+        .assert_echoed(1024 * 1024);
+    client
+        .connect(server.addr(true, 8080), 1024 * 1024)
+        .assert_echoed(1024 * 1024);
+    let wire = link.finish();
+    assert!(wire.hbone_packets > 100, "{wire:?}");
+    assert_eq!(
+        wire.hbone_packets, wire.packets,
+        "mesh traffic left the tunnel: {wire:?}"
+    );
+    assert!(
+        !wire.plaintext_seen,
+        "the application's bytes crossed the link in clear: {wire:?}"
+    );
+
+    // The same detector sees plaintext when there is some: a pod outside the mesh.
+    let link = cluster.capture_link();
+    cluster
+        .pod("bystander")
+        .connect(server.addr(false, 8080), 64 * 1024)
+        .assert_echoed(64 * 1024);
+    let wire = link.finish();
+    assert!(
+        wire.plaintext_seen,
+        "the capture cannot see plaintext: {wire:?}"
+    );
+    assert_eq!(wire.hbone_packets, 0, "{wire:?}");
+
+    // 1,000 concurrent connections, through pooled HBONE connections.
+    let mut many = client.command(testpod_binary());
+    many.args([
+        "connect-many",
+        "--to",
+        &server.addr(false, 8080).to_string(),
+        "--count",
+        "1000",
+        "--send",
+        "4096",
+    ]);
+    let out = many.output().unwrap();
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(result["ok"], 1000, "{result}");
+
+    // 1 GiB one way and back.
+    let start = Instant::now();
+    client
+        .connect(server.addr(false, 8080), 1 << 30)
+        .assert_echoed(1 << 30);
+    eprintln!("1 GiB echoed through HBONE in {:?}", start.elapsed());
+}
+
+#[test]
+fn same_node_mesh_traffic_also_goes_through_hbone() {
+    let mesh = mesh();
+    let cluster = &mesh.cluster;
+    let _echo = cluster.pod("server").echo_server(8080);
+    cluster
+        .pod("neighbour")
+        .connect(cluster.pod("server").addr(false, 8080), 2048)
+        .assert_echoed(2048);
+    // Both ends are on node-1: its agent is the client (outbound, HBONE) and the server
+    // (15008, with the neighbour's identity).
+    mesh.agents[1].wait_for_log(
+        "src_identity=spiffe://cluster.local/ns/demo/sa/neighbour",
+        2,
+        Duration::from_secs(20),
+    );
+    mesh.agents[1].wait_for_log("src_workload=demo/neighbour", 1, Duration::from_secs(20));
+    let log = mesh.agents[1].log();
+    let outbound = log
+        .lines()
+        .find(|l| l.contains("src_workload=demo/neighbour"))
+        .unwrap();
+    assert!(outbound.contains("protocol=\"HBONE\""), "{outbound}");
+}
+
+/// A raw HBONE client, for what the agents would never send.
+struct RawClient {
+    netns: Arc<Netns>,
+    roots: Arc<rustls::RootCertStore>,
+    ca: Ca,
+}
+
+impl RawClient {
+    fn new(cluster: &Cluster) -> Self {
+        let ca =
+            Ca::load_or_generate(&cluster.state_dir(), identity::DEFAULT_TRUST_DOMAIN).unwrap();
+        Self {
+            netns: Arc::new(cluster.node(0).netns.open()),
+            roots: ca.roots(),
+            ca,
+        }
+    }
+
+    fn config(&self, as_identity: &str, expect: &str) -> Arc<rustls::ClientConfig> {
+        let certified = self
+            .ca
+            .issue(
+                &Identity::parse(as_identity).unwrap(),
+                std::time::SystemTime::now(),
+                Duration::from_secs(3600),
+            )
+            .unwrap();
+        identity::client_config(
+            &certified,
+            Identity::parse(expect).unwrap(),
+            self.roots.clone(),
+        )
+        .unwrap()
+    }
+
+    async fn tls(
+        &self,
+        peer: SocketAddr,
+        config: Arc<rustls::ClientConfig>,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        let tcp = connect_in(&self.netns, peer).await?;
+        tokio_rustls::TlsConnector::from(config)
+            .connect(
+                rustls::pki_types::ServerName::IpAddress(peer.ip().into()),
+                tcp,
+            )
+            .await
+    }
+
+    /// CONNECTs to `authority` (any text) over one new connection; returns the status.
+    async fn connect(
+        &self,
+        peer: SocketAddr,
+        config: Arc<rustls::ClientConfig>,
+        authority: &str,
+    ) -> StatusCode {
+        let tls = self.tls(peer, config).await.expect("TLS");
+        let (mut sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .expect("h2");
+        tokio::spawn(connection);
+        let request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(authority)
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        sender
+            .send_request(request)
+            .await
+            .expect("response")
+            .status()
+    }
+}
+
+const SERVER: &str = "spiffe://cluster.local/ns/demo/sa/server";
+const CLIENT: &str = "spiffe://cluster.local/ns/demo/sa/client";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hbone_server_refuses_bad_clients_and_requests_and_keeps_serving() {
+    let mesh = tokio::task::spawn_blocking(mesh).await.unwrap();
+    let cluster = &mesh.cluster;
+    let server = cluster.pod("server");
+    let _echo = server.echo_server(8080);
+    let raw = RawClient::new(cluster);
+    let hbone = SocketAddr::new(server.ipv4.into(), 15008);
+    let good = raw.config(CLIENT, SERVER);
+
+    // The good case first, so the refusals below are refusals.
+    assert_eq!(
+        raw.connect(hbone, good.clone(), &server.addr(false, 8080).to_string())
+            .await,
+        StatusCode::OK
+    );
+    // Malformed or forbidden CONNECTs: 400, and the connection stays usable.
+    for authority in [
+        "not-an-ip:8080",
+        "10.244.1.11",
+        &server.addr(false, 15008).to_string(),
+        &cluster.pod("client").addr(false, 8080).to_string(),
+    ] {
+        assert_eq!(
+            raw.connect(hbone, good.clone(), authority).await,
+            StatusCode::BAD_REQUEST,
+            "CONNECT {authority}"
+        );
+    }
+    // Nothing listens on 9: the application refused, 503.
+    assert_eq!(
+        raw.connect(hbone, good.clone(), &server.addr(false, 9).to_string())
+            .await,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+
+    // The server must present the destination's identity: a client expecting another refuses.
+    let err = raw
+        .tls(
+            hbone,
+            raw.config(CLIENT, "spiffe://cluster.local/ns/demo/sa/impostor"),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("spiffe://cluster.local/ns/demo/sa/server"),
+        "{err}"
+    );
+
+    // A client with no certificate, or one from another root: refused by the server.
+    let mut no_cert = rustls::ClientConfig::builder_with_provider(identity::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(raw.roots.clone())
+        .with_no_client_auth();
+    no_cert.alpn_protocols = vec![b"h2".to_vec()];
+    assert!(
+        raw_handshake_refused(&raw, hbone, Arc::new(no_cert)).await,
+        "a client without a certificate got in"
+    );
+    let other_root = Ca::generate_dev(identity::DEFAULT_TRUST_DOMAIN).unwrap();
+    let foreign = other_root
+        .issue(
+            &Identity::parse(CLIENT).unwrap(),
+            std::time::SystemTime::now(),
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+    let foreign = identity::client_config(
+        &foreign,
+        Identity::parse(SERVER).unwrap(),
+        raw.roots.clone(),
+    )
+    .unwrap();
+    assert!(
+        raw_handshake_refused(&raw, hbone, foreign).await,
+        "a client of another root got in"
+    );
+
+    // A peer that connects and says nothing is dropped after the handshake timeout, and
+    // holds nothing meanwhile that stops others.
+    let stalled = connect_in(&raw.netns, hbone).await.unwrap();
+    assert_eq!(
+        raw.connect(hbone, good.clone(), &server.addr(false, 8080).to_string())
+            .await,
+        StatusCode::OK
+    );
+    let mut buf = [0u8; 1];
+    let closed = tokio::time::timeout(Duration::from_secs(15), async {
+        stalled.readable().await.unwrap();
+        stalled.try_read(&mut buf)
+    })
+    .await
+    .expect("a stalled handshake was never closed");
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+
+    // A peer opening 10,000 streams on one connection gets at most 100 at a time; the agent
+    // answers all without falling over, and others are still served.
+    let tls = raw.tls(hbone, good.clone()).await.unwrap();
+    let (sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let streams: Vec<_> = (0..10_000)
+        .map(|_| {
+            let mut sender = sender.clone();
+            let request = Request::builder()
+                .method(Method::CONNECT)
+                .uri("garbage")
+                .body(Empty::<Bytes>::new())
+                .unwrap();
+            tokio::spawn(async move { sender.send_request(request).await.map(|r| r.status()) })
+        })
+        .collect();
+    let mut answered = 0;
+    for stream in streams {
+        if let Ok(Ok(Ok(StatusCode::BAD_REQUEST))) =
+            tokio::time::timeout(Duration::from_secs(30), stream).await
+        {
+            answered += 1;
+        }
+    }
+    assert_eq!(answered, 10_000, "streams were lost");
+    assert_eq!(
+        raw.connect(hbone, good, &server.addr(false, 8080).to_string())
+            .await,
+        StatusCode::OK
+    );
+}
+
+async fn raw_handshake_refused(
+    raw: &RawClient,
+    peer: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+) -> bool {
+    // TLS 1.3: the client finishes before the server checks its certificate, so the refusal
+    // shows on the first read or request.
+    let Ok(tls) = raw.tls(peer, config).await else {
+        return true;
+    };
+    let Ok((mut sender, connection)) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await
+    else {
+        return true;
+    };
+    tokio::spawn(connection);
+    let request = Request::builder()
+        .method(Method::CONNECT)
+        .uri("10.244.1.11:8080")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    sender.send_request(request).await.is_err()
+}
