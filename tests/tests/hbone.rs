@@ -59,6 +59,12 @@ fn mesh() -> Mesh {
             cluster
                 .pod("bystander")
                 .manifest("legacy", &[("app", "bystander")]),
+            serde_json::json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": "server", "namespace": "demo"},
+                "spec": {"clusterIP": "10.96.0.10", "selector": {"app": "server"},
+                         "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}
+            }),
         ],
     );
     let source = format!("file:{}", file.display());
@@ -173,6 +179,44 @@ fn same_node_mesh_traffic_also_goes_through_hbone() {
         .find(|l| l.contains("src_workload=demo/neighbour"))
         .unwrap();
     assert!(outbound.contains("protocol=\"HBONE\""), "{outbound}");
+}
+
+#[test]
+fn service_vips_resolve_to_an_endpoint_and_non_mesh_destinations_pass_through() {
+    let mesh = mesh();
+    let cluster = &mesh.cluster;
+    let _server = cluster.pod("server").echo_server(8080);
+    let _bystander = cluster.pod("bystander").echo_server(8080);
+    let client = cluster.pod("client");
+
+    // The Service's cluster IP exists nowhere on the network: only the proxy can resolve it.
+    client
+        .connect("10.96.0.10:80".parse().unwrap(), 4096)
+        .assert_echoed(4096);
+    mesh.agents[0].wait_for_log("dst=10.96.0.10:80", 1, Duration::from_secs(10));
+    let log = mesh.agents[0].log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("dst=10.96.0.10:80"))
+        .unwrap();
+    assert!(
+        line.contains("protocol=\"HBONE\"")
+            && line.contains("dst_identity=spiffe://cluster.local/ns/demo/sa/server"),
+        "{line}"
+    );
+
+    // A pod outside the mesh is reached directly, in plaintext.
+    client
+        .connect(cluster.pod("bystander").addr(false, 8080), 4096)
+        .assert_echoed(4096);
+    let bystander = cluster.pod("bystander").addr(false, 8080).to_string();
+    mesh.agents[0].wait_for_log(&format!("dst={bystander}"), 1, Duration::from_secs(10));
+    let log = mesh.agents[0].log();
+    let line = log
+        .lines()
+        .find(|l| l.contains(&format!("dst={bystander}")))
+        .unwrap();
+    assert!(line.contains("protocol=\"TCP\""), "{line}");
 }
 
 /// A raw HBONE client, for what the agents would never send.
