@@ -41,6 +41,11 @@ pub const MAX_STREAMS: usize = 100;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Interval of HTTP/2 keepalive pings.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// HTTP/2 flow-control windows: the default 64 KiB would cap a stream at one window per round
+/// trip.
+const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+
 /// A TLS or HTTP/2 handshake that takes longer than this is abandoned.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -252,6 +257,9 @@ async fn handshake(
             .map_err(|source| Error::Tls { peer, source })?;
         let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(1 << 20)
             .keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true)
@@ -311,6 +319,7 @@ where
                 continue;
             }
         };
+        let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let admit = admit.clone();
         tokio::spawn(async move {
@@ -346,6 +355,9 @@ where
             });
             let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
+                .initial_stream_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONNECTION_WINDOW)
+                .max_frame_size(1 << 20)
                 .max_concurrent_streams(MAX_STREAMS as u32)
                 .keep_alive_interval(KEEPALIVE_INTERVAL)
                 .serve_connection(TokioIo::new(stream), service)
@@ -412,7 +424,13 @@ where
                 match hyper::upgrade::on(request).await {
                     Ok(upgraded) => {
                         let mut tunnel = TokioIo::new(upgraded);
-                        let _ = tokio::io::copy_bidirectional(&mut tunnel, &mut upstream).await;
+                        let _ = tokio::io::copy_bidirectional_with_sizes(
+                            &mut tunnel,
+                            &mut upstream,
+                            super::COPY_BUFFER,
+                            super::COPY_BUFFER,
+                        )
+                        .await;
                     }
                     Err(err) => debug!(%peer, %err, "CONNECT stream upgrade failed"),
                 }

@@ -31,6 +31,10 @@ use crate::{
     },
 };
 
+/// Buffer size of each direction of a proxied connection: large enough that a bulk transfer
+/// moves in few syscalls and TLS records.
+pub const COPY_BUFFER: usize = 64 * 1024;
+
 /// What every listener of every pod on this node shares.
 pub struct Proxy {
     /// The workload store.

@@ -78,6 +78,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, pod: Arc<PodContext
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
                 let (proxy, pod) = (proxy.clone(), pod.clone());
                 tokio::spawn(async move {
                     if let Err(err) = carry(stream, peer, &proxy, &pod).await {
@@ -105,8 +106,13 @@ async fn carry(
     let (sent, received, protocol, peer_identity) = match &route {
         Route::Passthrough { target } => {
             let mut upstream = passthrough::connect_in(&pod.netns, *target).await?;
-            let (sent, received) =
-                tokio::io::copy_bidirectional(&mut stream, &mut upstream).await?;
+            let (sent, received) = tokio::io::copy_bidirectional_with_sizes(
+                &mut stream,
+                &mut upstream,
+                super::COPY_BUFFER,
+                super::COPY_BUFFER,
+            )
+            .await?;
             (sent, received, "TCP", String::new())
         }
         Route::Hbone { target, identity } => {
@@ -166,5 +172,5 @@ where
     A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    tokio::io::copy_bidirectional(a, b).await
+    tokio::io::copy_bidirectional_with_sizes(a, b, super::COPY_BUFFER, super::COPY_BUFFER).await
 }

@@ -18,6 +18,7 @@ pub async fn serve_inbound(listener: TcpListener, pod: Arc<PodContext>) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
                 let pod = pod.clone();
                 tokio::spawn(async move {
                     if let Err(err) = carry_inbound(stream, peer, &pod).await {
@@ -44,7 +45,13 @@ async fn carry_inbound(
     // original destination.
     let destination = stream.local_addr()?;
     let mut upstream = connect_in(&pod.netns, destination).await?;
-    let (received, sent) = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await?;
+    let (received, sent) = tokio::io::copy_bidirectional_with_sizes(
+        &mut stream,
+        &mut upstream,
+        super::COPY_BUFFER,
+        super::COPY_BUFFER,
+    )
+    .await?;
     info!(
         target: "meshlet::access",
         direction = "inbound",

@@ -3,6 +3,9 @@
 //! interleaved so ratios hold on a noisy machine.
 //!
 //! Scenarios so far:
+//! - `tunnel`: pod to pod across nodes, direct vs through meshlet (eBPF capture + HBONE):
+//!   single-stream throughput, 1-byte ping-pong rate, new connections per second, agent RSS
+//!   with 1,000 idle tunneled connections;
 //! - `store`: the workload store with 100,000 pods and 10,000 services: memory per pod, IP and
 //!   VIP lookups per second;
 //! - `enroll`: time to enroll and unenroll one pod's network namespace as the number of
@@ -46,6 +49,9 @@ enum Scenario {
     },
     /// Connect latency: redirected versus not.
     Connect,
+    /// The HBONE tunnel against the direct path: throughput, ping-pong, connection rate,
+    /// agent memory with idle tunnels.
+    Tunnel,
     /// The workload store: memory per pod, lookups per second.
     Store {
         #[arg(long, default_value_t = 100_000)]
@@ -112,12 +118,16 @@ fn main() -> anyhow::Result<()> {
         Scenario::All { namespaces } => {
             report.insert("enroll".into(), enroll(namespaces, args.quick)?);
             report.insert("connect".into(), connect(args.quick)?);
+            report.insert("tunnel".into(), tunnel(args.quick)?);
             let (pods, services) = if args.quick {
                 (10_000, 1_000)
             } else {
                 (100_000, 10_000)
             };
             report.insert("store".into(), store(pods, services)?);
+        }
+        Scenario::Tunnel => {
+            report.insert("tunnel".into(), tunnel(args.quick)?);
         }
         Scenario::Store { pods, services } => {
             report.insert("store".into(), store(pods, services)?);
@@ -135,6 +145,195 @@ fn main() -> anyhow::Result<()> {
         println!("\nfigures written to {}", path.display());
     }
     Ok(())
+}
+
+/// Resident memory of process `pid`, in bytes.
+fn rss_of(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .context("VmRSS")?
+        .trim()
+        .trim_end_matches(" kB")
+        .parse()?;
+    Ok(kib * 1024)
+}
+
+fn tunnel(quick: bool) -> anyhow::Result<serde_json::Value> {
+    use meshlet_tests::{namespace_manifest, write_workloads};
+    let (rounds, bytes, pings, connects, idle) = if quick {
+        (2, 256u64 << 20, 5_000, 300, 1_000)
+    } else {
+        (3, 1u64 << 30, 20_000, 1_000, 1_000)
+    };
+    let mut cluster = Cluster::new(2);
+    for (name, node) in [
+        ("client", 0),
+        ("server", 1),
+        ("plain-client", 0),
+        ("plain-server", 1),
+    ] {
+        cluster.add_pod(name, node);
+    }
+    let file = std::env::temp_dir().join(format!("{}-workloads.yaml", cluster.id()));
+    write_workloads(
+        &file,
+        &[
+            namespace_manifest("demo", &[("meshlet.io/dataplane-mode", "ambient")]),
+            namespace_manifest("legacy", &[]),
+            cluster.pod("client").manifest("demo", &[]),
+            cluster.pod("server").manifest("demo", &[]),
+            cluster.pod("plain-client").manifest("legacy", &[]),
+            cluster.pod("plain-server").manifest("legacy", &[]),
+        ],
+    );
+    let source = format!("file:{}", file.display());
+    let agents = [
+        cluster.start_agent(0, &["--source", &source]),
+        cluster.start_agent(1, &["--source", &source]),
+    ];
+    for agent in &agents {
+        agent.wait_for_log("pod enrolled", 1, std::time::Duration::from_secs(20));
+    }
+    let mut servers = Vec::new();
+    for name in ["server", "plain-server"] {
+        let pod = cluster.pod(name);
+        servers.push(pod.echo_server(8080));
+        let mut sink = pod.command(process::testpod_binary());
+        sink.args(["sink", "--port", "9000"]);
+        servers.push(meshlet_tests::Process::spawn_ready(sink));
+    }
+    let measure = |client: &str,
+                   server: &str,
+                   what: &str,
+                   port: u16,
+                   bytes: u64,
+                   count: usize|
+     -> anyhow::Result<serde_json::Value> {
+        let to = cluster.pod(server).addr(false, port);
+        let mut command = cluster.pod(client).command(process::testpod_binary());
+        command.args([
+            "measure",
+            "--what",
+            what,
+            "--to",
+            &to.to_string(),
+            "--bytes",
+            &bytes.to_string(),
+            "--count",
+            &count.to_string(),
+        ]);
+        let out = command.output()?;
+        ensure!(
+            out.status.success(),
+            "measure {what} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+    let paths = [
+        ("direct", "plain-client", "plain-server"),
+        ("meshlet", "client", "server"),
+    ];
+    let mut figures: std::collections::BTreeMap<(&str, &str), Vec<f64>> = Default::default();
+    for _ in 0..rounds {
+        for (path, client, server) in paths {
+            let t = measure(client, server, "throughput", 9000, bytes, 0)?;
+            figures
+                .entry((path, "throughput_gbit_s"))
+                .or_default()
+                .push(t["gbit_per_s"].as_f64().unwrap_or(0.0));
+            let p = measure(client, server, "pingpong", 8080, 0, pings)?;
+            figures
+                .entry((path, "pingpong_per_s"))
+                .or_default()
+                .push(p["per_s"].as_f64().unwrap_or(0.0));
+            let c = measure(client, server, "connect-rate", 8080, 0, connects)?;
+            figures
+                .entry((path, "connections_per_s"))
+                .or_default()
+                .push(c["per_s"].as_f64().unwrap_or(0.0));
+        }
+    }
+    let median = |values: &Vec<f64>| {
+        let mut v = values.clone();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    println!(
+        "\nHBONE tunnel vs direct, pod on node-0 -> pod on node-1 ({rounds} interleaved rounds; median [min..max])"
+    );
+    println!(
+        "  {:<34} {:>24} {:>24} {:>8}",
+        "", "direct", "meshlet", "ratio"
+    );
+    let mut json = serde_json::Map::new();
+    for metric in ["throughput_gbit_s", "pingpong_per_s", "connections_per_s"] {
+        let d = &figures[&("direct", metric)];
+        let m = &figures[&("meshlet", metric)];
+        let range = |v: &Vec<f64>| {
+            format!(
+                "{:.2} [{:.2}..{:.2}]",
+                median(v),
+                v.iter().cloned().fold(f64::MAX, f64::min),
+                v.iter().cloned().fold(0.0, f64::max)
+            )
+        };
+        println!(
+            "  {metric:<34} {:>24} {:>24} {:>8.2}",
+            range(d),
+            range(m),
+            median(m) / median(d)
+        );
+        json.insert(
+            metric.into(),
+            serde_json::json!({ "direct": d, "meshlet": m }),
+        );
+    }
+
+    // Agent memory with idle tunneled connections.
+    let before: Vec<u64> = agents
+        .iter()
+        .map(|a| rss_of(a.pid()))
+        .collect::<Result<_, _>>()?;
+    let mut hold = cluster.pod("client").command(process::testpod_binary());
+    hold.args([
+        "measure",
+        "--what",
+        "hold",
+        "--to",
+        &cluster.pod("server").addr(false, 8080).to_string(),
+        "--count",
+        &idle.to_string(),
+    ]);
+    let holder = meshlet_tests::Process::spawn_ready(hold);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let after: Vec<u64> = agents
+        .iter()
+        .map(|a| rss_of(a.pid()))
+        .collect::<Result<_, _>>()?;
+    drop(holder);
+    println!(
+        "  agent RSS, node-0 (client side): {:.1} MiB idle -> {:.1} MiB with {idle} idle tunneled connections ({:.1} KiB each)",
+        before[0] as f64 / 1048576.0,
+        after[0] as f64 / 1048576.0,
+        (after[0] as f64 - before[0] as f64) / idle as f64 / 1024.0
+    );
+    println!(
+        "  agent RSS, node-1 (server side): {:.1} MiB idle -> {:.1} MiB ({:.1} KiB each)",
+        before[1] as f64 / 1048576.0,
+        after[1] as f64 / 1048576.0,
+        (after[1] as f64 - before[1] as f64) / idle as f64 / 1024.0
+    );
+    json.insert(
+        "agent_rss_bytes".into(),
+        serde_json::json!({ "idle_connections": idle, "before": before, "after": after }),
+    );
+    drop(servers);
+    drop(agents);
+    let _ = std::fs::remove_file(&file);
+    Ok(serde_json::Value::Object(json))
 }
 
 /// Resident memory of this process, in bytes.

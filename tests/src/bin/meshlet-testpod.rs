@@ -33,6 +33,26 @@ enum Mode {
     },
     /// Says `ready` and sleeps: a pod's first process, like the pause container.
     Pause,
+    /// A server that reads each connection to its end and answers with the byte count (8 bytes,
+    /// big endian): the far end of a throughput measurement.
+    Sink {
+        #[arg(long)]
+        port: u16,
+    },
+    /// Measures: `throughput` (send `--bytes` to a sink), `pingpong` (`--count` 1-byte round
+    /// trips on one connection to an echo server), `connect-rate` (`--count` connections, each
+    /// one byte echoed, one after the other), or `hold` (open `--count` connections, echo one
+    /// byte on each, say `ready`, keep them open). Prints one JSON object.
+    Measure {
+        #[arg(long)]
+        what: String,
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 0)]
+        bytes: u64,
+        #[arg(long, default_value_t = 0)]
+        count: usize,
+    },
     Proxy {
         #[arg(long, required = true)]
         listen: Vec<SocketAddr>,
@@ -74,6 +94,35 @@ enum Mode {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Mode::Sink { port } => {
+            let listener = TcpListener::bind((Ipv6Addr::UNSPECIFIED, port))?;
+            println!("ready");
+            for stream in listener.incoming() {
+                let mut stream = stream?;
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 256 * 1024];
+                    let mut total = 0u64;
+                    while let Ok(n) = stream.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        total += n as u64;
+                    }
+                    let _ = stream.write_all(&total.to_be_bytes());
+                });
+            }
+            Ok(())
+        }
+        Mode::Measure {
+            what,
+            to,
+            bytes,
+            count,
+        } => {
+            let result = measure(&what, to, bytes, count)?;
+            println!("{result}");
+            Ok(())
+        }
         Mode::Pause => {
             println!("ready");
             loop {
@@ -177,6 +226,75 @@ fn serve(listeners: Vec<TcpListener>, report_original: bool) -> anyhow::Result<(
         let _ = thread.join();
     }
     Ok(())
+}
+
+fn measure(
+    what: &str,
+    to: SocketAddr,
+    bytes: u64,
+    count: usize,
+) -> anyhow::Result<serde_json::Value> {
+    let start = std::time::Instant::now();
+    match what {
+        "throughput" => {
+            let mut stream = TcpStream::connect(to)?;
+            let chunk = vec![0x5au8; 256 * 1024];
+            let mut left = bytes;
+            while left > 0 {
+                let n = left.min(chunk.len() as u64) as usize;
+                stream.write_all(&chunk[..n])?;
+                left -= n as u64;
+            }
+            stream.shutdown(Shutdown::Write)?;
+            let mut total = [0u8; 8];
+            stream.read_exact(&mut total)?;
+            anyhow::ensure!(
+                u64::from_be_bytes(total) == bytes,
+                "the sink got {} of {bytes} bytes",
+                u64::from_be_bytes(total)
+            );
+            let seconds = start.elapsed().as_secs_f64();
+            Ok(
+                serde_json::json!({ "seconds": seconds, "gbit_per_s": bytes as f64 * 8.0 / seconds / 1e9 }),
+            )
+        }
+        "pingpong" => {
+            let mut stream = TcpStream::connect(to)?;
+            stream.set_nodelay(true)?;
+            let mut byte = [0u8; 1];
+            for _ in 0..count {
+                stream.write_all(b"x")?;
+                stream.read_exact(&mut byte)?;
+            }
+            let seconds = start.elapsed().as_secs_f64();
+            Ok(serde_json::json!({ "seconds": seconds, "per_s": count as f64 / seconds }))
+        }
+        "connect-rate" => {
+            let mut byte = [0u8; 1];
+            for _ in 0..count {
+                let mut stream = TcpStream::connect(to)?;
+                stream.write_all(b"x")?;
+                stream.read_exact(&mut byte)?;
+            }
+            let seconds = start.elapsed().as_secs_f64();
+            Ok(serde_json::json!({ "seconds": seconds, "per_s": count as f64 / seconds }))
+        }
+        "hold" => {
+            let mut held = Vec::with_capacity(count);
+            let mut byte = [0u8; 1];
+            for _ in 0..count {
+                let mut stream = TcpStream::connect(to)?;
+                stream.write_all(b"x")?;
+                stream.read_exact(&mut byte)?;
+                held.push(stream);
+            }
+            println!("ready");
+            loop {
+                std::thread::park();
+            }
+        }
+        other => anyhow::bail!("unknown measurement {other}"),
+    }
 }
 
 fn echo(mut stream: TcpStream) {
