@@ -394,20 +394,7 @@ impl Cluster {
         netns.sysctl("net/ipv4/ip_forward", "1");
         netns.sysctl("net/ipv6/conf/all/forwarding", "1");
         let port = format!("n{index}");
-        ip(&[
-            "link",
-            "add",
-            "eth0",
-            "netns",
-            netns.name(),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &port,
-            "netns",
-            self.fabric.name(),
-        ]);
+        veth_pair(&netns, &port, &self.fabric);
         self.fabric
             .ip(&["link", "set", &port, "master", "br0", "up"]);
         netns.ip(&["addr", "add", &format!("{ipv4}/16"), "dev", "eth0"]);
@@ -486,20 +473,7 @@ impl Cluster {
             .expect("pod IPv6");
         let (gw4, gw6) = (pod_gateway_v4(node), pod_gateway_v6(node));
         let port = format!("p{index}");
-        ip(&[
-            "link",
-            "add",
-            "eth0",
-            "netns",
-            netns.name(),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &port,
-            "netns",
-            node_ns.name(),
-        ]);
+        veth_pair(&netns, &port, node_ns);
         netns.ip(&["addr", "add", &format!("{ipv4}/32"), "dev", "eth0"]);
         netns.ip(&[
             "addr",
@@ -793,6 +767,58 @@ pub fn teardown(prefix: &str) {
         if name.starts_with(prefix) {
             let _ = Command::new("ip").args(["netns", "del", &name]).output();
         }
+    }
+}
+
+/// A veth pair: `eth0` in `inside`, `outside_name` in `outside`, created directly in the two
+/// namespaces (never in the machine's own).
+fn veth_pair(inside: &NetnsGuard, outside_name: &str, outside: &NetnsGuard) {
+    ip(&[
+        "link",
+        "add",
+        "eth0",
+        "netns",
+        inside.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        outside_name,
+        "netns",
+        outside.name(),
+    ]);
+}
+
+/// The namespaces the agent with pins in `bpffs_dir` has enrolled, sorted (none before it has
+/// started).
+pub fn enrolled(bpffs_dir: &Path) -> Vec<u64> {
+    let Ok(pinned) = meshlet::capture::Pinned::open(bpffs_dir) else {
+        return Vec::new();
+    };
+    let mut cookies: Vec<u64> = pinned
+        .enrolled()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(c, _)| c)
+        .collect();
+    cookies.sort();
+    cookies
+}
+
+/// Polls until [`enrolled`] equals `want`; returns how long it took, panics after `timeout`.
+pub fn wait_enrolled(bpffs_dir: &Path, mut want: Vec<u64>, timeout: Duration) -> Duration {
+    want.sort();
+    let start = std::time::Instant::now();
+    loop {
+        let now = enrolled(bpffs_dir);
+        if now == want {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "enrolled {now:?}, want {want:?} after {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

@@ -3,49 +3,17 @@
 //! cluster says, through lost watches, `410 Gone` and an API server restart.
 
 use std::{
-    path::Path,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use meshlet::{
-    capture::Pinned,
     source::{self, SyncState},
     workload::Store,
 };
-use meshlet_tests::{Cluster, kube_api::ApiServer, namespace_manifest};
+use meshlet_tests::{Cluster, enrolled, kube_api::ApiServer, namespace_manifest, wait_enrolled};
 
 const AMBIENT: (&str, &str) = ("meshlet.io/dataplane-mode", "ambient");
-
-fn enrolled(bpffs_dir: &Path) -> Vec<u64> {
-    let Ok(pinned) = Pinned::open(bpffs_dir) else {
-        return Vec::new();
-    };
-    let mut cookies: Vec<u64> = pinned
-        .enrolled()
-        .unwrap()
-        .into_iter()
-        .map(|(c, _)| c)
-        .collect();
-    cookies.sort();
-    cookies
-}
-
-fn wait_enrolled(bpffs_dir: &Path, mut want: Vec<u64>, timeout: Duration) -> Duration {
-    want.sort();
-    let start = Instant::now();
-    loop {
-        let now = enrolled(bpffs_dir);
-        if now == want {
-            return start.elapsed();
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "enrolled {now:?}, want {want:?} after {timeout:?}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
 
 fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
     let start = Instant::now();

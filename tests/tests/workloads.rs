@@ -3,48 +3,13 @@
 //! discovery (the pod's cgroup -> a process -> its network namespace) and real capture, and
 //! carries their traffic through its in-pod listeners.
 
-use std::{
-    path::{Path, PathBuf},
-    time::{Duration, Instant},
-};
+use std::{path::PathBuf, time::Duration};
 
 use meshlet::capture::Pinned;
-use meshlet_tests::{Cluster, namespace_manifest, write_workloads};
+use meshlet_tests::{Cluster, enrolled, namespace_manifest, wait_enrolled, write_workloads};
 
 const AMBIENT: (&str, &str) = ("meshlet.io/dataplane-mode", "ambient");
 const OPT_OUT: (&str, &str) = ("meshlet.io/dataplane-mode", "none");
-
-/// The namespaces the agent with pins in `bpffs_dir` has enrolled (none before it has started).
-fn enrolled(bpffs_dir: &Path) -> Vec<u64> {
-    let Ok(pinned) = Pinned::open(bpffs_dir) else {
-        return Vec::new();
-    };
-    let mut cookies: Vec<u64> = pinned
-        .enrolled()
-        .unwrap()
-        .into_iter()
-        .map(|(c, _)| c)
-        .collect();
-    cookies.sort();
-    cookies
-}
-
-/// Polls until `enrolled(bpffs_dir)` equals `want`; returns how long it took.
-fn wait_enrolled(bpffs_dir: &Path, mut want: Vec<u64>, timeout: Duration) -> Duration {
-    want.sort();
-    let start = Instant::now();
-    loop {
-        let now = enrolled(bpffs_dir);
-        if now == want {
-            return start.elapsed();
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "enrolled {now:?}, want {want:?} after {timeout:?}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
 
 fn workload_file(cluster: &Cluster) -> PathBuf {
     std::env::temp_dir().join(format!("{}-workloads.yaml", cluster.id()))

@@ -640,17 +640,7 @@ impl Capture {
 
     /// Connections redirected so far, by direction.
     pub fn redirects(&self) -> Result<Redirects, Error> {
-        let read = |direction: Direction| -> Result<u64, Error> {
-            let values = self
-                .redirects
-                .get(&(direction as u32), 0)
-                .map_err(map_err(maps::REDIRECTS))?;
-            Ok(values.iter().sum())
-        };
-        Ok(Redirects {
-            outbound: read(Direction::Outbound)?,
-            inbound: read(Direction::Inbound)?,
-        })
+        read_redirects(&self.redirects)
     }
 }
 
