@@ -8,6 +8,7 @@ pub mod capture;
 pub mod cli;
 pub mod identity;
 pub mod inpod;
+pub mod policy;
 pub mod proxy;
 pub mod source;
 pub mod sys;
