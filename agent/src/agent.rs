@@ -68,6 +68,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let store = Arc::new(Store::new());
     let proxy = Arc::new(Proxy::new(store.clone(), identities));
     let reaper = tokio::spawn(proxy.pool.clone().run_reaper());
+    let policies = tokio::spawn(follow_policies(proxy.clone()));
     let sync = Arc::new(SyncState::default());
     let mut annotator: Option<Annotator> = None;
     let source_task = match &config.source {
@@ -102,9 +103,42 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     source_task.abort();
     renewals.abort();
     reaper.abort();
+    policies.abort();
     inpod.await.context("in-pod reconciler")?;
     info!("stopped; capture stays attached through its pins (`meshlet uninstall` removes it)");
     Ok(())
+}
+
+/// Recompiles policies whenever the store changes, closes live connections they now deny, and
+/// says once per change what it could not enforce.
+async fn follow_policies(proxy: Arc<Proxy>) {
+    let mut changes = proxy.store.subscribe();
+    let mut reported = String::new();
+    loop {
+        let closed = proxy.refresh_policies();
+        if closed > 0 {
+            info!(
+                connections = closed,
+                "policy change closed live connections it now denies"
+            );
+        }
+        let index = proxy.policies();
+        for report in index.report() {
+            let text = format!("{:?}{:?}", report.unsupported, report.errors);
+            if (!report.unsupported.is_empty() || !report.errors.is_empty())
+                && !reported.contains(&format!("{}:{text}", report.key))
+            {
+                warn!(policy = %report.key, unsupported = ?report.unsupported, errors = ?report.errors, effect = %report.effect, "policy has fields meshlet does not enforce as written");
+                reported.push_str(&format!("{}:{text}\n", report.key));
+            }
+        }
+        if changes.changed().await.is_err() {
+            return;
+        }
+        // Let a burst of changes (a resync) settle.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        changes.borrow_and_update();
+    }
 }
 
 async fn shutdown_signal() -> anyhow::Result<()> {

@@ -306,7 +306,7 @@ impl InPod {
             listeners.push(match role {
                 Role::Outbound => tokio::spawn(outbound::serve(listener, proxy, context)),
                 Role::InboundPlaintext => {
-                    tokio::spawn(passthrough::serve_inbound(listener, context))
+                    tokio::spawn(passthrough::serve_inbound(listener, proxy, context))
                 }
                 Role::InboundHbone => tokio::spawn(async move {
                     if let Err(err) = inbound::serve(listener, proxy, context).await {

@@ -281,8 +281,9 @@ async fn handshake(
 /// What the server decided for one CONNECT.
 #[derive(Debug)]
 pub enum Admission {
-    /// Carry it: the application's stream.
-    Upstream(TcpStream),
+    /// Carry it: the application's stream, and the registration that closes it if a policy
+    /// change comes to deny it.
+    Upstream(TcpStream, Option<super::connections::Live>),
     /// Answer with this status (400, 401, 503) and close the stream.
     Reject(StatusCode, String),
 }
@@ -419,11 +420,18 @@ where
             debug!(%peer, %authority, %status, %reason, "CONNECT rejected");
             reply(status)
         }
-        Admission::Upstream(mut upstream) => {
+        Admission::Upstream(mut upstream, live) => {
             tokio::spawn(async move {
                 match hyper::upgrade::on(request).await {
                     Ok(upgraded) => {
                         let mut tunnel = TokioIo::new(upgraded);
+                        if let Some(mut live) = live {
+                            tokio::select! {
+                                _ = tokio::io::copy_bidirectional_with_sizes(&mut tunnel, &mut upstream, super::COPY_BUFFER, super::COPY_BUFFER) => {}
+                                reason = live.closed() => debug!(%peer, %reason, "live connection closed by a policy change"),
+                            }
+                            return;
+                        }
                         let _ = tokio::io::copy_bidirectional_with_sizes(
                             &mut tunnel,
                             &mut upstream,

@@ -6,7 +6,7 @@ use http::StatusCode;
 use tokio::net::TcpListener;
 use tracing::info;
 
-use super::{PodContext, Proxy, hbone, passthrough};
+use super::{PodContext, Proxy, connections::ConnectionInfo, hbone, passthrough};
 use crate::identity::{self, Identity};
 
 /// A rustls certificate resolver that always serves the current certificate of one identity
@@ -46,6 +46,7 @@ pub async fn serve(
     )?;
     let admit = move |connect: hbone::Connect| {
         let pod = pod.clone();
+        let proxy = proxy.clone();
         async move {
             // Only this pod's own addresses are served here.
             if !pod
@@ -62,6 +63,34 @@ pub async fn serve(
                     ),
                 );
             }
+            let source_ip = connect.forwarded_for.map_or(connect.peer.ip(), |f| f.ip());
+            let Some(workload) = proxy.store.pod_by_ip(connect.authority.ip()) else {
+                return hbone::Admission::Reject(
+                    StatusCode::BAD_REQUEST,
+                    format!("no workload owns {}", connect.authority.ip()),
+                );
+            };
+            if let Err(reason) = proxy.check(
+                &proxy.policies(),
+                &workload,
+                connect.authority,
+                Some(&connect.peer_identity),
+                source_ip,
+            ) {
+                info!(
+                    target: "meshlet::access",
+                    direction = "inbound",
+                    dst_workload = %pod.key,
+                    src_identity = %connect.peer_identity,
+                    src = %source_ip,
+                    dst = %connect.authority,
+                    protocol = "HBONE",
+                    response_flags = "DENY",
+                    %reason,
+                    "connection denied"
+                );
+                return hbone::Admission::Reject(StatusCode::UNAUTHORIZED, reason);
+            }
             match passthrough::connect_in(&pod.netns, connect.authority).await {
                 Ok(upstream) => {
                     info!(
@@ -75,7 +104,13 @@ pub async fn serve(
                         protocol = "HBONE",
                         "connection admitted"
                     );
-                    hbone::Admission::Upstream(upstream)
+                    let live = proxy.connections.register(ConnectionInfo {
+                        source_identity: Some(connect.peer_identity.clone()),
+                        source: connect.forwarded_for.unwrap_or(connect.peer),
+                        destination_pod: pod.key.clone(),
+                        destination: connect.authority,
+                    });
+                    hbone::Admission::Upstream(upstream, Some(live))
                 }
                 Err(err) => {
                     hbone::Admission::Reject(StatusCode::SERVICE_UNAVAILABLE, err.to_string())

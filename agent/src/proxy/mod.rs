@@ -11,6 +11,7 @@
 //! Every socket the proxy makes is marked and made inside the pod's network namespace, so the
 //! pod's address is the source on the wire and capture never loops.
 
+pub mod connections;
 pub mod hbone;
 pub mod inbound;
 pub mod outbound;
@@ -23,6 +24,7 @@ use std::{
 
 use crate::{
     identity::{self, Identity},
+    policy,
     sys::Netns,
     workload::{
         Store,
@@ -43,6 +45,9 @@ pub struct Proxy {
     pub identities: Arc<identity::Manager>,
     /// Pooled HBONE connections.
     pub pool: Arc<hbone::Pool>,
+    /// Live inbound connections, re-checked when policies change.
+    pub connections: Arc<connections::Registry>,
+    policies: std::sync::RwLock<Arc<policy::Index>>,
     round_robin: AtomicUsize,
 }
 
@@ -61,7 +66,74 @@ impl Proxy {
             store,
             identities,
             pool: Arc::new(hbone::Pool::new()),
+            connections: connections::Registry::new(),
+            policies: std::sync::RwLock::new(Arc::new(policy::Index::default())),
             round_robin: AtomicUsize::new(0),
+        }
+    }
+
+    /// The compiled policies in force.
+    pub fn policies(&self) -> Arc<policy::Index> {
+        self.policies
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Recompiles the policies from the store, then re-checks every live inbound connection and
+    /// closes those now denied. Returns how many were closed.
+    pub fn refresh_policies(&self) -> usize {
+        let index = Arc::new(policy::Index::build(
+            &self.store.policies(),
+            policy::DEFAULT_ROOT_NAMESPACE,
+        ));
+        *self.policies.write().unwrap_or_else(|p| p.into_inner()) = index.clone();
+        self.connections.recheck(|connection| {
+            let pod = self.store.pod_by_ip(connection.destination.ip())?;
+            let denied = self.check(
+                &index,
+                &pod,
+                connection.destination,
+                connection.source_identity.as_ref(),
+                connection.source.ip(),
+            );
+            denied.err()
+        })
+    }
+
+    /// Whether a connection to `destination` on `pod` from `source` (identity `None` for
+    /// plaintext) is allowed: PeerAuthentication first (plaintext to a STRICT port is refused),
+    /// then AuthorizationPolicy. `Err` carries the reason, for logs.
+    pub fn check(
+        &self,
+        index: &policy::Index,
+        pod: &Pod,
+        destination: std::net::SocketAddr,
+        source: Option<&Identity>,
+        source_ip: IpAddr,
+    ) -> Result<(), String> {
+        let workload = policy::Workload::from(pod);
+        if source.is_none()
+            && !index
+                .peer_authentication(workload, destination.port())
+                .allows_plaintext()
+        {
+            return Err("plaintext refused: PeerAuthentication STRICT".to_owned());
+        }
+        let request = policy::Request {
+            workload,
+            destination,
+            source,
+            source_ip,
+        };
+        let decision = index.authorize(&request);
+        if decision.allowed {
+            Ok(())
+        } else {
+            Err(match decision.policy {
+                Some(policy) => format!("denied by {policy} ({})", decision.reason),
+                None => format!("denied ({})", decision.reason),
+            })
         }
     }
 

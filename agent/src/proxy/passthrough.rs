@@ -8,20 +8,20 @@ use std::{io, net::SocketAddr, sync::Arc, time::Instant};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tracing::{debug, info, warn};
 
-use super::PodContext;
+use super::{PodContext, Proxy, connections::ConnectionInfo};
 use crate::sys::{Netns, socket};
 
 /// Accepts on a pod's 15006 listener (inbound plaintext, steered by sk_lookup) until the task
 /// is dropped, carrying each connection to the application in its own task (which outlives
 /// the listener: dropping the listener stops new connections only).
-pub async fn serve_inbound(listener: TcpListener, pod: Arc<PodContext>) {
+pub async fn serve_inbound(listener: TcpListener, proxy: Arc<Proxy>, pod: Arc<PodContext>) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                let pod = pod.clone();
+                let (proxy, pod) = (proxy.clone(), pod.clone());
                 tokio::spawn(async move {
-                    if let Err(err) = carry_inbound(stream, peer, &pod).await {
+                    if let Err(err) = carry_inbound(stream, peer, &proxy, &pod).await {
                         debug!(pod = %pod.key, %peer, %err, "inbound connection failed");
                     }
                 });
@@ -38,20 +38,45 @@ pub async fn serve_inbound(listener: TcpListener, pod: Arc<PodContext>) {
 async fn carry_inbound(
     mut stream: TcpStream,
     peer: SocketAddr,
+    proxy: &Proxy,
     pod: &PodContext,
 ) -> io::Result<()> {
     let start = Instant::now();
     // sk_lookup hands the connection over without rewriting it: the local address is the
     // original destination.
     let destination = stream.local_addr()?;
+    let Some(workload) = proxy.store.pod(&pod.key) else {
+        return Ok(());
+    };
+    if let Err(reason) = proxy.check(&proxy.policies(), &workload, destination, None, peer.ip()) {
+        info!(
+            target: "meshlet::access",
+            direction = "inbound",
+            dst_workload = %pod.key,
+            src = %peer,
+            dst = %destination,
+            protocol = "TCP",
+            response_flags = "DENY",
+            %reason,
+            "connection denied"
+        );
+        return Ok(()); // dropping the stream closes it
+    }
+    let mut live = proxy.connections.register(ConnectionInfo {
+        source_identity: None,
+        source: peer,
+        destination_pod: pod.key.clone(),
+        destination,
+    });
     let mut upstream = connect_in(&pod.netns, destination).await?;
-    let (received, sent) = tokio::io::copy_bidirectional_with_sizes(
-        &mut stream,
-        &mut upstream,
-        super::COPY_BUFFER,
-        super::COPY_BUFFER,
-    )
-    .await?;
+    let copied = tokio::select! {
+        copied = tokio::io::copy_bidirectional_with_sizes(&mut stream, &mut upstream, super::COPY_BUFFER, super::COPY_BUFFER) => copied?,
+        reason = live.closed() => {
+            info!(target: "meshlet::access", dst_workload = %pod.key, src = %peer, dst = %destination, %reason, "live connection closed by a policy change");
+            return Ok(());
+        }
+    };
+    let (received, sent) = copied;
     info!(
         target: "meshlet::access",
         direction = "inbound",

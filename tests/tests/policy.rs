@@ -1,0 +1,207 @@
+//! Istio-compatible L4 policy, enforced by the destination's agent: AuthorizationPolicy on
+//! HBONE and plaintext connections, PeerAuthentication STRICT against plaintext, and a policy
+//! change cutting a live connection it now denies.
+
+use std::{path::PathBuf, time::Duration};
+
+use meshlet_tests::{
+    Cluster, ConnectReport, namespace_manifest, process::Agent, wait_enrolled, write_workloads,
+};
+use serde_json::{Value, json};
+
+const AMBIENT: (&str, &str) = ("meshlet.io/dataplane-mode", "ambient");
+
+struct Setup {
+    cluster: Cluster,
+    file: PathBuf,
+    agents: Vec<Agent>,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        self.agents.clear();
+        let _ = std::fs::remove_file(&self.file);
+    }
+}
+
+impl Setup {
+    /// client (node-0) and server (node-1) in the mesh, bystander (node-0) outside it.
+    fn start() -> Self {
+        let mut cluster = Cluster::new(2);
+        cluster.add_pod("client", 0);
+        cluster.add_pod("bystander", 0);
+        cluster.add_pod("server", 1);
+        let file = std::env::temp_dir().join(format!("{}-workloads.yaml", cluster.id()));
+        let setup = Self {
+            cluster,
+            file,
+            agents: Vec::new(),
+        };
+        setup.write(&[]);
+        let source = format!("file:{}", setup.file.display());
+        let mut setup = setup;
+        setup.agents = vec![
+            setup.cluster.start_agent(0, &["--source", &source]),
+            setup.cluster.start_agent(1, &["--source", &source]),
+        ];
+        wait_enrolled(
+            &setup.cluster.bpffs_dir(0),
+            vec![setup.cluster.pod("client").netns_cookie()],
+            Duration::from_secs(10),
+        );
+        wait_enrolled(
+            &setup.cluster.bpffs_dir(1),
+            vec![setup.cluster.pod("server").netns_cookie()],
+            Duration::from_secs(10),
+        );
+        setup
+    }
+
+    /// Rewrites the workload file with `policies` and waits until node-1 has them.
+    fn write(&self, policies: &[Value]) {
+        let mut objects = vec![
+            namespace_manifest("demo", &[AMBIENT]),
+            namespace_manifest("legacy", &[]),
+            self.cluster
+                .pod("client")
+                .manifest("demo", &[("app", "client")]),
+            self.cluster
+                .pod("server")
+                .manifest("demo", &[("app", "server")]),
+            self.cluster
+                .pod("bystander")
+                .manifest("legacy", &[("app", "bystander")]),
+        ];
+        objects.extend_from_slice(policies);
+        write_workloads(&self.file, &objects);
+        if let Some(agent) = self.agents.get(1) {
+            let loads = agent.log().matches("workload file loaded").count();
+            agent.wait_for_log("workload file loaded", loads + 1, Duration::from_secs(5));
+            std::thread::sleep(Duration::from_millis(100)); // the policy refresh follows the store
+        }
+    }
+
+    fn client_to_server(&self) -> ConnectReport {
+        self.cluster
+            .pod("client")
+            .connect(self.cluster.pod("server").addr(false, 8080), 1000)
+    }
+}
+
+fn authorization(name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy", "metadata": {"name": name, "namespace": "demo"}, "spec": spec})
+}
+
+fn refused(report: &ConnectReport) -> bool {
+    report.error.is_some() || report.echoed == 0
+}
+
+#[test]
+fn deny_and_allow_policies_decide_at_the_destination() {
+    let setup = Setup::start();
+    let _echo = setup.cluster.pod("server").echo_server(8080);
+    setup.client_to_server().assert_echoed(1000);
+
+    let deny_client = authorization(
+        "deny-client",
+        json!({"selector": {"matchLabels": {"app": "server"}}, "action": "DENY",
+               "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/demo/sa/client"]}}]}]}),
+    );
+    setup.write(&[deny_client]);
+    assert!(
+        refused(&setup.client_to_server()),
+        "a denied client got through"
+    );
+    setup.agents[1].wait_for_log("denied by demo/deny-client", 1, Duration::from_secs(5));
+    assert!(setup.agents[1].log().contains("response_flags=\"DENY\""));
+    setup.agents[0].wait_for_log("401 Unauthorized", 1, Duration::from_secs(5));
+
+    // ALLOW for someone else: denied; ALLOW for the client: allowed.
+    let allow = |name: &str, principal: &str| {
+        authorization(
+            name,
+            json!({"selector": {"matchLabels": {"app": "server"}},
+            "rules": [{"from": [{"source": {"principals": [principal]}}], "to": [{"operation": {"ports": ["8080"]}}]}]}),
+        )
+    };
+    setup.write(&[allow(
+        "allow-other",
+        "cluster.local/ns/demo/sa/someone-else",
+    )]);
+    assert!(
+        refused(&setup.client_to_server()),
+        "an ALLOW for another principal let the client in"
+    );
+    setup.write(&[allow("allow-client", "cluster.local/ns/demo/sa/client")]);
+    setup.client_to_server().assert_echoed(1000);
+    // HTTP-only fields make an ALLOW rule match nothing (fail safe), and are reported.
+    let http_only = authorization(
+        "allow-get",
+        json!({"rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]}),
+    );
+    setup.write(&[http_only]);
+    assert!(refused(&setup.client_to_server()));
+    setup.agents[1].wait_for_log(
+        "rules[0].to[0].operation.methods",
+        1,
+        Duration::from_secs(5),
+    );
+    setup.write(&[]);
+    setup.client_to_server().assert_echoed(1000);
+}
+
+#[test]
+fn strict_peer_authentication_refuses_plaintext_and_permissive_lets_it_in() {
+    let setup = Setup::start();
+    let _echo = setup.cluster.pod("server").echo_server(8080);
+    let bystander = || {
+        setup
+            .cluster
+            .pod("bystander")
+            .connect(setup.cluster.pod("server").addr(false, 8080), 1000)
+    };
+    bystander().assert_echoed(1000);
+    let peer_authentication = |mode: &str| {
+        json!({"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+               "metadata": {"name": "default", "namespace": "demo"}, "spec": {"mtls": {"mode": mode}}})
+    };
+    setup.write(&[peer_authentication("STRICT")]);
+    assert!(refused(&bystander()), "plaintext got through STRICT");
+    setup.agents[1].wait_for_log("PeerAuthentication STRICT", 1, Duration::from_secs(5));
+    // Mesh clients are mTLS: unaffected.
+    setup.client_to_server().assert_echoed(1000);
+    setup.write(&[peer_authentication("PERMISSIVE")]);
+    bystander().assert_echoed(1000);
+}
+
+#[test]
+fn a_policy_change_cuts_a_live_connection_it_now_denies() {
+    let setup = Setup::start();
+    let _echo = setup.cluster.pod("server").echo_server(8080);
+    let to = setup.cluster.pod("server").addr(false, 8080);
+    std::thread::scope(|scope| {
+        // Connect now, send in 3 s: the connection is established and admitted before the
+        // policy arrives.
+        let open = scope.spawn(|| {
+            setup
+                .cluster
+                .pod("client")
+                .connect_with(to, 1000, &["--delay-ms", "3000"])
+        });
+        setup.agents[1].wait_for_log("connection admitted", 1, Duration::from_secs(5));
+        setup.write(&[authorization(
+            "deny-all",
+            json!({"action": "DENY", "rules": [{}]}),
+        )]);
+        setup.agents[1].wait_for_log(
+            "closed live connections it now denies",
+            1,
+            Duration::from_secs(5),
+        );
+        let report = open.join().unwrap();
+        assert!(
+            refused(&report),
+            "the live connection survived a policy that denies it: {report:?}"
+        );
+    });
+}
