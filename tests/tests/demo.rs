@@ -16,9 +16,9 @@ fn the_demo_walks_through_every_step_and_leaves_nothing_behind() {
         "demo failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for step in 1..=6 {
+    for step in 1..=7 {
         assert!(
-            stdout.contains(&format!("[{step}/6]")),
+            stdout.contains(&format!("[{step}/7]")),
             "step {step} missing:\n{stdout}"
         );
     }

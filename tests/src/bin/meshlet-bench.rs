@@ -52,6 +52,8 @@ enum Scenario {
     /// The HBONE tunnel against the direct path: throughput, ping-pong, connection rate,
     /// agent memory with idle tunnels.
     Tunnel,
+    /// Policy decisions with 1,000 policies, 10 of them selecting the workload.
+    Policy,
     /// The workload store: memory per pod, lookups per second.
     Store {
         #[arg(long, default_value_t = 100_000)]
@@ -119,12 +121,16 @@ fn main() -> anyhow::Result<()> {
             report.insert("enroll".into(), enroll(namespaces, args.quick)?);
             report.insert("connect".into(), connect(args.quick)?);
             report.insert("tunnel".into(), tunnel(args.quick)?);
+            report.insert("policy".into(), policy_bench()?);
             let (pods, services) = if args.quick {
                 (10_000, 1_000)
             } else {
                 (100_000, 10_000)
             };
             report.insert("store".into(), store(pods, services)?);
+        }
+        Scenario::Policy => {
+            report.insert("policy".into(), policy_bench()?);
         }
         Scenario::Tunnel => {
             report.insert("tunnel".into(), tunnel(args.quick)?);
@@ -145,6 +151,71 @@ fn main() -> anyhow::Result<()> {
         println!("\nfigures written to {}", path.display());
     }
     Ok(())
+}
+
+fn policy_bench() -> anyhow::Result<serde_json::Value> {
+    use meshlet::{
+        identity::Identity,
+        policy::{self, Index, Request, Workload},
+    };
+    let (policies, selecting) = (1_000, 10);
+    let start = Instant::now();
+    let index = Index::build(
+        &policy::synthetic(policies, selecting),
+        policy::DEFAULT_ROOT_NAMESPACE,
+    );
+    let build = start.elapsed();
+    let labels: meshlet::workload::model::Labels =
+        [("app".to_owned(), policy::SYNTHETIC_APP.to_owned())].into();
+    let allowed = Identity::parse(policy::SYNTHETIC_PRINCIPAL)?;
+    let other = Identity::parse("spiffe://cluster.local/ns/bench/sa/other")?;
+    fn request<'a>(
+        source: &'a Identity,
+        labels: &'a meshlet::workload::model::Labels,
+    ) -> Request<'a> {
+        Request {
+            workload: Workload {
+                namespace: policy::SYNTHETIC_NAMESPACE,
+                labels,
+            },
+            destination: "10.244.1.11:8080".parse().expect("addr"),
+            source: Some(source),
+            source_ip: "10.244.0.10".parse().expect("ip"),
+        }
+    }
+    let (allow, deny) = (request(&allowed, &labels), request(&other, &labels));
+    ensure!(
+        index.authorize(&allow).allowed && !index.authorize(&deny).allowed,
+        "synthetic policies misbehave"
+    );
+    let decisions = 2_000_000;
+    let start = Instant::now();
+    let mut allowed_count = 0usize;
+    for i in 0..decisions {
+        let request = if i % 2 == 0 { &allow } else { &deny };
+        allowed_count += usize::from(
+            std::hint::black_box(index.authorize(std::hint::black_box(request))).allowed,
+        );
+    }
+    let elapsed = start.elapsed();
+    ensure!(allowed_count == decisions / 2, "decisions changed");
+    let per_s = decisions as f64 / elapsed.as_secs_f64();
+    let ns = elapsed.as_nanos() as f64 / decisions as f64;
+    println!(
+        "\npolicy decisions ({policies} AuthorizationPolicies, {selecting} selecting the workload; half allowed by the last)"
+    );
+    println!(
+        "  compile {policies} policies            {:>10.1} ms",
+        build.as_secs_f64() * 1000.0
+    );
+    println!(
+        "  decisions per second (one thread)  {:>10.2} M/s",
+        per_s / 1e6
+    );
+    println!("  cost of one decision               {ns:>10.0} ns");
+    Ok(
+        serde_json::json!({ "policies": policies, "selecting": selecting, "compile_ms": build.as_secs_f64() * 1000.0, "decisions_per_s": per_s, "ns_per_decision": ns }),
+    )
 }
 
 /// Resident memory of process `pid`, in bytes.

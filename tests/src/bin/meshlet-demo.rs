@@ -29,7 +29,7 @@ struct Args {
     keep: bool,
 }
 
-const STEPS: usize = 6;
+const STEPS: usize = 7;
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -193,6 +193,49 @@ fn walk_through(cluster: &mut Cluster, keep: bool) -> anyhow::Result<()> {
 
     step(
         5,
+        "an AuthorizationPolicy denies the client: refused at the destination; removed: allowed again",
+    );
+    let ambient = [("meshlet.io/dataplane-mode", "ambient")];
+    let deny = serde_json::json!({
+        "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "deny-client", "namespace": "demo"},
+        "spec": {"selector": {"matchLabels": {"app": "server"}}, "action": "DENY",
+                 "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/demo/sa/client"]}}]}]}
+    });
+    let apply = |objects: Vec<serde_json::Value>| {
+        let loads = agents[1].log().matches("workload file loaded").count();
+        write_workloads(&file, &objects);
+        agents[1].wait_for_log("workload file loaded", loads + 1, Duration::from_secs(5));
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut with_policy = objects(&ambient);
+    with_policy.push(deny);
+    apply(with_policy);
+    let report = cluster.pod("client").connect(server, 1000);
+    ensure!(
+        report.error.is_some() || report.echoed == 0,
+        "the denied client got through: {report:?}"
+    );
+    agents[1].wait_for_log("denied by demo/deny-client", 1, Duration::from_secs(5));
+    agents[0].wait_for_log("401 Unauthorized", 1, Duration::from_secs(5));
+    println!(
+        "      the client's connection was closed; node-1: {}",
+        last_line(&agents[1], "connection denied")
+    );
+    println!(
+        "      node-0: {}",
+        last_line(&agents[0], "401 Unauthorized")
+    );
+    apply(objects(&ambient));
+    let report = cluster.pod("client").connect(server, 1000);
+    ensure!(
+        report.error.is_none() && report.echoed == 1000,
+        "still refused after the policy was removed: {report:?}"
+    );
+    println!("      policy removed: the client reaches the server again");
+
+    step(
+        6,
         "restart the agent on node-0: capture is pinned, the new agent adopts it",
     );
     let status = agents[0].stop();
@@ -247,7 +290,7 @@ fn walk_through(cluster: &mut Cluster, keep: bool) -> anyhow::Result<()> {
     }
 
     step(
-        6,
+        7,
         "remove the label, stop the agents, `meshlet uninstall`: nothing left",
     );
     write_workloads(&file, &objects(&[]));
