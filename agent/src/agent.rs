@@ -1,13 +1,14 @@
 //! The node agent: wires source -> store -> in-pod enrollment -> capture and proxy, and runs
 //! until SIGTERM/SIGINT.
 
-use std::{path::PathBuf, sync::Arc};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::Context as _;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::{
+    admin,
     capture::{self, Capture},
     identity::{self, Ca, SystemClock},
     inpod::{Annotator, InPod},
@@ -29,9 +30,22 @@ pub struct IdentityConfig {
     pub state_dir: PathBuf,
 }
 
+/// Where the agent's HTTP endpoints listen.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Endpoints {
+    /// `GET /metrics`.
+    pub metrics: SocketAddr,
+    /// `GET /healthz/ready`.
+    pub readiness: SocketAddr,
+    /// The admin API (keep it on loopback).
+    pub admin: SocketAddr,
+}
+
 /// Everything `meshlet agent` is configured with.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Config {
+    /// HTTP endpoints.
+    pub endpoints: Endpoints,
     /// Identity: trust domain and CA.
     pub identity: IdentityConfig,
     /// This node's name: the agent serves the pods whose `spec.nodeName` it is.
@@ -66,7 +80,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let renewals = tokio::spawn(identities.clone().run());
 
     let store = Arc::new(Store::new());
-    let proxy = Arc::new(Proxy::new(store.clone(), identities));
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let proxy = Arc::new(Proxy::new(store.clone(), identities, metrics.clone()));
     let reaper = tokio::spawn(proxy.pool.clone().run_reaper());
     let policies = tokio::spawn(follow_policies(proxy.clone()));
     let sync = Arc::new(SyncState::default());
@@ -94,6 +109,31 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     };
 
+    let state = admin::State {
+        node: config.node_name.clone(),
+        proxy: proxy.clone(),
+        sync: sync.clone(),
+        bpffs_dir: config.capture.bpffs_dir.clone(),
+        config: serde_json::to_value(&config)?,
+    };
+    let servers = [
+        admin::start(
+            "metrics",
+            config.endpoints.metrics,
+            state.clone(),
+            admin::metrics,
+        )
+        .await?,
+        admin::start(
+            "readiness",
+            config.endpoints.readiness,
+            state.clone(),
+            admin::readiness,
+        )
+        .await?,
+        admin::start("admin", config.endpoints.admin, state, admin::admin).await?,
+    ];
+
     let (shutdown_tx, shutdown) = watch::channel(false);
     let inpod = tokio::spawn(
         InPod::new(config.node_name.clone(), proxy, sync, capture, annotator).run(shutdown),
@@ -104,6 +144,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     renewals.abort();
     reaper.abort();
     policies.abort();
+    for server in servers {
+        server.abort();
+    }
     inpod.await.context("in-pod reconciler")?;
     info!("stopped; capture stays attached through its pins (`meshlet uninstall` removes it)");
     Ok(())

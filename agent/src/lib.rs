@@ -3,11 +3,13 @@
 //! The crate is the agent's library; `main.rs` only parses the command line and hands over to
 //! [`cli`]. Data flows one way: sources -> workload store -> (capture, proxy, policy) -> metrics.
 
+pub mod admin;
 pub mod agent;
 pub mod capture;
 pub mod cli;
 pub mod identity;
 pub mod inpod;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod source;

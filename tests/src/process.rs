@@ -194,6 +194,24 @@ impl Agent {
         self.child.id()
     }
 
+    /// Where the agent serves `endpoint` (`metrics`, `readiness`, `admin`), from its log.
+    pub fn endpoint(&self, endpoint: &str) -> SocketAddr {
+        let needle = format!("endpoint=\"{endpoint}\"");
+        self.wait_for_log(&needle, 1, Duration::from_secs(10));
+        let log = self.log();
+        let line = log
+            .lines()
+            .find(|l| l.contains(&needle))
+            .expect("endpoint line");
+        let addr = line
+            .split("addr=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .expect("addr");
+        addr.parse()
+            .unwrap_or_else(|err| panic!("endpoint address {addr:?}: {err}"))
+    }
+
     /// Stops the agent with SIGTERM (SIGKILL after 5 s) and returns how it exited.
     pub fn stop(&mut self) -> std::process::ExitStatus {
         // SAFETY: kill(2) on our own child's pid; no memory is involved.

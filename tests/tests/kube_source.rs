@@ -23,6 +23,22 @@ fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) 
     }
 }
 
+/// The status of `GET /healthz/ready` at `addr` (an agent in this process's namespace).
+fn ready(addr: std::net::SocketAddr) -> u16 {
+    use std::io::{Read as _, Write as _};
+    let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
+        return 0;
+    };
+    let _ = write!(stream, "GET /healthz/ready HTTP/1.0\r\n\r\n");
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
 fn redirection_annotation(api: &ApiServer, pod: &str) -> Option<String> {
     let pod = api.get("Pod", "demo", pod)?;
     pod["metadata"]["annotations"]["meshlet.io/redirection"]
@@ -85,7 +101,14 @@ fn the_kube_source_enrolls_labelled_pods_and_recovers_from_a_lost_watch() {
     // The API server goes away; while it is gone the client pod is deleted and a new pod is
     // created; the history is compacted, so resuming the watch gets 410 Gone and the agent
     // must list again.
+    let readiness = node0.endpoint("readiness");
+    assert_eq!(ready(readiness), 200, "ready once synced");
     api.stop();
+    wait_for(
+        "readiness 503 while the API server is gone",
+        Duration::from_secs(15),
+        || ready(readiness) == 503,
+    );
     api.delete("Pod", "demo", "client");
     api.apply(cluster.pod("late").manifest("demo", &[("app", "late")]));
     api.compact();
@@ -100,6 +123,11 @@ fn the_kube_source_enrolls_labelled_pods_and_recovers_from_a_lost_watch() {
         enrolled(&cluster.bpffs_dir(1)),
         vec![cluster.pod("server").netns_cookie()],
         "node-1 lost its pod"
+    );
+    wait_for(
+        "readiness back to 200 after the relist",
+        Duration::from_secs(15),
+        || ready(readiness) == 200,
     );
 
     // The watch drops again, with no compaction: the agent resumes and follows changes.

@@ -1,9 +1,11 @@
 //! The `meshlet` command line: `agent` runs the node agent, the other commands operate on or
 //! inspect a node. Every agent flag has a `MESHLET_*` environment twin for the DaemonSet.
 
-use std::path::PathBuf;
+use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand};
+
+pub mod inspect;
 
 use ipnet::IpNet;
 
@@ -26,6 +28,14 @@ pub struct Cli {
 enum Command {
     /// Run the node agent: capture enrolled pods and carry their traffic until stopped.
     Agent(Box<AgentArgs>),
+    /// The agent's state: source, sync, capture, store.
+    Status(InspectArgs),
+    /// The workloads the agent knows and whether they are captured.
+    Workloads(InspectArgs),
+    /// Workload certificates.
+    Certs(InspectArgs),
+    /// Policies and what meshlet makes of them (unsupported fields included).
+    Policies(InspectArgs),
     /// Detach every meshlet eBPF program and remove its pins.
     Uninstall(UninstallArgs),
     /// Print build information.
@@ -77,9 +87,29 @@ pub struct AgentArgs {
     /// Where the agent keeps state (a development root CA when no --ca-cert is given).
     #[arg(long, env = "MESHLET_STATE_DIR", default_value = "/var/lib/meshlet")]
     pub state_dir: PathBuf,
+    /// Where `GET /metrics` is served.
+    #[arg(long, env = "MESHLET_METRICS_ADDR", default_value = "0.0.0.0:15020")]
+    pub metrics_addr: SocketAddr,
+    /// Where `GET /healthz/ready` is served.
+    #[arg(long, env = "MESHLET_READINESS_ADDR", default_value = "0.0.0.0:15021")]
+    pub readiness_addr: SocketAddr,
+    /// Where the admin API is served (keep it on loopback).
+    #[arg(long, env = "MESHLET_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
     /// Log line format.
     #[arg(long, env = "MESHLET_LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: LogFormat,
+}
+
+/// Flags of the inspection commands.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// The agent's admin API.
+    #[arg(long, env = "MESHLET_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t)]
+    pub output: inspect::Output,
 }
 
 /// Flags of `meshlet uninstall`.
@@ -94,6 +124,10 @@ pub struct UninstallArgs {
 pub fn run() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Agent(args) => agent(*args),
+        Command::Status(args) => inspect_or_exit(inspect::View::Status, args),
+        Command::Workloads(args) => inspect_or_exit(inspect::View::Workloads, args),
+        Command::Certs(args) => inspect_or_exit(inspect::View::Certs, args),
+        Command::Policies(args) => inspect_or_exit(inspect::View::Policies, args),
         Command::Uninstall(args) => uninstall(args),
         Command::Version => {
             println!(
@@ -117,7 +151,13 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
         ca: args.ca_cert.zip(args.ca_key),
         state_dir: args.state_dir,
     };
+    let endpoints = agent::Endpoints {
+        metrics: args.metrics_addr,
+        readiness: args.readiness_addr,
+        admin: args.admin_addr,
+    };
     let config = agent::Config {
+        endpoints,
         identity,
         node_name: args.node_name,
         source: args.source,
@@ -128,6 +168,16 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(agent::run(config))
+}
+
+/// Inspection commands fail in one line (`error: cannot reach ...: Connection refused`) with
+/// exit status 1, like kubectl.
+fn inspect_or_exit(view: inspect::View, args: InspectArgs) -> anyhow::Result<()> {
+    if let Err(err) = inspect::run(view, args.admin_addr, args.output) {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 fn uninstall(args: UninstallArgs) -> anyhow::Result<()> {

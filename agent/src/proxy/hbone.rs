@@ -283,9 +283,24 @@ async fn handshake(
 pub enum Admission {
     /// Carry it: the application's stream, and the registration that closes it if a policy
     /// change comes to deny it.
-    Upstream(TcpStream, Option<super::connections::Live>),
+    Upstream(Box<Upstream>),
     /// Answer with this status (400, 401, 503) and close the stream.
     Reject(StatusCode, String),
+}
+
+/// An admitted CONNECT's application stream, the registration that closes it if a policy
+/// change comes to deny it, and its metrics.
+#[derive(Debug)]
+pub struct Upstream {
+    /// The application's stream.
+    pub stream: TcpStream,
+    /// Closes the connection when a re-check denies it.
+    pub live: Option<super::connections::Live>,
+    /// Where to count it, and as what.
+    pub metrics: (
+        Arc<crate::metrics::Metrics>,
+        crate::metrics::ConnectionLabels,
+    ),
 }
 
 /// A CONNECT the server received.
@@ -420,11 +435,19 @@ where
             debug!(%peer, %authority, %status, %reason, "CONNECT rejected");
             reply(status)
         }
-        Admission::Upstream(mut upstream, live) => {
+        Admission::Upstream(admitted) => {
+            let Upstream {
+                stream: mut upstream,
+                live,
+                metrics,
+            } = *admitted;
             tokio::spawn(async move {
                 match hyper::upgrade::on(request).await {
                     Ok(upgraded) => {
-                        let mut tunnel = TokioIo::new(upgraded);
+                        let counters = metrics.0.open(&metrics.1);
+                        let _closed = CloseOnDrop(metrics.0, metrics.1);
+                        let mut tunnel =
+                            crate::metrics::Counted::new(TokioIo::new(upgraded), counters);
                         if let Some(mut live) = live {
                             tokio::select! {
                                 _ = tokio::io::copy_bidirectional_with_sizes(&mut tunnel, &mut upstream, super::COPY_BUFFER, super::COPY_BUFFER) => {}
@@ -445,6 +468,18 @@ where
             });
             reply(StatusCode::OK)
         }
+    }
+}
+
+/// Counts a connection closed when dropped (however its task ends).
+struct CloseOnDrop(
+    Arc<crate::metrics::Metrics>,
+    crate::metrics::ConnectionLabels,
+);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close(&self.1);
     }
 }
 

@@ -89,6 +89,14 @@ pub async fn serve(
                     %reason,
                     "connection denied"
                 );
+                let mut labels = proxy.inbound_labels(
+                    Some(&connect.peer_identity),
+                    source_ip,
+                    connect.authority,
+                );
+                labels.response_flags = "DENY";
+                proxy.metrics.open(&labels);
+                proxy.metrics.close(&labels);
                 return hbone::Admission::Reject(StatusCode::UNAUTHORIZED, reason);
             }
             match passthrough::connect_in(&pod.netns, connect.authority).await {
@@ -110,7 +118,16 @@ pub async fn serve(
                         destination_pod: pod.key.clone(),
                         destination: connect.authority,
                     });
-                    hbone::Admission::Upstream(upstream, Some(live))
+                    let labels = proxy.inbound_labels(
+                        Some(&connect.peer_identity),
+                        source_ip,
+                        connect.authority,
+                    );
+                    hbone::Admission::Upstream(Box::new(hbone::Upstream {
+                        stream: upstream,
+                        live: Some(live),
+                        metrics: (proxy.metrics.clone(), labels),
+                    }))
                 }
                 Err(err) => {
                     hbone::Admission::Reject(StatusCode::SERVICE_UNAVAILABLE, err.to_string())

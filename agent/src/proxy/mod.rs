@@ -45,6 +45,8 @@ pub struct Proxy {
     pub identities: Arc<identity::Manager>,
     /// Pooled HBONE connections.
     pub pool: Arc<hbone::Pool>,
+    /// Metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// Live inbound connections, re-checked when policies change.
     pub connections: Arc<connections::Registry>,
     policies: std::sync::RwLock<Arc<policy::Index>>,
@@ -61,8 +63,13 @@ impl std::fmt::Debug for Proxy {
 
 impl Proxy {
     /// The proxy of one node.
-    pub fn new(store: Arc<Store>, identities: Arc<identity::Manager>) -> Self {
+    pub fn new(
+        store: Arc<Store>,
+        identities: Arc<identity::Manager>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Self {
         Self {
+            metrics,
             store,
             identities,
             pool: Arc::new(hbone::Pool::new()),
@@ -135,6 +142,69 @@ impl Proxy {
                 None => format!("denied ({})", decision.reason),
             })
         }
+    }
+
+    /// Istio connection labels for a connection to `destination` (resolved to `target`),
+    /// reported by `reporter`; the source pod when known (outbound), else looked up by
+    /// `source_ip` later by the caller.
+    pub fn labels(
+        &self,
+        reporter: &'static str,
+        source: Option<&PodContext>,
+        destination: std::net::SocketAddr,
+        target: std::net::SocketAddr,
+    ) -> crate::metrics::ConnectionLabels {
+        let unknown = || "unknown".to_owned();
+        let destination_pod = self.store.pod_by_ip(target.ip());
+        let service = self.store.service_by_vip(destination).map(|(service, _)| {
+            format!(
+                "{}.{}.svc.{}",
+                service.key.name,
+                service.key.namespace,
+                self.identities.trust_domain()
+            )
+        });
+        crate::metrics::ConnectionLabels {
+            reporter,
+            source_workload: source.map_or_else(unknown, |p| p.key.name.clone()),
+            source_workload_namespace: source.map_or_else(unknown, |p| p.key.namespace.clone()),
+            source_principal: source.map_or_else(unknown, |p| p.identity.to_string()),
+            destination_workload: destination_pod
+                .as_ref()
+                .map_or_else(unknown, |p| p.key.name.clone()),
+            destination_workload_namespace: destination_pod
+                .as_ref()
+                .map_or_else(unknown, |p| p.key.namespace.clone()),
+            destination_principal: destination_pod
+                .as_ref()
+                .filter(|p| self.is_mesh(p))
+                .and_then(|p| self.identity_of(p).ok())
+                .map_or_else(unknown, |i| i.to_string()),
+            destination_service: service.unwrap_or_else(unknown),
+            request_protocol: "tcp",
+            connection_security_policy: "mutual_tls",
+            response_flags: "-",
+        }
+    }
+
+    /// Istio connection labels for an inbound connection to `destination`, from `source_ip`
+    /// with identity `source` (`None`: plaintext), reported by the destination.
+    pub fn inbound_labels(
+        &self,
+        source: Option<&Identity>,
+        source_ip: IpAddr,
+        destination: std::net::SocketAddr,
+    ) -> crate::metrics::ConnectionLabels {
+        let mut labels = self.labels("destination", None, destination, destination);
+        if let Some(pod) = self.store.pod_by_ip(source_ip) {
+            labels.source_workload = pod.key.name.clone();
+            labels.source_workload_namespace = pod.key.namespace.clone();
+        }
+        match source {
+            Some(identity) => labels.source_principal = identity.to_string(),
+            None => labels.connection_security_policy = "unknown",
+        }
+        labels
     }
 
     /// The SPIFFE identity of `pod`.

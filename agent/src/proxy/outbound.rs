@@ -95,19 +95,44 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, pod: Arc<PodContext
 }
 
 async fn carry(
-    mut stream: TcpStream,
+    stream: TcpStream,
     peer: SocketAddr,
     proxy: &Proxy,
     pod: &PodContext,
 ) -> anyhow::Result<()> {
-    let start = Instant::now();
     let destination = socket::original_dst_fd(stream.as_fd(), stream.local_addr()?.is_ipv6())?;
     let route = proxy.route(destination)?;
-    let (sent, received, protocol, peer_identity) = match &route {
+    let target = match &route {
+        Route::Passthrough { target } | Route::Hbone { target, .. } => *target,
+    };
+    let mut labels = proxy.labels("source", Some(pod), destination, target);
+    if let Route::Passthrough { .. } = route {
+        labels.connection_security_policy = "unknown";
+    }
+    let counters = proxy.metrics.open(&labels);
+    let mut stream = crate::metrics::Counted::new(stream, counters);
+    let result = carry_routed(&mut stream, peer, proxy, pod, destination, &route).await;
+    if result.is_err() {
+        labels.response_flags = "CONNECT";
+    }
+    proxy.metrics.close(&labels);
+    result.map(|_| ())
+}
+
+async fn carry_routed(
+    stream: &mut crate::metrics::Counted<TcpStream>,
+    peer: SocketAddr,
+    proxy: &Proxy,
+    pod: &PodContext,
+    destination: SocketAddr,
+    route: &Route,
+) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let (sent, received, protocol, peer_identity) = match route {
         Route::Passthrough { target } => {
             let mut upstream = passthrough::connect_in(&pod.netns, *target).await?;
             let (sent, received) = tokio::io::copy_bidirectional_with_sizes(
-                &mut stream,
+                stream,
                 &mut upstream,
                 super::COPY_BUFFER,
                 super::COPY_BUFFER,
@@ -146,7 +171,7 @@ async fn carry(
                     return Err(err.into());
                 }
             };
-            let (sent, received) = copy(&mut stream, &mut tunnel.io).await?;
+            let (sent, received) = copy(stream, &mut tunnel.io).await?;
             (sent, received, "HBONE", identity.to_string())
         }
     };

@@ -36,7 +36,7 @@ pub async fn serve_inbound(listener: TcpListener, proxy: Arc<Proxy>, pod: Arc<Po
 }
 
 async fn carry_inbound(
-    mut stream: TcpStream,
+    stream: TcpStream,
     peer: SocketAddr,
     proxy: &Proxy,
     pod: &PodContext,
@@ -48,7 +48,11 @@ async fn carry_inbound(
     let Some(workload) = proxy.store.pod(&pod.key) else {
         return Ok(());
     };
+    let mut labels = proxy.inbound_labels(None, peer.ip(), destination);
     if let Err(reason) = proxy.check(&proxy.policies(), &workload, destination, None, peer.ip()) {
+        labels.response_flags = "DENY";
+        proxy.metrics.open(&labels);
+        proxy.metrics.close(&labels);
         info!(
             target: "meshlet::access",
             direction = "inbound",
@@ -68,14 +72,26 @@ async fn carry_inbound(
         destination_pod: pod.key.clone(),
         destination,
     });
-    let mut upstream = connect_in(&pod.netns, destination).await?;
+    let counters = proxy.metrics.open(&labels);
+    let mut stream = crate::metrics::Counted::new(stream, counters);
+    let upstream = connect_in(&pod.netns, destination).await;
+    let mut upstream = match upstream {
+        Ok(upstream) => upstream,
+        Err(err) => {
+            labels.response_flags = "CONNECT";
+            proxy.metrics.close(&labels);
+            return Err(err);
+        }
+    };
     let copied = tokio::select! {
         copied = tokio::io::copy_bidirectional_with_sizes(&mut stream, &mut upstream, super::COPY_BUFFER, super::COPY_BUFFER) => copied?,
         reason = live.closed() => {
             info!(target: "meshlet::access", dst_workload = %pod.key, src = %peer, dst = %destination, %reason, "live connection closed by a policy change");
+            proxy.metrics.close(&labels);
             return Ok(());
         }
     };
+    proxy.metrics.close(&labels);
     let (received, sent) = copied;
     info!(
         target: "meshlet::access",

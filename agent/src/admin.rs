@@ -1,0 +1,250 @@
+//! The agent's HTTP endpoints:
+//!
+//! - metrics (`--metrics-addr`, default `0.0.0.0:15020`): `GET /metrics`, Prometheus text;
+//! - readiness (`--readiness-addr`, default `0.0.0.0:15021`): `GET /healthz/ready`, 200 once
+//!   capture is attached and the source has synced, else 503 with the reason;
+//! - admin (`--admin-addr`, default `127.0.0.1:15000`, loopback only): JSON for
+//!   `/config_dump`, `/workloads`, `/certs`, `/policies` — what `meshlet status`,
+//!   `meshlet workloads`, `meshlet certs` and `meshlet policies` print.
+
+use std::{convert::Infallible, net::SocketAddr, path::PathBuf, sync::Arc};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tracing::{debug, info};
+
+use crate::{
+    capture::Pinned,
+    proxy::Proxy,
+    source::SyncState,
+    workload::enrollment::{self, Decision},
+};
+
+/// What the endpoints read.
+#[derive(Debug, Clone)]
+pub struct State {
+    /// The node's name.
+    pub node: String,
+    /// The proxy (store, identities, policies, metrics).
+    pub proxy: Arc<Proxy>,
+    /// Source sync state.
+    pub sync: Arc<SyncState>,
+    /// Where capture is pinned (its counters and enrollment are read from there).
+    pub bpffs_dir: PathBuf,
+    /// The resolved configuration, for `/config_dump`.
+    pub config: serde_json::Value,
+}
+
+/// One row of `/workloads`.
+#[derive(Debug, Serialize)]
+pub struct WorkloadRow {
+    /// Namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub name: String,
+    /// Addresses.
+    pub ips: Vec<String>,
+    /// Node.
+    pub node: String,
+    /// Whether the mesh captures it.
+    pub enrolled: bool,
+    /// How other workloads reach it: `HBONE` or `TCP`.
+    pub protocol: &'static str,
+    /// Its SPIFFE identity.
+    pub identity: String,
+    /// Why it is not enrolled, if it is not.
+    pub decision: Decision,
+}
+
+/// Serves `router` on `listener` until the task is dropped.
+pub async fn serve(
+    listener: TcpListener,
+    state: State,
+    router: fn(&State, &Request<hyper::body::Incoming>) -> Response<Full<Bytes>>,
+) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let response = router(&state, &request);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            if let Err(err) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                debug!(%err, "admin connection ended");
+            }
+        });
+    }
+}
+
+/// Binds `addr` and serves `router` there.
+pub async fn start(
+    name: &'static str,
+    addr: SocketAddr,
+    state: State,
+    router: fn(&State, &Request<hyper::body::Incoming>) -> Response<Full<Bytes>>,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let listener = TcpListener::bind(addr).await.map_err(|err| {
+        std::io::Error::new(
+            err.kind(),
+            format!("bind the {name} endpoint on {addr}: {err}"),
+        )
+    })?;
+    let bound = listener.local_addr()?;
+    info!(endpoint = name, addr = %bound, "serving");
+    Ok(tokio::spawn(serve(listener, state, router)))
+}
+
+fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, content_type)
+        .body(Full::new(body.into()))
+        .expect("a response from valid parts")
+}
+
+fn json(value: &impl Serialize) -> Response<Full<Bytes>> {
+    match serde_json::to_vec_pretty(value) {
+        Ok(body) => reply(StatusCode::OK, "application/json", body),
+        Err(err) => reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            err.to_string(),
+        ),
+    }
+}
+
+/// `GET /metrics`.
+pub fn metrics(state: &State, request: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    if request.uri().path() != "/metrics" {
+        return reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found: try /metrics\n",
+        );
+    }
+    let metrics = &state.proxy.metrics;
+    if let Ok(pinned) = Pinned::open(&state.bpffs_dir) {
+        if let Ok(redirects) = pinned.redirects() {
+            metrics
+                .redirected
+                .with_label_values(&["outbound"])
+                .set(redirects.outbound as i64);
+            metrics
+                .redirected
+                .with_label_values(&["inbound"])
+                .set(redirects.inbound as i64);
+        }
+        if let Ok(enrolled) = pinned.enrolled() {
+            metrics.enrolled_workloads.set(enrolled.len() as i64);
+        }
+    }
+    metrics.source_synced.set(i64::from(state.sync.synced()));
+    let now = std::time::SystemTime::now();
+    for cert in state.proxy.identities.list() {
+        let left = cert
+            .not_after
+            .duration_since(now)
+            .map_or(0, |d| d.as_secs() as i64);
+        metrics
+            .certificate_expiry
+            .with_label_values(&[&cert.identity.to_string()])
+            .set(left);
+    }
+    metrics
+        .policy_unsupported_fields
+        .set(state.proxy.policies().unsupported_fields() as i64);
+    reply(
+        StatusCode::OK,
+        "text/plain; version=0.0.4",
+        metrics.render(),
+    )
+}
+
+/// `GET /healthz/ready`.
+pub fn readiness(state: &State, request: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    if request.uri().path() != "/healthz/ready" {
+        return reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found: try /healthz/ready\n",
+        );
+    }
+    if state.sync.synced() {
+        reply(StatusCode::OK, "text/plain", "ready\n")
+    } else {
+        let kinds: Vec<String> = state
+            .sync
+            .unsynced()
+            .iter()
+            .map(|k| format!("{k:?}"))
+            .collect();
+        reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            format!("not ready: source not synced for {}\n", kinds.join(", ")),
+        )
+    }
+}
+
+/// The admin API.
+pub fn admin(state: &State, request: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    let proxy = &state.proxy;
+    match request.uri().path() {
+        "/config_dump" => json(&serde_json::json!({
+            "node": state.node,
+            "config": state.config,
+            "synced": state.sync.synced(),
+            "store": proxy.store.dump(),
+        })),
+        "/workloads" => json(&workloads(state)),
+        "/certs" => json(&proxy.identities.list()),
+        "/policies" => json(&proxy.policies().report()),
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found: /config_dump, /workloads, /certs, /policies\n",
+        ),
+    }
+}
+
+/// Every pod the agent knows, with what it decided.
+pub fn workloads(state: &State) -> Vec<WorkloadRow> {
+    let proxy = &state.proxy;
+    proxy
+        .store
+        .pods()
+        .iter()
+        .map(|pod| {
+            let namespace = proxy.store.namespace(&pod.key.namespace);
+            let node = pod.node_name.clone().unwrap_or_default();
+            let decision = enrollment::decide(pod, namespace.as_deref(), &node);
+            WorkloadRow {
+                namespace: pod.key.namespace.clone(),
+                name: pod.key.name.clone(),
+                ips: pod.ips.iter().map(ToString::to_string).collect(),
+                node,
+                enrolled: decision == Decision::Enroll,
+                protocol: if decision == Decision::Enroll {
+                    "HBONE"
+                } else {
+                    "TCP"
+                },
+                identity: proxy
+                    .identity_of(pod)
+                    .map(|i| i.to_string())
+                    .unwrap_or_default(),
+                decision,
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,268 @@
+//! `meshlet status|workloads|certs|policies`: read a running agent's admin API and print
+//! tables a person can read at a glance (like `istioctl ztunnel-config`), or the JSON with
+//! `-o json`.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use serde_json::Value;
+
+/// What to show.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum View {
+    /// The agent's state in a few lines.
+    Status,
+    /// Every workload the agent knows.
+    Workloads,
+    /// Workload certificates.
+    Certs,
+    /// Policies and what meshlet makes of them.
+    Policies,
+}
+
+/// Output format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// A table.
+    #[default]
+    Table,
+    /// The admin API's JSON.
+    Json,
+}
+
+/// GETs `path` from the admin API at `addr`.
+pub fn fetch(addr: SocketAddr, path: &str) -> anyhow::Result<Value> {
+    let unreachable = || {
+        format!("cannot reach the meshlet admin API at {addr}: is the agent running on this node?")
+    };
+    let mut stream =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(3)).with_context(unreachable)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .with_context(unreachable)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP response from the agent")?;
+    let status = head.split(' ').nth(1).unwrap_or_default();
+    if status != "200" {
+        bail!("the agent answered {path} with {status}: {}", body.trim());
+    }
+    serde_json::from_str(body).with_context(|| format!("the agent's {path} is not JSON"))
+}
+
+/// Runs `meshlet <view>`.
+pub fn run(view: View, addr: SocketAddr, output: Output) -> anyhow::Result<()> {
+    let path = match view {
+        View::Status => "/config_dump",
+        View::Workloads => "/workloads",
+        View::Certs => "/certs",
+        View::Policies => "/policies",
+    };
+    let value = fetch(addr, path)?;
+    if output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    let text = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    let rows: Vec<Vec<String>> = match view {
+        View::Status => {
+            let store = &value["store"];
+            let count = |kind: &str| store[kind].as_array().map_or(0, Vec::len);
+            println!("node:        {}", text(&value["node"]));
+            println!("synced:      {}", text(&value["synced"]));
+            println!("source:      {}", text(&value["config"]["source"]["type"]));
+            println!(
+                "trust domain {}",
+                text(&value["config"]["identity"]["trust_domain"])
+            );
+            println!(
+                "cgroup root: {}",
+                text(&value["config"]["capture"]["cgroup_root"])
+            );
+            println!(
+                "fail mode:   {}",
+                text(&value["config"]["capture"]["fail_mode"])
+            );
+            println!(
+                "store:       {} namespaces, {} pods, {} services, {} endpoint slices, {} policies",
+                count("namespaces"),
+                count("pods"),
+                count("services"),
+                count("endpointSlices"),
+                count("policies")
+            );
+            let workloads = fetch(addr, "/workloads")?;
+            let node = text(&value["node"]);
+            let enrolled = workloads.as_array().map_or(0, |w| {
+                w.iter()
+                    .filter(|w| w["enrolled"] == true && text(&w["node"]) == node)
+                    .count()
+            });
+            println!("enrolled:    {enrolled} pods on this node");
+            return Ok(());
+        }
+        View::Workloads => {
+            let mut rows = vec![
+                [
+                    "NAMESPACE",
+                    "POD",
+                    "IP",
+                    "NODE",
+                    "ENROLLED",
+                    "PROTOCOL",
+                    "IDENTITY",
+                ]
+                .map(String::from)
+                .to_vec(),
+            ];
+            for w in value.as_array().into_iter().flatten() {
+                let ips: Vec<String> = w["ips"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(text)
+                    .collect();
+                rows.push(vec![
+                    text(&w["namespace"]),
+                    text(&w["name"]),
+                    ips.join(","),
+                    text(&w["node"]),
+                    if w["enrolled"] == true {
+                        "yes".into()
+                    } else {
+                        format!("no ({})", text(&w["decision"]))
+                    },
+                    text(&w["protocol"]),
+                    text(&w["identity"]),
+                ]);
+            }
+            rows
+        }
+        View::Certs => {
+            let mut rows = vec![
+                ["IDENTITY", "ROLE", "STATE", "NOT AFTER", "SERIAL"]
+                    .map(String::from)
+                    .to_vec(),
+            ];
+            for c in value.as_array().into_iter().flatten() {
+                rows.push(vec![
+                    text(&c["identity"]),
+                    "leaf".into(),
+                    text(&c["state"]),
+                    text(&c["not_after"]),
+                    text(&c["serial"]),
+                ]);
+            }
+            rows
+        }
+        View::Policies => {
+            let mut rows = vec![
+                [
+                    "POLICY",
+                    "KIND",
+                    "ACTION/MODE",
+                    "RULES",
+                    "SELECTS",
+                    "UNSUPPORTED",
+                ]
+                .map(String::from)
+                .to_vec(),
+            ];
+            for p in value.as_array().into_iter().flatten() {
+                let key = format!(
+                    "{}/{}",
+                    text(&p["key"]["namespace"]),
+                    text(&p["key"]["name"])
+                );
+                let action = if p["action"].is_null() {
+                    text(&p["mode"])
+                } else {
+                    text(&p["action"])
+                };
+                let unsupported: Vec<String> = p["unsupported"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|u| text(&u["path"]))
+                    .collect();
+                rows.push(vec![
+                    key,
+                    text(&p["kind"]),
+                    action,
+                    text(&p["rules"]),
+                    text(&p["selects"]),
+                    if unsupported.is_empty() {
+                        "-".into()
+                    } else {
+                        unsupported.join(",")
+                    },
+                ]);
+            }
+            rows
+        }
+    };
+    print!("{}", table(&rows));
+    Ok(())
+}
+
+/// Left-aligned columns, two spaces apart.
+fn table(rows: &[Vec<String>]) -> String {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| {
+            rows.iter()
+                .map(|r| r.get(c).map_or(0, |s| s.chars().count()))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .enumerate()
+            .map(|(c, s)| format!("{s:<width$}", width = widths[c]))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align_columns() {
+        let rows = vec![
+            vec!["A".to_owned(), "BB".to_owned()],
+            vec!["long".to_owned(), "x".to_owned()],
+        ];
+        assert_eq!(table(&rows), "A     BB\nlong  x\n");
+    }
+
+    #[test]
+    fn an_unreachable_agent_is_said_in_one_line() {
+        // Port 9 on loopback: nothing listens.
+        let err = fetch("127.0.0.1:9".parse().unwrap(), "/workloads").unwrap_err();
+        assert!(
+            format!("{err}").contains("is the agent running on this node?"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,298 @@
+//! What an operator sees: Istio-named metrics from both nodes (parsed with a Prometheus text
+//! parser, byte totals equal to what was sent), DENY on the destination, eBPF redirect counts,
+//! readiness, and `meshlet workloads|certs|policies|status` against the running agents.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use meshlet_tests::{
+    Cluster, http_get, namespace_manifest, process::Agent, wait_enrolled, write_workloads,
+};
+use serde_json::json;
+
+const AMBIENT: (&str, &str) = ("meshlet.io/dataplane-mode", "ambient");
+
+struct Setup {
+    cluster: Cluster,
+    file: PathBuf,
+    agents: Vec<Agent>,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        self.agents.clear();
+        let _ = std::fs::remove_file(&self.file);
+    }
+}
+
+fn scrape(cluster: &Cluster, node: usize) -> prometheus_parse::Scrape {
+    let (status, body) = http_get(
+        &cluster.node(node).netns,
+        "127.0.0.1:15020".parse().unwrap(),
+        "/metrics",
+    );
+    assert_eq!(status, 200, "{body}");
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
+        .expect("Prometheus text format")
+}
+
+/// The value of the one sample of `name` whose labels include all of `labels`.
+fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let matching: Vec<f64> = scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .filter_map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => Some(v),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        matching.len() <= 1,
+        "{name} {labels:?} matches {} samples",
+        matching.len()
+    );
+    matching.first().copied()
+}
+
+#[test]
+fn metrics_logs_readiness_and_inspection_commands_tell_what_happened() {
+    let mut cluster = Cluster::new(2);
+    cluster.add_pod("client", 0);
+    cluster.add_pod("bystander", 0);
+    cluster.add_pod("server", 1);
+    let file = std::env::temp_dir().join(format!("{}-workloads.yaml", cluster.id()));
+    let base = vec![
+        namespace_manifest("demo", &[AMBIENT]),
+        namespace_manifest("legacy", &[]),
+        cluster.pod("client").manifest("demo", &[("app", "client")]),
+        cluster.pod("server").manifest("demo", &[("app", "server")]),
+        cluster
+            .pod("bystander")
+            .manifest("legacy", &[("app", "bystander")]),
+    ];
+    let objects = |policies: Vec<serde_json::Value>| {
+        let mut objects = base.clone();
+        objects.extend(policies);
+        objects
+    };
+    write_workloads(&file, &objects(vec![]));
+    let source = format!("file:{}", file.display());
+    let agents = vec![
+        cluster.start_agent(0, &["--source", &source]),
+        cluster.start_agent(1, &["--source", &source]),
+    ];
+    let setup = Setup {
+        cluster,
+        file,
+        agents,
+    };
+    let cluster = &setup.cluster;
+    wait_enrolled(
+        &cluster.bpffs_dir(0),
+        vec![cluster.pod("client").netns_cookie()],
+        Duration::from_secs(10),
+    );
+    wait_enrolled(
+        &cluster.bpffs_dir(1),
+        vec![cluster.pod("server").netns_cookie()],
+        Duration::from_secs(10),
+    );
+    let readiness: SocketAddr = "127.0.0.1:15021".parse().unwrap();
+    assert_eq!(
+        http_get(&cluster.node(0).netns, readiness, "/healthz/ready").0,
+        200
+    );
+
+    let _echo = cluster.pod("server").echo_server(8080);
+    let server = cluster.pod("server").addr(false, 8080);
+    for size in [1000, 3000] {
+        cluster
+            .pod("client")
+            .connect(server, size)
+            .assert_echoed(size);
+    }
+    // Plaintext from outside the mesh, then denied by a policy on the server.
+    cluster
+        .pod("bystander")
+        .connect(server, 10)
+        .assert_echoed(10);
+    let deny_plaintext = json!({
+        "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "deny-plaintext", "namespace": "demo"},
+        "spec": {"action": "DENY", "rules": [{"from": [{"source": {"notPrincipals": ["*"]}}]},
+                 {"to": [{"operation": {"methods": ["POST"]}}], "from": [{"source": {"principals": ["nobody"]}}]}]}
+    });
+    let loads = setup.agents[1]
+        .log()
+        .matches("workload file loaded")
+        .count();
+    write_workloads(&setup.file, &objects(vec![deny_plaintext]));
+    setup.agents[1].wait_for_log("workload file loaded", loads + 1, Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(100));
+    let denied = cluster.pod("bystander").connect(server, 10);
+    assert!(denied.error.is_some() || denied.echoed == 0, "{denied:?}");
+    setup.agents[0].wait_for_log("connection closed", 2, Duration::from_secs(5));
+    setup.agents[1].wait_for_log("connection denied", 1, Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(200));
+
+    let mesh = [
+        ("source_workload", "client"),
+        ("source_workload_namespace", "demo"),
+        (
+            "source_principal",
+            "spiffe://cluster.local/ns/demo/sa/client",
+        ),
+        ("destination_workload", "server"),
+        ("destination_workload_namespace", "demo"),
+        (
+            "destination_principal",
+            "spiffe://cluster.local/ns/demo/sa/server",
+        ),
+        ("connection_security_policy", "mutual_tls"),
+        ("response_flags", "-"),
+    ];
+    for (node, reporter) in [(0, "source"), (1, "destination")] {
+        let scrape = scrape(cluster, node);
+        let labels: Vec<(&str, &str)> = mesh
+            .iter()
+            .copied()
+            .chain([("reporter", reporter)])
+            .collect();
+        assert_eq!(
+            sample(&scrape, "istio_tcp_connections_opened_total", &labels),
+            Some(2.0),
+            "node-{node}"
+        );
+        assert_eq!(
+            sample(&scrape, "istio_tcp_connections_closed_total", &labels),
+            Some(2.0),
+            "node-{node}"
+        );
+        assert_eq!(
+            sample(&scrape, "istio_tcp_received_bytes_total", &labels),
+            Some(4000.0),
+            "node-{node}"
+        );
+        assert_eq!(
+            sample(&scrape, "istio_tcp_sent_bytes_total", &labels),
+            Some(4000.0),
+            "node-{node}"
+        );
+        assert_eq!(sample(&scrape, "meshlet_source_synced", &[]), Some(1.0));
+        assert_eq!(
+            sample(&scrape, "meshlet_enrolled_workloads", &[]),
+            Some(1.0)
+        );
+        // No label from ports, addresses or connection ids.
+        for s in &scrape.samples {
+            for key in s.labels.keys() {
+                assert!(
+                    !["port", "source_ip", "connection_id"].contains(&key.as_str()),
+                    "{key}"
+                );
+            }
+        }
+    }
+    let node0 = scrape(cluster, 0);
+    assert_eq!(
+        sample(
+            &node0,
+            "meshlet_redirected_connections_total",
+            &[("direction", "outbound")]
+        ),
+        Some(2.0)
+    );
+    let node1 = scrape(cluster, 1);
+    let deny = [
+        ("reporter", "destination"),
+        ("source_workload", "bystander"),
+        ("response_flags", "DENY"),
+        ("connection_security_policy", "unknown"),
+    ];
+    assert_eq!(
+        sample(&node1, "istio_tcp_connections_opened_total", &deny),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&node1, "meshlet_policy_unsupported_fields", &[]),
+        Some(1.0)
+    );
+    assert!(
+        sample(
+            &node1,
+            "meshlet_certificate_expiry_seconds",
+            &[("identity", "spiffe://cluster.local/ns/demo/sa/server")]
+        )
+        .unwrap()
+            > 80_000.0
+    );
+
+    // The inspection commands, run on the nodes like `kubectl exec` into the agent.
+    let meshlet = |node: usize, args: &[&str]| {
+        let mut command = cluster.node_command(node, meshlet_tests::process::meshlet_binary());
+        command.args(args);
+        let out = command.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, workloads, _) = meshlet(0, &["workloads"]);
+    assert!(ok);
+    let client_row = workloads
+        .lines()
+        .find(|l| l.contains("client"))
+        .expect("client row");
+    for cell in [
+        "demo",
+        "10.244.0.10",
+        "node-0",
+        "yes",
+        "HBONE",
+        "spiffe://cluster.local/ns/demo/sa/client",
+    ] {
+        assert!(
+            client_row.contains(cell),
+            "{cell} missing from {client_row:?}\n{workloads}"
+        );
+    }
+    assert!(
+        workloads.lines().any(|l| l.contains("bystander")
+            && l.contains("no (not_labelled)")
+            && l.contains("TCP")),
+        "{workloads}"
+    );
+    let (ok, certs, _) = meshlet(1, &["certs"]);
+    assert!(
+        ok && certs.contains("spiffe://cluster.local/ns/demo/sa/server") && certs.contains("valid"),
+        "{certs}"
+    );
+    let (ok, policies, _) = meshlet(1, &["policies"]);
+    assert!(
+        ok && policies.contains("demo/deny-plaintext")
+            && policies.contains("rules[1].to[0].operation.methods"),
+        "{policies}"
+    );
+    let (ok, json, _) = meshlet(0, &["workloads", "-o", "json"]);
+    assert!(
+        ok && serde_json::from_str::<serde_json::Value>(&json)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len()
+            == 3
+    );
+    let (ok, status, _) = meshlet(0, &["status"]);
+    assert!(
+        ok && status.contains("synced:      true") && status.contains("enrolled:    1 pods"),
+        "{status}"
+    );
+    let (ok, out, err) = meshlet(0, &["workloads", "--admin-addr", "127.0.0.1:1"]);
+    assert!(
+        !ok && out.is_empty() && err.lines().count() == 1 && err.contains("is the agent running"),
+        "{err}"
+    );
+}
