@@ -163,6 +163,7 @@ pub fn metrics(state: &State, request: &Request<hyper::body::Incoming>) -> Respo
     metrics
         .policy_unsupported_fields
         .set(state.proxy.policies().unsupported_fields() as i64);
+    metrics.observe_process();
     reply(
         StatusCode::OK,
         "text/plain; version=0.0.4",
@@ -209,6 +210,35 @@ pub fn admin(state: &State, request: &Request<hyper::body::Incoming>) -> Respons
         "/workloads" => json(&workloads(state)),
         "/certs" => json(&proxy.identities.list()),
         "/policies" => json(&proxy.policies().report()),
+        "/logging" => {
+            let level = request
+                .uri()
+                .query()
+                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("level=")));
+            match (level, crate::telemetry::level_handle()) {
+                (Some(level), Some(handle)) => match handle.set(level) {
+                    Ok(()) => {
+                        info!(level, "log level changed");
+                        reply(
+                            StatusCode::OK,
+                            "text/plain",
+                            format!("log level: {level}\n"),
+                        )
+                    }
+                    Err(err) => reply(StatusCode::BAD_REQUEST, "text/plain", format!("{err}\n")),
+                },
+                (None, _) => reply(
+                    StatusCode::BAD_REQUEST,
+                    "text/plain",
+                    "usage: /logging?level=debug\n",
+                ),
+                (_, None) => reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "logging is not reloadable here\n",
+                ),
+            }
+        }
         _ => reply(
             StatusCode::NOT_FOUND,
             "text/plain",

@@ -93,6 +93,7 @@ pub struct Metrics {
     pub certificate_expiry: IntGaugeVec,
     /// Policy fields meshlet does not enforce as written.
     pub policy_unsupported_fields: IntGauge,
+    process: IntGaugeVec,
 }
 
 impl Default for Metrics {
@@ -162,6 +163,11 @@ impl Metrics {
             "meshlet_policy_unsupported_fields",
             "Policy fields meshlet does not enforce as written (see meshlet policies)",
         );
+        let process = gauge_vec(
+            "meshlet_process",
+            "The agent process: resident_memory_bytes, open_fds, threads, cpu_milliseconds; tokio: workers, alive_tasks, global_queue_depth",
+            &["measure"],
+        );
         let build_info = gauge_vec("meshlet_build_info", "Build information", &["version"]);
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
@@ -177,6 +183,49 @@ impl Metrics {
             source_synced,
             certificate_expiry,
             policy_unsupported_fields,
+            process,
+        }
+    }
+
+    /// Refreshes the process and tokio runtime gauges (at scrape time).
+    pub fn observe_process(&self) {
+        let set = |measure: &str, value: i64| self.process.with_label_values(&[measure]).set(value);
+        if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+            let field = |name: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .and_then(|v| v.split_whitespace().next()?.parse::<i64>().ok())
+            };
+            if let Some(kib) = field("VmRSS:") {
+                set("resident_memory_bytes", kib * 1024);
+            }
+            if let Some(threads) = field("Threads:") {
+                set("threads", threads);
+            }
+        }
+        if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+            set("open_fds", fds.count() as i64);
+        }
+        if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
+            // utime and stime, fields 14 and 15, in clock ticks (100 Hz on Linux).
+            let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+            let ticks: Vec<i64> = after
+                .split_whitespace()
+                .skip(11)
+                .take(2)
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            set("cpu_milliseconds", ticks.iter().sum::<i64>() * 10);
+        }
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let runtime = handle.metrics();
+            set("tokio_workers", runtime.num_workers() as i64);
+            set("tokio_alive_tasks", runtime.num_alive_tasks() as i64);
+            set(
+                "tokio_global_queue_depth",
+                runtime.global_queue_depth() as i64,
+            );
         }
     }
 

@@ -290,9 +290,72 @@ fn metrics_logs_readiness_and_inspection_commands_tell_what_happened() {
         ok && status.contains("synced:      true") && status.contains("enrolled:    1 pods"),
         "{status}"
     );
+    let admin: SocketAddr = "127.0.0.1:15000".parse().unwrap();
+    assert_eq!(
+        http_get(&cluster.node(0).netns, admin, "/logging?level=debug").0,
+        200
+    );
+    setup.agents[0].wait_for_log("log level changed", 1, Duration::from_secs(5));
+    assert_eq!(
+        http_get(&cluster.node(0).netns, admin, "/logging?level=bogus=[").0,
+        400
+    );
+    let node0 = scrape(cluster, 0);
+    assert!(
+        sample(
+            &node0,
+            "meshlet_process",
+            &[("measure", "resident_memory_bytes")]
+        )
+        .unwrap()
+            > 1e6
+    );
+    assert!(sample(&node0, "meshlet_process", &[("measure", "tokio_workers")]).unwrap() >= 1.0);
     let (ok, out, err) = meshlet(0, &["workloads", "--admin-addr", "127.0.0.1:1"]);
     assert!(
         !ok && out.is_empty() && err.lines().count() == 1 && err.contains("is the agent running"),
         "{err}"
     );
+}
+
+#[test]
+fn the_grafana_dashboard_queries_only_metrics_the_agent_exports() {
+    let dashboard: serde_json::Value =
+        serde_json::from_str(include_str!("../../deploy/grafana/meshlet-dashboard.json"))
+            .expect("dashboard JSON");
+    let exported = meshlet::metrics::Metrics::new();
+    exported.observe_process();
+    let labels = meshlet::metrics::ConnectionLabels {
+        reporter: "source",
+        ..Default::default()
+    };
+    exported.open(&labels);
+    exported.close(&labels);
+    exported.redirected.with_label_values(&["outbound"]).set(0);
+    exported.certificate_expiry.with_label_values(&["x"]).set(0);
+    let text = exported.render();
+    let names: std::collections::HashSet<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    let panels = dashboard["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 10);
+    for panel in panels {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr");
+            let used: Vec<&str> = expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("istio_") || w.starts_with("meshlet_"))
+                .collect();
+            assert!(!used.is_empty(), "{expr}");
+            for metric in used {
+                assert!(
+                    names.contains(metric),
+                    "panel {:?} queries {metric}, which the agent does not export",
+                    panel["title"]
+                );
+            }
+        }
+    }
 }
