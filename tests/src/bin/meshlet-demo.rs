@@ -135,6 +135,12 @@ fn walk_through(cluster: &mut Cluster, keep: bool) -> anyhow::Result<()> {
     println!(
         "      checked: each node's ENROLLED map holds exactly its pod's namespace; bystander (namespace legacy) is not"
     );
+    println!("      $ meshlet workloads        (on node-0)");
+    indent(&meshlet_on(cluster, 0, &["workloads"])?);
+    println!(
+        "      $ meshlet certs            (on node-1: one certificate per local service account)"
+    );
+    indent(&meshlet_on(cluster, 1, &["certs"])?);
 
     step(
         4,
@@ -233,6 +239,32 @@ fn walk_through(cluster: &mut Cluster, keep: bool) -> anyhow::Result<()> {
         "still refused after the policy was removed: {report:?}"
     );
     println!("      policy removed: the client reaches the server again");
+    println!(
+        "      $ curl node-1:15020/metrics | grep istio_tcp_connections_opened_total   (destination view)"
+    );
+    let (status, body) = meshlet_tests::http_get(
+        &cluster.node(1).netns,
+        "127.0.0.1:15020".parse()?,
+        "/metrics",
+    );
+    ensure!(status == 200, "metrics endpoint answered {status}");
+    let lines: Vec<&str> = body
+        .lines()
+        .filter(|l| l.starts_with("istio_tcp_connections_opened_total{"))
+        .collect();
+    ensure!(
+        lines.iter().any(|l| l.contains("response_flags=\"DENY\"")),
+        "no DENY in the metrics:\n{body}"
+    );
+    ensure!(
+        lines
+            .iter()
+            .any(|l| l.contains("connection_security_policy=\"mutual_tls\"")),
+        "no mTLS connection in the metrics"
+    );
+    for line in lines {
+        println!("        {}", shorten(line));
+    }
 
     step(
         6,
@@ -337,6 +369,49 @@ fn last_line(agent: &meshlet_tests::process::Agent, needle: &str) -> String {
     line.split_once("meshlet::")
         .map_or(line, |(_, rest)| rest)
         .to_owned()
+}
+
+/// Runs `meshlet <args>` on node `node` (in its network namespace, like `kubectl exec` into the
+/// agent) and returns its output.
+fn meshlet_on(cluster: &Cluster, node: usize, args: &[&str]) -> anyhow::Result<String> {
+    let mut command = cluster.node_command(node, meshlet_binary());
+    let out = command.args(args).output()?;
+    ensure!(
+        out.status.success(),
+        "meshlet {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn indent(text: &str) {
+    for line in text.lines() {
+        println!("        {line}");
+    }
+}
+
+/// A metric line with the labels a person reads first.
+fn shorten(line: &str) -> String {
+    let keep = [
+        "reporter",
+        "source_workload",
+        "destination_workload",
+        "connection_security_policy",
+        "response_flags",
+    ];
+    let (labels, value) = line.rsplit_once(' ').unwrap_or((line, ""));
+    let inner = labels
+        .split_once('{')
+        .map_or("", |(_, rest)| rest.trim_end_matches('}'));
+    let kept: Vec<&str> = inner
+        .split(',')
+        .filter(|kv| keep.iter().any(|k| kv.starts_with(&format!("{k}="))))
+        .collect();
+    format!(
+        "istio_tcp_connections_opened_total{{{}}} {value}",
+        kept.join(",")
+    )
 }
 
 fn step(n: usize, what: &str) {
