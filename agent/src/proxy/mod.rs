@@ -227,6 +227,30 @@ impl Proxy {
     }
 }
 
+/// Accepts on one of a pod's listeners until the task is dropped, handing each connection
+/// (with TCP_NODELAY: the proxy forwards small writes as they come) to `carry` in a task of its
+/// own, which outlives the listener: dropping the listener stops new connections only.
+pub async fn accept_loop<F, Fut>(listener: tokio::net::TcpListener, pod: Arc<PodContext>, carry: F)
+where
+    F: Fn(tokio::net::TcpStream, std::net::SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(carry(stream, peer));
+            }
+            Err(err) => {
+                // Out of descriptors and the like: back off rather than spin.
+                let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
+                tracing::warn!(pod = %pod.key, port, %err, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 /// The pod a listener serves.
 #[derive(Debug)]
 pub struct PodContext {

@@ -75,23 +75,15 @@ impl Proxy {
 
 /// Accepts on a pod's 15001 listener until the task is dropped.
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, pod: Arc<PodContext>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
-                let (proxy, pod) = (proxy.clone(), pod.clone());
-                tokio::spawn(async move {
-                    if let Err(err) = carry(stream, peer, &proxy, &pod).await {
-                        warn!(pod = %pod.key, %peer, err = %err, "outbound connection failed");
-                    }
-                });
-            }
-            Err(err) => {
-                warn!(pod = %pod.key, %err, "accept on 15001 failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    super::accept_loop(listener, pod.clone(), move |stream, peer| {
+        let (proxy, pod) = (proxy.clone(), pod.clone());
+        async move {
+            if let Err(err) = carry(stream, peer, &proxy, &pod).await {
+                warn!(pod = %pod.key, %peer, err = %err, "outbound connection failed");
             }
         }
-    }
+    })
+    .await;
 }
 
 async fn carry(

@@ -6,7 +6,7 @@
 use std::{io, net::SocketAddr, sync::Arc, time::Instant};
 
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use super::{PodContext, Proxy, connections::ConnectionInfo};
 use crate::sys::{Netns, socket};
@@ -15,24 +15,15 @@ use crate::sys::{Netns, socket};
 /// is dropped, carrying each connection to the application in its own task (which outlives
 /// the listener: dropping the listener stops new connections only).
 pub async fn serve_inbound(listener: TcpListener, proxy: Arc<Proxy>, pod: Arc<PodContext>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
-                let (proxy, pod) = (proxy.clone(), pod.clone());
-                tokio::spawn(async move {
-                    if let Err(err) = carry_inbound(stream, peer, &proxy, &pod).await {
-                        debug!(pod = %pod.key, %peer, %err, "inbound connection failed");
-                    }
-                });
-            }
-            Err(err) => {
-                // Out of descriptors and the like: back off rather than spin.
-                warn!(pod = %pod.key, %err, "accept on 15006 failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    super::accept_loop(listener, pod.clone(), move |stream, peer| {
+        let (proxy, pod) = (proxy.clone(), pod.clone());
+        async move {
+            if let Err(err) = carry_inbound(stream, peer, &proxy, &pod).await {
+                debug!(pod = %pod.key, %peer, %err, "inbound connection failed");
             }
         }
-    }
+    })
+    .await;
 }
 
 async fn carry_inbound(
