@@ -19,6 +19,7 @@
 //! none behind.
 
 pub mod kube_api;
+pub mod mesh;
 pub mod process;
 
 use std::{

@@ -5,7 +5,6 @@
 
 use std::{
     net::SocketAddr,
-    path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -15,83 +14,22 @@ use http::{Method, Request, StatusCode};
 use http_body_util::Empty;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshlet::{
-    capture::Pinned,
     identity::{self, Ca, Identity},
     proxy::passthrough::connect_in,
     sys::Netns,
 };
-use meshlet_tests::{Cluster, namespace_manifest, process::testpod_binary, write_workloads};
-
-const AMBIENT: (&str, &str) = ("meshlet.io/dataplane-mode", "ambient");
-
-struct Mesh {
-    cluster: Cluster,
-    file: PathBuf,
-    agents: Vec<meshlet_tests::process::Agent>,
-}
-
-impl Drop for Mesh {
-    fn drop(&mut self) {
-        self.agents.clear();
-        let _ = std::fs::remove_file(&self.file);
-    }
-}
+use meshlet_tests::{Cluster, mesh::FileMesh, process::testpod_binary};
 
 /// client + neighbour... on the nodes given, all in namespace `demo` (ambient), bystander in
 /// `legacy` (not), agents on both nodes, everything enrolled.
-fn mesh() -> Mesh {
-    let mut cluster = Cluster::new(2);
-    cluster.add_pod("client", 0);
-    cluster.add_pod("bystander", 0);
-    cluster.add_pod("server", 1);
-    cluster.add_pod("neighbour", 1);
-    let file = std::env::temp_dir().join(format!("{}-workloads.yaml", cluster.id()));
-    write_workloads(
-        &file,
-        &[
-            namespace_manifest("demo", &[AMBIENT]),
-            namespace_manifest("legacy", &[]),
-            cluster.pod("client").manifest("demo", &[("app", "client")]),
-            cluster.pod("server").manifest("demo", &[("app", "server")]),
-            cluster
-                .pod("neighbour")
-                .manifest("demo", &[("app", "neighbour")]),
-            cluster
-                .pod("bystander")
-                .manifest("legacy", &[("app", "bystander")]),
-            serde_json::json!({
-                "apiVersion": "v1", "kind": "Service",
-                "metadata": {"name": "server", "namespace": "demo"},
-                "spec": {"clusterIP": "10.96.0.10", "selector": {"app": "server"},
-                         "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}
-            }),
-        ],
-    );
-    let source = format!("file:{}", file.display());
-    let agents = vec![
-        cluster.start_agent(0, &["--source", &source]),
-        cluster.start_agent(1, &["--source", &source]),
-    ];
-    let deadline = Instant::now() + Duration::from_secs(10);
-    for (node, count) in [(0, 1), (1, 2)] {
-        while Pinned::open(&cluster.bpffs_dir(node))
-            .and_then(|p| p.enrolled())
-            .map(|e| e.len())
-            .unwrap_or(0)
-            < count
-        {
-            assert!(
-                Instant::now() < deadline,
-                "pods not enrolled on node-{node}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    Mesh {
-        cluster,
-        file,
-        agents,
-    }
+fn mesh() -> FileMesh {
+    let service = serde_json::json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "server", "namespace": "demo"},
+        "spec": {"clusterIP": "10.96.0.10", "selector": {"app": "server"},
+                 "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}
+    });
+    FileMesh::client_server(&[("neighbour", 1)], vec![service])
 }
 
 #[test]

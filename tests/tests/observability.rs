@@ -2,27 +2,10 @@
 //! parser, byte totals equal to what was sent), DENY on the destination, eBPF redirect counts,
 //! readiness, and `meshlet workloads|certs|policies|status` against the running agents.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
-use meshlet_tests::{
-    Cluster, http_get, namespace_manifest, process::Agent, wait_enrolled, write_workloads,
-};
+use meshlet_tests::{Cluster, http_get, mesh::FileMesh};
 use serde_json::json;
-
-const AMBIENT: (&str, &str) = ("meshlet.io/dataplane-mode", "ambient");
-
-struct Setup {
-    cluster: Cluster,
-    file: PathBuf,
-    agents: Vec<Agent>,
-}
-
-impl Drop for Setup {
-    fn drop(&mut self) {
-        self.agents.clear();
-        let _ = std::fs::remove_file(&self.file);
-    }
-}
 
 fn scrape(cluster: &Cluster, node: usize) -> prometheus_parse::Scrape {
     let (status, body) = http_get(
@@ -58,47 +41,8 @@ fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]
 
 #[test]
 fn metrics_logs_readiness_and_inspection_commands_tell_what_happened() {
-    let mut cluster = Cluster::new(2);
-    cluster.add_pod("client", 0);
-    cluster.add_pod("bystander", 0);
-    cluster.add_pod("server", 1);
-    let file = std::env::temp_dir().join(format!("{}-workloads.yaml", cluster.id()));
-    let base = vec![
-        namespace_manifest("demo", &[AMBIENT]),
-        namespace_manifest("legacy", &[]),
-        cluster.pod("client").manifest("demo", &[("app", "client")]),
-        cluster.pod("server").manifest("demo", &[("app", "server")]),
-        cluster
-            .pod("bystander")
-            .manifest("legacy", &[("app", "bystander")]),
-    ];
-    let objects = |policies: Vec<serde_json::Value>| {
-        let mut objects = base.clone();
-        objects.extend(policies);
-        objects
-    };
-    write_workloads(&file, &objects(vec![]));
-    let source = format!("file:{}", file.display());
-    let agents = vec![
-        cluster.start_agent(0, &["--source", &source]),
-        cluster.start_agent(1, &["--source", &source]),
-    ];
-    let setup = Setup {
-        cluster,
-        file,
-        agents,
-    };
+    let setup = FileMesh::client_server(&[], vec![]);
     let cluster = &setup.cluster;
-    wait_enrolled(
-        &cluster.bpffs_dir(0),
-        vec![cluster.pod("client").netns_cookie()],
-        Duration::from_secs(10),
-    );
-    wait_enrolled(
-        &cluster.bpffs_dir(1),
-        vec![cluster.pod("server").netns_cookie()],
-        Duration::from_secs(10),
-    );
     let readiness: SocketAddr = "127.0.0.1:15021".parse().unwrap();
     assert_eq!(
         http_get(&cluster.node(0).netns, readiness, "/healthz/ready").0,
@@ -124,13 +68,7 @@ fn metrics_logs_readiness_and_inspection_commands_tell_what_happened() {
         "spec": {"action": "DENY", "rules": [{"from": [{"source": {"notPrincipals": ["*"]}}]},
                  {"to": [{"operation": {"methods": ["POST"]}}], "from": [{"source": {"principals": ["nobody"]}}]}]}
     });
-    let loads = setup.agents[1]
-        .log()
-        .matches("workload file loaded")
-        .count();
-    write_workloads(&setup.file, &objects(vec![deny_plaintext]));
-    setup.agents[1].wait_for_log("workload file loaded", loads + 1, Duration::from_secs(5));
-    std::thread::sleep(Duration::from_millis(100));
+    setup.write(&[deny_plaintext]);
     let denied = cluster.pod("bystander").connect(server, 10);
     assert!(denied.error.is_some() || denied.echoed == 0, "{denied:?}");
     setup.agents[0].wait_for_log("connection closed", 2, Duration::from_secs(5));

@@ -2,90 +2,21 @@
 //! HBONE and plaintext connections, PeerAuthentication STRICT against plaintext, and a policy
 //! change cutting a live connection it now denies.
 
-use std::{path::PathBuf, time::Duration};
+use std::time::Duration;
 
-use meshlet_tests::{
-    Cluster, ConnectReport, namespace_manifest, process::Agent, wait_enrolled, write_workloads,
-};
+use meshlet_tests::{ConnectReport, mesh::FileMesh};
 use serde_json::{Value, json};
 
-const AMBIENT: (&str, &str) = ("meshlet.io/dataplane-mode", "ambient");
-
-struct Setup {
-    cluster: Cluster,
-    file: PathBuf,
-    agents: Vec<Agent>,
+/// client (node-0) and server (node-1) in the mesh, bystander (node-0) outside it.
+fn start() -> FileMesh {
+    FileMesh::client_server(&[], vec![])
 }
 
-impl Drop for Setup {
-    fn drop(&mut self) {
-        self.agents.clear();
-        let _ = std::fs::remove_file(&self.file);
-    }
-}
-
-impl Setup {
-    /// client (node-0) and server (node-1) in the mesh, bystander (node-0) outside it.
-    fn start() -> Self {
-        let mut cluster = Cluster::new(2);
-        cluster.add_pod("client", 0);
-        cluster.add_pod("bystander", 0);
-        cluster.add_pod("server", 1);
-        let file = std::env::temp_dir().join(format!("{}-workloads.yaml", cluster.id()));
-        let setup = Self {
-            cluster,
-            file,
-            agents: Vec::new(),
-        };
-        setup.write(&[]);
-        let source = format!("file:{}", setup.file.display());
-        let mut setup = setup;
-        setup.agents = vec![
-            setup.cluster.start_agent(0, &["--source", &source]),
-            setup.cluster.start_agent(1, &["--source", &source]),
-        ];
-        wait_enrolled(
-            &setup.cluster.bpffs_dir(0),
-            vec![setup.cluster.pod("client").netns_cookie()],
-            Duration::from_secs(10),
-        );
-        wait_enrolled(
-            &setup.cluster.bpffs_dir(1),
-            vec![setup.cluster.pod("server").netns_cookie()],
-            Duration::from_secs(10),
-        );
-        setup
-    }
-
-    /// Rewrites the workload file with `policies` and waits until node-1 has them.
-    fn write(&self, policies: &[Value]) {
-        let mut objects = vec![
-            namespace_manifest("demo", &[AMBIENT]),
-            namespace_manifest("legacy", &[]),
-            self.cluster
-                .pod("client")
-                .manifest("demo", &[("app", "client")]),
-            self.cluster
-                .pod("server")
-                .manifest("demo", &[("app", "server")]),
-            self.cluster
-                .pod("bystander")
-                .manifest("legacy", &[("app", "bystander")]),
-        ];
-        objects.extend_from_slice(policies);
-        write_workloads(&self.file, &objects);
-        if let Some(agent) = self.agents.get(1) {
-            let loads = agent.log().matches("workload file loaded").count();
-            agent.wait_for_log("workload file loaded", loads + 1, Duration::from_secs(5));
-            std::thread::sleep(Duration::from_millis(100)); // the policy refresh follows the store
-        }
-    }
-
-    fn client_to_server(&self) -> ConnectReport {
-        self.cluster
-            .pod("client")
-            .connect(self.cluster.pod("server").addr(false, 8080), 1000)
-    }
+fn client_to_server(setup: &FileMesh) -> ConnectReport {
+    setup
+        .cluster
+        .pod("client")
+        .connect(setup.cluster.pod("server").addr(false, 8080), 1000)
 }
 
 fn authorization(name: &str, spec: Value) -> Value {
@@ -98,9 +29,9 @@ fn refused(report: &ConnectReport) -> bool {
 
 #[test]
 fn deny_and_allow_policies_decide_at_the_destination() {
-    let setup = Setup::start();
+    let setup = start();
     let _echo = setup.cluster.pod("server").echo_server(8080);
-    setup.client_to_server().assert_echoed(1000);
+    client_to_server(&setup).assert_echoed(1000);
 
     let deny_client = authorization(
         "deny-client",
@@ -109,7 +40,7 @@ fn deny_and_allow_policies_decide_at_the_destination() {
     );
     setup.write(&[deny_client]);
     assert!(
-        refused(&setup.client_to_server()),
+        refused(&client_to_server(&setup)),
         "a denied client got through"
     );
     setup.agents[1].wait_for_log("denied by demo/deny-client", 1, Duration::from_secs(5));
@@ -129,30 +60,30 @@ fn deny_and_allow_policies_decide_at_the_destination() {
         "cluster.local/ns/demo/sa/someone-else",
     )]);
     assert!(
-        refused(&setup.client_to_server()),
+        refused(&client_to_server(&setup)),
         "an ALLOW for another principal let the client in"
     );
     setup.write(&[allow("allow-client", "cluster.local/ns/demo/sa/client")]);
-    setup.client_to_server().assert_echoed(1000);
+    client_to_server(&setup).assert_echoed(1000);
     // HTTP-only fields make an ALLOW rule match nothing (fail safe), and are reported.
     let http_only = authorization(
         "allow-get",
         json!({"rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]}),
     );
     setup.write(&[http_only]);
-    assert!(refused(&setup.client_to_server()));
+    assert!(refused(&client_to_server(&setup)));
     setup.agents[1].wait_for_log(
         "rules[0].to[0].operation.methods",
         1,
         Duration::from_secs(5),
     );
     setup.write(&[]);
-    setup.client_to_server().assert_echoed(1000);
+    client_to_server(&setup).assert_echoed(1000);
 }
 
 #[test]
 fn strict_peer_authentication_refuses_plaintext_and_permissive_lets_it_in() {
-    let setup = Setup::start();
+    let setup = start();
     let _echo = setup.cluster.pod("server").echo_server(8080);
     let bystander = || {
         setup
@@ -169,14 +100,14 @@ fn strict_peer_authentication_refuses_plaintext_and_permissive_lets_it_in() {
     assert!(refused(&bystander()), "plaintext got through STRICT");
     setup.agents[1].wait_for_log("PeerAuthentication STRICT", 1, Duration::from_secs(5));
     // Mesh clients are mTLS: unaffected.
-    setup.client_to_server().assert_echoed(1000);
+    client_to_server(&setup).assert_echoed(1000);
     setup.write(&[peer_authentication("PERMISSIVE")]);
     bystander().assert_echoed(1000);
 }
 
 #[test]
 fn a_policy_change_cuts_a_live_connection_it_now_denies() {
-    let setup = Setup::start();
+    let setup = start();
     let _echo = setup.cluster.pod("server").echo_server(8080);
     let to = setup.cluster.pod("server").addr(false, 8080);
     std::thread::scope(|scope| {

@@ -1,0 +1,115 @@
+//! A cluster meshed through a workload file: the fixture most end-to-end tests start from.
+//!
+//! [`FileMesh::start`] writes the given manifests to a workload file, starts `meshlet agent
+//! --source file:...` on every node, and waits until each node has enrolled the pods it should;
+//! [`FileMesh::write`] replaces the extra objects (policies, ...) and waits until the agents
+//! have loaded them. Dropping it stops the agents and removes the file.
+
+use std::{path::PathBuf, time::Duration};
+
+use serde_json::Value;
+
+use crate::{Cluster, process::Agent, wait_enrolled, write_workloads};
+
+/// A cluster, its workload file and an agent per node.
+#[derive(Debug)]
+pub struct FileMesh {
+    /// The cluster.
+    pub cluster: Cluster,
+    /// The workload file the agents follow.
+    pub file: PathBuf,
+    /// The agents, by node index.
+    pub agents: Vec<Agent>,
+    base: Vec<Value>,
+}
+
+impl FileMesh {
+    /// Writes `base` (namespaces, pods, services), starts an agent on every node, and waits
+    /// until node `i` has enrolled exactly the pods named in `enrolled[i]`.
+    pub fn start(cluster: Cluster, base: Vec<Value>, enrolled: &[&[&str]]) -> Self {
+        let file = std::env::temp_dir().join(format!("{}-workloads.yaml", cluster.id()));
+        write_workloads(&file, &base);
+        let source = format!("file:{}", file.display());
+        let agents = (0..enrolled.len())
+            .map(|node| cluster.start_agent(node, &["--source", &source]))
+            .collect();
+        let mesh = Self {
+            cluster,
+            file,
+            agents,
+            base,
+        };
+        for (node, pods) in enrolled.iter().enumerate() {
+            let cookies = pods
+                .iter()
+                .map(|pod| mesh.cluster.pod(pod).netns_cookie())
+                .collect();
+            wait_enrolled(
+                &mesh.cluster.bpffs_dir(node),
+                cookies,
+                Duration::from_secs(10),
+            );
+        }
+        mesh
+    }
+
+    /// The usual layout: namespace `demo` (ambient) with `client` on node-0 and `server` on
+    /// node-1, namespace `legacy` (outside the mesh) with `bystander` on node-0; plus more `demo`
+    /// pods (`extra_pods`: name and node) and objects (services, ...). Each pod is labelled
+    /// `app: <name>`.
+    pub fn client_server(extra_pods: &[(&str, usize)], extra_objects: Vec<Value>) -> Self {
+        let mut cluster = Cluster::new(2);
+        let demo: Vec<(&str, usize)> = [("client", 0), ("server", 1)]
+            .into_iter()
+            .chain(extra_pods.iter().copied())
+            .collect();
+        for &(name, node) in &demo {
+            cluster.add_pod(name, node);
+        }
+        cluster.add_pod("bystander", 0);
+        let mut base = vec![
+            crate::namespace_manifest("demo", &[("meshlet.io/dataplane-mode", "ambient")]),
+            crate::namespace_manifest("legacy", &[]),
+            cluster
+                .pod("bystander")
+                .manifest("legacy", &[("app", "bystander")]),
+        ];
+        base.extend(
+            demo.iter()
+                .map(|&(name, _)| cluster.pod(name).manifest("demo", &[("app", name)])),
+        );
+        base.extend(extra_objects);
+        let on = |node: usize| {
+            demo.iter()
+                .filter(|(_, n)| *n == node)
+                .map(|(name, _)| *name)
+                .collect::<Vec<_>>()
+        };
+        let (node0, node1) = (on(0), on(1));
+        Self::start(cluster, base, &[&node0, &node1])
+    }
+
+    /// Rewrites the file as the base objects plus `extra`, and waits until every agent has
+    /// loaded it (and had a moment to act on it).
+    pub fn write(&self, extra: &[Value]) {
+        let loads: Vec<usize> = self
+            .agents
+            .iter()
+            .map(|a| a.log().matches("workload file loaded").count())
+            .collect();
+        let mut objects = self.base.clone();
+        objects.extend_from_slice(extra);
+        write_workloads(&self.file, &objects);
+        for (agent, loads) in self.agents.iter().zip(loads) {
+            agent.wait_for_log("workload file loaded", loads + 1, Duration::from_secs(5));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+impl Drop for FileMesh {
+    fn drop(&mut self) {
+        self.agents.clear();
+        let _ = std::fs::remove_file(&self.file);
+    }
+}
