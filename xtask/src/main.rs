@@ -123,6 +123,9 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
             "warnings",
         ]))?;
 
+    step("deploy manifests (kustomize, Kubernetes schemas)");
+    deploy_manifests()?;
+
     let filter: Vec<&str> = filter.into_iter().collect();
     step("unit tests");
     let mut unit = vec!["test", "--workspace", "--exclude", "meshlet-tests", "--"];
@@ -159,6 +162,45 @@ fn bench(quick: bool, json: Option<PathBuf>) -> anyhow::Result<()> {
         bench.arg("--json").arg(json);
     }
     run(&mut bench)
+}
+
+/// Renders every kustomization in deploy/ and validates each object against the Kubernetes
+/// schemas, offline. Fails on an invalid manifest.
+fn deploy_manifests() -> anyhow::Result<()> {
+    for kustomization in ["deploy/base", "deploy/overlays/istio-ca"] {
+        let out = Command::new("kubectl")
+            .args(["kustomize", kustomization])
+            .output()
+            .context("run kubectl kustomize")?;
+        if !out.status.success() {
+            bail!(
+                "kubectl kustomize {kustomization}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let rendered =
+            std::env::temp_dir().join(format!("meshlet-{}.yaml", kustomization.replace('/', "-")));
+        std::fs::write(&rendered, &out.stdout)?;
+        let validated = Command::new("kubernetes-validate")
+            .args(["-k", "1.32.0", "--strict", "--quiet"])
+            .arg(&rendered)
+            .output()
+            .context("run kubernetes-validate (cargo xtask setup installs it)")?;
+        let _ = std::fs::remove_file(&rendered);
+        if !validated.status.success() {
+            bail!(
+                "{kustomization} does not validate:\n{}{}",
+                String::from_utf8_lossy(&validated.stdout),
+                String::from_utf8_lossy(&validated.stderr)
+            );
+        }
+        let objects = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with("kind:"))
+            .count();
+        println!("{kustomization}: {objects} objects valid against Kubernetes 1.32");
+    }
+    Ok(())
 }
 
 fn demo(keep: bool) -> anyhow::Result<()> {

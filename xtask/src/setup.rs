@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use anyhow::{Context as _, bail};
 
 /// Debian packages: LLVM 22 for bpf-linker, bpftool and iproute2 for the tests and demo,
-/// tcpdump for the demo's look at the wire.
+/// tcpdump for the demo's look at the wire, kubectl to render the kustomizations in deploy/.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -17,7 +17,11 @@ const APT_PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
     "tcpdump",
+    "kubectl",
 ];
+
+/// The offline Kubernetes schema validator `cargo xtask test` runs on `deploy/` (PyPI).
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 
 /// The nightly toolchain that builds `ebpf/`, and the components it needs.
 pub const NIGHTLY: &str = "nightly";
@@ -31,6 +35,7 @@ pub fn run() -> anyhow::Result<()> {
     apt()?;
     nightly()?;
     bpf_linker()?;
+    kubernetes_validate()?;
     Ok(())
 }
 
@@ -122,6 +127,25 @@ fn bpf_linker() -> anyhow::Result<()> {
             ])
             .args(["--no-default-features", "--features", "llvm-22"]),
     )
+}
+
+fn kubernetes_validate() -> anyhow::Result<()> {
+    if Command::new("kubernetes-validate")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return Ok(());
+    }
+    println!("setup: installing {KUBERNETES_VALIDATE} (pip)");
+    quiet(Command::new("python3").args([
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--root-user-action=ignore",
+        KUBERNETES_VALIDATE,
+    ]))
 }
 
 fn require_root(what: &str) -> anyhow::Result<()> {
