@@ -59,6 +59,12 @@ pub struct Config {
 /// Runs the agent until a termination signal.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     info!(config = %serde_json::to_string(&config)?, version = env!("CARGO_PKG_VERSION"), "starting meshlet agent");
+    match crate::sys::raise_open_files_limit() {
+        Ok(limit) => info!(limit, "open files limit"),
+        Err(err) => {
+            warn!(%err, "cannot raise the open files limit; the node will carry fewer connections")
+        }
+    }
     let mut capture = Capture::install(config.capture.clone())?;
     let node_addresses = local_addresses().context("list the node's addresses")?;
     capture.set_node_addresses(&node_addresses)?;

@@ -155,6 +155,12 @@ fn bench(quick: bool, json: Option<PathBuf>) -> anyhow::Result<()> {
     cargo(&["build", "--release", "--workspace", "--bins"])?;
     let mut bench = Command::new("target/release/meshlet-bench");
     bench.arg("all");
+    if let Ok(out) = Command::new("git").args(["rev-parse", "HEAD"]).output() {
+        bench.env(
+            "MESHLET_BENCH_COMMIT",
+            String::from_utf8_lossy(&out.stdout).trim(),
+        );
+    }
     if quick {
         bench.arg("--quick");
     }

@@ -11,3 +11,45 @@ pub mod netns;
 pub mod socket;
 
 pub use netns::Netns;
+
+/// Raises this process's soft limit of open files to its hard limit and returns the new soft
+/// limit. Every proxied connection holds two sockets per side; the usual soft limit of 1,024
+/// would cap a node at a few hundred connections.
+pub fn raise_open_files_limit() -> std::io::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the valid, exclusively borrowed `limit`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: setrlimit reads one valid rlimit; raising the soft limit up to the hard
+        // limit needs no privilege.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(limit.rlim_cur)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn open_files_limit_is_raised_to_the_hard_limit() {
+        let soft = super::raise_open_files_limit().unwrap();
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: as in raise_open_files_limit.
+        assert_eq!(
+            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) },
+            0
+        );
+        assert_eq!(soft, limit.rlim_cur);
+        assert_eq!(limit.rlim_cur, limit.rlim_max);
+    }
+}

@@ -231,42 +231,41 @@ fn rss_of(pid: u32) -> anyhow::Result<u64> {
     Ok(kib * 1024)
 }
 
+/// CPU seconds (user + system) process `pid` has used.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let ticks: u64 = after
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .map(|v| v.parse::<u64>().unwrap_or(0))
+        .sum();
+    Ok(ticks as f64 / 100.0)
+}
+
 fn tunnel(quick: bool) -> anyhow::Result<serde_json::Value> {
-    use meshlet_tests::{namespace_manifest, write_workloads};
-    let (rounds, bytes, pings, connects, idle) = if quick {
-        (2, 256u64 << 20, 5_000, 300, 1_000)
+    use meshlet_tests::mesh::FileMesh;
+    let (rounds, bytes, pings, connects, latency_samples) = if quick {
+        (2, 256u64 << 20, 3_000, 300, 1_000)
     } else {
-        (3, 1u64 << 30, 20_000, 1_000, 1_000)
+        (3, 1u64 << 30, 20_000, 1_000, 5_000)
     };
-    let mut cluster = Cluster::new(2);
-    for (name, node) in [
-        ("client", 0),
-        ("server", 1),
-        ("plain-client", 0),
-        ("plain-server", 1),
-    ] {
-        cluster.add_pod(name, node);
-    }
-    let file = std::env::temp_dir().join(format!("{}-workloads.yaml", cluster.id()));
-    write_workloads(
-        &file,
+    let idle_counts: &[usize] = if quick { &[1_000] } else { &[1_000, 10_000] };
+    let mesh = FileMesh::client_server(&[("neighbour", 1), ("plain-server", 1)], vec![]);
+    // plain-server is in `demo` by the fixture; move it out of the mesh with the opt-out label.
+    let mut objects = vec![];
+    let mut plain = mesh.cluster.pod("plain-server").manifest(
+        "demo",
         &[
-            namespace_manifest("demo", &[("meshlet.io/dataplane-mode", "ambient")]),
-            namespace_manifest("legacy", &[]),
-            cluster.pod("client").manifest("demo", &[]),
-            cluster.pod("server").manifest("demo", &[]),
-            cluster.pod("plain-client").manifest("legacy", &[]),
-            cluster.pod("plain-server").manifest("legacy", &[]),
+            ("app", "plain-server"),
+            ("meshlet.io/dataplane-mode", "none"),
         ],
     );
-    let source = format!("file:{}", file.display());
-    let agents = [
-        cluster.start_agent(0, &["--source", &source]),
-        cluster.start_agent(1, &["--source", &source]),
-    ];
-    for agent in &agents {
-        agent.wait_for_log("pod enrolled", 1, std::time::Duration::from_secs(20));
-    }
+    plain["metadata"]["name"] = "plain-server".into();
+    objects.push(plain);
+    mesh.write(&objects);
+    let cluster = &mesh.cluster;
     let mut servers = Vec::new();
     for name in ["server", "plain-server"] {
         let pod = cluster.pod(name);
@@ -275,6 +274,7 @@ fn tunnel(quick: bool) -> anyhow::Result<serde_json::Value> {
         sink.args(["sink", "--port", "9000"]);
         servers.push(meshlet_tests::Process::spawn_ready(sink));
     }
+    let agents: Vec<u32> = mesh.agents.iter().map(|a| a.pid()).collect();
     let measure = |client: &str,
                    server: &str,
                    what: &str,
@@ -303,28 +303,54 @@ fn tunnel(quick: bool) -> anyhow::Result<serde_json::Value> {
         );
         Ok(serde_json::from_slice(&out.stdout)?)
     };
+    // direct: bystander (outside the mesh) -> plain-server (opted out), across nodes.
     let paths = [
-        ("direct", "plain-client", "plain-server"),
+        ("direct", "bystander", "plain-server"),
         ("meshlet", "client", "server"),
+        ("meshlet-samenode", "neighbour", "server"),
     ];
     let mut figures: std::collections::BTreeMap<(&str, &str), Vec<f64>> = Default::default();
     for _ in 0..rounds {
         for (path, client, server) in paths {
+            let cpu_before: f64 = agents.iter().map(|&p| cpu_seconds(p).unwrap_or(0.0)).sum();
             let t = measure(client, server, "throughput", 9000, bytes, 0)?;
-            figures
-                .entry((path, "throughput_gbit_s"))
-                .or_default()
-                .push(t["gbit_per_s"].as_f64().unwrap_or(0.0));
-            let p = measure(client, server, "pingpong", 8080, 0, pings)?;
-            figures
-                .entry((path, "pingpong_per_s"))
-                .or_default()
-                .push(p["per_s"].as_f64().unwrap_or(0.0));
-            let c = measure(client, server, "connect-rate", 8080, 0, connects)?;
-            figures
-                .entry((path, "connections_per_s"))
-                .or_default()
-                .push(c["per_s"].as_f64().unwrap_or(0.0));
+            let cpu = agents
+                .iter()
+                .map(|&p| cpu_seconds(p).unwrap_or(0.0))
+                .sum::<f64>()
+                - cpu_before;
+            let mut push = |metric: &'static str, value: f64| {
+                figures.entry((path, metric)).or_default().push(value)
+            };
+            push("throughput_gbit_s", t["gbit_per_s"].as_f64().unwrap_or(0.0));
+            push(
+                "agent_cpu_s_per_gib",
+                cpu / (bytes as f64 / (1u64 << 30) as f64),
+            );
+            push(
+                "pingpong_per_s",
+                measure(client, server, "pingpong", 8080, 0, pings)?["per_s"]
+                    .as_f64()
+                    .unwrap_or(0.0),
+            );
+            push(
+                "connections_per_s",
+                measure(client, server, "connect-rate", 8080, 0, connects)?["per_s"]
+                    .as_f64()
+                    .unwrap_or(0.0),
+            );
+            let l = measure(client, server, "latency", 8080, 1_000, latency_samples)?;
+            for q in ["p50_us", "p90_us", "p99_us", "p999_us"] {
+                push(
+                    match q {
+                        "p50_us" => "latency_p50_us",
+                        "p90_us" => "latency_p90_us",
+                        "p99_us" => "latency_p99_us",
+                        _ => "latency_p999_us",
+                    },
+                    l[q].as_f64().unwrap_or(0.0),
+                );
+            }
         }
     }
     let median = |values: &Vec<f64>| {
@@ -333,77 +359,94 @@ fn tunnel(quick: bool) -> anyhow::Result<serde_json::Value> {
         v[v.len() / 2]
     };
     println!(
-        "\nHBONE tunnel vs direct, pod on node-0 -> pod on node-1 ({rounds} interleaved rounds; median [min..max])"
+        "\npod -> pod: direct vs meshlet (eBPF + HBONE) vs meshlet on one node ({rounds} interleaved rounds; median [min..max]; ratio to direct)"
     );
     println!(
-        "  {:<34} {:>24} {:>24} {:>8}",
-        "", "direct", "meshlet", "ratio"
+        "  {:<22} {:>30} {:>30} {:>30}",
+        "", "direct", "meshlet", "meshlet-samenode"
     );
     let mut json = serde_json::Map::new();
-    for metric in ["throughput_gbit_s", "pingpong_per_s", "connections_per_s"] {
-        let d = &figures[&("direct", metric)];
-        let m = &figures[&("meshlet", metric)];
-        let range = |v: &Vec<f64>| {
-            format!(
-                "{:.2} [{:.2}..{:.2}]",
-                median(v),
+    for metric in [
+        "throughput_gbit_s",
+        "pingpong_per_s",
+        "connections_per_s",
+        "latency_p50_us",
+        "latency_p90_us",
+        "latency_p99_us",
+        "latency_p999_us",
+        "agent_cpu_s_per_gib",
+    ] {
+        let cell = |path: &str| -> String {
+            let v = &figures[&(path, metric)];
+            let (lo, hi) = (
                 v.iter().cloned().fold(f64::MAX, f64::min),
-                v.iter().cloned().fold(0.0, f64::max)
-            )
+                v.iter().cloned().fold(0.0, f64::max),
+            );
+            let direct = median(&figures[&("direct", metric)]);
+            let ratio = if path == "direct" || direct == 0.0 {
+                String::new()
+            } else {
+                format!(" x{:.2}", median(v) / direct)
+            };
+            format!("{:.2} [{lo:.2}..{hi:.2}]{ratio}", median(v))
         };
         println!(
-            "  {metric:<34} {:>24} {:>24} {:>8.2}",
-            range(d),
-            range(m),
-            median(m) / median(d)
+            "  {metric:<22} {:>30} {:>30} {:>30}",
+            cell("direct"),
+            cell("meshlet"),
+            cell("meshlet-samenode")
         );
-        json.insert(
-            metric.into(),
-            serde_json::json!({ "direct": d, "meshlet": m }),
-        );
+        let per_path: serde_json::Map<String, serde_json::Value> = paths
+            .iter()
+            .map(|(path, _, _)| {
+                (
+                    path.to_string(),
+                    serde_json::json!(figures[&(*path, metric)]),
+                )
+            })
+            .collect();
+        json.insert(metric.into(), serde_json::Value::Object(per_path));
     }
+    println!(
+        "  (agent CPU counts both agents; on the direct path it is what they spend while idle)"
+    );
 
     // Agent memory with idle tunneled connections.
-    let before: Vec<u64> = agents
-        .iter()
-        .map(|a| rss_of(a.pid()))
-        .collect::<Result<_, _>>()?;
-    let mut hold = cluster.pod("client").command(process::testpod_binary());
-    hold.args([
-        "measure",
-        "--what",
-        "hold",
-        "--to",
-        &cluster.pod("server").addr(false, 8080).to_string(),
-        "--count",
-        &idle.to_string(),
-    ]);
-    let holder = meshlet_tests::Process::spawn_ready(hold);
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    let after: Vec<u64> = agents
-        .iter()
-        .map(|a| rss_of(a.pid()))
-        .collect::<Result<_, _>>()?;
-    drop(holder);
+    let rss = || -> anyhow::Result<Vec<u64>> { agents.iter().map(|&pid| rss_of(pid)).collect() };
+    let idle0 = rss()?;
     println!(
-        "  agent RSS, node-0 (client side): {:.1} MiB idle -> {:.1} MiB with {idle} idle tunneled connections ({:.1} KiB each)",
-        before[0] as f64 / 1048576.0,
-        after[0] as f64 / 1048576.0,
-        (after[0] as f64 - before[0] as f64) / idle as f64 / 1024.0
+        "  agent RSS at 0 idle connections: node-0 {:.1} MiB, node-1 {:.1} MiB",
+        idle0[0] as f64 / 1048576.0,
+        idle0[1] as f64 / 1048576.0
     );
-    println!(
-        "  agent RSS, node-1 (server side): {:.1} MiB idle -> {:.1} MiB ({:.1} KiB each)",
-        before[1] as f64 / 1048576.0,
-        after[1] as f64 / 1048576.0,
-        (after[1] as f64 - before[1] as f64) / idle as f64 / 1024.0
-    );
-    json.insert(
-        "agent_rss_bytes".into(),
-        serde_json::json!({ "idle_connections": idle, "before": before, "after": after }),
-    );
+    let mut rss_json = vec![serde_json::json!({ "connections": 0, "rss_bytes": idle0 })];
+    for &idle in idle_counts {
+        let mut hold = cluster.pod("client").command(process::testpod_binary());
+        hold.args([
+            "measure",
+            "--what",
+            "hold",
+            "--to",
+            &cluster.pod("server").addr(false, 8080).to_string(),
+            "--count",
+            &idle.to_string(),
+        ]);
+        let holder = meshlet_tests::Process::spawn_ready(hold);
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let now = rss()?;
+        drop(holder);
+        println!(
+            "  agent RSS at {idle} idle tunneled connections: node-0 (client side) {:.1} MiB ({:.1} KiB each), node-1 (server side) {:.1} MiB ({:.1} KiB each)",
+            now[0] as f64 / 1048576.0,
+            (now[0] as f64 - idle0[0] as f64) / idle as f64 / 1024.0,
+            now[1] as f64 / 1048576.0,
+            (now[1] as f64 - idle0[1] as f64) / idle as f64 / 1024.0
+        );
+        rss_json.push(serde_json::json!({ "connections": idle, "rss_bytes": now }));
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    json.insert("agent_rss".into(), serde_json::Value::Array(rss_json));
     drop(servers);
-    drop(agents);
-    let _ = std::fs::remove_file(&file);
     Ok(serde_json::Value::Object(json))
 }
 

@@ -42,7 +42,8 @@ enum Mode {
     /// Measures: `throughput` (send `--bytes` to a sink), `pingpong` (`--count` 1-byte round
     /// trips on one connection to an echo server), `connect-rate` (`--count` connections, each
     /// one byte echoed, one after the other), or `hold` (open `--count` connections, echo one
-    /// byte on each, say `ready`, keep them open). Prints one JSON object.
+    /// byte on each, say `ready`, keep them open), or `latency` (`--count` 1-byte round trips at
+    /// `--bytes` per second: p50/p90/p99/p99.9). Prints one JSON object.
     Measure {
         #[arg(long)]
         what: String,
@@ -278,6 +279,32 @@ fn measure(
             }
             let seconds = start.elapsed().as_secs_f64();
             Ok(serde_json::json!({ "seconds": seconds, "per_s": count as f64 / seconds }))
+        }
+        "latency" => {
+            // One byte every 1/rate seconds on one connection: the round-trip time of each,
+            // at a fixed offered load rather than as fast as possible.
+            let mut stream = TcpStream::connect(to)?;
+            stream.set_nodelay(true)?;
+            let rate = bytes.max(1);
+            let interval = Duration::from_secs_f64(1.0 / rate as f64);
+            let mut byte = [0u8; 1];
+            let mut rtts = Vec::with_capacity(count);
+            let mut next = std::time::Instant::now();
+            for _ in 0..count {
+                next += interval;
+                let sent = std::time::Instant::now();
+                stream.write_all(b"x")?;
+                stream.read_exact(&mut byte)?;
+                rtts.push(sent.elapsed().as_nanos() as u64);
+                if let Some(wait) = next.checked_duration_since(std::time::Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+            }
+            rtts.sort_unstable();
+            let at = |q: f64| rtts[((rtts.len() - 1) as f64 * q).round() as usize] as f64 / 1000.0;
+            Ok(
+                serde_json::json!({ "p50_us": at(0.5), "p90_us": at(0.9), "p99_us": at(0.99), "p999_us": at(0.999) }),
+            )
         }
         "hold" => {
             let mut held = Vec::with_capacity(count);
