@@ -49,6 +49,10 @@ enum Task {
         /// Also write every figure as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Measure another proxy the same way (path `external`): a shell command run in a pod
+        /// outside the mesh, with `{listen}`, `{listen_port}` and `{upstream}` filled in.
+        #[arg(long)]
+        external_proxy: Option<String>,
     },
     /// Setup, build, then walk through meshlet on a simulated two-node cluster.
     Demo {
@@ -68,7 +72,11 @@ fn main() -> anyhow::Result<()> {
             build(release)
         }
         Task::Test { filter } => test(filter.as_deref()),
-        Task::Bench { quick, json } => bench(quick, json),
+        Task::Bench {
+            quick,
+            json,
+            external_proxy,
+        } => bench(quick, json, external_proxy),
         Task::Demo { keep } => demo(keep),
     }
 }
@@ -149,7 +157,7 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn bench(quick: bool, json: Option<PathBuf>) -> anyhow::Result<()> {
+fn bench(quick: bool, json: Option<PathBuf>, external_proxy: Option<String>) -> anyhow::Result<()> {
     setup::run()?;
     preflight::check().context("the benchmarks cannot run on this machine")?;
     cargo(&["build", "--release", "--workspace", "--bins"])?;
@@ -166,6 +174,9 @@ fn bench(quick: bool, json: Option<PathBuf>) -> anyhow::Result<()> {
     }
     if let Some(json) = json {
         bench.arg("--json").arg(json);
+    }
+    if let Some(command) = external_proxy {
+        bench.arg("--external-proxy").arg(command);
     }
     run(&mut bench)
 }

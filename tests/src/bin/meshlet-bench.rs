@@ -32,6 +32,13 @@ struct Args {
     /// Also write the figures as JSON to this file.
     #[arg(long, global = true)]
     json: Option<std::path::PathBuf>,
+    /// Measure another proxy the same way, as path `external`: a shell command run in a pod
+    /// outside the mesh, with `{listen}` replaced by the address it must listen on and
+    /// `{upstream}` by the server it must forward to, e.g.
+    /// `socat TCP-LISTEN:{listen_port},bind=127.0.0.1,reuseaddr,fork TCP:{upstream}`
+    /// (`{listen_port}` is the port alone).
+    #[arg(long, global = true)]
+    external_proxy: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -120,7 +127,10 @@ fn main() -> anyhow::Result<()> {
         Scenario::All { namespaces } => {
             report.insert("enroll".into(), enroll(namespaces, args.quick)?);
             report.insert("connect".into(), connect(args.quick)?);
-            report.insert("tunnel".into(), tunnel(args.quick)?);
+            report.insert(
+                "tunnel".into(),
+                tunnel(args.quick, args.external_proxy.as_deref())?,
+            );
             report.insert("policy".into(), policy_bench()?);
             let (pods, services) = if args.quick {
                 (10_000, 1_000)
@@ -133,7 +143,10 @@ fn main() -> anyhow::Result<()> {
             report.insert("policy".into(), policy_bench()?);
         }
         Scenario::Tunnel => {
-            report.insert("tunnel".into(), tunnel(args.quick)?);
+            report.insert(
+                "tunnel".into(),
+                tunnel(args.quick, args.external_proxy.as_deref())?,
+            );
         }
         Scenario::Store { pods, services } => {
             report.insert("store".into(), store(pods, services)?);
@@ -231,6 +244,16 @@ fn rss_of(pid: u32) -> anyhow::Result<u64> {
     Ok(kib * 1024)
 }
 
+/// A child process killed (and reaped) on drop.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// CPU seconds (user + system) process `pid` has used.
 fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
@@ -244,7 +267,7 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     Ok(ticks as f64 / 100.0)
 }
 
-fn tunnel(quick: bool) -> anyhow::Result<serde_json::Value> {
+fn tunnel(quick: bool, external_proxy: Option<&str>) -> anyhow::Result<serde_json::Value> {
     use meshlet_tests::mesh::FileMesh;
     let (rounds, bytes, pings, connects, latency_samples) = if quick {
         (2, 256u64 << 20, 3_000, 300, 1_000)
@@ -276,13 +299,11 @@ fn tunnel(quick: bool) -> anyhow::Result<serde_json::Value> {
     }
     let agents: Vec<u32> = mesh.agents.iter().map(|a| a.pid()).collect();
     let measure = |client: &str,
-                   server: &str,
+                   to: SocketAddr,
                    what: &str,
-                   port: u16,
                    bytes: u64,
                    count: usize|
      -> anyhow::Result<serde_json::Value> {
-        let to = cluster.pod(server).addr(false, port);
         let mut command = cluster.pod(client).command(process::testpod_binary());
         command.args([
             "measure",
@@ -304,16 +325,72 @@ fn tunnel(quick: bool) -> anyhow::Result<serde_json::Value> {
         Ok(serde_json::from_slice(&out.stdout)?)
     };
     // direct: bystander (outside the mesh) -> plain-server (opted out), across nodes.
-    let paths = [
-        ("direct", "bystander", "plain-server"),
-        ("meshlet", "client", "server"),
-        ("meshlet-samenode", "neighbour", "server"),
+    let addr = |pod: &str, port: u16| cluster.pod(pod).addr(false, port);
+    let mut paths: Vec<(&str, &str, SocketAddr, SocketAddr)> = vec![
+        (
+            "direct",
+            "bystander",
+            addr("plain-server", 8080),
+            addr("plain-server", 9000),
+        ),
+        (
+            "meshlet",
+            "client",
+            addr("server", 8080),
+            addr("server", 9000),
+        ),
+        (
+            "meshlet-samenode",
+            "neighbour",
+            addr("server", 8080),
+            addr("server", 9000),
+        ),
     ];
+    let mut external = Vec::new();
+    if let Some(command) = external_proxy {
+        for (listen_port, upstream) in [
+            (18080u16, addr("plain-server", 8080)),
+            (19000, addr("plain-server", 9000)),
+        ] {
+            let listen = SocketAddr::from(([127, 0, 0, 1], listen_port));
+            let line = command
+                .replace("{listen_port}", &listen_port.to_string())
+                .replace("{listen}", &listen.to_string())
+                .replace("{upstream}", &upstream.to_string());
+            let mut shell = cluster.pod("bystander").command("sh");
+            shell
+                .args(["-c", &line])
+                .stdout(std::process::Stdio::null());
+            external.push(KillOnDrop(
+                shell
+                    .spawn()
+                    .with_context(|| format!("start the external proxy: {line}"))?,
+            ));
+            let deadline = Instant::now() + std::time::Duration::from_secs(10);
+            while cluster
+                .pod("bystander")
+                .in_netns(|| std::net::TcpStream::connect(listen))
+                .is_err()
+            {
+                ensure!(
+                    Instant::now() < deadline,
+                    "the external proxy never listened on {listen}: {line}"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
+        paths.push((
+            "external",
+            "bystander",
+            "127.0.0.1:18080".parse()?,
+            "127.0.0.1:19000".parse()?,
+        ));
+    }
     let mut figures: std::collections::BTreeMap<(&str, &str), Vec<f64>> = Default::default();
     for _ in 0..rounds {
-        for (path, client, server) in paths {
+        for &(path, client, echo, sink) in &paths {
             let cpu_before: f64 = agents.iter().map(|&p| cpu_seconds(p).unwrap_or(0.0)).sum();
-            let t = measure(client, server, "throughput", 9000, bytes, 0)?;
+            let t = measure(client, sink, "throughput", bytes, 0)?;
             let cpu = agents
                 .iter()
                 .map(|&p| cpu_seconds(p).unwrap_or(0.0))
@@ -329,17 +406,17 @@ fn tunnel(quick: bool) -> anyhow::Result<serde_json::Value> {
             );
             push(
                 "pingpong_per_s",
-                measure(client, server, "pingpong", 8080, 0, pings)?["per_s"]
+                measure(client, echo, "pingpong", 0, pings)?["per_s"]
                     .as_f64()
                     .unwrap_or(0.0),
             );
             push(
                 "connections_per_s",
-                measure(client, server, "connect-rate", 8080, 0, connects)?["per_s"]
+                measure(client, echo, "connect-rate", 0, connects)?["per_s"]
                     .as_f64()
                     .unwrap_or(0.0),
             );
-            let l = measure(client, server, "latency", 8080, 1_000, latency_samples)?;
+            let l = measure(client, echo, "latency", 1_000, latency_samples)?;
             for q in ["p50_us", "p90_us", "p99_us", "p999_us"] {
                 push(
                     match q {
@@ -361,10 +438,11 @@ fn tunnel(quick: bool) -> anyhow::Result<serde_json::Value> {
     println!(
         "\npod -> pod: direct vs meshlet (eBPF + HBONE) vs meshlet on one node ({rounds} interleaved rounds; median [min..max]; ratio to direct)"
     );
-    println!(
-        "  {:<22} {:>30} {:>30} {:>30}",
-        "", "direct", "meshlet", "meshlet-samenode"
-    );
+    let header: String = paths
+        .iter()
+        .map(|(path, ..)| format!(" {path:>30}"))
+        .collect();
+    println!("  {:<22}{header}", "");
     let mut json = serde_json::Map::new();
     for metric in [
         "throughput_gbit_s",
@@ -390,15 +468,14 @@ fn tunnel(quick: bool) -> anyhow::Result<serde_json::Value> {
             };
             format!("{:.2} [{lo:.2}..{hi:.2}]{ratio}", median(v))
         };
-        println!(
-            "  {metric:<22} {:>30} {:>30} {:>30}",
-            cell("direct"),
-            cell("meshlet"),
-            cell("meshlet-samenode")
-        );
+        let row: String = paths
+            .iter()
+            .map(|(path, ..)| format!(" {:>30}", cell(path)))
+            .collect();
+        println!("  {metric:<22}{row}");
         let per_path: serde_json::Map<String, serde_json::Value> = paths
             .iter()
-            .map(|(path, _, _)| {
+            .map(|(path, ..)| {
                 (
                     path.to_string(),
                     serde_json::json!(figures[&(*path, metric)]),
@@ -446,6 +523,7 @@ fn tunnel(quick: bool) -> anyhow::Result<serde_json::Value> {
         std::thread::sleep(std::time::Duration::from_millis(500));
     }
     json.insert("agent_rss".into(), serde_json::Value::Array(rss_json));
+    drop(external);
     drop(servers);
     Ok(serde_json::Value::Object(json))
 }
