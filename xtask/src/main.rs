@@ -198,8 +198,15 @@ fn deploy_manifests() -> anyhow::Result<()> {
         let rendered =
             std::env::temp_dir().join(format!("meshlet-{}.yaml", kustomization.replace('/', "-")));
         std::fs::write(&rendered, &out.stdout)?;
-        let validated = Command::new("kubernetes-validate")
-            .args(["-k", "1.32.0", "--strict", "--quiet"])
+        let validated = Command::new("python3")
+            .args([
+                "-m",
+                "kubernetes_validate",
+                "-k",
+                "1.32.0",
+                "--strict",
+                "--quiet",
+            ])
             .arg(&rendered)
             .output()
             .context("run kubernetes-validate (cargo xtask setup installs it)")?;

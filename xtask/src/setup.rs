@@ -129,23 +129,48 @@ fn bpf_linker() -> anyhow::Result<()> {
     )
 }
 
-fn kubernetes_validate() -> anyhow::Result<()> {
-    if Command::new("kubernetes-validate")
-        .arg("--version")
+/// Whether `python3 -m kubernetes_validate` runs (the interpreter first on PATH).
+pub fn kubernetes_validate_present() -> bool {
+    Command::new("python3")
+        .args(["-m", "kubernetes_validate", "--version"])
         .output()
         .is_ok_and(|o| o.status.success())
-    {
+}
+
+fn kubernetes_validate() -> anyhow::Result<()> {
+    if kubernetes_validate_present() {
         return Ok(());
     }
     println!("setup: installing {KUBERNETES_VALIDATE} (pip)");
-    quiet(Command::new("python3").args([
-        "-m",
-        "pip",
-        "install",
-        "-q",
-        "--root-user-action=ignore",
-        KUBERNETES_VALIDATE,
-    ]))
+    let pip = |extra: &[&str]| {
+        quiet(
+            Command::new("python3")
+                .args(["-m", "pip", "install", "-q", "--root-user-action=ignore"])
+                .args(extra)
+                .arg(KUBERNETES_VALIDATE),
+        )
+    };
+    if Command::new("python3")
+        .args(["-m", "pip", "--version"])
+        .output()
+        .map_or(true, |o| !o.status.success())
+    {
+        // Debian's own python3 comes without pip.
+        require_root("install python3-pip")?;
+        quiet(
+            Command::new("apt-get")
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .args(["install", "-y", "-q", "python3-pip"]),
+        )?;
+    }
+    // Debian's python3 refuses system-wide installs unless told (PEP 668); a pyenv one does not.
+    pip(&[]).or_else(|_| pip(&["--break-system-packages"]))?;
+    if !kubernetes_validate_present() {
+        bail!(
+            "installed {KUBERNETES_VALIDATE}, but `python3 -m kubernetes_validate` still does not run"
+        );
+    }
+    Ok(())
 }
 
 fn require_root(what: &str) -> anyhow::Result<()> {
