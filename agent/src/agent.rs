@@ -158,27 +158,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Recompiles policies whenever the store changes, closes live connections they now deny, and
-/// says once per change what it could not enforce.
+/// Follows the store: recompiles policies when they change (saying what each cannot enforce
+/// as written), and closes live connections the current policies deny.
 async fn follow_policies(proxy: Arc<Proxy>) {
     let mut changes = proxy.store.subscribe();
-    let mut reported = String::new();
     loop {
-        let closed = proxy.refresh_policies();
+        let (closed, recompiled) = proxy.refresh_policies();
         if closed > 0 {
             info!(
                 connections = closed,
                 "policy change closed live connections it now denies"
             );
         }
-        let index = proxy.policies();
-        for report in index.report() {
-            let text = format!("{:?}{:?}", report.unsupported, report.errors);
-            if (!report.unsupported.is_empty() || !report.errors.is_empty())
-                && !reported.contains(&format!("{}:{text}", report.key))
-            {
-                warn!(policy = %report.key, unsupported = ?report.unsupported, errors = ?report.errors, effect = %report.effect, "policy has fields meshlet does not enforce as written");
-                reported.push_str(&format!("{}:{text}\n", report.key));
+        if recompiled {
+            for report in proxy.policies().report() {
+                if !report.unsupported.is_empty() || !report.errors.is_empty() {
+                    warn!(policy = %report.key, unsupported = ?report.unsupported, errors = ?report.errors, effect = %report.effect, "policy has fields meshlet does not enforce as written");
+                }
             }
         }
         if changes.changed().await.is_err() {

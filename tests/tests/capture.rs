@@ -127,8 +127,6 @@ fn outbound_connects_land_on_the_in_pod_listener_with_the_original_destination()
         cluster.proxy_listeners("client", &[addr("127.0.0.1:15001"), addr("[::1]:15001")]);
     enroll(&mut capture, client);
 
-    let mapped = SocketAddr::new(client.ipv4.to_ipv6_mapped().into(), 0); // placeholder for the type
-    let _ = mapped;
     let v4_mapped_server = SocketAddr::new(server.ipv4.to_ipv6_mapped().into(), 8080);
     for (to, listener) in [
         (server.addr(false, 8080), addr("127.0.0.1:15001")),

@@ -622,10 +622,7 @@ impl Capture {
 
     /// The enrolled namespaces: cookie and state.
     pub fn enrolled(&self) -> Result<Vec<(u64, Enrollment)>, Error> {
-        self.enrolled
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(map_err(maps::ENROLLED))
+        read_enrolled(&self.enrolled)
     }
 
     /// Replaces the node's own addresses: inbound connections from them (kubelet probes) are
@@ -677,16 +674,19 @@ impl Pinned {
 
     /// The enrolled namespaces: cookie and state.
     pub fn enrolled(&self) -> Result<Vec<(u64, Enrollment)>, Error> {
-        self.enrolled
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(map_err(maps::ENROLLED))
+        read_enrolled(&self.enrolled)
     }
 
     /// Connections redirected so far, by direction.
     pub fn redirects(&self) -> Result<Redirects, Error> {
         read_redirects(&self.redirects)
     }
+}
+
+fn read_enrolled(map: &HashMap<MapData, u64, Enrollment>) -> Result<Vec<(u64, Enrollment)>, Error> {
+    map.iter()
+        .collect::<Result<_, _>>()
+        .map_err(map_err(maps::ENROLLED))
 }
 
 fn read_redirects(map: &PerCpuArray<MapData, u64>) -> Result<Redirects, Error> {

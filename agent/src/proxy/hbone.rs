@@ -295,7 +295,7 @@ pub struct Upstream {
     /// The application's stream.
     pub stream: TcpStream,
     /// Closes the connection when a re-check denies it.
-    pub live: Option<super::connections::Live>,
+    pub live: super::connections::Live,
     /// Where to count it, and as what.
     pub metrics: (
         Arc<crate::metrics::Metrics>,
@@ -448,20 +448,11 @@ where
                         let _closed = CloseOnDrop(metrics.0, metrics.1);
                         let mut tunnel =
                             crate::metrics::Counted::new(TokioIo::new(upgraded), counters);
-                        if let Some(mut live) = live {
-                            tokio::select! {
-                                _ = tokio::io::copy_bidirectional_with_sizes(&mut tunnel, &mut upstream, super::COPY_BUFFER, super::COPY_BUFFER) => {}
-                                reason = live.closed() => debug!(%peer, %reason, "live connection closed by a policy change"),
-                            }
-                            return;
+                        let mut live = live;
+                        tokio::select! {
+                            _ = super::copy(&mut tunnel, &mut upstream) => {}
+                            reason = live.closed() => debug!(%peer, %reason, "live connection closed by a policy change"),
                         }
-                        let _ = tokio::io::copy_bidirectional_with_sizes(
-                            &mut tunnel,
-                            &mut upstream,
-                            super::COPY_BUFFER,
-                            super::COPY_BUFFER,
-                        )
-                        .await;
                     }
                     Err(err) => debug!(%peer, %err, "CONNECT stream upgrade failed"),
                 }

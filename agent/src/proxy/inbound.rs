@@ -89,11 +89,8 @@ pub async fn serve(
                     %reason,
                     "connection denied"
                 );
-                let mut labels = proxy.inbound_labels(
-                    Some(&connect.peer_identity),
-                    source_ip,
-                    connect.authority,
-                );
+                let mut labels =
+                    proxy.inbound_labels(Some(&connect.peer_identity), source_ip, &pod);
                 labels.response_flags = "DENY";
                 proxy.metrics.open(&labels);
                 proxy.metrics.close(&labels);
@@ -118,14 +115,11 @@ pub async fn serve(
                         destination_pod: pod.key.clone(),
                         destination: connect.authority,
                     });
-                    let labels = proxy.inbound_labels(
-                        Some(&connect.peer_identity),
-                        source_ip,
-                        connect.authority,
-                    );
+                    let labels =
+                        proxy.inbound_labels(Some(&connect.peer_identity), source_ip, &pod);
                     hbone::Admission::Upstream(Box::new(hbone::Upstream {
                         stream: upstream,
-                        live: Some(live),
+                        live,
                         metrics: (proxy.metrics.clone(), labels),
                     }))
                 }

@@ -29,13 +29,23 @@ use crate::{
     workload::{
         Store,
         enrollment::{self, Decision},
-        model::{ObjectKey, Pod},
+        model::{ObjectKey, Pod, Service},
     },
 };
 
 /// Buffer size of each direction of a proxied connection: large enough that a bulk transfer
 /// moves in few syscalls and TLS records.
 pub const COPY_BUFFER: usize = 64 * 1024;
+
+/// Copies both ways between a client-facing stream and its upstream until both directions are
+/// done, passing half-closes on; returns the bytes each way.
+pub async fn copy<A, B>(a: &mut A, b: &mut B) -> std::io::Result<(u64, u64)>
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+{
+    tokio::io::copy_bidirectional_with_sizes(a, b, COPY_BUFFER, COPY_BUFFER).await
+}
 
 /// What every listener of every pod on this node shares.
 pub struct Proxy {
@@ -49,7 +59,8 @@ pub struct Proxy {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Live inbound connections, re-checked when policies change.
     pub connections: Arc<connections::Registry>,
-    policies: std::sync::RwLock<Arc<policy::Index>>,
+    /// The policies in force, and the store's policy objects they were compiled from.
+    policies: std::sync::RwLock<(Vec<Arc<crate::workload::model::Policy>>, Arc<policy::Index>)>,
     round_robin: AtomicUsize,
 }
 
@@ -74,7 +85,7 @@ impl Proxy {
             identities,
             pool: Arc::new(hbone::Pool::new()),
             connections: connections::Registry::new(),
-            policies: std::sync::RwLock::new(Arc::new(policy::Index::default())),
+            policies: std::sync::RwLock::new((Vec::new(), Arc::new(policy::Index::default()))),
             round_robin: AtomicUsize::new(0),
         }
     }
@@ -84,28 +95,40 @@ impl Proxy {
         self.policies
             .read()
             .unwrap_or_else(|p| p.into_inner())
+            .1
             .clone()
     }
 
-    /// Recompiles the policies from the store, then re-checks every live inbound connection and
-    /// closes those now denied. Returns how many were closed.
-    pub fn refresh_policies(&self) -> usize {
-        let index = Arc::new(policy::Index::build(
-            &self.store.policies(),
-            policy::DEFAULT_ROOT_NAMESPACE,
-        ));
-        *self.policies.write().unwrap_or_else(|p| p.into_inner()) = index.clone();
-        self.connections.recheck(|connection| {
+    /// Recompiles the policies if the store's policy objects changed, then re-checks every live
+    /// inbound connection (a pod's labels may have changed too) and closes those now denied.
+    /// Returns how many were closed, and whether the policies were recompiled.
+    pub fn refresh_policies(&self) -> (usize, bool) {
+        let objects = self.store.policies();
+        let (index, recompiled) = {
+            let mut current = self.policies.write().unwrap_or_else(|p| p.into_inner());
+            let unchanged = current.0.len() == objects.len()
+                && current.0.iter().zip(&objects).all(|(a, b)| a == b);
+            if !unchanged {
+                let index = Arc::new(policy::Index::build(
+                    &objects,
+                    policy::DEFAULT_ROOT_NAMESPACE,
+                ));
+                *current = (objects, index);
+            }
+            (current.1.clone(), !unchanged)
+        };
+        let closed = self.connections.recheck(|connection| {
             let pod = self.store.pod_by_ip(connection.destination.ip())?;
-            let denied = self.check(
+            self.check(
                 &index,
                 &pod,
                 connection.destination,
                 connection.source_identity.as_ref(),
                 connection.source.ip(),
-            );
-            denied.err()
-        })
+            )
+            .err()
+        });
+        (closed, recompiled)
     }
 
     /// Whether a connection to `destination` on `pod` from `source` (identity `None` for
@@ -144,58 +167,60 @@ impl Proxy {
         }
     }
 
-    /// Istio connection labels for a connection to `destination` (resolved to `target`),
-    /// reported by `reporter`; the source pod when known (outbound), else looked up by
-    /// `source_ip` later by the caller.
+    /// Istio connection labels, from what the caller already resolved: the source pod (when
+    /// this node's pod is the client), the destination pod, its identity when it is reached
+    /// through the mesh, and the Service addressed.
     pub fn labels(
         &self,
         reporter: &'static str,
         source: Option<&PodContext>,
-        destination: std::net::SocketAddr,
-        target: std::net::SocketAddr,
+        destination: Option<&ObjectKey>,
+        destination_principal: Option<&Identity>,
+        service: Option<&Service>,
     ) -> crate::metrics::ConnectionLabels {
         let unknown = || "unknown".to_owned();
-        let destination_pod = self.store.pod_by_ip(target.ip());
-        let service = self.store.service_by_vip(destination).map(|(service, _)| {
-            format!(
-                "{}.{}.svc.{}",
-                service.key.name,
-                service.key.namespace,
-                self.identities.trust_domain()
-            )
-        });
         crate::metrics::ConnectionLabels {
             reporter,
             source_workload: source.map_or_else(unknown, |p| p.key.name.clone()),
             source_workload_namespace: source.map_or_else(unknown, |p| p.key.namespace.clone()),
             source_principal: source.map_or_else(unknown, |p| p.identity.to_string()),
-            destination_workload: destination_pod
-                .as_ref()
-                .map_or_else(unknown, |p| p.key.name.clone()),
-            destination_workload_namespace: destination_pod
-                .as_ref()
-                .map_or_else(unknown, |p| p.key.namespace.clone()),
-            destination_principal: destination_pod
-                .as_ref()
-                .filter(|p| self.is_mesh(p))
-                .and_then(|p| self.identity_of(p).ok())
-                .map_or_else(unknown, |i| i.to_string()),
-            destination_service: service.unwrap_or_else(unknown),
+            destination_workload: destination.map_or_else(unknown, |k| k.name.clone()),
+            destination_workload_namespace: destination
+                .map_or_else(unknown, |k| k.namespace.clone()),
+            destination_principal: destination_principal.map_or_else(unknown, ToString::to_string),
+            destination_service: service.map_or_else(unknown, |s| {
+                format!(
+                    "{}.{}.svc.{}",
+                    s.key.name,
+                    s.key.namespace,
+                    self.identities.trust_domain()
+                )
+            }),
             request_protocol: "tcp",
-            connection_security_policy: "mutual_tls",
+            connection_security_policy: if destination_principal.is_some() {
+                "mutual_tls"
+            } else {
+                "unknown"
+            },
             response_flags: "-",
         }
     }
 
-    /// Istio connection labels for an inbound connection to `destination`, from `source_ip`
-    /// with identity `source` (`None`: plaintext), reported by the destination.
+    /// Istio connection labels for an inbound connection to this node's pod `destination`,
+    /// from `source_ip` with identity `source` (`None`: plaintext), reported by the destination.
     pub fn inbound_labels(
         &self,
         source: Option<&Identity>,
         source_ip: IpAddr,
-        destination: std::net::SocketAddr,
+        destination: &PodContext,
     ) -> crate::metrics::ConnectionLabels {
-        let mut labels = self.labels("destination", None, destination, destination);
+        let mut labels = self.labels(
+            "destination",
+            None,
+            Some(&destination.key),
+            Some(&destination.identity),
+            None,
+        );
         if let Some(pod) = self.store.pod_by_ip(source_ip) {
             labels.source_workload = pod.key.name.clone();
             labels.source_workload_namespace = pod.key.namespace.clone();

@@ -1,7 +1,6 @@
 //! Outbound: what a connection captured on a pod's 15001 becomes.
 
 use std::{
-    io,
     net::SocketAddr,
     os::fd::AsFd as _,
     sync::{Arc, atomic::Ordering},
@@ -12,7 +11,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
 use super::{PodContext, Proxy, hbone, passthrough};
-use crate::{identity, sys::socket};
+use crate::{
+    identity,
+    sys::socket,
+    workload::model::{Pod, Service},
+};
 
 /// Where a captured connection goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,6 +32,18 @@ pub enum Route {
         /// Where to.
         target: SocketAddr,
     },
+}
+
+/// A route and what was looked up to decide it (the Service addressed, the destination pod),
+/// so the connection's labels need no second lookup.
+#[derive(Debug, Clone)]
+pub struct Routed {
+    /// Where the connection goes.
+    pub route: Route,
+    /// The Service whose cluster IP was addressed, if one was.
+    pub service: Option<Arc<Service>>,
+    /// The pod that owns the target address, if one does.
+    pub pod: Option<Arc<Pod>>,
 }
 
 /// Why a destination could not be routed.
@@ -50,8 +65,8 @@ pub enum RouteError {
 impl Proxy {
     /// Decides the route to `destination` (the original destination of a captured connection).
     /// Service VIPs are resolved to a ready endpoint round robin.
-    pub fn route(&self, destination: SocketAddr) -> Result<Route, RouteError> {
-        let target = match self.store.service_by_vip(destination) {
+    pub fn route(&self, destination: SocketAddr) -> Result<Routed, RouteError> {
+        let (target, service) = match self.store.service_by_vip(destination) {
             Some((service, endpoints)) => {
                 if endpoints.is_empty() {
                     return Err(RouteError::NoEndpoint {
@@ -59,17 +74,26 @@ impl Proxy {
                         vip: destination,
                     });
                 }
-                endpoints[self.round_robin.fetch_add(1, Ordering::Relaxed) % endpoints.len()]
+                (
+                    endpoints[self.round_robin.fetch_add(1, Ordering::Relaxed) % endpoints.len()],
+                    Some(service),
+                )
             }
-            None => destination,
+            None => (destination, None),
         };
-        match self.store.pod_by_ip(target.ip()) {
-            Some(pod) if self.is_mesh(&pod) => Ok(Route::Hbone {
+        let pod = self.store.pod_by_ip(target.ip());
+        let route = match &pod {
+            Some(pod) if self.is_mesh(pod) => Route::Hbone {
                 target,
-                identity: self.identity_of(&pod)?,
-            }),
-            _ => Ok(Route::Passthrough { target }),
-        }
+                identity: self.identity_of(pod)?,
+            },
+            _ => Route::Passthrough { target },
+        };
+        Ok(Routed {
+            route,
+            service,
+            pod,
+        })
     }
 }
 
@@ -93,14 +117,22 @@ async fn carry(
     pod: &PodContext,
 ) -> anyhow::Result<()> {
     let destination = socket::original_dst_fd(stream.as_fd(), stream.local_addr()?.is_ipv6())?;
-    let route = proxy.route(destination)?;
-    let target = match &route {
-        Route::Passthrough { target } | Route::Hbone { target, .. } => *target,
+    let Routed {
+        route,
+        service,
+        pod: destination_pod,
+    } = proxy.route(destination)?;
+    let principal = match &route {
+        Route::Hbone { identity, .. } => Some(identity),
+        Route::Passthrough { .. } => None,
     };
-    let mut labels = proxy.labels("source", Some(pod), destination, target);
-    if let Route::Passthrough { .. } = route {
-        labels.connection_security_policy = "unknown";
-    }
+    let mut labels = proxy.labels(
+        "source",
+        Some(pod),
+        destination_pod.as_ref().map(|p| &p.key),
+        principal,
+        service.as_deref(),
+    );
     let counters = proxy.metrics.open(&labels);
     let mut stream = crate::metrics::Counted::new(stream, counters);
     let result = carry_routed(&mut stream, peer, proxy, pod, destination, &route).await;
@@ -123,13 +155,7 @@ async fn carry_routed(
     let (sent, received, protocol, peer_identity) = match route {
         Route::Passthrough { target } => {
             let mut upstream = passthrough::connect_in(&pod.netns, *target).await?;
-            let (sent, received) = tokio::io::copy_bidirectional_with_sizes(
-                stream,
-                &mut upstream,
-                super::COPY_BUFFER,
-                super::COPY_BUFFER,
-            )
-            .await?;
+            let (sent, received) = super::copy(stream, &mut upstream).await?;
             (sent, received, "TCP", String::new())
         }
         Route::Hbone { target, identity } => {
@@ -163,7 +189,7 @@ async fn carry_routed(
                     return Err(err.into());
                 }
             };
-            let (sent, received) = copy(stream, &mut tunnel.io).await?;
+            let (sent, received) = super::copy(stream, &mut tunnel.io).await?;
             (sent, received, "HBONE", identity.to_string())
         }
     };
@@ -181,13 +207,4 @@ async fn carry_routed(
         "connection closed"
     );
     Ok(())
-}
-
-/// Copies both ways until both directions are done; half-close is passed on.
-async fn copy<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
-where
-    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    tokio::io::copy_bidirectional_with_sizes(a, b, super::COPY_BUFFER, super::COPY_BUFFER).await
 }

@@ -39,7 +39,7 @@ async fn carry_inbound(
     let Some(workload) = proxy.store.pod(&pod.key) else {
         return Ok(());
     };
-    let mut labels = proxy.inbound_labels(None, peer.ip(), destination);
+    let mut labels = proxy.inbound_labels(None, peer.ip(), pod);
     if let Err(reason) = proxy.check(&proxy.policies(), &workload, destination, None, peer.ip()) {
         labels.response_flags = "DENY";
         proxy.metrics.open(&labels);
@@ -75,7 +75,7 @@ async fn carry_inbound(
         }
     };
     let copied = tokio::select! {
-        copied = tokio::io::copy_bidirectional_with_sizes(&mut stream, &mut upstream, super::COPY_BUFFER, super::COPY_BUFFER) => copied?,
+        copied = super::copy(&mut stream, &mut upstream) => copied?,
         reason = live.closed() => {
             info!(target: "meshlet::access", dst_workload = %pod.key, src = %peer, dst = %destination, %reason, "live connection closed by a policy change");
             proxy.metrics.close(&labels);

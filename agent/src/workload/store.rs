@@ -11,6 +11,7 @@ use std::{
     sync::{Arc, RwLock},
 };
 
+use serde::Serialize;
 use tokio::sync::watch;
 
 use super::model::{
@@ -159,32 +160,23 @@ impl Store {
 
     /// Everything, as sorted JSON: for `config_dump` and for comparing stores in tests.
     pub fn dump(&self) -> serde_json::Value {
-        let state = self.read();
-        let sorted = |mut v: Vec<serde_json::Value>| {
-            v.sort_by_key(|o| o.to_string());
-            serde_json::Value::Array(v)
-        };
-        let json = |o: &dyn erased::Serialize| o.to_json();
-        serde_json::json!({
-            "namespaces": sorted(state.namespaces.values().map(|n| json(n.as_ref())).collect()),
-            "pods": sorted(state.pods.values().map(|p| json(p.as_ref())).collect()),
-            "services": sorted(state.services.values().map(|s| json(s.as_ref())).collect()),
-            "endpointSlices": sorted(state.slices.values().map(|s| json(s.as_ref())).collect()),
-            "policies": sorted(state.policies.values().map(|p| json(p.as_ref())).collect()),
-        })
-    }
-}
-
-mod erased {
-    /// `serde::Serialize` made object-safe for [`super::Store::dump`].
-    pub trait Serialize {
-        fn to_json(&self) -> serde_json::Value;
-    }
-
-    impl<T: serde::Serialize> Serialize for T {
-        fn to_json(&self) -> serde_json::Value {
-            serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+        fn sorted<'a, T: Serialize + 'a>(
+            items: impl Iterator<Item = &'a Arc<T>>,
+        ) -> serde_json::Value {
+            let mut values: Vec<serde_json::Value> = items
+                .map(|item| serde_json::to_value(item.as_ref()).unwrap_or_default())
+                .collect();
+            values.sort_by_key(ToString::to_string);
+            serde_json::Value::Array(values)
         }
+        let state = self.read();
+        serde_json::json!({
+            "namespaces": sorted(state.namespaces.values()),
+            "pods": sorted(state.pods.values()),
+            "services": sorted(state.services.values()),
+            "endpointSlices": sorted(state.slices.values()),
+            "policies": sorted(state.policies.values()),
+        })
     }
 }
 
