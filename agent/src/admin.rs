@@ -37,6 +37,8 @@ pub struct State {
     pub bpffs_dir: PathBuf,
     /// The resolved configuration, for `/config_dump`.
     pub config: serde_json::Value,
+    /// The store generation the last completed enrollment pass reflected (0: none yet).
+    pub enrollment_generation: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// One row of `/workloads`.
@@ -143,6 +145,11 @@ pub fn metrics(state: &State, request: &Request<hyper::body::Incoming>) -> Respo
                 .redirected
                 .with_label_values(&["inbound"])
                 .set(redirects.inbound as i64);
+            // Kubelet's probes: passed to the application unsteered.
+            metrics
+                .redirected
+                .with_label_values(&["kubelet_probe"])
+                .set(redirects.probes as i64);
         }
         if let Ok(enrolled) = pinned.enrolled() {
             metrics.enrolled_workloads.set(enrolled.len() as i64);
@@ -207,6 +214,13 @@ pub fn admin(state: &State, request: &Request<hyper::body::Incoming>) -> Respons
             "synced": state.sync.synced(),
             "store": proxy.store.dump(),
         })),
+        "/generation" => json(&serde_json::json!({
+            "store": *proxy.store.subscribe().borrow(),
+            "policies": proxy.policy_cache.applied_generation(),
+            "enrollment": state
+                .enrollment_generation
+                .load(std::sync::atomic::Ordering::Acquire),
+        })),
         "/workloads" => json(&workloads(state)),
         "/certs" => json(&proxy.identities.list()),
         "/policies" => json(&proxy.policies().report()),
@@ -242,7 +256,7 @@ pub fn admin(state: &State, request: &Request<hyper::body::Incoming>) -> Respons
         _ => reply(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: /config_dump, /workloads, /certs, /policies\n",
+            "not found: /config_dump, /generation, /workloads, /certs, /policies\n",
         ),
     }
 }

@@ -14,7 +14,6 @@ use crate::{
     inpod::{Annotator, InPod},
     proxy::Proxy,
     source::{self, SourceConfig, SyncState},
-    sys::netns::local_addresses,
     workload::Store,
 };
 
@@ -54,6 +53,8 @@ pub struct Config {
     pub source: SourceConfig,
     /// Capture.
     pub capture: capture::Config,
+    /// Resource bounds and guards of the proxy.
+    pub limits: crate::proxy::Limits,
 }
 
 /// Runs the agent until a termination signal.
@@ -65,9 +66,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             warn!(%err, "cannot raise the open files limit; the node will carry fewer connections")
         }
     }
-    let mut capture = Capture::install(config.capture.clone())?;
-    let node_addresses = local_addresses().context("list the node's addresses")?;
-    capture.set_node_addresses(&node_addresses)?;
+    let capture = Capture::install(config.capture.clone())?;
 
     let ca = match &config.identity.ca {
         Some((cert, key)) => {
@@ -87,9 +86,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let store = Arc::new(Store::new());
     let metrics = Arc::new(crate::metrics::Metrics::new());
-    let proxy = Arc::new(Proxy::new(store.clone(), identities, metrics.clone()));
+    let policy_cache = Arc::new(crate::policy::Cache::new());
+    let proxy = Arc::new(Proxy::new(
+        store.clone(),
+        identities,
+        metrics.clone(),
+        policy_cache.clone(),
+        config.limits.clone(),
+    ));
     let reaper = tokio::spawn(proxy.pool.clone().run_reaper());
-    let policies = tokio::spawn(follow_policies(proxy.clone()));
+    let policies = tokio::spawn(follow_policies(proxy.clone(), policy_cache));
     let sync = Arc::new(SyncState::default());
     let mut annotator: Option<Annotator> = None;
     let source_task = match &config.source {
@@ -121,7 +127,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         sync: sync.clone(),
         bpffs_dir: config.capture.bpffs_dir.clone(),
         config: serde_json::to_value(&config)?,
+        enrollment_generation: Default::default(),
     };
+    let enrollment_generation = state.enrollment_generation.clone();
     let servers = [
         admin::start(
             "metrics",
@@ -141,8 +149,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     ];
 
     let (shutdown_tx, shutdown) = watch::channel(false);
+    let netns_annotation = matches!(config.source, SourceConfig::File(_));
     let inpod = tokio::spawn(
-        InPod::new(config.node_name.clone(), proxy, sync, capture, annotator).run(shutdown),
+        InPod::new(
+            config.node_name.clone(),
+            proxy,
+            sync,
+            capture,
+            annotator,
+            netns_annotation,
+        )
+        .run(shutdown, enrollment_generation),
     );
     shutdown_signal().await?;
     let _ = shutdown_tx.send(true);
@@ -160,10 +177,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
 /// Follows the store: recompiles policies when they change (saying what each cannot enforce
 /// as written), and closes live connections the current policies deny.
-async fn follow_policies(proxy: Arc<Proxy>) {
+async fn follow_policies(proxy: Arc<Proxy>, cache: Arc<crate::policy::Cache>) {
     let mut changes = proxy.store.subscribe();
     loop {
-        let (closed, recompiled) = proxy.refresh_policies();
+        let generation = *changes.borrow_and_update();
+        let recompiled = cache.refresh(proxy.store.policies(), generation);
+        let closed = proxy.recheck_connections();
         if closed > 0 {
             info!(
                 connections = closed,
@@ -171,7 +190,7 @@ async fn follow_policies(proxy: Arc<Proxy>) {
             );
         }
         if recompiled {
-            for report in proxy.policies().report() {
+            for report in cache.current().report() {
                 if !report.unsupported.is_empty() || !report.errors.is_empty() {
                     warn!(policy = %report.key, unsupported = ?report.unsupported, errors = ?report.errors, effect = %report.effect, "policy has fields meshlet does not enforce as written");
                 }
@@ -182,7 +201,6 @@ async fn follow_policies(proxy: Arc<Proxy>) {
         }
         // Let a burst of changes (a resync) settle.
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        changes.borrow_and_update();
     }
 }
 

@@ -1,8 +1,10 @@
 //! In-pod enrollment: keeps the set of captured pods equal to what the store asks for.
 //!
 //! For every local pod that [`enrollment::decide`] enrolls, the reconciler finds the pod's
-//! network namespace (the `meshlet.io/netns` annotation, or a process of the pod's cgroup),
-//! opens the in-pod listeners there (15001 outbound on loopback, 15006 inbound), enrolls the
+//! network namespace (a process of the pod's cgroup; with the file source, the
+//! `meshlet.io/netns` annotation may name it), checks that it is the pod's own
+//! ([`discovery::verify`]: not the agent's, not the host's, no process of another cgroup in it;
+//! each refusal logged and counted), opens the in-pod listeners there (15001 outbound on loopback, 15006 inbound), enrolls the
 //! namespace in the capture maps, registers the 15006 listeners for inbound steering and marks
 //! the pod ready. It undoes all of it when the pod is unlabelled, deleted, or its namespace
 //! disappears. It runs on every store change and every 250 ms (pods whose namespace has not
@@ -57,6 +59,7 @@ impl NetnsSource {
 #[derive(Debug)]
 struct Enrolled {
     key: ObjectKey,
+    uid: String,
     cookie: u64,
     ips: Vec<IpAddr>,
     source: NetnsSource,
@@ -84,10 +87,14 @@ pub struct InPod {
     sync: Arc<SyncState>,
     capture: Capture,
     annotator: Option<Annotator>,
+    /// Whether `meshlet.io/netns` is honoured (the file source only).
+    netns_annotation: bool,
     proc_root: PathBuf,
     enrolled: HashMap<String, Enrolled>,
     /// Last failure per pod UID, so a pod that keeps failing is logged once per reason.
     failures: HashMap<String, String>,
+    /// Pods whose `meshlet.io/netns` annotation was refused (said once each).
+    ignored_annotations: std::collections::HashSet<String>,
 }
 
 impl std::fmt::Debug for InPod {
@@ -100,13 +107,15 @@ impl std::fmt::Debug for InPod {
 }
 
 impl InPod {
-    /// A reconciler for node `node`.
+    /// A reconciler for node `node`. `netns_annotation` honours `meshlet.io/netns` (only the
+    /// file source, whose author is the node's operator, may say where a pod's namespace is).
     pub fn new(
         node: String,
         proxy: Arc<Proxy>,
         sync: Arc<SyncState>,
         capture: Capture,
         annotator: Option<Annotator>,
+        netns_annotation: bool,
     ) -> Self {
         let store = proxy.store.clone();
         Self {
@@ -116,16 +125,25 @@ impl InPod {
             sync,
             capture,
             annotator,
+            netns_annotation,
             proc_root: PathBuf::from("/proc"),
             enrolled: HashMap::new(),
             failures: HashMap::new(),
+            ignored_annotations: Default::default(),
         }
     }
 
     /// Reconciles until `shutdown` turns true; then closes the listeners (capture stays
     /// pinned, so a restarted agent takes over; in fail-open mode pods are marked not ready
     /// and their traffic goes direct meanwhile).
-    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+    ///
+    /// After each pass, `reconciled` holds the store generation that pass saw (for the admin
+    /// API's `/generation`: tests wait for "applied" instead of sleeping).
+    pub async fn run(
+        mut self,
+        mut shutdown: watch::Receiver<bool>,
+        reconciled: Arc<std::sync::atomic::AtomicU64>,
+    ) {
         let mut synced = self.sync.subscribe();
         tokio::select! {
             _ = synced.wait_for(|s| *s) => {}
@@ -135,8 +153,14 @@ impl InPod {
         self.forget_unknown_enrollments();
         let mut changes = self.store.subscribe();
         let mut tick = tokio::time::interval(TICK);
+        let mut first = true;
         loop {
+            let generation = *changes.borrow_and_update();
             self.reconcile();
+            reconciled.store(generation.max(1), std::sync::atomic::Ordering::Release);
+            if std::mem::take(&mut first) {
+                info!(pods = self.enrolled.len(), "initial enrollment pass done");
+            }
             tokio::select! {
                 _ = changes.changed() => {}
                 _ = tick.tick() => {}
@@ -163,7 +187,8 @@ impl InPod {
             .iter()
             .filter(|pod| self.decide(pod) == Decision::Enroll)
             .filter_map(|pod| {
-                find_netns(&self.proc_root, pod)
+                self.find_netns(pod)
+                    .0
                     .and_then(|s| Netns::open(s.path()).ok()?.cookie().ok())
             })
             .collect();
@@ -207,13 +232,34 @@ impl InPod {
             }
         }
 
+        self.failures
+            .retain(|uid, _| pods.iter().any(|pod| &pod.uid == uid));
+        self.ignored_annotations
+            .retain(|uid| pods.iter().any(|pod| &pod.uid == uid));
+        let host_network: Vec<String> = pods
+            .iter()
+            .filter(|pod| pod.host_network && pod.node_name.as_deref() == Some(self.node.as_str()))
+            .map(|pod| pod.uid.clone())
+            .collect();
         for (uid, pod) in desired {
             if self.enrolled.contains_key(uid) {
                 continue;
             }
-            let Some(source) = find_netns(&self.proc_root, pod) else {
+            let (source, annotation_ignored) = self.find_netns(pod);
+            if annotation_ignored && self.ignored_annotations.insert(pod.uid.clone()) {
+                let refusal = discovery::Refusal::Annotation;
+                warn!(pod = %pod.key, reason = refusal.reason(), "{refusal}");
+                self.proxy.metrics.enrollment_refused(refusal.reason());
+            }
+            let Some(source) = source else {
                 continue;
             };
+            if let Err(refusal) =
+                discovery::verify(&self.proc_root, source.path(), uid, &host_network)
+            {
+                self.refuse(pod, &refusal);
+                continue;
+            }
             match self.enroll(pod, source) {
                 Ok(enrolled) => {
                     self.failures.remove(uid);
@@ -234,6 +280,35 @@ impl InPod {
         }
     }
 
+    /// Where `pod`'s namespace is (`None` while it has no process yet). Without the file
+    /// source, `meshlet.io/netns` is not honoured: the second value says the annotation was
+    /// there and ignored, and the namespace comes from the pod's processes.
+    fn find_netns(&self, pod: &Pod) -> (Option<NetnsSource>, bool) {
+        if let Some(path) = pod.annotations.get(NETNS_ANNOTATION) {
+            if self.netns_annotation {
+                let path = PathBuf::from(path);
+                return (
+                    path.exists().then_some(NetnsSource::Annotation(path)),
+                    false,
+                );
+            }
+            let found = discovery::find_pod_netns(&self.proc_root, &pod.uid);
+            return (found.map(NetnsSource::Process), true);
+        }
+        let found = discovery::find_pod_netns(&self.proc_root, &pod.uid);
+        (found.map(NetnsSource::Process), false)
+    }
+
+    /// Logs and counts a refused namespace, once per pod and reason.
+    fn refuse(&mut self, pod: &Pod, refusal: &discovery::Refusal) {
+        let message = refusal.to_string();
+        if self.failures.get(&pod.uid) != Some(&message) {
+            warn!(pod = %pod.key, reason = refusal.reason(), "refusing to capture the pod's network namespace: {message}");
+            self.proxy.metrics.enrollment_refused(refusal.reason());
+            self.failures.insert(pod.uid.clone(), message);
+        }
+    }
+
     fn enroll(&mut self, pod: &Pod, source: NetnsSource) -> anyhow::Result<Enrolled> {
         use anyhow::Context as _;
         let netns = Arc::new(Netns::open(source.path())?);
@@ -242,12 +317,12 @@ impl InPod {
         let identity = self.proxy.identity_of(pod)?;
         // Issue the pod's certificate now: a CA problem shows here, not on the first connection.
         self.proxy.identities.certified(&identity)?;
-        let context = Arc::new(PodContext {
-            key: pod.key.clone(),
-            netns: netns.clone(),
+        let context = Arc::new(PodContext::new(
+            pod,
+            netns.clone(),
             identity,
-            ips: pod.ips.clone(),
-        });
+            self.proxy.limits.max_connections_per_pod,
+        ));
 
         // Listeners first: in fail-closed mode, capture before them would refuse connections.
         #[derive(Clone, Copy, PartialEq, Eq)]
@@ -328,6 +403,7 @@ impl InPod {
         self.capture.set_ready(cookie, true)?;
         Ok(Enrolled {
             key: pod.key.clone(),
+            uid: pod.uid.clone(),
             cookie,
             ips: pod.ips.clone(),
             source,
@@ -340,6 +416,7 @@ impl InPod {
         if let Err(err) = self.capture.unenroll(enrolled.cookie) {
             warn!(pod = %enrolled.key, %err, "unenroll failed");
         }
+        self.proxy.pool.remove_source(&enrolled.uid);
         info!(pod = %enrolled.key, cookie = enrolled.cookie, "pod unenrolled");
         if let Some(annotate) = &self.annotator {
             annotate(enrolled.key.clone(), false);
@@ -367,12 +444,4 @@ fn netns_alive(proc_root: &Path, uid: &str, enrolled: &mut Enrolled) -> bool {
         return true;
     }
     false
-}
-
-fn find_netns(proc_root: &Path, pod: &Pod) -> Option<NetnsSource> {
-    if let Some(path) = pod.annotations.get(NETNS_ANNOTATION) {
-        let path = PathBuf::from(path);
-        return path.exists().then_some(NetnsSource::Annotation(path));
-    }
-    discovery::find_pod_netns(proc_root, &pod.uid).map(NetnsSource::Process)
 }

@@ -93,6 +93,10 @@ pub struct Metrics {
     pub certificate_expiry: IntGaugeVec,
     /// Policy fields meshlet does not enforce as written.
     pub policy_unsupported_fields: IntGauge,
+    /// Connections refused or cut by a guard or resource limit of the proxy, by reason.
+    limits: IntCounterVec,
+    /// Pods the agent refused to enroll, by reason.
+    enrollment_refused: IntCounterVec,
     process: IntGaugeVec,
 }
 
@@ -147,7 +151,8 @@ impl Metrics {
         let enrolled_workloads = gauge("meshlet_enrolled_workloads", "Pods this agent captures");
         let redirected = gauge_vec(
             "meshlet_redirected_connections_total",
-            "Connections redirected by eBPF capture since it was installed, by direction",
+            "Connections redirected by eBPF capture since it was installed, by direction \
+             (outbound, inbound; kubelet_probe counts kubelet's probes let through unsteered)",
             &["direction"],
         );
         let source_synced = gauge(
@@ -162,6 +167,27 @@ impl Metrics {
         let policy_unsupported_fields = gauge(
             "meshlet_policy_unsupported_fields",
             "Policy fields meshlet does not enforce as written (see meshlet policies)",
+        );
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let counter = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(counter.clone()))
+                .expect("unique metric");
+            counter
+        };
+        let limits = counter_vec(
+            "meshlet_proxy_limit_total",
+            "Connections refused or cut by a guard or resource limit of the proxy, by limit \
+             (reserved_port, pod_connections, tls_handshakes, tls_handshake_timeout, \
+             connect_timeout, tcp_keepalive, hbone_protocol)",
+            &["limit"],
+        );
+        let enrollment_refused = counter_vec(
+            "meshlet_enrollment_refused_total",
+            "Pods the agent refused to enroll because their network namespace failed a check, \
+             by reason (own_netns, host_netns, host_network_pod_netns, foreign_process, \
+             netns_annotation)",
+            &["reason"],
         );
         let process = gauge_vec(
             "meshlet_process",
@@ -183,8 +209,20 @@ impl Metrics {
             source_synced,
             certificate_expiry,
             policy_unsupported_fields,
+            limits,
+            enrollment_refused,
             process,
         }
+    }
+
+    /// Counts a connection refused or cut by the proxy limit or guard `limit`.
+    pub fn limit_reached(&self, limit: &'static str) {
+        self.limits.with_label_values(&[limit]).inc();
+    }
+
+    /// Counts a pod not enrolled for `reason`.
+    pub fn enrollment_refused(&self, reason: &'static str) {
+        self.enrollment_refused.with_label_values(&[reason]).inc();
     }
 
     /// Refreshes the process and tokio runtime gauges (at scrape time).
@@ -271,6 +309,13 @@ impl<S> Counted<S> {
             sent,
             received,
         }
+    }
+}
+
+impl<S> Counted<S> {
+    /// The stream itself.
+    pub fn into_inner(self) -> S {
+        self.inner
     }
 }
 

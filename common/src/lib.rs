@@ -26,7 +26,7 @@ pub const SO_ORIGINAL_DST: i32 = 80;
 pub const MAX_NETNS: u32 = 16_384;
 /// Capacity of the per-connection maps (LRU: the oldest entries make room).
 pub const MAX_CONNECTIONS: u32 = 65_536;
-/// Capacity of the exclusion and node-address maps.
+/// Capacity of the exclusion maps.
 pub const MAX_EXCLUSIONS: u32 = 1_024;
 
 /// Names of the maps, as the agent looks them up and pins them.
@@ -40,9 +40,9 @@ pub mod maps {
     pub const ORIG_BY_PEER: &str = "ORIG_BY_PEER";
     /// `SockHash<Ip>`: the inbound plaintext listener (15006) of each enrolled pod address.
     pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
-    /// `HashMap<Ip, u8>`: the node's own addresses; inbound connections from them (kubelet
-    /// probes) are not steered.
-    pub const NODE_ADDRS: &str = "NODE_ADDRS";
+    /// `LruHashMap<ProbeKey, u8>`: the open connections kubelet made (its health probes), by
+    /// 4-tuple, from connect until close; inbound connections that match one are not steered.
+    pub const KUBELET_PROBES: &str = "KUBELET_PROBES";
     /// `LpmTrie<Ip, u8>`: destinations never redirected.
     pub const EXCLUDED_CIDRS: &str = "EXCLUDED_CIDRS";
     /// `HashMap<u16 port, u8>`: ports never redirected, in either direction.
@@ -52,6 +52,9 @@ pub mod maps {
     pub const SETTINGS: &str = "SETTINGS";
     /// `PerCpuArray<u64>`: redirected connections, indexed by [`Direction`](crate::Direction).
     pub const REDIRECTS: &str = "REDIRECTS";
+    /// `PerCpuArray<u64>`, one slot: inbound connections let through unsteered because they
+    /// were kubelet's (a map of its own, so the pinned `REDIRECTS` of an older agent fits).
+    pub const PROBES_PASSED: &str = "PROBES_PASSED";
 
     /// Every map, for pinning and cleanup.
     pub const ALL: &[&str] = &[
@@ -59,11 +62,12 @@ pub mod maps {
         ORIG_BY_SOCKET,
         ORIG_BY_PEER,
         INBOUND_LISTENERS,
-        NODE_ADDRS,
+        KUBELET_PROBES,
         EXCLUDED_CIDRS,
         EXCLUDED_PORTS,
         SETTINGS,
         REDIRECTS,
+        PROBES_PASSED,
     ];
 }
 
@@ -83,6 +87,9 @@ pub mod programs {
     pub const GETSOCKOPT: &str = "meshlet_getsockopt";
     /// `sk_lookup`, one attachment per enrolled network namespace: inbound steering.
     pub const SK_LOOKUP: &str = "meshlet_sk_lookup";
+    /// `sockops`, attached to kubelet's cgroup only: records kubelet's connections (its
+    /// probes) in [`KUBELET_PROBES`](crate::maps::KUBELET_PROBES) from connect until close.
+    pub const PROBE_OPS: &str = "meshlet_probe_ops";
 }
 
 /// An IPv6 address (IPv4 as `::ffff:a.b.c.d`), four words of network-order bytes.
@@ -149,6 +156,25 @@ pub struct ConnKey {
     pub _pad: [u8; 6],
 }
 
+/// A TCP connection by its 4-tuple, as kubelet's end saw it when it connected (key of
+/// [`maps::KUBELET_PROBES`]): the source is kubelet's end, the destination the pod's.
+///
+/// 36 bytes, no padding: every byte of a hash key is compared.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeKey {
+    /// The source address (kubelet's end).
+    pub src_ip: Ip,
+    /// The destination address (the pod's).
+    pub dst_ip: Ip,
+    /// The source port, host byte order.
+    pub src_port: u16,
+    /// The destination port, host byte order.
+    pub dst_port: u16,
+}
+
+const _: () = assert!(size_of::<ProbeKey>() == 36, "ProbeKey has padding");
+
 /// Index in [`maps::SETTINGS`] of the fail-open switch.
 pub const SETTING_FAIL_OPEN: u32 = 0;
 
@@ -172,4 +198,6 @@ mod pod {
     unsafe impl aya::Pod for super::SockAddr {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ConnKey {}
+    // SAFETY: as above (two `Ip`s and two `u16`s: no padding at all).
+    unsafe impl aya::Pod for super::ProbeKey {}
 }

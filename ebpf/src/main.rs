@@ -13,6 +13,11 @@
 //! Inbound (`sk_lookup`, attached to each enrolled namespace): TCP connections to a pod address
 //! on any port but 15008 are handed to the pod's 15006 listener, whose accepted socket keeps the
 //! original destination as its local address.
+//!
+//! Kubelet's health probes (`probe_ops`, a `sock_ops` program attached to kubelet's cgroup only):
+//! each connection kubelet opens is recorded by 4-tuple from connect until close, and
+//! `sk_lookup` lets exactly those through to the application. Nothing is exempt for coming from
+//! a node address: hostNetwork pods and SNATed traffic are captured like any other client.
 #![no_std]
 #![no_main]
 
@@ -20,7 +25,10 @@ use core::ptr::{read_volatile, write_volatile};
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, sk_action},
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, sk_action,
+    },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, lpm_trie::Key},
@@ -28,7 +36,8 @@ use aya_ebpf::{
 };
 use meshlet_common::{
     ConnKey, Direction, Enrollment, INBOUND_HBONE_PORT, Ip, MAX_CONNECTIONS, MAX_EXCLUSIONS,
-    MAX_NETNS, MESH_MARK, OUTBOUND_PORT, SO_ORIGINAL_DST, SockAddr, is_v4_mapped, v4_mapped,
+    MAX_NETNS, MESH_MARK, OUTBOUND_PORT, ProbeKey, SO_ORIGINAL_DST, SockAddr, is_v4_mapped,
+    v4_mapped,
 };
 
 #[map]
@@ -41,7 +50,7 @@ static ORIG_BY_PEER: LruHashMap<ConnKey, SockAddr> =
 #[map]
 static INBOUND_LISTENERS: SockHash<Ip> = SockHash::with_max_entries(2 * MAX_NETNS, 0);
 #[map]
-static NODE_ADDRS: HashMap<Ip, u8> = HashMap::with_max_entries(MAX_EXCLUSIONS, 0);
+static KUBELET_PROBES: LruHashMap<ProbeKey, u8> = LruHashMap::with_max_entries(MAX_CONNECTIONS, 0);
 #[map]
 static EXCLUDED_CIDRS: LpmTrie<Ip, u8> = LpmTrie::with_max_entries(MAX_EXCLUSIONS, 0);
 #[map]
@@ -50,6 +59,8 @@ static EXCLUDED_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_EXCLUSIO
 static SETTINGS: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
 static REDIRECTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+#[map]
+static PROBES_PASSED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 const SOCK_STREAM: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
@@ -221,6 +232,60 @@ pub fn meshlet_sock_ops(ctx: SockOpsContext) -> u32 {
     1
 }
 
+/// `sockops`, attached to kubelet's cgroup only: records each TCP connection kubelet opens (its
+/// HTTP, TCP and gRPC probes among them) by 4-tuple when it sends its SYN, and forgets it when the
+/// connection reaches `TCP_CLOSE`, so the 4-tuple stops being exempt the moment kubelet is done
+/// with it. (Named unlike its section: a function called `sockops` fails in bpf-linker.)
+#[sock_ops]
+pub fn meshlet_probe_ops(ctx: SockOpsContext) -> u32 {
+    let op = ctx.op();
+    if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
+        let key = probe_key(&ctx);
+        if KUBELET_PROBES.insert(key, 1, 0).is_ok() {
+            // Be called back on every state change, to see the close. If this fails (the socket
+            // is not a full one, never the case on connect), the entry ages out of the LRU.
+            let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+        }
+    } else if op == BPF_SOCK_OPS_STATE_CB {
+        // SAFETY: the context is valid for the program's run and `args` is readable in sock_ops
+        // with 4-byte loads; on STATE_CB, `args[0]` is the old state and `args[1]` the new one.
+        let new_state = unsafe { read_volatile(&raw const (*ctx.ops).__bindgen_anon_1.args[1]) };
+        if new_state == BPF_TCP_CLOSE {
+            let _ = KUBELET_PROBES.remove(probe_key(&ctx));
+        }
+    }
+    1
+}
+
+/// The 4-tuple of a sock_ops socket, kubelet's end as the source. The kernel's TCP state
+/// callback runs before the socket gives up its addresses and port, so close sees the same key
+/// connect recorded.
+#[inline(always)]
+fn probe_key(ctx: &SockOpsContext) -> ProbeKey {
+    // SAFETY: the kernel hands the program a valid `bpf_sock_ops`; each field is read with the
+    // access size the kernel allows (4 bytes).
+    unsafe {
+        let ops = ctx.ops;
+        let family = read_volatile(&raw const (*ops).family);
+        ProbeKey {
+            src_ip: pick(
+                family,
+                read_volatile(&raw const (*ops).local_ip4),
+                &(*ops).local_ip6,
+            ),
+            dst_ip: pick(
+                family,
+                read_volatile(&raw const (*ops).remote_ip4),
+                &(*ops).remote_ip6,
+            ),
+            // `local_port` is in host order; `remote_port` is a network-order word whose value
+            // is the port (the kernel shifts the `__be16` into the high half), so `ntohl`.
+            src_port: read_volatile(&raw const (*ops).local_port) as u16,
+            dst_port: u32::from_be(read_volatile(&raw const (*ops).remote_port)) as u16,
+        }
+    }
+}
+
 /// `cgroup/getsockopt`: answers `SO_ORIGINAL_DST` (`SOL_IP`) and `IP6T_SO_ORIGINAL_DST`
 /// (`SOL_IPV6`) on the proxy's accepted socket from the record `sock_ops` made.
 #[cgroup_sockopt(getsockopt)]
@@ -289,7 +354,8 @@ pub fn meshlet_getsockopt(ctx: SockoptContext) -> i32 {
 
 /// `sk_lookup`, attached to each enrolled namespace: steers inbound TCP to the pod's 15006
 /// listener, except to 15008 (HBONE), loopback, the pod's own connections (the proxy reaching
-/// the application), connections from the node's addresses (kubelet probes) and excluded ports.
+/// the application), excluded ports, and connections kubelet opened (its probes: the 4-tuple is
+/// in `KUBELET_PROBES`, recorded by `probe_ops` in kubelet's cgroup).
 #[sk_lookup]
 pub fn meshlet_sk_lookup(ctx: SkLookupContext) -> u32 {
     let l = ctx.lookup;
@@ -298,8 +364,9 @@ pub fn meshlet_sk_lookup(ctx: SkLookupContext) -> u32 {
     if protocol != IPPROTO_TCP || port == u32::from(INBOUND_HBONE_PORT) {
         return sk_action::SK_PASS;
     }
-    // SAFETY: as above; each address field is read with the access size the kernel allows.
-    let (local, remote) = unsafe {
+    // SAFETY: as above; each address field is read with the access size the kernel allows;
+    // `remote_port` is a network-order `__be16` (a 2-byte load is allowed since Linux 5.9).
+    let (local, remote, remote_port) = unsafe {
         (
             pick(
                 family,
@@ -311,13 +378,24 @@ pub fn meshlet_sk_lookup(ctx: SkLookupContext) -> u32 {
                 read_volatile(&raw const (*l).remote_ip4),
                 &(*l).remote_ip6,
             ),
+            u16::from_be(read_volatile(&raw const (*l).remote_port)),
         )
     };
-    if is_loopback(&local)
-        || local == remote
-        || NODE_ADDRS.get_ptr(remote).is_some()
-        || EXCLUDED_PORTS.get_ptr(port as u16).is_some()
-    {
+    if is_loopback(&local) || local == remote || EXCLUDED_PORTS.get_ptr(port as u16).is_some() {
+        return sk_action::SK_PASS;
+    }
+    let probe = ProbeKey {
+        src_ip: remote,
+        dst_ip: local,
+        src_port: remote_port,
+        // `local_port` is in host order.
+        dst_port: port as u16,
+    };
+    if KUBELET_PROBES.get_ptr(probe).is_some() {
+        if let Some(counter) = PROBES_PASSED.get_ptr_mut(0) {
+            // SAFETY: per-CPU values are only touched by this CPU while the program runs.
+            unsafe { *counter += 1 };
+        }
         return sk_action::SK_PASS;
     }
     match INBOUND_LISTENERS.redirect_sk_lookup(&ctx, local, 0) {

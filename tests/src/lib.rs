@@ -21,6 +21,7 @@
 pub mod kube_api;
 pub mod mesh;
 pub mod process;
+pub mod raw_hbone;
 
 use std::{
     fs,
@@ -260,6 +261,16 @@ impl Pod {
                 "conditions": [{ "type": "Ready", "status": "True" }],
             },
         })
+    }
+
+    /// [`Pod::manifest`] as a captured mesh pod's looks once its agent has confirmed capture
+    /// (`meshlet.io/redirection: enabled`): what clients need to see to use HBONE. In a
+    /// workload file the file carries it, as the API server would after the agent's patch.
+    pub fn mesh_manifest(&self, namespace: &str, labels: &[(&str, &str)]) -> serde_json::Value {
+        let mut manifest = self.manifest(namespace, labels);
+        manifest["metadata"]["annotations"] =
+            serde_json::json!({ "meshlet.io/redirection": "enabled" });
+        manifest
     }
 
     /// Stops the pod's processes (its pause process first): the namespace stays, but discovery
@@ -707,6 +718,76 @@ impl Cluster {
         process::Agent::spawn(command, log)
     }
 
+    /// Node `index`'s metrics (its agent serves them on 127.0.0.1:15020 in the node's
+    /// namespace), parsed as Prometheus text.
+    pub fn scrape(&self, index: usize) -> prometheus_parse::Scrape {
+        let (status, body) = http_get(
+            &self.node(index).netns,
+            "127.0.0.1:15020".parse().unwrap(),
+            "/metrics",
+        );
+        assert_eq!(status, 200, "{body}");
+        prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
+            .expect("Prometheus text format")
+    }
+
+    /// The sum of the samples of `name` on node `index` whose labels include `labels`.
+    pub fn metric(&self, index: usize, name: &str, labels: &[(&str, &str)]) -> f64 {
+        sum(&self.scrape(index), name, labels)
+    }
+
+    /// Waits until [`Cluster::metric`] reaches `at_least` (10 s at most); returns it.
+    pub fn wait_metric(
+        &self,
+        index: usize,
+        name: &str,
+        labels: &[(&str, &str)],
+        at_least: f64,
+    ) -> f64 {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let value = self.metric(index, name, labels);
+            if value >= at_least {
+                return value;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "node-{index}: {name}{labels:?} = {value}, want >= {at_least}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Node `index`'s agent's `/generation` (admin API): the store generation, and the store
+    /// generations the policies in force and the last enrollment pass reflect.
+    pub fn generation(&self, index: usize) -> Generation {
+        let (status, body) = http_get(
+            &self.node(index).netns,
+            "127.0.0.1:15000".parse().unwrap(),
+            "/generation",
+        );
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).unwrap_or_else(|err| panic!("/generation {body:?}: {err}"))
+    }
+
+    /// Waits until node `index`'s agent has applied everything its store holds now: policies
+    /// compiled and an enrollment pass done (10 s at most).
+    pub fn wait_applied(&self, index: usize) {
+        let want = self.generation(index).store;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = self.generation(index);
+            if now.policies >= want && now.enrollment >= want.max(1) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "node-{index} did not apply store generation {want}: {now:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Starts capturing node-0's link to the fabric (everything node-0 exchanges with the other
     /// nodes) with tcpdump.
     pub fn capture_link(&self) -> process::LinkCapture {
@@ -827,6 +908,52 @@ pub fn wait_enrolled(bpffs_dir: &Path, mut want: Vec<u64>, timeout: Duration) ->
     }
 }
 
+/// What an agent has applied (`/generation` on its admin API).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+pub struct Generation {
+    /// The store's generation (every change bumps it).
+    pub store: u64,
+    /// The store generation the policies in force reflect.
+    pub policies: u64,
+    /// The store generation the last enrollment pass reflected (0: no pass yet).
+    pub enrollment: u64,
+}
+
+/// The value of the one sample of `name` whose labels include all of `labels` (panics if
+/// several match).
+pub fn sample(
+    scrape: &prometheus_parse::Scrape,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Option<f64> {
+    let matching = samples(scrape, name, labels);
+    assert!(
+        matching.len() <= 1,
+        "{name} {labels:?} matches {} samples",
+        matching.len()
+    );
+    matching.first().copied()
+}
+
+/// The sum of the samples of `name` whose labels include all of `labels` (0 if none).
+pub fn sum(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples(scrape, name, labels).iter().sum()
+}
+
+fn samples(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Vec<f64> {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .filter_map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => Some(v),
+            _ => None,
+        })
+        .collect()
+}
+
 /// `GET path` over HTTP/1.0 to `addr`, from inside the network namespace `netns` (a node's,
 /// where its agent serves): the status code and the body.
 pub fn http_get(netns: &NetnsGuard, addr: SocketAddr, path: &str) -> (u16, String) {
@@ -893,4 +1020,45 @@ fn pod_gateway_v6(node: usize) -> Ipv6Addr {
     format!("fd00:10:244:{node}::1")
         .parse()
         .expect("gateway IPv6")
+}
+
+impl Cluster {
+    /// The cgroup of node `index`'s kubelet, `<cgroup root>/system.slice/kubelet.service`
+    /// (created on first use, removed with the cluster): what `--kubelet-cgroup` names.
+    pub fn kubelet_cgroup(&self, index: usize) -> PathBuf {
+        let cgroup = self
+            .cgroup_root(index)
+            .join("system.slice")
+            .join("kubelet.service");
+        fs::create_dir_all(&cgroup)
+            .unwrap_or_else(|err| panic!("create {}: {err}", cgroup.display()));
+        cgroup
+    }
+
+    /// Connects to `to` from a process in node `index`'s network namespace and in `cgroup`
+    /// (with [`Cluster::kubelet_cgroup`]: a kubelet probe), sends `payload` bytes and reads the
+    /// echo; `flags` as for [`Pod::connect_with`].
+    pub fn connect_from_node_in(
+        &self,
+        index: usize,
+        cgroup: &Path,
+        to: SocketAddr,
+        payload: usize,
+        flags: &[&str],
+    ) -> ConnectReport {
+        let mut command = process::in_pod(
+            process::testpod_binary(),
+            &self.nodes[index].netns.path(),
+            cgroup,
+        );
+        command.args([
+            "connect",
+            "--to",
+            &to.to_string(),
+            "--send",
+            &payload.to_string(),
+        ]);
+        command.args(flags);
+        process::connect(command)
+    }
 }

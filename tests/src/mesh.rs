@@ -27,11 +27,26 @@ impl FileMesh {
     /// Writes `base` (namespaces, pods, services), starts an agent on every node, and waits
     /// until node `i` has enrolled exactly the pods named in `enrolled[i]`.
     pub fn start(cluster: Cluster, base: Vec<Value>, enrolled: &[&[&str]]) -> Self {
+        Self::start_with(cluster, base, enrolled, |_, _| Vec::new())
+    }
+
+    /// [`FileMesh::start`] with more agent flags for node `i`: `flags(&cluster, i)`.
+    pub fn start_with(
+        cluster: Cluster,
+        base: Vec<Value>,
+        enrolled: &[&[&str]],
+        flags: impl Fn(&Cluster, usize) -> Vec<String>,
+    ) -> Self {
         let file = std::env::temp_dir().join(format!("{}-workloads.yaml", cluster.id()));
         write_workloads(&file, &base);
         let source = format!("file:{}", file.display());
         let agents = (0..enrolled.len())
-            .map(|node| cluster.start_agent(node, &["--source", &source]))
+            .map(|node| {
+                let extra = flags(&cluster, node);
+                let mut args = vec!["--source", source.as_str()];
+                args.extend(extra.iter().map(String::as_str));
+                cluster.start_agent(node, &args)
+            })
             .collect();
         let mesh = Self {
             cluster,
@@ -76,7 +91,7 @@ impl FileMesh {
         ];
         base.extend(
             demo.iter()
-                .map(|&(name, _)| cluster.pod(name).manifest("demo", &[("app", name)])),
+                .map(|&(name, _)| cluster.pod(name).mesh_manifest("demo", &[("app", name)])),
         );
         base.extend(extra_objects);
         let on = |node: usize| {
@@ -90,7 +105,7 @@ impl FileMesh {
     }
 
     /// Rewrites the file as the base objects plus `extra`, and waits until every agent has
-    /// loaded it (and had a moment to act on it).
+    /// loaded it and applied it (policies compiled, an enrollment pass done: `/generation`).
     pub fn write(&self, extra: &[Value]) {
         let loads: Vec<usize> = self
             .agents
@@ -103,7 +118,9 @@ impl FileMesh {
         for (agent, loads) in self.agents.iter().zip(loads) {
             agent.wait_for_log("workload file loaded", loads + 1, Duration::from_secs(5));
         }
-        std::thread::sleep(Duration::from_millis(100));
+        for node in 0..self.agents.len() {
+            self.cluster.wait_applied(node);
+        }
     }
 }
 

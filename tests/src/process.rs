@@ -102,9 +102,38 @@ pub struct ConnectReport {
     pub echoed: usize,
     /// Why it failed, when it did.
     pub error: Option<String>,
+    /// How it failed, when it did.
+    #[serde(default)]
+    pub outcome: Option<Outcome>,
+}
+
+/// How a test connection failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The connect was refused (RST to the SYN).
+    Refused,
+    /// The connection was reset after it was established.
+    Reset,
+    /// The peer closed cleanly before the whole echo came back.
+    Closed,
+    /// Connecting or reading timed out.
+    Timeout,
+    /// Anything else (see `error`).
+    Error,
 }
 
 impl ConnectReport {
+    /// Panics unless the connection failed with `outcome`.
+    pub fn assert_failed(&self, outcome: Outcome) -> &Self {
+        assert_eq!(
+            self.outcome,
+            Some(outcome),
+            "want {outcome:?}, got {self:?}"
+        );
+        self
+    }
+
     /// Panics unless the connection worked and `payload` bytes came back.
     pub fn assert_echoed(&self, payload: usize) -> &Self {
         assert!(self.error.is_none(), "connect failed: {:?}", self.error);

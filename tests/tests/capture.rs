@@ -1,5 +1,7 @@
 //! Capture, loaded for real into the kernel by the agent's capture module and attached to the
-//! test cluster's cgroup root, exercised with real connections between pod namespaces.
+//! test cluster's cgroup root, exercised with real connections between pod namespaces. Kubelet
+//! is a cgroup of the test's own (`<cgroup root>/system.slice/kubelet.service`), never the
+//! machine's.
 
 use std::{
     io::{Read as _, Write as _},
@@ -8,13 +10,14 @@ use std::{
     path::Path,
     process::Command,
     thread::JoinHandle,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use meshlet::{
-    capture::{self, Attachment, Capture, FailMode},
-    sys::{netns::local_addresses, socket::listen_in},
+    capture::{self, Attachment, Capture, FailMode, Redirects},
+    sys::socket::listen_in,
 };
+use meshlet_common::programs;
 use meshlet_tests::{Cluster, Pod};
 
 const QUIET: Duration = Duration::from_millis(300);
@@ -249,22 +252,13 @@ fn unenrolled_pods_marked_sockets_and_exclusions_are_not_redirected() {
 }
 
 #[test]
-fn inbound_connections_on_any_port_are_steered_to_15006_except_hbone_and_the_node() {
+fn inbound_connections_on_any_port_are_steered_to_15006_except_hbone() {
     let mut cluster = Cluster::new(2);
     cluster.add_pod("client", 0);
     cluster.add_pod("server", 1);
     let mut capture = install(&cluster);
     let (client, server) = (cluster.pod("client"), cluster.pod("server"));
-    let mut echo = server.echo_server(8080);
     let mut hbone = server.echo_server(15008);
-    let node_addresses = cluster
-        .node(1)
-        .netns
-        .open()
-        .run(local_addresses)
-        .unwrap()
-        .unwrap();
-    capture.set_node_addresses(&node_addresses).unwrap();
     enroll(&mut capture, server);
     let server_ns = server.netns.open();
 
@@ -319,15 +313,189 @@ fn inbound_connections_on_any_port_are_steered_to_15006_except_hbone_and_the_nod
         server.addr(false, 15008).to_canonical_v6(),
         "15008 must not be steered"
     );
-    let probe = cluster.connect_from_node(1, server.addr(false, 8080), 10);
-    probe.assert_echoed(10);
-    let accepted = echo.next_accepted();
-    assert!(
-        node_addresses.contains(&accepted.peer.ip().to_canonical()),
-        "probe came from {}",
-        accepted.peer
-    );
     assert_eq!(capture.redirects().unwrap().inbound, 3);
+}
+
+/// Polls `done` until it holds; panics with `what` after 10 s.
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < Duration::from_secs(10), "{what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn only_connections_kubelet_opens_reach_the_pod_unsteered_and_only_while_open() {
+    let mut cluster = Cluster::new(1);
+    cluster.add_pod("server", 0);
+    let kubelet = cluster.kubelet_cgroup(0);
+    let mut config = config(&cluster, FailMode::Closed);
+    config.kubelet_cgroup = Some(kubelet.clone());
+    let mut capture = Capture::install(config.clone()).expect("install with a kubelet cgroup");
+    assert_eq!(
+        attached(&kubelet),
+        [("cgroup_sock_ops".to_owned(), programs::PROBE_OPS.to_owned())],
+        "probe_ops is attached to kubelet's cgroup, and only there"
+    );
+    let server = cluster.pod("server");
+    let mut echo = server.echo_server(8080);
+    enroll(&mut capture, server);
+    let server_ns = server.netns.open();
+
+    // A node process outside kubelet's cgroup (a hostNetwork pod, a daemon, anything SNATed to
+    // a node address) is captured like any other client, in both families.
+    for ipv6 in [false, true] {
+        let to = server.addr(ipv6, 8080);
+        let bind = if ipv6 { "[::]:15006" } else { "0.0.0.0:15006" };
+        let listener = listen_in(&server_ns, addr(bind)).unwrap();
+        capture.set_inbound_listener(to.ip(), &listener).unwrap();
+        let accepted = accept_one(listener);
+        cluster.connect_from_node(0, to, 10).assert_echoed(10);
+        let (local, _) = accepted.join().unwrap();
+        assert_eq!(
+            local, to,
+            "a node process's connection was not steered to 15006"
+        );
+    }
+    assert_eq!(
+        capture.redirects().unwrap(),
+        Redirects {
+            outbound: 0,
+            inbound: 2,
+            probes: 0
+        }
+    );
+
+    // Kubelet's connections reach the application, with 15006 listening in both families.
+    let listeners: Vec<_> = [(false, "0.0.0.0:15006"), (true, "[::]:15006")]
+        .into_iter()
+        .map(|(ipv6, bind)| {
+            let listener = listen_in(&server_ns, addr(bind)).unwrap();
+            capture
+                .set_inbound_listener(server.addr(ipv6, 0).ip(), &listener)
+                .unwrap();
+            listener
+        })
+        .collect();
+    for ipv6 in [false, true] {
+        let to = server.addr(ipv6, 8080);
+        std::thread::scope(|scope| {
+            let probe = scope.spawn(|| {
+                cluster.connect_from_node_in(0, &kubelet, to, 10, &["--delay-ms", "2000"])
+            });
+            let accepted = echo.next_accepted();
+            assert_eq!(
+                (accepted.local.ip().to_canonical(), accepted.local.port()),
+                (to.ip(), to.port()),
+                "kubelet's connection did not reach the application directly"
+            );
+            let from = SocketAddr::new(accepted.peer.ip().to_canonical(), accepted.peer.port());
+            assert_eq!(
+                capture.kubelet_probes().unwrap(),
+                [(from, to)],
+                "the open probe is recorded by its 4-tuple"
+            );
+            probe.join().unwrap().assert_echoed(10);
+        });
+        // Closed: the 4-tuple is no longer exempt (a later connection reusing it is captured).
+        wait_until("kubelet's closed connection is still recorded", || {
+            capture.kubelet_probes().unwrap().is_empty()
+        });
+    }
+    assert_eq!(
+        capture.redirects().unwrap(),
+        Redirects {
+            outbound: 0,
+            inbound: 2,
+            probes: 2
+        }
+    );
+    drop(listeners);
+
+    // A restarted agent adopts the pinned link; one without a kubelet cgroup unpins it.
+    drop(capture);
+    let again = Capture::install(config.clone()).unwrap();
+    let probe_ops = again
+        .programs()
+        .iter()
+        .find(|p| p.name == programs::PROBE_OPS)
+        .expect("probe_ops after a restart");
+    assert_eq!(probe_ops.attachment, Attachment::Adopted);
+    assert_eq!(attached(&kubelet).len(), 1);
+    drop(again);
+    config.kubelet_cgroup = None;
+    let without = Capture::install(config).unwrap();
+    assert!(
+        without
+            .programs()
+            .iter()
+            .all(|p| p.name != programs::PROBE_OPS)
+    );
+    assert_eq!(
+        attached(&kubelet),
+        [],
+        "a kubelet cgroup no longer configured keeps its program"
+    );
+}
+
+#[test]
+fn the_agent_exempts_the_kubelet_cgroup_it_is_given_and_finds_none_on_its_own_here() {
+    struct RemoveOnDrop(std::path::PathBuf);
+    impl Drop for RemoveOnDrop {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let cluster = Cluster::new(1);
+    let kubelet = cluster.kubelet_cgroup(0);
+    let file = std::env::temp_dir().join(format!("{}-workloads.yaml", cluster.id()));
+    let _cleanup = RemoveOnDrop(file.clone());
+    meshlet_tests::write_workloads(&file, &[]);
+    let source = format!("file:{}", file.display());
+    let flag = kubelet.display().to_string();
+
+    let mut agent = cluster.start_agent(0, &["--source", &source, "--kubelet-cgroup", &flag]);
+    agent.wait_for_log(
+        "kubelet's probes reach pods unsteered",
+        1,
+        Duration::from_secs(10),
+    );
+    assert_eq!(
+        attached(&kubelet),
+        [("cgroup_sock_ops".to_owned(), programs::PROBE_OPS.to_owned())]
+    );
+    agent.stop();
+    assert_eq!(attached(&kubelet).len(), 1, "the pin keeps it attached");
+
+    // Without the flag the agent looks for kubelet; the machine's own (if any) is outside the
+    // test's cgroup root, so none is used and the one pinned before is removed.
+    let agent = cluster.start_agent(0, &["--source", &source]);
+    agent.wait_for_log("kubelet's cgroup not found", 1, Duration::from_secs(10));
+    agent.wait_for_log("capture installed", 1, Duration::from_secs(10));
+    assert_eq!(attached(&kubelet), []);
+}
+
+#[test]
+fn a_kubelet_cgroup_that_holds_the_cgroup_root_is_refused_before_anything_is_attached() {
+    let cluster = Cluster::new(1);
+    let root = cluster.cgroup_root(0);
+    for kubelet in [root.clone(), root.parent().unwrap().to_owned()] {
+        let mut config = config(&cluster, FailMode::Closed);
+        config.kubelet_cgroup = Some(kubelet.clone());
+        let err = Capture::install(config).unwrap_err();
+        assert!(
+            matches!(err, capture::Error::KubeletCgroupTooBroad { .. }),
+            "{}: {err}",
+            kubelet.display()
+        );
+        assert!(err.to_string().contains("--kubelet-cgroup"), "{err}");
+    }
+    assert_eq!(attached(&root), []);
+    assert!(
+        !cluster.bpffs_dir(0).exists(),
+        "a refused install left pins behind"
+    );
 }
 
 trait CanonicalV6 {

@@ -62,8 +62,9 @@ fn the_kube_source_enrolls_labelled_pods_and_recovers_from_a_lost_watch() {
 
     let node0 = cluster.start_agent_with_env(0, &["--source", "kube"], &env);
     let node1 = cluster.start_agent_with_env(1, &["--source", "kube"], &env);
-    node0.wait_for_log("source synced", 1, Duration::from_secs(10));
-    node1.wait_for_log("source synced", 1, Duration::from_secs(10));
+    // "Nothing enrolled" means something only once the first enrollment pass has run.
+    node0.wait_for_log("initial enrollment pass done", 1, Duration::from_secs(10));
+    node1.wait_for_log("initial enrollment pass done", 1, Duration::from_secs(10));
     assert!(enrolled(&cluster.bpffs_dir(0)).is_empty());
 
     // kubectl label namespace demo meshlet.io/dataplane-mode=ambient
@@ -112,7 +113,6 @@ fn the_kube_source_enrolls_labelled_pods_and_recovers_from_a_lost_watch() {
     api.delete("Pod", "demo", "client");
     api.apply(cluster.pod("late").manifest("demo", &[("app", "late")]));
     api.compact();
-    std::thread::sleep(Duration::from_millis(300));
     api.restart();
     wait_enrolled(
         &cluster.bpffs_dir(0),

@@ -8,35 +8,11 @@ use meshlet_tests::{Cluster, http_get, mesh::FileMesh};
 use serde_json::json;
 
 fn scrape(cluster: &Cluster, node: usize) -> prometheus_parse::Scrape {
-    let (status, body) = http_get(
-        &cluster.node(node).netns,
-        "127.0.0.1:15020".parse().unwrap(),
-        "/metrics",
-    );
-    assert_eq!(status, 200, "{body}");
-    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
-        .expect("Prometheus text format")
+    cluster.scrape(node)
 }
 
-/// The value of the one sample of `name` whose labels include all of `labels`.
 fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let matching: Vec<f64> = scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .filter_map(|s| match s.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => Some(v),
-            _ => None,
-        })
-        .collect();
-    assert!(
-        matching.len() <= 1,
-        "{name} {labels:?} matches {} samples",
-        matching.len()
-    );
-    matching.first().copied()
+    meshlet_tests::sample(scrape, name, labels)
 }
 
 #[test]
@@ -73,7 +49,8 @@ fn metrics_logs_readiness_and_inspection_commands_tell_what_happened() {
     assert!(denied.error.is_some() || denied.echoed == 0, "{denied:?}");
     setup.agents[0].wait_for_log("connection closed", 2, Duration::from_secs(5));
     setup.agents[1].wait_for_log("connection denied", 1, Duration::from_secs(5));
-    std::thread::sleep(Duration::from_millis(200));
+    // Each agent writes a connection's log line after counting it: the counters are final.
+    setup.agents[1].wait_for_log("connection closed", 2, Duration::from_secs(5));
 
     let mesh = [
         ("source_workload", "client"),

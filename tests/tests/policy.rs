@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use meshlet_tests::{ConnectReport, mesh::FileMesh};
+use meshlet_tests::{ConnectReport, mesh::FileMesh, process::Outcome};
 use serde_json::{Value, json};
 
 /// client (node-0) and server (node-1) in the mesh, bystander (node-0) outside it.
@@ -23,8 +23,11 @@ fn authorization(name: &str, spec: Value) -> Value {
     json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy", "metadata": {"name": name, "namespace": "demo"}, "spec": spec})
 }
 
-fn refused(report: &ConnectReport) -> bool {
-    report.error.is_some() || report.echoed == 0
+/// A refused connection: the application sees it reset (the destination answered the
+/// CONNECT with 401 and the client's agent reset the application's connection, or the
+/// destination's agent reset a plaintext one).
+fn assert_refused(report: &ConnectReport) {
+    report.assert_failed(Outcome::Reset);
 }
 
 #[test]
@@ -39,10 +42,7 @@ fn deny_and_allow_policies_decide_at_the_destination() {
                "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/demo/sa/client"]}}]}]}),
     );
     setup.write(&[deny_client]);
-    assert!(
-        refused(&client_to_server(&setup)),
-        "a denied client got through"
-    );
+    assert_refused(&client_to_server(&setup));
     setup.agents[1].wait_for_log("denied by demo/deny-client", 1, Duration::from_secs(5));
     assert!(setup.agents[1].log().contains("response_flags=\"DENY\""));
     setup.agents[0].wait_for_log("401 Unauthorized", 1, Duration::from_secs(5));
@@ -59,10 +59,8 @@ fn deny_and_allow_policies_decide_at_the_destination() {
         "allow-other",
         "cluster.local/ns/demo/sa/someone-else",
     )]);
-    assert!(
-        refused(&client_to_server(&setup)),
-        "an ALLOW for another principal let the client in"
-    );
+    // An ALLOW for another principal: the client is denied.
+    assert_refused(&client_to_server(&setup));
     setup.write(&[allow("allow-client", "cluster.local/ns/demo/sa/client")]);
     client_to_server(&setup).assert_echoed(1000);
     // HTTP-only fields make an ALLOW rule match nothing (fail safe), and are reported.
@@ -71,7 +69,7 @@ fn deny_and_allow_policies_decide_at_the_destination() {
         json!({"rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]}),
     );
     setup.write(&[http_only]);
-    assert!(refused(&client_to_server(&setup)));
+    assert_refused(&client_to_server(&setup));
     setup.agents[1].wait_for_log(
         "rules[0].to[0].operation.methods",
         1,
@@ -97,7 +95,7 @@ fn strict_peer_authentication_refuses_plaintext_and_permissive_lets_it_in() {
                "metadata": {"name": "default", "namespace": "demo"}, "spec": {"mtls": {"mode": mode}}})
     };
     setup.write(&[peer_authentication("STRICT")]);
-    assert!(refused(&bystander()), "plaintext got through STRICT");
+    assert_refused(&bystander());
     setup.agents[1].wait_for_log("PeerAuthentication STRICT", 1, Duration::from_secs(5));
     // Mesh clients are mTLS: unaffected.
     client_to_server(&setup).assert_echoed(1000);
@@ -119,7 +117,13 @@ fn a_policy_change_cuts_a_live_connection_it_now_denies() {
                 .pod("client")
                 .connect_with(to, 1000, &["--delay-ms", "3000"])
         });
-        setup.agents[1].wait_for_log("connection admitted", 1, Duration::from_secs(5));
+        // Admitted: the destination counted it opened.
+        setup.cluster.wait_metric(
+            1,
+            "istio_tcp_connections_opened_total",
+            &[("reporter", "destination"), ("response_flags", "-")],
+            1.0,
+        );
         setup.write(&[authorization(
             "deny-all",
             json!({"action": "DENY", "rules": [{}]}),
@@ -129,9 +133,11 @@ fn a_policy_change_cuts_a_live_connection_it_now_denies() {
             1,
             Duration::from_secs(5),
         );
+        // The live connection is cut: the destination drops both its sockets, and the
+        // application, mid-exchange, sees its connection end before the echo came back.
         let report = open.join().unwrap();
         assert!(
-            refused(&report),
+            matches!(report.outcome, Some(Outcome::Closed | Outcome::Reset)) && report.echoed == 0,
             "the live connection survived a policy that denies it: {report:?}"
         );
     });

@@ -6,6 +6,12 @@
 //! `SO_ORIGINAL_DST`, `getpeername4/6` show it to the application. Each enrolled namespace gets
 //! an `sk_lookup` program that hands inbound connections to its 15006 listener.
 //!
+//! Kubelet's health probes must reach the application, not the proxy (a STRICT pod would refuse
+//! them as plaintext). They are recognised precisely: `probe_ops`, a `sock_ops` program attached
+//! to kubelet's cgroup only ([`Config::kubelet_cgroup`], found by [`kubelet`]), records each
+//! connection kubelet opens by 4-tuple until it closes, and `sk_lookup` lets exactly those
+//! through. Nothing is exempt for coming from a node address.
+//!
 //! Everything is pinned (see [`pins`]): an agent that stops leaves capture in place, and
 //! [`Capture::install`] reconciles on start: links already pinned are adopted (no second
 //! attachment), stale ones unpinned, missing ones attached. [`uninstall`] removes it all.
@@ -15,12 +21,13 @@
 //! namespace only once the agent marked it ready ([`Capture::set_ready`]) and lets inbound
 //! traffic through to the application when no listener is registered.
 
+pub mod kubelet;
 pub mod mounts;
 pub mod pins;
 
 use std::{
     fs, io,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     os::{
         fd::{AsFd, AsRawFd},
         unix::fs::MetadataExt as _,
@@ -37,7 +44,7 @@ use aya::{
     },
 };
 use ipnet::IpNet;
-use meshlet_common::{Direction, Enrollment, Ip, SETTING_FAIL_OPEN, maps, programs};
+use meshlet_common::{Direction, Enrollment, Ip, ProbeKey, SETTING_FAIL_OPEN, maps, programs};
 pub use pins::{Uninstalled, uninstall};
 use tracing::{debug, info};
 
@@ -52,6 +59,15 @@ const CGROUP_PROGRAMS: &[&str] = &[
     programs::SOCK_OPS,
     programs::GETSOCKOPT,
 ];
+
+/// The program attached to kubelet's cgroup.
+const KUBELET_PROGRAMS: &[&str] = &[programs::PROBE_OPS];
+
+/// Maps earlier versions pinned that this one no longer has, emptied and unpinned on install.
+/// `NODE_ADDRS` (`HashMap<Ip, u8>`) held the node's addresses, whose connections `sk_lookup`
+/// used not to steer: emptying it stops programs of an older agent that are still attached from
+/// exempting anyone.
+const RETIRED_MAPS: &[&str] = &["NODE_ADDRS"];
 
 /// The oldest kernel capture works on, and the feature that sets it.
 pub const MIN_KERNEL: (u32, u32) = (5, 15);
@@ -92,10 +108,10 @@ pub enum Error {
          --cgroup-root"
     )]
     NoCgroup2,
-    /// The configured cgroup root is not a directory of a cgroup2 filesystem.
-    #[error("cgroup root {path} is not on a cgroup2 filesystem (it is on {fs_type})")]
+    /// A configured cgroup (the root, or kubelet's) is not a directory of a cgroup2 filesystem.
+    #[error("cgroup {path} is not on a cgroup2 filesystem (it is on {fs_type})")]
     NotCgroup2 {
-        /// The configured root.
+        /// The configured cgroup.
         path: PathBuf,
         /// The filesystem it is really on.
         fs_type: String,
@@ -167,6 +183,19 @@ pub enum Error {
         path: PathBuf,
         /// The underlying error.
         source: aya::pin::PinError,
+    },
+    /// The kubelet cgroup would exempt every process of the cgroup root, or of the machine.
+    #[error(
+        "kubelet cgroup {} is the cgroup root or one of its ancestors ({}): every process there \
+         would be exempt from inbound capture; pass kubelet's own cgroup (such as \
+         <cgroup2 mount>/system.slice/kubelet.service) to --kubelet-cgroup",
+        path.display(), cgroup_root.display()
+    )]
+    KubeletCgroupTooBroad {
+        /// The configured kubelet cgroup.
+        path: PathBuf,
+        /// The cgroup root capture attaches to.
+        cgroup_root: PathBuf,
     },
     /// A map could not be opened or read.
     #[error("map {name}: {source}")]
@@ -244,6 +273,10 @@ pub struct Config {
     pub excluded_cidrs: Vec<IpNet>,
     /// Ports never redirected, outbound (destination port) or inbound (local port).
     pub excluded_ports: Vec<u16>,
+    /// Kubelet's cgroup: connections its processes open to pods (health probes) reach the
+    /// application unsteered. `None`: no exemption, probes go through capture and policy like
+    /// any other client's connection. It must not be the cgroup root or an ancestor of it.
+    pub kubelet_cgroup: Option<PathBuf>,
 }
 
 impl Config {
@@ -289,6 +322,7 @@ impl Config {
             fail_mode: FailMode::default(),
             excluded_cidrs: Vec::new(),
             excluded_ports: Vec::new(),
+            kubelet_cgroup: None,
         })
     }
 }
@@ -326,6 +360,9 @@ pub struct Redirects {
     pub outbound: u64,
     /// Connections to enrolled pods handed to their 15006 listener.
     pub inbound: u64,
+    /// Connections to enrolled pods let through to the application unsteered because kubelet
+    /// opened them (its probes).
+    pub probes: u64,
 }
 
 /// The map key of an address: v4-mapped for IPv4, network-order bytes as native words.
@@ -360,8 +397,9 @@ pub struct Capture {
     programs: Vec<AttachedProgram>,
     enrolled: HashMap<MapData, u64, Enrollment>,
     listeners: SockHash<MapData, Ip>,
-    node_addrs: HashMap<MapData, Ip, u8>,
+    kubelet_probes: HashMap<MapData, ProbeKey, u8>,
     redirects: PerCpuArray<MapData, u64>,
+    probes_passed: PerCpuArray<MapData, u64>,
     // Owns the loaded programs (sk_lookup is attached from it on enroll).
     ebpf: Ebpf,
 }
@@ -392,7 +430,8 @@ fn map_err(name: &'static str) -> impl FnOnce(MapError) -> Error {
 impl Capture {
     /// Loads the programs and maps (maps reuse their pins), applies the settings and
     /// exclusions, and attaches each cgroup program unless an earlier agent's pinned link
-    /// already does. Stale pins are removed.
+    /// already does: those of the cgroup root, and `probe_ops` to kubelet's cgroup when one is
+    /// configured. Stale pins are removed.
     pub fn install(config: Config) -> Result<Self, Error> {
         check_kernel()?;
         let cgroup = fs::File::open(&config.cgroup_root)
@@ -401,8 +440,13 @@ impl Capture {
             .metadata()
             .map_err(Error::io("stat cgroup", &config.cgroup_root))?
             .ino();
+        let kubelet = match &config.kubelet_cgroup {
+            Some(path) => Some(open_kubelet_cgroup(path, &config.cgroup_root, cgroup_id)?),
+            None => None,
+        };
         let layout = pins::Layout::new(&config.bpffs_dir);
         layout.create(cgroup_id)?;
+        retire_maps(&layout)?;
 
         let mut loader = EbpfLoader::new();
         let pin_paths: Vec<_> = maps::ALL
@@ -415,9 +459,9 @@ impl Capture {
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(Error::Load)?;
 
         let enrolled: HashMap<_, u64, Enrollment> = take_map(&mut ebpf, maps::ENROLLED)?;
-        layout.remove_stale(cgroup_id, CGROUP_PROGRAMS, |cookie| {
-            enrolled.get(&cookie, 0).is_ok()
-        })?;
+        let mut wanted = vec![(cgroup_id, CGROUP_PROGRAMS)];
+        wanted.extend(kubelet.as_ref().map(|(_, id)| (*id, KUBELET_PROGRAMS)));
+        layout.remove_stale(&wanted, |cookie| enrolled.get(&cookie, 0).is_ok())?;
 
         let mut settings: Array<_, u32> = take_map(&mut ebpf, maps::SETTINGS)?;
         settings
@@ -448,10 +492,17 @@ impl Capture {
                 .map_err(map_err(maps::EXCLUDED_CIDRS))?;
         }
 
-        let links_dir = layout.cgroup_links(cgroup_id);
+        let mut targets: Vec<(&'static str, &fs::File, u64)> = CGROUP_PROGRAMS
+            .iter()
+            .map(|&name| (name, &cgroup, cgroup_id))
+            .collect();
+        if let Some((file, id)) = &kubelet {
+            layout.create_cgroup_links(*id)?;
+            targets.extend(KUBELET_PROGRAMS.iter().map(|&name| (name, file, *id)));
+        }
         let mut attached = Vec::new();
-        for &name in CGROUP_PROGRAMS {
-            let pin = links_dir.join(name);
+        for (name, cgroup, cgroup_id) in targets {
+            let pin = layout.cgroup_links(cgroup_id).join(name);
             let (link, attachment) = if pin.exists() {
                 let link = PinnedLink::from_pin(&pin).map_err(|source| Error::Link {
                     path: pin.clone(),
@@ -460,7 +511,7 @@ impl Capture {
                 (FdLink::from(link), Attachment::Adopted)
             } else {
                 (
-                    attach_to_cgroup(&mut ebpf, name, &cgroup, &pin)?,
+                    attach_to_cgroup(&mut ebpf, name, cgroup, &pin)?,
                     Attachment::Attached,
                 )
             };
@@ -494,6 +545,12 @@ impl Capture {
             fail_mode = ?config.fail_mode,
             "capture installed"
         );
+        if let Some(path) = &config.kubelet_cgroup {
+            info!(
+                kubelet_cgroup = %path.display(),
+                "kubelet's probes reach pods unsteered (connections opened from its cgroup)"
+            );
+        }
 
         let sk_lookup: &mut SkLookup = program(&mut ebpf, programs::SK_LOOKUP)?;
         sk_lookup
@@ -502,8 +559,9 @@ impl Capture {
 
         Ok(Self {
             listeners: take_map(&mut ebpf, maps::INBOUND_LISTENERS)?,
-            node_addrs: take_map(&mut ebpf, maps::NODE_ADDRS)?,
+            kubelet_probes: take_map(&mut ebpf, maps::KUBELET_PROBES)?,
             redirects: take_map(&mut ebpf, maps::REDIRECTS)?,
+            probes_passed: take_map(&mut ebpf, maps::PROBES_PASSED)?,
             enrolled,
             config,
             layout,
@@ -517,7 +575,8 @@ impl Capture {
         &self.config
     }
 
-    /// The programs attached to the cgroup root.
+    /// The programs attached to cgroups: the cgroup root's, then kubelet's `probe_ops` when a
+    /// kubelet cgroup is configured.
     pub fn programs(&self) -> &[AttachedProgram] {
         &self.programs
     }
@@ -625,19 +684,28 @@ impl Capture {
         read_enrolled(&self.enrolled)
     }
 
-    /// Replaces the node's own addresses: inbound connections from them (kubelet probes) are
-    /// never steered.
-    pub fn set_node_addresses(&mut self, ips: &[IpAddr]) -> Result<(), Error> {
-        replace_all(
-            &mut self.node_addrs,
-            ips.iter().map(|&ip| (ip_key(ip), 1)),
-            maps::NODE_ADDRS,
-        )
+    /// Connections kubelet has open (recorded when it connected, forgotten when they close):
+    /// (kubelet's end, the other end).
+    pub fn kubelet_probes(&self) -> Result<Vec<(SocketAddr, SocketAddr)>, Error> {
+        let keys: Vec<ProbeKey> = self
+            .kubelet_probes
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(maps::KUBELET_PROBES))?;
+        Ok(keys
+            .iter()
+            .map(|key| {
+                (
+                    SocketAddr::new(ip_of_key(&key.src_ip), key.src_port),
+                    SocketAddr::new(ip_of_key(&key.dst_ip), key.dst_port),
+                )
+            })
+            .collect())
     }
 
-    /// Connections redirected so far, by direction.
+    /// Connections redirected so far, by direction, and kubelet's let through.
     pub fn redirects(&self) -> Result<Redirects, Error> {
-        read_redirects(&self.redirects)
+        read_redirects(&self.redirects, &self.probes_passed)
     }
 }
 
@@ -646,6 +714,7 @@ impl Capture {
 pub struct Pinned {
     enrolled: HashMap<MapData, u64, Enrollment>,
     redirects: PerCpuArray<MapData, u64>,
+    probes_passed: PerCpuArray<MapData, u64>,
 }
 
 impl std::fmt::Debug for Pinned {
@@ -669,6 +738,9 @@ impl Pinned {
             redirects: open(maps::REDIRECTS)?
                 .try_into()
                 .map_err(map_err(maps::REDIRECTS))?,
+            probes_passed: open(maps::PROBES_PASSED)?
+                .try_into()
+                .map_err(map_err(maps::PROBES_PASSED))?,
         })
     }
 
@@ -677,9 +749,9 @@ impl Pinned {
         read_enrolled(&self.enrolled)
     }
 
-    /// Connections redirected so far, by direction.
+    /// Connections redirected so far, by direction, and kubelet's let through.
     pub fn redirects(&self) -> Result<Redirects, Error> {
-        read_redirects(&self.redirects)
+        read_redirects(&self.redirects, &self.probes_passed)
     }
 }
 
@@ -689,17 +761,80 @@ fn read_enrolled(map: &HashMap<MapData, u64, Enrollment>) -> Result<Vec<(u64, En
         .map_err(map_err(maps::ENROLLED))
 }
 
-fn read_redirects(map: &PerCpuArray<MapData, u64>) -> Result<Redirects, Error> {
-    let read = |direction: Direction| -> Result<u64, Error> {
-        let values = map
-            .get(&(direction as u32), 0)
-            .map_err(map_err(maps::REDIRECTS))?;
+fn read_redirects(
+    redirects: &PerCpuArray<MapData, u64>,
+    probes_passed: &PerCpuArray<MapData, u64>,
+) -> Result<Redirects, Error> {
+    let read = |map: &PerCpuArray<MapData, u64>, index: u32, name| -> Result<u64, Error> {
+        let values = map.get(&index, 0).map_err(map_err(name))?;
         Ok(values.iter().sum())
     };
     Ok(Redirects {
-        outbound: read(Direction::Outbound)?,
-        inbound: read(Direction::Inbound)?,
+        outbound: read(redirects, Direction::Outbound as u32, maps::REDIRECTS)?,
+        inbound: read(redirects, Direction::Inbound as u32, maps::REDIRECTS)?,
+        probes: read(probes_passed, 0, maps::PROBES_PASSED)?,
     })
+}
+
+/// Opens kubelet's cgroup (returning it and its inode), refusing one that would exempt every
+/// process of the cgroup root: the root itself, an ancestor of it, or the top of a cgroup2
+/// hierarchy.
+fn open_kubelet_cgroup(
+    path: &Path,
+    cgroup_root: &Path,
+    cgroup_root_id: u64,
+) -> Result<(fs::File, u64), Error> {
+    let file = fs::File::open(path).map_err(Error::io("open kubelet cgroup", path))?;
+    let id = file
+        .metadata()
+        .map_err(Error::io("stat kubelet cgroup", path))?
+        .ino();
+    let canonical = |p: &Path| fs::canonicalize(p).map_err(Error::io("resolve", p));
+    let (kubelet, root) = (canonical(path)?, canonical(cgroup_root)?);
+    let mounts = mounts::mounts().map_err(Error::io("read", Path::new("/proc/self/mountinfo")))?;
+    match mounts::fs_type_of(&mounts, &kubelet) {
+        Some("cgroup2") => {}
+        other => {
+            return Err(Error::NotCgroup2 {
+                path: path.to_owned(),
+                fs_type: other.unwrap_or("no known filesystem").to_owned(),
+            });
+        }
+    }
+    let is_mount = mounts.iter().any(|m| {
+        m.fs_type == "cgroup2" && fs::canonicalize(&m.mount_point).is_ok_and(|p| p == kubelet)
+    });
+    // The top cgroup of a cgroup2 hierarchy has inode 1.
+    if id == cgroup_root_id || id == 1 || is_mount || root.starts_with(&kubelet) {
+        return Err(Error::KubeletCgroupTooBroad {
+            path: path.to_owned(),
+            cgroup_root: cgroup_root.to_owned(),
+        });
+    }
+    Ok((file, id))
+}
+
+/// Empties and unpins the maps of [`RETIRED_MAPS`] if an older agent left them.
+fn retire_maps(layout: &pins::Layout) -> Result<(), Error> {
+    for &name in RETIRED_MAPS {
+        let pin = layout.map(name);
+        if !pin.exists() {
+            continue;
+        }
+        let map = MapData::from_pin(&pin)
+            .ok()
+            .and_then(|data| aya::maps::Map::from_map_data(data).ok())
+            .and_then(|map| HashMap::<_, Ip, u8>::try_from(map).ok());
+        if let Some(mut map) = map {
+            let keys: Vec<Ip> = map.keys().flatten().collect();
+            for key in keys {
+                let _ = map.remove(&key);
+            }
+        }
+        info!(pin = %pin.display(), "unpinning a map this build no longer uses");
+        fs::remove_file(&pin).map_err(Error::io("unpin", &pin))?;
+    }
+    Ok(())
 }
 
 /// Loads `name`, attaches it to `cgroup` with a bpf link (Linux >= 5.7) and pins the link.

@@ -2,7 +2,9 @@
 //!
 //! ```text
 //! <bpffs-dir>/maps/<MAP>                               maps, reused by every agent generation
-//! <bpffs-dir>/links/cgroup-<cgroup inode>/<program>    cgroup programs, one link each
+//! <bpffs-dir>/links/cgroup-<cgroup inode>/<program>    cgroup programs, one link each: the
+//!                                                      cgroup root's, and kubelet's cgroup's
+//!                                                      meshlet_probe_ops
 //! <bpffs-dir>/links/netns-<netns cookie>/<program>     sk_lookup, one link per enrolled netns
 //! ```
 //!
@@ -53,28 +55,36 @@ impl Layout {
 
     /// Creates the directories that pins go into.
     pub fn create(&self, cgroup_id: u64) -> Result<(), Error> {
-        for dir in [self.root.join("maps"), self.cgroup_links(cgroup_id)] {
-            fs::create_dir_all(&dir).map_err(Error::io("create pin directory", &dir))?;
-        }
-        Ok(())
+        let maps = self.root.join("maps");
+        fs::create_dir_all(&maps).map_err(Error::io("create pin directory", &maps))?;
+        self.create_cgroup_links(cgroup_id)
     }
 
-    /// Unpins links for other cgroup roots, links of cgroup programs not in `programs`, and
-    /// per-netns links of namespaces for which `enrolled` says no.
+    /// Creates the directory of the links of the cgroup with inode `cgroup_id`.
+    pub fn create_cgroup_links(&self, cgroup_id: u64) -> Result<(), Error> {
+        let dir = self.cgroup_links(cgroup_id);
+        fs::create_dir_all(&dir).map_err(Error::io("create pin directory", &dir))
+    }
+
+    /// Unpins links of cgroups not in `wanted` (cgroup inode, the programs it gets), links of
+    /// programs a wanted cgroup does not get, and per-netns links of namespaces for which
+    /// `enrolled` says no.
     pub fn remove_stale(
         &self,
-        cgroup_id: u64,
-        programs: &[&str],
+        wanted: &[(u64, &[&str])],
         enrolled: impl Fn(u64) -> bool,
     ) -> Result<(), Error> {
-        let current = self.cgroup_links(cgroup_id);
         for entry in read_dir(&self.links())? {
             let name = entry
                 .file_name()
                 .and_then(|n| n.to_str())
                 .unwrap_or_default()
                 .to_owned();
-            let stale = if entry == current {
+            let current = wanted
+                .iter()
+                .find(|(id, _)| self.cgroup_links(*id) == entry)
+                .map(|(_, programs)| *programs);
+            let stale = if let Some(programs) = current {
                 for link in read_dir(&entry)? {
                     let known = link
                         .file_name()

@@ -1,7 +1,7 @@
 //! The `meshlet` command line: `agent` runs the node agent, the other commands operate on or
 //! inspect a node. Every agent flag has a `MESHLET_*` environment twin for the DaemonSet.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
@@ -75,6 +75,12 @@ pub struct AgentArgs {
         value_delimiter = ','
     )]
     pub exclude_ports: Vec<u16>,
+    /// Kubelet's cgroup v2 directory: connections its processes open to pods (health probes)
+    /// reach the application without capture [default: the cgroup of the root process named
+    /// `kubelet` in the host's mount namespace, found through /proc; none found: probes are
+    /// captured like any other client's connection].
+    #[arg(long, env = "MESHLET_KUBELET_CGROUP")]
+    pub kubelet_cgroup: Option<PathBuf>,
     /// SPIFFE trust domain of the mesh.
     #[arg(long, env = "MESHLET_TRUST_DOMAIN", default_value = crate::identity::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
@@ -99,6 +105,50 @@ pub struct AgentArgs {
     /// Log line format.
     #[arg(long, env = "MESHLET_LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: LogFormat,
+    /// How long a connect to an upstream (application, passthrough destination, peer's 15008)
+    /// may take, e.g. `10s`, `500ms`.
+    #[arg(long, env = "MESHLET_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+    /// Idle time before TCP keepalive probes start on proxied sockets (`0s` disables).
+    #[arg(long, env = "MESHLET_TCP_KEEPALIVE", default_value = "180s", value_parser = parse_duration)]
+    pub tcp_keepalive: Duration,
+    /// Concurrent connections carried for one pod (its listeners plus HBONE streams to it);
+    /// more are reset and counted.
+    #[arg(long, env = "MESHLET_MAX_CONNECTIONS_PER_POD", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections_per_pod: u32,
+    /// Concurrent TLS handshakes per HBONE (15008) listener; more wait.
+    #[arg(long, env = "MESHLET_MAX_TLS_HANDSHAKES", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_tls_handshakes: u32,
+    /// Concurrent CONNECT streams per HBONE peer connection.
+    #[arg(long, env = "MESHLET_HBONE_MAX_STREAMS", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub hbone_max_streams: u32,
+    /// Largest HTTP/2 header list an HBONE request may carry, in bytes.
+    #[arg(long, env = "MESHLET_HBONE_MAX_HEADER_LIST_SIZE", default_value_t = 16 * 1024, value_parser = clap::value_parser!(u32).range(1024..))]
+    pub hbone_max_header_list_size: u32,
+    /// Streams an HBONE peer may open and reset before the server accepts them; past it the
+    /// connection is closed (HTTP/2 rapid-reset guard).
+    #[arg(long, env = "MESHLET_HBONE_MAX_PENDING_RESETS", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    pub hbone_max_pending_resets: u32,
+}
+
+/// Parses a duration written as a number with a unit: `500ms`, `10s`, `5m`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{text:?} has no unit (write 10s, 500ms or 5m)"))?;
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} does not start with a number"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(number)),
+        "s" => Ok(Duration::from_secs(number)),
+        "m" => Ok(Duration::from_secs(number.saturating_mul(60))),
+        other => Err(format!(
+            "unknown unit {other:?} in {text:?} (use ms, s or m)"
+        )),
+    }
 }
 
 /// Flags of the inspection commands.
@@ -146,6 +196,16 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
     capture.fail_mode = args.fail_mode;
     capture.excluded_cidrs = args.exclude_cidrs;
     capture.excluded_ports = args.exclude_ports;
+    capture.kubelet_cgroup = args.kubelet_cgroup.or_else(|| {
+        capture::kubelet::detect(&capture.cgroup_root)
+            .inspect_err(|err| {
+                tracing::warn!(
+                    "kubelet's cgroup not found: {err}; kubelet's probes go through capture and \
+                     policy like any other client's connections (a STRICT pod refuses them)"
+                );
+            })
+            .ok()
+    });
     let identity = agent::IdentityConfig {
         trust_domain: args.trust_domain,
         ca: args.ca_cert.zip(args.ca_key),
@@ -156,12 +216,32 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
         readiness: args.readiness_addr,
         admin: args.admin_addr,
     };
+    let mut reserved_ports = crate::proxy::Limits::default().reserved_ports;
+    reserved_ports.extend(
+        [&endpoints.metrics, &endpoints.readiness, &endpoints.admin]
+            .iter()
+            .map(|addr| addr.port())
+            .filter(|&port| port != 0),
+    );
+    let limits = crate::proxy::Limits {
+        connect_timeout: args.connect_timeout,
+        tcp_keepalive: args.tcp_keepalive,
+        max_connections_per_pod: args.max_connections_per_pod as usize,
+        max_tls_handshakes: args.max_tls_handshakes as usize,
+        hbone: crate::proxy::hbone::Limits {
+            max_streams: args.hbone_max_streams,
+            max_header_list_size: args.hbone_max_header_list_size,
+            max_pending_accept_reset_streams: args.hbone_max_pending_resets as usize,
+        },
+        reserved_ports,
+    };
     let config = agent::Config {
         endpoints,
         identity,
         node_name: args.node_name,
         source: args.source,
         capture,
+        limits,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -194,4 +274,30 @@ fn uninstall(args: UninstallArgs) -> anyhow::Result<()> {
         removed.maps
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units_and_bad_ones_say_why() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+        for bad in ["10", "s", "", "10h", "-1s", "1.5s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
+        }
+        let err = Cli::try_parse_from([
+            "meshlet",
+            "agent",
+            "--node-name",
+            "n",
+            "--max-connections-per-pod",
+            "0",
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("max-connections-per-pod"), "{err}");
+    }
 }

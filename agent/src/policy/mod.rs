@@ -54,10 +54,13 @@
 //! times, takes the first by name. An invalid PeerAuthentication counts as STRICT for what it
 //! selects (fail closed).
 
+mod cache;
 mod compile;
 mod evaluate;
 mod index;
 pub mod spec;
+
+pub use cache::Cache;
 #[cfg(test)]
 mod tests;
 

@@ -1,12 +1,16 @@
 //! HBONE, wire-compatible with Istio's ztunnel: one HTTP/2 `CONNECT` stream per TCP
 //! connection, over mutual TLS 1.3 (ALPN `h2`, SPIFFE identities) to the destination pod's
 //! port 15008. `:authority` is the original destination `ip:port`; `Forwarded:
-//! for="<src-ip>:<src-port>"` names the client. Responses: 200 ok, 400 bad request, 401
-//! denied, 503 upstream failure.
+//! for="<src-ip>:<src-port>"` names the client — for the log only: the server never trusts
+//! it, policy sees the tunnel's TCP peer, which is the source pod's own address because the
+//! client dials from the source pod's namespace. Responses: 200 ok, 400 bad request, 401
+//! denied, 503 upstream failure or limit.
 //!
-//! [`Pool`] is the client: connections pooled per (source identity, destination identity,
-//! destination IP), at most [`MAX_STREAMS`] streams each, closed after [`IDLE_TIMEOUT`] idle,
-//! with HTTP/2 keepalive pings. [`serve`] is the server side of one in-pod 15008 listener.
+//! [`Pool`] is the client: connections pooled per (source pod, destination identity,
+//! destination IP) — never shared between two pods, even of one service account — at most
+//! [`MAX_STREAMS`] streams each, closed after [`IDLE_TIMEOUT`] idle, with HTTP/2 keepalive
+//! pings. [`serve_connection`] is the server side of one accepted 15008 connection, and
+//! [`parse_connect`] the validation of one request (pure, fuzzed).
 
 use std::{
     collections::HashMap,
@@ -27,13 +31,10 @@ use hyper::{client::conn::http2::SendRequest, upgrade::Upgraded};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use meshlet_common::INBOUND_HBONE_PORT;
 use rustls::pki_types::ServerName;
-use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, warn};
+use tokio::net::TcpStream;
+use tracing::debug;
 
-use crate::{
-    identity::{self, Identity},
-    sys::Netns,
-};
+use crate::identity::{self, Identity};
 
 /// Streams per pooled connection before another connection is opened.
 pub const MAX_STREAMS: usize = 100;
@@ -97,9 +98,34 @@ pub enum Error {
     Identity(#[from] identity::Error),
 }
 
+/// HTTP/2 limits of one HBONE peer connection (server side), each a flag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Limits {
+    /// Concurrent CONNECT streams per connection (`SETTINGS_MAX_CONCURRENT_STREAMS`).
+    pub max_streams: u32,
+    /// Largest header list a request may carry (`SETTINGS_MAX_HEADER_LIST_SIZE`).
+    pub max_header_list_size: u32,
+    /// Streams a peer may open and reset before the server accepted them (the "rapid reset"
+    /// guard); past it the connection is closed with `ENHANCE_YOUR_CALM`.
+    pub max_pending_accept_reset_streams: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_streams: MAX_STREAMS as u32,
+            max_header_list_size: 16 * 1024,
+            max_pending_accept_reset_streams: 20,
+        }
+    }
+}
+
 /// Identifies a pool of connections.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {
+    /// The client pod's UID: the connection is dialled from its namespace, so the server sees
+    /// its address; no other pod's stream rides it.
+    pub source_pod: String,
     /// The client workload's identity (its certificate).
     pub source: Identity,
     /// The identity the server must present.
@@ -183,7 +209,7 @@ impl Pool {
         let request = Request::builder()
             .method(Method::CONNECT)
             .uri(authority.to_string())
-            .header("forwarded", format!("for=\"{forwarded_for}\""))
+            .header(http::header::FORWARDED, format!("for=\"{forwarded_for}\""))
             .body(Empty::new())
             .expect("a CONNECT request from valid parts");
         let response = sender
@@ -232,6 +258,13 @@ impl Pool {
         }
         connections.retain(|_, pooled| !pooled.is_empty());
         connections.values().map(Vec::len).sum()
+    }
+
+    /// Forgets (and so closes, once their streams end) the connections dialled for the pod
+    /// `uid`: its namespace is going away.
+    pub fn remove_source(&self, uid: &str) {
+        let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        connections.retain(|key, _| key.source_pod != uid);
     }
 
     /// Reaps every 10 s until the task is dropped.
@@ -289,18 +322,17 @@ pub enum Admission {
 }
 
 /// An admitted CONNECT's application stream, the registration that closes it if a policy
-/// change comes to deny it, and its metrics.
+/// change comes to deny it, its record and its slot in the pod's connection budget.
 #[derive(Debug)]
 pub struct Upstream {
     /// The application's stream.
     pub stream: TcpStream,
     /// Closes the connection when a re-check denies it.
     pub live: super::connections::Live,
-    /// Where to count it, and as what.
-    pub metrics: (
-        Arc<crate::metrics::Metrics>,
-        crate::metrics::ConnectionLabels,
-    ),
+    /// Its metrics and access log line.
+    pub record: super::record::Record,
+    /// Its slot in the destination pod's connection budget.
+    pub permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// A CONNECT the server received.
@@ -308,81 +340,184 @@ pub struct Upstream {
 pub struct Connect {
     /// The client's verified identity.
     pub peer_identity: Identity,
-    /// The TCP peer (the client pod, or its node).
+    /// The TCP peer: the client pod's own address (the tunnel is dialled from its namespace).
     pub peer: SocketAddr,
     /// `:authority`, parsed.
     pub authority: SocketAddr,
-    /// The `Forwarded: for=` address, if given and well formed.
-    pub forwarded_for: Option<SocketAddr>,
+    /// The raw `Forwarded` header, if any: logged, never trusted.
+    pub forwarded: Option<String>,
 }
 
-/// Serves one in-pod 15008 listener: TLS with `tls` (the pod's certificate, client
-/// certificates required), HTTP/2 with at most [`MAX_STREAMS`] concurrent streams, and for each
-/// well-formed CONNECT, `admit` decides and opens the upstream. Runs until the task is dropped;
-/// streams already admitted carry on.
-pub async fn serve<A, Fut>(listener: TcpListener, tls: Arc<rustls::ServerConfig>, admit: A)
+/// Why a request on 15008 is answered 400 before admission.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadRequest {
+    /// Only `CONNECT` is served.
+    #[error("method {0} is not CONNECT")]
+    Method(String),
+    /// `:authority` must be `ip:port`.
+    #[error("authority {0:?} is not an ip:port")]
+    Authority(String),
+    /// Port 0 is no destination.
+    #[error("authority port 0")]
+    PortZero,
+    /// A header that cannot be read as text (it is not logged, so not kept).
+    #[error("header {0} is not visible ASCII")]
+    Header(String),
+}
+
+/// The validated parts of a CONNECT request: the authority and the raw `Forwarded` header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectRequest {
+    /// `:authority`, parsed.
+    pub authority: SocketAddr,
+    /// `Forwarded`, as sent (at most the first 256 characters): for the log only.
+    pub forwarded: Option<String>,
+}
+
+/// Validates a request to 15008: a `CONNECT` whose `:authority` is an `ip:port` (port not 0).
+/// Whether that address is served here, and whether the client may reach it, is the
+/// admission's call. Pure: everything a peer sends passes here first (and the fuzzer does).
+pub fn parse_connect<B>(request: &Request<B>) -> Result<ConnectRequest, BadRequest> {
+    if request.method() != Method::CONNECT {
+        return Err(BadRequest::Method(
+            request.method().as_str().chars().take(32).collect(),
+        ));
+    }
+    let uri = request.uri();
+    let authority = uri
+        .authority()
+        .filter(|_| uri.scheme().is_none() && uri.path_and_query().is_none())
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+        .ok_or_else(|| BadRequest::Authority(uri.to_string().chars().take(256).collect()))?;
+    if authority.port() == 0 {
+        return Err(BadRequest::PortZero);
+    }
+    let forwarded = match request.headers().get(http::header::FORWARDED) {
+        Some(value) => Some(
+            value
+                .to_str()
+                .map_err(|_| BadRequest::Header("forwarded".into()))?
+                .chars()
+                .take(256)
+                .collect(),
+        ),
+        None => None,
+    };
+    Ok(ConnectRequest {
+        authority,
+        forwarded,
+    })
+}
+
+/// What a 15008 listener shares between its connections.
+pub struct Server<A> {
+    /// TLS with the pod's certificate, client certificates required.
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    /// Bounds the TLS handshakes in progress on this listener.
+    pub handshakes: Arc<tokio::sync::Semaphore>,
+    /// HTTP/2 limits.
+    pub limits: Limits,
+    /// Decides each well-formed CONNECT and opens its upstream.
+    pub admit: A,
+    /// Counts the limits reached.
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl<A> std::fmt::Debug for Server<A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Serves one accepted 15008 connection: TLS (waiting for a handshake slot of the listener,
+/// all within [`HANDSHAKE_TIMEOUT`]), then HTTP/2 within [`Limits`]; for each well-formed
+/// CONNECT, `admit` decides and opens the upstream. Streams admitted carry on after the
+/// listener closes.
+pub async fn serve_connection<A, Fut>(server: Arc<Server<A>>, tcp: TcpStream, peer: SocketAddr)
 where
     A: Fn(Connect) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Admission> + Send + 'static,
 {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(err) => {
-                warn!(%err, "accept on 15008 failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
+    let handshake = async {
+        let _slot = match server.handshakes.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                server.metrics.limit_reached("tls_handshakes");
+                server
+                    .handshakes
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(io::Error::other)?
             }
         };
-        let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
+        server.acceptor.accept(tcp).await
+    };
+    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(err)) => {
+            debug!(%peer, %err, "HBONE TLS handshake refused");
+            return;
+        }
+        Err(_) => {
+            server.metrics.limit_reached("tls_handshake_timeout");
+            debug!(%peer, "HBONE TLS handshake timed out");
+            return;
+        }
+    };
+    let identity = match stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(identity::peer_identity)
+    {
+        Some(Ok(identity)) => identity,
+        other => {
+            debug!(%peer, ?other, "HBONE peer without a usable identity");
+            return;
+        }
+    };
+    let admit = server.admit.clone();
+    let service = hyper::service::service_fn(move |request| {
         let admit = admit.clone();
-        tokio::spawn(async move {
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(err)) => {
-                    debug!(%peer, %err, "HBONE TLS handshake refused");
-                    return;
-                }
-                Err(_) => {
-                    debug!(%peer, "HBONE TLS handshake timed out");
-                    return;
-                }
-            };
-            let identity = match stream
-                .get_ref()
-                .1
-                .peer_certificates()
-                .map(identity::peer_identity)
-            {
-                Some(Ok(identity)) => identity,
-                other => {
-                    debug!(%peer, ?other, "HBONE peer without a usable identity");
-                    return;
-                }
-            };
-            let service = hyper::service::service_fn(move |request| {
-                let admit = admit.clone();
-                let identity = identity.clone();
-                async move {
-                    Ok::<_, std::convert::Infallible>(handle(request, identity, peer, admit).await)
-                }
-            });
-            let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .initial_stream_window_size(STREAM_WINDOW)
-                .initial_connection_window_size(CONNECTION_WINDOW)
-                .max_frame_size(1 << 20)
-                .max_concurrent_streams(MAX_STREAMS as u32)
-                .keep_alive_interval(KEEPALIVE_INTERVAL)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-            if let Err(err) = served {
-                debug!(%peer, %err, "HBONE connection ended");
-            }
-        });
+        let identity = identity.clone();
+        async move { Ok::<_, std::convert::Infallible>(handle(request, identity, peer, admit).await) }
+    });
+    let limits = server.limits;
+    let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(1 << 20)
+        .max_concurrent_streams(limits.max_streams)
+        .max_header_list_size(limits.max_header_list_size)
+        .max_pending_accept_reset_streams(limits.max_pending_accept_reset_streams)
+        .keep_alive_interval(KEEPALIVE_INTERVAL)
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+    if let Err(err) = served {
+        // A peer that broke the protocol or a limit (a header list too large, too many
+        // resets, a malformed frame) is told with GOAWAY and counted.
+        if broke_protocol(&err) {
+            server.metrics.limit_reached("hbone_protocol");
+        }
+        debug!(%peer, %err, "HBONE connection ended");
     }
+}
+
+/// Whether an HTTP/2 connection ended because the peer broke the protocol or a limit (as
+/// opposed to going away).
+fn broke_protocol(err: &hyper::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
+    while let Some(cause) = source {
+        if let Some(h2) = cause.downcast_ref::<h2::Error>() {
+            return !h2.is_io() && h2.reason().is_some_and(|r| r != h2::Reason::NO_ERROR);
+        }
+        source = cause.source();
+    }
+    err.is_parse()
 }
 
 async fn handle<A, Fut>(
@@ -401,34 +536,21 @@ where
             .body(Empty::new())
             .expect("a response from valid parts")
     };
-    if request.method() != Method::CONNECT {
-        return reply(StatusCode::BAD_REQUEST);
-    }
-    let Some(authority) = request
-        .uri()
-        .authority()
-        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
-    else {
-        debug!(%peer, uri = %request.uri(), "CONNECT without an ip:port authority");
-        return reply(StatusCode::BAD_REQUEST);
+    let ConnectRequest {
+        authority,
+        forwarded,
+    } = match parse_connect(&request) {
+        Ok(parsed) => parsed,
+        Err(err) => {
+            debug!(%peer, %err, "bad HBONE request");
+            return reply(StatusCode::BAD_REQUEST);
+        }
     };
-    if authority.port() == INBOUND_HBONE_PORT || authority.port() == 0 {
-        return reply(StatusCode::BAD_REQUEST);
-    }
-    let forwarded_for = request
-        .headers()
-        .get("forwarded")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.split(';')
-                .find_map(|part| part.trim().strip_prefix("for="))
-        })
-        .and_then(|v| v.trim_matches('"').parse().ok());
     let connect = Connect {
         peer_identity,
         peer,
         authority,
-        forwarded_for,
+        forwarded,
     };
     match admit(connect).await {
         Admission::Reject(status, reason) => {
@@ -439,44 +561,33 @@ where
             let Upstream {
                 stream: mut upstream,
                 live,
-                metrics,
+                record,
+                permit,
             } = *admitted;
             tokio::spawn(async move {
+                let _permit = permit;
+                let mut record = record;
                 match hyper::upgrade::on(request).await {
                     Ok(upgraded) => {
-                        let counters = metrics.0.open(&metrics.1);
-                        let _closed = CloseOnDrop(metrics.0, metrics.1);
                         let mut tunnel =
-                            crate::metrics::Counted::new(TokioIo::new(upgraded), counters);
+                            crate::metrics::Counted::new(TokioIo::new(upgraded), record.counters());
                         let mut live = live;
                         tokio::select! {
-                            _ = super::copy(&mut tunnel, &mut upstream) => {}
-                            reason = live.closed() => debug!(%peer, %reason, "live connection closed by a policy change"),
+                            copied = super::copy(&mut tunnel, &mut upstream) => {
+                                if let Err(err) = copied {
+                                    record.copy_failed(&err);
+                                }
+                            }
+                            reason = live.closed() => record.ended(format!("closed by a policy change: {reason}")),
                         }
                     }
-                    Err(err) => debug!(%peer, %err, "CONNECT stream upgrade failed"),
+                    Err(err) => record.fail(
+                        super::record::Flags::Connect,
+                        format!("CONNECT stream upgrade failed: {err}"),
+                    ),
                 }
             });
             reply(StatusCode::OK)
         }
     }
-}
-
-/// Counts a connection closed when dropped (however its task ends).
-struct CloseOnDrop(
-    Arc<crate::metrics::Metrics>,
-    crate::metrics::ConnectionLabels,
-);
-
-impl Drop for CloseOnDrop {
-    fn drop(&mut self) {
-        self.0.close(&self.1);
-    }
-}
-
-/// Dials `peer` from a marked socket in `netns` (the source pod's namespace).
-pub async fn dial_in(netns: &Arc<Netns>, peer: SocketAddr) -> Result<TcpStream, Error> {
-    super::passthrough::connect_in(netns, peer)
-        .await
-        .map_err(|source| Error::Connect { peer, source })
 }

@@ -1,12 +1,22 @@
 //! Inbound HBONE: what a CONNECT on a pod's 15008 becomes.
+//!
+//! Admission, in order: the authority must be one of this pod's own addresses, on a port that
+//! is not meshlet's own (nothing that comes through the proxy comes back into it); then
+//! PeerAuthentication and AuthorizationPolicy decide, with the tunnel's TCP peer as the source
+//! address (the `Forwarded` header is only logged); then the pod's connection budget; then the
+//! upstream to the application is dialled from inside the pod.
 
 use std::sync::Arc;
 
 use http::StatusCode;
 use tokio::net::TcpListener;
-use tracing::info;
 
-use super::{PodContext, Proxy, connections::ConnectionInfo, hbone, passthrough};
+use super::{
+    PodContext, Proxy,
+    connections::ConnectionInfo,
+    hbone,
+    record::{Direction, Flags, Opening, Record},
+};
 use crate::identity::{self, Identity};
 
 /// A rustls certificate resolver that always serves the current certificate of one identity
@@ -44,91 +54,107 @@ pub async fn serve(
         proxy.identities.ca().roots(),
         proxy.identities.trust_domain(),
     )?;
-    let admit = move |connect: hbone::Connect| {
-        let pod = pod.clone();
-        let proxy = proxy.clone();
-        async move {
-            // Only this pod's own addresses are served here.
-            if !pod
-                .ips
-                .iter()
-                .any(|ip| ip.to_canonical() == connect.authority.ip().to_canonical())
-            {
-                return hbone::Admission::Reject(
-                    StatusCode::BAD_REQUEST,
-                    format!(
-                        "{} is not an address of {}",
-                        connect.authority.ip(),
-                        pod.key
-                    ),
-                );
-            }
-            let source_ip = connect.forwarded_for.map_or(connect.peer.ip(), |f| f.ip());
-            let Some(workload) = proxy.store.pod_by_ip(connect.authority.ip()) else {
-                return hbone::Admission::Reject(
-                    StatusCode::BAD_REQUEST,
-                    format!("no workload owns {}", connect.authority.ip()),
-                );
-            };
-            if let Err(reason) = proxy.check(
-                &proxy.policies(),
-                &workload,
-                connect.authority,
-                Some(&connect.peer_identity),
-                source_ip,
-            ) {
-                info!(
-                    target: "meshlet::access",
-                    direction = "inbound",
-                    dst_workload = %pod.key,
-                    src_identity = %connect.peer_identity,
-                    src = %source_ip,
-                    dst = %connect.authority,
-                    protocol = "HBONE",
-                    response_flags = "DENY",
-                    %reason,
-                    "connection denied"
-                );
-                let mut labels =
-                    proxy.inbound_labels(Some(&connect.peer_identity), source_ip, &pod);
-                labels.response_flags = "DENY";
-                proxy.metrics.open(&labels);
-                proxy.metrics.close(&labels);
-                return hbone::Admission::Reject(StatusCode::UNAUTHORIZED, reason);
-            }
-            match passthrough::connect_in(&pod.netns, connect.authority).await {
-                Ok(upstream) => {
-                    info!(
-                        target: "meshlet::access",
-                        direction = "inbound",
-                        dst_workload = %pod.key,
-                        dst_identity = %pod.identity,
-                        src_identity = %connect.peer_identity,
-                        src = ?connect.forwarded_for,
-                        dst = %connect.authority,
-                        protocol = "HBONE",
-                        "connection admitted"
-                    );
-                    let live = proxy.connections.register(ConnectionInfo {
-                        source_identity: Some(connect.peer_identity.clone()),
-                        source: connect.forwarded_for.unwrap_or(connect.peer),
-                        destination_pod: pod.key.clone(),
-                        destination: connect.authority,
-                    });
-                    let labels =
-                        proxy.inbound_labels(Some(&connect.peer_identity), source_ip, &pod);
-                    hbone::Admission::Upstream(Box::new(hbone::Upstream {
-                        stream: upstream,
-                        live,
-                        metrics: (proxy.metrics.clone(), labels),
-                    }))
-                }
-                Err(err) => {
-                    hbone::Admission::Reject(StatusCode::SERVICE_UNAVAILABLE, err.to_string())
-                }
-            }
+    let admit = {
+        let (proxy, pod) = (proxy.clone(), pod.clone());
+        move |connect: hbone::Connect| {
+            let (proxy, pod) = (proxy.clone(), pod.clone());
+            async move { admit(&proxy, &pod, connect).await }
         }
     };
-    hbone::serve(listener, tls, admit).await;
+    let server = Arc::new(hbone::Server {
+        acceptor: tokio_rustls::TlsAcceptor::from(tls),
+        handshakes: Arc::new(tokio::sync::Semaphore::new(proxy.limits.max_tls_handshakes)),
+        limits: proxy.limits.hbone,
+        admit,
+        metrics: proxy.metrics.clone(),
+    });
+    super::accept_loop(listener, proxy, pod, move |tcp, peer, permit| {
+        let server = server.clone();
+        async move {
+            let _permit = permit;
+            hbone::serve_connection(server, tcp, peer).await;
+        }
+    })
+    .await;
     Ok(())
+}
+
+async fn admit(proxy: &Arc<Proxy>, pod: &PodContext, connect: hbone::Connect) -> hbone::Admission {
+    let reject = |status, reason: String| hbone::Admission::Reject(status, reason);
+    // Only this pod's own addresses are served here.
+    if !pod
+        .ips
+        .iter()
+        .any(|ip| ip.to_canonical() == connect.authority.ip().to_canonical())
+    {
+        return reject(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "{} is not an address of {}",
+                connect.authority.ip(),
+                pod.key
+            ),
+        );
+    }
+    if proxy.limits.is_reserved(connect.authority.port()) {
+        proxy.metrics.limit_reached("reserved_port");
+        return reject(
+            StatusCode::BAD_REQUEST,
+            format!("port {} is one of meshlet's own", connect.authority.port()),
+        );
+    }
+    let Some(workload) = proxy.store.pod(&pod.key) else {
+        return reject(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{} is no longer known", pod.key),
+        );
+    };
+    // The source address policy sees is the tunnel's TCP peer: the client pod's own address.
+    let source_ip = connect.peer.ip().to_canonical();
+    let opening = Opening {
+        direction: Direction::Inbound,
+        protocol: "HBONE",
+        source: connect.peer,
+        destination: connect.authority,
+        labels: proxy.inbound_labels(Some(&connect.peer_identity), source_ip, pod),
+    };
+    if let Err(reason) = proxy.check(
+        &proxy.policies(),
+        &workload,
+        connect.authority,
+        Some(&connect.peer_identity),
+        source_ip,
+    ) {
+        let mut record = Record::refused(&proxy.metrics, opening, Flags::Deny, reason.clone());
+        record.forwarded(connect.forwarded.as_deref());
+        return reject(StatusCode::UNAUTHORIZED, reason);
+    }
+    let Some(permit) = pod.admit_connection(proxy) else {
+        let reason = "the pod's concurrent connection limit is reached".to_owned();
+        Record::refused(&proxy.metrics, opening, Flags::Limit, reason.clone());
+        return reject(StatusCode::SERVICE_UNAVAILABLE, reason);
+    };
+    let mut record = Record::open(&proxy.metrics, opening);
+    record.forwarded(connect.forwarded.as_deref());
+    match proxy.connect_in(&pod.netns, connect.authority).await {
+        Ok(stream) => {
+            let live = proxy.connections.register(ConnectionInfo {
+                source_identity: Some(connect.peer_identity.clone()),
+                source: connect.peer,
+                destination_pod: pod.key.clone(),
+                destination: connect.authority,
+            });
+            hbone::Admission::Upstream(Box::new(hbone::Upstream {
+                stream,
+                live,
+                record,
+                permit,
+            }))
+        }
+        Err(err) => {
+            let reason = format!("connect to the application: {err}");
+            record.fail(Flags::Connect, reason.clone());
+            reject(StatusCode::SERVICE_UNAVAILABLE, reason)
+        }
+    }
 }

@@ -10,28 +10,89 @@
 //!
 //! Every socket the proxy makes is marked and made inside the pod's network namespace, so the
 //! pod's address is the source on the wire and capture never loops.
+//!
+//! Every listener runs the one [`accept_loop`], which applies the per-pod connection limit and
+//! socket options, and every connection is accounted in one [`record::Record`]. Nothing that
+//! comes through the proxy comes back into it: inbound admission refuses original destinations
+//! on meshlet's own ports ([`Limits::reserved_ports`]), and the proxy's own sockets carry the
+//! mesh mark that capture skips. Each bound in [`Limits`] is a flag and counted in
+//! `meshlet_proxy_limit_total`.
 
 pub mod connections;
 pub mod hbone;
 pub mod inbound;
 pub mod outbound;
 pub mod passthrough;
+pub mod record;
 
 use std::{
-    net::IpAddr,
-    sync::{Arc, atomic::AtomicUsize},
+    io,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use meshlet_common::{INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+use tokio::{
+    net::{TcpSocket, TcpStream},
+    sync::{OwnedSemaphorePermit, Semaphore},
 };
 
 use crate::{
     identity::{self, Identity},
     policy,
-    sys::Netns,
+    sys::{Netns, socket},
     workload::{
         Store,
         enrollment::{self, Decision},
-        model::{ObjectKey, Pod, Service},
+        model::{ObjectKey, Pod, REDIRECTION_ANNOTATION, Service},
     },
 };
+
+/// Resource bounds and guards of the proxy (each a `meshlet agent` flag).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Limits {
+    /// How long a connect to an upstream (the application, a passthrough destination, a peer's
+    /// 15008) may take.
+    pub connect_timeout: Duration,
+    /// Idle time before TCP keepalive probes start on every proxied socket (then 3 probes,
+    /// 1/3 of it apart): a peer that vanished is noticed and its connection freed.
+    pub tcp_keepalive: Duration,
+    /// Concurrent connections the proxy carries for one pod (accepted on its listeners, plus
+    /// HBONE streams admitted to it): a flood at one pod cannot exhaust the node.
+    pub max_connections_per_pod: usize,
+    /// Concurrent TLS handshakes per 15008 listener; more wait (within the handshake timeout).
+    pub max_tls_handshakes: usize,
+    /// HTTP/2 limits per HBONE peer connection.
+    pub hbone: hbone::Limits,
+    /// Original destination ports the proxy never carries to (its own listeners and the
+    /// node's endpoints): what comes through the proxy never comes back into it.
+    pub reserved_ports: Vec<u16>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(10),
+            tcp_keepalive: Duration::from_secs(180),
+            max_connections_per_pod: 10_000,
+            max_tls_handshakes: 64,
+            hbone: hbone::Limits::default(),
+            reserved_ports: vec![OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_HBONE_PORT],
+        }
+    }
+}
+
+impl Limits {
+    /// Whether `port` is one of meshlet's own (never an original destination the proxy
+    /// carries to).
+    pub fn is_reserved(&self, port: u16) -> bool {
+        port == 0 || self.reserved_ports.contains(&port)
+    }
+}
 
 /// Buffer size of each direction of a proxied connection: large enough that a bulk transfer
 /// moves in few syscalls and TLS records.
@@ -39,7 +100,7 @@ pub const COPY_BUFFER: usize = 64 * 1024;
 
 /// Copies both ways between a client-facing stream and its upstream until both directions are
 /// done, passing half-closes on; returns the bytes each way.
-pub async fn copy<A, B>(a: &mut A, b: &mut B) -> std::io::Result<(u64, u64)>
+pub async fn copy<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
 where
     A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
     B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
@@ -59,8 +120,10 @@ pub struct Proxy {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Live inbound connections, re-checked when policies change.
     pub connections: Arc<connections::Registry>,
-    /// The policies in force, and the store's policy objects they were compiled from.
-    policies: std::sync::RwLock<(Vec<Arc<crate::workload::model::Policy>>, Arc<policy::Index>)>,
+    /// Resource bounds and guards.
+    pub limits: Limits,
+    /// The policies in force (kept up to date by the agent; the proxy only reads them).
+    pub policy_cache: Arc<policy::Cache>,
     round_robin: AtomicUsize,
 }
 
@@ -78,46 +141,31 @@ impl Proxy {
         store: Arc<Store>,
         identities: Arc<identity::Manager>,
         metrics: Arc<crate::metrics::Metrics>,
+        policy_cache: Arc<policy::Cache>,
+        limits: Limits,
     ) -> Self {
         Self {
             metrics,
             store,
             identities,
+            policy_cache,
+            limits,
             pool: Arc::new(hbone::Pool::new()),
             connections: connections::Registry::new(),
-            policies: std::sync::RwLock::new((Vec::new(), Arc::new(policy::Index::default()))),
             round_robin: AtomicUsize::new(0),
         }
     }
 
     /// The compiled policies in force.
     pub fn policies(&self) -> Arc<policy::Index> {
-        self.policies
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .1
-            .clone()
+        self.policy_cache.current()
     }
 
-    /// Recompiles the policies if the store's policy objects changed, then re-checks every live
-    /// inbound connection (a pod's labels may have changed too) and closes those now denied.
-    /// Returns how many were closed, and whether the policies were recompiled.
-    pub fn refresh_policies(&self) -> (usize, bool) {
-        let objects = self.store.policies();
-        let (index, recompiled) = {
-            let mut current = self.policies.write().unwrap_or_else(|p| p.into_inner());
-            let unchanged = current.0.len() == objects.len()
-                && current.0.iter().zip(&objects).all(|(a, b)| a == b);
-            if !unchanged {
-                let index = Arc::new(policy::Index::build(
-                    &objects,
-                    policy::DEFAULT_ROOT_NAMESPACE,
-                ));
-                *current = (objects, index);
-            }
-            (current.1.clone(), !unchanged)
-        };
-        let closed = self.connections.recheck(|connection| {
+    /// Re-checks every live inbound connection against the policies in force (a policy or a
+    /// pod's labels may have changed) and closes those now denied; returns how many.
+    pub fn recheck_connections(&self) -> usize {
+        let index = self.policies();
+        self.connections.recheck(|connection| {
             let pod = self.store.pod_by_ip(connection.destination.ip())?;
             self.check(
                 &index,
@@ -127,8 +175,7 @@ impl Proxy {
                 connection.source.ip(),
             )
             .err()
-        });
-        (closed, recompiled)
+        })
     }
 
     /// Whether a connection to `destination` on `pod` from `source` (identity `None` for
@@ -138,7 +185,7 @@ impl Proxy {
         &self,
         index: &policy::Index,
         pod: &Pod,
-        destination: std::net::SocketAddr,
+        destination: SocketAddr,
         source: Option<&Identity>,
         source_ip: IpAddr,
     ) -> Result<(), String> {
@@ -241,36 +288,110 @@ impl Proxy {
         )
     }
 
-    /// Whether `pod` is a mesh workload (captured by the agent of its own node), so that it
-    /// is reached through HBONE.
+    /// Whether `pod` is reached through HBONE: it is a mesh workload, and the agent of its
+    /// node confirmed that it captures it (`meshlet.io/redirection: enabled`, written by that
+    /// agent; in a workload file, carried by the file). A labelled pod whose capture failed or
+    /// has not happened yet serves no 15008, so it is reached in plaintext instead.
     pub fn is_mesh(&self, pod: &Pod) -> bool {
         let Some(node) = pod.node_name.as_deref() else {
             return false;
         };
+        if pod
+            .annotations
+            .get(REDIRECTION_ANNOTATION)
+            .map(String::as_str)
+            != Some("enabled")
+        {
+            return false;
+        }
         let namespace = self.store.namespace(&pod.key.namespace);
         enrollment::decide(pod, namespace.as_deref(), node) == Decision::Enroll
     }
+
+    /// Connects to `destination` from a marked socket made inside `netns` (the proxy's
+    /// connections leave from the pod, with the pod's address), within the connect timeout,
+    /// with keepalive and `TCP_NODELAY`.
+    pub async fn connect_in(
+        &self,
+        netns: &Arc<Netns>,
+        destination: SocketAddr,
+    ) -> io::Result<TcpStream> {
+        let netns = netns.clone();
+        let socket = tokio::task::spawn_blocking(move || {
+            socket::marked_socket_in(&netns, destination.is_ipv6())
+        })
+        .await
+        .map_err(io::Error::other)??;
+        socket.set_nonblocking(true)?;
+        let connecting = TcpSocket::from_std_stream(socket.into()).connect(destination);
+        let stream = match tokio::time::timeout(self.limits.connect_timeout, connecting).await {
+            Ok(connected) => connected?,
+            Err(_) => {
+                self.metrics.limit_reached("connect_timeout");
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "connect to {destination} timed out after {:?}",
+                        self.limits.connect_timeout
+                    ),
+                ));
+            }
+        };
+        self.tune(&stream);
+        Ok(stream)
+    }
+
+    /// Socket options of every proxied TCP socket: `TCP_NODELAY` (the proxy forwards small
+    /// writes as they come) and keepalive.
+    fn tune(&self, stream: &TcpStream) {
+        let _ = stream.set_nodelay(true);
+        let time = self.limits.tcp_keepalive;
+        if !time.is_zero() {
+            let keepalive = socket2::TcpKeepalive::new()
+                .with_time(time)
+                .with_interval((time / 3).max(Duration::from_secs(1)))
+                .with_retries(3);
+            let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive);
+        }
+    }
 }
 
-/// Accepts on one of a pod's listeners until the task is dropped, handing each connection
-/// (with TCP_NODELAY: the proxy forwards small writes as they come) to `carry` in a task of its
-/// own, which outlives the listener: dropping the listener stops new connections only.
-pub async fn accept_loop<F, Fut>(listener: tokio::net::TcpListener, pod: Arc<PodContext>, carry: F)
-where
-    F: Fn(tokio::net::TcpStream, std::net::SocketAddr) -> Fut,
+/// Closes `stream` with a reset (`SO_LINGER` 0): how the proxy refuses a plaintext connection
+/// it accepted, so the client sees "connection reset" rather than an empty answer.
+pub fn reset(stream: TcpStream) {
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    drop(stream);
+}
+
+/// The one accept loop of every listener of every pod: accepts until the task is dropped and
+/// hands each connection, with its slot in the pod's connection budget, to `carry` in a task of
+/// its own, which outlives the listener (dropping the listener stops new connections only). A
+/// connection over the pod's budget is reset at once and counted.
+pub async fn accept_loop<F, Fut>(
+    listener: tokio::net::TcpListener,
+    proxy: Arc<Proxy>,
+    pod: Arc<PodContext>,
+    carry: F,
+) where
+    F: Fn(TcpStream, SocketAddr, OwnedSemaphorePermit) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
-                tokio::spawn(carry(stream, peer));
+                let Some(permit) = pod.admit_connection(&proxy) else {
+                    tracing::debug!(pod = %pod.key, port, %peer, "connection over the pod's limit reset");
+                    reset(stream);
+                    continue;
+                };
+                proxy.tune(&stream);
+                tokio::spawn(carry(stream, peer, permit));
             }
             Err(err) => {
                 // Out of descriptors and the like: back off rather than spin.
-                let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
                 tracing::warn!(pod = %pod.key, port, %err, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }
@@ -281,15 +402,61 @@ where
 pub struct PodContext {
     /// The pod.
     pub key: ObjectKey,
+    /// Its UID: HBONE connections are pooled per source pod.
+    pub uid: String,
     /// Its network namespace, where the proxy's sockets are made.
     pub netns: Arc<Netns>,
     /// Its SPIFFE identity.
     pub identity: Identity,
     /// Its addresses.
     pub ips: Vec<IpAddr>,
+    /// Its connection budget ([`Limits::max_connections_per_pod`]).
+    pub budget: Arc<Semaphore>,
+    /// When the pod last hit its budget (seconds since the epoch), to warn once a minute.
+    last_limit_warning: AtomicU64,
 }
 
 impl PodContext {
+    /// The context of `pod` in `netns`, with `identity` and a budget of `max_connections`.
+    pub fn new(pod: &Pod, netns: Arc<Netns>, identity: Identity, max_connections: usize) -> Self {
+        Self {
+            key: pod.key.clone(),
+            uid: pod.uid.clone(),
+            netns,
+            identity,
+            ips: pod.ips.clone(),
+            budget: Arc::new(Semaphore::new(max_connections)),
+            last_limit_warning: AtomicU64::new(0),
+        }
+    }
+
+    /// Takes a slot of the pod's connection budget, or counts (and now and then logs) that the
+    /// budget is spent.
+    pub fn admit_connection(&self, proxy: &Proxy) -> Option<OwnedSemaphorePermit> {
+        if let Ok(permit) = self.budget.clone().try_acquire_owned() {
+            return Some(permit);
+        }
+        proxy.metrics.limit_reached("pod_connections");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let last = self.last_limit_warning.load(Ordering::Relaxed);
+        if now >= last + 60
+            && self
+                .last_limit_warning
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                pod = %self.key,
+                limit = proxy.limits.max_connections_per_pod,
+                "pod has reached its concurrent connection limit; new connections are reset \
+                 (--max-connections-per-pod)"
+            );
+        }
+        None
+    }
+
     /// The pod's address of the same family as `like`.
     pub fn ip_like(&self, like: IpAddr) -> Option<IpAddr> {
         self.ips

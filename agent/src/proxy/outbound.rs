@@ -4,13 +4,15 @@ use std::{
     net::SocketAddr,
     os::fd::AsFd as _,
     sync::{Arc, atomic::Ordering},
-    time::Instant,
 };
 
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
-use super::{PodContext, Proxy, hbone, passthrough};
+use super::{
+    PodContext, Proxy, hbone,
+    record::{Direction, Flags, Opening, Record},
+};
 use crate::{
     identity,
     sys::socket,
@@ -99,11 +101,13 @@ impl Proxy {
 
 /// Accepts on a pod's 15001 listener until the task is dropped.
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, pod: Arc<PodContext>) {
-    super::accept_loop(listener, pod.clone(), move |stream, peer| {
-        let (proxy, pod) = (proxy.clone(), pod.clone());
+    let carried = (proxy.clone(), pod.clone());
+    super::accept_loop(listener, proxy, pod, move |stream, peer, permit| {
+        let (proxy, pod) = carried.clone();
         async move {
+            let _permit = permit;
             if let Err(err) = carry(stream, peer, &proxy, &pod).await {
-                warn!(pod = %pod.key, %peer, err = %err, "outbound connection failed");
+                warn!(pod = %pod.key, %peer, err = %format!("{err:#}"), "outbound connection failed");
             }
         }
     })
@@ -122,89 +126,98 @@ async fn carry(
         service,
         pod: destination_pod,
     } = proxy.route(destination)?;
-    let principal = match &route {
-        Route::Hbone { identity, .. } => Some(identity),
-        Route::Passthrough { .. } => None,
+    let (principal, protocol) = match &route {
+        Route::Hbone { identity, .. } => (Some(identity), "HBONE"),
+        Route::Passthrough { .. } => (None, "TCP"),
     };
-    let mut labels = proxy.labels(
+    let labels = proxy.labels(
         "source",
         Some(pod),
         destination_pod.as_ref().map(|p| &p.key),
         principal,
         service.as_deref(),
     );
-    let counters = proxy.metrics.open(&labels);
-    let mut stream = crate::metrics::Counted::new(stream, counters);
-    let result = carry_routed(&mut stream, peer, proxy, pod, destination, &route).await;
-    if result.is_err() {
-        labels.response_flags = "CONNECT";
-    }
-    proxy.metrics.close(&labels);
-    result.map(|_| ())
-}
-
-async fn carry_routed(
-    stream: &mut crate::metrics::Counted<TcpStream>,
-    peer: SocketAddr,
-    proxy: &Proxy,
-    pod: &PodContext,
-    destination: SocketAddr,
-    route: &Route,
-) -> anyhow::Result<()> {
-    let start = Instant::now();
-    let (sent, received, protocol, peer_identity) = match route {
-        Route::Passthrough { target } => {
-            let mut upstream = passthrough::connect_in(&pod.netns, *target).await?;
-            let (sent, received) = super::copy(stream, &mut upstream).await?;
-            (sent, received, "TCP", String::new())
-        }
+    let mut record = Record::open(
+        &proxy.metrics,
+        Opening {
+            direction: Direction::Outbound,
+            protocol,
+            source: peer,
+            destination,
+            labels,
+        },
+    );
+    let mut stream = crate::metrics::Counted::new(stream, record.counters());
+    let copied = match &route {
+        Route::Passthrough { target } => match proxy.connect_in(&pod.netns, *target).await {
+            Ok(mut upstream) => super::copy(&mut stream, &mut upstream).await,
+            Err(err) => {
+                // The application sees its connection reset, as if the destination had
+                // refused it.
+                record.fail(Flags::Connect, err.to_string());
+                super::reset(stream.into_inner());
+                return Err(err.into());
+            }
+        },
         Route::Hbone { target, identity } => {
-            let key = hbone::PoolKey {
-                source: pod.identity.clone(),
-                destination: identity.clone(),
-                destination_ip: target.ip(),
-            };
-            let forwarded_for =
-                SocketAddr::new(pod.ip_like(target.ip()).unwrap_or(peer.ip()), peer.port());
-            let netns = pod.netns.clone();
-            let source = pod.identity.clone();
-            let expected = identity.clone();
-            let tunnel = proxy
-                .pool
-                .connect(&key, *target, forwarded_for, |hbone_peer| async move {
-                    let tcp = hbone::dial_in(&netns, hbone_peer).await?;
-                    let certified = proxy.identities.certified(&source)?;
-                    let tls = identity::client_config(
-                        &certified,
-                        expected,
-                        proxy.identities.ca().roots(),
-                    )?;
-                    Ok((tcp, tls))
-                })
-                .await;
-            let mut tunnel = match tunnel {
-                Ok(tunnel) => tunnel,
+            let tunnel = open_tunnel(proxy, pod, peer, *target, identity).await;
+            match tunnel {
+                Ok(mut tunnel) => super::copy(&mut stream, &mut tunnel.io).await,
                 Err(err) => {
                     debug!(pod = %pod.key, %destination, %err, "HBONE failed");
+                    let flags = match err {
+                        hbone::Error::Refused { status, .. }
+                            if status == http::StatusCode::UNAUTHORIZED =>
+                        {
+                            Flags::Deny
+                        }
+                        _ => Flags::Connect,
+                    };
+                    record.fail(flags, err.to_string());
+                    super::reset(stream.into_inner());
                     return Err(err.into());
                 }
-            };
-            let (sent, received) = super::copy(stream, &mut tunnel.io).await?;
-            (sent, received, "HBONE", identity.to_string())
+            }
         }
     };
-    info!(
-        target: "meshlet::access",
-        direction = "outbound",
-        src_workload = %pod.key,
-        src_identity = %pod.identity,
-        dst = %destination,
-        dst_identity = %peer_identity,
-        protocol,
-        bytes_sent = sent,
-        bytes_received = received,
-        duration_ms = start.elapsed().as_millis() as u64,
-        "connection closed"
-    );
+    if let Err(err) = copied {
+        record.copy_failed(&err);
+    }
     Ok(())
+}
+
+/// Opens an HBONE stream to `target` for `pod`, over a connection of the pod's own pool
+/// (dialled from its namespace, so the server sees its address).
+async fn open_tunnel(
+    proxy: &Proxy,
+    pod: &PodContext,
+    peer: SocketAddr,
+    target: SocketAddr,
+    identity: &identity::Identity,
+) -> Result<hbone::Tunnel, hbone::Error> {
+    let key = hbone::PoolKey {
+        source_pod: pod.uid.clone(),
+        source: pod.identity.clone(),
+        destination: identity.clone(),
+        destination_ip: target.ip(),
+    };
+    let forwarded_for = SocketAddr::new(pod.ip_like(target.ip()).unwrap_or(peer.ip()), peer.port());
+    let netns = pod.netns.clone();
+    let source = pod.identity.clone();
+    let expected = identity.clone();
+    proxy
+        .pool
+        .connect(&key, target, forwarded_for, |hbone_peer| async move {
+            let tcp = proxy
+                .connect_in(&netns, hbone_peer)
+                .await
+                .map_err(|source| hbone::Error::Connect {
+                    peer: hbone_peer,
+                    source,
+                })?;
+            let certified = proxy.identities.certified(&source)?;
+            let tls = identity::client_config(&certified, expected, proxy.identities.ca().roots())?;
+            Ok((tcp, tls))
+        })
+        .await
 }

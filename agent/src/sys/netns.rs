@@ -130,59 +130,9 @@ pub fn socket_netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
     }
 }
 
-/// The IP addresses configured on the interfaces of the calling thread's network namespace
-/// (`getifaddrs(3)`): on a node, its own addresses, whose connections to pods (kubelet probes)
-/// capture leaves alone.
-pub fn local_addresses() -> io::Result<Vec<std::net::IpAddr>> {
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs writes a list head we free below with freeifaddrs.
-    if unsafe { libc::getifaddrs(&raw mut head) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let mut addresses = Vec::new();
-    let mut cursor = head;
-    while !cursor.is_null() {
-        // SAFETY: `cursor` is a node of the list getifaddrs returned, valid until freeifaddrs;
-        // `ifa_addr` is null or points to a sockaddr of the family it names.
-        unsafe {
-            let addr = (*cursor).ifa_addr;
-            if !addr.is_null() {
-                match i32::from((*addr).sa_family) {
-                    libc::AF_INET => {
-                        let v4 = &*(addr as *const libc::sockaddr_in);
-                        addresses.push(
-                            std::net::Ipv4Addr::from(u32::from_be(v4.sin_addr.s_addr)).into(),
-                        );
-                    }
-                    libc::AF_INET6 => {
-                        let v6 = &*(addr as *const libc::sockaddr_in6);
-                        addresses.push(std::net::Ipv6Addr::from(v6.sin6_addr.s6_addr).into());
-                    }
-                    _ => {}
-                }
-            }
-            cursor = (*cursor).ifa_next;
-        }
-    }
-    // SAFETY: `head` came from a successful getifaddrs and is freed once.
-    unsafe { libc::freeifaddrs(head) };
-    addresses.sort();
-    addresses.dedup();
-    Ok(addresses)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn local_addresses_include_loopback() {
-        let addresses = local_addresses().unwrap();
-        assert!(
-            addresses.contains(&std::net::Ipv4Addr::LOCALHOST.into()),
-            "{addresses:?}"
-        );
-    }
 
     #[test]
     fn cookie_of_current_namespace_is_stable_and_nonzero() {

@@ -73,8 +73,12 @@ fn walk_through(cluster: &mut Cluster, keep: bool) -> anyhow::Result<()> {
         vec![
             namespace_manifest("demo", labels),
             namespace_manifest("legacy", &[]),
-            cluster.pod("client").manifest("demo", &[("app", "client")]),
-            cluster.pod("server").manifest("demo", &[("app", "server")]),
+            cluster
+                .pod("client")
+                .mesh_manifest("demo", &[("app", "client")]),
+            cluster
+                .pod("server")
+                .mesh_manifest("demo", &[("app", "server")]),
             cluster
                 .pod("bystander")
                 .manifest("legacy", &[("app", "bystander")]),
@@ -181,14 +185,14 @@ fn walk_through(cluster: &mut Cluster, keep: bool) -> anyhow::Result<()> {
         "traffic crossed the link outside HBONE: {wire:?}"
     );
     agents[0].wait_for_log("connection closed", 1, Duration::from_secs(5));
-    agents[1].wait_for_log("connection admitted", 1, Duration::from_secs(5));
+    agents[1].wait_for_log("connection closed", 1, Duration::from_secs(5));
     println!(
         "      node-0 access log: {}",
         last_line(&agents[0], "connection closed")
     );
     println!(
         "      node-1 access log: {}",
-        last_line(&agents[1], "connection admitted")
+        last_line(&agents[1], "connection closed")
     );
     ensure!(
         agents[1]

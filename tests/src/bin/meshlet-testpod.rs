@@ -83,6 +83,15 @@ enum Mode {
         #[arg(long, default_value_t = 1024)]
         send: usize,
     },
+    /// Opens `count` connections to `to` as fast as it can and sends nothing (an idle-connection
+    /// flood); once all were tried prints `ready`, then `{"connected":N,"failed":M}`, and holds
+    /// them until killed.
+    Flood {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        count: usize,
+    },
     /// Times `count` connects (connect, then close) to `to`; prints the latencies in
     /// nanoseconds as one JSON array.
     ConnectBench {
@@ -169,6 +178,25 @@ fn main() -> anyhow::Result<()> {
                 serde_json::json!({ "ok": ok, "failed": count - ok, "first_error": first_error })
             );
             Ok(())
+        }
+        Mode::Flood { to, count } => {
+            meshlet::sys::raise_open_files_limit()?;
+            let mut held = Vec::with_capacity(count);
+            let mut failed = 0usize;
+            for _ in 0..count {
+                match TcpStream::connect_timeout(&to, Duration::from_secs(5)) {
+                    Ok(stream) => held.push(stream),
+                    Err(_) => failed += 1,
+                }
+            }
+            println!("ready");
+            println!(
+                "{}",
+                serde_json::json!({ "connected": held.len(), "failed": failed })
+            );
+            loop {
+                std::thread::park();
+            }
         }
         Mode::ConnectBench { to, count } => {
             let mut latencies = Vec::with_capacity(count);
@@ -346,9 +374,21 @@ fn connect(
         peer: None,
         echoed: 0,
         error: None,
+        outcome: None,
     };
-    if let Err(err) = exchange(to, send, mark, timeout, delay, &mut report) {
-        report.error = Some(err.to_string());
+    use meshlet_tests::process::Outcome;
+    match exchange(to, send, mark, timeout, delay, &mut report) {
+        Err(err) => {
+            report.outcome = Some(match err.kind() {
+                std::io::ErrorKind::ConnectionReset => Outcome::Reset,
+                std::io::ErrorKind::ConnectionRefused => Outcome::Refused,
+                std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => Outcome::Timeout,
+                _ => Outcome::Error,
+            });
+            report.error = Some(err.to_string());
+        }
+        Ok(()) if report.echoed < send => report.outcome = Some(Outcome::Closed),
+        Ok(()) => {}
     }
     report
 }

@@ -1,0 +1,219 @@
+//! One record per proxied connection: the Istio metrics and the access log line, kept in one
+//! place so every listener reports the same way.
+//!
+//! [`Record::open`] counts the connection opened; the copy path counts bytes as they pass
+//! through [`Record::counters`]; when the record is dropped (however the connection's task
+//! ends) it counts the connection closed and writes one access log line (`connection closed`,
+//! or `connection denied` for a policy refusal) with both ends, their identities, the bytes
+//! each way, the duration, the response flags and the reason.
+
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use prometheus::IntCounter;
+use tracing::info;
+
+use crate::metrics::{ConnectionLabels, Metrics};
+
+/// Which end of the connection this node's pod is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// The pod is the client (15001).
+    Outbound,
+    /// The pod is the server (15006, 15008).
+    Inbound,
+}
+
+impl Direction {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Outbound => "outbound",
+            Self::Inbound => "inbound",
+        }
+    }
+}
+
+/// How a connection ended, as Istio's `response_flags` says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flags {
+    /// Carried (`-`).
+    Ok,
+    /// Refused by policy (`DENY`).
+    Deny,
+    /// The upstream could not be reached (`CONNECT`).
+    Connect,
+    /// Refused by a resource limit or a guard of the proxy itself (`LIMIT`).
+    Limit,
+}
+
+impl Flags {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "-",
+            Self::Deny => "DENY",
+            Self::Connect => "CONNECT",
+            Self::Limit => "LIMIT",
+        }
+    }
+}
+
+/// One connection's metrics and access log line.
+#[derive(Debug)]
+pub struct Record {
+    metrics: Arc<Metrics>,
+    labels: ConnectionLabels,
+    direction: Direction,
+    protocol: &'static str,
+    source: SocketAddr,
+    destination: SocketAddr,
+    /// A client-supplied `Forwarded` header, for the log only: never trusted.
+    forwarded: Option<String>,
+    start: Instant,
+    counters: (IntCounter, IntCounter),
+    flags: Flags,
+    reason: Option<String>,
+}
+
+/// What a connection record is opened with.
+#[derive(Debug)]
+pub struct Opening {
+    /// Which end this node's pod is.
+    pub direction: Direction,
+    /// `TCP` (plaintext) or `HBONE`.
+    pub protocol: &'static str,
+    /// The client's address as this node sees it.
+    pub source: SocketAddr,
+    /// The original destination.
+    pub destination: SocketAddr,
+    /// Istio's labels (`source_principal` is the verified peer identity for HBONE).
+    pub labels: ConnectionLabels,
+}
+
+impl Record {
+    /// Counts the connection opened.
+    pub fn open(metrics: &Arc<Metrics>, opening: Opening) -> Self {
+        let counters = metrics.open(&opening.labels);
+        Self {
+            metrics: metrics.clone(),
+            labels: opening.labels,
+            direction: opening.direction,
+            protocol: opening.protocol,
+            source: opening.source,
+            destination: opening.destination,
+            forwarded: None,
+            start: Instant::now(),
+            counters,
+            flags: Flags::Ok,
+            reason: None,
+        }
+    }
+
+    /// A connection refused before anything was carried (policy, a limit, a guard): counted as
+    /// opened and closed with `flags`, logged with `reason` when dropped (at once, usually).
+    pub fn refused(
+        metrics: &Arc<Metrics>,
+        opening: Opening,
+        flags: Flags,
+        reason: impl Into<String>,
+    ) -> Self {
+        let mut labels = opening.labels;
+        labels.response_flags = flags.as_str();
+        let counters = metrics.open(&labels);
+        Self {
+            metrics: metrics.clone(),
+            labels,
+            direction: opening.direction,
+            protocol: opening.protocol,
+            source: opening.source,
+            destination: opening.destination,
+            forwarded: None,
+            start: Instant::now(),
+            counters,
+            flags,
+            reason: Some(reason.into()),
+        }
+    }
+
+    /// The byte counters (sent, received) for [`crate::metrics::Counted`].
+    pub fn counters(&self) -> (IntCounter, IntCounter) {
+        self.counters.clone()
+    }
+
+    /// Notes the client's `Forwarded` header (logged, never trusted).
+    pub fn forwarded(&mut self, value: Option<&str>) {
+        self.forwarded = value.map(|v| v.chars().take(128).collect());
+    }
+
+    /// Marks the connection refused or failed, with the reason (the close line carries it).
+    pub fn fail(&mut self, flags: Flags, reason: impl Into<String>) {
+        self.flags = flags;
+        self.reason = Some(reason.into());
+    }
+
+    /// Notes why a connection that was carried ended early (a policy change, a timeout).
+    pub fn ended(&mut self, reason: impl Into<String>) {
+        self.reason = Some(reason.into());
+    }
+
+    /// Notes that copying failed with `err`; keepalive timeouts (a peer that vanished) are
+    /// counted as such.
+    pub fn copy_failed(&mut self, err: &std::io::Error) {
+        if err.kind() == std::io::ErrorKind::TimedOut {
+            self.metrics.limit_reached("tcp_keepalive");
+        }
+        self.reason = Some(err.to_string());
+    }
+
+    fn bytes(&self) -> (u64, u64) {
+        (self.counters.0.get(), self.counters.1.get())
+    }
+}
+
+impl Drop for Record {
+    fn drop(&mut self) {
+        // A connection that failed after it was opened (`CONNECT`) is closed with its flags.
+        let flags = self.flags.as_str();
+        self.labels.response_flags = flags;
+        self.metrics.close(&self.labels);
+        let (sent, received) = self.bytes();
+        let duration_ms = duration_ms(self.start.elapsed());
+        let message = if self.flags == Flags::Deny {
+            "connection denied"
+        } else {
+            "connection closed"
+        };
+        let workload = |name: &str, namespace: &str| {
+            if name == "unknown" {
+                name.to_owned()
+            } else {
+                format!("{namespace}/{name}")
+            }
+        };
+        let l = &self.labels;
+        info!(
+            target: "meshlet::access",
+            direction = self.direction.as_str(),
+            src = %self.source,
+            dst = %self.destination,
+            src_workload = %workload(&l.source_workload, &l.source_workload_namespace),
+            src_identity = %l.source_principal,
+            dst_workload = %workload(&l.destination_workload, &l.destination_workload_namespace),
+            dst_identity = %l.destination_principal,
+            forwarded = ?self.forwarded,
+            protocol = self.protocol,
+            bytes_sent = sent,
+            bytes_received = received,
+            duration_ms,
+            response_flags = flags,
+            reason = self.reason.as_deref().unwrap_or(""),
+            "{message}"
+        );
+    }
+}
+
+fn duration_ms(elapsed: Duration) -> u64 {
+    u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
+}
