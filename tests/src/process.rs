@@ -59,9 +59,14 @@ pub fn testpod_binary() -> PathBuf {
     workspace_binary("meshlet-testpod")
 }
 
-/// The `meshlet` agent binary, built next to the test binaries (`cargo xtask test` builds it).
+/// The `meshlet` agent binary, built next to the test binaries (`cargo xtask test` builds it),
+/// or the one `MESHLET_BINARY` names (to run the suites against another build, e.g. to measure
+/// an older release).
 pub fn meshlet_binary() -> PathBuf {
-    workspace_binary("meshlet")
+    match std::env::var_os("MESHLET_BINARY") {
+        Some(path) => PathBuf::from(path),
+        None => workspace_binary("meshlet"),
+    }
 }
 
 fn workspace_binary(name: &str) -> PathBuf {

@@ -505,3 +505,88 @@ fn a_flood_at_one_pod_leaves_the_other_pods_of_the_node_served() {
         before.0, during.0, before.1, during.1
     );
 }
+
+#[test]
+fn stalled_handshakes_oversized_headers_and_dead_upstreams_are_bounded() {
+    let mut cluster = Cluster::new(2);
+    for (pod, node) in [("client", 0), ("server", 1), ("other", 1)] {
+        cluster.add_pod(pod, node);
+    }
+    let base = vec![
+        namespace_manifest("demo", &[AMBIENT]),
+        cluster
+            .pod("client")
+            .mesh_manifest("demo", &[("app", "client")]),
+        cluster
+            .pod("server")
+            .mesh_manifest("demo", &[("app", "server")]),
+        cluster
+            .pod("other")
+            .mesh_manifest("demo", &[("app", "other")]),
+    ];
+    let flags = |_: &Cluster, _: usize| -> Vec<String> {
+        ["--max-tls-handshakes", "2", "--connect-timeout", "300ms"]
+            .map(String::from)
+            .to_vec()
+    };
+    let mesh = FileMesh::start_with(cluster, base, &[&["client"], &["server", "other"]], flags);
+    let cluster = &mesh.cluster;
+    let (server, other) = (cluster.pod("server"), cluster.pod("other"));
+    let _echo = [server.echo_server(8080), other.echo_server(8080)];
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let raw = RawHbone::new(cluster, cluster.node(0).netns.open());
+    let hbone = server.addr(false, 15008);
+
+    let _stalled = runtime.block_on(async {
+        // A header list over the limit (16 KiB by default): the stream is refused with 431 and
+        // the connection keeps serving.
+        let huge = "x".repeat(20 * 1024);
+        let status = raw
+            .connect_with(
+                hbone,
+                raw.config(CLIENT, SERVER),
+                &server.addr(false, 8080).to_string(),
+                &[("x-padding", &huge)],
+            )
+            .await;
+        assert_eq!(status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+
+        // Three peers that open TCP to the server's 15008 and say nothing: two hold its
+        // handshake slots, the third waits, and the limit is counted...
+        let mut stalled = Vec::new();
+        for _ in 0..3 {
+            stalled.push(
+                meshlet_tests::raw_hbone::connect_in(&raw.netns, hbone)
+                    .await
+                    .unwrap(),
+            );
+        }
+        stalled
+    });
+    cluster.wait_metric(
+        1,
+        "meshlet_proxy_limit_total",
+        &[("limit", "tls_handshakes")],
+        1.0,
+    );
+    // ...while another pod of the node, with listeners of its own, is served.
+    cluster
+        .pod("client")
+        .connect(other.addr(false, 8080), 100)
+        .assert_echoed(100);
+
+    // An upstream that never answers (an address on the fabric nobody holds: no ARP reply)
+    // is given up after --connect-timeout, and the application's connection is reset.
+    cluster
+        .pod("client")
+        .connect("172.18.0.250:80".parse().unwrap(), 10)
+        .assert_failed(Outcome::Reset);
+    assert_eq!(
+        cluster.metric(
+            0,
+            "meshlet_proxy_limit_total",
+            &[("limit", "connect_timeout")]
+        ),
+        1.0
+    );
+}
