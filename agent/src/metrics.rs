@@ -53,7 +53,8 @@ pub struct ConnectionLabels {
     pub request_protocol: &'static str,
     /// `mutual_tls` or `unknown`.
     pub connection_security_policy: &'static str,
-    /// `-`, `DENY`, `CONNECT` (upstream connect failure), ...
+    /// `-`, `DENY` (policy), `CONNECT` (upstream connect failure), `NR` (a destination on
+    /// meshlet's own ports), `UO` (the pod's connection budget is spent).
     pub response_flags: &'static str,
 }
 

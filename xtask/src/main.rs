@@ -3,11 +3,13 @@
 //! - `setup`: install what building and testing need on a Debian machine (idempotent, quiet
 //!   when everything is present);
 //! - `build`: setup, then build the workspace (the agent embeds the eBPF object);
-//! - `test`: setup, preflight checks, fmt, clippy, unit tests, then the root-only end-to-end
-//!   tests, then a check that they left nothing behind;
+//! - `test`: setup, preflight checks, fmt, clippy, unit tests, a short run of every fuzz
+//!   target, then the root-only end-to-end tests, then a check that they left nothing behind;
 //! - `demo`: setup, build, then the walk-through on a simulated cluster;
-//! - `bench`: setup, release build, then the benchmarks on a simulated cluster.
+//! - `bench`: setup, release build, then the benchmarks on a simulated cluster;
+//! - `fuzz`: setup, then the cargo-fuzz targets in `fuzz/` under libFuzzer.
 
+mod fuzz;
 mod preflight;
 mod setup;
 
@@ -28,7 +30,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Task {
-    /// Install missing prerequisites (apt packages, nightly rust-src, bpf-linker). Needs root.
+    /// Install missing prerequisites (apt packages, nightly rust-src, bpf-linker, cargo-fuzz).
+    /// Needs root.
     Setup,
     /// Setup, then build the workspace and the embedded eBPF programs.
     Build {
@@ -36,9 +39,10 @@ enum Task {
         #[arg(long)]
         release: bool,
     },
-    /// Setup, then fmt, clippy, unit tests and the root-only end-to-end tests.
+    /// Setup, then fmt, clippy, unit tests, every fuzz target for 10 s and the root-only
+    /// end-to-end tests.
     Test {
-        /// Only run tests whose name contains this filter (lints still run).
+        /// Only run tests (and fuzz targets) whose name contains this filter (lints still run).
         filter: Option<String>,
     },
     /// Setup, build (release), then run the benchmarks on the simulated cluster.
@@ -60,6 +64,17 @@ enum Task {
         #[arg(long)]
         keep: bool,
     },
+    /// Setup, then run the fuzz targets in fuzz/ (nightly, libFuzzer, AddressSanitizer); a
+    /// crash fails with the path of the input that caused it.
+    Fuzz {
+        /// How long each target runs, in seconds.
+        #[arg(long, default_value_t = fuzz::DEFAULT_SECONDS)]
+        seconds: u64,
+        /// Run only this target (workload_file, policy_compile, hbone_request,
+        /// spiffe_identity).
+        #[arg(long)]
+        target: Option<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -78,6 +93,13 @@ fn main() -> anyhow::Result<()> {
             external_proxy,
         } => bench(quick, json, external_proxy),
         Task::Demo { keep } => demo(keep),
+        Task::Fuzz { seconds, target } => {
+            setup::run()?;
+            match target {
+                Some(target) => fuzz::run(&[&target], seconds),
+                None => fuzz::run(fuzz::TARGETS, seconds),
+            }
+        }
     }
 }
 
@@ -104,6 +126,13 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
     step("format");
     cargo(&["fmt", "--all", "--", "--check"])?;
     run(Command::new("rustfmt").args(["--edition", "2024", "--check", "ebpf/src/main.rs"]))?;
+    run(Command::new("rustfmt")
+        .args(["--edition", "2024", "--check"])
+        .args(
+            fuzz::TARGETS
+                .iter()
+                .map(|t| format!("fuzz/fuzz_targets/{t}.rs")),
+        ))?;
 
     step("clippy");
     cargo(&[
@@ -139,6 +168,19 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
     let mut unit = vec!["test", "--workspace", "--exclude", "meshlet-tests", "--"];
     unit.extend(&filter);
     cargo(&unit)?;
+
+    let fuzz_targets: Vec<&str> = fuzz::TARGETS
+        .iter()
+        .copied()
+        .filter(|target| filter.iter().all(|f| target.contains(f)))
+        .collect();
+    if !fuzz_targets.is_empty() {
+        step(&format!(
+            "fuzz targets ({} s each, libFuzzer)",
+            fuzz::SMOKE_SECONDS
+        ));
+        fuzz::run(&fuzz_targets, fuzz::SMOKE_SECONDS)?;
+    }
 
     step("end-to-end tests (network namespaces, cgroups, eBPF)");
     // The tests run the real `meshlet` binary, which `cargo test -p meshlet-tests` does not build.

@@ -30,11 +30,15 @@ const NIGHTLY_COMPONENTS: &[&str] = &["rust-src", "clippy"];
 /// bpf-linker release series known to work with LLVM 22 and aya 0.14.
 const BPF_LINKER_VERSION: &str = "0.13";
 
+/// cargo-fuzz release series `cargo xtask fuzz` drives (its flags, `fuzz/` layout).
+const CARGO_FUZZ_VERSION: &str = "0.13";
+
 /// Installs whatever is missing.
 pub fn run() -> anyhow::Result<()> {
     apt()?;
     nightly()?;
     bpf_linker()?;
+    cargo_fuzz()?;
     kubernetes_validate()?;
     Ok(())
 }
@@ -126,6 +130,26 @@ fn bpf_linker() -> anyhow::Result<()> {
                 &format!("~{BPF_LINKER_VERSION}"),
             ])
             .args(["--no-default-features", "--features", "llvm-22"]),
+    )
+}
+
+fn cargo_fuzz() -> anyhow::Result<()> {
+    let version = Command::new("cargo")
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .args(["fuzz", "--version"])
+        .output();
+    if let Ok(out) = &version
+        && String::from_utf8_lossy(&out.stdout)
+            .contains(&format!("cargo-fuzz {CARGO_FUZZ_VERSION}."))
+    {
+        return Ok(());
+    }
+    println!("setup: building cargo-fuzz {CARGO_FUZZ_VERSION} (a minute, once)");
+    quiet(
+        Command::new("cargo")
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .args(["install", "cargo-fuzz", "--locked", "--force", "--version"])
+            .arg(format!("~{CARGO_FUZZ_VERSION}")),
     )
 }
 

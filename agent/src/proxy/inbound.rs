@@ -131,7 +131,7 @@ async fn admit(proxy: &Arc<Proxy>, pod: &PodContext, connect: hbone::Connect) ->
     }
     let Some(permit) = pod.admit_connection(proxy) else {
         let reason = "the pod's concurrent connection limit is reached".to_owned();
-        Record::refused(&proxy.metrics, opening, Flags::Limit, reason.clone());
+        Record::refused(&proxy.metrics, opening, Flags::Overflow, reason.clone());
         return reject(StatusCode::SERVICE_UNAVAILABLE, reason);
     };
     let mut record = Record::open(&proxy.metrics, opening);

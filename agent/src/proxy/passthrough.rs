@@ -42,7 +42,7 @@ async fn carry_inbound(stream: TcpStream, peer: SocketAddr, proxy: &Proxy, pod: 
     let refusal = if proxy.limits.is_reserved(destination.port()) {
         proxy.metrics.limit_reached("reserved_port");
         Some((
-            Flags::Limit,
+            Flags::NoRoute,
             format!("port {} is one of meshlet's own", destination.port()),
         ))
     } else {

@@ -45,8 +45,11 @@ pub enum Flags {
     Deny,
     /// The upstream could not be reached (`CONNECT`).
     Connect,
-    /// Refused by a resource limit or a guard of the proxy itself (`LIMIT`).
-    Limit,
+    /// The original destination is one of meshlet's own ports: nothing to route to (`NR`,
+    /// Envoy's "no route").
+    NoRoute,
+    /// The pod's connection budget is spent (`UO`, Envoy's "upstream overflow").
+    Overflow,
 }
 
 impl Flags {
@@ -55,7 +58,8 @@ impl Flags {
             Self::Ok => "-",
             Self::Deny => "DENY",
             Self::Connect => "CONNECT",
-            Self::Limit => "LIMIT",
+            Self::NoRoute => "NR",
+            Self::Overflow => "UO",
         }
     }
 }
