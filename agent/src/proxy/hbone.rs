@@ -591,3 +591,67 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(method: &str, uri: &str, forwarded: Option<&[u8]>) -> Request<()> {
+        let mut builder = Request::builder().method(method).uri(uri);
+        if let Some(value) = forwarded {
+            builder = builder.header(
+                http::header::FORWARDED,
+                http::HeaderValue::from_bytes(value).unwrap(),
+            );
+        }
+        builder.body(()).unwrap()
+    }
+
+    #[test]
+    fn only_a_connect_to_an_ip_and_port_is_a_well_formed_request() {
+        let ok = parse_connect(&request("CONNECT", "10.244.1.11:8080", None)).unwrap();
+        assert_eq!(ok.authority, "10.244.1.11:8080".parse().unwrap());
+        assert_eq!(ok.forwarded, None);
+        let v6 = parse_connect(&request("CONNECT", "[fd00::b]:443", None)).unwrap();
+        assert_eq!(v6.authority, "[fd00::b]:443".parse().unwrap());
+
+        let cases = [
+            ("GET", "10.244.1.11:8080", BadRequest::Method("GET".into())),
+            (
+                "CONNECT",
+                "server.demo:8080",
+                BadRequest::Authority("server.demo:8080".into()),
+            ),
+            (
+                "CONNECT",
+                "10.244.1.11",
+                BadRequest::Authority("10.244.1.11".into()),
+            ),
+            (
+                "CONNECT",
+                "http://10.244.1.11:8080/",
+                BadRequest::Authority("http://10.244.1.11:8080/".into()),
+            ),
+            ("CONNECT", "10.244.1.11:0", BadRequest::PortZero),
+        ];
+        for (method, uri, want) in cases {
+            assert_eq!(
+                parse_connect(&request(method, uri, None)),
+                Err(want),
+                "{method} {uri}"
+            );
+        }
+    }
+
+    #[test]
+    fn forwarded_is_kept_short_for_the_log_and_must_be_text() {
+        let long = format!("for=\"{}\"", "9".repeat(1000));
+        let parsed =
+            parse_connect(&request("CONNECT", "10.0.0.1:80", Some(long.as_bytes()))).unwrap();
+        assert_eq!(parsed.forwarded.unwrap().chars().count(), 256);
+        assert_eq!(
+            parse_connect(&request("CONNECT", "10.0.0.1:80", Some(b"for=\xff\xfe"))),
+            Err(BadRequest::Header("forwarded".into()))
+        );
+    }
+}

@@ -465,3 +465,23 @@ impl PodContext {
             .find(|ip| ip.is_ipv4() == like.to_canonical().is_ipv4())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meshlets_own_ports_and_port_zero_are_reserved() {
+        let limits = Limits {
+            reserved_ports: vec![15001, 15006, 15008, 15020],
+            ..Limits::default()
+        };
+        for port in [0, 15001, 15006, 15008, 15020] {
+            assert!(limits.is_reserved(port), "{port}");
+        }
+        for port in [80, 8080, 15009, 15021] {
+            assert!(!limits.is_reserved(port), "{port}");
+        }
+        assert!(Limits::default().is_reserved(INBOUND_PLAINTEXT_PORT));
+    }
+}

@@ -221,3 +221,52 @@ impl Drop for Record {
 fn duration_ms(elapsed: Duration) -> u64 {
     u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opening() -> Opening {
+        Opening {
+            direction: Direction::Inbound,
+            protocol: "TCP",
+            source: "10.244.0.10:40000".parse().unwrap(),
+            destination: "10.244.1.11:8080".parse().unwrap(),
+            labels: ConnectionLabels {
+                reporter: "destination",
+                destination_workload: "server".into(),
+                request_protocol: "tcp",
+                connection_security_policy: "unknown",
+                response_flags: "-",
+                ..Default::default()
+            },
+        }
+    }
+
+    fn count(metrics: &Metrics, family: &str, flags: &str) -> u64 {
+        metrics
+            .render()
+            .lines()
+            .filter(|l| l.starts_with(family) && l.contains(&format!("response_flags=\"{flags}\"")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
+    #[test]
+    fn each_connection_is_opened_and_closed_once_with_its_final_flags() {
+        let metrics = Arc::new(Metrics::new());
+        drop(Record::refused(&metrics, opening(), Flags::Deny, "denied"));
+        let mut failed = Record::open(&metrics, opening());
+        failed.fail(Flags::Connect, "connection refused");
+        drop(failed);
+        drop(Record::open(&metrics, opening()));
+        let opened = "istio_tcp_connections_opened_total";
+        let closed = "istio_tcp_connections_closed_total";
+        assert_eq!(count(&metrics, opened, "DENY"), 1);
+        assert_eq!(count(&metrics, closed, "DENY"), 1);
+        // A connection that failed after it was opened: opened as `-`, closed as CONNECT.
+        assert_eq!(count(&metrics, opened, "-"), 2);
+        assert_eq!(count(&metrics, closed, "-"), 1);
+        assert_eq!(count(&metrics, closed, "CONNECT"), 1);
+    }
+}
