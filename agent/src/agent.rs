@@ -60,12 +60,21 @@ pub struct Config {
 /// Runs the agent until a termination signal.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     info!(config = %serde_json::to_string(&config)?, version = env!("CARGO_PKG_VERSION"), "starting meshlet agent");
-    match crate::sys::raise_open_files_limit() {
-        Ok(limit) => info!(limit, "open files limit"),
+    let open_files = match crate::sys::raise_open_files_limit() {
+        Ok(limit) => limit,
         Err(err) => {
-            warn!(%err, "cannot raise the open files limit; the node will carry fewer connections")
+            warn!(%err, "cannot raise the open files limit; the node will carry fewer connections");
+            1024
         }
-    }
+    };
+    let budgets =
+        crate::proxy::Budgets::for_descriptors(open_files, config.limits.max_connections_per_pod);
+    info!(
+        open_files,
+        per_pod = budgets.per_pod,
+        per_node = budgets.per_node,
+        "connection budgets"
+    );
     let capture = Capture::install(config.capture.clone())?;
 
     let ca = match &config.identity.ca {
@@ -93,6 +102,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         metrics.clone(),
         policy_cache.clone(),
         config.limits.clone(),
+        budgets,
     ));
     let reaper = tokio::spawn(proxy.pool.clone().run_reaper());
     let policies = tokio::spawn(follow_policies(proxy.clone(), policy_cache));

@@ -321,7 +321,7 @@ impl InPod {
             pod,
             netns.clone(),
             identity,
-            self.proxy.limits.max_connections_per_pod,
+            self.proxy.budgets.per_pod,
         ));
 
         // Listeners first: in fail-closed mode, capture before them would refuse connections.

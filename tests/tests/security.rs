@@ -432,7 +432,6 @@ fn a_labelled_pod_whose_capture_is_not_confirmed_is_reached_in_plaintext() {
 
 #[test]
 fn a_flood_at_one_pod_leaves_the_other_pods_of_the_node_served() {
-    let limit = 1_000;
     let mut cluster = Cluster::new(2);
     for (pod, node) in [("client", 0), ("attacker", 0), ("server", 1), ("other", 1)] {
         cluster.add_pod(pod, node);
@@ -453,12 +452,20 @@ fn a_flood_at_one_pod_leaves_the_other_pods_of_the_node_served() {
             .pod("other")
             .mesh_manifest("demo", &[("app", "other")]),
     ];
-    let mesh = FileMesh::start_with(
-        cluster,
-        base,
-        &[&["client"], &["server", "other"]],
-        |_, _| vec!["--max-connections-per-pod".into(), limit.to_string()],
-    );
+    // Default budgets: sized from the agent's open-files limit.
+    let mesh = FileMesh::start(cluster, base, &[&["client"], &["server", "other"]]);
+    let limit: usize = {
+        let log = mesh.agents[1].log();
+        let line = log
+            .lines()
+            .find(|l| l.contains("connection budgets"))
+            .expect("the agent logs its connection budgets");
+        line.split("per_pod=")
+            .nth(1)
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no per_pod in {line}"))
+    };
+    assert!(limit < 20_000, "a budget of {limit} would not be reached");
     let cluster = &mesh.cluster;
     let _server = cluster.pod("server").echo_server(8080);
     let _other = cluster.pod("other").echo_server(8080);
@@ -487,6 +494,15 @@ fn a_flood_at_one_pod_leaves_the_other_pods_of_the_node_served() {
         &[("limit", "pod_connections")],
         (20_000 - limit) as f64 - summary["failed"].as_f64().unwrap(),
     );
+    assert_eq!(
+        cluster.metric(
+            1,
+            "meshlet_proxy_limit_total",
+            &[("limit", "node_connections")]
+        ),
+        0.0,
+        "one pod's flood spent the node's budget"
+    );
     // Another pod of the same node is served all the while.
     cluster
         .pod("client")
@@ -501,7 +517,7 @@ fn a_flood_at_one_pod_leaves_the_other_pods_of_the_node_served() {
         during.0
     );
     eprintln!(
-        "flood: {summary}; {over} reset over the budget; agent descriptors {} -> {}, RSS {} -> {} KiB",
+        "flood: {summary}; budget {limit} per pod; {over} reset over it; agent descriptors {} -> {}, RSS {} -> {} KiB",
         before.0, during.0, before.1, during.1
     );
 }

@@ -705,7 +705,7 @@ impl Capture {
 
     /// Connections redirected so far, by direction, and kubelet's let through.
     pub fn redirects(&self) -> Result<Redirects, Error> {
-        read_redirects(&self.redirects, &self.probes_passed)
+        read_redirects(&self.redirects, Some(&self.probes_passed))
     }
 }
 
@@ -714,7 +714,8 @@ impl Capture {
 pub struct Pinned {
     enrolled: HashMap<MapData, u64, Enrollment>,
     redirects: PerCpuArray<MapData, u64>,
-    probes_passed: PerCpuArray<MapData, u64>,
+    /// Absent in the pins of an agent older than kubelet-probe tracking.
+    probes_passed: Option<PerCpuArray<MapData, u64>>,
 }
 
 impl std::fmt::Debug for Pinned {
@@ -738,9 +739,11 @@ impl Pinned {
             redirects: open(maps::REDIRECTS)?
                 .try_into()
                 .map_err(map_err(maps::REDIRECTS))?,
-            probes_passed: open(maps::PROBES_PASSED)?
-                .try_into()
-                .map_err(map_err(maps::PROBES_PASSED))?,
+            probes_passed: match open(maps::PROBES_PASSED) {
+                Ok(map) => Some(map.try_into().map_err(map_err(maps::PROBES_PASSED))?),
+                Err(_) if !layout.map(maps::PROBES_PASSED).exists() => None,
+                Err(err) => return Err(err),
+            },
         })
     }
 
@@ -751,7 +754,7 @@ impl Pinned {
 
     /// Connections redirected so far, by direction, and kubelet's let through.
     pub fn redirects(&self) -> Result<Redirects, Error> {
-        read_redirects(&self.redirects, &self.probes_passed)
+        read_redirects(&self.redirects, self.probes_passed.as_ref())
     }
 }
 
@@ -763,7 +766,7 @@ fn read_enrolled(map: &HashMap<MapData, u64, Enrollment>) -> Result<Vec<(u64, En
 
 fn read_redirects(
     redirects: &PerCpuArray<MapData, u64>,
-    probes_passed: &PerCpuArray<MapData, u64>,
+    probes_passed: Option<&PerCpuArray<MapData, u64>>,
 ) -> Result<Redirects, Error> {
     let read = |map: &PerCpuArray<MapData, u64>, index: u32, name| -> Result<u64, Error> {
         let values = map.get(&index, 0).map_err(map_err(name))?;
@@ -772,7 +775,10 @@ fn read_redirects(
     Ok(Redirects {
         outbound: read(redirects, Direction::Outbound as u32, maps::REDIRECTS)?,
         inbound: read(redirects, Direction::Inbound as u32, maps::REDIRECTS)?,
-        probes: read(probes_passed, 0, maps::PROBES_PASSED)?,
+        probes: match probes_passed {
+            Some(map) => read(map, 0, maps::PROBES_PASSED)?,
+            None => 0,
+        },
     })
 }
 

@@ -113,9 +113,10 @@ pub struct AgentArgs {
     #[arg(long, env = "MESHLET_TCP_KEEPALIVE", default_value = "180s", value_parser = parse_duration)]
     pub tcp_keepalive: Duration,
     /// Concurrent connections carried for one pod (its listeners plus HBONE streams to it);
-    /// more are reset and counted.
-    #[arg(long, env = "MESHLET_MAX_CONNECTIONS_PER_POD", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
-    pub max_connections_per_pod: u32,
+    /// more are reset and counted [default: 10000, or a quarter of what the open-files limit
+    /// allows the node, whichever is smaller].
+    #[arg(long, env = "MESHLET_MAX_CONNECTIONS_PER_POD", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections_per_pod: Option<u32>,
     /// Concurrent TLS handshakes per HBONE (15008) listener; more wait.
     #[arg(long, env = "MESHLET_MAX_TLS_HANDSHAKES", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_tls_handshakes: u32,
@@ -226,7 +227,7 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
     let limits = crate::proxy::Limits {
         connect_timeout: args.connect_timeout,
         tcp_keepalive: args.tcp_keepalive,
-        max_connections_per_pod: args.max_connections_per_pod as usize,
+        max_connections_per_pod: args.max_connections_per_pod.map(|n| n as usize),
         max_tls_handshakes: args.max_tls_handshakes as usize,
         hbone: crate::proxy::hbone::Limits {
             max_streams: args.hbone_max_streams,

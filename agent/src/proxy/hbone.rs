@@ -332,7 +332,7 @@ pub struct Upstream {
     /// Its metrics and access log line.
     pub record: super::record::Record,
     /// Its slot in the destination pod's connection budget.
-    pub permit: tokio::sync::OwnedSemaphorePermit,
+    pub permit: super::Permit,
 }
 
 /// A CONNECT the server received.

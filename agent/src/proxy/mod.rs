@@ -62,8 +62,9 @@ pub struct Limits {
     /// 1/3 of it apart): a peer that vanished is noticed and its connection freed.
     pub tcp_keepalive: Duration,
     /// Concurrent connections the proxy carries for one pod (accepted on its listeners, plus
-    /// HBONE streams admitted to it): a flood at one pod cannot exhaust the node.
-    pub max_connections_per_pod: usize,
+    /// HBONE streams admitted to it): a flood at one pod cannot exhaust the node. `None`: sized
+    /// from the open-files limit ([`Budgets::for_descriptors`]).
+    pub max_connections_per_pod: Option<usize>,
     /// Concurrent TLS handshakes per 15008 listener; more wait (within the handshake timeout).
     pub max_tls_handshakes: usize,
     /// HTTP/2 limits per HBONE peer connection.
@@ -78,11 +79,44 @@ impl Default for Limits {
         Self {
             connect_timeout: Duration::from_secs(10),
             tcp_keepalive: Duration::from_secs(180),
-            max_connections_per_pod: 10_000,
+            max_connections_per_pod: None,
             max_tls_handshakes: 64,
             hbone: hbone::Limits::default(),
             reserved_ports: vec![OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_HBONE_PORT],
         }
+    }
+}
+
+/// How many connections the proxy carries at once, per pod and for the whole node, sized so
+/// that the agent never runs out of descriptors: each carried connection holds two (the
+/// accepted socket and its upstream), and [`Budgets::RESERVED_DESCRIPTORS`] stay for
+/// everything else (listeners, namespaces, the API watch, the metrics endpoint, files).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Budgets {
+    /// Per pod.
+    pub per_pod: usize,
+    /// For the whole node.
+    pub per_node: usize,
+}
+
+impl Budgets {
+    /// Descriptors kept out of the connection budget.
+    pub const RESERVED_DESCRIPTORS: u64 = 2048;
+    /// The per-pod budget when the open-files limit allows it.
+    pub const DEFAULT_PER_POD: usize = 10_000;
+
+    /// The budgets for an agent allowed `open_files` descriptors: the node's is what the
+    /// descriptors allow; a pod's is `per_pod` if given, else [`Self::DEFAULT_PER_POD`] or a
+    /// quarter of the node's, whichever is smaller (so a flood at one pod leaves room for
+    /// the others).
+    pub fn for_descriptors(open_files: u64, per_pod: Option<usize>) -> Self {
+        let per_node = usize::try_from(open_files.saturating_sub(Self::RESERVED_DESCRIPTORS) / 2)
+            .unwrap_or(usize::MAX)
+            .max(1);
+        let per_pod = per_pod
+            .unwrap_or(Self::DEFAULT_PER_POD.min(per_node / 4))
+            .clamp(1, per_node);
+        Self { per_pod, per_node }
     }
 }
 
@@ -122,6 +156,10 @@ pub struct Proxy {
     pub connections: Arc<connections::Registry>,
     /// Resource bounds and guards.
     pub limits: Limits,
+    /// Connection budgets (sized from the open-files limit).
+    pub budgets: Budgets,
+    /// The node's connection budget, shared by every pod.
+    node_budget: Arc<Semaphore>,
     /// The policies in force (kept up to date by the agent; the proxy only reads them).
     pub policy_cache: Arc<policy::Cache>,
     round_robin: AtomicUsize,
@@ -143,6 +181,7 @@ impl Proxy {
         metrics: Arc<crate::metrics::Metrics>,
         policy_cache: Arc<policy::Cache>,
         limits: Limits,
+        budgets: Budgets,
     ) -> Self {
         Self {
             metrics,
@@ -150,6 +189,8 @@ impl Proxy {
             identities,
             policy_cache,
             limits,
+            budgets,
+            node_budget: Arc::new(Semaphore::new(budgets.per_node)),
             pool: Arc::new(hbone::Pool::new()),
             connections: connections::Registry::new(),
             round_robin: AtomicUsize::new(0),
@@ -373,7 +414,7 @@ pub async fn accept_loop<F, Fut>(
     pod: Arc<PodContext>,
     carry: F,
 ) where
-    F: Fn(TcpStream, SocketAddr, OwnedSemaphorePermit) -> Fut,
+    F: Fn(TcpStream, SocketAddr, Permit) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
@@ -397,6 +438,13 @@ pub async fn accept_loop<F, Fut>(
     }
 }
 
+/// A carried connection's slots in the node's and its pod's budgets, released on drop.
+#[derive(Debug)]
+pub struct Permit {
+    _node: OwnedSemaphorePermit,
+    _pod: OwnedSemaphorePermit,
+}
+
 /// The pod a listener serves.
 #[derive(Debug)]
 pub struct PodContext {
@@ -410,7 +458,7 @@ pub struct PodContext {
     pub identity: Identity,
     /// Its addresses.
     pub ips: Vec<IpAddr>,
-    /// Its connection budget ([`Limits::max_connections_per_pod`]).
+    /// Its connection budget ([`Budgets::per_pod`]).
     pub budget: Arc<Semaphore>,
     /// When the pod last hit its budget (seconds since the epoch), to warn once a minute.
     last_limit_warning: AtomicU64,
@@ -430,13 +478,34 @@ impl PodContext {
         }
     }
 
-    /// Takes a slot of the pod's connection budget, or counts (and now and then logs) that the
-    /// budget is spent.
-    pub fn admit_connection(&self, proxy: &Proxy) -> Option<OwnedSemaphorePermit> {
-        if let Ok(permit) = self.budget.clone().try_acquire_owned() {
-            return Some(permit);
-        }
-        proxy.metrics.limit_reached("pod_connections");
+    /// Takes a slot of the node's and of the pod's connection budget, or counts (and now and
+    /// then logs) which is spent.
+    pub fn admit_connection(&self, proxy: &Proxy) -> Option<Permit> {
+        let Ok(node) = proxy.node_budget.clone().try_acquire_owned() else {
+            proxy.metrics.limit_reached("node_connections");
+            self.warn_now_and_then(
+                "the node's connection budget (sized from the open-files limit) is spent; new \
+                 connections are reset (raise the agent's open-files limit)",
+                proxy.budgets.per_node,
+            );
+            return None;
+        };
+        let Ok(pod) = self.budget.clone().try_acquire_owned() else {
+            proxy.metrics.limit_reached("pod_connections");
+            self.warn_now_and_then(
+                "pod has reached its concurrent connection limit; new connections are reset \
+                 (--max-connections-per-pod)",
+                proxy.budgets.per_pod,
+            );
+            return None;
+        };
+        Some(Permit {
+            _node: node,
+            _pod: pod,
+        })
+    }
+
+    fn warn_now_and_then(&self, message: &str, limit: usize) {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -447,14 +516,8 @@ impl PodContext {
                 .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
         {
-            tracing::warn!(
-                pod = %self.key,
-                limit = proxy.limits.max_connections_per_pod,
-                "pod has reached its concurrent connection limit; new connections are reset \
-                 (--max-connections-per-pod)"
-            );
+            tracing::warn!(pod = %self.key, limit, "{message}");
         }
-        None
     }
 
     /// The pod's address of the same family as `like`.
@@ -483,5 +546,29 @@ mod tests {
             assert!(!limits.is_reserved(port), "{port}");
         }
         assert!(Limits::default().is_reserved(INBOUND_PLAINTEXT_PORT));
+    }
+
+    #[test]
+    fn budgets_fit_the_descriptors_the_agent_may_open() {
+        // This machine's hard limit: one pod may not take every descriptor.
+        let budgets = Budgets::for_descriptors(20_000, None);
+        assert_eq!(budgets.per_node, 8_976);
+        assert_eq!(budgets.per_pod, 2_244);
+        // A DaemonSet's usual limit: the default per pod.
+        let budgets = Budgets::for_descriptors(1 << 20, None);
+        assert_eq!(budgets.per_pod, Budgets::DEFAULT_PER_POD);
+        // Explicit, within the node's; and never zero.
+        assert_eq!(Budgets::for_descriptors(20_000, Some(1_000)).per_pod, 1_000);
+        assert_eq!(
+            Budgets::for_descriptors(20_000, Some(1 << 30)).per_pod,
+            8_976
+        );
+        assert_eq!(
+            Budgets::for_descriptors(100, None),
+            Budgets {
+                per_pod: 1,
+                per_node: 1
+            }
+        );
     }
 }
