@@ -73,35 +73,49 @@ impl FileMesh {
     /// pods (`extra_pods`: name and node) and objects (services, ...). Each pod is labelled
     /// `app: <name>`.
     pub fn client_server(extra_pods: &[(&str, usize)], extra_objects: Vec<Value>) -> Self {
-        let mut cluster = Cluster::new(2);
         let demo: Vec<(&str, usize)> = [("client", 0), ("server", 1)]
             .into_iter()
             .chain(extra_pods.iter().copied())
             .collect();
-        for &(name, node) in &demo {
+        Self::layout(&demo, &[("bystander", 0)], extra_objects, |_, _| Vec::new())
+    }
+
+    /// Two nodes: the `mesh` pods (name, node) in namespace `demo` (ambient, each confirmed
+    /// captured), the `legacy` pods in namespace `legacy` (outside the mesh), each labelled
+    /// `app: <name>`, plus `extra_objects`; agents on both nodes with `flags(&cluster, node)`
+    /// more flags, started once every mesh pod is enrolled.
+    pub fn layout(
+        mesh: &[(&str, usize)],
+        legacy: &[(&str, usize)],
+        extra_objects: Vec<Value>,
+        flags: impl Fn(&Cluster, usize) -> Vec<String>,
+    ) -> Self {
+        let mut cluster = Cluster::new(2);
+        for &(name, node) in mesh.iter().chain(legacy) {
             cluster.add_pod(name, node);
         }
-        cluster.add_pod("bystander", 0);
         let mut base = vec![
             crate::namespace_manifest("demo", &[("meshlet.io/dataplane-mode", "ambient")]),
             crate::namespace_manifest("legacy", &[]),
-            cluster
-                .pod("bystander")
-                .manifest("legacy", &[("app", "bystander")]),
         ];
         base.extend(
-            demo.iter()
+            legacy
+                .iter()
+                .map(|&(name, _)| cluster.pod(name).manifest("legacy", &[("app", name)])),
+        );
+        base.extend(
+            mesh.iter()
                 .map(|&(name, _)| cluster.pod(name).mesh_manifest("demo", &[("app", name)])),
         );
         base.extend(extra_objects);
         let on = |node: usize| {
-            demo.iter()
+            mesh.iter()
                 .filter(|(_, n)| *n == node)
                 .map(|(name, _)| *name)
                 .collect::<Vec<_>>()
         };
         let (node0, node1) = (on(0), on(1));
-        Self::start(cluster, base, &[&node0, &node1])
+        Self::start_with(cluster, base, &[&node0, &node1], flags)
     }
 
     /// Rewrites the file as the base objects plus `extra`, and waits until every agent has

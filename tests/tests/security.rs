@@ -348,22 +348,10 @@ fn two_pods_of_one_service_account_each_arrive_from_their_own_address() {
 
 #[test]
 fn clients_on_the_node_meet_policy_and_only_kubelet_probes_pass() {
-    let mut cluster = Cluster::new(2);
-    cluster.add_pod("client", 0);
-    cluster.add_pod("server", 1);
-    let base = vec![
-        namespace_manifest("demo", &[AMBIENT]),
-        cluster
-            .pod("client")
-            .mesh_manifest("demo", &[("app", "client")]),
-        cluster
-            .pod("server")
-            .mesh_manifest("demo", &[("app", "server")]),
-    ];
-    let mesh = FileMesh::start_with(
-        cluster,
-        base,
-        &[&["client"], &["server"]],
+    let mesh = FileMesh::layout(
+        &[("client", 0), ("server", 1)],
+        &[],
+        vec![],
         |cluster, node| {
             vec![
                 "--kubelet-cgroup".into(),
@@ -432,28 +420,13 @@ fn a_labelled_pod_whose_capture_is_not_confirmed_is_reached_in_plaintext() {
 
 #[test]
 fn a_flood_at_one_pod_leaves_the_other_pods_of_the_node_served() {
-    let mut cluster = Cluster::new(2);
-    for (pod, node) in [("client", 0), ("attacker", 0), ("server", 1), ("other", 1)] {
-        cluster.add_pod(pod, node);
-    }
-    let base = vec![
-        namespace_manifest("demo", &[AMBIENT]),
-        namespace_manifest("legacy", &[]),
-        cluster
-            .pod("client")
-            .mesh_manifest("demo", &[("app", "client")]),
-        cluster
-            .pod("attacker")
-            .manifest("legacy", &[("app", "attacker")]),
-        cluster
-            .pod("server")
-            .mesh_manifest("demo", &[("app", "server")]),
-        cluster
-            .pod("other")
-            .mesh_manifest("demo", &[("app", "other")]),
-    ];
     // Default budgets: sized from the agent's open-files limit.
-    let mesh = FileMesh::start(cluster, base, &[&["client"], &["server", "other"]]);
+    let mesh = FileMesh::layout(
+        &[("client", 0), ("server", 1), ("other", 1)],
+        &[("attacker", 0)],
+        vec![],
+        |_, _| Vec::new(),
+    );
     let limit: usize = {
         let log = mesh.agents[1].log();
         let line = log
@@ -524,28 +497,16 @@ fn a_flood_at_one_pod_leaves_the_other_pods_of_the_node_served() {
 
 #[test]
 fn stalled_handshakes_oversized_headers_and_dead_upstreams_are_bounded() {
-    let mut cluster = Cluster::new(2);
-    for (pod, node) in [("client", 0), ("server", 1), ("other", 1)] {
-        cluster.add_pod(pod, node);
-    }
-    let base = vec![
-        namespace_manifest("demo", &[AMBIENT]),
-        cluster
-            .pod("client")
-            .mesh_manifest("demo", &[("app", "client")]),
-        cluster
-            .pod("server")
-            .mesh_manifest("demo", &[("app", "server")]),
-        cluster
-            .pod("other")
-            .mesh_manifest("demo", &[("app", "other")]),
-    ];
-    let flags = |_: &Cluster, _: usize| -> Vec<String> {
-        ["--max-tls-handshakes", "2", "--connect-timeout", "300ms"]
-            .map(String::from)
-            .to_vec()
-    };
-    let mesh = FileMesh::start_with(cluster, base, &[&["client"], &["server", "other"]], flags);
+    let mesh = FileMesh::layout(
+        &[("client", 0), ("server", 1), ("other", 1)],
+        &[],
+        vec![],
+        |_, _| {
+            ["--max-tls-handshakes", "2", "--connect-timeout", "300ms"]
+                .map(String::from)
+                .to_vec()
+        },
+    );
     let cluster = &mesh.cluster;
     let (server, other) = (cluster.pod("server"), cluster.pod("other"));
     let _echo = [server.echo_server(8080), other.echo_server(8080)];
