@@ -2,10 +2,10 @@
 //!
 //! For every local pod that [`enrollment::decide`] enrolls, the reconciler finds the pod's
 //! network namespace (a process of the pod's cgroup; with the file source, the
-//! `meshlet.io/netns` annotation may name it), checks that it is the pod's own
-//! ([`discovery::verify`]: not the agent's, not the host's, no process of another cgroup in it;
-//! each refusal logged and counted), opens the in-pod listeners there (15001 outbound on loopback, 15006 inbound), enrolls the
-//! namespace in the capture maps, registers the 15006 listeners for inbound steering and marks
+//! `meshlet.io/netns` annotation may name it), opens it and checks that what it holds is the
+//! pod's own ([`discovery::verify`]: not the agent's, not the host's, no process of another
+//! cgroup in it; each refusal logged and counted), opens the in-pod listeners there (15001
+//! outbound on loopback, 15006 and 15008 inbound), enrolls the namespace in the capture maps, registers the 15006 listeners for inbound steering and marks
 //! the pod ready. It undoes all of it when the pod is unlabelled, deleted, or its namespace
 //! disappears. It runs on every store change and every 250 ms (pods whose namespace has not
 //! appeared yet are retried), and only after the source has synced, so a restarted agent never
@@ -254,13 +254,25 @@ impl InPod {
             let Some(source) = source else {
                 continue;
             };
-            if let Err(refusal) =
-                discovery::verify(&self.proc_root, source.path(), uid, &host_network)
-            {
+            // Open first, then check what the handle holds: a path that changes meaning in
+            // between (a process exiting and its PID reused) cannot slip past the check.
+            let opened = Netns::open(source.path()).and_then(|netns| {
+                let inode = netns.inode()?;
+                Ok((netns, inode))
+            });
+            let (netns, inode) = match opened {
+                Ok(opened) => opened,
+                // Gone meanwhile: looked for again on the next pass.
+                Err(err) => {
+                    tracing::debug!(pod = %pod.key, %err, "pod namespace vanished");
+                    continue;
+                }
+            };
+            if let Err(refusal) = discovery::verify(&self.proc_root, inode, uid, &host_network) {
                 self.refuse(pod, &refusal);
                 continue;
             }
-            match self.enroll(pod, source) {
+            match self.enroll(pod, source, netns, inode) {
                 Ok(enrolled) => {
                     self.failures.remove(uid);
                     info!(pod = %pod.key, cookie = enrolled.cookie, netns = %enrolled.source.path().display(), "pod enrolled");
@@ -309,11 +321,15 @@ impl InPod {
         }
     }
 
-    fn enroll(&mut self, pod: &Pod, source: NetnsSource) -> anyhow::Result<Enrolled> {
+    fn enroll(
+        &mut self,
+        pod: &Pod,
+        source: NetnsSource,
+        netns: Netns,
+        inode: u64,
+    ) -> anyhow::Result<Enrolled> {
         use anyhow::Context as _;
-        let netns = Arc::new(Netns::open(source.path())?);
-        let inode =
-            std::fs::metadata(source.path()).map(|m| std::os::unix::fs::MetadataExt::ino(&m))?;
+        let netns = Arc::new(netns);
         let identity = self.proxy.identity_of(pod)?;
         // Issue the pod's certificate now: a CA problem shows here, not on the first connection.
         self.proxy.identities.certified(&identity)?;

@@ -46,6 +46,13 @@ impl Netns {
         Self::open("/proc/thread-self/ns/net")
     }
 
+    /// The namespace's inode (nsfs), read from the open handle: what `/proc/<pid>/ns/net`
+    /// links of processes in it compare equal to.
+    pub fn inode(&self) -> io::Result<u64> {
+        use std::os::unix::fs::MetadataExt as _;
+        File::from(self.fd.try_clone()?).metadata().map(|m| m.ino())
+    }
+
     /// Where this namespace was opened from.
     pub fn path(&self) -> &Path {
         &self.path

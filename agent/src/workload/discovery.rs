@@ -72,13 +72,14 @@ pub fn netns_inode(path: &Path) -> std::io::Result<u64> {
     fs::metadata(path).map(|m| m.ino())
 }
 
-/// Checks that the network namespace at `netns` may be captured as the pod `uid`'s own:
-/// it is neither the agent's (`/proc/self`) nor the host's (`/proc/1`), and every process
-/// in it is in the pod's cgroup. `host_network_uids` names this node's hostNetwork pods, so a
+/// Checks that the network namespace with inode `inode` (read from the handle the agent
+/// holds, so what is checked is what will be entered) may be captured as the pod `uid`'s own:
+/// it is neither the agent's (`/proc/self`) nor the host's (`/proc/1`), and every process in
+/// it is in the pod's cgroup. `host_network_uids` names this node's hostNetwork pods, so a
 /// refusal can say whose process it met.
 pub fn verify(
     proc_root: &Path,
-    netns: &Path,
+    inode: u64,
     uid: &str,
     host_network_uids: &[String],
 ) -> Result<(), Refusal> {
@@ -86,7 +87,6 @@ pub fn verify(
         path: path.to_owned(),
         error: err.to_string(),
     };
-    let inode = netns_inode(netns).map_err(|err| unreadable(netns, err))?;
     let own = proc_root.join("self/ns/net");
     if netns_inode(&own).map_err(|err| unreadable(&own, err))? == inode {
         return Err(Refusal::OwnNetns);
@@ -251,7 +251,10 @@ mod tests {
             ],
         );
         let host_pods = [HOST_POD.to_owned()];
-        let check = |netns: &str| verify(&root, &root.join(netns).join("ns/net"), UID, &host_pods);
+        let check = |netns: &str| {
+            let inode = netns_inode(&root.join(netns).join("ns/net")).unwrap();
+            verify(&root, inode, UID, &host_pods)
+        };
         assert_eq!(check("42"), Ok(()), "every process is the pod's");
         assert_eq!(check("7"), Err(Refusal::OwnNetns));
         assert_eq!(check("1"), Err(Refusal::HostNetns));
@@ -264,7 +267,7 @@ mod tests {
             })
         );
         assert!(matches!(
-            verify(&root, &root.join("missing"), UID, &host_pods),
+            verify(&root.join("missing"), 1, UID, &host_pods),
             Err(Refusal::Unreadable { .. })
         ));
         assert_eq!(Refusal::OwnNetns.reason(), "own_netns");
