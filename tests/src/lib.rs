@@ -319,15 +319,7 @@ impl Pod {
     /// [`Pod::connect`] with more `meshlet-testpod connect` flags (`--mark`, `--timeout-ms N`,
     /// `--delay-ms N`).
     pub fn connect_with(&self, to: SocketAddr, payload: usize, flags: &[&str]) -> ConnectReport {
-        let mut command = self.testpod(&[
-            "connect",
-            "--to",
-            &to.to_string(),
-            "--send",
-            &payload.to_string(),
-        ]);
-        command.args(flags);
-        process::connect(command)
+        process::connect_with(self.command(process::testpod_binary()), to, payload, flags)
     }
 
     fn testpod(&self, args: &[&str]) -> Command {
@@ -635,15 +627,8 @@ impl Cluster {
 
     /// Connects from node `index` itself to `to` (like a kubelet probe).
     pub fn connect_from_node(&self, index: usize, to: SocketAddr, payload: usize) -> ConnectReport {
-        let mut command = self.node_command(index, process::testpod_binary());
-        command.args([
-            "connect",
-            "--to",
-            &to.to_string(),
-            "--send",
-            &payload.to_string(),
-        ]);
-        process::connect(command)
+        let command = self.node_command(index, process::testpod_binary());
+        process::connect_with(command, to, payload, &[])
     }
 
     /// The cluster's state directory: the mesh CA every agent of the cluster shares (created
@@ -1046,19 +1031,11 @@ impl Cluster {
         payload: usize,
         flags: &[&str],
     ) -> ConnectReport {
-        let mut command = process::in_pod(
+        let command = process::in_pod(
             process::testpod_binary(),
             &self.nodes[index].netns.path(),
             cgroup,
         );
-        command.args([
-            "connect",
-            "--to",
-            &to.to_string(),
-            "--send",
-            &payload.to_string(),
-        ]);
-        command.args(flags);
-        process::connect(command)
+        process::connect_with(command, to, payload, flags)
     }
 }

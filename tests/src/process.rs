@@ -151,6 +151,25 @@ impl ConnectReport {
     }
 }
 
+/// Runs `meshlet-testpod connect` as `command` (a testpod command placed in its namespace and
+/// cgroup): to `to`, sending `payload` bytes, with more `flags`; returns its report.
+pub fn connect_with(
+    mut command: Command,
+    to: SocketAddr,
+    payload: usize,
+    flags: &[&str],
+) -> ConnectReport {
+    command.args([
+        "connect",
+        "--to",
+        &to.to_string(),
+        "--send",
+        &payload.to_string(),
+    ]);
+    command.args(flags);
+    connect(command)
+}
+
 /// Runs the `connect` helper to completion and returns its report.
 pub fn connect(mut command: Command) -> ConnectReport {
     let out = command

@@ -119,26 +119,14 @@ impl Record {
     /// opened and closed with `flags`, logged with `reason` when dropped (at once, usually).
     pub fn refused(
         metrics: &Arc<Metrics>,
-        opening: Opening,
+        mut opening: Opening,
         flags: Flags,
         reason: impl Into<String>,
     ) -> Self {
-        let mut labels = opening.labels;
-        labels.response_flags = flags.as_str();
-        let counters = metrics.open(&labels);
-        Self {
-            metrics: metrics.clone(),
-            labels,
-            direction: opening.direction,
-            protocol: opening.protocol,
-            source: opening.source,
-            destination: opening.destination,
-            forwarded: None,
-            start: Instant::now(),
-            counters,
-            flags,
-            reason: Some(reason.into()),
-        }
+        opening.labels.response_flags = flags.as_str();
+        let mut record = Self::open(metrics, opening);
+        record.fail(flags, reason);
+        record
     }
 
     /// The byte counters (sent, received) for [`crate::metrics::Counted`].
