@@ -111,7 +111,7 @@ fn run_one(target: &str, seconds: u64) -> anyhow::Result<()> {
     }
     let artifacts: Vec<String> = artifacts.iter().map(|a| a.display().to_string()).collect();
     bail!(
-        "{target} crashed on {} (reproduce: cargo +{NIGHTLY} fuzz run --debug-assertions {target} \
+        "{target} crashed on {} (reproduce: cargo +{NIGHTLY} fuzz run --debug-assertions --codegen-units 16 {target} \
          {}; the whole output is in {})",
         artifacts.join(", "),
         artifacts[0],
@@ -119,8 +119,8 @@ fn run_one(target: &str, seconds: u64) -> anyhow::Result<()> {
     )
 }
 
-/// `cargo +nightly fuzz <args> --debug-assertions --target-dir fuzz/target`, so that every
-/// build of the targets has the same flags and shares one target directory.
+/// `cargo +nightly fuzz <args> --debug-assertions --codegen-units 16 --target-dir fuzz/target`,
+/// so that every build of the targets has the same flags and shares one target directory.
 fn cargo_fuzz(args: &[&str]) -> Command {
     let mut command = Command::new("rustup");
     // This is a stable cargo's child: its toolchain must not leak into the nightly build.
@@ -130,7 +130,11 @@ fn cargo_fuzz(args: &[&str]) -> Command {
     command
         .args(["run", NIGHTLY, "cargo", "fuzz"])
         .args(args)
-        .args(["--debug-assertions", "--target-dir", TARGET_DIR])
+        // 16 codegen units: the cold build (the agent and all its dependencies) takes about
+        // half as long, for somewhat fewer executions per second; a fresh CI clone pays it on
+        // every run.
+        .args(["--debug-assertions", "--codegen-units", "16"])
+        .args(["--target-dir", TARGET_DIR])
         .stdin(Stdio::null());
     command
 }
