@@ -378,14 +378,19 @@ impl Proxy {
                 ));
             }
         };
-        self.tune(&stream);
+        self.keepalive(&stream);
         Ok(stream)
     }
 
-    /// Socket options of every proxied TCP socket: `TCP_NODELAY` (the proxy forwards small
+    /// Socket options of every accepted TCP socket: `TCP_NODELAY` (the proxy forwards small
     /// writes as they come) and keepalive.
     fn tune(&self, stream: &TcpStream) {
         let _ = stream.set_nodelay(true);
+        self.keepalive(stream);
+    }
+
+    /// TCP keepalive ([`Limits::tcp_keepalive`]), on every proxied socket.
+    fn keepalive(&self, stream: &TcpStream) {
         let time = self.limits.tcp_keepalive;
         if !time.is_zero() {
             let keepalive = socket2::TcpKeepalive::new()
