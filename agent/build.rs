@@ -6,6 +6,11 @@
 //! (stable) build removed. Its target directory is shared by every profile of the outer
 //! build (`target/ebpf`), so `check`, `clippy`, `build` and `test` build the programs once.
 //! `cargo xtask setup` installs what this needs.
+//!
+//! It also generates the tonic client and server of Istio's certificate service
+//! (`istio.v1.auth.IstioCertificateService`, see `proto/istio/v1/auth/ca.proto`) from a Rust
+//! description with `tonic_build::manual`, so the build needs no `protoc`; the messages are
+//! prost types in `src/proto.rs`.
 
 use std::{
     env,
@@ -25,6 +30,7 @@ fn main() {
         .unwrap_or_else(|| workspace.join("target"))
         .join("ebpf");
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+    generate_ca_service();
 
     for watched in [
         "ebpf/src",
@@ -89,4 +95,22 @@ fn main() {
 fn copy(from: &Path, to: &Path) {
     std::fs::copy(from, to)
         .unwrap_or_else(|err| panic!("copy {} -> {}: {err}", from.display(), to.display()));
+}
+
+/// Generates `istio.v1.auth.IstioCertificateService.rs` in `OUT_DIR`: Istio's `IstioCertificateService` with its one
+/// method, `CreateCertificate`, over the prost codec.
+fn generate_ca_service() {
+    let method = tonic_build::manual::Method::builder()
+        .name("create_certificate")
+        .route_name("CreateCertificate")
+        .input_type("crate::proto::IstioCertificateRequest")
+        .output_type("crate::proto::IstioCertificateResponse")
+        .codec_path("tonic_prost::ProstCodec")
+        .build();
+    let service = tonic_build::manual::Service::builder()
+        .name("IstioCertificateService")
+        .package("istio.v1.auth")
+        .method(method)
+        .build();
+    tonic_build::manual::Builder::new().compile(&[service]);
 }

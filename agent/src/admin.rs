@@ -19,6 +19,7 @@ use tracing::{debug, info};
 
 use crate::{
     capture::Pinned,
+    identity,
     proxy::Proxy,
     source::SyncState,
     workload::enrollment::{self, Decision},
@@ -63,10 +64,10 @@ pub struct WorkloadRow {
 }
 
 /// Serves `router` on `listener` until the task is dropped.
-pub async fn serve(
+pub async fn serve<S: Clone + Send + Sync + 'static>(
     listener: TcpListener,
-    state: State,
-    router: fn(&State, &Request<hyper::body::Incoming>) -> Response<Full<Bytes>>,
+    state: S,
+    router: fn(&S, &Request<hyper::body::Incoming>) -> Response<Full<Bytes>>,
 ) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -89,11 +90,11 @@ pub async fn serve(
 }
 
 /// Binds `addr` and serves `router` there.
-pub async fn start(
+pub async fn start<S: Clone + Send + Sync + 'static>(
     name: &'static str,
     addr: SocketAddr,
-    state: State,
-    router: fn(&State, &Request<hyper::body::Incoming>) -> Response<Full<Bytes>>,
+    state: S,
+    router: fn(&S, &Request<hyper::body::Incoming>) -> Response<Full<Bytes>>,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = TcpListener::bind(addr).await.map_err(|err| {
         std::io::Error::new(
@@ -106,7 +107,11 @@ pub async fn start(
     Ok(tokio::spawn(serve(listener, state, router)))
 }
 
-fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+pub(crate) fn reply(
+    status: StatusCode,
+    content_type: &str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, content_type)
@@ -157,9 +162,12 @@ pub fn metrics(state: &State, request: &Request<hyper::body::Incoming>) -> Respo
     }
     metrics.source_synced.set(i64::from(state.sync.synced()));
     let now = std::time::SystemTime::now();
-    for cert in state.proxy.identities.list() {
-        let left = cert
-            .not_after
+    let certs = state.proxy.identities.list();
+    for cert in &certs {
+        let Some(not_after) = cert.not_after else {
+            continue;
+        };
+        let left = not_after
             .duration_since(now)
             .map_or(0, |d| d.as_secs() as i64);
         metrics
@@ -167,6 +175,13 @@ pub fn metrics(state: &State, request: &Request<hyper::body::Incoming>) -> Respo
             .with_label_values(&[&cert.identity.to_string()])
             .set(left);
     }
+    let pending = certs
+        .iter()
+        .filter(|c| c.state == identity::CertState::Pending);
+    metrics.certificates_pending.set(pending.count() as i64);
+    metrics
+        .ca_reachable
+        .set(i64::from(state.proxy.identities.issuer_status().reachable));
     metrics
         .policy_unsupported_fields
         .set(state.proxy.policies().unsupported_fields() as i64);

@@ -10,20 +10,23 @@ use tracing::{info, warn};
 use crate::{
     admin,
     capture::{self, Capture},
-    identity::{self, Ca, SystemClock},
+    identity::{self, Ca, Issuer, SystemClock},
     inpod::{Annotator, InPod},
     proxy::Proxy,
     source::{self, SourceConfig, SyncState},
     workload::Store,
 };
 
-/// Where the mesh CA comes from.
+/// Where workload certificates come from.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct IdentityConfig {
     /// The SPIFFE trust domain.
     pub trust_domain: String,
-    /// A CA certificate chain (PEM: the signing CA first, the root last) and its key. Without
-    /// them, a development root is generated in (or reloaded from) `state_dir`.
+    /// The cluster CA (`meshlet ca` or istiod): the production path, no key on the node.
+    pub remote: Option<identity::RemoteConfig>,
+    /// Development only: a CA certificate chain (PEM: the signing CA first, the root last) and
+    /// its key, signing on the node. With neither this nor `remote`, a development root is
+    /// generated in (or reloaded from) `state_dir`.
     pub ca: Option<(PathBuf, PathBuf)>,
     /// Where the agent keeps state (the development root).
     pub state_dir: PathBuf,
@@ -77,17 +80,25 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     let capture = Capture::install(config.capture.clone())?;
 
-    let ca = match &config.identity.ca {
-        Some((cert, key)) => {
+    let issuer = match (&config.identity.remote, &config.identity.ca) {
+        (Some(remote), _) => Issuer::Remote(Arc::new(identity::RemoteCa::new(remote.clone())?)),
+        (None, Some((cert, key))) => {
             let read = |path: &PathBuf| {
                 std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))
             };
-            Ca::from_pem(&read(cert)?, &read(key)?)?
+            warn!(
+                "signing workload certificates on this node with --ca-cert/--ca-key: for \
+                 development and the file source only; clusters use --ca-address"
+            );
+            Issuer::Local(Arc::new(Ca::from_pem(&read(cert)?, &read(key)?)?))
         }
-        None => Ca::load_or_generate(&config.identity.state_dir, &config.identity.trust_domain)?,
+        (None, None) => Issuer::Local(Arc::new(Ca::load_or_generate(
+            &config.identity.state_dir,
+            &config.identity.trust_domain,
+        )?)),
     };
     let identities = Arc::new(identity::Manager::new(
-        Arc::new(ca),
+        issuer,
         &config.identity.trust_domain,
         Arc::new(SystemClock),
     )?);
@@ -214,7 +225,8 @@ async fn follow_policies(proxy: Arc<Proxy>, cache: Arc<crate::policy::Cache>) {
     }
 }
 
-async fn shutdown_signal() -> anyhow::Result<()> {
+/// Waits for SIGTERM or SIGINT.
+pub(crate) async fn shutdown_signal() -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;

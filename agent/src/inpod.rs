@@ -152,6 +152,7 @@ impl InPod {
         info!(node = %self.node, "source synced; reconciling enrollment");
         self.forget_unknown_enrollments();
         let mut changes = self.store.subscribe();
+        let mut certificates = self.proxy.identities.subscribe();
         let mut tick = tokio::time::interval(TICK);
         let mut first = true;
         loop {
@@ -163,6 +164,7 @@ impl InPod {
             }
             tokio::select! {
                 _ = changes.changed() => {}
+                _ = certificates.changed() => {}
                 _ = tick.tick() => {}
                 _ = shutdown.wait_for(|s| *s) => break,
             }
@@ -281,6 +283,9 @@ impl InPod {
                     }
                     self.enrolled.insert(uid.to_owned(), enrolled);
                 }
+                Err(err) if err.is::<CertificatePending>() => {
+                    tracing::debug!(pod = %pod.key, "{err}");
+                }
                 Err(err) => {
                     let message = format!("{err:#}");
                     if self.failures.get(uid) != Some(&message) {
@@ -331,8 +336,12 @@ impl InPod {
         use anyhow::Context as _;
         let netns = Arc::new(netns);
         let identity = self.proxy.identity_of(pod)?;
-        // Issue the pod's certificate now: a CA problem shows here, not on the first connection.
-        self.proxy.identities.certified(&identity)?;
+        // The pod's certificate first: a pod is captured once the mesh can serve it, and a CA
+        // problem shows here, not on its first connection. A remote CA answers in the
+        // background; the next pass (woken by its answer) enrolls the pod.
+        if !self.proxy.identities.ensure(&identity)? {
+            return Err(anyhow::Error::new(CertificatePending(identity)));
+        }
         let context = Arc::new(PodContext::new(
             pod,
             netns.clone(),
@@ -443,6 +452,18 @@ impl InPod {
 
 /// Whether the pod's namespace is still there. A pod found through a process that has exited
 /// is looked up again: another process of the pod in the same namespace keeps it enrolled.
+/// A pod waits for its workload certificate before it is enrolled.
+#[derive(Debug)]
+struct CertificatePending(crate::identity::Identity);
+
+impl std::fmt::Display for CertificatePending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "waiting for the workload certificate of {}", self.0)
+    }
+}
+
+impl std::error::Error for CertificatePending {}
+
 fn netns_alive(proc_root: &Path, uid: &str, enrolled: &mut Enrolled) -> bool {
     let inode = |path: &Path| {
         std::fs::metadata(path)

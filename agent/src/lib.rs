@@ -5,12 +5,14 @@
 
 pub mod admin;
 pub mod agent;
+pub mod ca;
 pub mod capture;
 pub mod cli;
 pub mod identity;
 pub mod inpod;
 pub mod metrics;
 pub mod policy;
+pub mod proto;
 pub mod proxy;
 pub mod source;
 pub mod sys;

@@ -92,6 +92,10 @@ pub struct Metrics {
     pub source_synced: IntGauge,
     /// Seconds until each workload certificate expires.
     pub certificate_expiry: IntGaugeVec,
+    /// 1 while the certificate issuer answered its last request.
+    pub ca_reachable: IntGauge,
+    /// Workload certificates asked for and not obtained yet.
+    pub certificates_pending: IntGauge,
     /// Policy fields meshlet does not enforce as written.
     pub policy_unsupported_fields: IntGauge,
     /// Connections refused or cut by a guard or resource limit of the proxy, by reason.
@@ -165,6 +169,15 @@ impl Metrics {
             "Seconds until the workload certificate of an identity expires",
             &["identity"],
         );
+        let ca_reachable = gauge(
+            "meshlet_ca_reachable",
+            "1 while the certificate issuer (the cluster CA, or the local dev CA) answered its \
+             last request; 0 while it fails (valid certificates keep serving)",
+        );
+        let certificates_pending = gauge(
+            "meshlet_certificates_pending",
+            "Workload certificates asked for and not obtained yet",
+        );
         let policy_unsupported_fields = gauge(
             "meshlet_policy_unsupported_fields",
             "Policy fields meshlet does not enforce as written (see meshlet policies)",
@@ -209,6 +222,8 @@ impl Metrics {
             redirected,
             source_synced,
             certificate_expiry,
+            ca_reachable,
+            certificates_pending,
             policy_unsupported_fields,
             limits,
             enrollment_refused,

@@ -28,6 +28,9 @@ pub struct Cli {
 enum Command {
     /// Run the node agent: capture enrolled pods and carry their traffic until stopped.
     Agent(Box<AgentArgs>),
+    /// Run the mesh CA: sign workload certificates over Istio's certificate API, for the
+    /// pods bound to each caller's node.
+    Ca(Box<CaArgs>),
     /// The agent's state: source, sync, capture, store.
     Status(InspectArgs),
     /// The workloads the agent knows and whether they are captured.
@@ -84,10 +87,34 @@ pub struct AgentArgs {
     /// SPIFFE trust domain of the mesh.
     #[arg(long, env = "MESHLET_TRUST_DOMAIN", default_value = crate::identity::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
-    /// Mesh CA certificate chain (PEM: signing CA first, root last). With --ca-key.
+    /// The cluster CA, Istio's certificate API: `meshlet ca`
+    /// (https://meshlet-ca.meshlet-system.svc:15012) or istiod
+    /// (https://istiod.istio-system.svc:15012). Workload keys stay on the node; no CA key does.
+    #[arg(long, env = "MESHLET_CA_ADDRESS", conflicts_with_all = ["ca_cert", "ca_key"])]
+    pub ca_address: Option<String>,
+    /// The roots to trust (PEM; several during a root rotation): the CA's TLS endpoint and
+    /// every peer's certificate must chain to one. Re-read when it changes.
+    #[arg(
+        long,
+        env = "MESHLET_CA_ROOT",
+        default_value = "/var/run/secrets/meshlet/ca-root/root-cert.pem"
+    )]
+    pub ca_root: PathBuf,
+    /// The projected service-account token presented to the CA (audience `istio-ca`).
+    #[arg(
+        long,
+        env = "MESHLET_CA_TOKEN_PATH",
+        default_value = "/var/run/secrets/tokens/istio-token"
+    )]
+    pub ca_token_path: PathBuf,
+    /// The cluster ID sent to the CA (istiod's `ClusterID` header).
+    #[arg(long, env = "MESHLET_CLUSTER_ID", default_value = "Kubernetes")]
+    pub cluster_id: String,
+    /// DEVELOPMENT ONLY (file source, demo): a CA certificate chain (PEM: signing CA first,
+    /// root last) to sign workload certificates on this node. With --ca-key.
     #[arg(long, env = "MESHLET_CA_CERT", requires = "ca_key")]
     pub ca_cert: Option<PathBuf>,
-    /// The CA's private key (PEM: ECDSA P-256/P-384 or RSA 2048-4096).
+    /// DEVELOPMENT ONLY: the key of --ca-cert (PEM: ECDSA P-256/P-384 or RSA 2048-4096).
     #[arg(long, env = "MESHLET_CA_KEY", requires = "ca_cert")]
     pub ca_key: Option<PathBuf>,
     /// Where the agent keeps state (a development root CA when no --ca-cert is given).
@@ -146,10 +173,68 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         "ms" => Ok(Duration::from_millis(number)),
         "s" => Ok(Duration::from_secs(number)),
         "m" => Ok(Duration::from_secs(number.saturating_mul(60))),
+        "h" => Ok(Duration::from_secs(number.saturating_mul(3600))),
         other => Err(format!(
-            "unknown unit {other:?} in {text:?} (use ms, s or m)"
+            "unknown unit {other:?} in {text:?} (use ms, s, m or h)"
         )),
     }
+}
+
+/// Flags of `meshlet ca`.
+#[derive(Debug, Args)]
+pub struct CaArgs {
+    /// Where Istio's certificate API (gRPC over TLS) listens.
+    #[arg(long, env = "MESHLET_CA_LISTEN", default_value = "0.0.0.0:15012")]
+    pub listen: SocketAddr,
+    /// Where `/metrics` and `/ready` are served.
+    #[arg(long, env = "MESHLET_CA_METRICS_ADDR", default_value = "0.0.0.0:15014")]
+    pub metrics_addr: SocketAddr,
+    /// SPIFFE trust domain of the mesh: the only one signed.
+    #[arg(long, env = "MESHLET_TRUST_DOMAIN", default_value = crate::identity::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// The namespace of the root Secret and the trust bundle ConfigMap (the CA's own).
+    #[arg(long, env = "MESHLET_CA_NAMESPACE", default_value = "meshlet-system")]
+    pub namespace: String,
+    /// The Secret holding the self-signed root (created once when there are no cacerts).
+    #[arg(long, env = "MESHLET_CA_ROOT_SECRET", default_value = "meshlet-ca")]
+    pub root_secret: String,
+    /// The ConfigMap the trust bundle is published in (key root-cert.pem), for the agents.
+    #[arg(
+        long,
+        env = "MESHLET_CA_ROOT_CONFIGMAP",
+        default_value = "meshlet-ca-root"
+    )]
+    pub root_configmap: String,
+    /// Where Istio's `cacerts` Secret is mounted (ca-cert.pem, ca-key.pem, cert-chain.pem,
+    /// root-cert.pem); used when it holds ca-key.pem.
+    #[arg(long, env = "MESHLET_CA_CACERTS_DIR", default_value = "/etc/cacerts")]
+    pub cacerts_dir: PathBuf,
+    /// The audience callers' tokens must be for.
+    #[arg(long, env = "MESHLET_CA_AUDIENCE", default_value = "istio-ca")]
+    pub audience: String,
+    /// A node agent's service account (`namespace/name`), which may ask for the identities of
+    /// the pods on its node (repeat, or comma-separate; add ztunnel's as istio-system/ztunnel).
+    #[arg(
+        long = "node-agent",
+        env = "MESHLET_CA_NODE_AGENTS",
+        value_delimiter = ',',
+        default_value = "meshlet-system/meshlet"
+    )]
+    pub node_agents: Vec<crate::ca::Account>,
+    /// The longest validity signed, e.g. `24h`.
+    #[arg(long, env = "MESHLET_CA_MAX_VALIDITY", default_value = "24h", value_parser = parse_duration)]
+    pub max_validity: Duration,
+    /// A DNS name or IP address of the serving certificate (repeat, or comma-separate).
+    #[arg(
+        long = "server-name",
+        env = "MESHLET_CA_SERVER_NAMES",
+        value_delimiter = ',',
+        default_value = "meshlet-ca.meshlet-system.svc,meshlet-ca.meshlet-system.svc.cluster.local,meshlet-ca.meshlet-system,meshlet-ca"
+    )]
+    pub server_names: Vec<String>,
+    /// Log line format.
+    #[arg(long, env = "MESHLET_LOG_FORMAT", value_enum, default_value_t)]
+    pub log_format: LogFormat,
 }
 
 /// Flags of the inspection commands.
@@ -175,6 +260,7 @@ pub struct UninstallArgs {
 pub fn run() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Agent(args) => agent(*args),
+        Command::Ca(args) => ca(*args),
         Command::Status(args) => inspect_or_exit(inspect::View::Status, args),
         Command::Workloads(args) => inspect_or_exit(inspect::View::Workloads, args),
         Command::Certs(args) => inspect_or_exit(inspect::View::Certs, args),
@@ -209,6 +295,14 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
     });
     let identity = agent::IdentityConfig {
         trust_domain: args.trust_domain,
+        remote: args
+            .ca_address
+            .map(|address| crate::identity::RemoteConfig {
+                address,
+                root: args.ca_root,
+                token: args.ca_token_path,
+                cluster_id: args.cluster_id,
+            }),
         ca: args.ca_cert.zip(args.ca_key),
         state_dir: args.state_dir,
     };
@@ -251,6 +345,31 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
     runtime.block_on(agent::run(config))
 }
 
+fn ca(args: CaArgs) -> anyhow::Result<()> {
+    telemetry::init(args.log_format);
+    if args.max_validity.is_zero() {
+        anyhow::bail!("--max-validity must be more than 0s");
+    }
+    let config = crate::ca::Config {
+        listen: args.listen,
+        metrics_addr: args.metrics_addr,
+        trust_domain: args.trust_domain,
+        namespace: args.namespace,
+        root_secret: args.root_secret,
+        root_configmap: args.root_configmap,
+        cacerts_dir: args.cacerts_dir,
+        audience: args.audience,
+        node_agents: args.node_agents,
+        max_validity: args.max_validity,
+        server_names: args.server_names,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(crate::ca::run(config))
+}
+
 /// Inspection commands fail in one line (`error: cannot reach ...: Connection refused`) with
 /// exit status 1, like kubectl.
 fn inspect_or_exit(view: inspect::View, args: InspectArgs) -> anyhow::Result<()> {
@@ -287,7 +406,8 @@ mod tests {
         assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
-        for bad in ["10", "s", "", "10h", "-1s", "1.5s"] {
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86400)));
+        for bad in ["10", "s", "", "10d", "-1s", "1.5s"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
         }
         let err = Cli::try_parse_from([

@@ -282,18 +282,47 @@ impl Ca {
     }
 
     /// Issues a workload certificate for `identity`, valid from a minute before `now` until
-    /// `now + lifetime` (or until the CA chain expires, if that is sooner).
-    ///
-    /// Each call makes a fresh ECDSA P-256 key. The certificate is X.509 v3 with an empty
-    /// subject, the SPIFFE ID as its only (critical) subject alternative name, key usage
-    /// digitalSignature, extended key usage serverAuth and clientAuth, basicConstraints CA:false,
-    /// and a random 128-bit serial number.
+    /// `now + lifetime` (or until the CA chain expires, if that is sooner), with a fresh ECDSA
+    /// P-256 key: the local path, where the node holds the CA (`--ca-cert`, development).
     pub fn issue(
         &self,
         identity: &Identity,
         now: SystemTime,
         lifetime: Duration,
     ) -> Result<Certified, Error> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|source| {
+            Error::Issue {
+                identity: identity.clone(),
+                source,
+            }
+        })?;
+        let signed = self.sign(identity, &key, now, lifetime)?;
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        Certified::new(
+            identity.clone(),
+            signed.chain,
+            key,
+            signed.not_before,
+            signed.not_after,
+            signed.serial,
+        )
+    }
+
+    /// Signs a workload certificate for `identity` binding `public_key` (the key of a verified
+    /// CSR, or a key just generated), valid from a minute before `now` until `now + lifetime`
+    /// (or until the CA chain expires, if that is sooner).
+    ///
+    /// The certificate is X.509 v3 with an empty subject, the SPIFFE ID as its only (critical)
+    /// subject alternative name, key usage digitalSignature (plus keyEncipherment for an RSA
+    /// key), extended key usage serverAuth and clientAuth, basicConstraints CA:false, and a
+    /// random 128-bit serial number. Nothing else from a CSR is copied.
+    pub fn sign(
+        &self,
+        identity: &Identity,
+        public_key: &impl rcgen::PublicKeyData,
+        now: SystemTime,
+        lifetime: Duration,
+    ) -> Result<Signed, Error> {
         let signing = |source| Error::Issue {
             identity: identity.clone(),
             source,
@@ -314,8 +343,11 @@ impl Ca {
             Ia5String::try_from(identity.to_string()).map_err(signing)?,
         )];
         params.is_ca = IsCa::ExplicitNoCa;
-        // keyEncipherment only matters for RSA key transport, and these keys are ECDSA.
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        // keyEncipherment only matters for RSA key transport (Istio sets it for RSA keys).
+        if public_key.algorithm() == &rcgen::PKCS_RSA_SHA256 {
+            params.key_usages.push(KeyUsagePurpose::KeyEncipherment);
+        }
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
@@ -325,20 +357,66 @@ impl Ca {
         params.not_after = not_after.into();
         params.serial_number = Some(SerialNumber::from_slice(&serial));
 
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(signing)?;
-        let cert = params.signed_by(&key, &self.issuer).map_err(signing)?;
+        let cert = params
+            .signed_by(public_key, &self.issuer)
+            .map_err(signing)?;
         let mut chain = Vec::with_capacity(1 + self.intermediates.len());
         chain.push(cert.der().clone());
         chain.extend(self.intermediates.iter().cloned());
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        Certified::new(
-            identity.clone(),
+        Ok(Signed {
             chain,
-            key,
             not_before,
             not_after,
-            hex(&serial),
-        )
+            serial: hex(&serial),
+        })
+    }
+
+    /// Issues a TLS server certificate for `names` (DNS names or IP addresses) with a fresh
+    /// ECDSA P-256 key, valid like [`Ca::sign`]'s: the certificate `meshlet ca` serves its API
+    /// with, which clients verify against the mesh root (as istiod's serving certificate).
+    /// Returns the chain (without the root) and the key.
+    pub fn issue_server(
+        &self,
+        names: &[String],
+        now: SystemTime,
+        lifetime: Duration,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), Error> {
+        let failed = |reason: String| Error::Pem {
+            what: "the CA's serving certificate",
+            reason,
+        };
+        let mut params =
+            CertificateParams::new(names.to_vec()).map_err(|err| failed(err.to_string()))?;
+        params.distinguished_name = DistinguishedName::new();
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = self.has_key_id;
+        params.not_before = whole_seconds(now.checked_sub(BACKDATE).unwrap_or(UNIX_EPOCH)).into();
+        params.not_after = whole_seconds(now + lifetime).min(self.not_after).into();
+        params.serial_number = Some(SerialNumber::from_slice(&random_serial()?));
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(|err| failed(err.to_string()))?;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|err| failed(err.to_string()))?;
+        let mut chain = vec![cert.der().clone()];
+        chain.extend(self.intermediates.iter().cloned());
+        Ok((
+            chain,
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        ))
+    }
+
+    /// The full chain of a signed certificate as Istio's CA API returns it: PEM, the
+    /// certificate first, then the intermediates, then the root.
+    pub fn chain_pem(&self, signed: &Signed) -> Vec<String> {
+        signed
+            .chain
+            .iter()
+            .chain(std::iter::once(&self.root))
+            .map(|der| pem_certificate(der))
+            .collect()
     }
 
     /// The trust anchors of the mesh: the root of the CA chain.
@@ -379,6 +457,19 @@ impl fmt::Debug for Ca {
     }
 }
 
+/// A certificate [`Ca::sign`] made: no private key, which stays with whoever asked.
+#[derive(Debug, Clone)]
+pub struct Signed {
+    /// The certificate followed by the CA's intermediates (never the root).
+    pub chain: Vec<CertificateDer<'static>>,
+    /// When it becomes valid.
+    pub not_before: SystemTime,
+    /// When it expires.
+    pub not_after: SystemTime,
+    /// Its serial number, lowercase hexadecimal.
+    pub serial: String,
+}
+
 /// A workload certificate with its private key.
 ///
 /// The chain is the certificate followed by the CA's intermediates (never the root). The key is
@@ -394,7 +485,7 @@ pub struct Certified {
 }
 
 impl Certified {
-    fn new(
+    pub(super) fn new(
         identity: Identity,
         chain: Vec<CertificateDer<'static>>,
         key: PrivateKeyDer<'static>,
@@ -485,11 +576,25 @@ impl fmt::Debug for Certified {
     }
 }
 
-/// A self-signed ECDSA P-256 root for `trust_domain`, as (certificate PEM, key PEM).
+/// A self-signed ECDSA P-256 development root for `trust_domain`, as (certificate PEM, key PEM).
 fn dev_root_pem(trust_domain: &str, now: SystemTime) -> Result<(String, String), Error> {
+    root_pem(trust_domain, "meshlet development root CA", now)
+}
+
+/// A new self-signed ECDSA P-256 root CA for `trust_domain`, valid ten years, as (certificate
+/// PEM, key PEM): what `meshlet ca` creates once when it is given no `cacerts`.
+pub fn generate_root_pem(trust_domain: &str) -> Result<(String, String), Error> {
+    root_pem(trust_domain, "meshlet root CA", SystemTime::now())
+}
+
+fn root_pem(
+    trust_domain: &str,
+    common_name: &str,
+    now: SystemTime,
+) -> Result<(String, String), Error> {
     check_trust_domain(trust_domain).map_err(Error::InvalidTrustDomain)?;
     let generating = |err: rcgen::Error| Error::Pem {
-        what: "generating the development root CA",
+        what: "generating a root CA",
         reason: err.to_string(),
     };
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(generating)?;
@@ -497,7 +602,7 @@ fn dev_root_pem(trust_domain: &str, now: SystemTime) -> Result<(String, String),
     let mut name = DistinguishedName::new();
     // Istio's self-signed root is named after the trust domain the same way.
     name.push(DnType::OrganizationName, trust_domain);
-    name.push(DnType::CommonName, "meshlet development root CA");
+    name.push(DnType::CommonName, common_name);
     params.distinguished_name = name;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![
@@ -509,7 +614,7 @@ fn dev_root_pem(trust_domain: &str, now: SystemTime) -> Result<(String, String),
     params.not_after = whole_seconds(now + DEV_ROOT_LIFETIME).into();
     params.serial_number = Some(SerialNumber::from_slice(&random_serial()?));
     let cert = params.self_signed(&key).map_err(generating)?;
-    info!(trust_domain, "generated a development root CA");
+    info!(trust_domain, common_name, "generated a root CA");
     Ok((cert.pem(), key.serialize_pem()))
 }
 
@@ -694,7 +799,12 @@ fn random_serial() -> Result<[u8; 16], Error> {
     Ok(serial)
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// One certificate as a PEM block.
+pub(super) fn pem_certificate(der: &CertificateDer<'_>) -> String {
+    pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()))
+}
+
+pub(super) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

@@ -1,22 +1,37 @@
-//! The node's workload certificates: one per identity with local pods, issued on first use,
-//! renewed at half life, dropped when the last pod of the service account leaves.
+//! The node's workload certificates: one per identity with local pods, obtained on first use,
+//! renewed at half life (retrying with jittered exponential backoff), dropped when the last pod
+//! of the service account leaves.
+//!
+//! Certificates come from an [`Issuer`]: the cluster CA over Istio's certificate API
+//! ([`RemoteCa`]: `meshlet ca` or istiod; the key is made here and never leaves memory), or a CA
+//! the node holds itself (`--ca-cert`/`--ca-key` or a generated root: development and the file
+//! source only). A certificate that is still valid keeps serving while its issuer is
+//! unreachable; [`Manager::issuer_status`] says so for readiness and metrics.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     fmt,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::{Duration, SystemTime},
 };
 
-use tracing::{info, warn};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
 
-use super::{Ca, Certified, DEFAULT_LIFETIME, Error, Identity, check_trust_domain, rfc3339};
+use super::{
+    Ca, Certified, DEFAULT_LIFETIME, Error, Identity, check_trust_domain, remote::RemoteCa,
+    rfc3339, tls::Roots,
+};
 
 /// The longest the renewal task sleeps between checks, so that a wall-clock jump (or a suspended
-/// node) delays renewal by at most this much.
-const MAX_SLEEP: Duration = Duration::from_secs(60);
-/// How long the renewal task waits before retrying a failed renewal.
-const RETRY: Duration = Duration::from_secs(10);
+/// node) delays renewal by at most this much; a remote trust bundle is re-read as often.
+const MAX_SLEEP: Duration = Duration::from_secs(10);
+/// The first retry after a failed issuance or renewal; each further failure doubles it.
+const RETRY_MIN: Duration = Duration::from_secs(1);
+/// The longest wait between retries.
+const RETRY_MAX: Duration = Duration::from_secs(60);
+/// Renewals or first issuances in flight at once.
+const CONCURRENCY: usize = 16;
 
 /// The time source of the [`Manager`]; tests move it.
 pub trait Clock: Send + Sync + 'static {
@@ -34,10 +49,43 @@ impl Clock for SystemClock {
     }
 }
 
+/// Where certificates come from.
+#[derive(Debug, Clone)]
+pub enum Issuer {
+    /// A CA this node holds (development, the file source).
+    Local(Arc<Ca>),
+    /// The cluster CA, over Istio's certificate API.
+    Remote(Arc<RemoteCa>),
+}
+
+impl Issuer {
+    async fn issue(
+        &self,
+        identity: &Identity,
+        now: SystemTime,
+        lifetime: Duration,
+    ) -> Result<Certified, Error> {
+        match self {
+            Self::Local(ca) => ca.issue(identity, now, lifetime),
+            Self::Remote(ca) => ca.issue(identity, now, lifetime).await,
+        }
+    }
+
+    /// A name for logs and the admin API: `local` or the CA's address.
+    pub fn name(&self) -> String {
+        match self {
+            Self::Local(_) => "local".to_owned(),
+            Self::Remote(ca) => ca.address().to_owned(),
+        }
+    }
+}
+
 /// Where a certificate is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CertState {
+    /// Asked for, not obtained yet (see [`CertInfo::renewal_error`] for why, if it failed).
+    Pending,
     /// Valid and not yet at half life.
     Valid,
     /// Past half life: renewal is pending, or failing (see [`CertInfo::renewal_error`]). Still
@@ -52,70 +100,153 @@ pub enum CertState {
 pub struct CertInfo {
     /// The identity the certificate is for.
     pub identity: Identity,
-    /// The serial number, lowercase hexadecimal.
-    pub serial: String,
-    /// When the certificate became valid.
-    #[serde(serialize_with = "serialize_time")]
-    pub not_before: SystemTime,
-    /// When it expires.
-    #[serde(serialize_with = "serialize_time")]
-    pub not_after: SystemTime,
-    /// When it is (or was) due for renewal.
-    #[serde(serialize_with = "serialize_time")]
-    pub renew_at: SystemTime,
     /// Where it is in its life.
     pub state: CertState,
-    /// Why the last renewal attempt failed, if it did.
+    /// The serial number, lowercase hexadecimal (none while pending).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    /// When the certificate became valid.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "serialize_time"
+    )]
+    pub not_before: Option<SystemTime>,
+    /// When it expires.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "serialize_time"
+    )]
+    pub not_after: Option<SystemTime>,
+    /// When it is (or was) due for renewal.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "serialize_time"
+    )]
+    pub renew_at: Option<SystemTime>,
+    /// Why the last attempt to obtain or renew it failed, if it did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub renewal_error: Option<String>,
 }
 
-fn serialize_time<S: serde::Serializer>(time: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&rfc3339(*time))
+fn serialize_time<S: serde::Serializer>(
+    time: &Option<SystemTime>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match time {
+        Some(time) => s.serialize_str(&rfc3339(*time)),
+        None => s.serialize_none(),
+    }
+}
+
+/// Whether the issuer answered the last time it was asked.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct IssuerStatus {
+    /// `local`, or the CA's address.
+    pub issuer: String,
+    /// Whether the last request succeeded (true before the first).
+    pub reachable: bool,
+    /// Since when it has been failing.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "serialize_time"
+    )]
+    pub failing_since: Option<SystemTime>,
+    /// The last error.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 struct Entry {
-    current: Arc<Certified>,
-    renewal_error: Option<String>,
+    /// `None` until the first certificate arrives.
+    current: Option<Arc<Certified>>,
+    /// Why the last attempt failed.
+    error: Option<String>,
+    /// Consecutive failures.
+    failures: u32,
+    /// Not before this time is another attempt made.
+    next_attempt: SystemTime,
+}
+
+impl Entry {
+    fn due(&self, now: SystemTime) -> bool {
+        let wanted = self
+            .current
+            .as_ref()
+            .is_none_or(|cert| cert.renew_at() <= now);
+        wanted && self.next_attempt <= now
+    }
+
+    fn wake_at(&self) -> SystemTime {
+        match &self.current {
+            Some(cert) => cert.renew_at().max(self.next_attempt),
+            None => self.next_attempt,
+        }
+    }
 }
 
 /// The workload certificates of the identities with pods on this node.
 ///
-/// [`Manager::certified`] hands out the current certificate of an identity, issuing it on first
-/// use. [`Manager::run`] (or [`Manager::renew_due`]) replaces certificates at half life: new
-/// handshakes get the new one, established connections keep the one they were made with (each
-/// holds its own [`Arc`]). [`Manager::forget`] drops an identity whose last local pod left.
+/// [`Manager::certified`] hands out the current certificate of an identity, obtaining it on
+/// first use; [`Manager::ensure`] starts that without waiting, and [`Manager::current`] reads
+/// it without ever waiting (TLS certificate resolvers). [`Manager::run`] renews certificates
+/// at half life and retries failures with jittered exponential backoff: new handshakes get the
+/// new certificate, established connections keep the one they were made with (each holds its
+/// own [`Arc`]). [`Manager::forget`] drops an identity whose last local pod left.
 pub struct Manager {
-    ca: Arc<Ca>,
+    issuer: Issuer,
+    roots: Roots,
     trust_domain: String,
     clock: Arc<dyn Clock>,
     lifetime: Duration,
     certs: Mutex<BTreeMap<Identity, Entry>>,
+    in_flight: Mutex<HashSet<Identity>>,
+    status: Mutex<IssuerStatus>,
+    /// Bumped after every attempt, successful or not.
+    attempts: watch::Sender<u64>,
 }
 
 impl Manager {
-    /// A manager issuing from `ca` for identities of `trust_domain`, with certificates valid
+    /// A manager obtaining certificates from `issuer` for identities of `trust_domain`, valid
     /// for [`DEFAULT_LIFETIME`].
-    pub fn new(ca: Arc<Ca>, trust_domain: &str, clock: Arc<dyn Clock>) -> Result<Self, Error> {
+    pub fn new(issuer: Issuer, trust_domain: &str, clock: Arc<dyn Clock>) -> Result<Self, Error> {
         check_trust_domain(trust_domain).map_err(Error::InvalidTrustDomain)?;
+        let roots = match &issuer {
+            Issuer::Local(ca) => Roots::new(ca.roots()),
+            Issuer::Remote(ca) => ca.roots(),
+        };
         Ok(Self {
-            ca,
+            status: Mutex::new(IssuerStatus {
+                issuer: issuer.name(),
+                reachable: true,
+                failing_since: None,
+                last_error: None,
+            }),
+            issuer,
+            roots,
             trust_domain: trust_domain.to_owned(),
             clock,
             lifetime: DEFAULT_LIFETIME,
             certs: Mutex::new(BTreeMap::new()),
+            in_flight: Mutex::new(HashSet::new()),
+            attempts: watch::Sender::new(0),
         })
     }
 
-    /// Sets how long issued certificates are valid.
+    /// Sets how long certificates are asked for.
     pub fn with_lifetime(mut self, lifetime: Duration) -> Self {
         self.lifetime = lifetime;
         self
     }
 
-    /// The CA the certificates come from.
-    pub fn ca(&self) -> &Arc<Ca> {
-        &self.ca
+    /// Where certificates come from.
+    pub fn issuer(&self) -> &Issuer {
+        &self.issuer
+    }
+
+    /// The roots peers' certificates must chain to (a live handle: a reloaded trust bundle
+    /// shows through it).
+    pub fn roots(&self) -> Roots {
+        self.roots.clone()
     }
 
     /// The mesh's trust domain.
@@ -123,104 +254,227 @@ impl Manager {
         &self.trust_domain
     }
 
-    /// The current certificate of `identity`, issued now if it has none (or only an expired
-    /// one).
-    pub fn certified(&self, identity: &Identity) -> Result<Arc<Certified>, Error> {
+    /// Whether the issuer answered the last time it was asked.
+    pub fn issuer_status(&self) -> IssuerStatus {
+        lock(&self.status).clone()
+    }
+
+    /// A receiver that changes after every attempt to obtain a certificate.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.attempts.subscribe()
+    }
+
+    fn check_domain(&self, identity: &Identity) -> Result<(), Error> {
         if identity.trust_domain() != self.trust_domain {
             return Err(Error::ForeignIdentity {
                 identity: identity.clone(),
                 mesh: self.trust_domain.clone(),
             });
         }
+        Ok(())
+    }
+
+    /// The current certificate of `identity`, if it has one that is valid now. Never waits.
+    pub fn current(&self, identity: &Identity) -> Option<Arc<Certified>> {
         let now = self.clock.now();
-        if let Some(entry) = self.lock().get(identity)
-            && entry.current.is_valid_at(now)
-        {
-            return Ok(entry.current.clone());
-        }
-        // Sign without the lock: an RSA CA takes milliseconds per signature.
-        let fresh = Arc::new(self.ca.issue(identity, now, self.lifetime)?);
-        let mut certs = self.lock();
-        match certs.get_mut(identity) {
-            // Another caller got there first.
-            Some(entry) if entry.current.is_valid_at(now) => Ok(entry.current.clone()),
-            entry => {
-                info!(
-                    %identity,
-                    serial = fresh.serial(),
-                    not_after = %rfc3339(fresh.not_after()),
-                    "issued a workload certificate"
-                );
-                let replacement = Entry {
-                    current: fresh.clone(),
-                    renewal_error: None,
-                };
-                match entry {
-                    Some(entry) => *entry = replacement,
-                    None => {
-                        certs.insert(identity.clone(), replacement);
-                    }
-                }
-                Ok(fresh)
+        self.lock()
+            .get(identity)
+            .and_then(|entry| entry.current.clone())
+            .filter(|cert| cert.is_valid_at(now))
+    }
+
+    /// The current certificate of `identity`, obtained now if it has none valid (waiting for
+    /// an attempt already in flight rather than starting another).
+    pub async fn certified(&self, identity: &Identity) -> Result<Arc<Certified>, Error> {
+        self.check_domain(identity)?;
+        let mut attempts = self.attempts.subscribe();
+        loop {
+            if let Some(cert) = self.current(identity) {
+                return Ok(cert);
+            }
+            self.register(identity);
+            if self.claim(identity) {
+                self.attempt(identity).await;
+                return self
+                    .current(identity)
+                    .ok_or_else(|| self.unavailable(identity));
+            }
+            // Someone else is asking: wait for their answer.
+            attempts.borrow_and_update();
+            if attempts.changed().await.is_err() {
+                return Err(self.unavailable(identity));
+            }
+            if self.current(identity).is_none() && !lock(&self.in_flight).contains(identity) {
+                return Err(self.unavailable(identity));
             }
         }
     }
 
-    /// Renews every certificate past half life; returns the identities renewed. A failed
-    /// renewal is logged and recorded (see [`Manager::list`]); the old certificate stays in use
-    /// and the next call tries again.
-    pub fn renew_due(&self) -> Vec<Identity> {
+    /// Whether `identity` has a valid certificate; if not, starts obtaining one in the
+    /// background (a local CA signs at once) and returns `false`.
+    pub fn ensure(self: &Arc<Self>, identity: &Identity) -> Result<bool, Error> {
+        self.check_domain(identity)?;
+        if self.current(identity).is_some() {
+            return Ok(true);
+        }
+        self.register(identity);
+        if let Issuer::Local(ca) = &self.issuer {
+            // Signing locally takes microseconds (milliseconds for RSA): no need to wait.
+            let now = self.clock.now();
+            let result = ca.issue(identity, now, self.lifetime);
+            self.settle(identity, now, result);
+            return self
+                .current(identity)
+                .map(|_| true)
+                .ok_or_else(|| self.unavailable(identity));
+        }
+        if self.claim(identity) {
+            let manager = self.clone();
+            let identity = identity.clone();
+            tokio::spawn(async move { manager.attempt(&identity).await });
+        }
+        Ok(false)
+    }
+
+    fn unavailable(&self, identity: &Identity) -> Error {
+        let reason = self
+            .lock()
+            .get(identity)
+            .and_then(|entry| entry.error.clone())
+            .unwrap_or_else(|| "no certificate yet".to_owned());
+        Error::Unavailable {
+            identity: identity.clone(),
+            reason,
+        }
+    }
+
+    /// Makes sure `identity` has an entry, so that [`Manager::run`] keeps trying for it.
+    fn register(&self, identity: &Identity) {
+        let now = self.clock.now();
+        self.lock().entry(identity.clone()).or_insert(Entry {
+            current: None,
+            error: None,
+            failures: 0,
+            next_attempt: now,
+        });
+    }
+
+    /// Marks an attempt for `identity` in flight; `false` if one already is.
+    fn claim(&self, identity: &Identity) -> bool {
+        lock(&self.in_flight).insert(identity.clone())
+    }
+
+    /// Asks the issuer for a certificate for `identity` (claimed by the caller) and records the
+    /// outcome.
+    async fn attempt(&self, identity: &Identity) {
+        let now = self.clock.now();
+        let result = self.issuer.issue(identity, now, self.lifetime).await;
+        self.settle(identity, now, result);
+        lock(&self.in_flight).remove(identity);
+        self.attempts.send_modify(|n| *n += 1);
+    }
+
+    fn settle(&self, identity: &Identity, now: SystemTime, result: Result<Certified, Error>) {
+        {
+            let mut status = lock(&self.status);
+            match &result {
+                Ok(_) => {
+                    if !status.reachable {
+                        info!(issuer = %status.issuer, "the certificate issuer answers again");
+                    }
+                    status.reachable = true;
+                    status.failing_since = None;
+                    status.last_error = None;
+                }
+                Err(err) => {
+                    if status.reachable {
+                        status.failing_since = Some(now);
+                    }
+                    status.reachable = false;
+                    status.last_error = Some(err.to_string());
+                }
+            }
+        }
+        let mut certs = self.lock();
+        // Forgotten meanwhile: its last pod left.
+        let Some(entry) = certs.get_mut(identity) else {
+            return;
+        };
+        match result {
+            Ok(fresh) => {
+                let fresh = Arc::new(fresh);
+                match &entry.current {
+                    Some(old) => info!(
+                        %identity,
+                        old_serial = old.serial(),
+                        serial = fresh.serial(),
+                        not_after = %rfc3339(fresh.not_after()),
+                        "renewed a workload certificate"
+                    ),
+                    None => info!(
+                        %identity,
+                        serial = fresh.serial(),
+                        not_after = %rfc3339(fresh.not_after()),
+                        issuer = %self.issuer.name(),
+                        "obtained a workload certificate"
+                    ),
+                }
+                entry.current = Some(fresh);
+                entry.error = None;
+                entry.failures = 0;
+                entry.next_attempt = now;
+            }
+            Err(err) => {
+                entry.failures = entry.failures.saturating_add(1);
+                let wait = backoff(entry.failures, now);
+                entry.next_attempt = now + wait;
+                match &entry.current {
+                    Some(cert) if cert.is_valid_at(now) => warn!(
+                        %identity,
+                        serial = cert.serial(),
+                        valid_until = %rfc3339(cert.not_after()),
+                        retry_in = ?wait,
+                        "renewing a workload certificate failed; the current one keeps serving: {err}"
+                    ),
+                    _ => warn!(
+                        %identity,
+                        retry_in = ?wait,
+                        "obtaining a workload certificate failed: {err}"
+                    ),
+                }
+                entry.error = Some(err.to_string());
+            }
+        }
+    }
+
+    /// Attempts every certificate that is due (past half life, missing, or retrying) and not
+    /// already in flight, a few at a time; returns the identities that got a new certificate.
+    pub async fn renew_due(&self) -> Vec<Identity> {
+        use futures::StreamExt as _;
         let now = self.clock.now();
         let due: Vec<Identity> = self
             .lock()
             .iter()
-            .filter(|(_, entry)| entry.current.renew_at() <= now)
+            .filter(|(_, entry)| entry.due(now))
             .map(|(identity, _)| identity.clone())
+            .filter(|identity| self.claim(identity))
             .collect();
-        let mut renewed = Vec::new();
-        for identity in due {
-            let result = self.ca.issue(&identity, now, self.lifetime);
-            let mut certs = self.lock();
-            // Forgotten meanwhile, or already replaced by `certified`: nothing to do.
-            let Some(entry) = certs.get_mut(&identity) else {
-                continue;
-            };
-            if entry.current.renew_at() > now {
-                continue;
-            }
-            match result {
-                Ok(fresh) => {
-                    info!(
-                        %identity,
-                        old_serial = entry.current.serial(),
-                        serial = fresh.serial(),
-                        not_after = %rfc3339(fresh.not_after()),
-                        "renewed a workload certificate"
-                    );
-                    entry.current = Arc::new(fresh);
-                    entry.renewal_error = None;
-                    renewed.push(identity);
-                }
-                Err(err) => {
-                    warn!(
-                        %identity,
-                        serial = entry.current.serial(),
-                        not_after = %rfc3339(entry.current.not_after()),
-                        "renewing a workload certificate failed, will retry: {err}"
-                    );
-                    entry.renewal_error = Some(err.to_string());
-                }
-            }
-        }
-        renewed
+        futures::stream::iter(due)
+            .map(|identity| async move {
+                let before = self.current(&identity).map(|c| c.serial().to_owned());
+                self.attempt(&identity).await;
+                let after = self.current(&identity).map(|c| c.serial().to_owned());
+                (after.is_some() && after != before).then_some(identity)
+            })
+            .buffer_unordered(CONCURRENCY)
+            .filter_map(|renewed| async move { renewed })
+            .collect()
+            .await
     }
 
-    /// When the next certificate is due for renewal, if there is any certificate.
+    /// When the next attempt is due, if any certificate is tracked.
     pub fn next_renewal(&self) -> Option<SystemTime> {
-        self.lock()
-            .values()
-            .map(|entry| entry.current.renew_at())
-            .min()
+        self.lock().values().map(Entry::wake_at).min()
     }
 
     /// Drops the certificate of `identity`, whose last local pod left. Connections that use it
@@ -239,7 +493,17 @@ impl Manager {
         self.lock()
             .iter()
             .map(|(identity, entry)| {
-                let cert = &entry.current;
+                let Some(cert) = &entry.current else {
+                    return CertInfo {
+                        identity: identity.clone(),
+                        state: CertState::Pending,
+                        serial: None,
+                        not_before: None,
+                        not_after: None,
+                        renew_at: None,
+                        renewal_error: entry.error.clone(),
+                    };
+                };
                 let state = if now >= cert.not_after() {
                     CertState::Expired
                 } else if now >= cert.renew_at() {
@@ -249,46 +513,70 @@ impl Manager {
                 };
                 CertInfo {
                     identity: identity.clone(),
-                    serial: cert.serial().to_owned(),
-                    not_before: cert.not_before(),
-                    not_after: cert.not_after(),
-                    renew_at: cert.renew_at(),
                     state,
-                    renewal_error: entry.renewal_error.clone(),
+                    serial: Some(cert.serial().to_owned()),
+                    not_before: Some(cert.not_before()),
+                    not_after: Some(cert.not_after()),
+                    renew_at: Some(cert.renew_at()),
+                    renewal_error: entry.error.clone(),
                 }
             })
             .collect()
     }
 
-    /// Renews certificates as they come due, forever: spawn it on the control-plane runtime and
-    /// abort the task to stop it.
+    /// Renews certificates as they come due, and re-reads a remote CA's trust bundle, forever:
+    /// spawn it on the control-plane runtime and abort the task to stop it.
     pub async fn run(self: Arc<Self>) {
         loop {
-            self.renew_due();
+            if let Issuer::Remote(ca) = &self.issuer {
+                match ca.reload_roots() {
+                    Ok(true) => {
+                        info!(path = %ca.root_path().display(), "reloaded the CA trust bundle")
+                    }
+                    Ok(false) => {}
+                    Err(err) => warn!("{err}"),
+                }
+            }
+            let renewed = self.renew_due().await;
+            if !renewed.is_empty() {
+                debug!(renewed = renewed.len(), "renewal pass done");
+            }
             let now = self.clock.now();
-            let wait = match self.next_renewal() {
-                // Still due after renewing: the renewal failed.
-                Some(at) if at <= now => RETRY,
-                Some(at) => at.duration_since(now).unwrap_or_default(),
-                None => MAX_SLEEP,
-            };
-            tokio::time::sleep(wait.min(MAX_SLEEP)).await;
+            let wait = self
+                .next_renewal()
+                .map(|at| at.duration_since(now).unwrap_or_default())
+                .unwrap_or(MAX_SLEEP);
+            tokio::time::sleep(wait.clamp(Duration::from_millis(50), MAX_SLEEP)).await;
         }
     }
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<Identity, Entry>> {
-        // A panic while holding the lock leaves the map consistent: every update is one
-        // assignment.
-        self.certs
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.certs)
     }
+}
+
+/// Locks a mutex; a panic while it was held leaves the data consistent: every update is one
+/// assignment.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// How long to wait after the `failures`th failure in a row: exponential from [`RETRY_MIN`]
+/// up to [`RETRY_MAX`], then jittered into its upper half, so that agents that lost the CA
+/// together do not come back together.
+fn backoff(failures: u32, now: SystemTime) -> Duration {
+    use std::hash::BuildHasher as _;
+    let exponent = failures.saturating_sub(1).min(16);
+    let base = RETRY_MIN.saturating_mul(1 << exponent).min(RETRY_MAX);
+    let random = std::collections::hash_map::RandomState::new().hash_one(now);
+    let fraction = (random % 1000) as f64 / 1000.0;
+    base.mul_f64(0.5 + fraction / 2.0)
 }
 
 impl fmt::Debug for Manager {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Manager")
-            .field("ca", &self.ca)
+            .field("issuer", &self.issuer.name())
             .field("trust_domain", &self.trust_domain)
             .field("lifetime", &self.lifetime)
             .field("certs", &self.lock().len())
@@ -325,111 +613,112 @@ mod tests {
 
     fn manager(clock: Arc<TestClock>) -> Manager {
         let ca = Arc::new(TestCa::root(p256(), "cluster.local").ca());
-        Manager::new(ca, "cluster.local", clock).unwrap()
+        Manager::new(Issuer::Local(ca), "cluster.local", clock).unwrap()
     }
 
     const HOUR: Duration = Duration::from_secs(3600);
 
-    #[test]
-    fn issues_once_per_identity() {
+    #[tokio::test]
+    async fn issues_once_per_identity() {
         let manager = manager(TestClock::new());
         let a = id("spiffe://cluster.local/ns/default/sa/a");
         let b = id("spiffe://cluster.local/ns/default/sa/b");
-        let first = manager.certified(&a).unwrap();
-        let again = manager.certified(&a).unwrap();
+        let first = manager.certified(&a).await.unwrap();
+        let again = manager.certified(&a).await.unwrap();
         assert!(Arc::ptr_eq(&first, &again));
-        let other = manager.certified(&b).unwrap();
+        let other = manager.certified(&b).await.unwrap();
         assert_ne!(first.serial(), other.serial());
         assert_eq!(other.identity(), &b);
         assert_eq!(manager.list().len(), 2);
 
         let err = manager
             .certified(&id("spiffe://foo/ns/default/sa/a"))
+            .await
             .unwrap_err();
         assert!(matches!(err, Error::ForeignIdentity { .. }), "{err}");
         assert_eq!(manager.list().len(), 2);
     }
 
-    #[test]
-    fn renews_at_half_life() {
+    #[tokio::test]
+    async fn renews_at_half_life() {
         let clock = TestClock::new();
         let manager = manager(clock.clone());
         let a = id("spiffe://cluster.local/ns/default/sa/a");
-        let old = manager.certified(&a).unwrap();
+        let old = manager.certified(&a).await.unwrap();
         assert_eq!(manager.next_renewal(), Some(old.renew_at()));
 
         clock.advance(11 * HOUR);
-        assert!(manager.renew_due().is_empty());
-        assert!(Arc::ptr_eq(&manager.certified(&a).unwrap(), &old));
+        assert!(manager.renew_due().await.is_empty());
+        assert!(Arc::ptr_eq(&manager.certified(&a).await.unwrap(), &old));
         assert_eq!(manager.list()[0].state, CertState::Valid);
 
         // Half of 24 h, plus the minute of backdating already behind us.
         clock.advance(HOUR);
         assert_eq!(manager.list()[0].state, CertState::RenewalDue);
-        assert_eq!(manager.renew_due(), vec![a.clone()]);
-        let new = manager.certified(&a).unwrap();
+        assert_eq!(manager.renew_due().await, vec![a.clone()]);
+        let new = manager.certified(&a).await.unwrap();
         assert_ne!(new.serial(), old.serial());
         assert!(new.not_after() > old.not_after());
         // The old certificate is untouched for whoever still holds it.
         assert!(old.is_valid_at(clock.now()));
         assert_eq!(old.certified_key().cert, old.chain());
-        assert!(manager.renew_due().is_empty(), "renewed once");
+        assert!(manager.renew_due().await.is_empty(), "renewed once");
         assert_eq!(manager.list()[0].state, CertState::Valid);
     }
 
-    #[test]
-    fn an_expired_certificate_is_replaced_on_use() {
+    #[tokio::test]
+    async fn an_expired_certificate_is_replaced_on_use() {
         let clock = TestClock::new();
         let manager = manager(clock.clone());
         let a = id("spiffe://cluster.local/ns/default/sa/a");
-        let old = manager.certified(&a).unwrap();
+        let old = manager.certified(&a).await.unwrap();
         clock.advance(25 * HOUR);
         assert_eq!(manager.list()[0].state, CertState::Expired);
-        let new = manager.certified(&a).unwrap();
+        let new = manager.certified(&a).await.unwrap();
         assert_ne!(new.serial(), old.serial());
         assert!(new.is_valid_at(clock.now()));
     }
 
-    #[test]
-    fn forget_drops_the_certificate() {
+    #[tokio::test]
+    async fn forget_drops_the_certificate() {
         let manager = manager(TestClock::new());
         let a = id("spiffe://cluster.local/ns/default/sa/a");
-        let first = manager.certified(&a).unwrap();
+        let first = manager.certified(&a).await.unwrap();
         assert!(manager.forget(&a));
         assert!(!manager.forget(&a));
         assert!(manager.list().is_empty());
         assert_eq!(manager.next_renewal(), None);
-        let second = manager.certified(&a).unwrap();
+        let second = manager.certified(&a).await.unwrap();
         assert_ne!(first.serial(), second.serial());
     }
 
-    #[test]
-    fn list_shows_serial_and_expiry() {
+    #[tokio::test]
+    async fn list_shows_serial_and_expiry() {
         let clock = TestClock::new();
         let manager = manager(clock.clone());
         let b = id("spiffe://cluster.local/ns/default/sa/b");
         let a = id("spiffe://cluster.local/ns/default/sa/a");
-        let cert_b = manager.certified(&b).unwrap();
-        let cert_a = manager.certified(&a).unwrap();
+        let cert_b = manager.certified(&b).await.unwrap();
+        let cert_a = manager.certified(&a).await.unwrap();
         let list = manager.list();
         assert_eq!(
             list,
             vec![
                 CertInfo {
                     identity: a,
-                    serial: cert_a.serial().to_owned(),
-                    not_before: cert_a.not_before(),
-                    not_after: cert_a.not_after(),
-                    renew_at: cert_a.renew_at(),
+                    serial: Some(cert_a.serial().to_owned()),
+                    not_before: Some(cert_a.not_before()),
+                    not_after: Some(cert_a.not_after()),
+                    renew_at: Some(cert_a.renew_at()),
                     state: CertState::Valid,
                     renewal_error: None,
                 },
                 CertInfo {
                     identity: b,
-                    serial: cert_b.serial().to_owned(),
-                    not_before: cert_b.not_before(),
-                    not_after: cert_b.not_after(),
-                    renew_at: cert_b.renew_at(),
+                    serial: Some(cert_b.serial().to_owned()),
+                    not_before: Some(cert_b.not_before()),
+                    not_after: Some(cert_b.not_after()),
+                    renew_at: Some(cert_b.renew_at()),
                     state: CertState::Valid,
                     renewal_error: None,
                 },
@@ -455,12 +744,12 @@ mod tests {
         let clock = TestClock::new();
         let manager = Arc::new(manager(clock.clone()));
         let a = id("spiffe://cluster.local/ns/default/sa/a");
-        let old = manager.certified(&a).unwrap();
+        let old = manager.certified(&a).await.unwrap();
         clock.advance(13 * HOUR);
         let task = tokio::spawn(manager.clone().run());
         let mut renewed = false;
         for _ in 0..200 {
-            if manager.certified(&a).unwrap().serial() != old.serial() {
+            if manager.current(&a).unwrap().serial() != old.serial() {
                 renewed = true;
                 break;
             }
@@ -468,5 +757,38 @@ mod tests {
         }
         task.abort();
         assert!(renewed, "run() did not renew a certificate past half life");
+    }
+
+    #[tokio::test]
+    async fn ensure_signs_locally_at_once_and_current_never_issues() {
+        let manager = Arc::new(manager(TestClock::new()));
+        let a = id("spiffe://cluster.local/ns/default/sa/a");
+        assert!(manager.current(&a).is_none());
+        assert!(manager.list().is_empty(), "current() does not register");
+        assert!(manager.ensure(&a).unwrap());
+        let cert = manager.current(&a).unwrap();
+        assert!(Arc::ptr_eq(&cert, &manager.certified(&a).await.unwrap()));
+        assert!(
+            manager
+                .ensure(&id("spiffe://other/ns/default/sa/a"))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn backoff_grows_to_its_cap_with_jitter() {
+        let now = SystemTime::now();
+        for failures in 1..40 {
+            let wait = backoff(failures, now);
+            let base = RETRY_MIN
+                .saturating_mul(1 << failures.saturating_sub(1).min(16))
+                .min(RETRY_MAX);
+            assert!(
+                wait >= base / 2 && wait <= base,
+                "{failures}: {wait:?} vs {base:?}"
+            );
+        }
+        assert!(backoff(30, now) <= RETRY_MAX);
+        assert!(backoff(1, now) <= RETRY_MIN);
     }
 }

@@ -17,14 +17,19 @@
 //! [`peer_identity`].
 
 mod ca;
+pub mod csr;
 mod manager;
+mod remote;
 mod tls;
 
 use std::{fmt, str::FromStr, sync::Arc, time::SystemTime};
 
-pub use ca::{Ca, Certified, DEFAULT_LIFETIME};
-pub use manager::{CertInfo, CertState, Clock, Manager, SystemClock};
-pub use tls::{ALPN_H2, SingleCert, client_config, peer_identity, provider, server_config};
+pub use ca::{Ca, Certified, DEFAULT_LIFETIME, Signed, generate_root_pem};
+pub use manager::{CertInfo, CertState, Clock, Issuer, IssuerStatus, Manager, SystemClock};
+pub use remote::{RemoteCa, RemoteConfig};
+pub use tls::{
+    ALPN_H2, Roots, SingleCert, client_config, parse_bundle, peer_identity, provider, server_config,
+};
 
 /// The trust domain of a mesh that does not configure one, as in Istio.
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
@@ -384,6 +389,54 @@ pub enum Error {
     /// The client certificate verifier could not be built.
     #[error("building the client certificate verifier: {0}")]
     Verifier(#[source] rustls::server::VerifierBuilderError),
+    /// No certificate could be obtained for an identity (yet).
+    #[error("no certificate for {identity}: {reason}")]
+    Unavailable {
+        /// The identity.
+        identity: Identity,
+        /// The last attempt's error.
+        reason: String,
+    },
+    /// `--ca-address` is not usable.
+    #[error("--ca-address {address:?}: {reason}")]
+    CaAddress {
+        /// The address.
+        address: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The CA trust bundle (`--ca-root`) cannot be used.
+    #[error("the CA trust bundle {path}: {reason}")]
+    TrustBundle {
+        /// Its path.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The service-account token (`--ca-token-path`) cannot be read.
+    #[error("the CA token {path}: {reason}")]
+    Token {
+        /// Its path.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Making a CSR failed.
+    #[error("{0}")]
+    Csr(String),
+    /// The CA refused or could not be reached.
+    #[error("the CA at {address} answered {code}: {message}")]
+    CaRequest {
+        /// The CA's address.
+        address: String,
+        /// The gRPC status code.
+        code: String,
+        /// Its message.
+        message: String,
+    },
+    /// The CA's answer is not a usable certificate.
+    #[error("the CA's answer is not usable: {0}")]
+    CaResponse(String),
     /// A file or directory of the CA state could not be read or written.
     #[error("{what} {path}: {source}")]
     Io {

@@ -3,7 +3,7 @@
 
 use std::{
     fmt,
-    sync::{Arc, LazyLock},
+    sync::{Arc, LazyLock, Mutex, PoisonError, RwLock},
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -16,7 +16,7 @@ use rustls::{
         verify_server_cert_signed_by_trust_anchor,
     },
     crypto::{CryptoProvider, WebPkiSupportedAlgorithms},
-    pki_types::{CertificateDer, ServerName, UnixTime},
+    pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject as _},
     server::{
         ClientHello, NoServerSessionStorage, ParsedCertificate, ResolvesServerCert,
         WebPkiClientVerifier,
@@ -103,16 +103,17 @@ fn finish_client(mut config: ClientConfig) -> ClientConfig {
 /// protocols is refused), no session tickets.
 pub fn server_config(
     resolver: Arc<dyn ResolvesServerCert>,
-    roots: Arc<RootCertStore>,
+    roots: Roots,
     trust_domain: &str,
 ) -> Result<Arc<ServerConfig>, Error> {
     check_trust_domain(trust_domain).map_err(Error::InvalidTrustDomain)?;
     let provider = provider();
-    let chain_verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
-        .build()
-        .map_err(Error::Verifier)?;
+    let current = roots.current();
+    let chain_verifier = webpki_client_verifier(current.clone())?;
     let verifier = ClientIdentityVerifier {
-        inner: chain_verifier,
+        roots,
+        chain: Mutex::new((current, chain_verifier)),
+        algorithms: provider.signature_verification_algorithms,
         trust_domain: trust_domain.to_owned(),
     };
     let mut config = ServerConfig::builder_with_provider(provider)
@@ -126,6 +127,55 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
+fn webpki_client_verifier(roots: Arc<RootCertStore>) -> Result<Arc<dyn ClientCertVerifier>, Error> {
+    WebPkiClientVerifier::builder_with_provider(roots, provider())
+        .build()
+        .map_err(Error::Verifier)
+}
+
+/// The roots the mesh trusts, shared by every TLS configuration and replaceable while they
+/// are in use: a trust bundle that gains a new root (a root rotation) reaches the next
+/// handshake of every listener.
+#[derive(Debug, Clone)]
+pub struct Roots(Arc<RwLock<Arc<RootCertStore>>>);
+
+impl Roots {
+    /// A handle holding `roots`.
+    pub fn new(roots: Arc<RootCertStore>) -> Self {
+        Self(Arc::new(RwLock::new(roots)))
+    }
+
+    /// The roots now.
+    pub fn current(&self) -> Arc<RootCertStore> {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the roots for every handshake from now on.
+    pub fn replace(&self, roots: Arc<RootCertStore>) {
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = roots;
+    }
+}
+
+/// Parses a PEM trust bundle: one or more root certificates.
+pub fn parse_bundle(pem: &str) -> Result<RootCertStore, String> {
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|err| err.to_string())?;
+    if certs.is_empty() {
+        return Err("it holds no CERTIFICATE block".to_owned());
+    }
+    let mut roots = RootCertStore::empty();
+    for (i, cert) in certs.into_iter().enumerate() {
+        roots
+            .add(cert)
+            .map_err(|err| format!("certificate {} is not a usable root: {err}", i + 1))?;
+    }
+    Ok(roots)
+}
+
 /// The SPIFFE identity of a peer, from the certificates of a completed handshake (the
 /// connection's `peer_certificates()`): the one URI SAN of the first certificate.
 ///
@@ -135,7 +185,7 @@ pub fn peer_identity(certificates: &[CertificateDer<'_>]) -> Result<Identity, Er
     identity_of(leaf)
 }
 
-fn identity_of(leaf: &CertificateDer<'_>) -> Result<Identity, Error> {
+pub(super) fn identity_of(leaf: &CertificateDer<'_>) -> Result<Identity, Error> {
     let cert = ca::parse(leaf, || "the peer certificate".to_owned())?;
     let san = cert
         .subject_alternative_name()
@@ -275,11 +325,28 @@ impl ServerCertVerifier for ServerIdentityVerifier {
 }
 
 /// An HBONE server's client certificate verifier: webpki's (chain, validity, clientAuth usage,
-/// certificate mandatory), then the certificate must carry one identity of the trust domain.
+/// certificate mandatory) against the current [`Roots`], then the certificate must carry one
+/// identity of the trust domain.
 #[derive(Debug)]
 struct ClientIdentityVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
+    roots: Roots,
+    /// webpki's verifier for the roots it was built from, rebuilt when they change.
+    chain: Mutex<(Arc<RootCertStore>, Arc<dyn ClientCertVerifier>)>,
+    algorithms: WebPkiSupportedAlgorithms,
     trust_domain: String,
+}
+
+impl ClientIdentityVerifier {
+    fn chain_verifier(&self) -> Result<Arc<dyn ClientCertVerifier>, rustls::Error> {
+        let current = self.roots.current();
+        let mut chain = self.chain.lock().unwrap_or_else(PoisonError::into_inner);
+        if !Arc::ptr_eq(&chain.0, &current) {
+            let verifier = webpki_client_verifier(current.clone())
+                .map_err(|err| rustls::Error::General(err.to_string()))?;
+            *chain = (current, verifier);
+        }
+        Ok(chain.1.clone())
+    }
 }
 
 impl ClientCertVerifier for ClientIdentityVerifier {
@@ -292,7 +359,9 @@ impl ClientCertVerifier for ClientIdentityVerifier {
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
+        // The roots can change under a live configuration; peers pick their one certificate
+        // without hints anyway.
+        &[]
     }
 
     fn verify_client_cert(
@@ -302,7 +371,7 @@ impl ClientCertVerifier for ClientIdentityVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         let verified = self
-            .inner
+            .chain_verifier()?
             .verify_client_cert(end_entity, intermediates, now)?;
         let identity = identity_of(end_entity).map_err(refuse)?;
         if identity.trust_domain() != self.trust_domain {
@@ -320,7 +389,7 @@ impl ClientCertVerifier for ClientIdentityVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
     }
 
     fn verify_tls13_signature(
@@ -329,11 +398,11 @@ impl ClientCertVerifier for ClientIdentityVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.algorithms.supported_schemes()
     }
 }
 
@@ -417,7 +486,7 @@ mod tests {
             Arc::unwrap_or_clone(
                 server_config(
                     Arc::new(SingleCert::new(local)),
-                    self.ca.roots(),
+                    Roots::new(self.ca.roots()),
                     "cluster.local",
                 )
                 .unwrap(),

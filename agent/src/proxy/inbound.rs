@@ -33,8 +33,7 @@ impl rustls::server::ResolvesServerCert for CurrentCert {
         _hello: rustls::server::ClientHello<'_>,
     ) -> Option<Arc<rustls::sign::CertifiedKey>> {
         self.manager
-            .certified(&self.identity)
-            .ok()
+            .current(&self.identity)
             .map(|certified| certified.certified_key())
     }
 }
@@ -51,7 +50,7 @@ pub async fn serve(
     });
     let tls = identity::server_config(
         resolver,
-        proxy.identities.ca().roots(),
+        proxy.identities.roots(),
         proxy.identities.trust_domain(),
     )?;
     let admit = {

@@ -215,8 +215,9 @@ async fn open_tunnel(
                     peer: hbone_peer,
                     source,
                 })?;
-            let certified = proxy.identities.certified(&source)?;
-            let tls = identity::client_config(&certified, expected, proxy.identities.ca().roots())?;
+            let certified = proxy.identities.certified(&source).await?;
+            let roots = proxy.identities.roots().current();
+            let tls = identity::client_config(&certified, expected, roots)?;
             Ok((tcp, tls))
         })
         .await
