@@ -30,6 +30,8 @@ pub struct IdentityConfig {
     pub ca: Option<(PathBuf, PathBuf)>,
     /// Where the agent keeps state (the development root).
     pub state_dir: PathBuf,
+    /// How long workload certificates are asked for.
+    pub cert_lifetime: std::time::Duration,
 }
 
 /// Where the agent's HTTP endpoints listen.
@@ -97,11 +99,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             &config.identity.trust_domain,
         )?)),
     };
-    let identities = Arc::new(identity::Manager::new(
-        issuer,
-        &config.identity.trust_domain,
-        Arc::new(SystemClock),
-    )?);
+    let identities = Arc::new(
+        identity::Manager::new(issuer, &config.identity.trust_domain, Arc::new(SystemClock))?
+            .with_lifetime(config.identity.cert_lifetime),
+    );
     let renewals = tokio::spawn(identities.clone().run());
 
     let store = Arc::new(Store::new());

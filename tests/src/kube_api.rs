@@ -1,9 +1,9 @@
 //! A stand-in Kubernetes API server for tests, speaking the real wire protocol over plain HTTP
 //! on 127.0.0.1, so that Kubernetes code runs through an ordinary [`kube::Client`].
 //!
-//! It serves namespaces, pods and services (`v1`), endpoint slices (`discovery.k8s.io/v1`) and
-//! Istio's authorization policies and peer authentications (`security.istio.io/v1`), cluster-wide
-//! and per namespace: LIST with label and field selectors, WATCH from a resourceVersion with
+//! It serves namespaces, pods, services, secrets and config maps (`v1`), endpoint slices
+//! (`discovery.k8s.io/v1`) and Istio's authorization policies and peer authentications
+//! (`security.istio.io/v1`), cluster-wide and per namespace: LIST with label and field selectors, WATCH from a resourceVersion with
 //! bookmarks and `410 Expired` once history is compacted, GET, POST, PUT, DELETE, and JSON merge
 //! PATCH. Objects are JSON values; every change takes the next number of one global
 //! resourceVersion counter and is kept in a history that watches replay from.
@@ -16,12 +16,15 @@
 //!
 //! Not implemented: discovery (`/api`, `/apis`), pagination (`limit` and `continue` are ignored:
 //! lists are complete), server-side apply and JSON patch (415), subresources, `generateName`,
-//! namespace existence checks and cascading deletion, authentication.
+//! namespace existence checks and cascading deletion, authentication of its own clients. It does
+//! answer `TokenReview`s (authentication.k8s.io/v1) for tokens tests mint
+//! ([`ApiServer::mint_token`]).
 
 mod resource;
 mod selector;
 mod service;
 mod store;
+mod tokens;
 mod watch;
 
 use std::{
@@ -36,6 +39,7 @@ use serde_json::Value;
 use socket2::{Domain, Socket, Type};
 use tokio::{runtime, sync::oneshot};
 
+pub use tokens::TokenSpec;
 pub use watch::BOOKMARK_INTERVAL;
 
 use resource::Resource;
@@ -225,6 +229,17 @@ current-context: stand-in
         let filter = selector::Filter::new(resource(kind), None, None, None)
             .expect("no selectors to reject");
         lock(&self.store).select(&filter).cloned().collect()
+    }
+
+    /// Mints a service-account token for `spec`, as the kubelet's projected volume would get
+    /// one; a `TokenReview` of it answers as [`TokenSpec`] says (see [`tokens`]).
+    pub fn mint_token(&self, spec: TokenSpec) -> String {
+        lock(&self.store).tokens.mint(spec)
+    }
+
+    /// How many token reviews were answered.
+    pub fn token_reviews(&self) -> u64 {
+        lock(&self.store).tokens.reviews()
     }
 
     /// The current resourceVersion: that of the last change to any object.

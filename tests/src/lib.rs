@@ -20,6 +20,7 @@
 
 pub mod kube_api;
 pub mod mesh;
+pub mod mesh_ca;
 pub mod process;
 pub mod raw_hbone;
 

@@ -124,7 +124,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("bind the CA endpoint on {}", config.listen))?;
-    info!(addr = %listener.local_addr()?, "serving Istio's certificate API");
+    info!(endpoint = "grpc", addr = %listener.local_addr()?, "serving Istio's certificate API");
     let signer = service::Signer {
         root,
         client,

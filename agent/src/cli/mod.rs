@@ -107,6 +107,10 @@ pub struct AgentArgs {
         default_value = "/var/run/secrets/tokens/istio-token"
     )]
     pub ca_token_path: PathBuf,
+    /// How long the workload certificates asked for are valid (renewed at half life; the CA
+    /// may cap it).
+    #[arg(long, env = "MESHLET_CERT_LIFETIME", default_value = "24h", value_parser = parse_duration)]
+    pub cert_lifetime: Duration,
     /// The cluster ID sent to the CA (istiod's `ClusterID` header).
     #[arg(long, env = "MESHLET_CLUSTER_ID", default_value = "Kubernetes")]
     pub cluster_id: String,
@@ -305,6 +309,7 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
             }),
         ca: args.ca_cert.zip(args.ca_key),
         state_dir: args.state_dir,
+        cert_lifetime: args.cert_lifetime,
     };
     let endpoints = agent::Endpoints {
         metrics: args.metrics_addr,

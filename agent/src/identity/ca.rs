@@ -327,7 +327,10 @@ impl Ca {
             identity: identity.clone(),
             source,
         };
-        let not_before = whole_seconds(now.checked_sub(BACKDATE).unwrap_or(UNIX_EPOCH));
+        // Backdated for clock skew between nodes, by at most a tenth of the lifetime so that
+        // short-lived certificates still renew at (close to) half their remaining life.
+        let backdate = BACKDATE.min(lifetime / 10);
+        let not_before = whole_seconds(now.checked_sub(backdate).unwrap_or(UNIX_EPOCH));
         let not_after = whole_seconds(now + lifetime).min(self.not_after);
         if not_after <= now {
             return Err(Error::CaExpired {

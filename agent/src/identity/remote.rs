@@ -30,7 +30,8 @@ use super::{
     tls::{self, Roots},
 };
 use crate::proto::{
-    IstioCertificateRequest, istio_certificate_service_client::IstioCertificateServiceClient,
+    IstioCertificateRequest, IstioCertificateResponse,
+    istio_certificate_service_client::IstioCertificateServiceClient,
 };
 
 /// How long a connection to the CA may take to establish.
@@ -184,6 +185,37 @@ impl RemoteCa {
         Ok(channel)
     }
 
+    /// Sends one `CreateCertificate` request as is, with `token` as the bearer token and the
+    /// configured cluster ID: the wire call under [`RemoteCa::issue`], for tools and tests.
+    pub async fn call(
+        &self,
+        message: IstioCertificateRequest,
+        token: Option<&str>,
+    ) -> Result<IstioCertificateResponse, tonic::Status> {
+        let channel = self
+            .channel()
+            .map_err(|err| tonic::Status::unavailable(err.to_string()))?;
+        let mut request = tonic::Request::new(message);
+        let header = |value: String| {
+            value
+                .parse()
+                .map_err(|_| tonic::Status::invalid_argument("not a valid header value"))
+        };
+        if let Some(token) = token {
+            request
+                .metadata_mut()
+                .insert("authorization", header(format!("Bearer {token}"))?);
+        }
+        request
+            .metadata_mut()
+            .insert("clusterid", header(self.config.cluster_id.clone())?);
+        request.set_timeout(REQUEST_TIMEOUT);
+        Ok(IstioCertificateServiceClient::new(channel)
+            .create_certificate(request)
+            .await?
+            .into_inner())
+    }
+
     /// Asks the CA for a certificate for `identity`, valid for `lifetime`.
     pub async fn issue(
         &self,
@@ -208,35 +240,21 @@ impl RemoteCa {
             reason: err.to_string(),
         })?;
         let request = csr::request(identity).map_err(|err| Error::Csr(err.to_string()))?;
-        let mut message = tonic::Request::new(IstioCertificateRequest {
+        let message = IstioCertificateRequest {
             csr: request.pem.clone(),
             validity_duration: lifetime.as_secs() as i64,
             metadata: Some(IstioCertificateRequest::impersonating(
                 &identity.to_string(),
             )),
-        });
-        let header = |value: String| {
-            value.parse().map_err(|_| Error::Token {
-                path: token_path.clone(),
-                reason: "it is not a valid header value".to_owned(),
-            })
         };
-        message
-            .metadata_mut()
-            .insert("authorization", header(format!("Bearer {}", token.trim()))?);
-        message
-            .metadata_mut()
-            .insert("clusterid", header(self.config.cluster_id.clone())?);
-        message.set_timeout(REQUEST_TIMEOUT);
-        let response = IstioCertificateServiceClient::new(self.channel()?)
-            .create_certificate(message)
+        let response = self
+            .call(message, Some(token.trim()))
             .await
             .map_err(|status| Error::CaRequest {
                 address: self.config.address.clone(),
                 code: format!("{:?}", status.code()),
                 message: status.message().to_owned(),
-            })?
-            .into_inner();
+            })?;
         accept(
             identity,
             request,

@@ -43,6 +43,27 @@ pub(crate) const RESOURCES: &[Resource] = &[
     },
     Resource {
         api_version: "v1",
+        kind: "Secret",
+        plural: "secrets",
+        namespaced: true,
+        extra_fields: &["type"],
+    },
+    Resource {
+        api_version: "v1",
+        kind: "ConfigMap",
+        plural: "configmaps",
+        namespaced: true,
+        extra_fields: &[],
+    },
+    Resource {
+        api_version: "authentication.k8s.io/v1",
+        kind: "TokenReview",
+        plural: "tokenreviews",
+        namespaced: false,
+        extra_fields: &[],
+    },
+    Resource {
+        api_version: "v1",
         kind: "Service",
         plural: "services",
         namespaced: true,

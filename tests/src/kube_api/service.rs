@@ -113,6 +113,21 @@ async fn handle(store: &Shared, request: Request<Incoming>) -> Response<Body> {
             ),
         ));
     };
+    if target.resource.kind == "TokenReview" {
+        // Create-only and never stored, as on a real server.
+        return match (&parts.method, read_json(body).await) {
+            (&Method::POST, Ok(request)) => {
+                let reviewed = lock(store).review_token(&request);
+                json_response(StatusCode::CREATED, &reviewed)
+            }
+            (&Method::POST, Err(err)) => status(&err),
+            (method, _) => status(&Status::new(
+                405,
+                "MethodNotAllowed",
+                format!("tokenreviews support only POST, not {method}"),
+            )),
+        };
+    }
     let namespace = target.namespace.as_deref().unwrap_or_default();
     let ok = |object| (StatusCode::OK, object);
     let result = match (&parts.method, target.name.as_deref()) {

@@ -25,6 +25,7 @@ pub(crate) struct Store {
     /// Every open watch receives every change and picks what it wants.
     watchers: Vec<mpsc::UnboundedSender<Arc<Change>>>,
     patches: Vec<(String, Value)>,
+    pub(crate) tokens: super::tokens::Tokens,
 }
 
 /// One create, update or delete.
@@ -134,6 +135,14 @@ impl Store {
         name: &str,
     ) -> Option<&Value> {
         self.objects.get(&key(resource, namespace, name))
+    }
+
+    /// Answers a TokenReview request body (see [`super::tokens`]).
+    pub(crate) fn review_token(&mut self, request: &Value) -> Value {
+        let mut tokens = std::mem::take(&mut self.tokens);
+        let reviewed = tokens.review(self, request);
+        self.tokens = tokens;
+        reviewed
     }
 
     /// The objects `filter` selects, ordered by namespace and name.

@@ -1,0 +1,177 @@
+//! `meshlet ca` in tests: the CA process against a stand-in API server on loopback, agent
+//! tokens the API server will review, and a client for crafting requests by hand.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, SystemTime},
+};
+
+use meshlet::identity::{RemoteCa, RemoteConfig};
+use serde_json::json;
+
+use crate::{
+    kube_api::{ApiServer, TokenSpec},
+    process::{self, Agent},
+};
+
+/// The namespace of the CA and the agents, as deployed.
+pub const SYSTEM: &str = "meshlet-system";
+/// The audience of CA tokens.
+pub const AUDIENCE: &str = "istio-ca";
+
+/// A loopback port nothing listens on right now (bound and released), so that a process can be
+/// restarted on the same address.
+pub fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .expect("bind an ephemeral port")
+        .port()
+}
+
+/// A running `meshlet ca` on 127.0.0.1, stopped on drop.
+#[derive(Debug)]
+pub struct MeshCa {
+    /// The process (and its log).
+    pub process: Agent,
+    /// Where its gRPC API listens.
+    pub addr: SocketAddr,
+}
+
+impl MeshCa {
+    /// Starts `meshlet ca` on `127.0.0.1:port` with `api` as its API server (KUBECONFIG at
+    /// `kubeconfig`) and waits until it serves. `extra` flags go last.
+    pub fn start(kubeconfig: &Path, port: u16, extra: &[&str]) -> Self {
+        static STARTS: AtomicU32 = AtomicU32::new(0);
+        let start = STARTS.fetch_add(1, Ordering::Relaxed);
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let mut command = Command::new(process::meshlet_binary());
+        command
+            .arg("ca")
+            .args(["--listen", &addr.to_string()])
+            .args(["--metrics-addr", "127.0.0.1:0"])
+            .args(["--server-name", "127.0.0.1"])
+            .args(["--cacerts-dir", "/nonexistent/meshlet-test-cacerts"])
+            .args(extra)
+            .env("KUBECONFIG", kubeconfig)
+            .env("RUST_LOG", "info");
+        let log = std::env::temp_dir().join(format!(
+            "meshlet-ca-{}-{port}-{start}.log",
+            std::process::id()
+        ));
+        let process = Agent::spawn(command, log);
+        process.wait_for_log(
+            "serving Istio's certificate API",
+            1,
+            Duration::from_secs(20),
+        );
+        Self { process, addr }
+    }
+
+    /// `https://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// Its metrics endpoint's text.
+    pub fn metrics(&self) -> String {
+        let (status, body) = get(self.process.endpoint("metrics"), "/metrics");
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    /// The value of `meshlet_ca_requests_total{result}`.
+    pub fn requests(&self, result: &str) -> f64 {
+        let needle = format!("meshlet_ca_requests_total{{result=\"{result}\"}} ");
+        self.metrics()
+            .lines()
+            .find_map(|line| line.strip_prefix(needle.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+/// The trust bundle the CA published (the `meshlet-ca-root` ConfigMap), written to a file as
+/// the DaemonSet's ConfigMap volume would hold it.
+pub fn write_trust_bundle(api: &ApiServer, path: &Path) -> String {
+    let map = api
+        .get("ConfigMap", SYSTEM, "meshlet-ca-root")
+        .expect("the CA published its trust bundle");
+    let pem = map["data"]["root-cert.pem"]
+        .as_str()
+        .expect("root-cert.pem")
+        .to_owned();
+    std::fs::write(path, &pem).expect("write the trust bundle");
+    pem
+}
+
+/// Registers the agent pod of node `node` (`meshlet-<node>` in `meshlet-system`, service
+/// account `meshlet`) and mints its projected token for the CA; returns the token.
+pub fn agent_token(api: &ApiServer, node: &str) -> String {
+    let name = format!("meshlet-{node}");
+    let uid = format!("agent-uid-{node}");
+    api.apply(json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": SYSTEM, "uid": uid},
+        "spec": {"nodeName": node, "serviceAccountName": "meshlet", "hostNetwork": true,
+                 "containers": [{"name": "meshlet", "image": "meshlet"}]},
+        "status": {"phase": "Running"},
+    }));
+    api.mint_token(TokenSpec {
+        namespace: SYSTEM.to_owned(),
+        service_account: "meshlet".to_owned(),
+        audiences: vec![AUDIENCE.to_owned()],
+        pod: Some((name, uid)),
+        node: Some(node.to_owned()),
+        expires: SystemTime::now() + Duration::from_secs(3600),
+    })
+}
+
+/// Writes `token` to a file for `--ca-token-path`.
+pub fn token_file(dir: &Path, name: &str, token: &str) -> PathBuf {
+    let path = dir.join(format!("{name}.token"));
+    std::fs::write(&path, token).expect("write token");
+    path
+}
+
+/// A client of the CA at `ca` trusting `bundle` (a file), for hand-made requests.
+pub fn client(ca: &MeshCa, bundle: &Path) -> RemoteCa {
+    RemoteCa::new(RemoteConfig {
+        address: ca.url(),
+        root: bundle.to_owned(),
+        token: "/nonexistent".into(),
+        cluster_id: "Kubernetes".to_owned(),
+    })
+    .expect("a CA client")
+}
+
+/// `GET path` over HTTP/1.0 to `addr` in this process's namespace: status and body.
+pub fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .unwrap_or_else(|err| panic!("connect {addr}: {err}"));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("write");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, body.to_owned())
+}
+
+/// The value of the first sample of `name` (exact series text, e.g. `meshlet_ca_reachable`) in
+/// Prometheus text.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
