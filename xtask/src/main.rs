@@ -260,13 +260,135 @@ fn deploy_manifests() -> anyhow::Result<()> {
                 String::from_utf8_lossy(&validated.stderr)
             );
         }
-        let objects = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|l| l.starts_with("kind:"))
-            .count();
-        println!("{kustomization}: {objects} objects valid against Kubernetes 1.32");
+        let objects = check_ca_layout(kustomization, &String::from_utf8_lossy(&out.stdout))?;
+        println!(
+            "{kustomization}: {objects} objects valid against Kubernetes 1.32; the CA layout holds"
+        );
     }
     Ok(())
+}
+
+/// What the manifests must say beyond the schemas: `meshlet ca` deployed highly available
+/// with exactly the RBAC it needs, the agents pointed at it with a projected token, and no CA
+/// key mounted into the DaemonSet (with `cacerts`, into the CA only). Returns the object count.
+fn check_ca_layout(kustomization: &str, rendered: &str) -> anyhow::Result<usize> {
+    use serde::Deserialize as _;
+    let objects: Vec<serde_json::Value> = serde_yaml::Deserializer::from_str(rendered)
+        .map(serde_json::Value::deserialize)
+        .collect::<Result<_, _>>()
+        .context("parse the rendered manifests")?;
+    let find = |kind: &str, name: &str| {
+        objects
+            .iter()
+            .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+            .with_context(|| format!("{kustomization}: no {kind} {name}"))
+    };
+    let fail = |what: String| anyhow::anyhow!("{kustomization}: {what}");
+
+    let ca = find("Deployment", "meshlet-ca")?;
+    if ca["spec"]["replicas"] != 2
+        || ca["spec"]["template"]["spec"]["containers"][0]["args"][0] != "ca"
+    {
+        return Err(fail(
+            "meshlet-ca must run `meshlet ca` with 2 replicas".into(),
+        ));
+    }
+    let service = find("Service", "meshlet-ca")?;
+    if service["spec"]["ports"][0]["port"] != 15012 {
+        return Err(fail("the meshlet-ca Service must expose 15012".into()));
+    }
+    find("PodDisruptionBudget", "meshlet-ca")?;
+    let rules = |role: &serde_json::Value| -> Vec<String> {
+        role["rules"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|rule| {
+                let verbs: Vec<String> = rule["verbs"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect();
+                rule["resources"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|r| r.as_str())
+                    .flat_map(move |r| {
+                        let verbs = verbs.clone();
+                        verbs.into_iter().map(move |v| format!("{v} {r}"))
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let mut cluster_rules = rules(find("ClusterRole", "meshlet-ca")?);
+    cluster_rules.sort();
+    if cluster_rules != ["create tokenreviews", "get pods", "list pods", "watch pods"] {
+        return Err(fail(format!(
+            "the meshlet-ca ClusterRole grants {cluster_rules:?}"
+        )));
+    }
+    let role = find("Role", "meshlet-ca")?;
+    if role["metadata"]["namespace"] != "meshlet-system"
+        || !rules(role).contains(&"get secrets".to_owned())
+    {
+        return Err(fail(
+            "the meshlet-ca Role must be in meshlet-system and read its Secret".into(),
+        ));
+    }
+
+    let agent = &find("DaemonSet", "meshlet")?["spec"]["template"]["spec"];
+    let env: Vec<&str> = agent["containers"][0]["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    if !env.contains(&"MESHLET_CA_ADDRESS") {
+        return Err(fail(
+            "the agents are not pointed at the CA (MESHLET_CA_ADDRESS)".into(),
+        ));
+    }
+    if env
+        .iter()
+        .any(|e| matches!(*e, "MESHLET_CA_KEY" | "MESHLET_CA_CERT"))
+    {
+        return Err(fail(
+            "the DaemonSet must not sign locally (MESHLET_CA_KEY/CERT)".into(),
+        ));
+    }
+    let volumes = agent["volumes"].as_array().cloned().unwrap_or_default();
+    if volumes.iter().any(|v| !v["secret"].is_null()) {
+        return Err(fail(
+            "the DaemonSet must not mount a Secret: no key on the nodes".into(),
+        ));
+    }
+    let audience_ok = volumes.iter().any(|v| {
+        v["projected"]["sources"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|s| s["serviceAccountToken"]["audience"] == "istio-ca")
+    });
+    if !audience_ok {
+        return Err(fail(
+            "the DaemonSet needs a projected token for audience istio-ca".into(),
+        ));
+    }
+    if kustomization.ends_with("istio-ca") {
+        let ca_volumes = &ca["spec"]["template"]["spec"]["volumes"];
+        let mounts_cacerts = ca_volumes
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|v| v["secret"]["secretName"] == "cacerts");
+        if !mounts_cacerts {
+            return Err(fail("meshlet-ca must mount the cacerts Secret".into()));
+        }
+    }
+    Ok(objects.len())
 }
 
 fn demo(keep: bool) -> anyhow::Result<()> {
@@ -296,4 +418,48 @@ fn run(command: &mut Command) -> anyhow::Result<()> {
         bail!("{command:?} failed: {status}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn render(kustomization: &str) -> String {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let out = Command::new("kubectl")
+            .args(["kustomize", kustomization])
+            .current_dir(root)
+            .output()
+            .expect("kubectl (cargo xtask setup installs it)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    #[test]
+    fn the_manifests_deploy_the_ca_and_keep_keys_off_the_nodes() {
+        for kustomization in ["deploy/base", "deploy/overlays/istio-ca"] {
+            let rendered = render(kustomization);
+            check_ca_layout(kustomization, &rendered).unwrap();
+        }
+        // A key mounted into the DaemonSet, as the old istio-ca overlay did, is caught.
+        let rendered = render("deploy/base").replace(
+            "      - configMap:\n          name: meshlet-ca-root",
+            "      - secret:\n          secretName: cacerts\n        name: cacerts\n      - configMap:\n          name: meshlet-ca-root",
+        );
+        let err = check_ca_layout("deploy/base", &rendered).unwrap_err();
+        assert!(err.to_string().contains("must not mount a Secret"), "{err}");
+        let widened = render("deploy/base").replacen(
+            "  - tokenreviews\n  verbs:\n  - create",
+            "  - tokenreviews\n  verbs:\n  - create\n  - delete",
+            1,
+        );
+        assert!(
+            check_ca_layout("deploy/base", &widened).is_err(),
+            "widened RBAC is caught"
+        );
+    }
 }
