@@ -425,7 +425,7 @@ mod tests {
     use super::*;
 
     fn render(kustomization: &str) -> String {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let out = Command::new("kubectl")
             .args(["kustomize", kustomization])
             .current_dir(root)
