@@ -61,6 +61,12 @@ enum Scenario {
     Tunnel,
     /// Policy decisions with 1,000 policies, 10 of them selecting the workload.
     Policy,
+    /// `meshlet ca`: a node start with N pods of N service accounts asking at once, through
+    /// the real CA process and a stand-in API server (TokenReview, pod placement).
+    Ca {
+        #[arg(long, default_value_t = 200)]
+        pods: usize,
+    },
     /// The workload store: memory per pod, lookups per second.
     Store {
         #[arg(long, default_value_t = 100_000)]
@@ -109,6 +115,82 @@ fn header(title: &str) {
     );
 }
 
+/// Issuance at the CA: `pods` CSRs (one per service account, all with a pod on the caller's
+/// node), 16 in flight as the agent sends them, each authenticated by a TokenReview.
+fn ca_bench(pods: usize) -> anyhow::Result<serde_json::Value> {
+    use meshlet::proto::IstioCertificateRequest;
+    use meshlet_tests::{kube_api::ApiServer, mesh_ca};
+    header(&format!(
+        "meshlet ca: a node start with {pods} pods (16 CSRs in flight)"
+    ));
+    let dir = std::env::temp_dir().join(format!("meshlet-bench-ca-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let api = ApiServer::start();
+    let kubeconfig = dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    for i in 0..pods {
+        api.apply(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": format!("app-{i}"), "namespace": "bench", "uid": format!("uid-{i}")},
+            "spec": {"nodeName": "node-1", "serviceAccountName": format!("sa-{i}"), "containers": [{"name": "app", "image": "app"}]},
+            "status": {"phase": "Running"},
+        }));
+    }
+    let ca = mesh_ca::MeshCa::start(&kubeconfig, mesh_ca::free_port(), &["--log-format", "json"]);
+    let bundle = dir.join("root-cert.pem");
+    mesh_ca::write_trust_bundle(&api, &bundle);
+    let token = mesh_ca::agent_token(&api, "node-1");
+    let requests: Vec<IstioCertificateRequest> = (0..pods)
+        .map(|i| {
+            let identity =
+                meshlet::identity::Identity::new("cluster.local", "bench", &format!("sa-{i}"))?;
+            let csr = meshlet::identity::csr::request(&identity)?;
+            Ok(IstioCertificateRequest {
+                csr: csr.pem,
+                validity_duration: 0,
+                metadata: Some(IstioCertificateRequest::impersonating(
+                    &identity.to_string(),
+                )),
+            })
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let client = mesh_ca::client(&ca, &bundle);
+    let (latencies, elapsed) = runtime.block_on(async {
+        use futures::StreamExt as _;
+        // One warm-up request: the TLS connection and HTTP/2 handshake.
+        client.call(requests[0].clone(), Some(&token)).await?;
+        let started = Instant::now();
+        let latencies: Vec<anyhow::Result<u64>> = futures::stream::iter(requests)
+            .map(|request| {
+                let (client, token) = (&client, &token);
+                async move {
+                    let sent = Instant::now();
+                    client.call(request, Some(token)).await?;
+                    Ok(sent.elapsed().as_nanos() as u64)
+                }
+            })
+            .buffer_unordered(16)
+            .collect()
+            .await;
+        anyhow::Ok((latencies, started.elapsed()))
+    })?;
+    let latencies = latencies.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+    let summary = Summary::of(latencies);
+    summary.row("CreateCertificate, seen by the agent");
+    let rate = pods as f64 / elapsed.as_secs_f64();
+    println!(
+        "  {pods} certificates in {:.0} ms: {rate:.0} CSRs/s",
+        elapsed.as_secs_f64() * 1000.0
+    );
+    drop(ca);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(serde_json::json!({"pods": pods, "latency": summary, "csrs_per_second": rate}))
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     meshlet_tests::require_root();
@@ -132,6 +214,7 @@ fn main() -> anyhow::Result<()> {
                 tunnel(args.quick, args.external_proxy.as_deref())?,
             );
             report.insert("policy".into(), policy_bench()?);
+            report.insert("ca".into(), ca_bench(200)?);
             let (pods, services) = if args.quick {
                 (10_000, 1_000)
             } else {
@@ -147,6 +230,9 @@ fn main() -> anyhow::Result<()> {
                 "tunnel".into(),
                 tunnel(args.quick, args.external_proxy.as_deref())?,
             );
+        }
+        Scenario::Ca { pods } => {
+            report.insert("ca".into(), ca_bench(pods)?);
         }
         Scenario::Store { pods, services } => {
             report.insert("store".into(), store(pods, services)?);
