@@ -227,7 +227,7 @@ pub fn readiness(state: &State, request: &Request<hyper::body::Incoming>) -> Res
             .count();
         let since = issuer
             .failing_since
-            .map(|t| time::OffsetDateTime::from(t).to_string())
+            .map(identity::rfc3339)
             .unwrap_or_default();
         let note = format!(
             "ca: {} unreachable since {since} ({}); {valid} certificate(s) still valid",

@@ -943,25 +943,29 @@ fn samples(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)
 /// `GET path` over HTTP/1.0 to `addr`, from inside the network namespace `netns` (a node's,
 /// where its agent serves): the status code and the body.
 pub fn http_get(netns: &NetnsGuard, addr: SocketAddr, path: &str) -> (u16, String) {
-    use std::io::{Read as _, Write as _};
     netns
         .open()
-        .run(|| -> std::io::Result<(u16, String)> {
-            let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-            stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-            write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-            let mut response = String::new();
-            stream.read_to_string(&mut response)?;
-            let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-            let status = head
-                .split(' ')
-                .nth(1)
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0);
-            Ok((status, body.to_owned()))
-        })
+        .run(|| try_http_get(addr, path))
         .expect("enter netns")
         .unwrap_or_else(|err| panic!("GET http://{addr}{path}: {err}"))
+}
+
+/// `GET path` over HTTP/1.0 to `addr` from this process's namespace: the status code and the
+/// body.
+pub fn try_http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    Ok((status, body.to_owned()))
 }
 
 /// A Namespace manifest.

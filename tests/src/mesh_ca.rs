@@ -150,22 +150,7 @@ pub fn client(ca: &MeshCa, bundle: &Path) -> RemoteCa {
 
 /// `GET path` over HTTP/1.0 to `addr` in this process's namespace: status and body.
 pub fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    use std::io::{Read as _, Write as _};
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .unwrap_or_else(|err| panic!("connect {addr}: {err}"));
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("write");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read");
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, body.to_owned())
+    crate::try_http_get(addr, path).unwrap_or_else(|err| panic!("GET http://{addr}{path}: {err}"))
 }
 
 /// The value of the first sample of `name` (exact series text, e.g. `meshlet_ca_reachable`) in

@@ -388,17 +388,17 @@ fn agents_get_certificates_from_the_ca_and_keep_serving_through_its_restart() {
     let to = cluster.pod("server").addr(false, 8080);
     cluster.pod("client").connect(to, 4096).assert_echoed(4096);
     assert!(ca.requests("signed") >= 2.0);
-    let connections = |agent: &meshlet_tests::process::Agent| {
+    let metrics = |agent: &meshlet_tests::process::Agent| {
         let (_, text) = mesh_ca::get(agent.endpoint("metrics"), "/metrics");
         text
     };
     assert!(
-        connections(&agents[1]).contains("connection_security_policy=\"mutual_tls\""),
+        metrics(&agents[1]).contains("connection_security_policy=\"mutual_tls\""),
         "the connection went over HBONE"
     );
     for agent in &agents {
         assert_eq!(
-            mesh_ca::sample(&connections(agent), "meshlet_ca_reachable"),
+            mesh_ca::sample(&metrics(agent), "meshlet_ca_reachable"),
             Some(1.0)
         );
     }
@@ -409,7 +409,7 @@ fn agents_get_certificates_from_the_ca_and_keep_serving_through_its_restart() {
         wait_for(
             "the agent notices the CA is down",
             Duration::from_secs(30),
-            || mesh_ca::sample(&connections(agent), "meshlet_ca_reachable") == Some(0.0),
+            || mesh_ca::sample(&metrics(agent), "meshlet_ca_reachable") == Some(0.0),
         );
     }
     let (status, body) = mesh_ca::get(agents[0].endpoint("readiness"), "/healthz/ready");
@@ -428,7 +428,7 @@ fn agents_get_certificates_from_the_ca_and_keep_serving_through_its_restart() {
         wait_for(
             "the agent sees the CA again",
             Duration::from_secs(10),
-            || mesh_ca::sample(&connections(agent), "meshlet_ca_reachable") == Some(1.0),
+            || mesh_ca::sample(&metrics(agent), "meshlet_ca_reachable") == Some(1.0),
         );
     }
     // And on the renewed ones.

@@ -61,19 +61,9 @@ pub struct Config {
     /// The service accounts that may ask for others' identities.
     pub node_agents: Vec<Account>,
     /// The longest validity signed.
-    #[serde(with = "humantime_secs")]
     pub max_validity: Duration,
     /// DNS names and IP addresses of the serving certificate.
     pub server_names: Vec<String>,
-}
-
-mod humantime_secs {
-    pub fn serialize<S: serde::Serializer>(
-        d: &std::time::Duration,
-        s: S,
-    ) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&format!("{}s", d.as_secs()))
-    }
 }
 
 /// What `/metrics` and `/ready` read.

@@ -242,3 +242,147 @@ pub async fn publish(
     }
     bail!("{}: it kept changing under us", context())
 }
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+
+    use super::*;
+
+    /// A scratch `cacerts` directory.
+    struct Dir(std::path::PathBuf);
+
+    impl Dir {
+        fn new(name: &str) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("meshlet-cacerts-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+
+        fn write(&self, name: &str, text: &str) -> &Self {
+            std::fs::write(self.0.join(name), text).unwrap();
+            self
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// An intermediate CA signed by the root `(cert, key)`: (cert PEM, key PEM).
+    fn intermediate(root_cert: &str, root_key: &str) -> (String, String) {
+        let root_key = KeyPair::from_pem(root_key).unwrap();
+        let issuer = Issuer::from_ca_cert_pem(root_cert, root_key).unwrap();
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "intermediate");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    #[test]
+    fn a_root_alone_and_an_intermediate_completed_from_a_rotation_bundle() {
+        let (root, root_key) = identity::generate_root_pem("cluster.local").unwrap();
+        let (other_root, _) = identity::generate_root_pem("cluster.local").unwrap();
+
+        let dir = Dir::new("root");
+        dir.write(CA_CERT, &root)
+            .write(CA_KEY, &root_key)
+            .write(ROOT_CERT, &root);
+        let loaded = from_cacerts(&dir.0).unwrap();
+        assert_eq!(loaded.bundle, root);
+
+        let (cert, key) = intermediate(&root, &root_key);
+        let dir = Dir::new("intermediate");
+        let bundle = format!("{other_root}{root}");
+        dir.write(CA_CERT, &cert)
+            .write(CA_KEY, &key)
+            .write(ROOT_CERT, &bundle);
+        let loaded = from_cacerts(&dir.0).unwrap();
+        assert_eq!(loaded.bundle, bundle, "both roots are published");
+        assert_eq!(
+            pem::encode(&pem::Pem::new("CERTIFICATE", loaded.ca.root().to_vec())),
+            pem::encode(&pem::parse(&root).unwrap())
+        );
+    }
+
+    #[test]
+    fn bad_cacerts_say_what_is_wrong() {
+        let (root, root_key) = identity::generate_root_pem("cluster.local").unwrap();
+        let (other_root, other_key) = identity::generate_root_pem("cluster.local").unwrap();
+        let (cert, key) = intermediate(&root, &root_key);
+
+        let err = |dir: &Dir| format!("{:#}", from_cacerts(&dir.0).unwrap_err());
+
+        let missing = Dir::new("missing");
+        missing.write(CA_KEY, &key);
+        assert!(
+            err(&missing).contains("no ca-cert.pem"),
+            "{}",
+            err(&missing)
+        );
+
+        // The bundle lacks the root the intermediate chains to.
+        let foreign = Dir::new("foreign");
+        foreign
+            .write(CA_CERT, &cert)
+            .write(CA_KEY, &key)
+            .write(ROOT_CERT, &other_root);
+        assert!(
+            err(&foreign).contains("not a self-signed root"),
+            "{}",
+            err(&foreign)
+        );
+
+        // A root CA whose bundle does not hold it.
+        let unpublished = Dir::new("unpublished");
+        unpublished
+            .write(CA_CERT, &root)
+            .write(CA_KEY, &root_key)
+            .write(ROOT_CERT, &other_root);
+        assert!(
+            err(&unpublished).contains("does not hold the root"),
+            "{}",
+            err(&unpublished)
+        );
+
+        // The key of another CA.
+        let mismatch = Dir::new("mismatch");
+        mismatch
+            .write(CA_CERT, &root)
+            .write(CA_KEY, &other_key)
+            .write(ROOT_CERT, &root);
+        assert!(
+            err(&mismatch).contains("does not match"),
+            "{}",
+            err(&mismatch)
+        );
+
+        let garbage = Dir::new("garbage");
+        garbage
+            .write(CA_CERT, &root)
+            .write(CA_KEY, "not a key")
+            .write(ROOT_CERT, &root);
+        assert!(err(&garbage).contains("CA key"), "{}", err(&garbage));
+    }
+
+    #[test]
+    fn a_secret_without_its_keys_is_refused() {
+        let secret = Secret {
+            data: Some(BTreeMap::from([(
+                CA_CERT.to_owned(),
+                ByteString(b"x".to_vec()),
+            )])),
+            ..Default::default()
+        };
+        let err = from_secret(&secret, "meshlet-system", "meshlet-ca").unwrap_err();
+        assert!(format!("{err:#}").contains("has no ca-key.pem"), "{err:#}");
+    }
+}

@@ -109,7 +109,7 @@ pub struct AgentArgs {
     pub ca_token_path: PathBuf,
     /// How long the workload certificates asked for are valid (renewed at half life; the CA
     /// may cap it).
-    #[arg(long, env = "MESHLET_CERT_LIFETIME", default_value = "24h", value_parser = parse_duration)]
+    #[arg(long, env = "MESHLET_CERT_LIFETIME", default_value = "24h", value_parser = parse_positive_duration)]
     pub cert_lifetime: Duration,
     /// The cluster ID sent to the CA (istiod's `ClusterID` header).
     #[arg(long, env = "MESHLET_CLUSTER_ID", default_value = "Kubernetes")]
@@ -226,7 +226,7 @@ pub struct CaArgs {
     )]
     pub node_agents: Vec<crate::ca::Account>,
     /// The longest validity signed, e.g. `24h`.
-    #[arg(long, env = "MESHLET_CA_MAX_VALIDITY", default_value = "24h", value_parser = parse_duration)]
+    #[arg(long, env = "MESHLET_CA_MAX_VALIDITY", default_value = "24h", value_parser = parse_positive_duration)]
     pub max_validity: Duration,
     /// A DNS name or IP address of the serving certificate (repeat, or comma-separate).
     #[arg(
@@ -239,6 +239,14 @@ pub struct CaArgs {
     /// Log line format.
     #[arg(long, env = "MESHLET_LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: LogFormat,
+}
+
+/// [`parse_duration`], refusing zero.
+fn parse_positive_duration(text: &str) -> Result<Duration, String> {
+    match parse_duration(text)? {
+        Duration::ZERO => Err(format!("{text:?} must be more than zero")),
+        duration => Ok(duration),
+    }
 }
 
 /// Flags of the inspection commands.
@@ -343,18 +351,11 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
         capture,
         limits,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    runtime.block_on(agent::run(config))
+    runtime()?.block_on(agent::run(config))
 }
 
 fn ca(args: CaArgs) -> anyhow::Result<()> {
     telemetry::init(args.log_format);
-    if args.max_validity.is_zero() {
-        anyhow::bail!("--max-validity must be more than 0s");
-    }
     let config = crate::ca::Config {
         listen: args.listen,
         metrics_addr: args.metrics_addr,
@@ -368,11 +369,15 @@ fn ca(args: CaArgs) -> anyhow::Result<()> {
         max_validity: args.max_validity,
         server_names: args.server_names,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    runtime()?.block_on(crate::ca::run(config))
+}
+
+/// The runtime of the long-running commands: two workers, as the node has few cores to spare.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
-        .build()?;
-    runtime.block_on(crate::ca::run(config))
+        .build()
 }
 
 /// Inspection commands fail in one line (`error: cannot reach ...: Connection refused`) with
@@ -425,5 +430,46 @@ mod tests {
         ])
         .unwrap_err();
         assert!(err.to_string().contains("max-connections-per-pod"), "{err}");
+    }
+
+    #[test]
+    fn bad_ca_flags_are_refused_by_name() {
+        let refused = |args: &[&str], flag: &str| {
+            let err = Cli::try_parse_from(args).unwrap_err().to_string();
+            assert!(err.contains(flag), "{args:?}: {err}");
+        };
+        refused(&["meshlet", "ca", "--max-validity", "0s"], "max-validity");
+        refused(&["meshlet", "ca", "--node-agent", "meshlet"], "node-agent");
+        refused(&["meshlet", "ca", "--node-agent", "a/b/c"], "node-agent");
+        refused(
+            &[
+                "meshlet",
+                "agent",
+                "--node-name",
+                "n",
+                "--cert-lifetime",
+                "0s",
+            ],
+            "cert-lifetime",
+        );
+        refused(
+            &[
+                "meshlet",
+                "agent",
+                "--node-name",
+                "n",
+                "--ca-address",
+                "https://ca:15012",
+                "--ca-cert",
+                "c",
+                "--ca-key",
+                "k",
+            ],
+            "ca-address",
+        );
+        assert!(
+            Cli::try_parse_from(["meshlet", "ca"]).is_ok(),
+            "the defaults parse"
+        );
     }
 }

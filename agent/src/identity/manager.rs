@@ -365,16 +365,23 @@ impl Manager {
     }
 
     /// Asks the issuer for a certificate for `identity` (claimed by the caller) and records the
-    /// outcome.
-    async fn attempt(&self, identity: &Identity) {
+    /// outcome; `true` if a new certificate is in place.
+    async fn attempt(&self, identity: &Identity) -> bool {
         let now = self.clock.now();
         let result = self.issuer.issue(identity, now, self.lifetime).await;
-        self.settle(identity, now, result);
+        let obtained = self.settle(identity, now, result);
         lock(&self.in_flight).remove(identity);
         self.attempts.send_modify(|n| *n += 1);
+        obtained
     }
 
-    fn settle(&self, identity: &Identity, now: SystemTime, result: Result<Certified, Error>) {
+    /// Records an attempt's outcome; `true` if a new certificate is in place.
+    fn settle(
+        &self,
+        identity: &Identity,
+        now: SystemTime,
+        result: Result<Certified, Error>,
+    ) -> bool {
         {
             let mut status = lock(&self.status);
             match &result {
@@ -398,7 +405,7 @@ impl Manager {
         let mut certs = self.lock();
         // Forgotten meanwhile: its last pod left.
         let Some(entry) = certs.get_mut(identity) else {
-            return;
+            return false;
         };
         match result {
             Ok(fresh) => {
@@ -423,6 +430,7 @@ impl Manager {
                 entry.error = None;
                 entry.failures = 0;
                 entry.next_attempt = now;
+                true
             }
             Err(err) => {
                 entry.failures = entry.failures.saturating_add(1);
@@ -443,6 +451,7 @@ impl Manager {
                     ),
                 }
                 entry.error = Some(err.to_string());
+                false
             }
         }
     }
@@ -460,12 +469,7 @@ impl Manager {
             .filter(|identity| self.claim(identity))
             .collect();
         futures::stream::iter(due)
-            .map(|identity| async move {
-                let before = self.current(&identity).map(|c| c.serial().to_owned());
-                self.attempt(&identity).await;
-                let after = self.current(&identity).map(|c| c.serial().to_owned());
-                (after.is_some() && after != before).then_some(identity)
-            })
+            .map(|identity| async move { self.attempt(&identity).await.then_some(identity) })
             .buffer_unordered(CONCURRENCY)
             .filter_map(|renewed| async move { renewed })
             .collect()

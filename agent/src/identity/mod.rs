@@ -480,7 +480,7 @@ impl Error {
 }
 
 /// Formats a time as RFC 3339 (UTC, whole seconds), for messages and the admin API.
-fn rfc3339(time: SystemTime) -> String {
+pub fn rfc3339(time: SystemTime) -> String {
     let time = time::OffsetDateTime::from(time).replace_nanosecond(0);
     match time {
         Ok(time) => time

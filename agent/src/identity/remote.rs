@@ -57,6 +57,9 @@ pub struct RemoteConfig {
 pub struct RemoteCa {
     config: RemoteConfig,
     uri: Uri,
+    /// Where to connect: the address's host (brackets removed) and port.
+    host: String,
+    port: u16,
     server_name: ServerName<'static>,
     roots: Roots,
     /// The bundle's text as last loaded, and the channel built for it.
@@ -89,10 +92,14 @@ impl RemoteCa {
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_owned();
-        let server_name = ServerName::try_from(host).map_err(|err| invalid(err.to_string()))?;
+        let server_name =
+            ServerName::try_from(host.clone()).map_err(|err| invalid(err.to_string()))?;
+        let port = uri.port_u16().unwrap_or(443);
         let ca = Self {
             config,
             uri,
+            host,
+            port,
             server_name,
             roots: Roots::new(Arc::new(RootCertStore::empty())),
             loaded: Mutex::default(),
@@ -159,17 +166,12 @@ impl RemoteCa {
             .with_no_client_auth();
         tls.alpn_protocols = vec![tls::ALPN_H2.to_vec()];
         let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
-        let server_name = self.server_name.clone();
-        let connect = tower::service_fn(move |uri: Uri| {
-            let (connector, server_name) = (connector.clone(), server_name.clone());
+        let (server_name, host, port) = (self.server_name.clone(), self.host.clone(), self.port);
+        // The channel only ever dials the CA's own address.
+        let connect = tower::service_fn(move |_: Uri| {
+            let (connector, server_name, host) =
+                (connector.clone(), server_name.clone(), host.clone());
             async move {
-                let host = uri
-                    .host()
-                    .unwrap_or_default()
-                    .trim_start_matches('[')
-                    .trim_end_matches(']')
-                    .to_owned();
-                let port = uri.port_u16().unwrap_or(443);
                 let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
                 tcp.set_nodelay(true)?;
                 let tls = connector.connect(server_name, tcp).await?;
@@ -417,5 +419,96 @@ mod tests {
             };
             assert!(RemoteCa::new(config).is_err(), "{bad} accepted");
         }
+    }
+
+    /// A scratch file removed on drop.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(name: &str, text: &str) -> Self {
+            let path =
+                std::env::temp_dir().join(format!("meshlet-remote-{name}-{}", std::process::id()));
+            std::fs::write(&path, text).unwrap();
+            Self(path)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn remote(bundle: &Path, token: &Path, cluster_id: &str) -> RemoteCa {
+        RemoteCa::new(RemoteConfig {
+            // Nothing listens here; no test below gets as far as connecting.
+            address: "https://127.0.0.1:1".to_owned(),
+            root: bundle.to_owned(),
+            token: token.to_owned(),
+            cluster_id: cluster_id.to_owned(),
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_bad_trust_bundle_keeps_the_last_good_one() {
+        let ca = TestCa::root(p256(), "cluster.local");
+        let bundle = Scratch::new("bundle", &ca.cert_pem);
+        let client = remote(&bundle.0, Path::new("/nonexistent"), "Kubernetes");
+        assert_eq!(client.roots().current().len(), 1);
+        assert!(!client.reload_roots().unwrap(), "unchanged");
+
+        std::fs::write(&bundle.0, "not pem").unwrap();
+        let err = client.reload_roots().unwrap_err();
+        assert!(matches!(err, Error::TrustBundle { .. }), "{err}");
+        assert_eq!(
+            client.roots().current().len(),
+            1,
+            "the last good bundle stays"
+        );
+
+        let two = format!(
+            "{}{}",
+            ca.cert_pem,
+            TestCa::root(p256(), "cluster.local").cert_pem
+        );
+        std::fs::write(&bundle.0, two).unwrap();
+        assert!(client.reload_roots().unwrap());
+        assert_eq!(
+            client.roots().current().len(),
+            2,
+            "a rotation bundle: both roots"
+        );
+    }
+
+    #[tokio::test]
+    async fn missing_bundle_token_or_a_bad_cluster_id_fail_before_the_wire() {
+        let web = id("spiffe://cluster.local/ns/default/sa/web");
+        let none = remote(
+            Path::new("/nonexistent/bundle.pem"),
+            Path::new("/nonexistent"),
+            "K",
+        );
+        let err = none
+            .issue(&web, SystemTime::now(), DEFAULT_LIFETIME)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::TrustBundle { .. }), "{err}");
+
+        let ca = TestCa::root(p256(), "cluster.local");
+        let bundle = Scratch::new("bundle2", &ca.cert_pem);
+        let client = remote(&bundle.0, Path::new("/nonexistent/token"), "Kubernetes");
+        let err = client
+            .issue(&web, SystemTime::now(), DEFAULT_LIFETIME)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Token { .. }), "{err}");
+
+        let bad_id = remote(&bundle.0, Path::new("/nonexistent"), "line\nbreak");
+        let status = bad_id
+            .call(IstioCertificateRequest::default(), Some("token"))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
     }
 }
