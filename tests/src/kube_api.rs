@@ -81,8 +81,18 @@ impl ApiServer {
     ///
     /// If it cannot bind or start its thread.
     pub fn start() -> Self {
-        let listener = bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
-            .unwrap_or_else(|err| panic!("bind the stand-in API server on 127.0.0.1: {err}"));
+        Self::start_on(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+    }
+
+    /// Starts a server on `addr`, in the network namespace of the calling thread (port 0: one
+    /// the OS picks), with no objects.
+    ///
+    /// # Panics
+    ///
+    /// If it cannot bind or start its thread.
+    pub fn start_on(addr: SocketAddr) -> Self {
+        let listener = bind(addr)
+            .unwrap_or_else(|err| panic!("bind the stand-in API server on {addr}: {err}"));
         let addr = listener
             .local_addr()
             .expect("a bound listener has an address");
@@ -118,7 +128,7 @@ impl ApiServer {
         self.addr
     }
 
-    /// Its base URL, `http://127.0.0.1:PORT`.
+    /// Its base URL, `http://ADDR:PORT`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }

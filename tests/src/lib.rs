@@ -659,11 +659,23 @@ impl Cluster {
     /// Starts `meshlet agent` on node `index` with the cluster's flags plus `extra`, logging to
     /// a file; stopped (SIGTERM) on drop.
     pub fn start_agent(&self, index: usize, extra: &[&str]) -> process::Agent {
+        self.start_agent_in_node(index, extra, &[])
+    }
+
+    /// [`Cluster::start_agent`] with environment variables (`KUBECONFIG`, ...), in the node's
+    /// network namespace: for a control plane the nodes reach over the fabric.
+    pub fn start_agent_in_node(
+        &self,
+        index: usize,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> process::Agent {
         let mut command = self.agent_command(index);
         command
             .arg("agent")
             .args(self.agent_flags(index))
-            .args(extra);
+            .args(extra)
+            .envs(env.iter().copied());
         self.spawn_agent(index, command)
     }
 
@@ -777,6 +789,12 @@ impl Cluster {
     /// Starts capturing node-0's link to the fabric (everything node-0 exchanges with the other
     /// nodes) with tcpdump.
     pub fn capture_link(&self) -> process::LinkCapture {
+        self.capture_link_excluding(&[])
+    }
+
+    /// [`Cluster::capture_link`] leaving out TCP `ports` (a control plane's: the API server,
+    /// the CA), so that what is left is the pods' traffic.
+    pub fn capture_link_excluding(&self, ports: &[u16]) -> process::LinkCapture {
         let cgroup = self.cgroup.path().join("tools");
         fs::create_dir_all(&cgroup)
             .unwrap_or_else(|err| panic!("create {}: {err}", cgroup.display()));
@@ -786,6 +804,9 @@ impl Cluster {
         // Text output (`-A`, payload as ASCII): writing a pcap with `-w` captures nothing on
         // these machines.
         command.args(["-i", "n0", "-nn", "-l", "-A", "-s", "0", "tcp"]);
+        for port in ports {
+            command.args(["and", "not", "port", &port.to_string()]);
+        }
         process::LinkCapture::start(command, text)
     }
 

@@ -41,25 +41,40 @@ pub struct MeshCa {
 }
 
 impl MeshCa {
-    /// Starts `meshlet ca` on `127.0.0.1:port` with `api` as its API server (KUBECONFIG at
-    /// `kubeconfig`) and waits until it serves. `extra` flags go last.
+    /// Starts `meshlet ca` on `127.0.0.1:port` in this process's namespace, with the API server
+    /// of `kubeconfig`, and waits until it serves. `extra` flags go last.
     pub fn start(kubeconfig: &Path, port: u16, extra: &[&str]) -> Self {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        Self::spawn(
+            Command::new(process::meshlet_binary()),
+            addr,
+            kubeconfig,
+            &[&["--metrics-addr", "127.0.0.1:0"], extra].concat(),
+        )
+    }
+
+    /// Runs `command` (a `meshlet` command, e.g. placed in a node's namespace) as `meshlet ca`
+    /// listening on `addr`, its serving certificate for `addr`'s IP, and waits until it serves.
+    pub fn spawn(
+        mut command: Command,
+        addr: SocketAddr,
+        kubeconfig: &Path,
+        extra: &[&str],
+    ) -> Self {
         static STARTS: AtomicU32 = AtomicU32::new(0);
         let start = STARTS.fetch_add(1, Ordering::Relaxed);
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        let mut command = Command::new(process::meshlet_binary());
         command
             .arg("ca")
             .args(["--listen", &addr.to_string()])
-            .args(["--metrics-addr", "127.0.0.1:0"])
-            .args(["--server-name", "127.0.0.1"])
+            .args(["--server-name", &addr.ip().to_string()])
             .args(["--cacerts-dir", "/nonexistent/meshlet-test-cacerts"])
             .args(extra)
             .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info");
         let log = std::env::temp_dir().join(format!(
-            "meshlet-ca-{}-{port}-{start}.log",
-            std::process::id()
+            "meshlet-ca-{}-{}-{start}.log",
+            std::process::id(),
+            addr.port()
         ));
         let process = Agent::spawn(command, log);
         process.wait_for_log(

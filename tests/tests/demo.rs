@@ -16,15 +16,19 @@ fn the_demo_walks_through_every_step_and_leaves_nothing_behind() {
         "demo failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for step in 1..=7 {
+    for step in 1..=8 {
         assert!(
-            stdout.contains(&format!("[{step}/7]")),
+            stdout.contains(&format!("[{step}/8]")),
             "step {step} missing:\n{stdout}"
         );
     }
     assert!(
         stdout.contains("application plaintext seen: false"),
         "{stdout}"
+    );
+    assert!(
+        stdout.contains("is refused: no_pod_on_node"),
+        "the CA step shows a node refused another node's identity:\n{stdout}"
     );
     let id = stdout
         .split(['(', ')'])

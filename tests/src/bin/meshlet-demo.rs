@@ -2,11 +2,13 @@
 //! network namespaces, step by step. Every claim it prints is checked; it exits non-zero the
 //! moment one does not hold, and removes everything it made on exit, on failure and on Ctrl-C.
 //!
-//! This stage of the demo: an agent per node learns workloads from a file of Kubernetes
-//! manifests (the embedded default), labelling the namespace enrolls its pods through real
-//! discovery and eBPF capture, traffic flows through the agents' in-pod listeners, capture
-//! survives an agent restart, and `meshlet uninstall` removes it. The tunnel (mTLS), policy and
-//! metrics are not built yet, and the demo does not pretend they are.
+//! The real path, as on a cluster: node-0 also plays the control-plane node, with a stand-in
+//! Kubernetes API server (the embedded default workloads applied to it) and `meshlet ca`; an
+//! agent per node watches the API (`--source kube`) and gets its pods' certificates from the
+//! CA with a projected-style token (no CA key on any node). Labelling the namespace enrolls its
+//! pods through real discovery and eBPF capture, traffic crosses between the nodes over HBONE
+//! (mTLS), a policy denies and is lifted, metrics show both, capture survives an agent restart,
+//! and `meshlet uninstall` removes it.
 
 use std::{
     path::Path,
@@ -18,7 +20,12 @@ use anyhow::{Context as _, bail, ensure};
 use clap::Parser;
 use meshlet::capture::Pinned;
 use meshlet_tests::{
-    Cluster, namespace_manifest, process::meshlet_binary, teardown, write_workloads,
+    Cluster,
+    kube_api::ApiServer,
+    mesh_ca::{self, MeshCa},
+    namespace_manifest,
+    process::meshlet_binary,
+    teardown,
 };
 
 /// Walk through meshlet on a simulated two-node cluster.
@@ -29,7 +36,7 @@ struct Args {
     keep: bool,
 }
 
-const STEPS: usize = 7;
+const STEPS: usize = 8;
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -68,37 +75,87 @@ fn walk_through(cluster: &mut Cluster, keep: bool) -> anyhow::Result<()> {
     }
     let mut echo = cluster.pod("server").echo_server(8080);
     println!("      the server pod runs a TCP echo server on port 8080");
-    let file = std::env::temp_dir().join(format!("{}-workloads.yaml", cluster.id()));
+    let dir = std::env::temp_dir().join(format!("{}-control-plane", cluster.id()));
+    std::fs::create_dir_all(&dir)?;
+    // The control plane lives on node-0, reachable from every node over the fabric.
+    let control_ip = cluster.node(0).ipv4;
+    let api = cluster
+        .node(0)
+        .netns
+        .open()
+        .run(|| ApiServer::start_on((control_ip, 0).into()))?;
+    let kubeconfig = dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
     let objects = |labels: &[(&str, &str)]| {
         vec![
             namespace_manifest("demo", labels),
             namespace_manifest("legacy", &[]),
-            cluster
-                .pod("client")
-                .mesh_manifest("demo", &[("app", "client")]),
-            cluster
-                .pod("server")
-                .mesh_manifest("demo", &[("app", "server")]),
+            cluster.pod("client").manifest("demo", &[("app", "client")]),
+            cluster.pod("server").manifest("demo", &[("app", "server")]),
             cluster
                 .pod("bystander")
                 .manifest("legacy", &[("app", "bystander")]),
         ]
     };
-    write_workloads(&file, &objects(&[]));
+    for object in objects(&[]) {
+        api.apply(object);
+    }
     println!(
-        "      workloads (Namespace and Pod manifests, as a cluster holds them): {}",
-        file.display()
+        "      a stand-in Kubernetes API server on node-0 ({}) holds the Namespaces and Pods",
+        api.url()
     );
 
     step(
         2,
-        "start `meshlet agent --source file:...` on both nodes: eBPF attached, source synced",
+        "start `meshlet ca` on node-0: the only holder of the CA key, Istio's certificate API on 15012",
     );
-    let source = format!("file:{}", file.display());
-    let mut agents = vec![
-        cluster.start_agent(0, &["--source", &source]),
-        cluster.start_agent(1, &["--source", &source]),
-    ];
+    let ca_addr = std::net::SocketAddr::from((control_ip, 15012));
+    let ca = MeshCa::spawn(
+        cluster.node_command(0, meshlet_binary()),
+        ca_addr,
+        &kubeconfig,
+        &["--metrics-addr", "127.0.0.1:15014"],
+    );
+    println!("      {}", last_line(&ca.process, "stored it in a Secret"));
+    println!(
+        "      {}",
+        last_line(&ca.process, "published the trust bundle")
+    );
+    let bundle = dir.join("root-cert.pem");
+    mesh_ca::write_trust_bundle(&api, &bundle);
+    let tokens: Vec<_> = (0..2)
+        .map(|i| {
+            let node = format!("node-{i}");
+            mesh_ca::token_file(&dir, &node, &mesh_ca::agent_token(&api, &node))
+        })
+        .collect();
+    println!(
+        "      each agent gets the trust bundle (ConfigMap meshlet-ca-root) and a token bound to its pod and node"
+    );
+
+    step(
+        3,
+        "start `meshlet agent --source kube --ca-address ...` on both nodes: eBPF attached, source synced",
+    );
+    let ca_url = ca.url();
+    let kube_env = [("KUBECONFIG", kubeconfig.to_str().context("utf-8 path")?)];
+    let start_agent = |node: usize| {
+        cluster.start_agent_in_node(
+            node,
+            &[
+                "--source",
+                "kube",
+                "--ca-address",
+                &ca_url,
+                "--ca-root",
+                bundle.to_str().unwrap_or_default(),
+                "--ca-token-path",
+                tokens[node].to_str().unwrap_or_default(),
+            ],
+            &kube_env,
+        )
+    };
+    let mut agents = vec![start_agent(0), start_agent(1)];
     for (i, agent) in agents.iter().enumerate() {
         agent.wait_for_log("source synced", 1, Duration::from_secs(10));
         println!("      node-{i}: {}", last_line(agent, "capture installed"));
@@ -110,20 +167,39 @@ fn walk_through(cluster: &mut Cluster, keep: bool) -> anyhow::Result<()> {
     }
 
     step(
-        3,
+        4,
         "label the namespace: kubectl label namespace demo meshlet.io/dataplane-mode=ambient",
     );
     let start = Instant::now();
-    write_workloads(&file, &objects(&[("meshlet.io/dataplane-mode", "ambient")]));
-    agents[0].wait_for_log("pod enrolled", 1, Duration::from_secs(5));
-    agents[1].wait_for_log("pod enrolled", 1, Duration::from_secs(5));
+    let ambient = [("meshlet.io/dataplane-mode", "ambient")];
+    api.apply(namespace_manifest("demo", &ambient));
+    agents[0].wait_for_log("pod enrolled", 1, Duration::from_secs(10));
+    agents[1].wait_for_log("pod enrolled", 1, Duration::from_secs(10));
     println!(
-        "      both pods enrolled in {} ms, found through their cgroups:",
+        "      both pods enrolled in {} ms, each once its certificate came from the CA:",
         start.elapsed().as_millis()
     );
     for (i, agent) in agents.iter().enumerate() {
+        println!(
+            "      node-{i}: {}",
+            last_line(agent, "obtained a workload certificate")
+        );
         println!("      node-{i}: {}", last_line(agent, "pod enrolled"));
     }
+    ca.process
+        .wait_for_log("signed a workload certificate", 2, Duration::from_secs(5));
+    println!(
+        "      meshlet ca: {}",
+        last_line(&ca.process, "signed a workload certificate")
+    );
+    // A node may ask only for the identities of its own pods.
+    let server_id = "spiffe://cluster.local/ns/demo/sa/server";
+    let refused = ask_for_identity(cluster, &ca, &bundle, &tokens[0], server_id)?;
+    ensure!(
+        refused.starts_with("no_pod_on_node"),
+        "node-0 was not refused the server's identity: {refused}"
+    );
+    println!("      node-0 asking for {server_id} (its pod runs on node-1) is refused: {refused}");
     for (node, pod) in [(0, "client"), (1, "server")] {
         let cookie = cluster.pod(pod).netns_cookie();
         let enrolled: Vec<u64> = Pinned::open(&cluster.bpffs_dir(node))?
@@ -147,12 +223,28 @@ fn walk_through(cluster: &mut Cluster, keep: bool) -> anyhow::Result<()> {
     indent(&meshlet_on(cluster, 1, &["certs"])?);
 
     step(
-        4,
+        5,
         "traffic: client -> server:8080, captured and carried over HBONE (mTLS)",
     );
+    // The client's agent tunnels to pods whose agent confirmed capture: wait until node-0 has
+    // seen node-1's `meshlet.io/redirection` annotation on the server pod.
+    let annotated = Instant::now();
+    while api
+        .get("Pod", "demo", "server")
+        .map(|pod| pod["metadata"]["annotations"]["meshlet.io/redirection"].clone())
+        != Some(serde_json::json!("enabled"))
+    {
+        ensure!(
+            annotated.elapsed() < Duration::from_secs(10),
+            "node-1 did not annotate the server pod"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cluster.wait_applied(0);
     let server = cluster.pod("server").addr(false, 8080);
     let out_before = Pinned::open(&cluster.bpffs_dir(0))?.redirects()?.outbound;
-    let link = cluster.capture_link();
+    // The control plane's own traffic (API server, CA) crosses this link too: leave it out.
+    let link = cluster.capture_link_excluding(&[api.addr().port(), ca_addr.port()]);
     let report = cluster.pod("client").connect(server, 64 * 1024);
     ensure!(
         report.error.is_none() && report.echoed == 64 * 1024,
@@ -202,25 +294,25 @@ fn walk_through(cluster: &mut Cluster, keep: bool) -> anyhow::Result<()> {
     );
 
     step(
-        5,
+        6,
         "an AuthorizationPolicy denies the client: refused at the destination; removed: allowed again",
     );
-    let ambient = [("meshlet.io/dataplane-mode", "ambient")];
     let deny = serde_json::json!({
         "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
         "metadata": {"name": "deny-client", "namespace": "demo"},
         "spec": {"selector": {"matchLabels": {"app": "server"}}, "action": "DENY",
                  "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/demo/sa/client"]}}]}]}
     });
-    let apply = |objects: Vec<serde_json::Value>| {
-        let loads = agents[1].log().matches("workload file loaded").count();
-        write_workloads(&file, &objects);
-        agents[1].wait_for_log("workload file loaded", loads + 1, Duration::from_secs(5));
-        std::thread::sleep(Duration::from_millis(100));
+    // Applied once the destination's agent has compiled what its store holds.
+    let applied = |store_before: u64| {
+        while cluster.generation(1).store == store_before {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        cluster.wait_applied(1);
     };
-    let mut with_policy = objects(&ambient);
-    with_policy.push(deny);
-    apply(with_policy);
+    let before = cluster.generation(1).store;
+    api.apply(deny);
+    applied(before);
     let report = cluster.pod("client").connect(server, 1000);
     ensure!(
         report.error.is_some() || report.echoed == 0,
@@ -236,7 +328,9 @@ fn walk_through(cluster: &mut Cluster, keep: bool) -> anyhow::Result<()> {
         "      node-0: {}",
         last_line(&agents[0], "401 Unauthorized")
     );
-    apply(objects(&ambient));
+    let before = cluster.generation(1).store;
+    api.delete("AuthorizationPolicy", "demo", "deny-client");
+    applied(before);
     let report = cluster.pod("client").connect(server, 1000);
     ensure!(
         report.error.is_none() && report.echoed == 1000,
@@ -271,7 +365,7 @@ fn walk_through(cluster: &mut Cluster, keep: bool) -> anyhow::Result<()> {
     }
 
     step(
-        6,
+        7,
         "restart the agent on node-0: capture is pinned, the new agent adopts it",
     );
     let status = agents[0].stop();
@@ -281,7 +375,7 @@ fn walk_through(cluster: &mut Cluster, keep: bool) -> anyhow::Result<()> {
         "the attachments changed while no agent ran"
     );
     println!("      agent stopped: the six programs are still attached");
-    agents[0] = cluster.start_agent(0, &["--source", &source]);
+    agents[0] = start_agent(0);
     agents[0].wait_for_log("pod enrolled", 1, Duration::from_secs(10));
     println!(
         "      node-0: {}",
@@ -309,8 +403,13 @@ fn walk_through(cluster: &mut Cluster, keep: bool) -> anyhow::Result<()> {
             );
         }
         println!(
-            "  workloads: {} (edit it: the agents follow)",
-            file.display()
+            "  meshlet ca pid {}, log {}",
+            ca.process.pid(),
+            ca.process.log_path().display()
+        );
+        println!(
+            "  KUBECONFIG={} kubectl ...   # the stand-in API server: the agents follow it",
+            kubeconfig.display()
         );
         println!(
             "  nsenter --net=/var/run/netns/{}-p0 bash   # a shell in the client pod's network",
@@ -320,16 +419,20 @@ fn walk_through(cluster: &mut Cluster, keep: bool) -> anyhow::Result<()> {
             "  clean up: kill the agents, `meshlet uninstall --bpffs-dir <dir>` for each node, delete the namespaces `ip netns | grep {}`",
             cluster.id()
         );
+        println!("  the API server lives in this process: Ctrl-C ends it and removes the cluster");
         std::mem::forget(agents);
         std::mem::forget(echo);
-        return Ok(());
+        std::mem::forget(ca);
+        loop {
+            std::thread::park();
+        }
     }
 
     step(
-        7,
+        8,
         "remove the label, stop the agents, `meshlet uninstall`: nothing left",
     );
-    write_workloads(&file, &objects(&[]));
+    api.apply(namespace_manifest("demo", &[]));
     agents[0].wait_for_log("pod unenrolled", 1, Duration::from_secs(5));
     agents[1].wait_for_log("pod unenrolled", 1, Duration::from_secs(5));
     println!("      both pods released");
@@ -358,8 +461,39 @@ fn walk_through(cluster: &mut Cluster, keep: bool) -> anyhow::Result<()> {
     println!(
         "      checked: nothing attached, the client reaches the server directly; removing the cluster"
     );
-    let _ = std::fs::remove_file(&file);
+    drop(ca);
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// Asks the CA, from node-0 with `token`, for `identity`'s certificate, as a compromised node
+/// would; returns the refusal (or `signed`).
+fn ask_for_identity(
+    cluster: &Cluster,
+    ca: &MeshCa,
+    bundle: &Path,
+    token: &Path,
+    identity: &str,
+) -> anyhow::Result<String> {
+    use meshlet::{identity::Identity, proto::IstioCertificateRequest};
+    let csr = meshlet::identity::csr::request(&Identity::parse(identity)?)?;
+    let token = std::fs::read_to_string(token)?;
+    let client = mesh_ca::client(ca, bundle);
+    let request = IstioCertificateRequest {
+        csr: csr.pem,
+        validity_duration: 0,
+        metadata: Some(IstioCertificateRequest::impersonating(identity)),
+    };
+    let answer = cluster.node(0).netns.open().run(|| {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        anyhow::Ok(runtime.block_on(client.call(request, Some(&token))))
+    })??;
+    Ok(match answer {
+        Ok(_) => "signed".to_owned(),
+        Err(status) => status.message().to_owned(),
+    })
 }
 
 /// The agent's last log line containing `needle`, without the timestamp and level.
