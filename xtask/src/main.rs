@@ -57,6 +57,9 @@ enum Task {
         /// outside the mesh, with `{listen}`, `{listen_port}` and `{upstream}` filled in.
         #[arg(long)]
         external_proxy: Option<String>,
+        /// Istio's ztunnel binary: also check that it gets its certificate from `meshlet ca`.
+        #[arg(long)]
+        ztunnel: Option<PathBuf>,
     },
     /// Setup, build, then walk through meshlet on a simulated two-node cluster.
     Demo {
@@ -91,7 +94,8 @@ fn main() -> anyhow::Result<()> {
             quick,
             json,
             external_proxy,
-        } => bench(quick, json, external_proxy),
+            ztunnel,
+        } => bench(quick, json, external_proxy, ztunnel),
         Task::Demo { keep } => demo(keep),
         Task::Fuzz { seconds, target } => {
             setup::run()?;
@@ -199,7 +203,12 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn bench(quick: bool, json: Option<PathBuf>, external_proxy: Option<String>) -> anyhow::Result<()> {
+fn bench(
+    quick: bool,
+    json: Option<PathBuf>,
+    external_proxy: Option<String>,
+    ztunnel: Option<PathBuf>,
+) -> anyhow::Result<()> {
     setup::run()?;
     preflight::check().context("the benchmarks cannot run on this machine")?;
     cargo(&["build", "--release", "--workspace", "--bins"])?;
@@ -219,6 +228,11 @@ fn bench(quick: bool, json: Option<PathBuf>, external_proxy: Option<String>) -> 
     }
     if let Some(command) = external_proxy {
         bench.arg("--external-proxy").arg(command);
+    }
+    if let Some(ztunnel) = ztunnel {
+        bench
+            .arg("--ztunnel")
+            .arg(ztunnel.canonicalize().context("--ztunnel")?);
     }
     run(&mut bench)
 }

@@ -39,6 +39,9 @@ struct Args {
     /// (`{listen_port}` is the port alone).
     #[arg(long, global = true)]
     external_proxy: Option<String>,
+    /// Istio's ztunnel binary: `all` then also checks it interoperates (see `interop`).
+    #[arg(long, global = true)]
+    ztunnel: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -67,6 +70,9 @@ enum Scenario {
         #[arg(long, default_value_t = 200)]
         pods: usize,
     },
+    /// Interoperability with Istio's ztunnel (`--ztunnel PATH`): ztunnel, pointed at
+    /// `meshlet ca` with `CA_ADDRESS`, gets its workload certificate from it.
+    Interop,
     /// The workload store: memory per pod, lookups per second.
     Store {
         #[arg(long, default_value_t = 100_000)]
@@ -191,6 +197,157 @@ fn ca_bench(pods: usize) -> anyhow::Result<serde_json::Value> {
     Ok(serde_json::json!({"pods": pods, "latency": summary, "csrs_per_second": rate}))
 }
 
+/// Istio's ztunnel asks `meshlet ca` for its workload's certificate, with the token of its
+/// own service account (`istio-system/ztunnel`, added as a node agent), and gets it.
+fn interop(ztunnel: &std::path::Path) -> anyhow::Result<serde_json::Value> {
+    use meshlet_tests::{
+        kube_api::{ApiServer, TokenSpec},
+        mesh_ca::{self, MeshCa},
+    };
+    println!(
+        "\ninterop: Istio's ztunnel ({}) against meshlet ca",
+        ztunnel.display()
+    );
+    let mut cluster = Cluster::new(1);
+    cluster.add_pod("web", 0);
+    let dir = std::env::temp_dir().join(format!("{}-interop", cluster.id()));
+    std::fs::create_dir_all(&dir)?;
+    let node = cluster.node(0);
+    let api = node
+        .netns
+        .open()
+        .run(|| ApiServer::start_on((std::net::Ipv4Addr::LOCALHOST, 0).into()))?;
+    let kubeconfig = dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    api.apply(cluster.pod("web").manifest("demo", &[("app", "web")]));
+    api.apply(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "ztunnel-node-0", "namespace": "istio-system", "uid": "ztunnel-uid"},
+        "spec": {"nodeName": "node-0", "serviceAccountName": "ztunnel", "containers": [{"name": "istio-proxy", "image": "ztunnel"}]},
+        "status": {"phase": "Running"},
+    }));
+    let ca = MeshCa::spawn(
+        cluster.node_command(0, process::meshlet_binary()),
+        (std::net::Ipv4Addr::LOCALHOST, 15012).into(),
+        &kubeconfig,
+        &[
+            "--metrics-addr",
+            "127.0.0.1:15014",
+            "--node-agent",
+            "meshlet-system/meshlet,istio-system/ztunnel",
+        ],
+    );
+    let bundle = dir.join("root-cert.pem");
+    mesh_ca::write_trust_bundle(&api, &bundle);
+    let token = api.mint_token(TokenSpec {
+        namespace: "istio-system".into(),
+        service_account: "ztunnel".into(),
+        audiences: vec![mesh_ca::AUDIENCE.into()],
+        pod: Some(("ztunnel-node-0".into(), "ztunnel-uid".into())),
+        node: Some("node-0".into()),
+        expires: std::time::SystemTime::now() + std::time::Duration::from_secs(3600),
+    });
+    let token_path = mesh_ca::token_file(&dir, "ztunnel", &token);
+    let pod = cluster.pod("web");
+    let xds = dir.join("ztunnel.yaml");
+    std::fs::write(
+        &xds,
+        format!(
+            "workloads:\n- uid: cluster1//v1/Pod/demo/web\n  name: web\n  namespace: demo\n  serviceAccount: web\n  trustDomain: cluster.local\n  workloadIps: [\"{}\"]\n  protocol: HBONE\n  node: node-0\n  network: \"\"\n  services: {{}}\npolicies: []\nservices: []\n",
+            pod.ipv4
+        ),
+    )?;
+    let mut command = cluster.node_command(0, ztunnel);
+    command
+        .current_dir(&dir)
+        .env("XDS_ADDRESS", "")
+        .env("CA_ADDRESS", ca.url())
+        .env("CA_ROOT_CA", &bundle)
+        .env("AUTH_TOKEN", &token_path)
+        .env("PROXY_MODE", "dedicated")
+        .env("PROXY_WORKLOAD_INFO", "demo/web/web")
+        .env("LOCAL_XDS_PATH", &xds)
+        .env("PACKET_MARK", "1337")
+        .env("ENABLE_ORIG_SRC", "false")
+        .env("ZTUNNEL_WORKER_THREADS", "1")
+        .env("RUST_LOG", "info");
+    let started = Instant::now();
+    // ztunnel logs to standard output.
+    let log = dir.join("ztunnel.log");
+    let file = std::fs::File::create(&log)?;
+    command.stdout(file.try_clone()?).stderr(file);
+    let ztunnel_process = ZtunnelProcess(command.spawn().context("start ztunnel")?, log);
+    // ztunnel asks for a certificate when it first needs one: open a TLS connection to its
+    // HBONE port (without a client certificate: only the server's is wanted).
+    let raw = meshlet_tests::raw_hbone::RawHbone::new(&cluster, node.netns.open());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    let presented = loop {
+        let attempt = runtime.block_on(raw.tls(
+            (std::net::Ipv4Addr::LOCALHOST, 15008).into(),
+            raw.config_without_certificate(),
+        ));
+        if let Ok(stream) = attempt
+            && let Some(certs) = stream.get_ref().1.peer_certificates()
+        {
+            break certs.to_vec();
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "ztunnel presented no certificate in 30 s:\n{}",
+            std::fs::read_to_string(&ztunnel_process.1).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let took = started.elapsed();
+    let identity = meshlet::identity::peer_identity(&presented)?;
+    let (_, leaf) = x509_parser::parse_x509_certificate(&presented[0])?;
+    let serial: String = leaf
+        .raw_serial()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let signed = ca.process.log();
+    let line = signed
+        .lines()
+        .find(|l| l.contains(&format!("serial=\"{serial}\"")))
+        .unwrap_or_default()
+        .to_owned();
+    anyhow::ensure!(
+        identity.to_string() == "spiffe://cluster.local/ns/demo/sa/web"
+            && line.contains("signed a workload certificate")
+            && line.contains("caller=\"istio-system/ztunnel\""),
+        "ztunnel presented {identity} (serial {serial}), which meshlet ca did not sign for it:\n{signed}"
+    );
+    println!(
+        "  meshlet ca: {}",
+        line.split_once("meshlet::")
+            .map_or(line.as_str(), |(_, rest)| rest)
+    );
+    println!(
+        "  ztunnel serves {identity} with that certificate (serial {serial}), {} ms after it started",
+        took.as_millis()
+    );
+    drop(ztunnel_process);
+    drop(ca);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(
+        serde_json::json!({"ztunnel_certificate_from_meshlet_ca": true, "ms": took.as_millis() as u64}),
+    )
+}
+
+/// A ztunnel process, killed on drop.
+struct ZtunnelProcess(std::process::Child, std::path::PathBuf);
+
+impl Drop for ZtunnelProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     meshlet_tests::require_root();
@@ -215,6 +372,9 @@ fn main() -> anyhow::Result<()> {
             );
             report.insert("policy".into(), policy_bench()?);
             report.insert("ca".into(), ca_bench(200)?);
+            if let Some(ztunnel) = &args.ztunnel {
+                report.insert("interop".into(), interop(ztunnel)?);
+            }
             let (pods, services) = if args.quick {
                 (10_000, 1_000)
             } else {
@@ -233,6 +393,13 @@ fn main() -> anyhow::Result<()> {
         }
         Scenario::Ca { pods } => {
             report.insert("ca".into(), ca_bench(pods)?);
+        }
+        Scenario::Interop => {
+            let ztunnel = args
+                .ztunnel
+                .as_deref()
+                .context("interop needs --ztunnel <path to Istio's ztunnel>")?;
+            report.insert("interop".into(), interop(ztunnel)?);
         }
         Scenario::Store { pods, services } => {
             report.insert("store".into(), store(pods, services)?);
