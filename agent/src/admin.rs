@@ -203,48 +203,14 @@ pub fn readiness(state: &State, request: &Request<hyper::body::Incoming>) -> Res
         );
     }
     if state.sync.synced() {
-        let identities = &state.proxy.identities;
-        let issuer = identities.issuer_status();
-        if issuer.reachable {
-            return reply(StatusCode::OK, "text/plain", "ready\n");
-        }
-        // The CA is down: valid certificates keep serving, so the node stays ready while it
-        // has no expired one, and says so.
-        let certs = identities.list();
-        let expired: Vec<String> = certs
-            .iter()
-            .filter(|c| c.state == identity::CertState::Expired)
-            .map(|c| c.identity.to_string())
-            .collect();
-        let valid = certs
-            .iter()
-            .filter(|c| {
-                matches!(
-                    c.state,
-                    identity::CertState::Valid | identity::CertState::RenewalDue
-                )
-            })
-            .count();
-        let since = issuer
-            .failing_since
-            .map(identity::rfc3339)
-            .unwrap_or_default();
-        let note = format!(
-            "ca: {} unreachable since {since} ({}); {valid} certificate(s) still valid",
-            issuer.issuer,
-            issuer.last_error.unwrap_or_default()
-        );
-        if expired.is_empty() {
-            reply(StatusCode::OK, "text/plain", format!("ready\n{note}\n"))
-        } else {
-            reply(
+        match state.proxy.identities.readiness() {
+            Ok(None) => reply(StatusCode::OK, "text/plain", "ready\n"),
+            Ok(Some(note)) => reply(StatusCode::OK, "text/plain", format!("ready\n{note}\n")),
+            Err(why) => reply(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "text/plain",
-                format!(
-                    "not ready: expired certificates ({})\n{note}\n",
-                    expired.join(", ")
-                ),
-            )
+                format!("not ready: {why}\n"),
+            ),
         }
     } else {
         let kinds: Vec<String> = state

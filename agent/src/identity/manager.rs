@@ -259,6 +259,38 @@ impl Manager {
         lock(&self.status).clone()
     }
 
+    /// What readiness says of certificates. `Ok(None)` while the issuer answers. While it does
+    /// not, valid certificates keep serving: `Ok(Some(note))` says so, and `Err` once a
+    /// certificate in use has expired.
+    pub fn readiness(&self) -> Result<Option<String>, String> {
+        let issuer = self.issuer_status();
+        if issuer.reachable {
+            return Ok(None);
+        }
+        let certs = self.list();
+        let count = |state| certs.iter().filter(|c| c.state == state).count();
+        let valid = count(CertState::Valid) + count(CertState::RenewalDue);
+        let note = format!(
+            "ca: {} unreachable since {} ({}); {valid} certificate(s) still valid",
+            issuer.issuer,
+            issuer.failing_since.map(rfc3339).unwrap_or_default(),
+            issuer.last_error.unwrap_or_default()
+        );
+        let expired: Vec<String> = certs
+            .iter()
+            .filter(|c| c.state == CertState::Expired)
+            .map(|c| c.identity.to_string())
+            .collect();
+        if expired.is_empty() {
+            Ok(Some(note))
+        } else {
+            Err(format!(
+                "expired certificates ({})\n{note}",
+                expired.join(", ")
+            ))
+        }
+    }
+
     /// A receiver that changes after every attempt to obtain a certificate.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.attempts.subscribe()
@@ -292,12 +324,15 @@ impl Manager {
             if let Some(cert) = self.current(identity) {
                 return Ok(cert);
             }
-            self.register(identity);
-            if self.claim(identity) {
+            if self.start(identity) {
                 self.attempt(identity).await;
                 return self
                     .current(identity)
                     .ok_or_else(|| self.unavailable(identity));
+            }
+            if !lock(&self.in_flight).contains(identity) {
+                // Backing off after a failure: the renewal task retries.
+                return Err(self.unavailable(identity));
             }
             // Someone else is asking: wait for their answer.
             attempts.borrow_and_update();
@@ -317,23 +352,41 @@ impl Manager {
         if self.current(identity).is_some() {
             return Ok(true);
         }
+        // Not before a failed attempt's backoff has passed: reconcile passes must not turn
+        // into a retry storm against a CA that is down.
+        if !self.start(identity) {
+            return Ok(false);
+        }
+        match &self.issuer {
+            Issuer::Local(ca) => {
+                // Signing locally takes microseconds (milliseconds for RSA): no need to wait.
+                let now = self.clock.now();
+                let result = ca.issue(identity, now, self.lifetime);
+                self.settle(identity, now, result);
+                self.finish(identity);
+                self.current(identity)
+                    .map(|_| true)
+                    .ok_or_else(|| self.unavailable(identity))
+            }
+            Issuer::Remote(_) => {
+                let manager = self.clone();
+                let identity = identity.clone();
+                tokio::spawn(async move { manager.attempt(&identity).await });
+                Ok(false)
+            }
+        }
+    }
+
+    /// Registers `identity` and claims an attempt for it, if one is due (none in flight, no
+    /// backoff pending).
+    fn start(&self, identity: &Identity) -> bool {
         self.register(identity);
-        if let Issuer::Local(ca) = &self.issuer {
-            // Signing locally takes microseconds (milliseconds for RSA): no need to wait.
-            let now = self.clock.now();
-            let result = ca.issue(identity, now, self.lifetime);
-            self.settle(identity, now, result);
-            return self
-                .current(identity)
-                .map(|_| true)
-                .ok_or_else(|| self.unavailable(identity));
-        }
-        if self.claim(identity) {
-            let manager = self.clone();
-            let identity = identity.clone();
-            tokio::spawn(async move { manager.attempt(&identity).await });
-        }
-        Ok(false)
+        let now = self.clock.now();
+        let due = self
+            .lock()
+            .get(identity)
+            .is_some_and(|entry| entry.next_attempt <= now);
+        due && self.claim(identity)
     }
 
     fn unavailable(&self, identity: &Identity) -> Error {
@@ -370,9 +423,14 @@ impl Manager {
         let now = self.clock.now();
         let result = self.issuer.issue(identity, now, self.lifetime).await;
         let obtained = self.settle(identity, now, result);
+        self.finish(identity);
+        obtained
+    }
+
+    /// Ends the attempt in flight for `identity` and wakes whoever waits on one.
+    fn finish(&self, identity: &Identity) {
         lock(&self.in_flight).remove(identity);
         self.attempts.send_modify(|n| *n += 1);
-        obtained
     }
 
     /// Records an attempt's outcome; `true` if a new certificate is in place.
@@ -794,5 +852,43 @@ mod tests {
         }
         assert!(backoff(30, now) <= RETRY_MAX);
         assert!(backoff(1, now) <= RETRY_MIN);
+    }
+
+    #[tokio::test]
+    async fn a_failed_attempt_is_not_retried_before_its_backoff() {
+        let clock = TestClock::new();
+        let manager = Arc::new(manager(clock.clone()));
+        let a = id("spiffe://cluster.local/ns/default/sa/a");
+        // Past the test CA's validity, every issuance fails.
+        clock.advance(2 * 365 * 24 * HOUR);
+        assert!(
+            manager.ensure(&a).is_err(),
+            "the first attempt runs and fails"
+        );
+        let list = manager.list();
+        assert_eq!(list[0].state, CertState::Pending);
+        assert!(list[0].renewal_error.is_some());
+        // Reconcile passes and connections right after do not ask again.
+        assert!(
+            !manager.ensure(&a).unwrap(),
+            "no second attempt inside the backoff"
+        );
+        assert!(matches!(
+            manager.certified(&a).await,
+            Err(Error::Unavailable { .. })
+        ));
+        assert!(manager.next_renewal().unwrap() > clock.now());
+        // Once it has passed, the next one runs (and fails again).
+        clock.advance(RETRY_MAX);
+        assert!(manager.ensure(&a).is_err(), "retried after the backoff");
+        assert!(!manager.issuer_status().reachable);
+        let note = manager
+            .readiness()
+            .unwrap()
+            .expect("a note while the issuer fails");
+        assert!(
+            note.contains("unreachable") && note.contains("0 certificate(s) still valid"),
+            "{note}"
+        );
     }
 }
