@@ -40,6 +40,8 @@ pub struct State {
     pub config: serde_json::Value,
     /// The store generation the last completed enrollment pass reflected (0: none yet).
     pub enrollment_generation: Arc<std::sync::atomic::AtomicU64>,
+    /// Where each pod to capture stands (enrolled and how, or what it waits for).
+    pub captures: Arc<crate::inpod::CaptureStates>,
 }
 
 /// One row of `/workloads`.
@@ -61,6 +63,10 @@ pub struct WorkloadRow {
     pub identity: String,
     /// Why it is not enrolled, if it is not.
     pub decision: Decision,
+    /// For a pod this node captures: enrolled (and how its namespace was found) or pending
+    /// (and what it waits for).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capture: Option<crate::inpod::CaptureState>,
 }
 
 /// Serves `router` on `listener` until the task is dropped.
@@ -295,6 +301,9 @@ pub fn workloads(state: &State) -> Vec<WorkloadRow> {
             let namespace = proxy.store.namespace(&pod.key.namespace);
             let node = pod.node_name.clone().unwrap_or_default();
             let decision = enrollment::decide(pod, namespace.as_deref(), &node);
+            let capture = (node == state.node)
+                .then(|| state.captures.get(&pod.uid))
+                .flatten();
             WorkloadRow {
                 namespace: pod.key.namespace.clone(),
                 name: pod.key.name.clone(),
@@ -310,6 +319,7 @@ pub fn workloads(state: &State) -> Vec<WorkloadRow> {
                     .identity_of(pod)
                     .map(|i| i.to_string())
                     .unwrap_or_default(),
+                capture,
                 decision,
             }
         })

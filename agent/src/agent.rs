@@ -45,6 +45,17 @@ pub struct Endpoints {
     pub admin: SocketAddr,
 }
 
+/// The CNI plugin's side of the agent.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CniConfig {
+    /// The socket `meshlet-cni` calls (`<state-dir>/cni.sock` by default).
+    pub socket: PathBuf,
+    /// How long an ADD may wait for its pod's enrollment.
+    pub timeout: std::time::Duration,
+    /// Install the plugin on the node and keep it chained (the DaemonSet does).
+    pub install: Option<crate::cni::install::InstallConfig>,
+}
+
 /// Everything `meshlet agent` is configured with.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Config {
@@ -60,6 +71,8 @@ pub struct Config {
     pub capture: capture::Config,
     /// Resource bounds and guards of the proxy.
     pub limits: crate::proxy::Limits,
+    /// The CNI plugin's socket and installation.
+    pub cni: CniConfig,
 }
 
 /// Runs the agent until a termination signal.
@@ -81,6 +94,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "connection budgets"
     );
     let capture = Capture::install(config.capture.clone())?;
+    // The CNI socket before anything slow: a plugin that finds it answered is held, not
+    // refused, while the agent starts.
+    let cni_listener = crate::cni::server::bind(&config.cni.socket)?;
 
     let issuer = match (&config.identity.remote, &config.identity.ca) {
         (Some(remote), _) => Issuer::Remote(Arc::new(identity::RemoteCa::new(remote.clone())?)),
@@ -143,6 +159,29 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     };
 
+    let (cni_events, events) = tokio::sync::mpsc::channel(1024);
+    let cni_tasks = [
+        tokio::spawn(crate::cni::server::serve(
+            cni_listener,
+            config.cni.socket.clone(),
+            cni_events,
+            config.cni.timeout + std::time::Duration::from_secs(2),
+        )),
+        tokio::spawn(crate::cni::decisions::follow(
+            store.clone(),
+            sync.clone(),
+            config.node_name.clone(),
+            crate::cni::decisions::path_beside(&config.cni.socket),
+        )),
+        tokio::spawn(match config.cni.install.clone() {
+            Some(install) => futures::future::Either::Left(crate::cni::install::keep_installed(
+                install,
+                std::time::Duration::from_secs(5),
+            )),
+            None => futures::future::Either::Right(std::future::ready(())),
+        }),
+    ];
+    let captures = Arc::new(crate::inpod::CaptureStates::default());
     let state = admin::State {
         node: config.node_name.clone(),
         proxy: proxy.clone(),
@@ -150,6 +189,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         bpffs_dir: config.capture.bpffs_dir.clone(),
         config: serde_json::to_value(&config)?,
         enrollment_generation: Default::default(),
+        captures: captures.clone(),
     };
     let enrollment_generation = state.enrollment_generation.clone();
     let servers = [
@@ -181,7 +221,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             annotator,
             netns_annotation,
         )
-        .run(shutdown, enrollment_generation),
+        .with_states(captures)
+        .with_cni_timeout(config.cni.timeout)
+        .run(shutdown, enrollment_generation, events),
     );
     shutdown_signal().await?;
     let _ = shutdown_tx.send(true);
@@ -189,8 +231,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     renewals.abort();
     reaper.abort();
     policies.abort();
-    for server in servers {
-        server.abort();
+    for task in servers.into_iter().chain(cni_tasks) {
+        task.abort();
     }
     inpod.await.context("in-pod reconciler")?;
     info!("stopped; capture stays attached through its pins (`meshlet uninstall` removes it)");

@@ -1,30 +1,47 @@
 //! In-pod enrollment: keeps the set of captured pods equal to what the store asks for.
 //!
 //! For every local pod that [`enrollment::decide`] enrolls, the reconciler finds the pod's
-//! network namespace (a process of the pod's cgroup; with the file source, the
-//! `meshlet.io/netns` annotation may name it), opens it and checks that what it holds is the
-//! pod's own ([`discovery::verify`]: not the agent's, not the host's, no process of another
-//! cgroup in it; each refusal logged and counted), opens the in-pod listeners there (15001
-//! outbound on loopback, 15006 and 15008 inbound), enrolls the namespace in the capture maps, registers the 15006 listeners for inbound steering and marks
-//! the pod ready. It undoes all of it when the pod is unlabelled, deleted, or its namespace
-//! disappears. It runs on every store change and every 250 ms (pods whose namespace has not
-//! appeared yet are retried), and only after the source has synced, so a restarted agent never
-//! unenrolls pods it simply has not heard of yet.
+//! network namespace, checks that what it holds is the pod's own ([`discovery::verify`]: not
+//! the agent's, not the host's, no process of another cgroup in it; each refusal logged and
+//! counted), opens the in-pod listeners there (15001 outbound on loopback, 15006 and 15008
+//! inbound), enrolls the namespace in the capture maps, registers the 15006 listeners for
+//! inbound steering and marks the pod ready. It undoes all of it when the pod is unlabelled,
+//! deleted, released by the CNI plugin, or its namespace disappears.
+//!
+//! The namespace comes, in this order, from:
+//! 1. `meshlet-cni` (a sandbox the runtime is creating, handed over as a descriptor before any
+//!    container runs; the plugin waits for the answer, see [`crate::cni`]). Until the API has
+//!    the pod's addresses, the primary plugin's are used;
+//! 2. a process of the pod's cgroup (pods that predate the plugin);
+//! 3. with the file source only, the `meshlet.io/netns` annotation.
+//!
+//! It runs on every store change, certificate change, CNI request and every 250 ms (pods whose
+//! namespace has not appeared yet are retried), and only after the source has synced, so a
+//! restarted agent never unenrolls pods it simply has not heard of yet. The state of each pod
+//! (enrolled, and how; or what it waits for) is published for `meshlet workloads`.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
-    sync::Arc,
-    time::Duration,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use meshlet_common::{INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
-use tokio::{sync::watch, task::JoinHandle};
+use serde::Serialize;
+use tokio::{
+    sync::{mpsc, oneshot, watch},
+    task::JoinHandle,
+};
 use tracing::{info, warn};
 
 use crate::{
     capture::Capture,
+    cni::{
+        protocol::{Command, Reply, Request},
+        server::Event,
+    },
     proxy::{PodContext, Proxy, inbound, outbound, passthrough},
     source::SyncState,
     sys::{Netns, socket},
@@ -37,10 +54,15 @@ use crate::{
 
 /// How often pending pods are retried and enrolled ones checked.
 const TICK: Duration = Duration::from_millis(250);
+/// How long a CNI request waits for the source's first sync before the plugin is told to
+/// decide without the agent.
+const SYNC_WAIT: Duration = Duration::from_secs(3);
 
 /// Where a pod's network namespace was found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum NetnsSource {
+    /// `meshlet-cni` handed it over (the path is the runtime's name for it, for logs).
+    Cni(PathBuf),
     /// The `meshlet.io/netns` annotation.
     Annotation(PathBuf),
     /// A process of the pod: `/proc/<pid>/ns/net`.
@@ -50,9 +72,91 @@ enum NetnsSource {
 impl NetnsSource {
     fn path(&self) -> &Path {
         match self {
-            Self::Annotation(path) | Self::Process(path) => path,
+            Self::Cni(path) | Self::Annotation(path) | Self::Process(path) => path,
         }
     }
+
+    fn via(&self) -> Via {
+        match self {
+            Self::Cni(_) => Via::Cni,
+            Self::Annotation(_) => Via::Annotation,
+            Self::Process(_) => Via::Process,
+        }
+    }
+}
+
+/// How an enrolled pod's namespace was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Via {
+    /// `meshlet-cni`, before the pod's containers started.
+    Cni,
+    /// A process of the pod (the pod predates the plugin, or the agent restarted).
+    Process,
+    /// The file source's `meshlet.io/netns` annotation.
+    Annotation,
+}
+
+/// Where a pod the agent should capture stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum CaptureState {
+    /// Captured.
+    Enrolled {
+        /// How its namespace was found.
+        via: Via,
+        /// Its namespace's cookie.
+        cookie: u64,
+    },
+    /// Not captured yet.
+    Pending {
+        /// What it waits for.
+        reason: String,
+    },
+}
+
+/// The capture state of every pod the agent should capture, by pod UID (for the admin API).
+#[derive(Debug, Default)]
+pub struct CaptureStates(Mutex<BTreeMap<String, CaptureState>>);
+
+impl CaptureStates {
+    /// The state of the pod `uid`, if the agent should capture it.
+    pub fn get(&self, uid: &str) -> Option<CaptureState> {
+        self.lock().get(uid).cloned()
+    }
+
+    fn replace(&self, states: BTreeMap<String, CaptureState>) {
+        *self.lock() = states;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, CaptureState>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// A pod sandbox `meshlet-cni` announced.
+#[derive(Debug)]
+struct Sandbox {
+    container_id: String,
+    netns: Netns,
+    inode: u64,
+    /// The primary plugin's addresses for the pod.
+    ips: Vec<IpAddr>,
+}
+
+/// A CNI ADD the plugin is waiting on.
+#[derive(Debug)]
+struct PendingAdd {
+    request: Request,
+    /// Until the pod is found in the store; then it moves to [`InPod::sandboxes`].
+    sandbox: Option<Sandbox>,
+    /// The pod's UID once found.
+    uid: Option<String>,
+    inode: u64,
+    received: Instant,
+    reply: oneshot::Sender<Reply>,
 }
 
 /// A pod this agent captures.
@@ -95,6 +199,18 @@ pub struct InPod {
     failures: HashMap<String, String>,
     /// Pods whose `meshlet.io/netns` annotation was refused (said once each).
     ignored_annotations: std::collections::HashSet<String>,
+    /// Sandboxes `meshlet-cni` announced, by pod UID, until DEL or the pod is gone.
+    sandboxes: HashMap<String, Sandbox>,
+    /// ADDs waiting for the pod to be known, for the source to sync, or for the enrollment.
+    pending: Vec<PendingAdd>,
+    /// Namespaces released by a CNI DEL, by pod UID: polling does not capture them again.
+    released: HashMap<String, u64>,
+    /// What each pod to capture waits for, from the last pass.
+    waiting: HashMap<String, String>,
+    /// Published per-pod state.
+    states: Arc<CaptureStates>,
+    /// How long a CNI ADD may wait for its pod's enrollment.
+    cni_timeout: Duration,
 }
 
 impl std::fmt::Debug for InPod {
@@ -130,12 +246,31 @@ impl InPod {
             enrolled: HashMap::new(),
             failures: HashMap::new(),
             ignored_annotations: Default::default(),
+            sandboxes: HashMap::new(),
+            pending: Vec::new(),
+            released: HashMap::new(),
+            waiting: HashMap::new(),
+            states: Arc::default(),
+            cni_timeout: Duration::from_secs(10),
         }
     }
 
-    /// Reconciles until `shutdown` turns true; then closes the listeners (capture stays
-    /// pinned, so a restarted agent takes over; in fail-open mode pods are marked not ready
-    /// and their traffic goes direct meanwhile).
+    /// Publishes per-pod capture state to `states`.
+    pub fn with_states(mut self, states: Arc<CaptureStates>) -> Self {
+        self.states = states;
+        self
+    }
+
+    /// How long a CNI ADD may wait for its pod's enrollment before the plugin is refused.
+    pub fn with_cni_timeout(mut self, timeout: Duration) -> Self {
+        self.cni_timeout = timeout;
+        self
+    }
+
+    /// Reconciles until `shutdown` turns true, answering the CNI plugin's requests from
+    /// `events`; then closes the listeners (capture stays pinned, so a restarted agent takes
+    /// over; in fail-open mode pods are marked not ready and their traffic goes direct
+    /// meanwhile).
     ///
     /// After each pass, `reconciled` holds the store generation that pass saw (for the admin
     /// API's `/generation`: tests wait for "applied" instead of sleeping).
@@ -143,31 +278,49 @@ impl InPod {
         mut self,
         mut shutdown: watch::Receiver<bool>,
         reconciled: Arc<std::sync::atomic::AtomicU64>,
+        mut events: mpsc::Receiver<Event>,
     ) {
         let mut synced = self.sync.subscribe();
-        tokio::select! {
-            _ = synced.wait_for(|s| *s) => {}
-            _ = shutdown.wait_for(|s| *s) => return,
-        }
-        info!(node = %self.node, "source synced; reconciling enrollment");
-        self.forget_unknown_enrollments();
         let mut changes = self.store.subscribe();
         let mut certificates = self.proxy.identities.subscribe();
         let mut tick = tokio::time::interval(TICK);
+        let mut ready = false;
         let mut first = true;
         loop {
-            let generation = *changes.borrow_and_update();
-            self.reconcile();
-            reconciled.store(generation.max(1), std::sync::atomic::Ordering::Release);
-            if std::mem::take(&mut first) {
-                info!(pods = self.enrolled.len(), "initial enrollment pass done");
+            if !ready && *synced.borrow_and_update() {
+                ready = true;
+                info!(node = %self.node, "source synced; reconciling enrollment");
+                self.forget_unknown_enrollments();
             }
+            if ready {
+                let generation = *changes.borrow_and_update();
+                self.adopt_sandboxes();
+                self.reconcile();
+                reconciled.store(generation.max(1), std::sync::atomic::Ordering::Release);
+                if std::mem::take(&mut first) {
+                    info!(pods = self.enrolled.len(), "initial enrollment pass done");
+                }
+            }
+            self.answer_adds(ready);
             tokio::select! {
+                _ = synced.changed(), if !ready => {}
                 _ = changes.changed() => {}
                 _ = certificates.changed() => {}
+                Some(event) = events.recv() => {
+                    self.on_event(event, ready);
+                    // A burst (a node starting many pods) is taken in one pass.
+                    while let Ok(event) = events.try_recv() {
+                        self.on_event(event, ready);
+                    }
+                }
                 _ = tick.tick() => {}
                 _ = shutdown.wait_for(|s| *s) => break,
             }
+        }
+        for add in self.pending.drain(..) {
+            let _ = add.reply.send(Reply::Unavailable {
+                message: "the agent is shutting down".into(),
+            });
         }
         for enrolled in self.enrolled.values() {
             let _ = self.capture.set_ready(enrolled.cookie, false);
@@ -176,6 +329,292 @@ impl InPod {
             pods = self.enrolled.len(),
             "in-pod listeners closed; capture stays pinned"
         );
+    }
+
+    /// Takes one request of the CNI plugin: ADDs wait for a pass, DEL and CHECK are answered
+    /// now.
+    fn on_event(&mut self, event: Event, ready: bool) {
+        let Event {
+            request,
+            netns,
+            reply,
+        } = event;
+        let command = request.command;
+        let answer = match command {
+            Command::Add => {
+                let Some(netns) = netns else {
+                    return; // the server refuses an ADD without a namespace
+                };
+                let inode = match netns.inode() {
+                    Ok(inode) => inode,
+                    Err(err) => {
+                        self.answer(
+                            command,
+                            reply,
+                            Reply::Refused {
+                                message: format!(
+                                    "cannot inspect the pod's network namespace: {err}"
+                                ),
+                            },
+                            None,
+                        );
+                        return;
+                    }
+                };
+                tracing::debug!(pod = %request.pod, container = %request.container_id, netns = %request.netns, "CNI ADD");
+                let sandbox = Sandbox {
+                    container_id: request.container_id.clone(),
+                    netns,
+                    inode,
+                    ips: request.ips.clone(),
+                };
+                self.pending.push(PendingAdd {
+                    request,
+                    sandbox: Some(sandbox),
+                    uid: None,
+                    inode,
+                    received: Instant::now(),
+                    reply,
+                });
+                return;
+            }
+            Command::Del => self.release(&request, netns.as_ref()),
+            Command::Check => self.check(&request, netns.as_ref(), ready),
+        };
+        self.answer(command, reply, answer, None);
+    }
+
+    /// Sends `answer` to the plugin, logging and counting it.
+    fn answer(
+        &self,
+        command: Command,
+        reply: oneshot::Sender<Reply>,
+        answer: Reply,
+        held: Option<Duration>,
+    ) {
+        let result = match &answer {
+            Reply::Enrolled { .. } => "enrolled",
+            Reply::NotCaptured { .. } => "not_captured",
+            Reply::Released => "released",
+            Reply::Checked => "checked",
+            Reply::Unavailable { .. } => "unavailable",
+            Reply::Refused { .. } => "refused",
+        };
+        let command = match command {
+            Command::Add => "ADD",
+            Command::Del => "DEL",
+            Command::Check => "CHECK",
+        };
+        let held_for_enrollment = matches!(answer, Reply::Enrolled { .. })
+            .then_some(held)
+            .flatten();
+        self.proxy
+            .metrics
+            .cni_answered(command, result, held_for_enrollment);
+        if let Reply::Refused { message } | Reply::Unavailable { message } = &answer {
+            warn!(command, result, "CNI request not granted: {message}");
+        }
+        let _ = reply.send(answer);
+    }
+
+    /// Moves the sandboxes of pending ADDs whose pod the store now has to
+    /// [`InPod::sandboxes`], where the pass finds them.
+    fn adopt_sandboxes(&mut self) {
+        for add in &mut self.pending {
+            if add.sandbox.is_none() {
+                continue;
+            }
+            let Some(pod) = self.store.pod(&add.request.pod.key()) else {
+                continue;
+            };
+            // The runtime's UID is the truth: a pod of the same name with another UID is an
+            // earlier pod the store still holds (a StatefulSet pod recreated).
+            if add
+                .request
+                .pod
+                .uid
+                .as_ref()
+                .is_some_and(|uid| *uid != pod.uid)
+            {
+                continue;
+            }
+            let Some(sandbox) = add.sandbox.take() else {
+                continue;
+            };
+            self.released.remove(&pod.uid);
+            self.sandboxes.insert(pod.uid.clone(), sandbox);
+            add.uid = Some(pod.uid.clone());
+        }
+    }
+
+    /// Answers the pending ADDs that can be answered, and those that waited too long.
+    fn answer_adds(&mut self, ready: bool) {
+        let pending = std::mem::take(&mut self.pending);
+        for add in pending {
+            if add.reply.is_closed() {
+                continue; // the plugin is gone (its own timeout)
+            }
+            let waited = add.received.elapsed();
+            let answer = match self.decide_add(&add, ready) {
+                Ok(answer) => answer,
+                Err(_) if !ready && waited >= SYNC_WAIT => Reply::Unavailable {
+                    message: "the agent's workload source has not synced yet".into(),
+                },
+                Err(reason) if waited >= self.cni_timeout => Reply::Refused {
+                    message: format!(
+                        "pod {} not enrolled within {}s: {reason}",
+                        add.request.pod,
+                        self.cni_timeout.as_secs_f32()
+                    ),
+                },
+                Err(_) => {
+                    self.pending.push(add);
+                    continue;
+                }
+            };
+            if let Reply::Enrolled { cookie } = answer {
+                info!(pod = %add.request.pod, cookie, held_ms = waited.as_millis() as u64, "CNI ADD answered: pod enrolled before its containers start");
+            }
+            self.answer(Command::Add, add.reply, answer, Some(waited));
+        }
+    }
+
+    /// The answer to a pending ADD, or what it still waits for.
+    fn decide_add(&self, add: &PendingAdd, ready: bool) -> Result<Reply, String> {
+        if !ready {
+            return Err("the agent's workload source has not synced yet".into());
+        }
+        let Some(uid) = &add.uid else {
+            return Err(format!(
+                "the agent has not seen pod {} (UID {}) in its source yet",
+                add.request.pod,
+                add.request.pod.uid.as_deref().unwrap_or("unknown")
+            ));
+        };
+        let Some(pod) = self
+            .store
+            .pod(&add.request.pod.key())
+            .filter(|p| &p.uid == uid)
+        else {
+            return Ok(Reply::Refused {
+                message: format!("pod {} was deleted", add.request.pod),
+            });
+        };
+        let decision = self.decide(&self.effective(&pod));
+        if decision != Decision::Enroll {
+            return Ok(Reply::NotCaptured { reason: decision });
+        }
+        match self.enrolled.get(uid) {
+            Some(enrolled) if enrolled.inode == add.inode => Ok(Reply::Enrolled {
+                cookie: enrolled.cookie,
+            }),
+            _ => Err(self
+                .waiting
+                .get(uid)
+                .cloned()
+                .unwrap_or_else(|| "enrollment in progress".into())),
+        }
+    }
+
+    /// CNI DEL: releases the sandbox, and the pod's capture if it came from that sandbox.
+    fn release(&mut self, request: &Request, netns: Option<&Netns>) -> Reply {
+        let mut released_inodes: Vec<u64> =
+            netns.and_then(|n| n.inode().ok()).into_iter().collect();
+        let (deleted, kept): (Vec<PendingAdd>, Vec<PendingAdd>) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|add| add.request.container_id == request.container_id);
+        self.pending = kept;
+        for add in deleted {
+            released_inodes.push(add.inode);
+            let message = format!("pod {} sandbox deleted before it was enrolled", request.pod);
+            self.answer(Command::Add, add.reply, Reply::Refused { message }, None);
+        }
+        let sandbox_uids: Vec<String> = self
+            .sandboxes
+            .iter()
+            .filter(|(_, sandbox)| sandbox.container_id == request.container_id)
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        for uid in &sandbox_uids {
+            if let Some(sandbox) = self.sandboxes.remove(uid) {
+                released_inodes.push(sandbox.inode);
+            }
+        }
+        let pod_uid = self
+            .store
+            .pod(&request.pod.key())
+            .map(|pod| pod.uid.clone())
+            .filter(|uid| request.pod.uid.as_ref().is_none_or(|u| u == uid));
+        for uid in sandbox_uids.iter().chain(pod_uid.iter()) {
+            let Some(enrolled) = self.enrolled.get(uid) else {
+                continue;
+            };
+            // Only the capture of this sandbox: a DEL of an earlier sandbox of the pod leaves
+            // the current one alone. With no namespace to compare (it is gone), the sandbox
+            // is what is being torn down.
+            let inode = enrolled.inode;
+            if released_inodes.is_empty() || released_inodes.contains(&inode) {
+                if let Some(enrolled) = self.enrolled.remove(uid) {
+                    info!(pod = %request.pod, container = %request.container_id, "CNI DEL: releasing the pod");
+                    self.unenroll(enrolled);
+                }
+                self.released.insert(uid.clone(), inode);
+            }
+        }
+        Reply::Released
+    }
+
+    /// CNI CHECK: a pod that must be captured is captured in that namespace.
+    fn check(&self, request: &Request, netns: Option<&Netns>, ready: bool) -> Reply {
+        if !ready {
+            return Reply::Unavailable {
+                message: "the agent's workload source has not synced yet".into(),
+            };
+        }
+        let Some(pod) = self
+            .store
+            .pod(&request.pod.key())
+            .filter(|pod| request.pod.uid.as_ref().is_none_or(|uid| *uid == pod.uid))
+        else {
+            return Reply::Refused {
+                message: format!("the agent does not know pod {}", request.pod),
+            };
+        };
+        let decision = self.decide(&self.effective(&pod));
+        if decision != Decision::Enroll {
+            return Reply::NotCaptured { reason: decision };
+        }
+        let inode = netns.and_then(|n| n.inode().ok());
+        match self.enrolled.get(&pod.uid) {
+            Some(enrolled) if Some(enrolled.inode) == inode => Reply::Checked,
+            Some(_) => Reply::Refused {
+                message: format!(
+                    "pod {} is captured in another network namespace",
+                    request.pod
+                ),
+            },
+            None => Reply::Refused {
+                message: format!(
+                    "pod {} must be captured and is not: {}",
+                    request.pod,
+                    self.waiting
+                        .get(&pod.uid)
+                        .map_or("not enrolled", String::as_str)
+                ),
+            },
+        }
+    }
+
+    /// The pod as the agent acts on it: until the API has a new pod's addresses, those the
+    /// primary CNI plugin gave its sandbox.
+    fn effective(&self, pod: &Arc<Pod>) -> Arc<Pod> {
+        match self.sandboxes.get(&pod.uid) {
+            Some(sandbox) if pod.ips.is_empty() && !sandbox.ips.is_empty() => Arc::new(Pod {
+                ips: sandbox.ips.clone(),
+                ..Pod::clone(pod)
+            }),
+            _ => pod.clone(),
+        }
     }
 
     /// Unenrolls namespaces an earlier agent enrolled for pods this one will not claim.
@@ -209,7 +648,12 @@ impl InPod {
 
     /// One pass: unenroll what should not be captured any more, enroll what should.
     pub fn reconcile(&mut self) {
-        let pods = self.store.pods();
+        let pods: Vec<Arc<Pod>> = self
+            .store
+            .pods()
+            .iter()
+            .map(|pod| self.effective(pod))
+            .collect();
         let desired: HashMap<&str, &Arc<Pod>> = pods
             .iter()
             .filter(|pod| self.decide(pod) == Decision::Enroll)
@@ -217,14 +661,15 @@ impl InPod {
             .collect();
 
         let proc_root = self.proc_root.clone();
+        let sandboxes = &self.sandboxes;
         let stale: Vec<String> = self
             .enrolled
             .iter_mut()
             .filter_map(|(uid, enrolled)| {
                 let keep = desired
                     .get(uid.as_str())
-                    .is_some_and(|pod| pod.ips == enrolled.ips)
-                    && netns_alive(&proc_root, uid, enrolled);
+                    .is_some_and(|pod| same_addresses(&pod.ips, &enrolled.ips))
+                    && netns_alive(&proc_root, uid, enrolled, sandboxes.get(uid));
                 (!keep).then(|| uid.clone())
             })
             .collect();
@@ -234,16 +679,19 @@ impl InPod {
             }
         }
 
-        self.failures
-            .retain(|uid, _| pods.iter().any(|pod| &pod.uid == uid));
-        self.ignored_annotations
-            .retain(|uid| pods.iter().any(|pod| &pod.uid == uid));
+        let known = |uid: &String| pods.iter().any(|pod| &pod.uid == uid);
+        self.failures.retain(|uid, _| known(uid));
+        self.ignored_annotations.retain(known);
+        self.sandboxes.retain(|uid, _| known(uid));
+        self.released.retain(|uid, _| known(uid));
+        self.waiting.clear();
         let host_network: Vec<String> = pods
             .iter()
             .filter(|pod| pod.host_network && pod.node_name.as_deref() == Some(self.node.as_str()))
             .map(|pod| pod.uid.clone())
             .collect();
-        for (uid, pod) in desired {
+        for (uid, pod) in &desired {
+            let uid = *uid;
             if self.enrolled.contains_key(uid) {
                 continue;
             }
@@ -254,11 +702,23 @@ impl InPod {
                 self.proxy.metrics.enrollment_refused(refusal.reason());
             }
             let Some(source) = source else {
+                self.wait(
+                    uid,
+                    "waiting for the pod's network namespace: no CNI ADD, no process yet",
+                );
                 continue;
             };
             // Open first, then check what the handle holds: a path that changes meaning in
             // between (a process exiting and its PID reused) cannot slip past the check.
-            let opened = Netns::open(source.path()).and_then(|netns| {
+            let opened = match &source {
+                NetnsSource::Cni(_) => self
+                    .sandboxes
+                    .get(uid)
+                    .map(|sandbox| sandbox.netns.try_clone())
+                    .unwrap_or_else(|| Err(std::io::ErrorKind::NotFound.into())),
+                _ => Netns::open(source.path()),
+            }
+            .and_then(|netns| {
                 let inode = netns.inode()?;
                 Ok((netns, inode))
             });
@@ -267,17 +727,23 @@ impl InPod {
                 // Gone meanwhile: looked for again on the next pass.
                 Err(err) => {
                     tracing::debug!(pod = %pod.key, %err, "pod namespace vanished");
+                    self.wait(uid, "waiting for the pod's network namespace: it vanished");
                     continue;
                 }
             };
+            if self.released.get(uid) == Some(&inode) {
+                self.wait(uid, "released by CNI DEL");
+                continue;
+            }
             if let Err(refusal) = discovery::verify(&self.proc_root, inode, uid, &host_network) {
+                self.wait(uid, &format!("refused: {refusal}"));
                 self.refuse(pod, &refusal);
                 continue;
             }
             match self.enroll(pod, source, netns, inode) {
                 Ok(enrolled) => {
                     self.failures.remove(uid);
-                    info!(pod = %pod.key, cookie = enrolled.cookie, netns = %enrolled.source.path().display(), "pod enrolled");
+                    info!(pod = %pod.key, cookie = enrolled.cookie, via = ?enrolled.source.via(), netns = %enrolled.source.path().display(), "pod enrolled");
                     if let Some(annotate) = &self.annotator {
                         annotate(pod.key.clone(), true);
                     }
@@ -285,9 +751,11 @@ impl InPod {
                 }
                 Err(err) if err.is::<CertificatePending>() => {
                     tracing::debug!(pod = %pod.key, "{err}");
+                    self.wait(uid, &err.to_string());
                 }
                 Err(err) => {
                     let message = format!("{err:#}");
+                    self.wait(uid, &message);
                     if self.failures.get(uid) != Some(&message) {
                         warn!(pod = %pod.key, err = %message, "cannot enroll pod; will retry");
                         self.failures.insert(uid.to_owned(), message);
@@ -295,12 +763,40 @@ impl InPod {
                 }
             }
         }
+        let states = desired
+            .keys()
+            .map(|&uid| {
+                let state = match self.enrolled.get(uid) {
+                    Some(enrolled) => CaptureState::Enrolled {
+                        via: enrolled.source.via(),
+                        cookie: enrolled.cookie,
+                    },
+                    None => CaptureState::Pending {
+                        reason: self.waiting.get(uid).cloned().unwrap_or_default(),
+                    },
+                };
+                (uid.to_owned(), state)
+            })
+            .collect();
+        self.states.replace(states);
     }
 
-    /// Where `pod`'s namespace is (`None` while it has no process yet). Without the file
-    /// source, `meshlet.io/netns` is not honoured: the second value says the annotation was
-    /// there and ignored, and the namespace comes from the pod's processes.
+    /// Records what the pod `uid` waits for (for CNI answers and `meshlet workloads`).
+    fn wait(&mut self, uid: &str, reason: &str) {
+        self.waiting.insert(uid.to_owned(), reason.to_owned());
+    }
+
+    /// Where `pod`'s namespace is (`None` while there is neither a CNI sandbox nor a process
+    /// of the pod). Without the file source, `meshlet.io/netns` is not honoured: the second
+    /// value says the annotation was there and ignored, and the namespace comes from the pod's
+    /// processes.
     fn find_netns(&self, pod: &Pod) -> (Option<NetnsSource>, bool) {
+        if let Some(sandbox) = self.sandboxes.get(&pod.uid) {
+            return (
+                Some(NetnsSource::Cni(sandbox.netns.path().to_owned())),
+                false,
+            );
+        }
         if let Some(path) = pod.annotations.get(NETNS_ANNOTATION) {
             if self.netns_annotation {
                 let path = PathBuf::from(path);
@@ -450,8 +946,6 @@ impl InPod {
     }
 }
 
-/// Whether the pod's namespace is still there. A pod found through a process that has exited
-/// is looked up again: another process of the pod in the same namespace keeps it enrolled.
 /// A pod waits for its workload certificate before it is enrolled.
 #[derive(Debug)]
 struct CertificatePending(crate::identity::Identity);
@@ -464,7 +958,31 @@ impl std::fmt::Display for CertificatePending {
 
 impl std::error::Error for CertificatePending {}
 
-fn netns_alive(proc_root: &Path, uid: &str, enrolled: &mut Enrolled) -> bool {
+/// Whether two address lists hold the same addresses (the primary plugin and the API may
+/// order a dual-stack pod's differently).
+fn same_addresses(a: &[IpAddr], b: &[IpAddr]) -> bool {
+    let mut a = a.to_vec();
+    let mut b = b.to_vec();
+    a.sort();
+    b.sort();
+    a == b
+}
+
+/// Whether the pod's namespace is still there. A pod found through a process that has exited
+/// is looked up again: another process of the pod in the same namespace keeps it enrolled.
+fn netns_alive(
+    proc_root: &Path,
+    uid: &str,
+    enrolled: &mut Enrolled,
+    sandbox: Option<&Sandbox>,
+) -> bool {
+    // The runtime's sandbox is the pod's namespace until DEL; a new sandbox replaces it.
+    if let Some(sandbox) = sandbox {
+        return sandbox.inode == enrolled.inode;
+    }
+    if let NetnsSource::Cni(_) = enrolled.source {
+        return false; // released
+    }
     let inode = |path: &Path| {
         std::fs::metadata(path)
             .map(|m| std::os::unix::fs::MetadataExt::ino(&m))

@@ -8,6 +8,7 @@ pub mod agent;
 pub mod ca;
 pub mod capture;
 pub mod cli;
+pub mod cni;
 pub mod identity;
 pub mod inpod;
 pub mod metrics;

@@ -102,6 +102,10 @@ pub struct Metrics {
     limits: IntCounterVec,
     /// Pods the agent refused to enroll, by reason.
     enrollment_refused: IntCounterVec,
+    /// CNI plugin requests answered, by command and result.
+    cni_requests: IntCounterVec,
+    /// How long the agent held CNI ADDs of pods it enrolled.
+    cni_add_duration: prometheus::Histogram,
     process: IntGaugeVec,
 }
 
@@ -203,6 +207,26 @@ impl Metrics {
              netns_annotation)",
             &["reason"],
         );
+        let cni_requests = counter_vec(
+            "meshlet_cni_requests_total",
+            "Requests of meshlet-cni answered, by command (ADD, DEL, CHECK) and result \
+             (enrolled, not_captured, released, checked, unavailable, refused)",
+            &["command", "result"],
+        );
+        let cni_add_duration = prometheus::Histogram::with_opts(
+            prometheus::HistogramOpts::new(
+                "meshlet_cni_add_duration_seconds",
+                "Time from a meshlet-cni ADD reaching the agent to the pod being enrolled: what \
+                 capture adds to a pod's start",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(cni_add_duration.clone()))
+            .expect("unique metric");
         let process = gauge_vec(
             "meshlet_process",
             "The agent process: resident_memory_bytes, open_fds, threads, cpu_milliseconds; tokio: workers, alive_tasks, global_queue_depth",
@@ -227,6 +251,8 @@ impl Metrics {
             policy_unsupported_fields,
             limits,
             enrollment_refused,
+            cni_requests,
+            cni_add_duration,
             process,
         }
     }
@@ -239,6 +265,16 @@ impl Metrics {
     /// Counts a pod not enrolled for `reason`.
     pub fn enrollment_refused(&self, reason: &'static str) {
         self.enrollment_refused.with_label_values(&[reason]).inc();
+    }
+
+    /// Counts an answered CNI request; `held` is how long an ADD that enrolled its pod waited.
+    pub fn cni_answered(&self, command: &str, result: &str, held: Option<std::time::Duration>) {
+        self.cni_requests
+            .with_label_values(&[command, result])
+            .inc();
+        if let Some(held) = held {
+            self.cni_add_duration.observe(held.as_secs_f64());
+        }
     }
 
     /// Refreshes the process and tokio runtime gauges (at scrape time).

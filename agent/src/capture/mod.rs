@@ -249,7 +249,17 @@ fn kernel_hint(err: &io::Error) -> &'static str {
 }
 
 /// What happens to captured traffic of a namespace whose proxy is not there.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum FailMode {
     /// Captured connections with no proxy listener behind them are refused.

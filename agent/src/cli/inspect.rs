@@ -11,6 +11,26 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde_json::Value;
 
+/// A JSON value as a table cell.
+fn text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+/// The ENROLLED cell: `yes (cni)`, `pending: <what it waits for>`, `no (<decision>)`; a pod
+/// of another node that its agent should capture is `yes`.
+fn capture_cell(w: &Value) -> String {
+    match w["capture"]["state"].as_str() {
+        Some("enrolled") => format!("yes ({})", text(&w["capture"]["via"])),
+        Some("pending") => format!("pending: {}", text(&w["capture"]["reason"])),
+        _ if w["enrolled"] == true => "yes".into(),
+        _ => format!("no ({})", text(&w["decision"])),
+    }
+}
+
 /// What to show.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum View {
@@ -73,11 +93,6 @@ pub fn run(view: View, addr: SocketAddr, output: Output) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
     }
-    let text = |v: &Value| match v {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".into(),
-        other => other.to_string(),
-    };
     let rows: Vec<Vec<String>> = match view {
         View::Status => {
             let store = &value["store"];
@@ -107,12 +122,18 @@ pub fn run(view: View, addr: SocketAddr, output: Output) -> anyhow::Result<()> {
             );
             let workloads = fetch(addr, "/workloads")?;
             let node = text(&value["node"]);
-            let enrolled = workloads.as_array().map_or(0, |w| {
-                w.iter()
-                    .filter(|w| w["enrolled"] == true && text(&w["node"]) == node)
-                    .count()
-            });
-            println!("enrolled:    {enrolled} pods on this node");
+            let on_node = |state: &str| {
+                workloads.as_array().map_or(0, |w| {
+                    w.iter()
+                        .filter(|w| w["capture"]["state"] == state && text(&w["node"]) == node)
+                        .count()
+                })
+            };
+            println!(
+                "enrolled:    {} pods on this node ({} pending)",
+                on_node("enrolled"),
+                on_node("pending")
+            );
             return Ok(());
         }
         View::Workloads => {
@@ -141,11 +162,7 @@ pub fn run(view: View, addr: SocketAddr, output: Output) -> anyhow::Result<()> {
                     text(&w["name"]),
                     ips.join(","),
                     text(&w["node"]),
-                    if w["enrolled"] == true {
-                        "yes".into()
-                    } else {
-                        format!("no ({})", text(&w["decision"]))
-                    },
+                    capture_cell(w),
                     text(&w["protocol"]),
                     text(&w["identity"]),
                 ]);

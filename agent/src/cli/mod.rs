@@ -39,8 +39,11 @@ enum Command {
     Certs(InspectArgs),
     /// Policies and what meshlet makes of them (unsupported fields included).
     Policies(InspectArgs),
-    /// Detach every meshlet eBPF program and remove its pins.
+    /// Detach every meshlet eBPF program and remove its pins; unchain and remove meshlet-cni.
     Uninstall(UninstallArgs),
+    /// Install or remove the CNI plugin on this node (the agent does it with --cni-install).
+    #[command(subcommand)]
+    Cni(CniCommand),
     /// Print build information.
     Version,
 }
@@ -136,6 +139,24 @@ pub struct AgentArgs {
     /// Log line format.
     #[arg(long, env = "MESHLET_LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: LogFormat,
+    /// The unix socket `meshlet-cni` hands new pods to [default: <state-dir>/cni.sock]; the
+    /// capture decisions for when the agent is down are kept beside it (namespaces.json).
+    #[arg(long, env = "MESHLET_CNI_SOCKET")]
+    pub cni_socket: Option<PathBuf>,
+    /// How long a CNI ADD may wait for its pod to be known and enrolled before it fails (the
+    /// runtime retries).
+    #[arg(long, env = "MESHLET_CNI_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
+    pub cni_timeout: Duration,
+    /// Install `meshlet-cni` on the node (into --cni-bin-dir, chained in the primary conf of
+    /// --cni-conf-dir) and keep it chained.
+    #[arg(long, env = "MESHLET_CNI_INSTALL")]
+    pub cni_install: bool,
+    /// The node's CNI bin directory, as mounted in the agent.
+    #[arg(long, env = "MESHLET_CNI_BIN_DIR", default_value = DEFAULT_CNI_BIN_DIR)]
+    pub cni_bin_dir: PathBuf,
+    /// The node's CNI conf directory, as mounted in the agent.
+    #[arg(long, env = "MESHLET_CNI_CONF_DIR", default_value = DEFAULT_CNI_CONF_DIR)]
+    pub cni_conf_dir: PathBuf,
     /// How long a connect to an upstream (application, passthrough destination, peer's 15008)
     /// may take, e.g. `10s`, `500ms`.
     #[arg(long, env = "MESHLET_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
@@ -162,6 +183,11 @@ pub struct AgentArgs {
     #[arg(long, env = "MESHLET_HBONE_MAX_PENDING_RESETS", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
     pub hbone_max_pending_resets: u32,
 }
+
+/// The CNI bin directory of a node.
+const DEFAULT_CNI_BIN_DIR: &str = "/opt/cni/bin";
+/// The CNI conf directory of a node.
+const DEFAULT_CNI_CONF_DIR: &str = "/etc/cni/net.d";
 
 /// Parses a duration written as a number with a unit: `500ms`, `10s`, `5m`.
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -266,6 +292,57 @@ pub struct UninstallArgs {
     /// bpffs directory holding meshlet's pins [default: <bpffs mount>/meshlet].
     #[arg(long, env = "MESHLET_BPFFS_DIR")]
     pub bpffs_dir: Option<PathBuf>,
+    /// The CNI directories meshlet-cni is removed from.
+    #[command(flatten)]
+    pub cni: CniDirs,
+}
+
+/// The node's CNI directories.
+#[derive(Debug, Args)]
+pub struct CniDirs {
+    /// The node's CNI bin directory.
+    #[arg(long = "cni-bin-dir", env = "MESHLET_CNI_BIN_DIR", default_value = DEFAULT_CNI_BIN_DIR)]
+    pub bin_dir: PathBuf,
+    /// The node's CNI conf directory.
+    #[arg(long = "cni-conf-dir", env = "MESHLET_CNI_CONF_DIR", default_value = DEFAULT_CNI_CONF_DIR)]
+    pub conf_dir: PathBuf,
+}
+
+/// `meshlet cni ...`.
+#[derive(Debug, Subcommand)]
+pub enum CniCommand {
+    /// Copy meshlet-cni into the CNI bin directory and chain it in the primary conf.
+    Install(CniInstallArgs),
+    /// Unchain meshlet-cni from every conf, then remove the binary.
+    Uninstall(CniDirs),
+}
+
+/// Flags of `meshlet cni install`.
+#[derive(Debug, Args)]
+pub struct CniInstallArgs {
+    /// The CNI directories.
+    #[command(flatten)]
+    pub dirs: CniDirs,
+    /// The agent's socket, as the plugin on the node sees it.
+    #[arg(long, env = "MESHLET_CNI_SOCKET", default_value = crate::cni::plugin::DEFAULT_AGENT_SOCKET)]
+    pub agent_socket: PathBuf,
+    /// What the plugin does when the agent cannot capture a pod that must be captured.
+    #[arg(long, env = "MESHLET_FAIL_MODE", value_enum, default_value_t)]
+    pub fail_mode: FailMode,
+    /// The plugin binary [default: meshlet-cni next to this meshlet].
+    #[arg(long)]
+    pub plugin_binary: Option<PathBuf>,
+}
+
+/// `meshlet-cni` as shipped: next to the running `meshlet`.
+fn plugin_binary() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| {
+            exe.parent()
+                .map(|dir| dir.join(crate::cni::plugin::PLUGIN_TYPE))
+        })
+        .unwrap_or_else(|| PathBuf::from(crate::cni::plugin::PLUGIN_TYPE))
 }
 
 /// Parses the process arguments and runs the command.
@@ -278,6 +355,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Certs(args) => inspect_or_exit(inspect::View::Certs, args),
         Command::Policies(args) => inspect_or_exit(inspect::View::Policies, args),
         Command::Uninstall(args) => uninstall(args),
+        Command::Cni(command) => cni(command),
         Command::Version => {
             println!(
                 "meshlet {} (eBPF object {} bytes)",
@@ -343,6 +421,22 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
         },
         reserved_ports,
     };
+    let socket = args
+        .cni_socket
+        .unwrap_or_else(|| identity.state_dir.join("cni.sock"));
+    let cni = agent::CniConfig {
+        install: args
+            .cni_install
+            .then(|| crate::cni::install::InstallConfig {
+                bin_dir: args.cni_bin_dir,
+                conf_dir: args.cni_conf_dir,
+                plugin_binary: plugin_binary(),
+                agent_socket: socket.clone(),
+                fail_mode: capture.fail_mode,
+            }),
+        socket,
+        timeout: args.cni_timeout,
+    };
     let config = agent::Config {
         endpoints,
         identity,
@@ -350,6 +444,7 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
         source: args.source,
         capture,
         limits,
+        cni,
     };
     runtime()?.block_on(agent::run(config))
 }
@@ -396,6 +491,8 @@ fn uninstall(args: UninstallArgs) -> anyhow::Result<()> {
         Some(dir) => dir,
         None => capture::Config::resolve(None, None)?.bpffs_dir,
     };
+    // The plugin first: once capture is gone, no pod must wait for it.
+    cni_uninstall(&args.cni)?;
     let removed = capture::uninstall(&bpffs_dir)?;
     println!(
         "meshlet uninstalled from {}: {} program link(s) detached, {} map(s) unpinned",
@@ -403,6 +500,57 @@ fn uninstall(args: UninstallArgs) -> anyhow::Result<()> {
         removed.links,
         removed.maps
     );
+    Ok(())
+}
+
+fn cni(command: CniCommand) -> anyhow::Result<()> {
+    match command {
+        CniCommand::Install(args) => {
+            let config = crate::cni::install::InstallConfig {
+                bin_dir: args.dirs.bin_dir,
+                conf_dir: args.dirs.conf_dir,
+                plugin_binary: args.plugin_binary.unwrap_or_else(plugin_binary),
+                agent_socket: args.agent_socket,
+                fail_mode: args.fail_mode,
+            };
+            let installed = crate::cni::install::install(&config)?;
+            let binary = config.bin_dir.join(crate::cni::plugin::PLUGIN_TYPE);
+            match installed.conf {
+                Some(conf) => println!(
+                    "meshlet-cni installed: {} ({}), chained in {} ({})",
+                    binary.display(),
+                    if installed.binary_changed {
+                        "written"
+                    } else {
+                        "unchanged"
+                    },
+                    conf.display(),
+                    if installed.conf_changed {
+                        "written"
+                    } else {
+                        "unchanged"
+                    },
+                ),
+                None => println!(
+                    "meshlet-cni installed: {}; no CNI conf in {} yet to chain it in",
+                    binary.display(),
+                    config.conf_dir.display()
+                ),
+            }
+            Ok(())
+        }
+        CniCommand::Uninstall(dirs) => cni_uninstall(&dirs),
+    }
+}
+
+fn cni_uninstall(dirs: &CniDirs) -> anyhow::Result<()> {
+    let removed = crate::cni::install::uninstall(&dirs.conf_dir, &dirs.bin_dir)?;
+    for conf in &removed.confs {
+        println!("meshlet-cni unchained from {}", conf.display());
+    }
+    if removed.binary {
+        println!("meshlet-cni removed from {}", dirs.bin_dir.display());
+    }
     Ok(())
 }
 

@@ -3,10 +3,11 @@
 //! every block says why it is sound.
 #![allow(
     unsafe_code,
-    reason = "setns(2) and getsockopt(2) have no safe wrapper in std"
+    reason = "setns(2), getsockopt(2) and SCM_RIGHTS descriptors have no safe wrapper in std"
 )]
 
 pub mod bpf;
+pub mod fdpass;
 pub mod netns;
 pub mod socket;
 

@@ -41,6 +41,31 @@ impl Netns {
         })
     }
 
+    /// A namespace handed over as a descriptor (by `meshlet-cni`, over `SCM_RIGHTS`); `path` is
+    /// what the sender called it, for logs. Anything but a network namespace is refused.
+    pub fn from_fd(fd: OwnedFd, path: PathBuf) -> io::Result<Self> {
+        /// `_IO(0xb7, 0x3)` from linux/nsfs.h: the `CLONE_NEW*` type of a namespace descriptor.
+        const NS_GET_NSTYPE: libc::Ioctl = 0xb703;
+        // SAFETY: NS_GET_NSTYPE takes no argument and writes no memory; on a descriptor that is
+        // not a namespace it fails with ENOTTY.
+        let kind = unsafe { libc::ioctl(fd.as_raw_fd(), NS_GET_NSTYPE) };
+        if kind != libc::CLONE_NEWNET {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is not a network namespace", path.display()),
+            ));
+        }
+        Ok(Self { fd, path })
+    }
+
+    /// A second handle on the same namespace.
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self {
+            fd: self.fd.try_clone()?,
+            path: self.path.clone(),
+        })
+    }
+
     /// The network namespace of the calling thread.
     pub fn current() -> io::Result<Self> {
         Self::open("/proc/thread-self/ns/net")

@@ -1,12 +1,12 @@
 //! Which pods are captured: a local pod is enrolled when its namespace or itself carries
 //! `meshlet.io/dataplane-mode=ambient`, unless the pod says `none` or is hostNetwork.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::model::{DATAPLANE_MODE_LABEL, Namespace, Pod};
 
 /// The decision for one pod, with the reason when it is not enrolled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Decision {
     /// Capture it.
@@ -23,8 +23,10 @@ pub enum Decision {
     NotLabelled,
 }
 
-const AMBIENT: &str = "ambient";
-const NONE: &str = "none";
+/// The label value that enrolls.
+pub const AMBIENT: &str = "ambient";
+/// The pod label value that opts out.
+pub const NONE: &str = "none";
 
 /// Decides whether `pod` (in `namespace`, if the store has it) is captured on node `node`.
 pub fn decide(pod: &Pod, namespace: Option<&Namespace>, node: &str) -> Decision {

@@ -132,6 +132,13 @@ impl Store {
         self.read().namespaces.get(name).cloned()
     }
 
+    /// Every namespace (sorted by name).
+    pub fn namespaces(&self) -> Vec<Arc<Namespace>> {
+        let mut namespaces: Vec<_> = self.read().namespaces.values().cloned().collect();
+        namespaces.sort_by(|a, b| a.name.cmp(&b.name));
+        namespaces
+    }
+
     /// A pod by namespace and name.
     pub fn pod(&self, key: &ObjectKey) -> Option<Arc<Pod>> {
         self.read().pods.get(key).cloned()
