@@ -93,10 +93,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         per_node = budgets.per_node,
         "connection budgets"
     );
-    let capture = Capture::install(config.capture.clone())?;
     // The CNI socket before anything slow: a plugin that finds it answered is held, not
     // refused, while the agent starts.
     let cni_listener = crate::cni::server::bind(&config.cni.socket)?;
+    let capture = Capture::install(config.capture.clone())?;
 
     let issuer = match (&config.identity.remote, &config.identity.ca) {
         (Some(remote), _) => Issuer::Remote(Arc::new(identity::RemoteCa::new(remote.clone())?)),
@@ -166,6 +166,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             config.cni.socket.clone(),
             cni_events,
             config.cni.timeout + std::time::Duration::from_secs(2),
+            metrics.clone(),
         )),
         tokio::spawn(crate::cni::decisions::follow(
             store.clone(),

@@ -207,6 +207,9 @@ pub struct InPod {
     released: HashMap<String, u64>,
     /// What each pod to capture waits for, from the last pass.
     waiting: HashMap<String, String>,
+    /// Pods whose CNI sandbox failed the namespace checks in the last pass (their ADD is
+    /// refused at once: waiting would not change it).
+    sandbox_refusals: HashMap<String, String>,
     /// Published per-pod state.
     states: Arc<CaptureStates>,
     /// How long a CNI ADD may wait for its pod's enrollment.
@@ -250,6 +253,7 @@ impl InPod {
             pending: Vec::new(),
             released: HashMap::new(),
             waiting: HashMap::new(),
+            sandbox_refusals: HashMap::new(),
             states: Arc::default(),
             cni_timeout: Duration::from_secs(10),
         }
@@ -349,7 +353,6 @@ impl InPod {
                     Ok(inode) => inode,
                     Err(err) => {
                         self.answer(
-                            command,
                             reply,
                             Reply::Refused {
                                 message: format!(
@@ -381,38 +384,14 @@ impl InPod {
             Command::Del => self.release(&request, netns.as_ref()),
             Command::Check => self.check(&request, netns.as_ref(), ready),
         };
-        self.answer(command, reply, answer, None);
+        self.answer(reply, answer, None);
     }
 
-    /// Sends `answer` to the plugin, logging and counting it.
-    fn answer(
-        &self,
-        command: Command,
-        reply: oneshot::Sender<Reply>,
-        answer: Reply,
-        held: Option<Duration>,
-    ) {
-        let result = match &answer {
-            Reply::Enrolled { .. } => "enrolled",
-            Reply::NotCaptured { .. } => "not_captured",
-            Reply::Released => "released",
-            Reply::Checked => "checked",
-            Reply::Unavailable { .. } => "unavailable",
-            Reply::Refused { .. } => "refused",
-        };
-        let command = match command {
-            Command::Add => "ADD",
-            Command::Del => "DEL",
-            Command::Check => "CHECK",
-        };
-        let held_for_enrollment = matches!(answer, Reply::Enrolled { .. })
-            .then_some(held)
-            .flatten();
-        self.proxy
-            .metrics
-            .cni_answered(command, result, held_for_enrollment);
-        if let Reply::Refused { message } | Reply::Unavailable { message } = &answer {
-            warn!(command, result, "CNI request not granted: {message}");
+    /// Sends `answer` to the plugin (the server logs and counts it); an enrolling ADD's wait
+    /// is recorded.
+    fn answer(&self, reply: oneshot::Sender<Reply>, answer: Reply, held: Option<Duration>) {
+        if let (Reply::Enrolled { .. }, Some(held)) = (&answer, held) {
+            self.proxy.metrics.cni_add_held(held);
         }
         let _ = reply.send(answer);
     }
@@ -472,11 +451,30 @@ impl InPod {
                     continue;
                 }
             };
-            if let Reply::Enrolled { cookie } = answer {
-                info!(pod = %add.request.pod, cookie, held_ms = waited.as_millis() as u64, "CNI ADD answered: pod enrolled before its containers start");
+            match &answer {
+                Reply::Enrolled { cookie } => {
+                    info!(pod = %add.request.pod, cookie, held_ms = waited.as_millis() as u64, "CNI ADD answered: pod enrolled before its containers start");
+                }
+                // The runtime tears a failed sandbox down and retries with a new one; this
+                // one must not stand in for the pod's namespace meanwhile.
+                Reply::Refused { .. } => {
+                    if let Some(uid) = &add.uid
+                        && self
+                            .sandboxes
+                            .get(uid)
+                            .is_some_and(|s| s.inode == add.inode)
+                    {
+                        self.sandboxes.remove(uid);
+                    }
+                }
+                _ => {}
             }
-            self.answer(Command::Add, add.reply, answer, Some(waited));
+            self.answer(add.reply, answer, Some(waited));
         }
+        self.proxy
+            .metrics
+            .cni_adds_waiting
+            .set(self.pending.len() as i64);
     }
 
     /// The answer to a pending ADD, or what it still waits for.
@@ -504,6 +502,11 @@ impl InPod {
         if decision != Decision::Enroll {
             return Ok(Reply::NotCaptured { reason: decision });
         }
+        if let Some(message) = self.sandbox_refusals.get(uid) {
+            return Ok(Reply::Refused {
+                message: message.clone(),
+            });
+        }
         match self.enrolled.get(uid) {
             Some(enrolled) if enrolled.inode == add.inode => Ok(Reply::Enrolled {
                 cookie: enrolled.cookie,
@@ -527,7 +530,7 @@ impl InPod {
         for add in deleted {
             released_inodes.push(add.inode);
             let message = format!("pod {} sandbox deleted before it was enrolled", request.pod);
-            self.answer(Command::Add, add.reply, Reply::Refused { message }, None);
+            self.answer(add.reply, Reply::Refused { message }, None);
         }
         let sandbox_uids: Vec<String> = self
             .sandboxes
@@ -685,6 +688,7 @@ impl InPod {
         self.sandboxes.retain(|uid, _| known(uid));
         self.released.retain(|uid, _| known(uid));
         self.waiting.clear();
+        self.sandbox_refusals.clear();
         let host_network: Vec<String> = pods
             .iter()
             .filter(|pod| pod.host_network && pod.node_name.as_deref() == Some(self.node.as_str()))
@@ -737,6 +741,12 @@ impl InPod {
             }
             if let Err(refusal) = discovery::verify(&self.proc_root, inode, uid, &host_network) {
                 self.wait(uid, &format!("refused: {refusal}"));
+                if let NetnsSource::Cni(_) = source {
+                    self.sandbox_refusals.insert(
+                        uid.to_owned(),
+                        format!("refusing to capture the pod's network namespace: {refusal}"),
+                    );
+                }
                 self.refuse(pod, &refusal);
                 continue;
             }

@@ -102,6 +102,8 @@ pub struct Metrics {
     limits: IntCounterVec,
     /// Pods the agent refused to enroll, by reason.
     enrollment_refused: IntCounterVec,
+    /// CNI ADDs the agent holds (waiting for their pod, the source or the enrollment).
+    pub cni_adds_waiting: IntGauge,
     /// CNI plugin requests answered, by command and result.
     cni_requests: IntCounterVec,
     /// How long the agent held CNI ADDs of pods it enrolled.
@@ -207,6 +209,10 @@ impl Metrics {
              netns_annotation)",
             &["reason"],
         );
+        let cni_adds_waiting = gauge(
+            "meshlet_cni_adds_waiting",
+            "CNI ADDs the agent holds: pods whose start waits for their capture",
+        );
         let cni_requests = counter_vec(
             "meshlet_cni_requests_total",
             "Requests of meshlet-cni answered, by command (ADD, DEL, CHECK) and result \
@@ -251,6 +257,7 @@ impl Metrics {
             policy_unsupported_fields,
             limits,
             enrollment_refused,
+            cni_adds_waiting,
             cni_requests,
             cni_add_duration,
             process,
@@ -267,14 +274,16 @@ impl Metrics {
         self.enrollment_refused.with_label_values(&[reason]).inc();
     }
 
-    /// Counts an answered CNI request; `held` is how long an ADD that enrolled its pod waited.
-    pub fn cni_answered(&self, command: &str, result: &str, held: Option<std::time::Duration>) {
+    /// Counts an answered CNI request (`command` is `unknown` when it could not be read).
+    pub fn cni_answered(&self, command: &str, result: &str) {
         self.cni_requests
             .with_label_values(&[command, result])
             .inc();
-        if let Some(held) = held {
-            self.cni_add_duration.observe(held.as_secs_f64());
-        }
+    }
+
+    /// Records how long an ADD that enrolled its pod was held.
+    pub fn cni_add_held(&self, held: std::time::Duration) {
+        self.cni_add_duration.observe(held.as_secs_f64());
     }
 
     /// Refreshes the process and tokio runtime gauges (at scrape time).

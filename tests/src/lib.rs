@@ -18,6 +18,7 @@
 //! [`Cluster`]'s `Drop`, also when a test panics; `cargo xtask test` checks that a run leaves
 //! none behind.
 
+pub mod cni;
 pub mod kube_api;
 pub mod mesh;
 pub mod mesh_ca;
@@ -264,6 +265,14 @@ impl Pod {
         })
     }
 
+    /// [`Pod::manifest`] as the API holds it while the pod's sandbox is being created: bound
+    /// to its node, `Pending`, no addresses yet (the kubelet reports them after CNI ADD).
+    pub fn pending_manifest(&self, namespace: &str, labels: &[(&str, &str)]) -> serde_json::Value {
+        let mut manifest = self.manifest(namespace, labels);
+        manifest["status"] = serde_json::json!({ "phase": "Pending" });
+        manifest
+    }
+
     /// [`Pod::manifest`] as a captured mesh pod's looks once its agent has confirmed capture
     /// (`meshlet.io/redirection: enabled`): what clients need to see to use HBONE. In a
     /// workload file the file carries it, as the API server would after the agent's patch.
@@ -437,6 +446,13 @@ impl Cluster {
         self.add_pod_in(name, node, parent)
     }
 
+    /// Adds a pod whose sandbox exists (network namespace, addresses, routes, cgroup) and whose
+    /// containers have not started: no process, so only `meshlet-cni` can announce it.
+    pub fn add_pod_sandbox(&mut self, name: &str, node: usize) -> &Pod {
+        let parent = self.cgroup_root(node).join("kubepods/besteffort");
+        self.add_pod_with(name, node, parent, false)
+    }
+
     /// Adds a pod whose cgroup is outside the cgroup root: programs attached at the root never
     /// see its sockets (like a process outside Kubernetes' hierarchy).
     pub fn add_pod_outside_root(&mut self, name: &str, node: usize) -> &Pod {
@@ -445,6 +461,16 @@ impl Cluster {
     }
 
     fn add_pod_in(&mut self, name: &str, node: usize, cgroup_parent: PathBuf) -> &Pod {
+        self.add_pod_with(name, node, cgroup_parent, true)
+    }
+
+    fn add_pod_with(
+        &mut self,
+        name: &str,
+        node: usize,
+        cgroup_parent: PathBuf,
+        start: bool,
+    ) -> &Pod {
         assert!(node < self.nodes.len(), "no node {node}");
         assert!(
             self.pods.iter().all(|p| p.name != name),
@@ -524,9 +550,11 @@ impl Cluster {
         node_ns.ip(&["route", "add", &format!("{ipv4}/32"), "dev", &port]);
         node_ns.ip(&["-6", "route", "add", &format!("{ipv6}/128"), "dev", &port]);
 
-        let mut pause = process::in_pod(process::testpod_binary(), &netns.path(), &cgroup);
-        pause.arg("pause");
-        let pause = Some(Process::spawn_ready(pause));
+        let pause = start.then(|| {
+            let mut pause = process::in_pod(process::testpod_binary(), &netns.path(), &cgroup);
+            pause.arg("pause");
+            Process::spawn_ready(pause)
+        });
         self.pods.push(Pod {
             pause,
             name: name.to_owned(),
@@ -641,10 +669,20 @@ impl Cluster {
         dir
     }
 
+    /// Node `index`'s CNI socket (`--cni-socket`: each node has its own, beside its own
+    /// decisions file).
+    pub fn cni_socket(&self, index: usize) -> PathBuf {
+        std::env::temp_dir()
+            .join(format!("{}-cni-{index}", self.id))
+            .join("cni.sock")
+    }
+
     /// The `meshlet agent` flags that point node `index`'s agent at its cgroup root, bpffs
-    /// directory and the cluster's CA.
+    /// directory, CNI socket and the cluster's CA.
     pub fn agent_flags(&self, index: usize) -> Vec<String> {
         vec![
+            "--cni-socket".into(),
+            self.cni_socket(index).display().to_string(),
             "--state-dir".into(),
             self.state_dir().display().to_string(),
             "--node-name".into(),
@@ -821,6 +859,11 @@ impl Drop for Cluster {
         // Processes first: a namespace or cgroup with live members cannot go.
         remove_cgroup_tree(self.cgroup.path());
         let _ = fs::remove_dir_all(self.bpffs.path());
+        for index in 0..self.nodes.len() {
+            if let Some(dir) = self.cni_socket(index).parent() {
+                let _ = fs::remove_dir_all(dir);
+            }
+        }
         self.pods.clear();
         self.nodes.clear();
         self.extra_netns.clear();

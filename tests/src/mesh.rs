@@ -55,6 +55,11 @@ impl FileMesh {
             base,
         };
         for (node, pods) in enrolled.iter().enumerate() {
+            mesh.agents[node].wait_for_log(
+                "initial enrollment pass done",
+                1,
+                Duration::from_secs(10),
+            );
             let cookies = pods
                 .iter()
                 .map(|pod| mesh.cluster.pod(pod).netns_cookie())

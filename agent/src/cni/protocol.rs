@@ -37,6 +37,17 @@ pub enum Command {
     Check,
 }
 
+impl Command {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Add => "ADD",
+            Self::Del => "DEL",
+            Self::Check => "CHECK",
+        }
+    }
+}
+
 /// The pod a request is about, from `CNI_ARGS`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -176,6 +187,20 @@ pub enum Reply {
         /// Why, for the pod's events.
         message: String,
     },
+}
+
+impl Reply {
+    /// The metric label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Enrolled { .. } => "enrolled",
+            Self::NotCaptured { .. } => "not_captured",
+            Self::Released => "released",
+            Self::Checked => "checked",
+            Self::Unavailable { .. } => "unavailable",
+            Self::Refused { .. } => "refused",
+        }
+    }
 }
 
 /// How a call to the agent failed.

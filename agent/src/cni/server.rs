@@ -68,6 +68,7 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     let listener =
         UnixListener::bind(path).with_context(|| format!("listen on {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    tracing::info!(socket = %path.display(), "serving CNI requests");
     Ok(listener)
 }
 
@@ -78,6 +79,7 @@ pub async fn serve(
     path: PathBuf,
     events: mpsc::Sender<Event>,
     answer_within: Duration,
+    metrics: Arc<crate::metrics::Metrics>,
 ) {
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let own_uid = nix::unistd::Uid::effective().as_raw();
@@ -91,14 +93,22 @@ pub async fn serve(
             }
         };
         let events = events.clone();
+        let metrics = metrics.clone();
         let permit = permits.clone().try_acquire_owned();
         tokio::spawn(async move {
+            let mut command = None;
             let reply = match permit {
-                Ok(_permit) => handle(&stream, own_uid, events, answer_within).await,
+                Ok(_permit) => handle(&stream, own_uid, events, answer_within, &mut command).await,
                 Err(_) => Reply::Unavailable {
                     message: format!("the agent is serving {MAX_IN_FLIGHT} CNI requests already"),
                 },
             };
+            let command = command.map_or("unknown", Command::label);
+            let result = reply.label();
+            metrics.cni_answered(command, result);
+            if let Reply::Refused { message } | Reply::Unavailable { message } = &reply {
+                warn!(command, result, "CNI request not granted: {message}");
+            }
             if let Err(err) = write_reply(stream, &reply).await {
                 debug!(%err, "cannot answer a CNI request");
             }
@@ -118,11 +128,9 @@ async fn handle(
     own_uid: u32,
     events: mpsc::Sender<Event>,
     answer_within: Duration,
+    command: &mut Option<Command>,
 ) -> Reply {
-    let refused = |message: String| {
-        warn!("refused a CNI request: {message}");
-        Reply::Refused { message }
-    };
+    let refused = |message: String| Reply::Refused { message };
     match stream.peer_cred() {
         Ok(cred) if cred.uid() == 0 || cred.uid() == own_uid => {}
         Ok(cred) => {
@@ -147,6 +155,7 @@ async fn handle(
         Ok(request) => request,
         Err(err) => return refused(format!("bad request: {err}")),
     };
+    *command = Some(request.command);
     if let Err(err) = request.validate() {
         return refused(format!("bad request: {err}"));
     }
