@@ -451,6 +451,7 @@ impl InPod {
                     continue;
                 }
             };
+            tracing::debug!(pod = %add.request.pod, held_us = waited.as_micros() as u64, result = answer.label(), "CNI ADD answered");
             match &answer {
                 Reply::Enrolled { cookie } => {
                     info!(pod = %add.request.pod, cookie, held_ms = waited.as_millis() as u64, "CNI ADD answered: pod enrolled before its containers start");
@@ -682,7 +683,8 @@ impl InPod {
             }
         }
 
-        let known = |uid: &String| pods.iter().any(|pod| &pod.uid == uid);
+        let uids: std::collections::HashSet<&str> = pods.iter().map(|p| p.uid.as_str()).collect();
+        let known = |uid: &String| uids.contains(uid.as_str());
         self.failures.retain(|uid, _| known(uid));
         self.ignored_annotations.retain(known);
         self.sandboxes.retain(|uid, _| known(uid));

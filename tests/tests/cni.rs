@@ -233,8 +233,48 @@ fn with_the_agent_down_a_mesh_pod_waits_and_other_pods_start() {
     let source = format!("file:{}", file.display());
     let decisions = cluster.cni_socket(0).with_file_name("namespaces.json");
 
-    // An agent ran on this node before (the node rebooted since): it left its decisions.
-    let mut agent = cluster.start_agent(0, &["--source", &source]);
+    // An agent ran on this node before (the node rebooted since): it installed the plugin
+    // and left its decisions.
+    let cni_dir = cluster.cni_socket(0).with_file_name("node");
+    let (bin, conf) = (cni_dir.join("bin"), cni_dir.join("net.d"));
+    std::fs::create_dir_all(&conf).unwrap();
+    let bridge = include_str!("../../agent/src/cni/fixtures/10-bridge.conflist");
+    std::fs::write(conf.join("10-bridge.conflist"), bridge).unwrap();
+    let mut agent = cluster.start_agent(
+        0,
+        &[
+            "--source",
+            &source,
+            "--cni-install",
+            "--cni-bin-dir",
+            bin.to_str().unwrap(),
+            "--cni-conf-dir",
+            conf.to_str().unwrap(),
+        ],
+    );
+    agent.wait_for_log(
+        "meshlet-cni chained in the primary CNI conf",
+        1,
+        Duration::from_secs(10),
+    );
+    let chained: Value =
+        serde_json::from_slice(&std::fs::read(conf.join("10-bridge.conflist")).unwrap()).unwrap();
+    let entry = chained["plugins"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(entry["type"], "meshlet-cni");
+    assert_eq!(
+        entry["agent_socket"],
+        cluster.cni_socket(0).to_str().unwrap()
+    );
+    assert_eq!(entry["fail_mode"], "closed");
+    assert_eq!(
+        std::fs::read(bin.join("meshlet-cni")).unwrap(),
+        std::fs::read(cni_binary()).unwrap()
+    );
     wait_for_file(&decisions);
     agent.stop();
     drop(agent);

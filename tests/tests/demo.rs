@@ -16,9 +16,9 @@ fn the_demo_walks_through_every_step_and_leaves_nothing_behind() {
         "demo failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for step in 1..=8 {
+    for step in 1..=9 {
         assert!(
-            stdout.contains(&format!("[{step}/8]")),
+            stdout.contains(&format!("[{step}/9]")),
             "step {step} missing:\n{stdout}"
         );
     }
@@ -29,6 +29,10 @@ fn the_demo_walks_through_every_step_and_leaves_nothing_behind() {
     assert!(
         stdout.contains("is refused: no_pod_on_node"),
         "the CA step shows a node refused another node's identity:\n{stdout}"
+    );
+    assert!(
+        stdout.contains("pod enrolled before its containers start pod=demo/newcomer"),
+        "the CNI step shows the new pod held until captured:\n{stdout}"
     );
     let id = stdout
         .split(['(', ')'])

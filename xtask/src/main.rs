@@ -283,8 +283,9 @@ fn deploy_manifests() -> anyhow::Result<()> {
 }
 
 /// What the manifests must say beyond the schemas: `meshlet ca` deployed highly available
-/// with exactly the RBAC it needs, the agents pointed at it with a projected token, and no CA
-/// key mounted into the DaemonSet (with `cacerts`, into the CA only). Returns the object count.
+/// with exactly the RBAC it needs, the agents pointed at it with a projected token, no CA
+/// key mounted into the DaemonSet (with `cacerts`, into the CA only), and the agent installing
+/// meshlet-cni on the node. Returns the object count.
 fn check_ca_layout(kustomization: &str, rendered: &str) -> anyhow::Result<usize> {
     use serde::Deserialize as _;
     let objects: Vec<serde_json::Value> = serde_yaml::Deserializer::from_str(rendered)
@@ -391,6 +392,38 @@ fn check_ca_layout(kustomization: &str, rendered: &str) -> anyhow::Result<usize>
             "the DaemonSet needs a projected token for audience istio-ca".into(),
         ));
     }
+    // meshlet-cni: installed by the agent into the host's CNI directories, and calling the agent
+    // at the socket path the host sees (the state directory mounted where it is on the host).
+    let value_of = |name: &str| {
+        agent["containers"][0]["env"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["name"] == name)
+            .and_then(|e| e["value"].as_str())
+    };
+    let host_path_at = |host: &str, env: Option<&str>| {
+        volumes.iter().any(|v| {
+            v["hostPath"]["path"] == host
+                && agent["containers"][0]["volumeMounts"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|m| m["name"] == v["name"] && m["mountPath"].as_str() == env)
+        })
+    };
+    if value_of("MESHLET_CNI_INSTALL") != Some("true")
+        || !host_path_at("/opt/cni/bin", value_of("MESHLET_CNI_BIN_DIR"))
+        || !host_path_at("/etc/cni/net.d", value_of("MESHLET_CNI_CONF_DIR"))
+        || !host_path_at("/var/lib/meshlet", Some("/var/lib/meshlet"))
+    {
+        return Err(fail(
+            "the agent must install meshlet-cni (MESHLET_CNI_INSTALL) into the host's \
+             /opt/cni/bin and /etc/cni/net.d, with /var/lib/meshlet mounted where it is on the \
+             host (the plugin's socket path)"
+                .into(),
+        ));
+    }
     if kustomization.ends_with("istio-ca") {
         let ca_volumes = &ca["spec"]["template"]["spec"]["volumes"];
         let mounts_cacerts = ca_volumes
@@ -475,5 +508,8 @@ mod tests {
             check_ca_layout("deploy/base", &widened).is_err(),
             "widened RBAC is caught"
         );
+        let no_cni = render("deploy/base").replace("path: /etc/cni/net.d", "path: /etc/cni");
+        let err = check_ca_layout("deploy/base", &no_cni).unwrap_err();
+        assert!(err.to_string().contains("meshlet-cni"), "{err}");
     }
 }

@@ -153,40 +153,97 @@ fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
     fs::rename(&tmp, path)
 }
 
+/// What identifies a file's version without reading it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    inode: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = fs::metadata(path).ok()?;
+    Some(Stamp {
+        len: meta.len(),
+        inode: meta.ino(),
+        modified: meta.modified().ok(),
+    })
+}
+
+/// Installs repeatedly without re-reading the binaries each time: the installed binary is
+/// compared byte for byte only when its size, inode or mtime moved since it was last checked.
+#[derive(Debug)]
+pub struct Installer {
+    config: InstallConfig,
+    verified: Option<Stamp>,
+}
+
+impl Installer {
+    /// An installer for `config`.
+    pub fn new(config: InstallConfig) -> Self {
+        Self {
+            config,
+            verified: None,
+        }
+    }
+
+    /// Installs the binary, then chains the plugin in the primary conf. Idempotent.
+    pub fn install(&mut self) -> anyhow::Result<Installed> {
+        let config = &self.config;
+        let target = config.bin_dir.join(PLUGIN_TYPE);
+        let binary_changed = match stamp(&target) {
+            Some(current) if self.verified.as_ref() == Some(&current) => false,
+            _ => {
+                let changed = install_binary(config, &target)?;
+                self.verified = stamp(&target);
+                changed
+            }
+        };
+        let (conf, conf_changed) = chain_primary(config)?;
+        Ok(Installed {
+            conf,
+            binary_changed,
+            conf_changed,
+        })
+    }
+}
+
 /// Installs the binary, then chains the plugin in the primary conf. Idempotent.
 pub fn install(config: &InstallConfig) -> anyhow::Result<Installed> {
+    Installer::new(config.clone()).install()
+}
+
+/// Copies the plugin to `target` unless it is there already; says whether it wrote.
+fn install_binary(config: &InstallConfig, target: &Path) -> anyhow::Result<bool> {
     let binary = fs::read(&config.plugin_binary).with_context(|| {
         format!(
             "read the plugin binary {} (it ships next to meshlet)",
             config.plugin_binary.display()
         )
     })?;
-    let target = config.bin_dir.join(PLUGIN_TYPE);
-    let binary_changed = fs::read(&target).ok().as_deref() != Some(binary.as_slice());
-    if binary_changed {
-        fs::create_dir_all(&config.bin_dir)
-            .with_context(|| format!("create {}", config.bin_dir.display()))?;
-        write_atomic(&target, &binary, 0o755)
-            .with_context(|| format!("write {}", target.display()))?;
+    if fs::read(target).ok().as_deref() == Some(binary.as_slice()) {
+        return Ok(false);
     }
+    fs::create_dir_all(&config.bin_dir)
+        .with_context(|| format!("create {}", config.bin_dir.display()))?;
+    write_atomic(target, &binary, 0o755).with_context(|| format!("write {}", target.display()))?;
+    Ok(true)
+}
+
+/// Chains the plugin in the primary conf, if there is one; returns it and whether it was
+/// written.
+fn chain_primary(config: &InstallConfig) -> anyhow::Result<(Option<PathBuf>, bool)> {
     let Some(primary) = primary_conf(&config.conf_dir)
         .with_context(|| format!("list {}", config.conf_dir.display()))?
     else {
-        return Ok(Installed {
-            conf: None,
-            binary_changed,
-            conf_changed: false,
-        });
+        return Ok((None, false));
     };
     let conf = read_json(&primary)?;
     let chained = chain(&conf, &entry(&config.agent_socket, config.fail_mode))
         .with_context(|| format!("chain meshlet-cni into {}", primary.display()))?;
     if chained == conf {
-        return Ok(Installed {
-            conf: Some(primary),
-            binary_changed,
-            conf_changed: false,
-        });
+        return Ok((Some(primary), false));
     }
     let mode = fs::metadata(&primary)?.permissions().mode() & 0o777;
     let mut text = serde_json::to_vec_pretty(&chained)?;
@@ -201,11 +258,7 @@ pub fn install(config: &InstallConfig) -> anyhow::Result<Installed> {
     if target != primary {
         fs::remove_file(&primary).with_context(|| format!("remove {}", primary.display()))?;
     }
-    Ok(Installed {
-        conf: Some(target),
-        binary_changed,
-        conf_changed: true,
-    })
+    Ok((Some(target), true))
 }
 
 /// What an uninstall removed.
@@ -246,8 +299,9 @@ pub fn uninstall(conf_dir: &Path, bin_dir: &Path) -> anyhow::Result<Uninstalled>
 /// it after the agent started) is chained again. Says each change and each new failure once.
 pub async fn keep_installed(config: InstallConfig, every: Duration) {
     let mut last_error = None;
+    let mut installer = Installer::new(config.clone());
     loop {
-        match install(&config) {
+        match installer.install() {
             Ok(installed) => {
                 last_error = None;
                 if installed.binary_changed {
@@ -458,6 +512,20 @@ mod tests {
         // The primary plugin restarts and rewrites its conf without the entry.
         fs::write(&path, FIXTURES[2].1).unwrap();
         assert!(install(&config).unwrap().conf_changed, "chained again");
+
+        // The long-running installer reads the binaries only when the installed one moved.
+        let mut installer = Installer::new(config.clone());
+        assert!(!installer.install().unwrap().binary_changed);
+        assert!(!installer.install().unwrap().binary_changed);
+        fs::write(config.bin_dir.join(PLUGIN_TYPE), b"tampered").unwrap();
+        assert!(
+            installer.install().unwrap().binary_changed,
+            "a replaced binary is restored"
+        );
+        assert_eq!(
+            fs::read(config.bin_dir.join(PLUGIN_TYPE)).unwrap(),
+            b"\x7fELF plugin"
+        );
 
         for (bad, why) in [
             ("{not json", "not valid JSON"),

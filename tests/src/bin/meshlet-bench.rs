@@ -10,6 +10,8 @@
 //!   VIP lookups per second;
 //! - `enroll`: time to enroll and unenroll one pod's network namespace as the number of
 //!   enrolled namespaces grows to `--namespaces`;
+//! - `cni`: what `meshlet-cni` ADD adds to a pod's start, for N new mesh pods one after
+//!   another and 16 at a time (a node starting its pods), against ADD of pods outside the mesh;
 //! - `connect`: connect latency from a pod, three ways, interleaved: to the in-pod listener
 //!   directly (loopback, not captured), to a remote pod redirected by eBPF to that same listener
 //!   (the difference is what redirection costs), and to the remote pod directly (context).
@@ -67,6 +69,11 @@ enum Scenario {
     /// `meshlet ca`: a node start with N pods of N service accounts asking at once, through
     /// the real CA process and a stand-in API server (TokenReview, pod placement).
     Ca {
+        #[arg(long, default_value_t = 200)]
+        pods: usize,
+    },
+    /// `meshlet-cni` ADD: the time it adds to a pod's start, sequential and 16 in flight.
+    Cni {
         #[arg(long, default_value_t = 200)]
         pods: usize,
     },
@@ -195,6 +202,131 @@ fn ca_bench(pods: usize) -> anyhow::Result<serde_json::Value> {
     drop(ca);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(serde_json::json!({"pods": pods, "latency": summary, "csrs_per_second": rate}))
+}
+
+/// `meshlet-cni` ADD, run exactly as a runtime runs it, for `pods` new sandboxes (no process,
+/// Pending in the store, each of its own service account so each needs a certificate): one
+/// after another, then 16 at a time. Pods of a namespace outside the mesh are the baseline: the
+/// plugin and one agent round trip, no enrollment.
+fn cni_bench(pods: usize) -> anyhow::Result<serde_json::Value> {
+    use futures::StreamExt as _;
+    use meshlet_tests::cni::CniCall;
+    ensure!(pods <= 240, "at most 240 pods (one node's address range)");
+    header(&format!(
+        "meshlet-cni ADD: {pods} new mesh pods on one node"
+    ));
+    let mut cluster = Cluster::new(1);
+    let names: Vec<String> = (0..pods).map(|i| format!("app-{i}")).collect();
+    for name in &names {
+        cluster.add_pod_sandbox(name, 0);
+    }
+    // The baseline pods outside the mesh reuse the sandboxes of the first pods (the plugin
+    // only hands their namespace over; the agent does not enroll them).
+    let baseline = pods.min(50);
+    let file = std::env::temp_dir().join(format!("{}-workloads.yaml", cluster.id()));
+    let mut objects = vec![
+        meshlet_tests::namespace_manifest("bench", &[("meshlet.io/dataplane-mode", "ambient")]),
+        meshlet_tests::namespace_manifest("legacy", &[]),
+    ];
+    objects.extend(
+        names
+            .iter()
+            .map(|n| cluster.pod(n).pending_manifest("bench", &[])),
+    );
+    objects.extend(
+        names[..baseline]
+            .iter()
+            .map(|n| cluster.pod(n).pending_manifest("legacy", &[])),
+    );
+    meshlet_tests::write_workloads(&file, &objects);
+    let agent = cluster.start_agent(
+        0,
+        &[
+            "--source",
+            &format!("file:{}", file.display()),
+            "--log-format",
+            "json",
+        ],
+    );
+    agent.wait_for_log(
+        "initial enrollment pass done",
+        1,
+        std::time::Duration::from_secs(20),
+    );
+    let socket = cluster.cni_socket(0);
+    let call = |command: &str, name: &str, namespace: &str| {
+        CniCall::new(command, cluster.pod(name), namespace, &socket, "closed")
+    };
+    let run = |call: CniCall| -> anyhow::Result<u64> {
+        let out = call.run();
+        ensure!(out.success, "{} failed: {out:?}", call.command);
+        Ok(out.took.as_nanos() as u64)
+    };
+
+    // The plugin's own cost: exec and the VERSION answer, no agent.
+    let exec: Vec<u64> = (0..baseline)
+        .map(|_| {
+            let started = Instant::now();
+            let out = std::process::Command::new(meshlet_tests::cni::cni_binary())
+                .env("CNI_COMMAND", "VERSION")
+                .output()?;
+            ensure!(out.status.success(), "VERSION failed: {out:?}");
+            Ok(started.elapsed().as_nanos() as u64)
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let exec = Summary::of(exec);
+    exec.row("meshlet-cni VERSION (exec, no agent)");
+    let outside: Vec<u64> = names[..baseline]
+        .iter()
+        .map(|n| run(call("ADD", n, "legacy")))
+        .collect::<anyhow::Result<_>>()?;
+    let outside = Summary::of(outside);
+    outside.row("ADD, pod outside the mesh (baseline)");
+    let half = pods / 2;
+    let sequential: Vec<u64> = names[..half]
+        .iter()
+        .map(|n| run(call("ADD", n, "bench")))
+        .collect::<anyhow::Result<_>>()?;
+    let sequential = Summary::of(sequential);
+    sequential.row("ADD, mesh pod, one at a time");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let started = Instant::now();
+    let burst: Vec<anyhow::Result<u64>> = runtime.block_on(
+        futures::stream::iter(names[half..].iter().map(|n| call("ADD", n, "bench")))
+            .map(|call| async move { tokio::task::spawn_blocking(move || run(call)).await? })
+            .buffer_unordered(16)
+            .collect(),
+    );
+    let burst_elapsed = started.elapsed();
+    let burst = Summary::of(burst.into_iter().collect::<anyhow::Result<_>>()?);
+    burst.row("ADD, mesh pod, 16 at a time");
+    let enrolled = meshlet_tests::enrolled(&cluster.bpffs_dir(0)).len();
+    ensure!(enrolled == pods, "{enrolled} of {pods} pods enrolled");
+    println!(
+        "  {} pods started 16 at a time in {:.0} ms; {enrolled} enrolled",
+        pods - half,
+        burst_elapsed.as_secs_f64() * 1000.0
+    );
+    let deleted: Vec<u64> = names
+        .iter()
+        .map(|n| run(call("DEL", n, "bench")))
+        .collect::<anyhow::Result<_>>()?;
+    let deleted = Summary::of(deleted);
+    deleted.row("DEL, mesh pod");
+    ensure!(meshlet_tests::enrolled(&cluster.bpffs_dir(0)).is_empty());
+    drop(agent);
+    let _ = std::fs::remove_file(&file);
+    Ok(serde_json::json!({
+        "pods": pods,
+        "plugin_exec": exec,
+        "add_outside_mesh": outside,
+        "add_sequential": sequential,
+        "add_16_in_flight": burst,
+        "del": deleted,
+    }))
 }
 
 /// Istio's ztunnel asks `meshlet ca` for its workload's certificate, with the token of its
@@ -372,6 +504,7 @@ fn main() -> anyhow::Result<()> {
             );
             report.insert("policy".into(), policy_bench()?);
             report.insert("ca".into(), ca_bench(200)?);
+            report.insert("cni".into(), cni_bench(if args.quick { 50 } else { 200 })?);
             if let Some(ztunnel) = &args.ztunnel {
                 report.insert("interop".into(), interop(ztunnel)?);
             }
@@ -393,6 +526,9 @@ fn main() -> anyhow::Result<()> {
         }
         Scenario::Ca { pods } => {
             report.insert("ca".into(), ca_bench(pods)?);
+        }
+        Scenario::Cni { pods } => {
+            report.insert("cni".into(), cni_bench(pods)?);
         }
         Scenario::Interop => {
             let ztunnel = args

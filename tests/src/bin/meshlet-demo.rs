@@ -7,8 +7,9 @@
 //! agent per node watches the API (`--source kube`) and gets its pods' certificates from the
 //! CA with a projected-style token (no CA key on any node). Labelling the namespace enrolls its
 //! pods through real discovery and eBPF capture, traffic crosses between the nodes over HBONE
-//! (mTLS), a policy denies and is lifted, metrics show both, capture survives an agent restart,
-//! and `meshlet uninstall` removes it.
+//! (mTLS), a new pod is held by `meshlet-cni` until it is captured, a policy denies and is
+//! lifted, metrics show both, capture survives an agent restart, and `meshlet uninstall`
+//! removes it.
 
 use std::{
     path::Path,
@@ -21,6 +22,7 @@ use clap::Parser;
 use meshlet::capture::Pinned;
 use meshlet_tests::{
     Cluster,
+    cni::CniCall,
     kube_api::ApiServer,
     mesh_ca::{self, MeshCa},
     namespace_manifest,
@@ -36,7 +38,7 @@ struct Args {
     keep: bool,
 }
 
-const STEPS: usize = 8;
+const STEPS: usize = 9;
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -63,6 +65,8 @@ fn walk_through(cluster: &mut Cluster, keep: bool) -> anyhow::Result<()> {
     cluster.add_pod("client", 0);
     cluster.add_pod("server", 1);
     cluster.add_pod("bystander", 0);
+    // A pod that starts later (step 6): its sandbox exists, its containers have not run.
+    cluster.add_pod_sandbox("newcomer", 0);
     for name in ["client", "server", "bystander"] {
         let pod = cluster.pod(name);
         println!(
@@ -295,6 +299,34 @@ fn walk_through(cluster: &mut Cluster, keep: bool) -> anyhow::Result<()> {
 
     step(
         6,
+        "a new pod starts: the runtime runs meshlet-cni, which holds the pod until it is captured",
+    );
+    let newcomer = cluster.pod("newcomer");
+    api.apply(newcomer.pending_manifest("demo", &[("app", "newcomer")]));
+    let add = CniCall::new("ADD", newcomer, "demo", &cluster.cni_socket(0), "closed").run();
+    ensure!(add.success, "meshlet-cni ADD failed: {add:?}");
+    println!(
+        "      meshlet-cni ADD returned after {} ms; node-0: {}",
+        add.took.as_millis(),
+        last_line(&agents[0], "CNI ADD answered")
+    );
+    // The pod's first process connects the instant its sandbox is ready.
+    newcomer.connect(server, 1024).assert_echoed(1024);
+    agents[0].wait_for_log("src_workload=demo/newcomer", 1, Duration::from_secs(5));
+    println!("      its very first connection, made the instant ADD returned, went through HBONE:");
+    println!(
+        "      node-0 access log: {}",
+        last_line(&agents[0], "src_workload=demo/newcomer")
+    );
+    ensure!(
+        last_line(&agents[0], "src_workload=demo/newcomer").contains("protocol=\"HBONE\""),
+        "the newcomer's first connection was not carried over HBONE"
+    );
+    // The kubelet then reports the pod running.
+    api.apply(newcomer.manifest("demo", &[("app", "newcomer")]));
+
+    step(
+        7,
         "an AuthorizationPolicy denies the client: refused at the destination; removed: allowed again",
     );
     let deny = serde_json::json!({
@@ -365,7 +397,7 @@ fn walk_through(cluster: &mut Cluster, keep: bool) -> anyhow::Result<()> {
     }
 
     step(
-        7,
+        8,
         "restart the agent on node-0: capture is pinned, the new agent adopts it",
     );
     let status = agents[0].stop();
@@ -429,7 +461,7 @@ fn walk_through(cluster: &mut Cluster, keep: bool) -> anyhow::Result<()> {
     }
 
     step(
-        8,
+        9,
         "remove the label, stop the agents, `meshlet uninstall`: nothing left",
     );
     api.apply(namespace_manifest("demo", &[]));
@@ -438,9 +470,15 @@ fn walk_through(cluster: &mut Cluster, keep: bool) -> anyhow::Result<()> {
     println!("      both pods released");
     for (node, agent) in agents.iter_mut().enumerate() {
         agent.stop();
+        // The simulated node's CNI directories, never the machine's.
+        let cni = dir.join(format!("cni-node-{node}"));
         let out = Command::new(meshlet_binary())
             .args(["uninstall", "--bpffs-dir"])
             .arg(cluster.bpffs_dir(node))
+            .arg("--cni-bin-dir")
+            .arg(cni.join("bin"))
+            .arg("--cni-conf-dir")
+            .arg(cni.join("net.d"))
             .output()
             .context("run meshlet uninstall")?;
         ensure!(
