@@ -521,15 +521,28 @@ impl InPod {
     }
 
     /// CNI DEL: releases the sandbox, and the pod's capture if it came from that sandbox.
+    ///
+    /// A DEL is tied to a capture only by what identifies the sandbox: its container ID (an
+    /// announced sandbox) or its namespace (when it still exists). A DEL that names neither
+    /// (an earlier sandbox of the pod, gone already; the spec allows repeated DELs) releases
+    /// nothing: the pod's current capture is not that sandbox's.
     fn release(&mut self, request: &Request, netns: Option<&Netns>) -> Reply {
-        let mut released_inodes: Vec<u64> =
-            netns.and_then(|n| n.inode().ok()).into_iter().collect();
+        let pod_uid = self
+            .store
+            .pod(&request.pod.key())
+            .map(|pod| pod.uid.clone())
+            .filter(|uid| request.pod.uid.as_ref().is_none_or(|u| u == uid));
+        // (pod UID, namespace inode) of everything this DEL tears down.
+        let mut released: Vec<(Option<String>, u64)> = Vec::new();
+        if let Some(inode) = netns.and_then(|n| n.inode().ok()) {
+            released.push((pod_uid.clone(), inode));
+        }
         let (deleted, kept): (Vec<PendingAdd>, Vec<PendingAdd>) = std::mem::take(&mut self.pending)
             .into_iter()
             .partition(|add| add.request.container_id == request.container_id);
         self.pending = kept;
         for add in deleted {
-            released_inodes.push(add.inode);
+            released.push((add.uid.clone().or_else(|| pod_uid.clone()), add.inode));
             let message = format!("pod {} sandbox deleted before it was enrolled", request.pod);
             self.answer(add.reply, Reply::Refused { message }, None);
         }
@@ -539,31 +552,24 @@ impl InPod {
             .filter(|(_, sandbox)| sandbox.container_id == request.container_id)
             .map(|(uid, _)| uid.clone())
             .collect();
-        for uid in &sandbox_uids {
-            if let Some(sandbox) = self.sandboxes.remove(uid) {
-                released_inodes.push(sandbox.inode);
+        for uid in sandbox_uids {
+            if let Some(sandbox) = self.sandboxes.remove(&uid) {
+                released.push((Some(uid), sandbox.inode));
             }
         }
-        let pod_uid = self
-            .store
-            .pod(&request.pod.key())
-            .map(|pod| pod.uid.clone())
-            .filter(|uid| request.pod.uid.as_ref().is_none_or(|u| u == uid));
-        for uid in sandbox_uids.iter().chain(pod_uid.iter()) {
-            let Some(enrolled) = self.enrolled.get(uid) else {
+        for (uid, inode) in released {
+            let Some(uid) = uid else {
                 continue;
             };
-            // Only the capture of this sandbox: a DEL of an earlier sandbox of the pod leaves
-            // the current one alone. With no namespace to compare (it is gone), the sandbox
-            // is what is being torn down.
-            let inode = enrolled.inode;
-            if released_inodes.is_empty() || released_inodes.contains(&inode) {
-                if let Some(enrolled) = self.enrolled.remove(uid) {
-                    info!(pod = %request.pod, container = %request.container_id, "CNI DEL: releasing the pod");
-                    self.unenroll(enrolled);
-                }
-                self.released.insert(uid.clone(), inode);
+            if self.enrolled.get(&uid).is_some_and(|e| e.inode == inode)
+                && let Some(enrolled) = self.enrolled.remove(&uid)
+            {
+                info!(pod = %request.pod, container = %request.container_id, "CNI DEL: releasing the pod");
+                self.unenroll(enrolled);
             }
+            // Polling must not capture the released namespace again while its last
+            // processes exit.
+            self.released.insert(uid, inode);
         }
         Reply::Released
     }
@@ -609,14 +615,18 @@ impl InPod {
         }
     }
 
-    /// The pod as the agent acts on it: until the API has a new pod's addresses, those the
-    /// primary CNI plugin gave its sandbox.
+    /// The pod as the agent acts on it: a pod whose sandbox the runtime announced has the
+    /// addresses the primary CNI plugin gave that sandbox. The API may not have them yet (a
+    /// new pod), or still hold an earlier sandbox's (a recreated one), which may belong to
+    /// another pod by now: only the sandbox's own are steered to it.
     fn effective(&self, pod: &Arc<Pod>) -> Arc<Pod> {
         match self.sandboxes.get(&pod.uid) {
-            Some(sandbox) if pod.ips.is_empty() && !sandbox.ips.is_empty() => Arc::new(Pod {
-                ips: sandbox.ips.clone(),
-                ..Pod::clone(pod)
-            }),
+            Some(sandbox) if !sandbox.ips.is_empty() && !same_addresses(&pod.ips, &sandbox.ips) => {
+                Arc::new(Pod {
+                    ips: sandbox.ips.clone(),
+                    ..Pod::clone(pod)
+                })
+            }
             _ => pod.clone(),
         }
     }

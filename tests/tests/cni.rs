@@ -208,10 +208,76 @@ fn del_releases_the_pod_and_polling_does_not_take_it_back() {
         "{check:?}"
     );
     cluster.cni(0, "DEL", "client", "demo").assert_success();
+    assert!(!enrolled(&cluster.bpffs_dir(0)).contains(&cookie));
 
     // A new ADD (the sandbox recreated) captures it again.
     cluster.cni(0, "ADD", "client", "demo").assert_success();
     assert!(enrolled(&cluster.bpffs_dir(0)).contains(&cookie));
+}
+
+#[test]
+fn a_recreated_sandbox_replaces_the_old_one_and_a_late_del_of_the_old_one_changes_nothing() {
+    let mut cluster = Cluster::new(1);
+    cluster.add_pod_sandbox("client", 0);
+    // The namespace and addresses the runtime gives the pod's next sandbox.
+    cluster.add_pod_sandbox("next", 0);
+    let client = cluster.pod("client");
+    let base = vec![
+        namespace_manifest("demo", &[AMBIENT]),
+        client.manifest("demo", &[("app", "client")]),
+    ];
+    let mesh = FileMesh::start(cluster, base, &[&[]]);
+    let cluster = &mesh.cluster;
+    let (client, next) = (cluster.pod("client"), cluster.pod("next"));
+    let first = CniCall::new("ADD", client, "demo", &cluster.cni_socket(0), "closed");
+    first.run().assert_success();
+    assert_eq!(enrolled(&cluster.bpffs_dir(0)), vec![client.netns_cookie()]);
+
+    // The sandbox is recreated: same pod (name, UID), new container, namespace and addresses.
+    // The API still lists the old addresses; only the new sandbox's are steered to the pod.
+    let second = CniCall {
+        args: first.args.clone(),
+        container_id: "recreated".into(),
+        ..CniCall::new("ADD", next, "demo", &cluster.cni_socket(0), "closed")
+    };
+    second.run().assert_success();
+    assert_eq!(
+        enrolled(&cluster.bpffs_dir(0)),
+        vec![next.netns_cookie()],
+        "the old sandbox's capture is replaced, not added to"
+    );
+    let pinned = meshlet::capture::Pinned::open(&cluster.bpffs_dir(0)).unwrap();
+    let (_, enrollment) = pinned.enrolled().unwrap().remove(0);
+    assert_eq!(
+        (
+            meshlet::capture::ip_of_key(&enrollment.ipv4),
+            meshlet::capture::ip_of_key(&enrollment.ipv6)
+        ),
+        (next.ipv4.into(), next.ipv6.into()),
+        "the pod is steered its new sandbox's addresses, not the API's stale ones"
+    );
+
+    // A late DEL of the old sandbox, whose namespace is gone (empty CNI_NETNS): the pod's
+    // current capture is not that sandbox's.
+    let late = CniCall {
+        command: "DEL".into(),
+        netns: PathBuf::new(),
+        ..first.clone()
+    };
+    late.run().assert_success();
+    mesh.write(&[namespace_manifest("other", &[])]);
+    assert_eq!(enrolled(&cluster.bpffs_dir(0)), vec![next.netns_cookie()]);
+    let row = workload(cluster, 0, "client");
+    assert_eq!(row["capture"]["state"], "enrolled", "{row}");
+
+    // The current sandbox's DEL releases it.
+    CniCall {
+        command: "DEL".into(),
+        ..second
+    }
+    .run()
+    .assert_success();
+    assert!(enrolled(&cluster.bpffs_dir(0)).is_empty());
 }
 
 #[test]
@@ -310,7 +376,7 @@ fn with_the_agent_down_a_mesh_pod_waits_and_other_pods_start() {
 
     // The runtime retries once the agent is back: the pod is captured before it starts.
     let agent = cluster.start_agent(0, &["--source", &source]);
-    agent.wait_for_log("serving CNI requests", 1, Duration::from_secs(10));
+    agent.wait_for_log("initial enrollment pass done", 1, Duration::from_secs(10));
     let retry = cluster.cni(0, "ADD", "client", "demo");
     retry.assert_success();
     assert_eq!(

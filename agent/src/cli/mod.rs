@@ -145,7 +145,7 @@ pub struct AgentArgs {
     pub cni_socket: Option<PathBuf>,
     /// How long a CNI ADD may wait for its pod to be known and enrolled before it fails (the
     /// runtime retries).
-    #[arg(long, env = "MESHLET_CNI_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
+    #[arg(long, env = "MESHLET_CNI_TIMEOUT", default_value = "10s", value_parser = parse_cni_timeout)]
     pub cni_timeout: Duration,
     /// Install `meshlet-cni` on the node (into --cni-bin-dir, chained in the primary conf of
     /// --cni-conf-dir) and keep it chained.
@@ -272,6 +272,17 @@ fn parse_positive_duration(text: &str) -> Result<Duration, String> {
     match parse_duration(text)? {
         Duration::ZERO => Err(format!("{text:?} must be more than zero")),
         duration => Ok(duration),
+    }
+}
+
+/// `--cni-timeout`: positive, and short enough that the plugin (which waits 30 s) hears the
+/// answer.
+fn parse_cni_timeout(text: &str) -> Result<Duration, String> {
+    match parse_positive_duration(text)? {
+        timeout if timeout > Duration::from_secs(25) => Err(format!(
+            "{text:?} is longer than 25s: meshlet-cni gives up on the agent after 30s"
+        )),
+        timeout => Ok(timeout),
     }
 }
 
@@ -614,6 +625,17 @@ mod tests {
                 "k",
             ],
             "ca-address",
+        );
+        refused(
+            &[
+                "meshlet",
+                "agent",
+                "--node-name",
+                "n",
+                "--cni-timeout",
+                "60s",
+            ],
+            "longer than 25s",
         );
         assert!(
             Cli::try_parse_from(["meshlet", "ca"]).is_ok(),

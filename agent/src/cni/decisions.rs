@@ -108,11 +108,19 @@ impl Decisions {
             .map_err(|err| io::Error::new(io::ErrorKind::InvalidData, err))
     }
 
-    /// Replaces the file atomically (a reader sees the old file or the new one, never half).
+    /// Replaces the file atomically and durably: a reader sees the old file or the new one,
+    /// never half, and the file survives a power cut right after (it exists for reboots).
     pub fn write(&self, path: &Path) -> io::Result<()> {
+        use std::io::Write as _;
         let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
-        std::fs::rename(&tmp, path)
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(&serde_json::to_vec_pretty(self)?)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
     }
 }
 

@@ -140,6 +140,17 @@ fn read_json(path: &Path) -> anyhow::Result<Value> {
 
 /// Writes `contents` to `path` atomically, with mode `mode`.
 fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
+    write_atomic_like(path, contents, mode, None)
+}
+
+/// [`write_atomic`] with the mode and owner of `like`, when given.
+fn write_atomic_like(
+    path: &Path,
+    contents: &[u8],
+    mode: u32,
+    like: Option<&fs::Metadata>,
+) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::other("no file name"))?
@@ -148,7 +159,12 @@ fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
     let tmp = path.with_file_name(format!(".{name}.meshlet-tmp"));
     let mut file = fs::File::create(&tmp)?;
     file.write_all(contents)?;
-    file.set_permissions(fs::Permissions::from_mode(mode))?;
+    file.set_permissions(fs::Permissions::from_mode(
+        like.map_or(mode, |m| m.permissions().mode() & 0o7777),
+    ))?;
+    if let Some(like) = like {
+        std::os::unix::fs::fchown(&file, Some(like.uid()), Some(like.gid()))?;
+    }
     file.sync_all()?;
     fs::rename(&tmp, path)
 }
@@ -245,20 +261,50 @@ fn chain_primary(config: &InstallConfig) -> anyhow::Result<(Option<PathBuf>, boo
     if chained == conf {
         return Ok((Some(primary), false));
     }
-    let mode = fs::metadata(&primary)?.permissions().mode() & 0o777;
-    let mut text = serde_json::to_vec_pretty(&chained)?;
-    text.push(b'\n');
     // A single-plugin conf becomes the `.conflist` of the same name (sorting first still).
     let target = if conf.get("plugins").is_some() {
         primary.clone()
     } else {
-        primary.with_extension("conflist")
+        let list = primary.with_extension("conflist");
+        if fs::symlink_metadata(&list).is_ok() {
+            bail!(
+                "{} would become {}, which exists: resolve the two by hand",
+                primary.display(),
+                list.display()
+            );
+        }
+        list
     };
-    write_atomic(&target, &text, mode).with_context(|| format!("write {}", target.display()))?;
+    rewrite(&primary, &target, &chained, &conf)?;
     if target != primary {
         fs::remove_file(&primary).with_context(|| format!("remove {}", primary.display()))?;
     }
     Ok((Some(target), true))
+}
+
+/// Writes `value` as the new version of the conf `source` (read as `read`) to `target`:
+/// through a symlink to the file it names, with the source's mode and owner, and only if the
+/// source still holds what was read (the primary plugin may rewrite its conf at any time: its
+/// version wins, and the next pass chains it again).
+fn rewrite(source: &Path, target: &Path, value: &Value, read: &Value) -> anyhow::Result<()> {
+    let resolve = |path: &Path| fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+    let source_file = resolve(source);
+    let target_file = if source == target {
+        source_file.clone()
+    } else {
+        target.to_owned()
+    };
+    let meta = fs::metadata(&source_file)?;
+    let mut text = serde_json::to_vec_pretty(value)?;
+    text.push(b'\n');
+    if read_json(&source_file).ok().as_ref() != Some(read) {
+        bail!(
+            "{} changed while meshlet was editing it; will chain again",
+            source.display()
+        );
+    }
+    write_atomic_like(&target_file, &text, 0o644, Some(&meta))
+        .with_context(|| format!("write {}", target_file.display()))
 }
 
 /// What an uninstall removed.
@@ -279,11 +325,7 @@ pub fn uninstall(conf_dir: &Path, bin_dir: &Path) -> anyhow::Result<Uninstalled>
         };
         let unchained = unchain(&conf);
         if unchained != conf {
-            let mode = fs::metadata(&path)?.permissions().mode() & 0o777;
-            let mut text = serde_json::to_vec_pretty(&unchained)?;
-            text.push(b'\n');
-            write_atomic(&path, &text, mode)
-                .with_context(|| format!("write {}", path.display()))?;
+            rewrite(&path, &path, &unchained, &conf)?;
             removed.confs.push(path);
         }
     }
@@ -552,6 +594,28 @@ mod tests {
                 "a bad conf is not touched"
             );
         }
+        // A conf that is a symlink is edited where it points; the link stays.
+        let real = dir.0.join("real.conflist");
+        fs::write(&real, FIXTURES[0].1).unwrap();
+        fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&real, &path).unwrap();
+        assert!(install(&config).unwrap().conf_changed);
+        assert!(
+            fs::symlink_metadata(&path)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        let plugins = read_json(&real).unwrap()["plugins"].clone();
+        assert!(is_ours(plugins.as_array().unwrap().last().unwrap()));
+        fs::remove_file(&path).unwrap();
+        // A .conf whose .conflist twin exists is not converted over it.
+        fs::write(config.conf_dir.join("01-single.conf"), FIXTURES[4].1).unwrap();
+        fs::write(config.conf_dir.join("01-single.conflist"), "{}").unwrap();
+        let err = format!("{:#}", install(&config).unwrap_err());
+        assert!(err.contains("which exists"), "{err}");
+        assert!(config.conf_dir.join("01-single.conf").exists());
+
         let missing = InstallConfig {
             plugin_binary: dir.0.join("nope"),
             ..config

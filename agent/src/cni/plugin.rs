@@ -82,12 +82,40 @@ fn default_agent_socket() -> PathBuf {
 #[derive(Debug, Deserialize)]
 struct PrevResult {
     #[serde(default)]
+    interfaces: Vec<ResultInterface>,
+    #[serde(default)]
     ips: Vec<ResultIp>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ResultInterface {
+    /// Set for interfaces inside the sandbox (the pod's), empty for host-side ones.
+    #[serde(default)]
+    sandbox: String,
 }
 
 #[derive(Debug, Deserialize)]
 struct ResultIp {
     address: ipnet::IpNet,
+    /// Index into `interfaces`; absent in results that do not say.
+    interface: Option<usize>,
+}
+
+impl PrevResult {
+    /// The addresses on the pod's own interfaces (not the host side of a veth or bridge).
+    fn pod_ips(&self) -> Vec<IpAddr> {
+        self.ips
+            .iter()
+            .filter(|ip| {
+                ip.interface.is_none_or(|i| {
+                    self.interfaces
+                        .get(i)
+                        .is_some_and(|interface| !interface.sandbox.is_empty())
+                })
+            })
+            .map(|ip| ip.address.addr())
+            .collect()
+    }
 }
 
 /// A CNI error, printed on stdout as the spec's error object.
@@ -202,35 +230,47 @@ fn run_inner(env: &Env, stdin: &[u8]) -> Result<(String, String), CniError> {
         ));
     }
     if env.command == "VERSION" {
+        // Answered in the version asked for, when it is one the plugin speaks.
+        let asked = serde_json::from_slice::<serde_json::Value>(stdin)
+            .ok()
+            .and_then(|v| v["cniVersion"].as_str().map(str::to_owned))
+            .filter(|v| SUPPORTED_VERSIONS.contains(&v.as_str()))
+            .unwrap_or_else(|| "1.0.0".to_owned());
         let versions = serde_json::json!({
-            "cniVersion": "1.0.0",
+            "cniVersion": asked,
             "supportedVersions": SUPPORTED_VERSIONS,
         });
         return Ok((versions.to_string() + "\n", String::new()));
     }
-    let conf: Conf = serde_json::from_slice(stdin).map_err(|err| {
-        error(
-            "1.0.0",
-            code::DECODE_FAILURE,
-            "cannot decode the network conf",
-            err,
-        )
-    })?;
-    let version = conf.cni_version.as_str();
-    if !SUPPORTED_VERSIONS.contains(&version) {
-        return Err(error(
-            version,
-            code::INCOMPATIBLE_VERSION,
-            "unsupported CNI version",
-            format!("{version:?}; supported: {}", SUPPORTED_VERSIONS.join(", ")),
+    let conf = parse_conf(stdin);
+    if env.command == "DEL"
+        && let Err(err) = &conf
+    {
+        // DEL cleans up; a conf it cannot read must not keep a sandbox from going away (the
+        // agent releases pods that leave its store anyway).
+        return Ok((
+            String::new(),
+            format!("meshlet-cni: DEL: {}: {}\n", err.msg, err.details),
         ));
     }
+    let conf = conf?;
+    let version = conf.cni_version.as_str();
     let command = match env.command.as_str() {
         "ADD" => Command::Add,
         "DEL" => Command::Del,
-        "CHECK" => Command::Check,
+        "CHECK" if at_least(version, "0.4.0") => Command::Check,
         // 1.1.0: the plugin holds no per-attachment state to collect, and is always ready.
-        "GC" | "STATUS" => return Ok((String::new(), String::new())),
+        "GC" | "STATUS" if at_least(version, "1.1.0") => {
+            return Ok((String::new(), String::new()));
+        }
+        verb @ ("CHECK" | "GC" | "STATUS") => {
+            return Err(error(
+                version,
+                code::INCOMPATIBLE_VERSION,
+                "the conf's CNI version has no such command",
+                format!("{verb} with cniVersion {version}"),
+            ));
+        }
         other => {
             return Err(error(
                 version,
@@ -304,10 +344,7 @@ fn run_inner(env: &Env, stdin: &[u8]) -> Result<(String, String), CniError> {
                         err,
                     )
                 })?
-                .ips
-                .into_iter()
-                .map(|ip| ip.address.addr())
-                .collect::<Vec<IpAddr>>()
+                .pod_ips()
         }
         _ => Vec::new(),
     };
@@ -360,6 +397,37 @@ fn run_inner(env: &Env, stdin: &[u8]) -> Result<(String, String), CniError> {
     }
 }
 
+/// The conf on stdin, in a version the plugin speaks.
+fn parse_conf(stdin: &[u8]) -> Result<Conf, CniError> {
+    let conf: Conf = serde_json::from_slice(stdin).map_err(|err| {
+        error(
+            "1.0.0",
+            code::DECODE_FAILURE,
+            "cannot decode the network conf",
+            err,
+        )
+    })?;
+    if !SUPPORTED_VERSIONS.contains(&conf.cni_version.as_str()) {
+        return Err(error(
+            &conf.cni_version,
+            code::INCOMPATIBLE_VERSION,
+            "unsupported CNI version",
+            format!(
+                "{:?}; supported: {}",
+                conf.cni_version,
+                SUPPORTED_VERSIONS.join(", ")
+            ),
+        ));
+    }
+    Ok(conf)
+}
+
+/// Whether `version` is `min` or later (both of [`SUPPORTED_VERSIONS`], which is in order).
+fn at_least(version: &str, min: &str) -> bool {
+    let position = |v: &str| SUPPORTED_VERSIONS.iter().position(|s| *s == v);
+    position(version) >= position(min)
+}
+
 /// Decides without the agent, from the decisions it last wrote: a pod that must be captured
 /// does not start (fail-closed), any other does.
 fn without_agent(
@@ -378,13 +446,24 @@ fn without_agent(
     let (must, basis) = match Decisions::read(&path) {
         Ok(Some(decisions)) => (
             decisions.must_capture(&pod.namespace, &pod.name),
-            format!("decisions in {}", path.display()),
+            format!(
+                "the decisions in {} say pod {pod} is captured",
+                path.display()
+            ),
         ),
         Ok(None) => (
             false,
             format!("no {} (the agent never ran on this node)", path.display()),
         ),
-        Err(err) => (false, format!("unreadable {}: {err}", path.display())),
+        // The agent writes it atomically and durably: unreadable means something is wrong,
+        // and nothing says the pod may start uncaptured.
+        Err(err) => (
+            true,
+            format!(
+                "{} is unreadable ({err}), so every pod is held",
+                path.display()
+            ),
+        ),
     };
     match (must, conf.fail_mode) {
         (false, _) => Ok((stdout()?, String::new())),
@@ -396,7 +475,7 @@ fn without_agent(
             version,
             code::TRY_AGAIN_LATER,
             "the meshlet agent is not ready; the pod must be captured and waits for it",
-            format!("{why} ({basis} say pod {pod} is captured)"),
+            format!("{why}; {basis}"),
         )),
     }
 }
@@ -458,11 +537,56 @@ mod tests {
     }
 
     #[test]
-    fn version_lists_what_it_speaks() {
-        let outcome = run(&env("VERSION"), br#"{"cniVersion":"1.0.0"}"#);
+    fn version_lists_what_it_speaks_in_the_version_asked() {
+        let outcome = run(&env("VERSION"), br#"{"cniVersion":"0.4.0"}"#);
         let out: serde_json::Value = serde_json::from_str(&outcome.stdout).unwrap();
+        assert_eq!(out["cniVersion"], "0.4.0");
         assert_eq!(out["supportedVersions"][3], "1.0.0");
         assert!(outcome.success);
+        let out: serde_json::Value =
+            serde_json::from_str(&run(&env("VERSION"), b"").stdout).unwrap();
+        assert_eq!(out["cniVersion"], "1.0.0");
+    }
+
+    #[test]
+    fn commands_follow_the_confs_version_and_del_never_fails() {
+        let dir = scratch("versions");
+        let old = String::from_utf8(conf(&dir, "")).unwrap().replacen(
+            "\"cniVersion\":\"1.0.0\"",
+            "\"cniVersion\":\"0.3.1\"",
+            1,
+        );
+        let check = run(&env("CHECK"), old.as_bytes());
+        assert_eq!(error_of(&check)["code"], 1, "CHECK needs 0.4.0: {check:?}");
+        let status = run(&env("STATUS"), &conf(&dir, ""));
+        assert_eq!(
+            error_of(&status)["code"],
+            1,
+            "STATUS needs 1.1.0: {status:?}"
+        );
+        let del = run(&env("DEL"), b"{broken");
+        assert!(del.success && del.stdout.is_empty(), "{del:?}");
+        assert!(del.stderr.contains("cannot decode"), "{del:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn only_the_pods_own_interfaces_give_its_addresses() {
+        let result: PrevResult = serde_json::from_str(
+            r#"{"cniVersion":"1.0.0",
+                "interfaces":[{"name":"cni0"},{"name":"eth0","sandbox":"/var/run/netns/x"}],
+                "ips":[{"address":"10.244.0.1/24","interface":0},
+                       {"address":"10.244.0.10/24","interface":1},
+                       {"address":"fd00::a/64"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            result.pod_ips(),
+            [
+                "10.244.0.10".parse::<IpAddr>().unwrap(),
+                "fd00::a".parse().unwrap()
+            ]
+        );
     }
 
     #[test]
@@ -566,6 +690,12 @@ mod tests {
             del.success && del.stdout.is_empty(),
             "DEL never fails: {del:?}"
         );
+        // An unreadable decisions file says nothing may start uncaptured.
+        std::fs::write(dir.join(decisions::FILE_NAME), "{trunc").unwrap();
+        let held = run(&legacy, &conf(&dir, ""));
+        assert_eq!(error_of(&held)["code"], 11, "{held:?}");
+        assert!(held.stdout.contains("unreadable"), "{held:?}");
+        decisions.write(&dir.join(decisions::FILE_NAME)).unwrap();
         let check = run(&env("CHECK"), &conf(&dir, ""));
         assert_eq!(error_of(&check)["code"], 11);
         let not_k8s = Env {
@@ -573,8 +703,13 @@ mod tests {
             ..env("ADD")
         };
         assert!(run(&not_k8s, &conf(&dir, "")).success, "not a pod");
+        let v11 = String::from_utf8(conf(&dir, "")).unwrap().replacen(
+            "\"cniVersion\":\"1.0.0\"",
+            "\"cniVersion\":\"1.1.0\"",
+            1,
+        );
         for verb in ["STATUS", "GC"] {
-            assert!(run(&env(verb), &conf(&dir, "")).success, "{verb}");
+            assert!(run(&env(verb), v11.as_bytes()).success, "{verb}");
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -2,8 +2,8 @@
 //! in-pod reconciler, which owns every enrollment and answers when it has decided.
 //!
 //! The socket is the agent's most privileged input after the API server, so: only root (or the
-//! agent's own user) may connect, checked by `SO_PEERCRED`; the socket is mode 0600 in a 0700
-//! directory; a request is at most [`MAX_REQUEST`] bytes and must arrive within
+//! agent's own user) may connect, checked by `SO_PEERCRED`; the socket is mode 0600 (its
+//! directory is created 0700 when the agent creates it); a request is at most [`MAX_REQUEST`] bytes and must arrive within
 //! [`READ_TIMEOUT`]; at most [`MAX_IN_FLIGHT`] requests are served at once (more are told to
 //! come back); and a malformed request gets a refusal naming what is wrong.
 
@@ -159,12 +159,6 @@ async fn handle(
     if let Err(err) = request.validate() {
         return refused(format!("bad request: {err}"));
     }
-    if fds.len() > 1 {
-        return refused(format!(
-            "bad request: {} descriptors attached (one network namespace at most)",
-            fds.len()
-        ));
-    }
     let netns = match fds.pop() {
         Some(fd) => match Netns::from_fd(fd, PathBuf::from(&request.netns)) {
             Ok(netns) => Some(netns),
@@ -216,6 +210,15 @@ async fn read_request(stream: &UnixStream) -> io::Result<(Vec<u8>, Vec<std::os::
             })
             .await?;
         fds.extend(received);
+        if fds.len() > 1 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{} descriptors attached (one network namespace at most)",
+                    fds.len()
+                ),
+            ));
+        }
         if n == 0 {
             return Ok((body, fds));
         }
