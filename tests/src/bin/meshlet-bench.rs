@@ -211,18 +211,22 @@ fn ca_bench(pods: usize) -> anyhow::Result<serde_json::Value> {
 fn cni_bench(pods: usize) -> anyhow::Result<serde_json::Value> {
     use futures::StreamExt as _;
     use meshlet_tests::cni::CniCall;
-    ensure!(pods <= 240, "at most 240 pods (one node's address range)");
+    let baseline = (pods / 5).clamp(1, 40);
+    ensure!(
+        pods + baseline <= 240,
+        "at most {} pods (one node's address range)",
+        240 - baseline
+    );
     header(&format!(
         "meshlet-cni ADD: {pods} new mesh pods on one node"
     ));
     let mut cluster = Cluster::new(1);
     let names: Vec<String> = (0..pods).map(|i| format!("app-{i}")).collect();
-    for name in &names {
+    // The baseline: pods of a namespace outside the mesh, each a sandbox of its own.
+    let legacy: Vec<String> = (0..baseline).map(|i| format!("web-{i}")).collect();
+    for name in names.iter().chain(&legacy) {
         cluster.add_pod_sandbox(name, 0);
     }
-    // The baseline pods outside the mesh reuse the sandboxes of the first pods (the plugin
-    // only hands their namespace over; the agent does not enroll them).
-    let baseline = pods.min(50);
     let file = std::env::temp_dir().join(format!("{}-workloads.yaml", cluster.id()));
     let mut objects = vec![
         meshlet_tests::namespace_manifest("bench", &[("meshlet.io/dataplane-mode", "ambient")]),
@@ -234,7 +238,7 @@ fn cni_bench(pods: usize) -> anyhow::Result<serde_json::Value> {
             .map(|n| cluster.pod(n).pending_manifest("bench", &[])),
     );
     objects.extend(
-        names[..baseline]
+        legacy
             .iter()
             .map(|n| cluster.pod(n).pending_manifest("legacy", &[])),
     );
@@ -276,7 +280,7 @@ fn cni_bench(pods: usize) -> anyhow::Result<serde_json::Value> {
         .collect::<anyhow::Result<_>>()?;
     let exec = Summary::of(exec);
     exec.row("meshlet-cni VERSION (exec, no agent)");
-    let outside: Vec<u64> = names[..baseline]
+    let outside: Vec<u64> = legacy
         .iter()
         .map(|n| run(call("ADD", n, "legacy")))
         .collect::<anyhow::Result<_>>()?;
