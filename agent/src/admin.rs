@@ -42,6 +42,9 @@ pub struct State {
     pub enrollment_generation: Arc<std::sync::atomic::AtomicU64>,
     /// Where each pod to capture stands (enrolled and how, or what it waits for).
     pub captures: Arc<crate::inpod::CaptureStates>,
+    /// With `--cni-install`: whether meshlet-cni is chained in the node's primary CNI conf
+    /// (the node is not ready before: new pods would start uncaptured).
+    pub cni_chained: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// One row of `/workloads`.
@@ -206,6 +209,18 @@ pub fn readiness(state: &State, request: &Request<hyper::body::Incoming>) -> Res
             StatusCode::NOT_FOUND,
             "text/plain",
             "not found: try /healthz/ready\n",
+        );
+    }
+    if state
+        .cni_chained
+        .as_ref()
+        .is_some_and(|chained| !chained.load(std::sync::atomic::Ordering::Acquire))
+    {
+        return reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "not ready: meshlet-cni is not chained in the node's CNI conf yet (no conf written \
+             by the primary plugin, or one meshlet cannot edit: see the log)\n",
         );
     }
     if state.sync.synced() {

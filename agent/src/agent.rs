@@ -160,6 +160,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
 
     let (cni_events, events) = tokio::sync::mpsc::channel(1024);
+    let cni_chained = config
+        .cni
+        .install
+        .is_some()
+        .then(|| Arc::new(std::sync::atomic::AtomicBool::new(false)));
     let cni_tasks = [
         tokio::spawn(crate::cni::server::serve(
             cni_listener,
@@ -174,12 +179,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             config.node_name.clone(),
             crate::cni::decisions::path_beside(&config.cni.socket),
         )),
-        tokio::spawn(match config.cni.install.clone() {
-            Some(install) => futures::future::Either::Left(crate::cni::install::keep_installed(
-                install,
-                std::time::Duration::from_secs(5),
-            )),
-            None => futures::future::Either::Right(std::future::ready(())),
+        tokio::spawn(match (config.cni.install.clone(), cni_chained.clone()) {
+            (Some(install), Some(chained)) => {
+                futures::future::Either::Left(crate::cni::install::keep_installed(
+                    install,
+                    std::time::Duration::from_secs(5),
+                    chained,
+                ))
+            }
+            _ => futures::future::Either::Right(std::future::ready(())),
         }),
     ];
     let captures = Arc::new(crate::inpod::CaptureStates::default());
@@ -191,6 +199,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config: serde_json::to_value(&config)?,
         enrollment_generation: Default::default(),
         captures: captures.clone(),
+        cni_chained,
     };
     let enrollment_generation = state.enrollment_generation.clone();
     let servers = [

@@ -305,7 +305,6 @@ fn with_the_agent_down_a_mesh_pod_waits_and_other_pods_start() {
     let (bin, conf) = (cni_dir.join("bin"), cni_dir.join("net.d"));
     std::fs::create_dir_all(&conf).unwrap();
     let bridge = include_str!("../../agent/src/cni/fixtures/10-bridge.conflist");
-    std::fs::write(conf.join("10-bridge.conflist"), bridge).unwrap();
     let mut agent = cluster.start_agent(
         0,
         &[
@@ -318,11 +317,34 @@ fn with_the_agent_down_a_mesh_pod_waits_and_other_pods_start() {
             conf.to_str().unwrap(),
         ],
     );
+    // No primary conf yet (the primary CNI starts after meshlet on a new node): not ready.
+    agent.wait_for_log("no CNI conf yet", 1, Duration::from_secs(10));
+    let (status, body) = http_get(
+        &cluster.node(0).netns,
+        "127.0.0.1:15021".parse().unwrap(),
+        "/healthz/ready",
+    );
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("meshlet-cni is not chained"), "{body}");
+    std::fs::write(conf.join("10-bridge.conflist"), bridge).unwrap();
     agent.wait_for_log(
         "meshlet-cni chained in the primary CNI conf",
         1,
         Duration::from_secs(10),
     );
+    let ready = Instant::now();
+    loop {
+        let (status, body) = http_get(
+            &cluster.node(0).netns,
+            "127.0.0.1:15021".parse().unwrap(),
+            "/healthz/ready",
+        );
+        if status == 200 {
+            break;
+        }
+        assert!(ready.elapsed() < Duration::from_secs(10), "{status} {body}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let chained: Value =
         serde_json::from_slice(&std::fs::read(conf.join("10-bridge.conflist")).unwrap()).unwrap();
     let entry = chained["plugins"]

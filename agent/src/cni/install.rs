@@ -339,11 +339,25 @@ pub fn uninstall(conf_dir: &Path, bin_dir: &Path) -> anyhow::Result<Uninstalled>
 
 /// Installs now and then every `every`, so a primary plugin that rewrites its conf (or writes
 /// it after the agent started) is chained again. Says each change and each new failure once.
-pub async fn keep_installed(config: InstallConfig, every: Duration) {
+/// `chained` says, after each pass, whether the plugin is chained in the primary conf (for
+/// readiness).
+pub async fn keep_installed(
+    config: InstallConfig,
+    every: Duration,
+    chained: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::atomic::Ordering;
     let mut last_error = None;
     let mut installer = Installer::new(config.clone());
     loop {
-        match installer.install() {
+        let result = installer.install();
+        chained.store(
+            result
+                .as_ref()
+                .is_ok_and(|installed| installed.conf.is_some()),
+            Ordering::Release,
+        );
+        match result {
             Ok(installed) => {
                 last_error = None;
                 if installed.binary_changed {
