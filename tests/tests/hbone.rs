@@ -83,7 +83,36 @@ fn mesh_traffic_crosses_the_node_link_only_as_tls_for_any_size_and_many_connecti
     ]);
     let out = many.output().unwrap();
     let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(result["ok"], 1000, "{result}");
+    if result["ok"] != 1000 {
+        // Say which side refused, and why, before failing.
+        let refusals: Vec<String> = (0..2)
+            .flat_map(|node| {
+                cluster
+                    .scrape(node)
+                    .samples
+                    .into_iter()
+                    .filter(|s| {
+                        s.metric == "meshlet_proxy_limit_total"
+                            || (s.metric == "istio_tcp_connections_closed_total"
+                                && s.labels.get("response_flags") != Some("-"))
+                    })
+                    .map(move |s| format!("node-{node}: {} {:?} {:?}", s.metric, s.labels, s.value))
+            })
+            .collect();
+        let warnings: Vec<String> = mesh
+            .agents
+            .iter()
+            .flat_map(|a| {
+                a.log()
+                    .lines()
+                    .filter(|l| l.contains("WARN"))
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .take(20)
+            .collect();
+        panic!("{result}\nrefusals: {refusals:#?}\nagent warnings: {warnings:#?}");
+    }
 
     // 1 GiB one way and back.
     let start = Instant::now();
