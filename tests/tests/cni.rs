@@ -56,8 +56,9 @@ fn wait_for_file(path: &Path) {
     }
 }
 
-#[test]
-fn add_holds_the_pod_until_it_is_enrolled_and_its_first_connect_is_captured() {
+/// Two nodes: `server` on node-1, captured; `client` on node-0, a bare sandbox the agent has
+/// not heard of yet.
+fn server_and_sandbox() -> FileMesh {
     let mut cluster = Cluster::new(2);
     cluster.add_pod("server", 1);
     cluster.add_pod_sandbox("client", 0);
@@ -67,7 +68,12 @@ fn add_holds_the_pod_until_it_is_enrolled_and_its_first_connect_is_captured() {
             .pod("server")
             .mesh_manifest("demo", &[("app", "server")]),
     ];
-    let mesh = FileMesh::start(cluster, base, &[&[], &["server"]]);
+    FileMesh::start(cluster, base, &[&[], &["server"]])
+}
+
+#[test]
+fn add_holds_the_pod_until_it_is_enrolled_and_its_first_connect_is_captured() {
+    let mesh = server_and_sandbox();
     let cluster = &mesh.cluster;
     let _echo = cluster.pod("server").echo_server(8080);
     let client = cluster.pod("client");
@@ -141,16 +147,7 @@ fn add_holds_the_pod_until_it_is_enrolled_and_its_first_connect_is_captured() {
 
 #[test]
 fn del_releases_the_pod_and_polling_does_not_take_it_back() {
-    let mut cluster = Cluster::new(2);
-    cluster.add_pod("server", 1);
-    cluster.add_pod_sandbox("client", 0);
-    let base = vec![
-        namespace_manifest("demo", &[AMBIENT]),
-        cluster
-            .pod("server")
-            .mesh_manifest("demo", &[("app", "server")]),
-    ];
-    let mesh = FileMesh::start(cluster, base, &[&[], &["server"]]);
+    let mesh = server_and_sandbox();
     let cluster = &mesh.cluster;
     let _echo = cluster.pod("server").echo_server(8080);
     let client = cluster.pod("client");

@@ -33,7 +33,7 @@ use serde_json::value::RawValue;
 
 use super::{
     decisions::{self, Decisions},
-    protocol::{self, CallError, Command, PodRef, Reply, Request},
+    protocol::{self, Command, PodRef, Reply, Request},
 };
 use crate::capture::FailMode;
 
@@ -289,16 +289,14 @@ fn run_inner(env: &Env, stdin: &[u8]) -> Result<(String, String), CniError> {
             "the network conf has no prevResult",
         )),
     };
-    let out = |stdout: String, stderr: String| match command {
-        Command::Add => Ok((stdout, stderr)),
-        Command::Del | Command::Check => Ok((String::new(), stderr)),
+    // What a successful call prints: the result for ADD, nothing for DEL and CHECK.
+    let stdout = || match command {
+        Command::Add => passthrough(),
+        Command::Del | Command::Check => Ok(String::new()),
     };
     let Some(pod) = pod_from_args(&env.args) else {
         // Not a Kubernetes pod: nothing for the mesh.
-        return match command {
-            Command::Add => out(passthrough()?, String::new()),
-            _ => Ok((String::new(), String::new())),
-        };
+        return Ok((stdout()?, String::new()));
     };
     if command == Command::Add {
         // Checked before the agent is asked, so a broken chain fails the same way always.
@@ -361,20 +359,16 @@ fn run_inner(env: &Env, stdin: &[u8]) -> Result<(String, String), CniError> {
         netns.as_ref().map(|f| f.as_fd()),
         CALL_TIMEOUT,
     );
-    let stdout = || match command {
-        Command::Add => passthrough(),
-        _ => Ok(String::new()),
-    };
     match reply {
         Ok(
             Reply::Enrolled { .. } | Reply::NotCaptured { .. } | Reply::Released | Reply::Checked,
-        ) => out(stdout()?, String::new()),
+        ) => Ok((stdout()?, String::new())),
         Ok(Reply::Refused { message }) => match (command, conf.fail_mode) {
-            (Command::Del, _) => out(String::new(), String::new()),
-            (_, FailMode::Open) => out(
+            (Command::Del, _) => Ok((String::new(), String::new())),
+            (_, FailMode::Open) => Ok((
                 stdout()?,
                 format!("meshlet-cni: pod {pod} starts uncaptured (fail_mode open): {message}\n"),
-            ),
+            )),
             (Command::Check, FailMode::Closed) => Err(error(
                 version,
                 code::NOT_CAPTURED,
@@ -391,9 +385,7 @@ fn run_inner(env: &Env, stdin: &[u8]) -> Result<(String, String), CniError> {
         Ok(Reply::Unavailable { message }) => {
             without_agent(command, &conf, &pod, version, message, stdout)
         }
-        Err(err @ (CallError::Unreachable { .. } | CallError::Failed { .. })) => {
-            without_agent(command, &conf, &pod, version, err.to_string(), stdout)
-        }
+        Err(err) => without_agent(command, &conf, &pod, version, err.to_string(), stdout),
     }
 }
 
@@ -607,6 +599,12 @@ mod tests {
                 "chained plugin",
             ),
             (env("FROB"), conf(&dir, ""), 4, "unknown CNI_COMMAND"),
+            (
+                env("ADD"),
+                conf(&dir, r#","fail_mode":"sometimes""#),
+                6,
+                "cannot decode",
+            ),
             (
                 Env {
                     netns: String::new(),

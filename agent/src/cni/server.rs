@@ -231,3 +231,29 @@ async fn read_request(stream: &UnixStream) -> io::Result<(Vec<u8>, Vec<std::os::
         body.extend_from_slice(&buf[..n]);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bad_socket_paths_are_refused_by_name_and_stale_sockets_replaced() {
+        let dir = std::env::temp_dir().join(format!("meshlet-cni-bind-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let long = dir.join("x".repeat(120)).join("cni.sock");
+        let err = format!("{:#}", bind(&long).unwrap_err());
+        assert!(err.contains("too long"), "{err}");
+        let file = dir.join("not-a-socket");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(&file, "").unwrap();
+        let err = format!("{:#}", bind(&file).unwrap_err());
+        assert!(err.contains("is not a socket"), "{err}");
+        let socket = dir.join("sub").join("cni.sock");
+        drop(bind(&socket).unwrap());
+        let _again = bind(&socket).expect("a stale socket is replaced");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&socket), 0o600);
+        assert_eq!(mode(socket.parent().unwrap()), 0o700);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
