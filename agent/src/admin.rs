@@ -98,19 +98,53 @@ pub async fn serve<S: Clone + Send + Sync + 'static>(
     }
 }
 
+/// How an endpoint of the agent answers a request.
+pub type Router = fn(&State, &Request<hyper::body::Incoming>) -> Response<Full<Bytes>>;
+
 /// Binds `addr` and serves `router` there.
-pub async fn start<S: Clone + Send + Sync + 'static>(
+pub fn start<S: Clone + Send + Sync + 'static>(
     name: &'static str,
     addr: SocketAddr,
     state: S,
     router: fn(&S, &Request<hyper::body::Incoming>) -> Response<Full<Bytes>>,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    let listener = TcpListener::bind(addr).await.map_err(|err| {
+    start_on(name, bind(name, addr)?, state, router)
+}
+
+/// Listens on `addr` for the endpoint `name`, with `SO_REUSEPORT`: an agent that starts while
+/// another still holds the port (a rollout's surge pod that could not take the listeners over)
+/// binds beside it instead of failing.
+pub fn bind(name: &'static str, addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let bound = (|| {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        Ok(std::net::TcpListener::from(socket))
+    })();
+    bound.map_err(|err: std::io::Error| {
         std::io::Error::new(
             err.kind(),
             format!("bind the {name} endpoint on {addr}: {err}"),
         )
-    })?;
+    })
+}
+
+/// Serves the endpoint `name` on `listener` (bound here, or handed over by the agent this one
+/// succeeds) in a task of its own.
+pub fn start_on<S: Clone + Send + Sync + 'static>(
+    name: &'static str,
+    listener: std::net::TcpListener,
+    state: S,
+    router: fn(&S, &Request<hyper::body::Incoming>) -> Response<Full<Bytes>>,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    listener.set_nonblocking(true)?;
+    let listener = TcpListener::from_std(listener)?;
     let bound = listener.local_addr()?;
     info!(endpoint = name, addr = %bound, "serving");
     Ok(tokio::spawn(serve(listener, state, router)))

@@ -3,6 +3,8 @@
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
+use tokio::time::Instant;
+
 use anyhow::Context as _;
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -10,6 +12,8 @@ use tracing::{info, warn};
 use crate::{
     admin,
     capture::{self, Capture},
+    drain::{self, Ending, Signals},
+    handoff::{self, Endpoint},
     identity::{self, Ca, Issuer, SystemClock},
     inpod::{Annotator, InPod},
     proxy::Proxy,
@@ -73,11 +77,20 @@ pub struct Config {
     pub limits: crate::proxy::Limits,
     /// The CNI plugin's socket and installation.
     pub cni: CniConfig,
+    /// How long the agent serves its connections after SIGTERM (the pod's grace period minus
+    /// a margin): then they are cut ([`crate::drain`]).
+    pub drain_deadline: std::time::Duration,
+    /// Where this agent hands its sockets to a successor, and finds its predecessor
+    /// ([`crate::handoff`]).
+    pub handoff_socket: PathBuf,
 }
 
-/// Runs the agent until a termination signal.
+/// Runs the agent until a termination signal, or until a successor has taken its listeners
+/// over and a signal comes; then drains ([`crate::drain`]).
 pub async fn run(config: Config) -> anyhow::Result<()> {
     info!(config = %serde_json::to_string(&config)?, version = env!("CARGO_PKG_VERSION"), "starting meshlet agent");
+    let started = Instant::now();
+    let mut signals = Signals::install()?;
     let open_files = match crate::sys::raise_open_files_limit() {
         Ok(limit) => limit,
         Err(err) => {
@@ -93,9 +106,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         per_node = budgets.per_node,
         "connection budgets"
     );
+    let state_dir = &config.identity.state_dir;
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("create the state directory {}", state_dir.display()))?;
+    let predecessor = handoff::find(&config.handoff_socket)?;
     // The CNI socket before anything slow: a plugin that finds it answered is held, not
-    // refused, while the agent starts.
-    let cni_listener = crate::cni::server::bind(&config.cni.socket)?;
+    // refused, while the agent starts. A running predecessor answers on it until it hands it
+    // over.
+    let cni_listener = match &predecessor {
+        Some(predecessor) => {
+            info!(
+                predecessor = predecessor.pid(),
+                "an agent runs with this state directory: preparing to take its listeners over"
+            );
+            None
+        }
+        None => Some(crate::cni::server::bind(&config.cni.socket)?),
+    };
     let capture = Capture::install(config.capture.clone())?;
 
     let issuer = match (&config.identity.remote, &config.identity.ca) {
@@ -111,7 +138,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             Issuer::Local(Arc::new(Ca::from_pem(&read(cert)?, &read(key)?)?))
         }
         (None, None) => Issuer::Local(Arc::new(Ca::load_or_generate(
-            &config.identity.state_dir,
+            state_dir,
             &config.identity.trust_domain,
         )?)),
     };
@@ -159,6 +186,31 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     };
 
+    // A successor is ready to serve before it asks: synced, its pods' certificates issued.
+    let (mut inherited, taken) = match predecessor {
+        Some(predecessor) => {
+            prepare_to_succeed(&proxy, &sync, &config.node_name).await;
+            match predecessor.take(config.node_name.clone()).await {
+                Ok((sockets, taken)) => (sockets, Some(taken)),
+                Err(err) => {
+                    warn!(err = %format!("{err:#}"), "cannot take the listeners over; starting afresh beside the running agent");
+                    (handoff::Sockets::default(), None)
+                }
+            }
+        }
+        None => (handoff::Sockets::default(), None),
+    };
+    let cni_listener = match (inherited.take_node(Endpoint::Cni), cni_listener) {
+        (Some(fd), _) => {
+            let listener = std::os::unix::net::UnixListener::from(fd);
+            listener.set_nonblocking(true)?;
+            tokio::net::UnixListener::from_std(listener)?
+        }
+        (None, Some(listener)) => listener,
+        (None, None) => crate::cni::server::bind(&config.cni.socket)?,
+    };
+
+    let cni_fd = std::os::fd::AsFd::as_fd(&cni_listener).try_clone_to_owned()?;
     let (cni_events, events) = tokio::sync::mpsc::channel(1024);
     let cni_chained = config
         .cni
@@ -202,30 +254,43 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         cni_chained,
     };
     let enrollment_generation = state.enrollment_generation.clone();
-    let servers = [
-        admin::start(
+    let mut node_listeners = vec![(Endpoint::Cni, cni_fd)];
+    let mut servers = Vec::new();
+    for (endpoint, name, addr, router) in [
+        (
+            Endpoint::Metrics,
             "metrics",
             config.endpoints.metrics,
-            state.clone(),
-            admin::metrics,
-        )
-        .await?,
-        admin::start(
+            admin::metrics as admin::Router,
+        ),
+        (
+            Endpoint::Readiness,
             "readiness",
             config.endpoints.readiness,
-            state.clone(),
             admin::readiness,
-        )
-        .await?,
-        admin::start("admin", config.endpoints.admin, state, admin::admin).await?,
-    ];
+        ),
+        (
+            Endpoint::Admin,
+            "admin",
+            config.endpoints.admin,
+            admin::admin,
+        ),
+    ] {
+        let listener = match inherited.take_node(endpoint) {
+            Some(fd) => std::net::TcpListener::from(fd),
+            None => admin::bind(name, addr)?,
+        };
+        node_listeners.push((endpoint, listener.try_clone()?.into()));
+        servers.push(admin::start_on(name, listener, state.clone(), router)?);
+    }
 
     let (shutdown_tx, shutdown) = watch::channel(false);
     let netns_annotation = matches!(config.source, SourceConfig::File(_));
+    let (handoffs_tx, handoffs) = tokio::sync::mpsc::channel(1);
     let inpod = tokio::spawn(
         InPod::new(
             config.node_name.clone(),
-            proxy,
+            proxy.clone(),
             sync,
             capture,
             annotator,
@@ -233,9 +298,26 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         )
         .with_states(captures)
         .with_cni_timeout(config.cni.timeout)
-        .run(shutdown, enrollment_generation, events),
+        .inherit(inherited)
+        .run(shutdown, enrollment_generation, events, handoffs),
     );
-    shutdown_signal().await?;
+    if let Some(taken) = taken {
+        taken.accepting()?;
+    }
+    let successor = tokio::spawn(handoff::serve(
+        config.node_name.clone(),
+        handoff::bind(&config.handoff_socket)?,
+        node_listeners,
+        handoffs_tx,
+    ));
+    info!(took = ?started.elapsed(), "agent serving");
+
+    let (ending, deadline) = drain::until_stopped(
+        &mut signals,
+        async { successor.await.unwrap_or_default() },
+        config.drain_deadline,
+    )
+    .await;
     let _ = shutdown_tx.send(true);
     source_task.abort();
     renewals.abort();
@@ -244,9 +326,76 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     for task in servers.into_iter().chain(cni_tasks) {
         task.abort();
     }
-    inpod.await.context("in-pod reconciler")?;
-    info!("stopped; capture stays attached through its pins (`meshlet uninstall` removes it)");
+    let stopped = inpod.await.context("in-pod reconciler")?;
+    proxy.drain.stop();
+    let deadline = match (ending, deadline) {
+        (_, Some(deadline)) => deadline,
+        (Ending::HandedOver(successor), None) => {
+            info!(
+                successor,
+                connections = proxy.drain.live(),
+                "handed over; serving the connections this agent owns until a signal says stop"
+            );
+            signals.next().await;
+            Instant::now() + config.drain_deadline
+        }
+        (Ending::Signalled, None) => Instant::now(),
+    };
+    let drained = proxy.drain.run_out(deadline).await;
+    info!(
+        connections = drained.live_at_start,
+        cut = drained.cut,
+        took = ?drained.took,
+        handed_over = stopped == crate::inpod::Stopped::HandedOver,
+        "stopped; capture stays attached through its pins (`meshlet uninstall` removes it)"
+    );
     Ok(())
+}
+
+/// Before a successor asks for the listeners: waits for the source's first sync, then for the
+/// certificates of the pods it will serve, so its first connections find everything ready.
+/// Each wait is bounded: a successor that cannot prepare still takes over (the predecessor may
+/// be going away).
+async fn prepare_to_succeed(proxy: &Arc<Proxy>, sync: &SyncState, node: &str) {
+    const PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
+    let deadline = Instant::now() + PATIENCE;
+    let mut synced = sync.subscribe();
+    if tokio::time::timeout_at(deadline, synced.wait_for(|s| *s))
+        .await
+        .is_err()
+    {
+        warn!("the source has not synced; taking over anyway");
+        return;
+    }
+    let mut certificates = proxy.identities.subscribe();
+    loop {
+        let mut missing = 0;
+        for pod in proxy.store.pods() {
+            let namespace = proxy.store.namespace(&pod.key.namespace);
+            if crate::workload::enrollment::decide(&pod, namespace.as_deref(), node)
+                != crate::workload::enrollment::Decision::Enroll
+            {
+                continue;
+            }
+            match proxy
+                .identity_of(&pod)
+                .map(|id| proxy.identities.ensure(&id))
+            {
+                Ok(Ok(true)) => {}
+                _ => missing += 1,
+            }
+        }
+        if missing == 0 {
+            return;
+        }
+        if tokio::time::timeout_at(deadline, certificates.changed())
+            .await
+            .is_err()
+        {
+            warn!(missing, "certificates still missing; taking over anyway");
+            return;
+        }
+    }
 }
 
 /// Follows the store: recompiles policies when they change (saying what each cannot enforce
@@ -276,16 +425,4 @@ async fn follow_policies(proxy: Arc<Proxy>, cache: Arc<crate::policy::Cache>) {
         // Let a burst of changes (a resync) settle.
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-}
-
-/// Waits for SIGTERM or SIGINT.
-pub(crate) async fn shutdown_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM received"),
-        _ = int.recv() => info!("SIGINT received"),
-    }
-    Ok(())
 }

@@ -22,13 +22,13 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
+    os::fd::OwnedFd,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use meshlet_common::{INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use serde::Serialize;
 use tokio::{
     sync::{mpsc, oneshot, watch},
@@ -42,7 +42,8 @@ use crate::{
         protocol::{Command, Reply, Request},
         server::Event,
     },
-    proxy::{PodContext, Proxy, inbound, outbound, passthrough},
+    handoff,
+    proxy::{PodContext, Proxy, Role},
     source::SyncState,
     sys::{Netns, socket},
     workload::{
@@ -83,10 +84,18 @@ impl NetnsSource {
             Self::Process(_) => Via::Process,
         }
     }
+
+    fn new(via: Via, path: PathBuf) -> Self {
+        match via {
+            Via::Cni => Self::Cni(path),
+            Via::Annotation => Self::Annotation(path),
+            Via::Process => Self::Process(path),
+        }
+    }
 }
 
 /// How an enrolled pod's namespace was found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Via {
     /// `meshlet-cni`, before the pod's containers started.
@@ -136,6 +145,15 @@ impl CaptureStates {
     }
 }
 
+/// How the reconciler stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// Told to: its pods' listeners are closed (capture stays pinned).
+    Shutdown,
+    /// A successor took its pods' listeners and accepts on them.
+    HandedOver,
+}
+
 /// A pod sandbox `meshlet-cni` announced.
 #[derive(Debug)]
 struct Sandbox {
@@ -168,7 +186,11 @@ struct Enrolled {
     ips: Vec<IpAddr>,
     source: NetnsSource,
     inode: u64,
+    netns: Arc<Netns>,
+    /// The tasks accepting on its listeners.
     listeners: Vec<JoinHandle<()>>,
+    /// The listening sockets themselves (for a successor).
+    sockets: Vec<(SocketAddr, Role, OwnedFd)>,
 }
 
 impl Drop for Enrolled {
@@ -283,13 +305,16 @@ impl InPod {
         mut shutdown: watch::Receiver<bool>,
         reconciled: Arc<std::sync::atomic::AtomicU64>,
         mut events: mpsc::Receiver<Event>,
-    ) {
+        mut handoffs: mpsc::Receiver<handoff::Request>,
+    ) -> Stopped {
         let mut synced = self.sync.subscribe();
         let mut changes = self.store.subscribe();
         let mut certificates = self.proxy.identities.subscribe();
         let mut tick = tokio::time::interval(TICK);
         let mut ready = false;
         let mut first = true;
+        let mut stopped = Stopped::Shutdown;
+        let mut successor = None;
         loop {
             if !ready && *synced.borrow_and_update() {
                 ready = true;
@@ -318,7 +343,14 @@ impl InPod {
                     }
                 }
                 _ = tick.tick() => {}
+                Some(request) = handoffs.recv() => successor = Some(request),
                 _ = shutdown.wait_for(|s| *s) => break,
+            }
+            if let Some(request) = successor.take()
+                && self.hand_over(request).await
+            {
+                stopped = Stopped::HandedOver;
+                break;
             }
         }
         for add in self.pending.drain(..) {
@@ -326,13 +358,39 @@ impl InPod {
                 message: "the agent is shutting down".into(),
             });
         }
-        for enrolled in self.enrolled.values() {
-            let _ = self.capture.set_ready(enrolled.cookie, false);
+        match stopped {
+            Stopped::HandedOver => info!(
+                pods = self.enrolled.len(),
+                "in-pod listeners handed over; the successor accepts on them"
+            ),
+            Stopped::Shutdown => {
+                for enrolled in self.enrolled.values() {
+                    let _ = self.capture.set_ready(enrolled.cookie, false);
+                }
+                info!(
+                    pods = self.enrolled.len(),
+                    "in-pod listeners closed; capture stays pinned"
+                );
+            }
         }
-        info!(
-            pods = self.enrolled.len(),
-            "in-pod listeners closed; capture stays pinned"
-        );
+        stopped
+    }
+
+    /// Exports what this reconciler owns for a successor and waits, frozen, for the outcome:
+    /// true when the successor accepts on it all (this reconciler stops), false when it failed
+    /// (this one carries on).
+    async fn hand_over(&mut self, request: handoff::Request) -> bool {
+        let exported = match self.export() {
+            Ok(exported) => exported,
+            Err(err) => {
+                warn!(%err, "cannot export the in-pod listeners for the successor");
+                return false;
+            }
+        };
+        if request.export.send(exported).is_err() {
+            return false;
+        }
+        request.outcome.await.unwrap_or(false)
     }
 
     /// Takes one request of the CNI plugin: ADDs wait for a pass, DEL and CHECK are answered
@@ -646,6 +704,7 @@ impl InPod {
                     .0
                     .and_then(|s| Netns::open(s.path()).ok()?.cookie().ok())
             })
+            .chain(self.enrolled.values().map(|enrolled| enrolled.cookie))
             .collect();
         for (cookie, _) in existing {
             if !wanted.contains(&cookie) {
@@ -868,78 +927,28 @@ impl InPod {
         ));
 
         // Listeners first: in fail-closed mode, capture before them would refuse connections.
-        #[derive(Clone, Copy, PartialEq, Eq)]
-        enum Role {
-            Outbound,
-            InboundPlaintext,
-            InboundHbone,
-        }
-        let mut listeners = Vec::new();
-        let mut inbound = Vec::new();
-        let wanted = [
-            (
-                SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT)),
-                Role::Outbound,
-            ),
-            (
-                SocketAddr::from((Ipv6Addr::LOCALHOST, OUTBOUND_PORT)),
-                Role::Outbound,
-            ),
-            (
-                SocketAddr::from((Ipv4Addr::UNSPECIFIED, INBOUND_PLAINTEXT_PORT)),
-                Role::InboundPlaintext,
-            ),
-            (
-                SocketAddr::from((Ipv6Addr::UNSPECIFIED, INBOUND_PLAINTEXT_PORT)),
-                Role::InboundPlaintext,
-            ),
-            (
-                SocketAddr::from((Ipv4Addr::UNSPECIFIED, INBOUND_HBONE_PORT)),
-                Role::InboundHbone,
-            ),
-            (
-                SocketAddr::from((Ipv6Addr::UNSPECIFIED, INBOUND_HBONE_PORT)),
-                Role::InboundHbone,
-            ),
-        ];
-        for (addr, role) in wanted {
-            let listener = match socket::listen_in(&netns, addr) {
-                Ok(listener) => listener,
+        let mut opened = Vec::new();
+        for (addr, role) in Role::listeners() {
+            match socket::listen_in(&netns, addr) {
+                Ok(listener) => opened.push((addr, role, listener)),
                 // A pod without IPv6 (disabled in its namespace) has no [::1] or [::].
                 Err(err) if addr.is_ipv6() && !pod.ips.iter().any(IpAddr::is_ipv6) => {
                     tracing::debug!(pod = %pod.key, %addr, %err, "no IPv6 listener");
-                    continue;
                 }
                 Err(err) => {
                     return Err(err).with_context(|| {
                         format!("listen on {addr} in {}", source.path().display())
                     });
                 }
-            };
-            if role == Role::InboundPlaintext {
-                inbound.push((addr, listener.try_clone()?));
             }
-            let listener = tokio::net::TcpListener::from_std(listener)?;
-            let (proxy, context) = (self.proxy.clone(), context.clone());
-            listeners.push(match role {
-                Role::Outbound => tokio::spawn(outbound::serve(listener, proxy, context)),
-                Role::InboundPlaintext => {
-                    tokio::spawn(passthrough::serve_inbound(listener, proxy, context))
-                }
-                Role::InboundHbone => tokio::spawn(async move {
-                    if let Err(err) = inbound::serve(listener, proxy, context).await {
-                        warn!(%err, "cannot serve HBONE");
-                    }
-                }),
-            });
         }
+        let (listeners, sockets) = self.serve(&context, opened)?;
 
         let cookie = self.capture.enroll(&netns, &pod.ips)?;
         for ip in &pod.ips {
-            if let Some((_, listener)) = inbound
-                .iter()
-                .find(|(addr, _)| addr.is_ipv6() == ip.is_ipv6())
-            {
+            if let Some((_, _, listener)) = sockets.iter().find(|(addr, role, _)| {
+                *role == Role::InboundPlaintext && addr.is_ipv6() == ip.is_ipv6()
+            }) {
                 self.capture.set_inbound_listener(*ip, listener)?;
             }
         }
@@ -951,7 +960,151 @@ impl InPod {
             ips: pod.ips.clone(),
             source,
             inode,
+            netns,
             listeners,
+            sockets,
+        })
+    }
+
+    /// Accepts on a pod's listening sockets, each in a task of its own; returns the tasks and
+    /// the sockets (kept for a successor).
+    #[allow(clippy::type_complexity)]
+    fn serve(
+        &self,
+        context: &Arc<PodContext>,
+        opened: Vec<(SocketAddr, Role, std::net::TcpListener)>,
+    ) -> std::io::Result<(Vec<JoinHandle<()>>, Vec<(SocketAddr, Role, OwnedFd)>)> {
+        let mut tasks = Vec::new();
+        let mut sockets = Vec::new();
+        for (addr, role, listener) in opened {
+            sockets.push((addr, role, OwnedFd::from(listener.try_clone()?)));
+            listener.set_nonblocking(true)?;
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            tasks.push(role.serve(listener, self.proxy.clone(), context.clone()));
+        }
+        Ok((tasks, sockets))
+    }
+
+    /// What this reconciler owns, for a successor: every enrolled pod with its namespace and
+    /// listening sockets, the CNI sandboxes, the released namespaces (descriptors duplicated:
+    /// this agent keeps accepting until the successor does).
+    fn export(&self) -> std::io::Result<handoff::Sockets> {
+        let mut exported = handoff::Sockets::default();
+        for enrolled in self.enrolled.values() {
+            let mut listeners = Vec::new();
+            let mut addresses = Vec::new();
+            for (addr, role, fd) in &enrolled.sockets {
+                listeners.push(std::net::TcpListener::from(fd.try_clone()?));
+                addresses.push((*addr, *role));
+            }
+            exported.pods.push(handoff::InheritedPod {
+                state: handoff::PodState {
+                    uid: enrolled.uid.clone(),
+                    namespace: enrolled.key.namespace.clone(),
+                    name: enrolled.key.name.clone(),
+                    cookie: enrolled.cookie,
+                    inode: enrolled.inode,
+                    via: enrolled.source.via(),
+                    path: enrolled.source.path().to_owned(),
+                    ips: enrolled.ips.clone(),
+                    listeners: addresses,
+                },
+                netns: enrolled.netns.try_clone()?,
+                listeners,
+            });
+        }
+        for (uid, sandbox) in &self.sandboxes {
+            exported.sandboxes.push((
+                handoff::SandboxState {
+                    uid: uid.clone(),
+                    container_id: sandbox.container_id.clone(),
+                    inode: sandbox.inode,
+                    ips: sandbox.ips.clone(),
+                    path: sandbox.netns.path().to_owned(),
+                },
+                sandbox.netns.try_clone()?,
+            ));
+        }
+        exported.released = self.released.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        Ok(exported)
+    }
+
+    /// Takes over what a predecessor handed over: its pods are served on their listeners at
+    /// once (capture already points at those very sockets), its CNI sandboxes and released
+    /// namespaces are remembered. Pods this agent's store does not know (any more) are
+    /// dropped; the first pass reconciles the rest as usual.
+    pub fn inherit(mut self, sockets: handoff::Sockets) -> Self {
+        for (state, netns) in sockets.sandboxes {
+            self.sandboxes.insert(
+                state.uid,
+                Sandbox {
+                    container_id: state.container_id,
+                    netns,
+                    inode: state.inode,
+                    ips: state.ips,
+                },
+            );
+        }
+        self.released.extend(sockets.released);
+        for inherited in sockets.pods {
+            let state = &inherited.state;
+            let key = ObjectKey::new(&state.namespace, &state.name);
+            match self.adopt(inherited) {
+                Ok(enrolled) => {
+                    info!(pod = %enrolled.key, cookie = enrolled.cookie, "pod taken over from the predecessor");
+                    if let Some(annotate) = &self.annotator {
+                        annotate(enrolled.key.clone(), true);
+                    }
+                    self.enrolled.insert(enrolled.uid.clone(), enrolled);
+                }
+                Err(err) => {
+                    warn!(pod = %key, err = %format!("{err:#}"), "not taking over the predecessor's pod");
+                }
+            }
+        }
+        self
+    }
+
+    fn adopt(&self, inherited: handoff::InheritedPod) -> anyhow::Result<Enrolled> {
+        let handoff::InheritedPod {
+            state,
+            netns,
+            listeners,
+        } = inherited;
+        let key = ObjectKey::new(&state.namespace, &state.name);
+        let pod = self
+            .store
+            .pod(&key)
+            .filter(|pod| pod.uid == state.uid)
+            .ok_or_else(|| anyhow::anyhow!("the pod is not known to this agent"))?;
+        let netns = Arc::new(netns);
+        let identity = self.proxy.identity_of(&pod)?;
+        // Usually issued already (the successor asks for the certificates of its pods before
+        // it takes over); if not, handshakes wait for it.
+        self.proxy.identities.ensure(&identity)?;
+        let context = Arc::new(PodContext::new(
+            &pod,
+            netns.clone(),
+            identity,
+            self.proxy.budgets.per_pod,
+        ));
+        let opened = state
+            .listeners
+            .iter()
+            .zip(listeners)
+            .map(|(&(addr, role), listener)| (addr, role, listener))
+            .collect();
+        let (listeners, sockets) = self.serve(&context, opened)?;
+        Ok(Enrolled {
+            key,
+            uid: state.uid,
+            cookie: state.cookie,
+            ips: state.ips,
+            source: NetnsSource::new(state.via, state.path),
+            inode: state.inode,
+            netns,
+            listeners,
+            sockets,
         })
     }
 

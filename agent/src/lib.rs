@@ -9,6 +9,8 @@ pub mod ca;
 pub mod capture;
 pub mod cli;
 pub mod cni;
+pub mod drain;
+pub mod handoff;
 pub mod identity;
 pub mod inpod;
 pub mod metrics;

@@ -332,6 +332,31 @@ impl Pod {
         process::connect_with(self.command(process::testpod_binary()), to, payload, flags)
     }
 
+    /// Starts `count` connections from the pod to `to`, `rate` per second, in the background.
+    pub fn load(&self, to: SocketAddr, rate: u32, count: usize) -> process::Load {
+        process::Load::start(self.testpod(&[
+            "load",
+            "--to",
+            &to.to_string(),
+            "--rate",
+            &rate.to_string(),
+            "--count",
+            &count.to_string(),
+        ]))
+    }
+
+    /// Opens a long-lived connection from the pod to `to` and echoes once over it; the second
+    /// exchange happens on [`process::Held::release`].
+    pub fn hold(&self, to: SocketAddr) -> process::Held {
+        static HOLDS: AtomicU32 = AtomicU32::new(0);
+        let release = std::env::temp_dir().join(format!(
+            "meshlet-hold-{}-{}",
+            std::process::id(),
+            HOLDS.fetch_add(1, Ordering::Relaxed)
+        ));
+        process::Held::start(self.testpod(&["hold", "--to", &to.to_string()]), release)
+    }
+
     fn testpod(&self, args: &[&str]) -> Command {
         let mut command = self.command(process::testpod_binary());
         command.args(args);
@@ -677,6 +702,12 @@ impl Cluster {
             .join("cni.sock")
     }
 
+    /// Node `index`'s handoff socket (`--handoff-socket`: the nodes share a state directory,
+    /// each has its own agent lineage).
+    pub fn handoff_socket(&self, index: usize) -> PathBuf {
+        self.cni_socket(index).with_file_name("handoff.sock")
+    }
+
     /// The `meshlet agent` flags that point node `index`'s agent at its cgroup root, bpffs
     /// directory, CNI socket and the cluster's CA.
     pub fn agent_flags(&self, index: usize) -> Vec<String> {
@@ -685,6 +716,8 @@ impl Cluster {
             self.cni_socket(index).display().to_string(),
             "--state-dir".into(),
             self.state_dir().display().to_string(),
+            "--handoff-socket".into(),
+            self.handoff_socket(index).display().to_string(),
             "--node-name".into(),
             self.nodes[index].name.clone(),
             "--cgroup-root".into(),
@@ -695,7 +728,7 @@ impl Cluster {
     }
 
     /// Starts `meshlet agent` on node `index` with the cluster's flags plus `extra`, logging to
-    /// a file; stopped (SIGTERM) on drop.
+    /// a file; stopped (SIGINT) on drop.
     pub fn start_agent(&self, index: usize, extra: &[&str]) -> process::Agent {
         self.start_agent_in_node(index, extra, &[])
     }

@@ -181,7 +181,7 @@ pub fn connect(mut command: Command) -> ConnectReport {
         .unwrap_or_else(|err| panic!("testpod connect printed {stdout:?}: {err}"))
 }
 
-/// A running `meshlet agent`, its log in a file; stopped with SIGTERM on drop. If the test is
+/// A running `meshlet agent`, its log in a file; stopped with SIGINT on drop. If the test is
 /// failing, the log's tail goes to stderr so the failure can be read.
 #[derive(Debug)]
 pub struct Agent {
@@ -265,11 +265,22 @@ impl Agent {
             .unwrap_or_else(|err| panic!("endpoint address {addr:?}: {err}"))
     }
 
-    /// Stops the agent with SIGTERM (SIGKILL after 5 s) and returns how it exited.
+    /// Stops the agent with SIGINT (which, unlike Kubernetes' SIGTERM, does not wait for a
+    /// successor; SIGKILL after 5 s) and returns how it exited.
     pub fn stop(&mut self) -> std::process::ExitStatus {
+        self.signal(libc::SIGINT);
+        self.wait_exit(Duration::from_secs(5))
+    }
+
+    /// Sends `signal` to the agent.
+    pub fn signal(&self, signal: libc::c_int) {
         // SAFETY: kill(2) on our own child's pid; no memory is involved.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+    }
+
+    /// Waits for the agent to exit, killing it after `timeout`; returns how it exited.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + timeout;
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return status;
@@ -280,6 +291,11 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Whether the agent has exited.
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
     }
 }
 
@@ -442,5 +458,91 @@ impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// `meshlet-testpod load` running in a pod: connections at a steady rate.
+#[derive(Debug)]
+pub struct Load {
+    child: Child,
+}
+
+/// How the connections of a [`Load`] ended, by outcome (`ok`, `refused`, `reset`, ...).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct LoadReport {
+    /// Connections by outcome.
+    #[serde(flatten)]
+    pub outcomes: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+impl LoadReport {
+    /// Connections that ended with `outcome`.
+    pub fn count(&self, outcome: &str) -> u64 {
+        self.outcomes
+            .get(outcome)
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0)
+    }
+}
+
+impl Load {
+    /// Starts `command` (a `meshlet-testpod load ...` placed in its pod).
+    pub fn start(mut command: Command) -> Self {
+        let child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|err| panic!("spawn {command:?}: {err}"));
+        Self { child }
+    }
+
+    /// Waits for the load to end and returns its report.
+    pub fn finish(mut self) -> LoadReport {
+        let mut out = String::new();
+        io::Read::read_to_string(self.child.stdout.as_mut().expect("piped stdout"), &mut out)
+            .expect("read the load report");
+        let _ = self.child.wait();
+        serde_json::from_str(out.trim())
+            .unwrap_or_else(|err| panic!("testpod load printed {out:?}: {err}"))
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `meshlet-testpod hold` running in a pod: one connection, open and echoed once.
+#[derive(Debug)]
+pub struct Held {
+    process: Process,
+    release: PathBuf,
+}
+
+impl Held {
+    /// Starts `command` (a `meshlet-testpod hold --to ...` placed in its pod, without
+    /// `--until`), released by creating `release`; returns once the first exchange is done.
+    pub fn start(mut command: Command, release: PathBuf) -> Self {
+        let _ = std::fs::remove_file(&release);
+        command.arg("--until").arg(&release);
+        Self {
+            process: Process::spawn_ready(command),
+            release,
+        }
+    }
+
+    /// Lets the connection make its second exchange; returns its report.
+    pub fn release(mut self) -> ConnectReport {
+        File::create(&self.release).expect("create the release file");
+        let line = self.process.next_line().expect("hold printed no report");
+        serde_json::from_str(&line).unwrap_or_else(|err| panic!("hold printed {line:?}: {err}"))
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.release);
     }
 }

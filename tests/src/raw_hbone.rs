@@ -171,6 +171,119 @@ impl RawHbone {
     }
 }
 
+/// A CONNECT tunnel held open, with every byte the server sent on its connection kept (to read
+/// its HTTP/2 frames: [`frame_types`]).
+#[derive(Debug)]
+pub struct HeldTunnel {
+    /// The tunnel's bytes.
+    pub io: TokioIo<hyper::upgrade::Upgraded>,
+    /// What the server sent on the connection, decrypted.
+    pub received: Arc<std::sync::Mutex<Vec<u8>>>,
+    /// Ends when the connection does.
+    pub connection: tokio::task::JoinHandle<Result<(), hyper::Error>>,
+}
+
+impl RawHbone {
+    /// CONNECTs to `authority` over a new connection to `peer` and holds the tunnel; panics
+    /// unless the server answers 200.
+    pub async fn tunnel(
+        &self,
+        peer: SocketAddr,
+        config: Arc<rustls::ClientConfig>,
+        authority: &str,
+    ) -> HeldTunnel {
+        let tls = self.tls(peer, config).await.expect("TLS");
+        let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let tap = Tap {
+            inner: tls,
+            received: received.clone(),
+        };
+        let (mut sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tap))
+                .await
+                .expect("h2");
+        let connection = tokio::spawn(connection);
+        let response = sender
+            .send_request(
+                Request::builder()
+                    .method(Method::CONNECT)
+                    .uri(authority)
+                    .body(Empty::<Bytes>::new())
+                    .unwrap(),
+            )
+            .await
+            .expect("response");
+        assert_eq!(response.status(), StatusCode::OK, "CONNECT {authority}");
+        let upgraded = hyper::upgrade::on(response).await.expect("upgrade");
+        HeldTunnel {
+            io: TokioIo::new(upgraded),
+            received,
+            connection,
+        }
+    }
+}
+
+/// The types of the HTTP/2 frames in `bytes`, what a server sent from the start of a
+/// connection (`0x7` is GOAWAY).
+pub fn frame_types(bytes: &[u8]) -> Vec<u8> {
+    let mut types = Vec::new();
+    let mut at = 0;
+    while bytes.len() >= at + 9 {
+        let length = (usize::from(bytes[at]) << 16)
+            | (usize::from(bytes[at + 1]) << 8)
+            | usize::from(bytes[at + 2]);
+        types.push(bytes[at + 3]);
+        at += 9 + length;
+    }
+    types
+}
+
+/// A stream that keeps a copy of everything read through it.
+struct Tap<T> {
+    inner: T,
+    received: Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Tap<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Ok(())) = polled {
+            let new = buf.filled()[before..].to_vec();
+            self.received.lock().unwrap().extend_from_slice(&new);
+        }
+        polled
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Tap<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// Classifies an error by its cause chain: a TLS alert, a reset, a close.
 pub fn refusal(err: &(dyn std::error::Error + 'static)) -> Refusal {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err);

@@ -104,7 +104,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         pods: pods.clone(),
     };
-    let endpoint = crate::admin::start("metrics", config.metrics_addr, state, endpoints).await?;
+    let endpoint = crate::admin::start("metrics", config.metrics_addr, state, endpoints)?;
 
     let serving = Arc::new(server::ServingCert::new(
         root.ca.clone(),
@@ -128,7 +128,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         metrics,
     };
     let grpc = tokio::spawn(server::serve(listener, tls, signer));
-    crate::agent::shutdown_signal().await?;
+    crate::drain::Signals::install()?.next().await;
     grpc.abort();
     follow.abort();
     endpoint.abort();

@@ -157,6 +157,16 @@ pub struct AgentArgs {
     /// The node's CNI conf directory, as mounted in the agent.
     #[arg(long, env = "MESHLET_CNI_CONF_DIR", default_value = DEFAULT_CNI_CONF_DIR)]
     pub cni_conf_dir: PathBuf,
+    /// How long the agent keeps serving after SIGTERM: until a successor takes its listeners
+    /// over, then the connections it owns until they end. At the deadline HBONE connections
+    /// get a GOAWAY and the rest are closed. Set it to the pod's grace period minus 5 s.
+    #[arg(long, env = "MESHLET_DRAIN_DEADLINE", default_value = "25s", value_parser = parse_duration)]
+    pub drain_deadline: Duration,
+    /// The unix socket a new agent takes this one's listeners from [default:
+    /// <state-dir>/handoff.sock]. Each agent of a node must use the same; agents of different
+    /// nodes sharing a state directory (simulated nodes) each need their own.
+    #[arg(long, env = "MESHLET_HANDOFF_SOCKET")]
+    pub handoff_socket: Option<PathBuf>,
     /// How long a connect to an upstream (application, passthrough destination, peer's 15008)
     /// may take, e.g. `10s`, `500ms`.
     #[arg(long, env = "MESHLET_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
@@ -435,6 +445,9 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
     let socket = args
         .cni_socket
         .unwrap_or_else(|| identity.state_dir.join("cni.sock"));
+    let handoff_socket = args
+        .handoff_socket
+        .unwrap_or_else(|| crate::handoff::default_path(&identity.state_dir));
     let cni = agent::CniConfig {
         install: args
             .cni_install
@@ -456,6 +469,8 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
         capture,
         limits,
         cni,
+        drain_deadline: args.drain_deadline,
+        handoff_socket,
     };
     runtime()?.block_on(agent::run(config))
 }

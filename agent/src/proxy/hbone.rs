@@ -174,6 +174,10 @@ impl Pool {
     /// Opens a CONNECT stream to `authority` through the pod at `key.destination_ip`, reusing a
     /// pooled connection with room, or dialing one from `netns` (the source pod's namespace)
     /// with `tls` (the source's certificate, expecting `key.destination`).
+    ///
+    /// A pooled connection whose peer is going away (it sent GOAWAY: the agent there hands
+    /// over to its successor) refuses new streams without processing them; such a stream is
+    /// opened again on a new connection, once, and the old connection leaves the pool.
     pub async fn connect<F, Fut>(
         &self,
         key: &PoolKey,
@@ -186,50 +190,45 @@ impl Pool {
         Fut: Future<Output = Result<(TcpStream, Arc<rustls::ClientConfig>), Error>>,
     {
         let peer = SocketAddr::new(key.destination_ip, INBOUND_HBONE_PORT);
-        let (mut sender, streams) = match self.checkout(key) {
-            Some(found) => found,
-            None => {
-                let (tcp, tls) = dial(peer).await?;
-                let sender = handshake(peer, tcp, tls).await?;
-                let streams = Arc::new(AtomicUsize::new(1));
-                let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
-                connections.entry(key.clone()).or_default().push(Pooled {
-                    sender: sender.clone(),
-                    streams: streams.clone(),
-                    last_used: Instant::now(),
-                });
-                (sender, streams)
-            }
-        };
-        let slot = Slot(streams);
-        sender
-            .ready()
-            .await
-            .map_err(|source| Error::Http { peer, source })?;
-        let request = Request::builder()
-            .method(Method::CONNECT)
-            .uri(authority.to_string())
-            .header(http::header::FORWARDED, format!("for=\"{forwarded_for}\""))
-            .body(Empty::new())
-            .expect("a CONNECT request from valid parts");
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|source| Error::Http { peer, source })?;
-        if response.status() != StatusCode::OK {
-            return Err(Error::Refused {
+        if let Some((sender, streams)) = self.checkout(key) {
+            match open_stream(
+                sender,
+                Slot(streams.clone()),
                 peer,
                 authority,
-                status: response.status(),
-            });
-        }
-        let upgraded = hyper::upgrade::on(response)
+                forwarded_for,
+            )
             .await
-            .map_err(|source| Error::Http { peer, source })?;
-        Ok(Tunnel {
-            io: TokioIo::new(upgraded),
-            _slot: slot,
-        })
+            {
+                Err(Error::Http { source, .. }) if never_processed(&source) => {
+                    debug!(%peer, %source, "pooled HBONE connection going away; dialling anew");
+                    self.forget(key, &streams);
+                }
+                done => return done,
+            }
+        }
+        let (tcp, tls) = dial(peer).await?;
+        let sender = handshake(peer, tcp, tls).await?;
+        let streams = Arc::new(AtomicUsize::new(1));
+        self.connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .push(Pooled {
+                sender: sender.clone(),
+                streams: streams.clone(),
+                last_used: Instant::now(),
+            });
+        open_stream(sender, Slot(streams), peer, authority, forwarded_for).await
+    }
+
+    /// Drops the pooled connection of `key` counted by `streams` from the pool.
+    fn forget(&self, key: &PoolKey, streams: &Arc<AtomicUsize>) {
+        let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(pooled) = connections.get_mut(key) {
+            pooled.retain(|p| !Arc::ptr_eq(&p.streams, streams));
+        }
     }
 
     /// A live pooled connection for `key` with room for one more stream (taking it).
@@ -275,6 +274,61 @@ impl Pool {
             self.reap(Instant::now());
         }
     }
+}
+
+/// Sends a CONNECT to `authority` on `sender` and waits for the tunnel; `slot` is the stream's
+/// place in its connection.
+async fn open_stream(
+    mut sender: SendRequest<Empty<Bytes>>,
+    slot: Slot,
+    peer: SocketAddr,
+    authority: SocketAddr,
+    forwarded_for: SocketAddr,
+) -> Result<Tunnel, Error> {
+    sender
+        .ready()
+        .await
+        .map_err(|source| Error::Http { peer, source })?;
+    let request = Request::builder()
+        .method(Method::CONNECT)
+        .uri(authority.to_string())
+        .header(http::header::FORWARDED, format!("for=\"{forwarded_for}\""))
+        .body(Empty::new())
+        .expect("a CONNECT request from valid parts");
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|source| Error::Http { peer, source })?;
+    if response.status() != StatusCode::OK {
+        return Err(Error::Refused {
+            peer,
+            authority,
+            status: response.status(),
+        });
+    }
+    let upgraded = hyper::upgrade::on(response)
+        .await
+        .map_err(|source| Error::Http { peer, source })?;
+    Ok(Tunnel {
+        io: TokioIo::new(upgraded),
+        _slot: slot,
+    })
+}
+
+/// Whether a request failed before the server processed it: the connection was closing
+/// (GOAWAY received) or the server refused the stream. Such a request is safe to send again.
+fn never_processed(err: &hyper::Error) -> bool {
+    if err.is_canceled() || err.is_closed() {
+        return true;
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
+    while let Some(cause) = source {
+        if let Some(h2) = cause.downcast_ref::<h2::Error>() {
+            return h2.is_go_away() || h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        source = cause.source();
+    }
+    false
 }
 
 async fn handshake(
@@ -421,6 +475,8 @@ pub struct Server<A> {
     pub admit: A,
     /// Counts the limits reached.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// When the agent stops, each connection is told to go away (GOAWAY).
+    pub drain: crate::drain::Drain,
 }
 
 impl<A> std::fmt::Debug for Server<A> {
@@ -434,7 +490,7 @@ impl<A> std::fmt::Debug for Server<A> {
 /// Serves one accepted 15008 connection: TLS (waiting for a handshake slot of the listener,
 /// all within [`HANDSHAKE_TIMEOUT`]), then HTTP/2 within [`Limits`]; for each well-formed
 /// CONNECT, `admit` decides and opens the upstream. Streams admitted carry on after the
-/// listener closes.
+/// listener closes; when the agent drains, the peer is told to go away (GOAWAY).
 pub async fn serve_connection<A, Fut>(server: Arc<Server<A>>, tcp: TcpStream, peer: SocketAddr)
 where
     A: Fn(Connect) -> Fut + Clone + Send + Sync + 'static,
@@ -486,7 +542,7 @@ where
         async move { Ok::<_, std::convert::Infallible>(handle(request, identity, peer, admit).await) }
     });
     let limits = server.limits;
-    let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+    let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
@@ -495,8 +551,19 @@ where
         .max_header_list_size(limits.max_header_list_size)
         .max_pending_accept_reset_streams(limits.max_pending_accept_reset_streams)
         .keep_alive_interval(KEEPALIVE_INTERVAL)
-        .serve_connection(TokioIo::new(stream), service)
-        .await;
+        .serve_connection(TokioIo::new(stream), service);
+    let mut connection = std::pin::pin!(connection);
+    let served = tokio::select! {
+        served = connection.as_mut() => served,
+        () = server.drain.stopping() => {
+            // The agent stops: GOAWAY, so the peer opens new streams elsewhere (on the
+            // successor); the ones it has carry on until they end or the drain deadline cuts
+            // them.
+            debug!(%peer, "draining: HBONE connection told to go away");
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
     if let Err(err) = served {
         // A peer that broke the protocol or a limit (a header list too large, too many
         // resets, a malformed frame) is told with GOAWAY and counted.

@@ -66,6 +66,7 @@ pub async fn serve(
         limits: proxy.limits.hbone,
         admit,
         metrics: proxy.metrics.clone(),
+        drain: proxy.drain.clone(),
     });
     super::accept_loop(listener, proxy, pod, move |tcp, peer, permit| {
         let server = server.clone();

@@ -162,6 +162,8 @@ pub struct Proxy {
     node_budget: Arc<Semaphore>,
     /// The policies in force (kept up to date by the agent; the proxy only reads them).
     pub policy_cache: Arc<policy::Cache>,
+    /// Every carried connection, counted until it ends (and cut at the drain deadline).
+    pub drain: crate::drain::Drain,
     round_robin: AtomicUsize,
 }
 
@@ -193,6 +195,7 @@ impl Proxy {
             node_budget: Arc::new(Semaphore::new(budgets.per_node)),
             pool: Arc::new(hbone::Pool::new()),
             connections: connections::Registry::new(),
+            drain: crate::drain::Drain::new(),
             round_robin: AtomicUsize::new(0),
         }
     }
@@ -411,8 +414,9 @@ pub fn reset(stream: TcpStream) {
 
 /// The one accept loop of every listener of every pod: accepts until the task is dropped and
 /// hands each connection, with its slot in the pod's connection budget, to `carry` in a task of
-/// its own, which outlives the listener (dropping the listener stops new connections only). A
-/// connection over the pod's budget is reset at once and counted.
+/// its own, which outlives the listener (dropping the listener stops new connections only) and
+/// is tracked by the agent's [`crate::drain::Drain`] until it ends. A connection over the pod's
+/// budget is reset at once and counted.
 pub async fn accept_loop<F, Fut>(
     listener: tokio::net::TcpListener,
     proxy: Arc<Proxy>,
@@ -432,13 +436,73 @@ pub async fn accept_loop<F, Fut>(
                     continue;
                 };
                 proxy.tune(&stream);
-                tokio::spawn(carry(stream, peer, permit));
+                tokio::spawn(proxy.drain.track(carry(stream, peer, permit)));
             }
             Err(err) => {
                 // Out of descriptors and the like: back off rather than spin.
                 tracing::warn!(pod = %pod.key, port, %err, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
+        }
+    }
+}
+
+/// What an in-pod listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// 15001: the pod's outbound connections ([`outbound`]).
+    Outbound,
+    /// 15006: inbound plaintext ([`passthrough`]).
+    InboundPlaintext,
+    /// 15008: inbound HBONE ([`inbound`]).
+    InboundHbone,
+}
+
+impl Role {
+    /// Every in-pod listener: where it listens, and what it serves (the IPv6 twins are skipped
+    /// in a pod without IPv6).
+    pub fn listeners() -> [(SocketAddr, Role); 6] {
+        use std::net::{Ipv4Addr, Ipv6Addr};
+        [
+            ((Ipv4Addr::LOCALHOST, OUTBOUND_PORT).into(), Self::Outbound),
+            ((Ipv6Addr::LOCALHOST, OUTBOUND_PORT).into(), Self::Outbound),
+            (
+                (Ipv4Addr::UNSPECIFIED, INBOUND_PLAINTEXT_PORT).into(),
+                Self::InboundPlaintext,
+            ),
+            (
+                (Ipv6Addr::UNSPECIFIED, INBOUND_PLAINTEXT_PORT).into(),
+                Self::InboundPlaintext,
+            ),
+            (
+                (Ipv4Addr::UNSPECIFIED, INBOUND_HBONE_PORT).into(),
+                Self::InboundHbone,
+            ),
+            (
+                (Ipv6Addr::UNSPECIFIED, INBOUND_HBONE_PORT).into(),
+                Self::InboundHbone,
+            ),
+        ]
+    }
+
+    /// Serves `listener` of `pod` in a task of its own, until the task is aborted.
+    pub fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        proxy: Arc<Proxy>,
+        pod: Arc<PodContext>,
+    ) -> tokio::task::JoinHandle<()> {
+        match self {
+            Self::Outbound => tokio::spawn(outbound::serve(listener, proxy, pod)),
+            Self::InboundPlaintext => {
+                tokio::spawn(passthrough::serve_inbound(listener, proxy, pod))
+            }
+            Self::InboundHbone => tokio::spawn(async move {
+                if let Err(err) = inbound::serve(listener, proxy, pod).await {
+                    tracing::warn!(%err, "cannot serve HBONE");
+                }
+            }),
         }
     }
 }

@@ -40,15 +40,79 @@ pub fn send(stream: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Res
 /// attached to it, owned (close-on-exec). `Ok((0, _))` is end of stream. Descriptors past
 /// [`MAX_FDS`] are closed.
 pub fn recv(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    let (bytes, fds, _) = recv_with(fd, buf, MsgFlags::MSG_DONTWAIT)?;
+    Ok((bytes, fds))
+}
+
+/// Reads one whole message of a `SOCK_SEQPACKET` socket (blocking, within the socket's receive
+/// timeout) with its descriptors. A message longer than `buf`, or with more than [`MAX_FDS`]
+/// descriptors, is an error: nothing of it is kept. `Ok((0, _))` is end of stream.
+pub fn recv_message(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    let (bytes, fds, flags) = recv_with(fd, buf, MsgFlags::empty())?;
+    if flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "message truncated (more than {} bytes or {MAX_FDS} descriptors)",
+                buf.len()
+            ),
+        ));
+    }
+    Ok((bytes, fds))
+}
+
+/// Sends `data` as one message of a `SOCK_SEQPACKET` socket, with `fds` attached.
+pub fn send_message(fd: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    let control = [ControlMessage::ScmRights(&raw)];
+    let control: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &control };
+    loop {
+        match sendmsg::<()>(
+            fd.as_raw_fd(),
+            &[IoSlice::new(data)],
+            control,
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        ) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(err) => return Err(err.into()),
+            Ok(sent) if sent == data.len() => return Ok(()),
+            Ok(sent) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    format!("sent {sent} of a {}-byte message", data.len()),
+                ));
+            }
+        }
+    }
+}
+
+/// Accepts a connection on the listening socket `fd`, close-on-exec.
+pub fn accept(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let raw = nix::sys::socket::accept4(fd.as_raw_fd(), nix::sys::socket::SockFlag::SOCK_CLOEXEC)
+        .map_err(io::Error::from)?;
+    // SAFETY: accept4 just installed `raw` in this process; nothing else refers to it.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+fn recv_with(
+    fd: BorrowedFd<'_>,
+    buf: &mut [u8],
+    flags: MsgFlags,
+) -> io::Result<(usize, Vec<OwnedFd>, MsgFlags)> {
     let mut control = nix::cmsg_space!([RawFd; MAX_FDS]);
     let mut iov = [IoSliceMut::new(buf)];
-    let message = recvmsg::<()>(
-        fd.as_raw_fd(),
-        &mut iov,
-        Some(&mut control),
-        MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
-    )
-    .map_err(io::Error::from)?;
+    let message = loop {
+        match recvmsg::<()>(
+            fd.as_raw_fd(),
+            &mut iov,
+            Some(&mut control),
+            MsgFlags::MSG_CMSG_CLOEXEC | flags,
+        ) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            other => break other.map_err(io::Error::from)?,
+        }
+    };
     let mut fds = Vec::new();
     for control in message.cmsgs().map_err(io::Error::from)? {
         if let ControlMessageOwned::ScmRights(received) = control {
@@ -60,7 +124,7 @@ pub fn recv(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedF
         }
     }
     fds.truncate(MAX_FDS);
-    Ok((message.bytes, fds))
+    Ok((message.bytes, fds, message.flags))
 }
 
 #[cfg(test)]

@@ -92,6 +92,28 @@ enum Mode {
         #[arg(long)]
         count: usize,
     },
+    /// Opens `count` connections to `to`, `rate` per second, each in a thread of its own
+    /// (connect, echo 16 bytes, close); prints how each ended, counted by outcome:
+    /// `{"ok":N,"refused":..,"reset":..,"closed":..,"timeout":..,"error":..,"first_error":..}`.
+    Load {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        rate: u32,
+        #[arg(long)]
+        count: usize,
+    },
+    /// A long-lived connection: connects to `to`, echoes `send` bytes, says `ready`, waits
+    /// until the file `until` exists, echoes `send` bytes again and prints its report
+    /// (`echoed` counts both exchanges).
+    Hold {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 5)]
+        send: usize,
+        #[arg(long)]
+        until: std::path::PathBuf,
+    },
     /// Times `count` connects (connect, then close) to `to`; prints the latencies in
     /// nanoseconds as one JSON array.
     ConnectBench {
@@ -207,6 +229,75 @@ fn main() -> anyhow::Result<()> {
                 drop(stream);
             }
             println!("{}", serde_json::to_string(&latencies)?);
+            Ok(())
+        }
+        Mode::Load { to, rate, count } => {
+            let interval = Duration::from_secs(1) / rate.max(1);
+            let start = std::time::Instant::now();
+            let mut threads = Vec::with_capacity(count);
+            for n in 0..count {
+                let at = start + interval * u32::try_from(n).unwrap_or(u32::MAX);
+                std::thread::sleep(at.saturating_duration_since(std::time::Instant::now()));
+                threads.push(std::thread::spawn(move || {
+                    connect(to, 16, false, Duration::from_secs(5), Duration::ZERO)
+                }));
+            }
+            let mut counts = std::collections::BTreeMap::<String, usize>::new();
+            let mut first_error = None;
+            for thread in threads {
+                let report = thread.join().expect("connection thread");
+                let outcome = match report.outcome {
+                    None => "ok".to_owned(),
+                    Some(outcome) => serde_json::to_value(outcome)?
+                        .as_str()
+                        .unwrap_or("error")
+                        .to_owned(),
+                };
+                if first_error.is_none() {
+                    first_error = report.error;
+                }
+                *counts.entry(outcome).or_default() += 1;
+            }
+            let mut report = serde_json::to_value(&counts)?;
+            report["first_error"] = serde_json::json!(first_error);
+            println!("{report}");
+            Ok(())
+        }
+        Mode::Hold { to, send, until } => {
+            let mut report = ConnectReport {
+                local: None,
+                peer: None,
+                echoed: 0,
+                error: None,
+                outcome: None,
+            };
+            let held = (|| {
+                let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
+                report.local = stream.local_addr().ok();
+                report.peer = stream.peer_addr().ok();
+                let payload = vec![b'h'; send];
+                let mut back = vec![0u8; send];
+                stream.write_all(&payload)?;
+                stream.read_exact(&mut back)?;
+                report.echoed += send;
+                println!("ready");
+                while !until.exists() {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                stream.write_all(&payload)?;
+                stream.read_exact(&mut back)?;
+                report.echoed += send;
+                stream.shutdown(Shutdown::Write)?;
+                std::io::Result::Ok(())
+            })();
+            if let Err(err) = held {
+                if report.echoed == 0 {
+                    println!("ready");
+                }
+                report.outcome = Some(outcome_of(&err));
+                report.error = Some(err.to_string());
+            }
+            println!("{}", serde_json::to_string(&report)?);
             Ok(())
         }
         Mode::Connect {
@@ -379,18 +470,28 @@ fn connect(
     use meshlet_tests::process::Outcome;
     match exchange(to, send, mark, timeout, delay, &mut report) {
         Err(err) => {
-            report.outcome = Some(match err.kind() {
-                std::io::ErrorKind::ConnectionReset => Outcome::Reset,
-                std::io::ErrorKind::ConnectionRefused => Outcome::Refused,
-                std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => Outcome::Timeout,
-                _ => Outcome::Error,
-            });
+            report.outcome = Some(outcome_of(&err));
             report.error = Some(err.to_string());
         }
         Ok(()) if report.echoed < send => report.outcome = Some(Outcome::Closed),
         Ok(()) => {}
     }
     report
+}
+
+/// How a connection failed, from its error. A reset that arrives while the client shuts its
+/// side down shows as "not connected".
+fn outcome_of(err: &std::io::Error) -> meshlet_tests::process::Outcome {
+    use meshlet_tests::process::Outcome;
+    match err.kind() {
+        std::io::ErrorKind::ConnectionReset
+        | std::io::ErrorKind::NotConnected
+        | std::io::ErrorKind::BrokenPipe => Outcome::Reset,
+        std::io::ErrorKind::ConnectionRefused => Outcome::Refused,
+        std::io::ErrorKind::UnexpectedEof => Outcome::Closed,
+        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => Outcome::Timeout,
+        _ => Outcome::Error,
+    }
 }
 
 fn exchange(
@@ -420,7 +521,7 @@ fn exchange(
             .iter()
             .copied()
             .cycle()
-            .take(64 * 1024 * meshlet_tests::PLAINTEXT_MARKER.len())
+            .take((64 * 1024).min(send + 1) * meshlet_tests::PLAINTEXT_MARKER.len())
             .collect();
         let mut left = send;
         let mut offset = 0;

@@ -1,0 +1,320 @@
+//! The one way the agent stops: draining the connections it carries.
+//!
+//! Every connection the proxy accepts runs inside [`Drain::track`], which counts it while it
+//! lives. When the agent stops (a successor took its listeners over, or a signal came without
+//! one), its listeners close first; then [`Drain::run_out`] tells every HBONE connection to go
+//! away (HTTP/2 GOAWAY: its peer opens new streams on the successor, the open ones carry on)
+//! and waits for the connections it still owns to end on their own, until the drain deadline
+//! (`--drain-deadline`, the pod's grace period minus 5 s). At the deadline plus [`CUT_GRACE`]
+//! the rest are cut: their sockets closed (a FIN for plaintext, after the GOAWAY for HBONE).
+
+use std::{
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::{sync::watch, time::Instant};
+use tracing::info;
+
+/// How long a connection told to go away at the deadline (HTTP/2 GOAWAY) has to finish before
+/// it is dropped.
+pub const CUT_GRACE: Duration = Duration::from_secs(1);
+
+/// The live connections of one agent, and the deadline that cuts them.
+#[derive(Debug, Clone)]
+pub struct Drain {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// Connections being carried.
+    live: AtomicUsize,
+    /// Bumped when a connection ends (waiters re-read `live`).
+    ended: watch::Sender<u64>,
+    /// Turns true when the agent stops accepting.
+    stopping: watch::Sender<bool>,
+    /// Turns true at the deadline.
+    deadline: watch::Sender<bool>,
+    /// Connections cut at the deadline.
+    cut: AtomicUsize,
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What draining did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    /// Connections live when draining started.
+    pub live_at_start: usize,
+    /// Connections still live at the deadline, cut.
+    pub cut: usize,
+    /// How long draining took.
+    pub took: Duration,
+}
+
+impl Drain {
+    /// No connections, no deadline.
+    pub fn new() -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                live: AtomicUsize::new(0),
+                ended: watch::Sender::new(0),
+                stopping: watch::Sender::new(false),
+                deadline: watch::Sender::new(false),
+                cut: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    /// Carries `connection` while counting it live. At the deadline plus [`CUT_GRACE`] it is
+    /// dropped (closing its sockets); a connection that should say goodbye first (HTTP/2
+    /// GOAWAY) waits on [`Drain::stopping`] itself.
+    pub fn track<F>(&self, connection: F) -> impl Future<Output = ()> + Send + 'static
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let guard = Live::new(self.inner.clone());
+        async move {
+            let mut deadline = guard.inner.deadline.subscribe();
+            tokio::select! {
+                () = connection => {}
+                _ = async {
+                    let _ = deadline.wait_for(|reached| *reached).await;
+                    tokio::time::sleep(CUT_GRACE).await;
+                } => {
+                    guard.inner.cut.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            drop(guard);
+        }
+    }
+
+    /// Resolves when the agent stops accepting (at once if it has): an HTTP/2 server then
+    /// sends GOAWAY, so its peer opens new streams elsewhere (on the successor) while the ones
+    /// it has carry on.
+    pub fn stopping(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut stopping = self.inner.stopping.subscribe();
+        async move {
+            let _ = stopping.wait_for(|stopped| *stopped).await;
+        }
+    }
+
+    /// Connections live now.
+    pub fn live(&self) -> usize {
+        self.inner.live.load(Ordering::Acquire)
+    }
+
+    /// Stops: HBONE connections are told to go away (GOAWAY: no new streams here; the open
+    /// ones carry on). Call it once the listeners are closed (or handed over).
+    pub fn stop(&self) {
+        self.inner.stopping.send_replace(true);
+    }
+
+    /// Stops (if not yet), then waits for the live connections until `deadline`; the rest are
+    /// cut (closed) and waited for, at most [`CUT_GRACE`] longer.
+    pub async fn run_out(&self, deadline: Instant) -> Drained {
+        self.stop();
+        let start = Instant::now();
+        let live_at_start = self.live();
+        info!(
+            connections = live_at_start,
+            deadline_in = ?deadline.saturating_duration_since(start),
+            "draining: listeners closed, serving the connections this agent owns until they end"
+        );
+        let mut ended = self.inner.ended.subscribe();
+        let idle = async {
+            while self.live() > 0 {
+                if ended.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        if tokio::time::timeout_at(deadline, idle).await.is_err() {
+            self.inner.deadline.send_replace(true);
+            let gone = async {
+                while self.live() > 0 {
+                    if ended.changed().await.is_err() {
+                        return;
+                    }
+                }
+            };
+            // Past the grace every tracked connection has been dropped; a little more lets
+            // their tasks run.
+            let _ = tokio::time::timeout(CUT_GRACE * 2, gone).await;
+        }
+        Drained {
+            live_at_start,
+            cut: self.inner.cut.load(Ordering::Relaxed),
+            took: start.elapsed(),
+        }
+    }
+}
+
+/// Why the agent stops accepting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// A successor took the listeners over (its pid).
+    HandedOver(u32),
+    /// A signal, and no successor came before the deadline (or SIGINT, which does not wait).
+    Signalled,
+}
+
+/// The termination signals, installed once so none is missed.
+#[derive(Debug)]
+pub struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+/// Which signal came.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// SIGTERM: what Kubernetes sends a pod it deletes.
+    Term,
+    /// SIGINT: Ctrl-C.
+    Int,
+}
+
+impl Signals {
+    /// Installs the handlers.
+    pub fn install() -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("install the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("install the SIGINT handler")?,
+        })
+    }
+
+    /// The next signal.
+    pub async fn next(&mut self) -> Signal {
+        let signal = tokio::select! {
+            _ = self.term.recv() => Signal::Term,
+            _ = self.int.recv() => Signal::Int,
+        };
+        info!(?signal, "signal received");
+        signal
+    }
+}
+
+/// Waits until the agent must stop accepting, and says why and by when its connections must
+/// be gone:
+/// - a successor took the listeners over (`successor` resolved): stop accepting now; the
+///   deadline is counted from the signal that comes later (`None` until then);
+/// - SIGTERM: keep serving (a rollout's successor is on its way) until a successor takes
+///   over or `drain_for` has passed: the deadline;
+/// - SIGINT: stop accepting now, deadline `drain_for` from now.
+pub async fn until_stopped(
+    signals: &mut Signals,
+    successor: impl Future<Output = u32>,
+    drain_for: Duration,
+) -> (Ending, Option<Instant>) {
+    let mut successor = std::pin::pin!(successor);
+    let signal = tokio::select! {
+        pid = &mut successor => return (Ending::HandedOver(pid), None),
+        signal = signals.next() => signal,
+    };
+    let deadline = Instant::now() + drain_for;
+    if signal == Signal::Int {
+        return (Ending::Signalled, Some(deadline));
+    }
+    info!(
+        wait = ?drain_for,
+        "serving on until a successor takes the listeners over, or the drain deadline"
+    );
+    tokio::select! {
+        pid = successor => (Ending::HandedOver(pid), Some(deadline)),
+        () = tokio::time::sleep_until(deadline) => (Ending::Signalled, Some(deadline)),
+        _ = signals.next() => (Ending::Signalled, Some(deadline)),
+    }
+}
+
+/// One live connection's count, released on drop however its task ends.
+struct Live {
+    inner: Arc<Inner>,
+}
+
+impl Live {
+    fn new(inner: Arc<Inner>) -> Self {
+        inner.live.fetch_add(1, Ordering::AcqRel);
+        Self { inner }
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.inner.live.fetch_sub(1, Ordering::AcqRel);
+        self.inner.ended.send_modify(|n| *n = n.wrapping_add(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn connections_that_end_before_the_deadline_are_not_cut() {
+        let drain = Drain::new();
+        let (finish, finished) = tokio::sync::oneshot::channel::<()>();
+        let (started_tx, started) = tokio::sync::oneshot::channel();
+        tokio::spawn(drain.track(async move {
+            let _ = started_tx.send(());
+            let _ = finished.await;
+        }));
+        started.await.unwrap();
+        assert_eq!(drain.live(), 1);
+        let running = tokio::spawn({
+            let drain = drain.clone();
+            async move {
+                drain
+                    .run_out(Instant::now() + Duration::from_secs(600))
+                    .await
+            }
+        });
+        finish.send(()).unwrap();
+        let drained = running.await.unwrap();
+        assert_eq!(drained.live_at_start, 1);
+        assert_eq!(drained.cut, 0);
+        assert_eq!(drain.live(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_deadline_tells_connections_then_cuts_those_that_stay() {
+        let drain = Drain::new();
+        // One says goodbye when told (as an HBONE server sends GOAWAY); one ignores it.
+        let (told_tx, told) = tokio::sync::oneshot::channel();
+        let polite = drain.stopping();
+        tokio::spawn(drain.track(async move {
+            polite.await;
+            let _ = told_tx.send(Instant::now());
+        }));
+        let (kept, dropped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(drain.track(async move {
+            let _kept = kept;
+            std::future::pending::<()>().await;
+        }));
+        assert_eq!(drain.live(), 2);
+        let start = Instant::now();
+        let deadline = start + Duration::from_millis(50);
+        let drained = drain.run_out(deadline).await;
+        assert!(told.await.unwrap() >= start, "told when draining started");
+        assert!(
+            drained.took >= CUT_GRACE,
+            "cut only after the deadline's grace"
+        );
+        // The stubborn one's task was dropped, with what it held.
+        assert!(dropped.await.is_err());
+        assert_eq!(drained.live_at_start, 2);
+        assert_eq!(drained.cut, 1);
+        assert_eq!(drain.live(), 0);
+    }
+}

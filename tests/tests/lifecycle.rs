@@ -1,0 +1,194 @@
+//! Restarts and upgrades under load, with the real agent binary: a successor takes the
+//! listeners over and the old agent drains (no connection refused or reset, a long-lived
+//! connection finishes its exchange), and the drain deadline ends what outlives it (GOAWAY for
+//! HBONE, a clean close for plaintext).
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use meshlet_tests::{
+    mesh::FileMesh,
+    raw_hbone::{RawHbone, frame_types},
+};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+const SERVER: &str = "spiffe://cluster.local/ns/demo/sa/server";
+const CLIENT: &str = "spiffe://cluster.local/ns/demo/sa/client";
+/// HTTP/2 frame type GOAWAY.
+const GOAWAY: u8 = 0x7;
+
+fn source(mesh: &FileMesh) -> String {
+    format!("file:{}", mesh.file.display())
+}
+
+/// The value of `key=` in the agent's log line containing `needle`.
+fn logged(log: &str, needle: &str, key: &str) -> String {
+    let line = log
+        .lines()
+        .find(|line| line.contains(needle))
+        .unwrap_or_else(|| panic!("no {needle:?} in the log:\n{log}"));
+    line.split(&format!("{key}="))
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
+        .to_owned()
+}
+
+#[test]
+fn a_successor_takes_the_listeners_over_under_load_and_the_old_agent_drains() {
+    meshlet_tests::require_root();
+    let mut mesh = FileMesh::client_server(&[], vec![]);
+    let cluster = &mesh.cluster;
+    let server = cluster.pod("server");
+    let client = cluster.pod("client");
+    let _echo = server.echo_server(8080);
+    let to = server.addr(false, 8080);
+
+    // Through both agents: HBONE from node-0 to the server's node-1, whose agent is replaced.
+    let held = client.hold(to);
+    let load = client.load(to, 100, 800);
+    let successor = cluster.start_agent(1, &["--source", &source(&mesh)]);
+    successor.wait_for_log("handoff received", 1, Duration::from_secs(30));
+    successor.wait_for_log("agent serving", 1, Duration::from_secs(10));
+    let old = &mut mesh.agents[1];
+    old.wait_for_log("handed over to the successor", 1, Duration::from_secs(10));
+    assert_eq!(
+        logged(&successor.log(), "handoff received", "pods"),
+        "1",
+        "the server pod was handed over"
+    );
+    assert!(
+        successor
+            .log()
+            .contains("pod taken over from the predecessor"),
+        "{}",
+        successor.log()
+    );
+    assert!(
+        !successor.log().contains("enrolled netns"),
+        "the successor enrolled nothing itself: {}",
+        successor.log()
+    );
+
+    // SIGTERM: the old agent owns the long-lived connection and serves it on.
+    old.signal(libc::SIGTERM);
+    old.wait_for_log("draining: listeners closed", 1, Duration::from_secs(10));
+    assert!(!old.exited(), "the old agent left its connection behind");
+    let report = held.release();
+    assert_eq!(report.error, None, "{report:?}");
+    assert_eq!(
+        report.echoed, 10,
+        "both exchanges of the long-lived connection"
+    );
+    // With its last connection gone it exits, long before its 25 s deadline.
+    let status = old.wait_exit(Duration::from_secs(15));
+    assert!(status.success(), "old agent exited with {status}");
+    assert_eq!(logged(&old.log(), "stopped;", "cut"), "0", "{}", old.log());
+
+    let outcomes = load.finish();
+    assert_eq!(
+        outcomes.count("ok"),
+        800,
+        "every connection of the load was carried: {outcomes:?}"
+    );
+    // The successor serves on its own: new connections and the node endpoints.
+    client.connect(to, 1000).assert_echoed(1000);
+    assert!(
+        cluster.metric(
+            1,
+            "istio_tcp_connections_opened_total",
+            &[("reporter", "destination")]
+        ) >= 1.0,
+        "the successor serves the metrics endpoint"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drain_deadline_sends_goaway_on_hbone_and_closes_plaintext_cleanly() {
+    meshlet_tests::require_root();
+    let mut mesh = tokio::task::spawn_blocking(|| {
+        FileMesh::layout(
+            &[("client", 0), ("server", 1)],
+            &[("bystander", 0)],
+            vec![],
+            |_, node| {
+                if node == 1 {
+                    vec!["--drain-deadline".into(), "2s".into()]
+                } else {
+                    vec![]
+                }
+            },
+        )
+    })
+    .await
+    .unwrap();
+    let cluster = &mesh.cluster;
+    let server = cluster.pod("server");
+    let _echo = server.echo_server(8080);
+    let to = server.addr(false, 8080);
+
+    // A tunnel straight to node-1's 15008, and a plaintext connection steered to its 15006
+    // (the bystander is outside the mesh), each echoing once and then left open.
+    let raw = RawHbone::new(cluster, cluster.node(0).netns.open());
+    let mut tunnel = raw
+        .tunnel(
+            SocketAddr::new(server.ipv4.into(), 15008),
+            raw.config(CLIENT, SERVER),
+            &to.to_string(),
+        )
+        .await;
+    tunnel.io.write_all(b"ping").await.unwrap();
+    let mut echoed = [0u8; 4];
+    tunnel.io.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(&echoed, b"ping");
+    let mut plaintext = cluster
+        .pod("bystander")
+        .in_netns(|| TcpStream::connect_timeout(&to, Duration::from_secs(5)))
+        .unwrap();
+    plaintext.write_all(b"ping").unwrap();
+    plaintext.read_exact(&mut echoed).unwrap();
+
+    // SIGTERM without a successor: the agent keeps serving, new connections too, until the
+    // deadline.
+    let agent = &mut mesh.agents[1];
+    agent.signal(libc::SIGTERM);
+    agent.wait_for_log(
+        "serving on until a successor takes the listeners over",
+        1,
+        Duration::from_secs(10),
+    );
+    cluster.pod("bystander").connect(to, 100).assert_echoed(100);
+    assert!(
+        !frame_types(&tunnel.received.lock().unwrap()).contains(&GOAWAY),
+        "GOAWAY before the deadline"
+    );
+
+    // At the deadline: GOAWAY on the tunnel's connection, then the cut; the plaintext
+    // connection is closed with a FIN (read returns 0), not reset.
+    plaintext
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    let closed = plaintext.read(&mut byte);
+    assert!(
+        matches!(closed, Ok(0)),
+        "plaintext connection: want a clean close, got {closed:?}"
+    );
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(20), tunnel.io.read_to_end(&mut rest))
+        .await
+        .expect("the tunnel ended at the deadline");
+    let frames = frame_types(&tunnel.received.lock().unwrap());
+    assert!(
+        frames.contains(&GOAWAY),
+        "no GOAWAY before the tunnel ended ({ended:?}); frames {frames:?}"
+    );
+    let status = agent.wait_exit(Duration::from_secs(15));
+    assert!(status.success(), "agent exited with {status}");
+    let log = agent.log();
+    assert_eq!(logged(&log, "stopped;", "cut"), "2", "{log}");
+    assert_eq!(logged(&log, "stopped;", "handed_over"), "false", "{log}");
+}
