@@ -603,3 +603,207 @@ fn send_all(fd: BorrowedFd<'_>, sockets: &Sockets) -> anyhow::Result<()> {
         &[],
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+
+    use super::*;
+
+    fn pair() -> (OwnedFd, OwnedFd) {
+        socket::socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap()
+    }
+
+    fn own_netns() -> (Netns, u64, u64) {
+        let netns = Netns::current().unwrap();
+        let (cookie, inode) = (netns.cookie().unwrap(), netns.inode().unwrap());
+        (netns, cookie, inode)
+    }
+
+    fn pod_state(cookie: u64, inode: u64, listeners: Vec<(SocketAddr, Role)>) -> PodState {
+        PodState {
+            uid: "3f0c".into(),
+            namespace: "demo".into(),
+            name: "server".into(),
+            cookie,
+            inode,
+            via: Via::Cni,
+            path: "/var/run/netns/cni-3f0c".into(),
+            ips: vec!["10.244.1.11".parse().unwrap()],
+            listeners,
+        }
+    }
+
+    #[test]
+    fn a_handoff_arrives_whole_and_checked() {
+        let (a, b) = pair();
+        let (netns, cookie, inode) = own_netns();
+        let metrics = TcpListener::bind("127.0.0.1:0").unwrap();
+        let outbound = TcpListener::bind("127.0.0.1:0").unwrap();
+        let state = pod_state(
+            cookie,
+            inode,
+            vec![(outbound.local_addr().unwrap(), Role::Outbound)],
+        );
+        let sent = Sockets {
+            node: vec![(
+                Endpoint::Metrics,
+                OwnedFd::from(metrics.try_clone().unwrap()),
+            )],
+            pods: vec![InheritedPod {
+                state: state.clone(),
+                netns,
+                listeners: vec![outbound.try_clone().unwrap()],
+            }],
+            sandboxes: vec![],
+            released: vec![("9a1e".into(), 4026532000)],
+        };
+        send_all(a.as_fd(), &sent).unwrap();
+        let mut received = receive(b.as_fd(), cookie).unwrap();
+        assert_eq!(received.pods.len(), 1);
+        assert_eq!(received.pods[0].state, state);
+        assert_eq!(
+            received.pods[0].listeners[0].local_addr().unwrap(),
+            outbound.local_addr().unwrap(),
+            "the very socket"
+        );
+        let metrics_fd = received.take_node(Endpoint::Metrics).unwrap();
+        assert_eq!(
+            TcpListener::from(metrics_fd).local_addr().unwrap(),
+            metrics.local_addr().unwrap()
+        );
+        assert_eq!(received.released, vec![("9a1e".to_owned(), 4026532000)]);
+    }
+
+    /// Sends `messages` (each with its descriptors) and returns why `receive` refused them.
+    fn refusal(messages: Vec<(Message, Vec<OwnedFd>)>) -> String {
+        let (a, b) = pair();
+        let (_, cookie, _) = own_netns();
+        for (message, fds) in &messages {
+            let fds: Vec<_> = fds.iter().map(AsFd::as_fd).collect();
+            send(a.as_fd(), message, &fds).unwrap();
+        }
+        send(
+            a.as_fd(),
+            &Message::Done {
+                pid: 1,
+                released: vec![],
+            },
+            &[],
+        )
+        .unwrap();
+        match receive(b.as_fd(), cookie) {
+            Ok(sockets) => panic!("accepted {sockets:?}"),
+            Err(err) => format!("{err:#}"),
+        }
+    }
+
+    #[test]
+    fn descriptors_that_are_not_what_their_message_says_are_refused() {
+        let (_, cookie, inode) = own_netns();
+        let netns_fd = || OwnedFd::from(std::fs::File::open("/proc/self/ns/net").unwrap());
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let listening = || OwnedFd::from(listener.try_clone().unwrap());
+        let not_listening = || {
+            OwnedFd::from(
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap(),
+            )
+        };
+        let pod = |listeners| Message::Pod(pod_state(cookie, inode, listeners));
+        let cases: Vec<(&str, Vec<(Message, Vec<OwnedFd>)>)> = vec![
+            (
+                "not a network namespace",
+                vec![(
+                    pod(vec![]),
+                    vec![OwnedFd::from(
+                        std::fs::File::open("/proc/self/status").unwrap(),
+                    )],
+                )],
+            ),
+            (
+                "not the one named",
+                vec![(
+                    Message::Pod(pod_state(cookie, inode + 1, vec![])),
+                    vec![netns_fd()],
+                )],
+            ),
+            (
+                "not a listening socket",
+                vec![(
+                    pod(vec![(addr, Role::InboundHbone)]),
+                    vec![netns_fd(), not_listening()],
+                )],
+            ),
+            (
+                "is bound to",
+                vec![(
+                    pod(vec![(
+                        "127.0.0.1:15008".parse().unwrap(),
+                        Role::InboundHbone,
+                    )]),
+                    vec![netns_fd(), listening()],
+                )],
+            ),
+            (
+                "2 descriptors for 0 listeners",
+                vec![(pod(vec![]), vec![netns_fd(), listening()])],
+            ),
+            (
+                "not Unix",
+                vec![(
+                    Message::Node {
+                        endpoint: Endpoint::Cni,
+                    },
+                    vec![listening()],
+                )],
+            ),
+            (
+                "handed over twice",
+                vec![
+                    (
+                        Message::Node {
+                            endpoint: Endpoint::Admin,
+                        },
+                        vec![listening()],
+                    ),
+                    (
+                        Message::Node {
+                            endpoint: Endpoint::Admin,
+                        },
+                        vec![listening()],
+                    ),
+                ],
+            ),
+            (
+                "pod 3f0c twice",
+                vec![
+                    (pod(vec![]), vec![netns_fd()]),
+                    (pod(vec![]), vec![netns_fd()]),
+                ],
+            ),
+            ("unexpected message", vec![(Message::Accepting, vec![])]),
+        ];
+        for (want, messages) in cases {
+            let got = refusal(messages);
+            assert!(got.contains(want), "want {want:?}, got {got:?}");
+        }
+    }
+
+    #[test]
+    fn garbage_is_a_clear_error() {
+        let (a, b) = pair();
+        fdpass::send_message(a.as_fd(), b"{\"kind\":\"pod\",\"uid\":", &[]).unwrap();
+        let err = format!("{:#}", receive(b.as_fd(), 0).unwrap_err());
+        assert!(err.contains("malformed handoff message"), "{err}");
+        drop(a);
+        let err = format!("{:#}", receive(b.as_fd(), 0).unwrap_err());
+        assert!(err.contains("closed the handoff socket"), "{err}");
+    }
+}

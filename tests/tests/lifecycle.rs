@@ -192,3 +192,43 @@ async fn the_drain_deadline_sends_goaway_on_hbone_and_closes_plaintext_cleanly()
     assert_eq!(logged(&log, "stopped;", "cut"), "2", "{log}");
     assert_eq!(logged(&log, "stopped;", "handed_over"), "false", "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_successor_is_refused_and_the_running_agent_carries_on() {
+    meshlet_tests::require_root();
+    let mesh = tokio::task::spawn_blocking(|| FileMesh::client_server(&[], vec![]))
+        .await
+        .unwrap();
+    let cluster = &mesh.cluster;
+    let _echo = cluster.pod("server").echo_server(8080);
+    let to = cluster.pod("server").addr(false, 8080);
+    let socket = cluster.handoff_socket(1);
+
+    // Garbage instead of a request.
+    let garbage =
+        socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::SEQPACKET, None).unwrap();
+    garbage
+        .connect(&socket2::SockAddr::unix(&socket).unwrap())
+        .unwrap();
+    garbage.send(b"\x00\xffnot json").unwrap();
+    mesh.agents[1].wait_for_log("handoff failed; still serving", 1, Duration::from_secs(10));
+    drop(garbage);
+
+    // A well-formed request from an agent of another node.
+    let predecessor = meshlet::handoff::find(&socket)
+        .unwrap()
+        .expect("the running agent listens");
+    let err = predecessor
+        .take("node-0".into())
+        .await
+        .expect_err("another node's agent is refused");
+    assert!(
+        format!("{err:#}").contains("serves node node-1, not node-0"),
+        "{err:#}"
+    );
+    mesh.agents[1].wait_for_log("handoff failed; still serving", 2, Duration::from_secs(10));
+
+    // Nothing changed hands: node-1's agent serves as before.
+    tokio::task::block_in_place(|| cluster.pod("client").connect(to, 1000)).assert_echoed(1000);
+    assert!(!mesh.agents[1].log().contains("handed over"));
+}
