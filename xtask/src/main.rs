@@ -274,9 +274,12 @@ fn deploy_manifests() -> anyhow::Result<()> {
                 String::from_utf8_lossy(&validated.stderr)
             );
         }
-        let objects = check_ca_layout(kustomization, &String::from_utf8_lossy(&out.stdout))?;
+        let rendered = String::from_utf8_lossy(&out.stdout);
+        let objects = check_ca_layout(kustomization, &rendered)?;
+        check_rollout(kustomization, &rendered)?;
         println!(
-            "{kustomization}: {objects} objects valid against Kubernetes 1.32; the CA layout holds"
+            "{kustomization}: {objects} objects valid against Kubernetes 1.32; the CA layout and \
+             the rollout settings hold"
         );
     }
     Ok(())
@@ -438,6 +441,74 @@ fn check_ca_layout(kustomization: &str, rendered: &str) -> anyhow::Result<usize>
     Ok(objects.len())
 }
 
+/// What an agent rollout needs from the DaemonSet: the new agent starts beside the old one
+/// (`maxSurge: 1`, `maxUnavailable: 0`, and no host ports, which would keep the scheduler from
+/// placing it), the grace period is the drain deadline plus 5 s, and capture fails closed.
+fn check_rollout(kustomization: &str, rendered: &str) -> anyhow::Result<()> {
+    use serde::Deserialize as _;
+    let fail = |what: String| anyhow::anyhow!("{kustomization}: {what}");
+    let daemonset = serde_yaml::Deserializer::from_str(rendered)
+        .map(serde_json::Value::deserialize)
+        .filter_map(Result::ok)
+        .find(|o| o["kind"] == "DaemonSet" && o["metadata"]["name"] == "meshlet")
+        .ok_or_else(|| fail("no DaemonSet meshlet".into()))?;
+    let strategy = &daemonset["spec"]["updateStrategy"];
+    if strategy["type"] != "RollingUpdate"
+        || strategy["rollingUpdate"]["maxSurge"] != 1
+        || strategy["rollingUpdate"]["maxUnavailable"] != 0
+    {
+        return Err(fail(format!(
+            "the DaemonSet must roll with maxSurge 1 and maxUnavailable 0 (the new agent takes \
+             the listeners from the running one), not {strategy}"
+        )));
+    }
+    let pod = &daemonset["spec"]["template"]["spec"];
+    let containers = pod["containers"].as_array().cloned().unwrap_or_default();
+    let host_ports: Vec<String> = containers
+        .iter()
+        .flat_map(|c| c["ports"].as_array().cloned().unwrap_or_default())
+        .filter(|p| pod["hostNetwork"] == true || !p["hostPort"].is_null())
+        .map(|p| p.to_string())
+        .collect();
+    if !host_ports.is_empty() {
+        return Err(fail(format!(
+            "the DaemonSet declares host ports {host_ports:?}: the surge pod could not be \
+             scheduled beside the running one"
+        )));
+    }
+    let env = |name: &str| {
+        containers[0]["env"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["name"] == name)
+            .and_then(|e| e["value"].as_str().map(str::to_owned))
+    };
+    let deadline = env("MESHLET_DRAIN_DEADLINE")
+        .and_then(|d| d.strip_suffix('s')?.parse::<u64>().ok())
+        .ok_or_else(|| fail("MESHLET_DRAIN_DEADLINE must be set in seconds (25s)".into()))?;
+    let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap_or(30);
+    if grace != deadline + 5 {
+        return Err(fail(format!(
+            "terminationGracePeriodSeconds ({grace}) must be MESHLET_DRAIN_DEADLINE ({deadline}s) \
+             plus 5 s"
+        )));
+    }
+    if env("MESHLET_FAIL_MODE").is_some_and(|mode| mode != "closed") {
+        return Err(fail(
+            "the agents must fail closed: a rollout hands the listeners over, nothing needs to \
+             bypass the mesh"
+                .into(),
+        ));
+    }
+    if containers[0]["lifecycle"]["preStop"].is_object() {
+        return Err(fail(
+            "no preStop hook: it would only eat into the drain deadline".into(),
+        ));
+    }
+    Ok(())
+}
+
 fn demo(keep: bool) -> anyhow::Result<()> {
     setup::run()?;
     preflight::check().context("the demo cannot run on this machine")?;
@@ -511,5 +582,43 @@ mod tests {
         let no_cni = render("deploy/base").replace("path: /etc/cni/net.d", "path: /etc/cni");
         let err = check_ca_layout("deploy/base", &no_cni).unwrap_err();
         assert!(err.to_string().contains("meshlet-cni"), "{err}");
+    }
+
+    #[test]
+    fn the_daemonset_rolls_agent_beside_agent_and_fails_closed() {
+        for kustomization in ["deploy/base", "deploy/overlays/istio-ca"] {
+            check_rollout(kustomization, &render(kustomization)).unwrap();
+        }
+        let base = render("deploy/base");
+        let broken = [
+            (
+                base.replace("maxSurge: 1", "maxSurge: 0")
+                    .replace("maxUnavailable: 0", "maxUnavailable: 1"),
+                "maxSurge 1",
+            ),
+            (
+                base.replace(
+                    "        name: meshlet\n        readinessProbe:",
+                    "        name: meshlet\n        ports:\n        - containerPort: 15020\n        readinessProbe:",
+                ),
+                "host ports",
+            ),
+            (
+                base.replace("terminationGracePeriodSeconds: 30", "terminationGracePeriodSeconds: 60"),
+                "terminationGracePeriodSeconds (60)",
+            ),
+            (
+                base.replace(
+                    "        - name: MESHLET_DRAIN_DEADLINE\n          value: 25s\n",
+                    "        - name: MESHLET_DRAIN_DEADLINE\n          value: 25s\n        - name: MESHLET_FAIL_MODE\n          value: open\n",
+                ),
+                "fail closed",
+            ),
+        ];
+        for (rendered, want) in broken {
+            assert_ne!(rendered, base, "the test's edit for {want:?} applied");
+            let err = check_rollout("deploy/base", &rendered).unwrap_err();
+            assert!(err.to_string().contains(want), "want {want:?}: {err}");
+        }
     }
 }
