@@ -681,8 +681,11 @@ mod tests {
         assert_eq!(received.released, vec![("9a1e".to_owned(), 4026532000)]);
     }
 
-    /// Sends `messages` (each with its descriptors) and returns why `receive` refused them.
-    fn refusal(messages: Vec<(Message, Vec<OwnedFd>)>) -> String {
+    /// A message with its descriptors.
+    type Sent = (Message, Vec<OwnedFd>);
+
+    /// Sends `messages` and returns why `receive` refused them.
+    fn refusal(messages: Vec<Sent>) -> String {
         let (a, b) = pair();
         let (_, cookie, _) = own_netns();
         for (message, fds) in &messages {
@@ -717,7 +720,7 @@ mod tests {
             )
         };
         let pod = |listeners| Message::Pod(pod_state(cookie, inode, listeners));
-        let cases: Vec<(&str, Vec<(Message, Vec<OwnedFd>)>)> = vec![
+        let cases: Vec<(&str, Vec<Sent>)> = vec![
             (
                 "not a network namespace",
                 vec![(

@@ -76,9 +76,21 @@ const PROCEED: i32 = 1;
 const LOOPBACK4: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
 const LOOPBACK6: Ip = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
 
+/// The upgrade tests' variant build (`--features variant`): the same behaviour in other
+/// instructions, so that its programs' kernel tags differ from the real build's.
+#[inline(always)]
+fn variant_marker() {
+    #[cfg(feature = "variant")]
+    // SAFETY: bpf_ktime_get_ns takes no argument and changes nothing.
+    unsafe {
+        aya_ebpf::helpers::bpf_ktime_get_ns();
+    }
+}
+
 /// `cgroup/connect4`: redirects TCP connects of enrolled namespaces to 127.0.0.1:15001.
 #[cgroup_sock_addr(connect4)]
 pub fn meshlet_connect4(ctx: SockAddrContext) -> i32 {
+    variant_marker();
     let sa = ctx.sock_addr;
     // SAFETY: the kernel hands the program a valid `bpf_sock_addr` for its whole run, and
     // `user_ip4`/`user_port` are writable in connect4.
@@ -358,6 +370,7 @@ pub fn meshlet_getsockopt(ctx: SockoptContext) -> i32 {
 /// in `KUBELET_PROBES`, recorded by `probe_ops` in kubelet's cgroup).
 #[sk_lookup]
 pub fn meshlet_sk_lookup(ctx: SkLookupContext) -> u32 {
+    variant_marker();
     let l = ctx.lookup;
     // SAFETY: the kernel hands the program a valid `bpf_sk_lookup` for its whole run.
     let (protocol, family, port) = unsafe { ((*l).protocol, (*l).family, (*l).local_port) };

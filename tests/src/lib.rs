@@ -958,6 +958,93 @@ fn veth_pair(inside: &NetnsGuard, outside_name: &str, outside: &NetnsGuard) {
     ]);
 }
 
+/// What `bpftool` says of the link pinned at `pin`: its id, and the id and tag of the program
+/// it runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkInfo {
+    /// The link's id.
+    pub id: u64,
+    /// The id of the program it runs.
+    pub program_id: u64,
+    /// That program's tag (a hash of its instructions).
+    pub tag: String,
+}
+
+/// The inode of `path` (a cgroup's inode is its id: capture's pins are named by it).
+pub fn inode(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    fs::metadata(path)
+        .unwrap_or_else(|err| panic!("stat {}: {err}", path.display()))
+        .ino()
+}
+
+/// [`LinkInfo`] of the link pinned at `pin`, from `bpftool link show pinned` and `bpftool prog
+/// show id`.
+pub fn pinned_link(pin: &Path) -> LinkInfo {
+    let json = |args: &[&str]| -> serde_json::Value {
+        let out = Command::new("bpftool")
+            .arg("--json")
+            .args(args)
+            .output()
+            .expect("run bpftool");
+        assert!(
+            out.status.success(),
+            "bpftool {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("bpftool prints JSON")
+    };
+    let link = json(&[
+        "link",
+        "show",
+        "pinned",
+        pin.to_str().expect("utf-8 pin path"),
+    ]);
+    let program_id = link["prog_id"].as_u64().expect("prog_id");
+    let program = json(&["prog", "show", "id", &program_id.to_string()]);
+    LinkInfo {
+        id: link["id"].as_u64().expect("link id"),
+        program_id,
+        tag: program["tag"].as_str().expect("tag").to_owned(),
+    }
+}
+
+/// The eBPF object of the variant build (`meshlet-ebpf --features variant`: the same programs
+/// in other instructions), built once per test process into `target/ebpf-variant`: an agent
+/// started on it (`--ebpf-object`) and then replaced by the real build must upgrade its
+/// programs in place.
+pub fn variant_ebpf_object() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .expect("tests/ lives in the workspace");
+            let target = workspace.join("target/ebpf-variant");
+            let mut cargo = Command::new("rustup");
+            cargo
+                .current_dir(workspace.join("ebpf"))
+                .args(["run", "nightly", "cargo", "build", "--release", "--locked"])
+                .args(["--features", "variant", "--target-dir"])
+                .arg(&target);
+            for var in [
+                "RUSTUP_TOOLCHAIN",
+                "RUSTC",
+                "RUSTFLAGS",
+                "CARGO",
+                "CARGO_TARGET_DIR",
+            ] {
+                cargo.env_remove(var);
+            }
+            let status = cargo
+                .status()
+                .expect("run rustup (cargo xtask setup installs it)");
+            assert!(status.success(), "building the variant eBPF object failed");
+            target.join("bpfel-unknown-none/release/meshlet")
+        })
+        .clone()
+}
+
 /// The namespaces the agent with pins in `bpffs_dir` has enrolled, sorted (none before it has
 /// started).
 pub fn enrolled(bpffs_dir: &Path) -> Vec<u64> {

@@ -1,7 +1,8 @@
 //! Restarts and upgrades under load, with the real agent binary: a successor takes the
 //! listeners over and the old agent drains (no connection refused or reset, a long-lived
-//! connection finishes its exchange), and the drain deadline ends what outlives it (GOAWAY for
-//! HBONE, a clean close for plaintext).
+//! connection finishes its exchange); the drain deadline ends what outlives it (GOAWAY for
+//! HBONE, a clean close for plaintext); a successor built with other programs replaces them in
+//! place, on the same links.
 
 use std::{
     io::{Read as _, Write as _},
@@ -9,9 +10,12 @@ use std::{
     time::Duration,
 };
 
+use meshlet_common::programs;
 use meshlet_tests::{
     mesh::FileMesh,
+    pinned_link,
     raw_hbone::{RawHbone, frame_types},
+    variant_ebpf_object,
 };
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -231,4 +235,83 @@ async fn a_bad_successor_is_refused_and_the_running_agent_carries_on() {
     // Nothing changed hands: node-1's agent serves as before.
     tokio::task::block_in_place(|| cluster.pod("client").connect(to, 1000)).assert_echoed(1000);
     assert!(!mesh.agents[1].log().contains("handed over"));
+}
+
+#[test]
+fn an_upgrade_replaces_the_programs_in_place_on_the_same_links_under_load() {
+    meshlet_tests::require_root();
+    let variant = variant_ebpf_object();
+    // Node-0, the client's, runs the variant build: its connect4 and sk_lookup differ from the
+    // real build's, the other programs are the same.
+    let mut mesh = FileMesh::layout(&[("client", 0), ("server", 1)], &[], vec![], |_, node| {
+        if node == 0 {
+            vec!["--ebpf-object".into(), variant.display().to_string()]
+        } else {
+            vec![]
+        }
+    });
+    let cluster = &mesh.cluster;
+    let _echo = cluster.pod("server").echo_server(8080);
+    let to = cluster.pod("server").addr(false, 8080);
+    let client = cluster.pod("client");
+    let links = cluster.bpffs_dir(0).join("links").join(format!(
+        "cgroup-{}",
+        meshlet_tests::inode(&cluster.cgroup_root(0))
+    ));
+    let sk_lookup = cluster
+        .bpffs_dir(0)
+        .join("links")
+        .join(format!("netns-{}", client.netns_cookie()))
+        .join(programs::SK_LOOKUP);
+    let pins = [
+        links.join(programs::CONNECT4),
+        links.join(programs::CONNECT6),
+        links.join(programs::SOCK_OPS),
+        sk_lookup.clone(),
+    ];
+    let before: Vec<_> = pins.iter().map(|pin| pinned_link(pin)).collect();
+
+    // Every connect of the load goes through node-0's connect4 while it is replaced.
+    let load = client.load(to, 100, 600);
+    let successor = cluster.start_agent(0, &["--source", &source(&mesh)]);
+    successor.wait_for_log("agent serving", 1, Duration::from_secs(30));
+    assert_eq!(
+        successor.log().matches("program replaced in place").count(),
+        2,
+        "connect4 and sk_lookup: {}",
+        successor.log()
+    );
+    let after: Vec<_> = pins.iter().map(|pin| pinned_link(pin)).collect();
+    for ((pin, before), after) in pins.iter().zip(&before).zip(&after) {
+        assert_eq!(before.id, after.id, "{}: the same link", pin.display());
+    }
+    for changed in [0, 3] {
+        assert_ne!(before[changed].program_id, after[changed].program_id);
+        assert_ne!(
+            before[changed].tag,
+            after[changed].tag,
+            "{}",
+            pins[changed].display()
+        );
+    }
+    for same in [1, 2] {
+        assert_eq!(before[same], after[same], "{} kept", pins[same].display());
+    }
+
+    mesh.agents[0].signal(libc::SIGTERM);
+    let status = mesh.agents[0].wait_exit(Duration::from_secs(15));
+    assert!(status.success(), "old agent exited with {status}");
+    let outcomes = load.finish();
+    assert_eq!(outcomes.count("ok"), 600, "{outcomes:?}");
+    // The new program captures: a new connect is redirected (its counter moves) and carried.
+    let redirected = || {
+        cluster.metric(
+            0,
+            "meshlet_redirected_connections_total",
+            &[("direction", "outbound")],
+        )
+    };
+    let earlier = redirected();
+    client.connect(to, 100).assert_echoed(100);
+    assert_eq!(redirected(), earlier + 1.0);
 }

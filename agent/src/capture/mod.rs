@@ -287,6 +287,9 @@ pub struct Config {
     /// application unsteered. `None`: no exemption, probes go through capture and policy like
     /// any other client's connection. It must not be the cgroup root or an ancestor of it.
     pub kubelet_cgroup: Option<PathBuf>,
+    /// Load this eBPF object instead of the embedded one (tests of program upgrades: a build
+    /// whose programs differ). `None`: the object built into the agent.
+    pub object: Option<PathBuf>,
 }
 
 impl Config {
@@ -333,6 +336,7 @@ impl Config {
             excluded_cidrs: Vec::new(),
             excluded_ports: Vec::new(),
             kubelet_cgroup: None,
+            object: None,
         })
     }
 }
@@ -343,8 +347,11 @@ impl Config {
 pub enum Attachment {
     /// Attached by this agent.
     Attached,
-    /// Found pinned from an earlier agent and kept as it was.
+    /// Found pinned from an earlier agent, running this build's program: kept as it was.
     Adopted,
+    /// Found pinned from an earlier agent running another program: the link now runs this
+    /// build's (`BPF_LINK_UPDATE`, in place: same link, no moment without capture).
+    Upgraded,
 }
 
 /// One attached program.
@@ -466,7 +473,15 @@ impl Capture {
         for (name, path) in &pin_paths {
             loader.map_pin_path(name, path.as_path());
         }
-        let mut ebpf = loader.load(EBPF_OBJECT).map_err(Error::Load)?;
+        let custom;
+        let object = match &config.object {
+            Some(path) => {
+                custom = fs::read(path).map_err(Error::io("read the eBPF object", path))?;
+                custom.as_slice()
+            }
+            None => EBPF_OBJECT,
+        };
+        let mut ebpf = loader.load(object).map_err(Error::Load)?;
 
         let enrolled: HashMap<_, u64, Enrollment> = take_map(&mut ebpf, maps::ENROLLED)?;
         let mut wanted = vec![(cgroup_id, CGROUP_PROGRAMS)];
@@ -514,11 +529,21 @@ impl Capture {
         for (name, cgroup, cgroup_id) in targets {
             let pin = layout.cgroup_links(cgroup_id).join(name);
             let (link, attachment) = if pin.exists() {
-                let link = PinnedLink::from_pin(&pin).map_err(|source| Error::Link {
+                let link =
+                    FdLink::from(PinnedLink::from_pin(&pin).map_err(|source| Error::Link {
+                        path: pin.clone(),
+                        source,
+                    })?);
+                let running = link.info().map_err(|source| Error::Link {
                     path: pin.clone(),
                     source,
                 })?;
-                (FdLink::from(link), Attachment::Adopted)
+                let attachment = if bring_up_to_date(&mut ebpf, name, &pin, running.program_id())? {
+                    Attachment::Upgraded
+                } else {
+                    Attachment::Adopted
+                };
+                (link, attachment)
             } else {
                 (
                     attach_to_cgroup(&mut ebpf, name, cgroup, &pin)?,
@@ -544,14 +569,14 @@ impl Capture {
                 _link: link,
             });
         }
-        let adopted = attached
-            .iter()
-            .filter(|p| p.attachment == Attachment::Adopted)
-            .count();
+        let count = |kind| attached.iter().filter(|p| p.attachment == kind).count();
+        let sk_lookup_upgraded = upgrade_netns_links(&mut ebpf, &layout)?;
         info!(
             cgroup = %config.cgroup_root.display(),
-            attached = attached.len() - adopted,
-            adopted,
+            attached = count(Attachment::Attached),
+            adopted = count(Attachment::Adopted),
+            upgraded = count(Attachment::Upgraded),
+            sk_lookup_upgraded,
             fail_mode = ?config.fail_mode,
             "capture installed"
         );
@@ -561,11 +586,6 @@ impl Capture {
                 "kubelet's probes reach pods unsteered (connections opened from its cgroup)"
             );
         }
-
-        let sk_lookup: &mut SkLookup = program(&mut ebpf, programs::SK_LOOKUP)?;
-        sk_lookup
-            .load()
-            .map_err(Error::program(programs::SK_LOOKUP))?;
 
         Ok(Self {
             listeners: take_map(&mut ebpf, maps::INBOUND_LISTENERS)?,
@@ -870,24 +890,22 @@ fn attach_to_cgroup(
         path: pin.to_owned(),
         source,
     };
+    load_program(ebpf, name)?;
     let program = ebpf.program_mut(name).ok_or(Error::Missing {
         kind: "program",
         name,
     })?;
     let link = match program {
         Program::CgroupSockAddr(p) => {
-            p.load().map_err(err(name))?;
             let id = p.attach(cgroup, mode).map_err(err(name))?;
             FdLink::try_from(p.take_link(id).map_err(err(name))?).map_err(link_err)?
         }
         Program::SockOps(p) => {
-            p.load().map_err(err(name))?;
             let id = p.attach(cgroup, mode).map_err(err(name))?;
             FdLink::try_from(p.take_link(id).map_err(err(name))?).map_err(link_err)?
         }
         Program::CgroupSockopt(p) => {
             // aya 0.14 cannot make this link an FdLink: create and pin it ourselves.
-            p.load().map_err(err(name))?;
             let program_fd = p.fd().map_err(err(name))?;
             let link = crate::sys::bpf::link_create(
                 program_fd.as_fd(),
@@ -913,6 +931,90 @@ fn attach_to_cgroup(
         }
     };
     Ok(link.pin(pin).map_err(pin_err)?.into())
+}
+
+/// Loads the program `name` of the object into the kernel (once) and returns a descriptor of
+/// it.
+fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<std::os::fd::OwnedFd, Error> {
+    let err = Error::program(name);
+    let program = ebpf.program_mut(name).ok_or(Error::Missing {
+        kind: "program",
+        name,
+    })?;
+    if program.fd().is_err() {
+        match program {
+            Program::CgroupSockAddr(p) => p.load(),
+            Program::SockOps(p) => p.load(),
+            Program::CgroupSockopt(p) => p.load(),
+            Program::SkLookup(p) => p.load(),
+            _ => {
+                return Err(Error::Missing {
+                    kind: "capture program",
+                    name,
+                });
+            }
+        }
+        .map_err(Error::program(name))?;
+    }
+    let fd = program.fd().map_err(err)?;
+    fd.as_fd()
+        .try_clone_to_owned()
+        .map_err(Error::io("duplicate the descriptor of", Path::new(name)))
+}
+
+/// Makes the link pinned at `pin`, which runs program `running` (an id), run this build's
+/// program `name`: when the kernel's tags of the two differ, the link is updated in place
+/// (`BPF_LINK_UPDATE`, only if it still runs `running`). Returns whether it was.
+fn bring_up_to_date(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    pin: &Path,
+    running: u32,
+) -> Result<bool, Error> {
+    use crate::sys::bpf;
+    let ours = load_program(ebpf, name)?;
+    let theirs = bpf::prog_by_id(running).map_err(Error::io("open the program of", pin))?;
+    let tag_of = |fd: &std::os::fd::OwnedFd| {
+        bpf::prog_tag(fd.as_fd())
+            .map(u64::from_be_bytes)
+            .map_err(Error::io("read the program tag of", pin))
+    };
+    let (from, to) = (tag_of(&theirs)?, tag_of(&ours)?);
+    if from == to {
+        return Ok(false);
+    }
+    let link = bpf::obj_get(pin).map_err(Error::io("open the link", pin))?;
+    bpf::link_update(link.as_fd(), ours.as_fd(), theirs.as_fd())
+        .map_err(Error::io("replace the program of", pin))?;
+    info!(
+        program = name,
+        link = %pin.display(),
+        from = format!("{from:016x}"),
+        to = format!("{to:016x}"),
+        "program replaced in place"
+    );
+    Ok(true)
+}
+
+/// Brings the `sk_lookup` link of every enrolled namespace up to date with this build's
+/// program (loading it); returns how many were replaced.
+fn upgrade_netns_links(ebpf: &mut Ebpf, layout: &pins::Layout) -> Result<usize, Error> {
+    load_program(ebpf, programs::SK_LOOKUP)?;
+    let mut upgraded = 0;
+    for pin in layout.netns_link_pins(programs::SK_LOOKUP)? {
+        let link = PinnedLink::from_pin(&pin).map_err(|source| Error::Link {
+            path: pin.clone(),
+            source,
+        })?;
+        let running = FdLink::from(link).info().map_err(|source| Error::Link {
+            path: pin.clone(),
+            source,
+        })?;
+        if bring_up_to_date(ebpf, programs::SK_LOOKUP, &pin, running.program_id())? {
+            upgraded += 1;
+        }
+    }
+    Ok(upgraded)
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, Error>

@@ -53,6 +53,20 @@ impl Layout {
         self.links().join(format!("netns-{cookie}"))
     }
 
+    /// The pins of `program`'s links in every network namespace's directory.
+    pub fn netns_link_pins(&self, program: &str) -> Result<Vec<PathBuf>, Error> {
+        Ok(read_dir(&self.links())?
+            .into_iter()
+            .filter(|dir| {
+                dir.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("netns-"))
+            })
+            .map(|dir| dir.join(program))
+            .filter(|pin| pin.exists())
+            .collect())
+    }
+
     /// Creates the directories that pins go into.
     pub fn create(&self, cgroup_id: u64) -> Result<(), Error> {
         let maps = self.root.join("maps");

@@ -87,6 +87,9 @@ pub struct AgentArgs {
     /// captured like any other client's connection].
     #[arg(long, env = "MESHLET_KUBELET_CGROUP")]
     pub kubelet_cgroup: Option<PathBuf>,
+    /// Load this eBPF object instead of the one built in (tests of program upgrades).
+    #[arg(long, hide = true)]
+    pub ebpf_object: Option<PathBuf>,
     /// SPIFFE trust domain of the mesh.
     #[arg(long, env = "MESHLET_TRUST_DOMAIN", default_value = crate::identity::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
@@ -394,6 +397,7 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
     capture.fail_mode = args.fail_mode;
     capture.excluded_cidrs = args.exclude_cidrs;
     capture.excluded_ports = args.exclude_ports;
+    capture.object = args.ebpf_object;
     capture.kubelet_cgroup = args.kubelet_cgroup.or_else(|| {
         capture::kubelet::detect(&capture.cgroup_root)
             .inspect_err(|err| {

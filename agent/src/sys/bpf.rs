@@ -1,7 +1,8 @@
-//! The two `bpf(2)` commands aya 0.14 does not offer for every program type: creating a bpf
-//! link on a cgroup as a file descriptor we own, and pinning it. (aya cannot turn a
-//! `cgroup/getsockopt` link into a pinnable `FdLink`.) Adopting a pinned link afterwards goes
-//! through aya again (`PinnedLink::from_pin`).
+//! The `bpf(2)` commands aya 0.14 does not offer for every program type: creating a bpf link on
+//! a cgroup as a file descriptor we own, and pinning it (aya cannot turn a `cgroup/getsockopt`
+//! link into a pinnable `FdLink`); replacing the program behind a pinned link in place
+//! (`BPF_LINK_UPDATE`), and reading a program's tag by id to know whether it must be. Adopting
+//! a pinned link goes through aya again (`PinnedLink::from_pin`).
 
 use std::{
     ffi::CString,
@@ -17,7 +18,13 @@ use std::{
 pub const BPF_CGROUP_GETSOCKOPT: u32 = 21;
 
 const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+/// `BPF_LINK_UPDATE` flag: replace only if the link still runs `old_prog_fd`.
+const BPF_F_REPLACE: u32 = 1 << 2;
 
 /// `union bpf_attr`, as large as the kernel's; only the leading fields of each command are set.
 #[repr(C, align(8))]
@@ -71,4 +78,53 @@ pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
     attr.put_u64(0, path.as_ptr() as u64); // obj_pin.pathname
     attr.put_u32(8, fd.as_raw_fd() as u32); // obj_pin.bpf_fd
     bpf(BPF_OBJ_PIN, &mut attr).map(drop)
+}
+
+/// `BPF_OBJ_GET`: opens the bpf object (a link here) pinned at `path`.
+pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let path = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let mut attr = BpfAttr::new();
+    attr.put_u64(0, path.as_ptr() as u64); // obj_get.pathname
+    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: on success BPF_OBJ_GET returns a new file descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `BPF_PROG_GET_FD_BY_ID`: a descriptor of the loaded program `id`.
+pub fn prog_by_id(id: u32) -> io::Result<OwnedFd> {
+    let mut attr = BpfAttr::new();
+    attr.put_u32(0, id); // prog_id
+    let fd = bpf(BPF_PROG_GET_FD_BY_ID, &mut attr)?;
+    // SAFETY: on success the command returns a new file descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// The kernel's tag of the program `fd`: a hash of its instructions (map references left
+/// out), the same for every load of the same program.
+pub fn prog_tag(fd: BorrowedFd<'_>) -> io::Result<[u8; 8]> {
+    // The head of `struct bpf_prog_info`: type, id, tag.
+    let mut info = [0u8; 16];
+    let mut attr = BpfAttr::new();
+    attr.put_u32(0, fd.as_raw_fd() as u32); // info.bpf_fd
+    attr.put_u32(4, info.len() as u32); // info.info_len
+    attr.put_u64(8, info.as_mut_ptr() as u64); // info.info
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    let mut tag = [0u8; 8];
+    tag.copy_from_slice(&info[8..16]);
+    Ok(tag)
+}
+
+/// `BPF_LINK_UPDATE` with `BPF_F_REPLACE`: the link `link` runs `new` instead of `old`, in one
+/// step (no moment without a program); fails if it no longer runs `old`.
+pub fn link_update(
+    link: BorrowedFd<'_>,
+    new: BorrowedFd<'_>,
+    old: BorrowedFd<'_>,
+) -> io::Result<()> {
+    let mut attr = BpfAttr::new();
+    attr.put_u32(0, link.as_raw_fd() as u32); // link_update.link_fd
+    attr.put_u32(4, new.as_raw_fd() as u32); // link_update.new_prog_fd
+    attr.put_u32(8, BPF_F_REPLACE); // link_update.flags
+    attr.put_u32(12, old.as_raw_fd() as u32); // link_update.old_prog_fd
+    bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
 }
