@@ -945,13 +945,7 @@ impl InPod {
         let (listeners, sockets) = self.serve(&context, opened)?;
 
         let cookie = self.capture.enroll(&netns, &pod.ips)?;
-        for ip in &pod.ips {
-            if let Some((_, _, listener)) = sockets.iter().find(|(addr, role, _)| {
-                *role == Role::InboundPlaintext && addr.is_ipv6() == ip.is_ipv6()
-            }) {
-                self.capture.set_inbound_listener(*ip, listener)?;
-            }
-        }
+        self.register_inbound(&pod.ips, &sockets)?;
         self.capture.set_ready(cookie, true)?;
         Ok(Enrolled {
             key: pod.key.clone(),
@@ -964,6 +958,23 @@ impl InPod {
             listeners,
             sockets,
         })
+    }
+
+    /// Registers the pod's 15006 listener of each family for its addresses `ips`: `sk_lookup`
+    /// steers inbound connections to it.
+    fn register_inbound(
+        &mut self,
+        ips: &[IpAddr],
+        sockets: &[(SocketAddr, Role, OwnedFd)],
+    ) -> Result<(), crate::capture::Error> {
+        for ip in ips {
+            if let Some((_, _, listener)) = sockets.iter().find(|(addr, role, _)| {
+                *role == Role::InboundPlaintext && addr.is_ipv6() == ip.is_ipv6()
+            }) {
+                self.capture.set_inbound_listener(*ip, listener)?;
+            }
+        }
+        Ok(())
     }
 
     /// Accepts on a pod's listening sockets, each in a task of its own; returns the tasks and
@@ -1065,7 +1076,7 @@ impl InPod {
         self
     }
 
-    fn adopt(&self, inherited: handoff::InheritedPod) -> anyhow::Result<Enrolled> {
+    fn adopt(&mut self, inherited: handoff::InheritedPod) -> anyhow::Result<Enrolled> {
         let handoff::InheritedPod {
             state,
             netns,
@@ -1095,6 +1106,9 @@ impl InPod {
             .map(|(&(addr, role), listener)| (addr, role, listener))
             .collect();
         let (listeners, sockets) = self.serve(&context, opened)?;
+        // The steering map holds these very sockets already, unless this agent's maps are new
+        // (a map layout change): register them again either way.
+        self.register_inbound(&state.ips, &sockets)?;
         Ok(Enrolled {
             key,
             uid: state.uid,

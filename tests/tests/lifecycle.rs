@@ -315,3 +315,131 @@ fn an_upgrade_replaces_the_programs_in_place_on_the_same_links_under_load() {
     client.connect(to, 100).assert_echoed(100);
     assert_eq!(redirected(), earlier + 1.0);
 }
+
+/// `bpftool --json ...`, parsed.
+fn bpftool(args: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new("bpftool")
+        .arg("--json")
+        .args(args)
+        .output()
+        .expect("run bpftool");
+    assert!(
+        out.status.success(),
+        "bpftool {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("bpftool prints JSON")
+}
+
+/// The bytes of `value` (bpftool's `["0x01", ...]`) as bpftool arguments: `01 ...`.
+fn hex_args(value: &serde_json::Value) -> Vec<String> {
+    value
+        .as_array()
+        .expect("bytes")
+        .iter()
+        .map(|b| {
+            b.as_str()
+                .expect("hex byte")
+                .trim_start_matches("0x")
+                .to_owned()
+        })
+        .collect()
+}
+
+#[test]
+fn a_map_layout_change_is_migrated() {
+    meshlet_tests::require_root();
+    let mut mesh = FileMesh::client_server(&[], vec![]);
+    let _echo = mesh.cluster.pod("server").echo_server(8080);
+    let to = mesh.cluster.pod("server").addr(false, 8080);
+    let cookie = mesh.cluster.pod("server").netns_cookie();
+    let maps = mesh.cluster.bpffs_dir(1).join("maps");
+    let pin = |dir: &std::path::Path, name: &str| dir.join(name).display().to_string();
+    let id_of = |path: String| bpftool(&["map", "show", "pinned", &path])["id"].clone();
+    let kept_before = id_of(pin(&maps.join("v1"), "ORIG_BY_PEER"));
+    let enrolled_before = bpftool(&["map", "show", "pinned", &pin(&maps.join("v1"), "ENROLLED")]);
+
+    // What an agent before versioned layouts left: every map directly in maps/, and there
+    // ENROLLED with another capacity (the server's namespace in it).
+    mesh.agents[1].stop();
+    for entry in std::fs::read_dir(maps.join("v1")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::rename(entry.path(), maps.join(entry.file_name())).unwrap();
+    }
+    std::fs::remove_dir(maps.join("v1")).unwrap();
+    let key: Vec<String> = cookie
+        .to_ne_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let mut lookup = vec!["map", "lookup", "pinned"];
+    let old_enrolled = pin(&maps, "ENROLLED");
+    lookup.push(&old_enrolled);
+    lookup.push("key");
+    lookup.push("hex");
+    lookup.extend(key.iter().map(String::as_str));
+    let entry = bpftool(&lookup);
+    let resized = pin(&maps, "ENROLLED_resized");
+    let value_size = enrolled_before["bytes_value"].as_u64().unwrap().to_string();
+    bpftool(&[
+        "map",
+        "create",
+        &resized,
+        "type",
+        "hash",
+        "key",
+        "8",
+        "value",
+        &value_size,
+        "entries",
+        "64",
+        "name",
+        "ENROLLED",
+    ]);
+    let mut update = vec!["map", "update", "pinned", resized.as_str(), "key", "hex"];
+    update.extend(key.iter().map(String::as_str));
+    let value = hex_args(&entry["value"]);
+    update.push("value");
+    update.push("hex");
+    update.extend(value.iter().map(String::as_str));
+    bpftool(&update);
+    std::fs::remove_file(&old_enrolled).unwrap();
+    std::fs::rename(&resized, &old_enrolled).unwrap();
+
+    let source = source(&mesh);
+    let agent = mesh.cluster.start_agent(1, &["--source", &source]);
+    agent.wait_for_log("agent serving", 1, Duration::from_secs(30));
+    let log = agent.log();
+    assert_eq!(
+        log.matches("map moved to this layout as it is").count(),
+        9,
+        "every other map kept: {log}"
+    );
+    assert!(
+        log.contains("map definition changed; entries carried over map=ENROLLED entries=1"),
+        "{log}"
+    );
+    assert!(
+        log.contains("maps_changed=true"),
+        "the programs now use the new maps: {log}"
+    );
+    assert_eq!(
+        id_of(pin(&maps.join("v1"), "ORIG_BY_PEER")),
+        kept_before,
+        "the same map"
+    );
+    let enrolled = bpftool(&["map", "show", "pinned", &pin(&maps.join("v1"), "ENROLLED")]);
+    assert_eq!(enrolled["max_entries"], enrolled_before["max_entries"]);
+    let leftovers: Vec<_> = std::fs::read_dir(&maps)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(leftovers, ["v1"], "the old layout is gone");
+    // Capture works on the new maps: the server's namespace is steered (its HBONE listener is
+    // reached through the mesh), and a new connect from the client carried.
+    mesh.cluster
+        .pod("client")
+        .connect(to, 1000)
+        .assert_echoed(1000);
+    mesh.agents[1] = agent;
+}

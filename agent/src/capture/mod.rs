@@ -22,6 +22,7 @@
 //! traffic through to the application when no listener is registered.
 
 pub mod kubelet;
+pub mod migrate;
 pub mod mounts;
 pub mod pins;
 
@@ -197,6 +198,9 @@ pub enum Error {
         /// The cgroup root capture attaches to.
         cgroup_root: PathBuf,
     },
+    /// The eBPF object could not be parsed.
+    #[error("the eBPF object: {0}")]
+    Object(String),
     /// A map could not be opened or read.
     #[error("map {name}: {source}")]
     Map {
@@ -464,6 +468,15 @@ impl Capture {
         let layout = pins::Layout::new(&config.bpffs_dir);
         layout.create(cgroup_id)?;
         retire_maps(&layout)?;
+        let custom;
+        let object = match &config.object {
+            Some(path) => {
+                custom = fs::read(path).map_err(Error::io("read the eBPF object", path))?;
+                custom.as_slice()
+            }
+            None => EBPF_OBJECT,
+        };
+        let migration = migrate::prepare(&layout, &migrate::definitions(object)?)?;
 
         let mut loader = EbpfLoader::new();
         let pin_paths: Vec<_> = maps::ALL
@@ -473,15 +486,8 @@ impl Capture {
         for (name, path) in &pin_paths {
             loader.map_pin_path(name, path.as_path());
         }
-        let custom;
-        let object = match &config.object {
-            Some(path) => {
-                custom = fs::read(path).map_err(Error::io("read the eBPF object", path))?;
-                custom.as_slice()
-            }
-            None => EBPF_OBJECT,
-        };
         let mut ebpf = loader.load(object).map_err(Error::Load)?;
+        migration.finish(&layout)?;
 
         let enrolled: HashMap<_, u64, Enrollment> = take_map(&mut ebpf, maps::ENROLLED)?;
         let mut wanted = vec![(cgroup_id, CGROUP_PROGRAMS)];
@@ -853,7 +859,7 @@ fn open_kubelet_cgroup(
 /// Empties and unpins the maps of [`RETIRED_MAPS`] if an older agent left them.
 fn retire_maps(layout: &pins::Layout) -> Result<(), Error> {
     for &name in RETIRED_MAPS {
-        let pin = layout.map(name);
+        let pin = layout.unversioned_map(name);
         if !pin.exists() {
             continue;
         }
@@ -963,7 +969,8 @@ fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<std::os::fd::Owne
 }
 
 /// Makes the link pinned at `pin`, which runs program `running` (an id), run this build's
-/// program `name`: when the kernel's tags of the two differ, the link is updated in place
+/// program `name`: when the two differ in code (the kernel's tag) or in the maps they use (a
+/// map layout change gave this agent new maps), the link is updated in place
 /// (`BPF_LINK_UPDATE`, only if it still runs `running`). Returns whether it was.
 fn bring_up_to_date(
     ebpf: &mut Ebpf,
@@ -974,12 +981,10 @@ fn bring_up_to_date(
     use crate::sys::bpf;
     let ours = load_program(ebpf, name)?;
     let theirs = bpf::prog_by_id(running).map_err(Error::io("open the program of", pin))?;
-    let tag_of = |fd: &std::os::fd::OwnedFd| {
-        bpf::prog_tag(fd.as_fd())
-            .map(u64::from_be_bytes)
-            .map_err(Error::io("read the program tag of", pin))
+    let identity = |fd: &std::os::fd::OwnedFd| {
+        bpf::prog_identity(fd.as_fd()).map_err(Error::io("inspect the program of", pin))
     };
-    let (from, to) = (tag_of(&theirs)?, tag_of(&ours)?);
+    let (from, to) = (identity(&theirs)?, identity(&ours)?);
     if from == to {
         return Ok(false);
     }
@@ -989,8 +994,9 @@ fn bring_up_to_date(
     info!(
         program = name,
         link = %pin.display(),
-        from = format!("{from:016x}"),
-        to = format!("{to:016x}"),
+        from = format!("{:016x}", from.tag),
+        to = format!("{:016x}", to.tag),
+        maps_changed = from.map_ids != to.map_ids,
         "program replaced in place"
     );
     Ok(true)

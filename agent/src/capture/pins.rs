@@ -1,7 +1,9 @@
 //! The layout of meshlet's pins under the bpffs directory, and their cleanup.
 //!
 //! ```text
-//! <bpffs-dir>/maps/<MAP>                               maps, reused by every agent generation
+//! <bpffs-dir>/maps/v<N>/<MAP>                          maps of layout version N (see
+//!                                                      [`super::migrate`]), reused by every
+//!                                                      agent of that layout
 //! <bpffs-dir>/links/cgroup-<cgroup inode>/<program>    cgroup programs, one link each: the
 //!                                                      cgroup root's, and kubelet's cgroup's
 //!                                                      meshlet_probe_ops
@@ -36,7 +38,49 @@ impl Layout {
 
     /// Where map `name` is pinned.
     pub fn map(&self, name: &str) -> PathBuf {
+        self.maps_dir().join(name)
+    }
+
+    /// The directory of this build's maps: `maps/v<N>`.
+    pub fn maps_dir(&self) -> PathBuf {
+        self.root
+            .join("maps")
+            .join(format!("v{}", super::migrate::MAP_LAYOUT_VERSION))
+    }
+
+    /// Where map `name` was pinned before map layouts were versioned.
+    pub fn unversioned_map(&self, name: &str) -> PathBuf {
         self.root.join("maps").join(name)
+    }
+
+    /// The map pins of every other layout: pins directly in `maps/` (before layouts were
+    /// versioned: "v0") and in `maps/v<M>` for every other M, by layout.
+    #[allow(clippy::type_complexity)]
+    pub fn other_map_layouts(&self) -> Result<Vec<(String, Vec<(String, PathBuf)>)>, Error> {
+        let maps = self.root.join("maps");
+        let mut layouts = vec![("v0".to_owned(), super::migrate::pins_in(&maps)?)];
+        for dir in read_dir(&maps)? {
+            let name = dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+                .to_owned();
+            if dir.is_dir() && name.starts_with('v') && dir != self.maps_dir() {
+                layouts.push((name, super::migrate::pins_in(&dir)?));
+            }
+        }
+        layouts.retain(|(_, pins)| !pins.is_empty());
+        Ok(layouts)
+    }
+
+    /// Removes the directories of other map layouts once they are empty.
+    pub fn remove_empty_map_layouts(&self) -> Result<(), Error> {
+        for dir in read_dir(&self.root.join("maps"))? {
+            if dir.is_dir() && dir != self.maps_dir() && read_dir(&dir)?.is_empty() {
+                fs::remove_dir(&dir).map_err(Error::io("remove", &dir))?;
+            }
+        }
+        Ok(())
     }
 
     fn links(&self) -> PathBuf {
@@ -69,7 +113,7 @@ impl Layout {
 
     /// Creates the directories that pins go into.
     pub fn create(&self, cgroup_id: u64) -> Result<(), Error> {
-        let maps = self.root.join("maps");
+        let maps = self.maps_dir();
         fs::create_dir_all(&maps).map_err(Error::io("create pin directory", &maps))?;
         self.create_cgroup_links(cgroup_id)
     }

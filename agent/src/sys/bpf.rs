@@ -1,8 +1,10 @@
 //! The `bpf(2)` commands aya 0.14 does not offer for every program type: creating a bpf link on
 //! a cgroup as a file descriptor we own, and pinning it (aya cannot turn a `cgroup/getsockopt`
 //! link into a pinnable `FdLink`); replacing the program behind a pinned link in place
-//! (`BPF_LINK_UPDATE`), and reading a program's tag by id to know whether it must be. Adopting
-//! a pinned link goes through aya again (`PinnedLink::from_pin`).
+//! (`BPF_LINK_UPDATE`), and reading a program's tag by id to know whether it must be; reading a
+//! pinned map's definition and copying a map's entries into another, byte for byte, whatever
+//! its types (map layout migration). Adopting a pinned link goes through aya again
+//! (`PinnedLink::from_pin`).
 
 use std::{
     ffi::CString,
@@ -17,6 +19,9 @@ use std::{
 /// `enum bpf_attach_type` value for `cgroup/getsockopt`.
 pub const BPF_CGROUP_GETSOCKOPT: u32 = 21;
 
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
@@ -99,19 +104,43 @@ pub fn prog_by_id(id: u32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// The kernel's tag of the program `fd`: a hash of its instructions (map references left
-/// out), the same for every load of the same program.
-pub fn prog_tag(fd: BorrowedFd<'_>) -> io::Result<[u8; 8]> {
-    // The head of `struct bpf_prog_info`: type, id, tag.
-    let mut info = [0u8; 16];
-    let mut attr = BpfAttr::new();
-    attr.put_u32(0, fd.as_raw_fd() as u32); // info.bpf_fd
-    attr.put_u32(4, info.len() as u32); // info.info_len
-    attr.put_u64(8, info.as_mut_ptr() as u64); // info.info
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
-    let mut tag = [0u8; 8];
-    tag.copy_from_slice(&info[8..16]);
-    Ok(tag)
+/// What makes a loaded program the one it is: the kernel's tag (a hash of its instructions,
+/// map references left out: the same for every load of the same code) and the ids of the maps
+/// it uses, sorted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProgIdentity {
+    /// The tag, as the kernel shows it (big-endian).
+    pub tag: u64,
+    /// The maps it uses.
+    pub map_ids: Vec<u32>,
+}
+
+/// The [`ProgIdentity`] of the program `fd`.
+pub fn prog_identity(fd: BorrowedFd<'_>) -> io::Result<ProgIdentity> {
+    // The head of `struct bpf_prog_info`, up to `map_ids`: type (0), id (4), tag (8..16), ...,
+    // nr_map_ids (52), map_ids (56).
+    let info_of = |info: &mut [u8; 64]| {
+        let mut attr = BpfAttr::new();
+        attr.put_u32(0, fd.as_raw_fd() as u32); // info.bpf_fd
+        attr.put_u32(4, info.len() as u32); // info.info_len
+        attr.put_u64(8, info.as_mut_ptr() as u64); // info.info
+        bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).map(drop)
+    };
+    let mut info = [0u8; 64];
+    info_of(&mut info)?;
+    let count = u32::from_ne_bytes(info[52..56].try_into().expect("4 bytes"));
+    let mut map_ids = vec![0u32; count as usize];
+    if count > 0 {
+        let mut info = [0u8; 64];
+        info[52..56].copy_from_slice(&count.to_ne_bytes());
+        info[56..64].copy_from_slice(&(map_ids.as_mut_ptr() as u64).to_ne_bytes());
+        info_of(&mut info)?;
+    }
+    map_ids.sort_unstable();
+    Ok(ProgIdentity {
+        tag: u64::from_be_bytes(info[8..16].try_into().expect("8 bytes")),
+        map_ids,
+    })
 }
 
 /// `BPF_LINK_UPDATE` with `BPF_F_REPLACE`: the link `link` runs `new` instead of `old`, in one
@@ -127,4 +156,86 @@ pub fn link_update(
     attr.put_u32(8, BPF_F_REPLACE); // link_update.flags
     attr.put_u32(12, old.as_raw_fd() as u32); // link_update.old_prog_fd
     bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
+}
+
+/// A map's definition as the kernel reports it (the head of `struct bpf_map_info`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapInfo {
+    /// `enum bpf_map_type`.
+    pub kind: u32,
+    /// The map's id.
+    pub id: u32,
+    /// Key size in bytes.
+    pub key_size: u32,
+    /// Value size in bytes.
+    pub value_size: u32,
+    /// Capacity.
+    pub max_entries: u32,
+    /// `BPF_F_*` creation flags.
+    pub flags: u32,
+}
+
+/// The definition of the map `fd`.
+pub fn map_info(fd: BorrowedFd<'_>) -> io::Result<MapInfo> {
+    let mut info = [0u8; 24];
+    let mut attr = BpfAttr::new();
+    attr.put_u32(0, fd.as_raw_fd() as u32); // info.bpf_fd
+    attr.put_u32(4, info.len() as u32); // info.info_len
+    attr.put_u64(8, info.as_mut_ptr() as u64); // info.info
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    let word = |at: usize| u32::from_ne_bytes(info[at..at + 4].try_into().expect("4 bytes"));
+    Ok(MapInfo {
+        kind: word(0),
+        id: word(4),
+        key_size: word(8),
+        value_size: word(12),
+        max_entries: word(16),
+        flags: word(20),
+    })
+}
+
+/// Copies every entry of the map `from` into the map `to` (both with keys of `key_size` and
+/// values of `value_size` bytes; not per-CPU maps), returning how many. Entries that do not fit
+/// (`to` is full) are left out and counted as failures in the error.
+pub fn map_copy(
+    from: BorrowedFd<'_>,
+    to: BorrowedFd<'_>,
+    key_size: usize,
+    value_size: usize,
+) -> io::Result<usize> {
+    let mut key = vec![0u8; key_size];
+    let mut next = vec![0u8; key_size];
+    let mut value = vec![0u8; value_size];
+    let mut first = true;
+    let mut copied = 0;
+    loop {
+        let mut attr = BpfAttr::new();
+        attr.put_u32(0, from.as_raw_fd() as u32); // map_fd
+        // key: NULL asks for the first key.
+        attr.put_u64(8, if first { 0 } else { key.as_ptr() as u64 });
+        attr.put_u64(16, next.as_mut_ptr() as u64); // next_key
+        match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+            Ok(_) => {}
+            Err(err) if err.raw_os_error() == Some(libc::ENOENT) => return Ok(copied),
+            Err(err) => return Err(err),
+        }
+        first = false;
+        key.copy_from_slice(&next);
+        let mut attr = BpfAttr::new();
+        attr.put_u32(0, from.as_raw_fd() as u32);
+        attr.put_u64(8, key.as_ptr() as u64);
+        attr.put_u64(16, value.as_mut_ptr() as u64);
+        match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
+            Ok(_) => {}
+            // Deleted since it was listed.
+            Err(err) if err.raw_os_error() == Some(libc::ENOENT) => continue,
+            Err(err) => return Err(err),
+        }
+        let mut attr = BpfAttr::new();
+        attr.put_u32(0, to.as_raw_fd() as u32);
+        attr.put_u64(8, key.as_ptr() as u64);
+        attr.put_u64(16, value.as_ptr() as u64);
+        bpf(BPF_MAP_UPDATE_ELEM, &mut attr)?; // flags 0: BPF_ANY
+        copied += 1;
+    }
 }
