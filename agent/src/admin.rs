@@ -257,6 +257,18 @@ pub fn readiness(state: &State, request: &Request<hyper::body::Incoming>) -> Res
              by the primary plugin, or one meshlet cannot edit: see the log)\n",
         );
     }
+    if state.sync.synced()
+        && state
+            .enrollment_generation
+            .load(std::sync::atomic::Ordering::Acquire)
+            == 0
+    {
+        return reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "not ready: the pods' listeners are not open yet (first enrollment pass)\n",
+        );
+    }
     if state.sync.synced() {
         match state.proxy.identities.readiness() {
             Ok(None) => reply(StatusCode::OK, "text/plain", "ready\n"),

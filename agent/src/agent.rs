@@ -110,6 +110,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(state_dir)
         .with_context(|| format!("create the state directory {}", state_dir.display()))?;
     let predecessor = handoff::find(&config.handoff_socket)?;
+    let ledger = drain::Ledger::new(config.handoff_socket.with_file_name("connections.json"));
+    let crashed = predecessor.is_none().then(|| ledger.crashed()).flatten();
+    if let Some(crashed) = crashed {
+        warn!(
+            predecessor = crashed.pid,
+            lost_connections = crashed.lost,
+            "the previous agent ended without handing over (crashed or killed): the connections \
+             it carried died with it; re-creating the listeners from the pinned capture"
+        );
+    }
     // The CNI socket before anything slow: a plugin that finds it answered is held, not
     // refused, while the agent starts. A running predecessor answers on it until it hands it
     // over.
@@ -298,12 +308,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         )
         .with_states(captures)
         .with_cni_timeout(config.cni.timeout)
+        .with_start(started.into_std(), crashed)
         .inherit(inherited)
         .run(shutdown, enrollment_generation, events, handoffs),
     );
     if let Some(taken) = taken {
         taken.accepting()?;
     }
+    let ledger_task = tokio::spawn(ledger.clone().keep(proxy.drain.clone()));
     let successor = tokio::spawn(handoff::serve(
         config.node_name.clone(),
         handoff::bind(&config.handoff_socket)?,
@@ -319,6 +331,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     )
     .await;
     let _ = shutdown_tx.send(true);
+    ledger_task.abort();
     source_task.abort();
     renewals.abort();
     reaper.abort();
@@ -342,6 +355,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         (Ending::Signalled, None) => Instant::now(),
     };
     let drained = proxy.drain.run_out(deadline).await;
+    if ending == Ending::Signalled {
+        ledger.close();
+    }
     info!(
         connections = drained.live_at_start,
         cut = drained.cut,

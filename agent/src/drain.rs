@@ -7,9 +7,13 @@
 //! and waits for the connections it still owns to end on their own, until the drain deadline
 //! (`--drain-deadline`, the pod's grace period minus 5 s). At the deadline plus [`CUT_GRACE`]
 //! the rest are cut: their sockets closed (a FIN for plaintext, after the GOAWAY for HBONE).
+//!
+//! Without a clean stop (a crash, SIGKILL) there is nothing to drain: what the process carried
+//! dies with it. The [`Ledger`] lets the next agent say how much that was.
 
 use std::{
     future::Future,
+    path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -235,6 +239,82 @@ pub async fn until_stopped(
         pid = successor => (Ending::HandedOver(pid), Some(deadline)),
         () = tokio::time::sleep_until(deadline) => (Ending::Signalled, Some(deadline)),
         _ = signals.next() => (Ending::Signalled, Some(deadline)),
+    }
+}
+
+/// The count of live connections, kept in a file while this agent serves (written every
+/// [`LEDGER_PERIOD`]), so that the next agent can say what a crash cost: an agent that ends
+/// without handing over and without stopping cleanly leaves its last count there.
+#[derive(Debug, Clone)]
+pub struct Ledger {
+    path: PathBuf,
+}
+
+/// How often the ledger is written.
+pub const LEDGER_PERIOD: Duration = Duration::from_secs(1);
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct LedgerEntry {
+    pid: u32,
+    live: usize,
+    clean: bool,
+}
+
+/// An agent that ended without handing over or stopping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Crashed {
+    /// Its process id.
+    pub pid: u32,
+    /// The connections it carried (as of at most [`LEDGER_PERIOD`] before it ended): they died
+    /// with it.
+    pub lost: usize,
+}
+
+impl Ledger {
+    /// The ledger at `path`.
+    pub fn new(path: PathBuf) -> Self {
+        Self { path }
+    }
+
+    /// What the last agent left: `Some` if it crashed (its entry is not marked clean, and its
+    /// process is gone). Read it before [`Ledger::keep`].
+    pub fn crashed(&self) -> Option<Crashed> {
+        let entry: LedgerEntry = serde_json::from_slice(&std::fs::read(&self.path).ok()?).ok()?;
+        let alive = PathBuf::from(format!("/proc/{}", entry.pid)).exists();
+        (!entry.clean && !alive && entry.pid != std::process::id()).then_some(Crashed {
+            pid: entry.pid,
+            lost: entry.live,
+        })
+    }
+
+    /// Writes the live count of `drain` every [`LEDGER_PERIOD`], until the task is dropped.
+    pub async fn keep(self, drain: Drain) {
+        let mut tick = tokio::time::interval(LEDGER_PERIOD);
+        loop {
+            tick.tick().await;
+            self.write(drain.live(), false);
+        }
+    }
+
+    /// Marks the ledger clean: this agent stopped on purpose, with nothing left.
+    pub fn close(&self) {
+        self.write(0, true);
+    }
+
+    fn write(&self, live: usize, clean: bool) {
+        let entry = LedgerEntry {
+            pid: std::process::id(),
+            live,
+            clean,
+        };
+        let temporary = self.path.with_extension("tmp");
+        let written = serde_json::to_vec(&entry)
+            .map_err(std::io::Error::other)
+            .and_then(|body| std::fs::write(&temporary, body))
+            .and_then(|()| std::fs::rename(&temporary, &self.path));
+        if let Err(err) = written {
+            tracing::debug!(path = %self.path.display(), %err, "cannot write the connection ledger");
+        }
     }
 }
 

@@ -236,6 +236,8 @@ pub struct InPod {
     states: Arc<CaptureStates>,
     /// How long a CNI ADD may wait for its pod's enrollment.
     cni_timeout: Duration,
+    /// When the agent started, and its predecessor's crash (for the first pass's log line).
+    started: Option<(Instant, Option<crate::drain::Crashed>)>,
 }
 
 impl std::fmt::Debug for InPod {
@@ -278,6 +280,7 @@ impl InPod {
             sandbox_refusals: HashMap::new(),
             states: Arc::default(),
             cni_timeout: Duration::from_secs(10),
+            started: None,
         }
     }
 
@@ -290,6 +293,13 @@ impl InPod {
     /// How long a CNI ADD may wait for its pod's enrollment before the plugin is refused.
     pub fn with_cni_timeout(mut self, timeout: Duration) -> Self {
         self.cni_timeout = timeout;
+        self
+    }
+
+    /// When the agent started, and what its predecessor's crash cost: said once the first
+    /// pass has opened every pod's listeners (the restart's time to ready).
+    pub fn with_start(mut self, started: Instant, crashed: Option<crate::drain::Crashed>) -> Self {
+        self.started = Some((started, crashed));
         self
     }
 
@@ -327,7 +337,17 @@ impl InPod {
                 self.reconcile();
                 reconciled.store(generation.max(1), std::sync::atomic::Ordering::Release);
                 if std::mem::take(&mut first) {
-                    info!(pods = self.enrolled.len(), "initial enrollment pass done");
+                    let (took, crashed) = match self.started {
+                        Some((started, crashed)) => (Some(started.elapsed()), crashed),
+                        None => (None, None),
+                    };
+                    info!(
+                        pods = self.enrolled.len(),
+                        ready_in = ?took,
+                        predecessor_crashed = crashed.is_some(),
+                        lost_connections = crashed.map_or(0, |c| c.lost),
+                        "initial enrollment pass done"
+                    );
                 }
             }
             self.answer_adds(ready);

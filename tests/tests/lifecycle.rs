@@ -443,3 +443,59 @@ fn a_map_layout_change_is_migrated() {
         .assert_echoed(1000);
     mesh.agents[1] = agent;
 }
+
+#[test]
+fn after_a_crash_the_next_agent_reports_what_died_and_how_fast_it_is_ready() {
+    meshlet_tests::require_root();
+    let mut mesh = FileMesh::client_server(&[], vec![]);
+    let cluster = &mesh.cluster;
+    let _echo = cluster.pod("server").echo_server(8080);
+    let to = cluster.pod("server").addr(false, 8080);
+    let client = cluster.pod("client");
+    let held = client.hold(to);
+    // The agent records what it carries (every second): wait until the held connection is in.
+    let ledger = cluster.handoff_socket(1).with_file_name("connections.json");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let entry: serde_json::Value = std::fs::read(&ledger)
+            .ok()
+            .and_then(|body| serde_json::from_slice(&body).ok())
+            .unwrap_or_default();
+        if entry["live"].as_u64().unwrap_or(0) >= 1 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "ledger {entry}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let load = client.load(to, 100, 400);
+    mesh.agents[1].signal(libc::SIGKILL);
+    mesh.agents[1].wait_exit(Duration::from_secs(5));
+    let agent = cluster.start_agent(1, &["--source", &source(&mesh)]);
+    agent.wait_for_log("initial enrollment pass done", 1, Duration::from_secs(30));
+    let log = agent.log();
+    assert_eq!(
+        logged(&log, "initial enrollment pass done", "predecessor_crashed"),
+        "true"
+    );
+    let lost: u64 = logged(&log, "initial enrollment pass done", "lost_connections")
+        .parse()
+        .unwrap();
+    assert!(lost >= 1, "the held connection died with the agent: {log}");
+    let ready_in = logged(&log, "initial enrollment pass done", "ready_in");
+    let report = held.release();
+    assert!(
+        report.error.is_some(),
+        "the held connection died: {report:?}"
+    );
+    let outcomes = load.finish();
+    eprintln!("crash: ready in {ready_in}, lost {lost}, load {outcomes:?}");
+    let failed: u64 = ["refused", "reset", "closed", "timeout", "error"]
+        .iter()
+        .map(|o| outcomes.count(o))
+        .sum();
+    assert_eq!(outcomes.count("ok") + failed, 400, "{outcomes:?}");
+    // The new agent serves: a new connection is carried.
+    client.connect(to, 1000).assert_echoed(1000);
+    mesh.agents[1] = agent;
+}
