@@ -12,6 +12,11 @@
 //!   enrolled namespaces grows to `--namespaces`;
 //! - `cni`: what `meshlet-cni` ADD adds to a pod's start, for N new mesh pods one after
 //!   another and 16 at a time (a node starting its pods), against ADD of pods outside the mesh;
+//! - `lifecycle`: 100 new connections a second through a mesh pod while its agent is replaced
+//!   (a successor takes the listeners over), upgraded (a variant eBPF build replaced in place),
+//!   crashed (SIGKILL, then a new agent) and stopped then started (no successor: what main did
+//!   before the handoff): connections refused or reset, a long-lived connection's fate, time
+//!   to serve or to be ready;
 //! - `connect`: connect latency from a pod, three ways, interleaved: to the in-pod listener
 //!   directly (loopback, not captured), to a remote pod redirected by eBPF to that same listener
 //!   (the difference is what redirection costs), and to the remote pod directly (context).
@@ -72,6 +77,8 @@ enum Scenario {
         #[arg(long, default_value_t = 200)]
         pods: usize,
     },
+    /// Restarts, upgrades and crashes under 100 new connections a second.
+    Lifecycle,
     /// `meshlet-cni` ADD: the time it adds to a pod's start, sequential and 16 in flight.
     Cni {
         #[arg(long, default_value_t = 200)]
@@ -202,6 +209,117 @@ fn ca_bench(pods: usize) -> anyhow::Result<serde_json::Value> {
     drop(ca);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(serde_json::json!({"pods": pods, "latency": summary, "csrs_per_second": rate}))
+}
+
+/// How one lifecycle event went for the traffic through it.
+#[derive(Debug, Serialize)]
+struct LifecycleRow {
+    ok: u64,
+    refused: u64,
+    reset: u64,
+    other: u64,
+    long_lived_survived: bool,
+    /// From the new agent's start to serving (handoff) or to its first enrollment pass
+    /// (listeners up, after a crash or a stop).
+    to_serving_ms: f64,
+}
+
+/// 100 new connections a second from `client` (node-0) to `server` (node-1) for 8 s, with a
+/// long-lived connection opened before, while each event happens 2 s in: a successor takes
+/// node-1's agent over (then SIGTERM to the old one); node-0's agent, on a variant eBPF build,
+/// is replaced by the real one (programs updated in place); node-1's agent is killed
+/// (SIGKILL) and a new one started; node-1's agent is stopped (SIGINT), then a new one
+/// started: no successor, what main did on SIGTERM before the handoff.
+fn lifecycle_bench() -> anyhow::Result<serde_json::Value> {
+    use meshlet_tests::mesh::FileMesh;
+    const RATE: u32 = 100;
+    const COUNT: usize = 800;
+    println!("\nrestarts under {RATE} new connections/s ({COUNT} connections, event 2 s in)");
+    println!(
+        "  {:<34} {:>6} {:>8} {:>6} {:>6} {:>10} {:>12}",
+        "", "ok", "refused", "reset", "other", "long-lived", "serving ms"
+    );
+    let variant = meshlet_tests::variant_ebpf_object();
+    let mut rows = serde_json::Map::new();
+    for event in ["handoff", "upgrade", "crash", "stop-then-start"] {
+        let variant = variant.clone();
+        let mut mesh = FileMesh::layout(
+            &[("client", 0), ("server", 1)],
+            &[],
+            vec![],
+            move |_, node| {
+                if event == "upgrade" && node == 0 {
+                    vec!["--ebpf-object".into(), variant.display().to_string()]
+                } else {
+                    vec![]
+                }
+            },
+        );
+        let source = format!("file:{}", mesh.file.display());
+        let cluster = &mesh.cluster;
+        let _echo = cluster.pod("server").echo_server(8080);
+        let to = cluster.pod("server").addr(false, 8080);
+        let held = cluster.pod("client").hold(to);
+        let load = cluster.pod("client").load(to, RATE, COUNT);
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        let node = if event == "upgrade" { 0 } else { 1 };
+        let wait = std::time::Duration::from_secs(30);
+        let (successor, serving) = match event {
+            "handoff" | "upgrade" => {
+                let started = Instant::now();
+                let successor = cluster.start_agent(node, &["--source", &source]);
+                successor.wait_for_log("agent serving", 1, wait);
+                let serving = started.elapsed();
+                mesh.agents[node].wait_for_log("handed over to the successor", 1, wait);
+                if event == "upgrade" {
+                    ensure!(
+                        successor.log().contains("program replaced in place"),
+                        "the upgrade replaced no program"
+                    );
+                }
+                mesh.agents[node].signal(libc::SIGTERM);
+                (successor, serving)
+            }
+            _ => {
+                if event == "crash" {
+                    mesh.agents[node].signal(libc::SIGKILL);
+                } else {
+                    mesh.agents[node].stop();
+                }
+                mesh.agents[node].wait_exit(wait);
+                let started = Instant::now();
+                let successor = cluster.start_agent(node, &["--source", &source]);
+                successor.wait_for_log("initial enrollment pass done", 1, wait);
+                (successor, started.elapsed())
+            }
+        };
+        let long_lived = held.release();
+        let outcomes = load.finish();
+        mesh.agents[node].wait_exit(wait);
+        mesh.agents[node] = successor;
+        let row = LifecycleRow {
+            ok: outcomes.count("ok"),
+            refused: outcomes.count("refused"),
+            reset: outcomes.count("reset"),
+            other: ["closed", "timeout", "error"]
+                .iter()
+                .map(|o| outcomes.count(o))
+                .sum(),
+            long_lived_survived: long_lived.error.is_none() && long_lived.echoed == 10,
+            to_serving_ms: serving.as_secs_f64() * 1000.0,
+        };
+        println!(
+            "  {event:<34} {:>6} {:>8} {:>6} {:>6} {:>10} {:>12.1}",
+            row.ok,
+            row.refused,
+            row.reset,
+            row.other,
+            if row.long_lived_survived { "finished" } else { "died" },
+            row.to_serving_ms
+        );
+        rows.insert(event.into(), serde_json::to_value(&row)?);
+    }
+    Ok(rows.into())
 }
 
 /// `meshlet-cni` ADD, run exactly as a runtime runs it, for `pods` new sandboxes (no process,
@@ -509,6 +627,7 @@ fn main() -> anyhow::Result<()> {
             report.insert("policy".into(), policy_bench()?);
             report.insert("ca".into(), ca_bench(200)?);
             report.insert("cni".into(), cni_bench(if args.quick { 50 } else { 200 })?);
+            report.insert("lifecycle".into(), lifecycle_bench()?);
             if let Some(ztunnel) = &args.ztunnel {
                 report.insert("interop".into(), interop(ztunnel)?);
             }
@@ -533,6 +652,9 @@ fn main() -> anyhow::Result<()> {
         }
         Scenario::Cni { pods } => {
             report.insert("cni".into(), cni_bench(pods)?);
+        }
+        Scenario::Lifecycle => {
+            report.insert("lifecycle".into(), lifecycle_bench()?);
         }
         Scenario::Interop => {
             let ztunnel = args
