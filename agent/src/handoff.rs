@@ -200,6 +200,16 @@ fn prepare(fd: &OwnedFd) -> anyhow::Result<u32> {
     Ok(u32::try_from(credentials.pid()).unwrap_or_default())
 }
 
+/// A unix `SOCK_SEQPACKET` socket (message boundaries kept, descriptors with each message).
+fn seqpacket() -> nix::Result<OwnedFd> {
+    socket::socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+}
+
 /// The handoff socket's default path: in `state_dir`.
 pub fn default_path(state_dir: &Path) -> PathBuf {
     state_dir.join(SOCKET_NAME)
@@ -223,12 +233,7 @@ pub struct Taken {
 /// Connects to the agent serving the handoff socket `path`, if one does (`None`: no socket, or
 /// a stale one nobody listens on, left by an agent that died).
 pub fn find(path: &Path) -> anyhow::Result<Option<Predecessor>> {
-    let socket = socket::socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
+    let socket = seqpacket()?;
     let address = UnixAddr::new(path)?;
     match socket::connect(socket.as_raw_fd(), &address) {
         Ok(()) => {}
@@ -427,12 +432,7 @@ pub fn bind(path: &Path) -> anyhow::Result<Listener> {
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
         Err(err) => return Err(err).with_context(|| format!("inspect {}", path.display())),
     }
-    let socket = socket::socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
+    let socket = seqpacket()?;
     socket::bind(socket.as_raw_fd(), &UnixAddr::new(&path)?)
         .with_context(|| format!("bind {}", path.display()))?;
     std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;

@@ -978,30 +978,32 @@ pub fn inode(path: &Path) -> u64 {
         .ino()
 }
 
+/// Runs `bpftool --json` with `args` and parses what it prints; panics with its error.
+pub fn bpftool(args: &[&str]) -> serde_json::Value {
+    let out = Command::new("bpftool")
+        .arg("--json")
+        .args(args)
+        .output()
+        .expect("run bpftool");
+    assert!(
+        out.status.success(),
+        "bpftool {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("bpftool prints JSON")
+}
+
 /// [`LinkInfo`] of the link pinned at `pin`, from `bpftool link show pinned` and `bpftool prog
 /// show id`.
 pub fn pinned_link(pin: &Path) -> LinkInfo {
-    let json = |args: &[&str]| -> serde_json::Value {
-        let out = Command::new("bpftool")
-            .arg("--json")
-            .args(args)
-            .output()
-            .expect("run bpftool");
-        assert!(
-            out.status.success(),
-            "bpftool {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("bpftool prints JSON")
-    };
-    let link = json(&[
+    let link = bpftool(&[
         "link",
         "show",
         "pinned",
         pin.to_str().expect("utf-8 pin path"),
     ]);
     let program_id = link["prog_id"].as_u64().expect("prog_id");
-    let program = json(&["prog", "show", "id", &program_id.to_string()]);
+    let program = bpftool(&["prog", "show", "id", &program_id.to_string()]);
     LinkInfo {
         id: link["id"].as_u64().expect("link id"),
         program_id,

@@ -97,7 +97,7 @@ pub struct Accepted {
 }
 
 /// What the `connect` helper reports.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConnectReport {
     /// The client's local address, when it connected.
     pub local: Option<SocketAddr>,

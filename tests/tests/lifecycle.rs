@@ -12,6 +12,7 @@ use std::{
 
 use meshlet_common::programs;
 use meshlet_tests::{
+    bpftool,
     mesh::FileMesh,
     pinned_link,
     raw_hbone::{RawHbone, frame_types},
@@ -314,21 +315,6 @@ fn an_upgrade_replaces_the_programs_in_place_on_the_same_links_under_load() {
     let earlier = redirected();
     client.connect(to, 100).assert_echoed(100);
     assert_eq!(redirected(), earlier + 1.0);
-}
-
-/// `bpftool --json ...`, parsed.
-fn bpftool(args: &[&str]) -> serde_json::Value {
-    let out = std::process::Command::new("bpftool")
-        .arg("--json")
-        .args(args)
-        .output()
-        .expect("run bpftool");
-    assert!(
-        out.status.success(),
-        "bpftool {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("bpftool prints JSON")
 }
 
 /// The bytes of `value` (bpftool's `["0x01", ...]`) as bpftool arguments: `01 ...`.

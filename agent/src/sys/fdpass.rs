@@ -5,7 +5,7 @@
 use std::{
     io::{self, IoSlice, IoSliceMut, Write as _},
     os::{
-        fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
+        fd::{AsFd as _, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
         unix::net::UnixStream,
     },
 };
@@ -17,23 +17,28 @@ pub const MAX_FDS: usize = 8;
 
 /// Writes `data` to `stream`, with `fds` attached to its first byte.
 pub fn send(stream: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    let sent = send_once(stream.as_fd(), data, fds)?;
+    let mut stream = stream;
+    stream.write_all(&data[sent..])
+}
+
+/// One `sendmsg` of `data` with `fds` attached (retried on EINTR); returns the bytes sent.
+fn send_once(fd: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
     let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
     let control = [ControlMessage::ScmRights(&raw)];
     let control: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &control };
-    let sent = loop {
+    loop {
         match sendmsg::<()>(
-            stream.as_raw_fd(),
+            fd.as_raw_fd(),
             &[IoSlice::new(data)],
             control,
             MsgFlags::MSG_NOSIGNAL,
             None,
         ) {
             Err(nix::errno::Errno::EINTR) => continue,
-            other => break other.map_err(io::Error::from)?,
+            other => return other.map_err(io::Error::from),
         }
-    };
-    let mut stream = stream;
-    stream.write_all(&data[sent..])
+    }
 }
 
 /// Reads what is available on the socket `fd` into `buf` (one `recvmsg`), with the descriptors
@@ -63,27 +68,12 @@ pub fn recv_message(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Ve
 
 /// Sends `data` as one message of a `SOCK_SEQPACKET` socket, with `fds` attached.
 pub fn send_message(fd: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
-    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
-    let control = [ControlMessage::ScmRights(&raw)];
-    let control: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &control };
-    loop {
-        match sendmsg::<()>(
-            fd.as_raw_fd(),
-            &[IoSlice::new(data)],
-            control,
-            MsgFlags::MSG_NOSIGNAL,
-            None,
-        ) {
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(err) => return Err(err.into()),
-            Ok(sent) if sent == data.len() => return Ok(()),
-            Ok(sent) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::WriteZero,
-                    format!("sent {sent} of a {}-byte message", data.len()),
-                ));
-            }
-        }
+    match send_once(fd, data, fds)? {
+        sent if sent == data.len() => Ok(()),
+        sent => Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            format!("sent {sent} of a {}-byte message", data.len()),
+        )),
     }
 }
 
@@ -130,7 +120,7 @@ fn recv_with(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::{io::Read as _, os::fd::AsFd as _};
+    use std::io::Read as _;
 
     #[test]
     fn a_descriptor_arrives_with_the_message_and_refers_to_the_same_file() {

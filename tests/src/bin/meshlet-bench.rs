@@ -314,7 +314,11 @@ fn lifecycle_bench() -> anyhow::Result<serde_json::Value> {
             row.refused,
             row.reset,
             row.other,
-            if row.long_lived_survived { "finished" } else { "died" },
+            if row.long_lived_survived {
+                "finished"
+            } else {
+                "died"
+            },
             row.to_serving_ms
         );
         rows.insert(event.into(), serde_json::to_value(&row)?);

@@ -403,8 +403,14 @@ fn walk_through(cluster: &mut Cluster, keep: bool) -> anyhow::Result<()> {
     let load = cluster.pod("client").load(server, 50, 200);
     let successor = start_agent(0);
     successor.wait_for_log("agent serving", 1, Duration::from_secs(30));
-    println!("      new agent: {}", last_line(&successor, "handoff received"));
-    println!("      new agent: {}", last_line(&successor, "capture installed"));
+    println!(
+        "      new agent: {}",
+        last_line(&successor, "handoff received")
+    );
+    println!(
+        "      new agent: {}",
+        last_line(&successor, "capture installed")
+    );
     agents[0].wait_for_log("handed over to the successor", 1, Duration::from_secs(10));
     agents[0].signal(libc::SIGTERM);
     let status = agents[0].wait_exit(Duration::from_secs(30));

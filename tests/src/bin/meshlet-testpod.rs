@@ -264,13 +264,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Mode::Hold { to, send, until } => {
-            let mut report = ConnectReport {
-                local: None,
-                peer: None,
-                echoed: 0,
-                error: None,
-                outcome: None,
-            };
+            let mut report = ConnectReport::default();
             let held = (|| {
                 let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
                 report.local = stream.local_addr().ok();
@@ -460,13 +454,7 @@ fn connect(
     timeout: Duration,
     delay: Duration,
 ) -> ConnectReport {
-    let mut report = ConnectReport {
-        local: None,
-        peer: None,
-        echoed: 0,
-        error: None,
-        outcome: None,
-    };
+    let mut report = ConnectReport::default();
     use meshlet_tests::process::Outcome;
     match exchange(to, send, mark, timeout, delay, &mut report) {
         Err(err) => {
