@@ -423,6 +423,16 @@ pub struct Listener {
 /// (a successor must find a serving agent there, or nothing).
 pub fn bind(path: &Path) -> anyhow::Result<Listener> {
     let path = path.to_owned();
+    ensure!(
+        path.as_os_str().len() < 108,
+        "handoff socket path {} is too long for a unix socket (at most 107 bytes)",
+        path.display()
+    );
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    if !dir.exists() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    }
     match std::fs::symlink_metadata(&path) {
         Ok(meta) if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) => {
             std::fs::remove_file(&path)
@@ -797,6 +807,27 @@ mod tests {
             let got = refusal(messages);
             assert!(got.contains(want), "want {want:?}, got {got:?}");
         }
+    }
+
+    #[test]
+    fn the_socket_path_must_be_usable() {
+        let dir = std::env::temp_dir().join(format!("meshlet-handoff-{}", std::process::id()));
+        let long = dir.join("x".repeat(120));
+        let err = format!("{:#}", bind(&long).unwrap_err());
+        assert!(err.contains("too long for a unix socket"), "{err}");
+        let file = dir.join("not-a-socket");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(&file, b"").unwrap();
+        let err = format!("{:#}", bind(&file).unwrap_err());
+        assert!(err.contains("exists and is not a socket"), "{err}");
+        // A missing directory is created; a stale socket is replaced; nobody there is `None`.
+        let path = dir.join("more/handoff.sock");
+        drop(bind(&path).unwrap());
+        assert!(find(&path).unwrap().is_none(), "a stale socket is no predecessor");
+        let listener = bind(&path).unwrap();
+        assert!(find(&path).unwrap().is_some(), "a listening agent is found");
+        drop(listener);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
