@@ -780,11 +780,7 @@ impl InPod {
         self.released.retain(|uid, _| known(uid));
         self.waiting.clear();
         self.sandbox_refusals.clear();
-        let host_network: Vec<String> = pods
-            .iter()
-            .filter(|pod| pod.host_network && pod.node_name.as_deref() == Some(self.node.as_str()))
-            .map(|pod| pod.uid.clone())
-            .collect();
+        let host_network = self.host_network_uids(&pods);
         for (uid, pod) in &desired {
             let uid = *uid;
             if self.enrolled.contains_key(uid) {
@@ -880,6 +876,14 @@ impl InPod {
             })
             .collect();
         self.states.replace(states);
+    }
+
+    /// The UIDs of this node's hostNetwork pods among `pods`.
+    fn host_network_uids(&self, pods: &[Arc<Pod>]) -> Vec<String> {
+        pods.iter()
+            .filter(|pod| pod.host_network && pod.node_name.as_deref() == Some(self.node.as_str()))
+            .map(|pod| pod.uid.clone())
+            .collect()
     }
 
     /// Records what the pod `uid` waits for (for CNI answers and `meshlet workloads`).
@@ -1108,6 +1112,10 @@ impl InPod {
             .pod(&key)
             .filter(|pod| pod.uid == state.uid)
             .ok_or_else(|| anyhow::anyhow!("the pod is not known to this agent"))?;
+        // The predecessor checked this namespace; so does this agent, as for one it found.
+        let host_network = self.host_network_uids(&self.store.pods());
+        discovery::verify(&self.proc_root, state.inode, &state.uid, &host_network)
+            .map_err(|refusal| anyhow::anyhow!("refusing its namespace: {refusal}"))?;
         let netns = Arc::new(netns);
         let identity = self.proxy.identity_of(&pod)?;
         // Usually issued already (the successor asks for the certificates of its pods before
