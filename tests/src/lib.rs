@@ -711,20 +711,31 @@ impl Cluster {
     /// The `meshlet agent` flags that point node `index`'s agent at its cgroup root, bpffs
     /// directory, CNI socket and the cluster's CA.
     pub fn agent_flags(&self, index: usize) -> Vec<String> {
-        vec![
+        // A baseline build from before the handoff does not take the flag.
+        let handoff = match process::baseline() {
+            Some(_) => vec![],
+            None => vec![
+                "--handoff-socket".into(),
+                self.handoff_socket(index).display().to_string(),
+            ],
+        };
+        [
             "--cni-socket".into(),
             self.cni_socket(index).display().to_string(),
             "--state-dir".into(),
             self.state_dir().display().to_string(),
-            "--handoff-socket".into(),
-            self.handoff_socket(index).display().to_string(),
+        ]
+        .into_iter()
+        .chain(handoff)
+        .chain([
             "--node-name".into(),
             self.nodes[index].name.clone(),
             "--cgroup-root".into(),
             self.cgroup_root(index).display().to_string(),
             "--bpffs-dir".into(),
             self.bpffs_dir(index).display().to_string(),
-        ]
+        ])
+        .collect()
     }
 
     /// Starts `meshlet agent` on node `index` with the cluster's flags plus `extra`, logging to

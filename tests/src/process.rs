@@ -63,10 +63,26 @@ pub fn testpod_binary() -> PathBuf {
 /// or the one `MESHLET_BINARY` names (to run the suites against another build, e.g. to measure
 /// an older release).
 pub fn meshlet_binary() -> PathBuf {
+    if let Some(path) = baseline() {
+        return path;
+    }
     match std::env::var_os("MESHLET_BINARY") {
         Some(path) => PathBuf::from(path),
         None => workspace_binary("meshlet"),
     }
+}
+
+static BASELINE: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+
+/// Runs the agents started from now on from `path`, a build from before the handoff (it takes
+/// no `--handoff-socket`), to measure it the same way; `None` goes back to this build.
+pub fn use_baseline(path: Option<PathBuf>) {
+    *BASELINE.lock().unwrap_or_else(|p| p.into_inner()) = path;
+}
+
+/// The baseline build in use, if any.
+pub fn baseline() -> Option<PathBuf> {
+    BASELINE.lock().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
 fn workspace_binary(name: &str) -> PathBuf {

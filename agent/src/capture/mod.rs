@@ -761,11 +761,20 @@ impl std::fmt::Debug for Pinned {
 }
 
 impl Pinned {
-    /// Opens the pinned maps under `bpffs_dir`.
+    /// Opens the pinned maps under `bpffs_dir`: this build's layout, or the unversioned one of
+    /// an agent from before layouts were versioned (still running during an upgrade).
     pub fn open(bpffs_dir: &Path) -> Result<Self, Error> {
         let layout = pins::Layout::new(bpffs_dir);
+        let path = |name: &str| {
+            let current = layout.map(name);
+            if current.exists() {
+                current
+            } else {
+                layout.unversioned_map(name)
+            }
+        };
         let open = |name: &'static str| -> Result<aya::maps::Map, Error> {
-            let data = MapData::from_pin(layout.map(name)).map_err(map_err(name))?;
+            let data = MapData::from_pin(path(name)).map_err(map_err(name))?;
             aya::maps::Map::from_map_data(data).map_err(map_err(name))
         };
         Ok(Self {
@@ -777,7 +786,7 @@ impl Pinned {
                 .map_err(map_err(maps::REDIRECTS))?,
             probes_passed: match open(maps::PROBES_PASSED) {
                 Ok(map) => Some(map.try_into().map_err(map_err(maps::PROBES_PASSED))?),
-                Err(_) if !layout.map(maps::PROBES_PASSED).exists() => None,
+                Err(_) if !path(maps::PROBES_PASSED).exists() => None,
                 Err(err) => return Err(err),
             },
         })

@@ -14,9 +14,9 @@
 //!   another and 16 at a time (a node starting its pods), against ADD of pods outside the mesh;
 //! - `lifecycle`: 100 new connections a second through a mesh pod while its agent is replaced
 //!   (a successor takes the listeners over), upgraded (a variant eBPF build replaced in place),
-//!   crashed (SIGKILL, then a new agent) and stopped then started (no successor: what main did
-//!   before the handoff): connections refused or reset, a long-lived connection's fate, time
-//!   to serve or to be ready;
+//!   crashed (SIGKILL, then a new agent), and with `--baseline` an older build restarted the
+//!   way it could be (SIGTERM, then a new agent): connections refused or reset, a long-lived
+//!   connection's fate, time to serve or to be ready;
 //! - `connect`: connect latency from a pod, three ways, interleaved: to the in-pod listener
 //!   directly (loopback, not captured), to a remote pod redirected by eBPF to that same listener
 //!   (the difference is what redirection costs), and to the remote pod directly (context).
@@ -49,6 +49,10 @@ struct Args {
     /// Istio's ztunnel binary: `all` then also checks it interoperates (see `interop`).
     #[arg(long, global = true)]
     ztunnel: Option<std::path::PathBuf>,
+    /// An older `meshlet` binary, from before the handoff (such as main before it): `lifecycle`
+    /// then also measures its restart (SIGTERM, then a new agent) under the same load.
+    #[arg(long, global = true)]
+    baseline: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -228,9 +232,9 @@ struct LifecycleRow {
 /// long-lived connection opened before, while each event happens 2 s in: a successor takes
 /// node-1's agent over (then SIGTERM to the old one); node-0's agent, on a variant eBPF build,
 /// is replaced by the real one (programs updated in place); node-1's agent is killed
-/// (SIGKILL) and a new one started; node-1's agent is stopped (SIGINT), then a new one
-/// started: no successor, what main did on SIGTERM before the handoff.
-fn lifecycle_bench() -> anyhow::Result<serde_json::Value> {
+/// (SIGKILL) and a new one started; and, with `baseline` (a build from before the handoff),
+/// the same restart of that build: SIGTERM to node-1's agent, then a new one.
+fn lifecycle_bench(baseline: Option<&std::path::Path>) -> anyhow::Result<serde_json::Value> {
     use meshlet_tests::mesh::FileMesh;
     const RATE: u32 = 100;
     const COUNT: usize = 800;
@@ -241,8 +245,17 @@ fn lifecycle_bench() -> anyhow::Result<serde_json::Value> {
     );
     let variant = meshlet_tests::variant_ebpf_object();
     let mut rows = serde_json::Map::new();
-    for event in ["handoff", "upgrade", "crash", "stop-then-start"] {
+    let mut events = vec!["handoff", "upgrade", "crash"];
+    if baseline.is_some() {
+        events.push("baseline: SIGTERM, then start");
+    }
+    for event in events {
         let variant = variant.clone();
+        process::use_baseline(
+            baseline
+                .filter(|_| event.starts_with("baseline"))
+                .map(ToOwned::to_owned),
+        );
         let mut mesh = FileMesh::layout(
             &[("client", 0), ("server", 1)],
             &[],
@@ -281,11 +294,11 @@ fn lifecycle_bench() -> anyhow::Result<serde_json::Value> {
                 (successor, serving)
             }
             _ => {
-                if event == "crash" {
-                    mesh.agents[node].signal(libc::SIGKILL);
+                mesh.agents[node].signal(if event == "crash" {
+                    libc::SIGKILL
                 } else {
-                    mesh.agents[node].stop();
-                }
+                    libc::SIGTERM
+                });
                 mesh.agents[node].wait_exit(wait);
                 let started = Instant::now();
                 let successor = cluster.start_agent(node, &["--source", &source]);
@@ -323,6 +336,7 @@ fn lifecycle_bench() -> anyhow::Result<serde_json::Value> {
         );
         rows.insert(event.into(), serde_json::to_value(&row)?);
     }
+    process::use_baseline(None);
     Ok(rows.into())
 }
 
@@ -631,7 +645,10 @@ fn main() -> anyhow::Result<()> {
             report.insert("policy".into(), policy_bench()?);
             report.insert("ca".into(), ca_bench(200)?);
             report.insert("cni".into(), cni_bench(if args.quick { 50 } else { 200 })?);
-            report.insert("lifecycle".into(), lifecycle_bench()?);
+            report.insert(
+                "lifecycle".into(),
+                lifecycle_bench(args.baseline.as_deref())?,
+            );
             if let Some(ztunnel) = &args.ztunnel {
                 report.insert("interop".into(), interop(ztunnel)?);
             }
@@ -658,7 +675,7 @@ fn main() -> anyhow::Result<()> {
             report.insert("cni".into(), cni_bench(pods)?);
         }
         Scenario::Lifecycle => {
-            report.insert("lifecycle".into(), lifecycle_bench()?);
+            report.insert("lifecycle".into(), lifecycle_bench(args.baseline.as_deref())?);
         }
         Scenario::Interop => {
             let ztunnel = args
