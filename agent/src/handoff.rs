@@ -823,7 +823,10 @@ mod tests {
         // A missing directory is created; a stale socket is replaced; nobody there is `None`.
         let path = dir.join("more/handoff.sock");
         drop(bind(&path).unwrap());
-        assert!(find(&path).unwrap().is_none(), "a stale socket is no predecessor");
+        assert!(
+            find(&path).unwrap().is_none(),
+            "a stale socket is no predecessor"
+        );
         let listener = bind(&path).unwrap();
         assert!(find(&path).unwrap().is_some(), "a listening agent is found");
         drop(listener);

@@ -9,6 +9,10 @@
 use std::{
     io,
     pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll},
 };
 
@@ -329,13 +333,14 @@ impl Metrics {
     }
 
     /// Counts a connection opened; returns its byte counters (sent, received).
-    pub fn open(&self, labels: &ConnectionLabels) -> (IntCounter, IntCounter) {
+    pub fn open(&self, labels: &ConnectionLabels) -> ByteCounters {
         let values = labels.values();
         self.opened.with_label_values(&values).inc();
-        (
-            self.sent.with_label_values(&values),
-            self.received.with_label_values(&values),
-        )
+        ByteCounters {
+            sent: self.sent.with_label_values(&values),
+            received: self.received.with_label_values(&values),
+            tally: Arc::default(),
+        }
     }
 
     /// Counts a connection closed.
@@ -353,23 +358,47 @@ impl Metrics {
     }
 }
 
-/// A stream whose traffic is counted as it passes: bytes read from it add to `received`,
-/// bytes written to it add to `sent` (the client-facing end of a connection).
+/// One connection's byte counters: the Istio counters of its label set (shared with every
+/// connection of the same labels) and its own tally (for its access log line).
+#[derive(Debug, Clone)]
+pub struct ByteCounters {
+    sent: IntCounter,
+    received: IntCounter,
+    tally: Arc<[AtomicU64; 2]>,
+}
+
+impl ByteCounters {
+    fn add_sent(&self, bytes: u64) {
+        self.sent.inc_by(bytes);
+        self.tally[0].fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn add_received(&self, bytes: u64) {
+        self.received.inc_by(bytes);
+        self.tally[1].fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// This connection's bytes so far: (sent, received).
+    pub fn tally(&self) -> (u64, u64) {
+        (
+            self.tally[0].load(Ordering::Relaxed),
+            self.tally[1].load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// A stream whose traffic is counted as it passes: bytes read from it are received, bytes
+/// written to it are sent (the client-facing end of a connection).
 #[derive(Debug)]
 pub struct Counted<S> {
     inner: S,
-    sent: IntCounter,
-    received: IntCounter,
+    counters: ByteCounters,
 }
 
 impl<S> Counted<S> {
     /// Counts `inner`'s traffic.
-    pub fn new(inner: S, (sent, received): (IntCounter, IntCounter)) -> Self {
-        Self {
-            inner,
-            sent,
-            received,
-        }
+    pub fn new(inner: S, counters: ByteCounters) -> Self {
+        Self { inner, counters }
     }
 }
 
@@ -389,7 +418,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
         let before = buf.filled().len();
         let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
         let read = buf.filled().len() - before;
-        self.received.inc_by(read as u64);
+        self.counters.add_received(read as u64);
         poll
     }
 }
@@ -402,7 +431,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
     ) -> Poll<io::Result<usize>> {
         let poll = Pin::new(&mut self.inner).poll_write(cx, data);
         if let Poll::Ready(Ok(written)) = &poll {
-            self.sent.inc_by(*written as u64);
+            self.counters.add_sent(*written as u64);
         }
         poll
     }
@@ -439,6 +468,14 @@ mod tests {
         b.write_all(b"world!").await.unwrap();
         let mut buf = [0u8; 6];
         counted.read_exact(&mut buf).await.unwrap();
+        // A second connection of the same labels: the Istio counters add up, each connection's
+        // own tally (its access log line) does not.
+        let (c, _d) = tokio::io::duplex(64);
+        let second = metrics.open(&labels);
+        let mut other = Counted::new(c, second.clone());
+        other.write_all(b"hi").await.unwrap();
+        assert_eq!(counted.counters.tally(), (5, 6));
+        assert_eq!(second.tally(), (2, 0));
         let text = metrics.render();
         assert!(
             text.contains("istio_tcp_connections_opened_total{"),
@@ -449,7 +486,7 @@ mod tests {
             .find(|l| l.starts_with("istio_tcp_sent_bytes_total{"))
             .unwrap();
         assert!(
-            sent.ends_with(" 5") && sent.contains("source_workload=\"client\""),
+            sent.ends_with(" 7") && sent.contains("source_workload=\"client\""),
             "{sent}"
         );
         let received = text

@@ -13,10 +13,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use prometheus::IntCounter;
 use tracing::info;
 
-use crate::metrics::{ConnectionLabels, Metrics};
+use crate::metrics::{ByteCounters, ConnectionLabels, Metrics};
 
 /// Which end of the connection this node's pod is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,7 +75,7 @@ pub struct Record {
     /// A client-supplied `Forwarded` header, for the log only: never trusted.
     forwarded: Option<String>,
     start: Instant,
-    counters: (IntCounter, IntCounter),
+    counters: ByteCounters,
     flags: Flags,
     reason: Option<String>,
 }
@@ -129,8 +128,8 @@ impl Record {
         record
     }
 
-    /// The byte counters (sent, received) for [`crate::metrics::Counted`].
-    pub fn counters(&self) -> (IntCounter, IntCounter) {
+    /// The connection's byte counters, for [`crate::metrics::Counted`].
+    pub fn counters(&self) -> ByteCounters {
         self.counters.clone()
     }
 
@@ -160,7 +159,7 @@ impl Record {
     }
 
     fn bytes(&self) -> (u64, u64) {
-        (self.counters.0.get(), self.counters.1.get())
+        self.counters.tally()
     }
 }
 

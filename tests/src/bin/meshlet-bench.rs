@@ -675,7 +675,10 @@ fn main() -> anyhow::Result<()> {
             report.insert("cni".into(), cni_bench(pods)?);
         }
         Scenario::Lifecycle => {
-            report.insert("lifecycle".into(), lifecycle_bench(args.baseline.as_deref())?);
+            report.insert(
+                "lifecycle".into(),
+                lifecycle_bench(args.baseline.as_deref())?,
+            );
         }
         Scenario::Interop => {
             let ztunnel = args
