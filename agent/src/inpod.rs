@@ -1134,9 +1134,13 @@ impl InPod {
             .map(|(&(addr, role), listener)| (addr, role, listener))
             .collect();
         let (listeners, sockets) = self.serve(&context, opened)?;
-        // The steering map holds these very sockets already, unless this agent's maps are new
-        // (a map layout change): register them again either way.
+        // The capture maps hold this namespace and these very sockets already, unless this
+        // agent's maps are new (a map layout change, and the pod enrolled after the entries
+        // were carried over): enroll and register them again either way (idempotent).
+        let cookie = self.capture.enroll(&netns, &state.ips)?;
+        anyhow::ensure!(cookie == state.cookie, "the namespace's cookie changed");
         self.register_inbound(&state.ips, &sockets)?;
+        self.capture.set_ready(cookie, true)?;
         Ok(Enrolled {
             key,
             uid: state.uid,

@@ -73,8 +73,8 @@ fn a_successor_takes_the_listeners_over_under_load_and_the_old_agent_drains() {
         successor.log()
     );
     assert!(
-        !successor.log().contains("enrolled netns"),
-        "the successor enrolled nothing itself: {}",
+        !successor.log().contains("pod enrolled"),
+        "the successor opened no listeners of its own: {}",
         successor.log()
     );
 
