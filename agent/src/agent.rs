@@ -133,7 +133,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
         None => Some(crate::cni::server::bind(&config.cni.socket)?),
     };
-    let capture = Capture::install(config.capture.clone())?;
+    // A successor installs capture (replacing programs, migrating maps) only once it has
+    // taken over, while the predecessor's enrollment is frozen: nothing it does meanwhile can
+    // go stale.
+    let mut capture = match &predecessor {
+        None => Some(Capture::install(config.capture.clone())?),
+        Some(_) => None,
+    };
 
     let issuer = match (&config.identity.remote, &config.identity.ca) {
         (Some(remote), _) => Issuer::Remote(Arc::new(identity::RemoteCa::new(remote.clone())?)),
@@ -200,24 +206,32 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (mut inherited, taken) = match predecessor {
         Some(predecessor) => {
             prepare_to_succeed(&proxy, &sync, &config.node_name).await;
-            match predecessor.take(config.node_name.clone()).await {
-                Ok((sockets, taken)) => (sockets, Some(taken)),
-                Err(err) => {
-                    warn!(err = %format!("{err:#}"), "cannot take the listeners over; starting afresh beside the running agent");
-                    (handoff::Sockets::default(), None)
-                }
-            }
+            // A successor that cannot take over exits (the kubelet starts it again) rather
+            // than run beside the predecessor on the same node: the predecessor serves on.
+            let (sockets, taken) = predecessor.take(config.node_name.clone()).await.context(
+                "cannot take the listeners over from the running agent, which serves on",
+            )?;
+            (sockets, Some(taken))
         }
         None => (handoff::Sockets::default(), None),
     };
+    let capture = match capture.take() {
+        Some(capture) => capture,
+        None => Capture::install(config.capture.clone())?,
+    };
     let cni_listener = match (inherited.take_node(Endpoint::Cni), cni_listener) {
-        (Some(fd), _) => {
+        (Some(fd), _) if handoff::is_unix_listener_at(&fd, &config.cni.socket) => {
             let listener = std::os::unix::net::UnixListener::from(fd);
             listener.set_nonblocking(true)?;
             tokio::net::UnixListener::from_std(listener)?
         }
-        (None, Some(listener)) => listener,
-        (None, None) => crate::cni::server::bind(&config.cni.socket)?,
+        (_, Some(listener)) => listener,
+        (inherited, None) => {
+            if inherited.is_some() {
+                info!(socket = %config.cni.socket.display(), "the CNI socket moved: listening anew");
+            }
+            crate::cni::server::bind(&config.cni.socket)?
+        }
     };
 
     let cni_fd = std::os::fd::AsFd::as_fd(&cni_listener).try_clone_to_owned()?;
@@ -286,9 +300,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             admin::admin,
         ),
     ] {
-        let listener = match inherited.take_node(endpoint) {
-            Some(fd) => std::net::TcpListener::from(fd),
-            None => admin::bind(name, addr)?,
+        let listener = match inherited
+            .take_node(endpoint)
+            .map(std::net::TcpListener::from)
+        {
+            Some(listener) if handoff::is_bound_as(&listener, addr) => listener,
+            inherited => {
+                if inherited.is_some() {
+                    info!(endpoint = name, %addr, "the endpoint moved: listening anew");
+                }
+                admin::bind(name, addr)?
+            }
         };
         node_listeners.push((endpoint, listener.try_clone()?.into()));
         servers.push(admin::start_on(name, listener, state.clone(), router)?);
@@ -313,7 +335,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .run(shutdown, enrollment_generation, events, handoffs),
     );
     if let Some(taken) = taken {
-        taken.accepting()?;
+        taken
+            .accepting()
+            .await
+            .context("the running agent did not let go of its listeners; it serves on")?;
     }
     let ledger_task = tokio::spawn(ledger.clone().keep(proxy.drain.clone()));
     let successor = tokio::spawn(handoff::serve(
@@ -368,21 +393,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Before a successor asks for the listeners: waits for the source's first sync, then for the
-/// certificates of the pods it will serve, so its first connections find everything ready.
-/// Each wait is bounded: a successor that cannot prepare still takes over (the predecessor may
-/// be going away).
+/// Before a successor asks for the listeners: waits for the source's first sync, then (at
+/// most a minute) for the certificates of the pods it will serve, so its first connections
+/// find everything ready.
 async fn prepare_to_succeed(proxy: &Arc<Proxy>, sync: &SyncState, node: &str) {
     const PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
-    let deadline = Instant::now() + PATIENCE;
+    // Without the store, no pod handed over could be served: wait as long as it takes (the
+    // predecessor serves meanwhile; if it goes away, the take fails and this agent restarts).
     let mut synced = sync.subscribe();
-    if tokio::time::timeout_at(deadline, synced.wait_for(|s| *s))
+    while tokio::time::timeout(PATIENCE, synced.wait_for(|s| *s))
         .await
         .is_err()
     {
-        warn!("the source has not synced; taking over anyway");
-        return;
+        warn!("the source has not synced yet; the running agent keeps serving until it has");
     }
+    let deadline = Instant::now() + PATIENCE;
     let mut certificates = proxy.identities.subscribe();
     loop {
         let mut missing = 0;

@@ -214,8 +214,9 @@ impl Signals {
 /// be gone:
 /// - a successor took the listeners over (`successor` resolved): stop accepting now; the
 ///   deadline is counted from the signal that comes later (`None` until then);
-/// - SIGTERM: keep serving (a rollout's successor is on its way) until a successor takes
-///   over or `drain_for` has passed: the deadline;
+/// - SIGTERM: keep serving (a successor may be on its way: the DaemonSet replaces a deleted
+///   agent at once) until one takes over or half of `drain_for` has passed; the deadline is
+///   `drain_for` after the signal, so what is left has the other half to end on its own;
 /// - SIGINT: stop accepting now, deadline `drain_for` from now.
 pub async fn until_stopped(
     signals: &mut Signals,
@@ -232,12 +233,12 @@ pub async fn until_stopped(
         return (Ending::Signalled, Some(deadline));
     }
     info!(
-        wait = ?drain_for,
-        "serving on until a successor takes the listeners over, or the drain deadline"
+        wait = ?(drain_for / 2),
+        "serving on until a successor takes the listeners over, or half the drain deadline"
     );
     tokio::select! {
         pid = successor => (Ending::HandedOver(pid), Some(deadline)),
-        () = tokio::time::sleep_until(deadline) => (Ending::Signalled, Some(deadline)),
+        () = tokio::time::sleep(drain_for / 2) => (Ending::Signalled, Some(deadline)),
         _ = signals.next() => (Ending::Signalled, Some(deadline)),
     }
 }
@@ -307,7 +308,10 @@ impl Ledger {
             live,
             clean,
         };
-        let temporary = self.path.with_extension("tmp");
+        // The file of this process only: a predecessor and its successor write at once.
+        let temporary = self
+            .path
+            .with_extension(format!("{}.tmp", std::process::id()));
         let written = serde_json::to_vec(&entry)
             .map_err(std::io::Error::other)
             .and_then(|body| std::fs::write(&temporary, body))

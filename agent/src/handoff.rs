@@ -15,6 +15,7 @@
 //!                            <-     done {pid, released}
 //!   (accepts on all of them)
 //!   accepting                ->
+//!                            <-     released
 //!                                   (stops accepting, drains what it owns: `drain`)
 //! ```
 //!
@@ -165,6 +166,7 @@ enum Message {
         released: Vec<(String, u64)>,
     },
     Accepting,
+    Released,
     Refused {
         message: String,
     },
@@ -350,6 +352,16 @@ fn inherit_pod(state: PodState, fds: Vec<OwnedFd>) -> anyhow::Result<InheritedPo
         fds.len(),
         state.listeners.len()
     );
+    // Only meshlet's own listeners, each once, serving what belongs there (a 0.0.0.0:15006
+    // said to be the outbound listener would open the pod's egress to anyone).
+    let known = Role::listeners();
+    let mut seen = HashSet::new();
+    for listener in &state.listeners {
+        ensure!(
+            known.contains(listener) && seen.insert(listener.0),
+            "pod {key}: {listener:?} is not one of meshlet's listeners"
+        );
+    }
     let mut fds = fds.into_iter();
     let netns = Netns::from_fd(fds.next().expect("counted"), state.path.clone())?;
     ensure!(
@@ -387,6 +399,23 @@ fn local_address(fd: &OwnedFd) -> anyhow::Result<SockaddrStorage> {
     Ok(socket::getsockname::<SockaddrStorage>(fd.as_raw_fd())?)
 }
 
+/// Whether `listener` is bound to `addr` (any port, if `addr`'s is 0): a node endpoint handed
+/// over is kept only where this agent is configured to listen.
+pub fn is_bound_as(listener: &std::net::TcpListener, addr: SocketAddr) -> bool {
+    listener.local_addr().is_ok_and(|bound| {
+        bound.ip() == addr.ip() && (addr.port() == 0 || bound.port() == addr.port())
+    })
+}
+
+/// Whether `fd` is a unix socket listening at `path` (the CNI socket handed over is kept only
+/// where this agent is configured to serve it).
+pub fn is_unix_listener_at(fd: &OwnedFd, path: &Path) -> bool {
+    socket::getsockname::<UnixAddr>(fd.as_raw_fd())
+        .ok()
+        .and_then(|addr| addr.path().map(|bound| bound == path))
+        .unwrap_or(false)
+}
+
 /// Checks that `fd` is a listening stream socket of `family`.
 fn check_listener(fd: &OwnedFd, family: AddressFamily) -> anyhow::Result<()> {
     ensure!(
@@ -403,10 +432,18 @@ fn check_listener(fd: &OwnedFd, family: AddressFamily) -> anyhow::Result<()> {
 }
 
 impl Taken {
-    /// Tells the predecessor this agent accepts on everything it received: it stops accepting
-    /// and drains.
-    pub fn accepting(self) -> anyhow::Result<()> {
-        send(self.socket.as_fd(), &Message::Accepting, &[])
+    /// Tells the predecessor this agent accepts on everything it received, and waits for it to
+    /// let go (it stops accepting and drains). An error leaves the predecessor serving: this
+    /// agent must not carry on beside it.
+    pub async fn accepting(self) -> anyhow::Result<()> {
+        tokio::task::spawn_blocking(move || {
+            send(self.socket.as_fd(), &Message::Accepting, &[])?;
+            match recv(self.socket.as_fd())? {
+                (Message::Released, _) => Ok(()),
+                (other, _) => bail!("expected released, got {other:?}"),
+            }
+        })
+        .await?
     }
 }
 
@@ -575,7 +612,7 @@ async fn hand_over(
     let sent = tokio::task::spawn_blocking(move || {
         send_all(socket.as_fd(), &sockets)?;
         match recv(socket.as_fd())? {
-            (Message::Accepting, _) => Ok(()),
+            (Message::Accepting, _) => send(socket.as_fd(), &Message::Released, &[]),
             (other, _) => bail!("expected accepting, got {other:?}"),
         }
     })
@@ -655,7 +692,8 @@ mod tests {
         let (a, b) = pair();
         let (netns, cookie, inode) = own_netns();
         let metrics = TcpListener::bind("127.0.0.1:0").unwrap();
-        let outbound = TcpListener::bind("127.0.0.1:0").unwrap();
+        // The pod's outbound listener where it belongs (loopback of this test's namespace).
+        let outbound = TcpListener::bind("127.0.0.1:15001").expect("127.0.0.1:15001 is free");
         let state = pod_state(
             cookie,
             inode,
@@ -750,18 +788,39 @@ mod tests {
             (
                 "not a listening socket",
                 vec![(
-                    pod(vec![(addr, Role::InboundHbone)]),
+                    pod(vec![("0.0.0.0:15008".parse().unwrap(), Role::InboundHbone)]),
                     vec![netns_fd(), not_listening()],
                 )],
             ),
             (
                 "is bound to",
                 vec![(
-                    pod(vec![(
-                        "127.0.0.1:15008".parse().unwrap(),
-                        Role::InboundHbone,
-                    )]),
+                    pod(vec![("127.0.0.1:15001".parse().unwrap(), Role::Outbound)]),
                     vec![netns_fd(), listening()],
+                )],
+            ),
+            (
+                "is not one of meshlet's listeners",
+                vec![(
+                    pod(vec![("0.0.0.0:15006".parse().unwrap(), Role::Outbound)]),
+                    vec![netns_fd(), listening()],
+                )],
+            ),
+            (
+                "is not one of meshlet's listeners",
+                vec![(
+                    pod(vec![(addr, Role::Outbound)]),
+                    vec![netns_fd(), listening()],
+                )],
+            ),
+            (
+                "is not one of meshlet's listeners",
+                vec![(
+                    pod(vec![
+                        ("127.0.0.1:15001".parse().unwrap(), Role::Outbound),
+                        ("127.0.0.1:15001".parse().unwrap(), Role::Outbound),
+                    ]),
+                    vec![netns_fd(), listening(), listening()],
                 )],
             ),
             (

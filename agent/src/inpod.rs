@@ -187,15 +187,20 @@ struct Enrolled {
     source: NetnsSource,
     inode: u64,
     netns: Arc<Netns>,
-    /// The tasks accepting on its listeners.
-    listeners: Vec<JoinHandle<()>>,
+    /// The tasks accepting on its listeners (held: dropping them stops accepting).
+    _accepting: Accepting,
     /// The listening sockets themselves (for a successor).
     sockets: Vec<(SocketAddr, Role, OwnedFd)>,
 }
 
-impl Drop for Enrolled {
+/// The tasks accepting on a pod's listeners, aborted when dropped (however the pod's enrollment
+/// ends, or fails half-way).
+#[derive(Debug, Default)]
+struct Accepting(Vec<JoinHandle<()>>);
+
+impl Drop for Accepting {
     fn drop(&mut self) {
-        for task in &self.listeners {
+        for task in &self.0 {
             task.abort();
         }
     }
@@ -979,7 +984,7 @@ impl InPod {
             source,
             inode,
             netns,
-            listeners,
+            _accepting: listeners,
             sockets,
         })
     }
@@ -1008,14 +1013,16 @@ impl InPod {
         &self,
         context: &Arc<PodContext>,
         opened: Vec<(SocketAddr, Role, std::net::TcpListener)>,
-    ) -> std::io::Result<(Vec<JoinHandle<()>>, Vec<(SocketAddr, Role, OwnedFd)>)> {
-        let mut tasks = Vec::new();
+    ) -> std::io::Result<(Accepting, Vec<(SocketAddr, Role, OwnedFd)>)> {
+        let mut tasks = Accepting::default();
         let mut sockets = Vec::new();
         for (addr, role, listener) in opened {
             sockets.push((addr, role, OwnedFd::from(listener.try_clone()?)));
             listener.set_nonblocking(true)?;
             let listener = tokio::net::TcpListener::from_std(listener)?;
-            tasks.push(role.serve(listener, self.proxy.clone(), context.clone()));
+            tasks
+                .0
+                .push(role.serve(listener, self.proxy.clone(), context.clone()));
         }
         Ok((tasks, sockets))
     }
@@ -1080,7 +1087,18 @@ impl InPod {
                 },
             );
         }
-        self.released.extend(sockets.released);
+        let known: std::collections::HashSet<String> = self
+            .store
+            .pods()
+            .iter()
+            .map(|pod| pod.uid.clone())
+            .collect();
+        self.released.extend(
+            sockets
+                .released
+                .into_iter()
+                .filter(|(uid, _)| known.contains(uid)),
+        );
         for inherited in sockets.pods {
             let state = &inherited.state;
             let key = ObjectKey::new(&state.namespace, &state.name);
@@ -1112,6 +1130,8 @@ impl InPod {
             .pod(&key)
             .filter(|pod| pod.uid == state.uid)
             .ok_or_else(|| anyhow::anyhow!("the pod is not known to this agent"))?;
+        // The addresses are this agent's own view of the pod (never the predecessor's word).
+        let pod = self.effective(&pod);
         // The predecessor checked this namespace; so does this agent, as for one it found.
         let host_network = self.host_network_uids(&self.store.pods());
         discovery::verify(&self.proc_root, state.inode, &state.uid, &host_network)
@@ -1137,19 +1157,19 @@ impl InPod {
         // The capture maps hold this namespace and these very sockets already, unless this
         // agent's maps are new (a map layout change, and the pod enrolled after the entries
         // were carried over): enroll and register them again either way (idempotent).
-        let cookie = self.capture.enroll(&netns, &state.ips)?;
+        let cookie = self.capture.enroll(&netns, &pod.ips)?;
         anyhow::ensure!(cookie == state.cookie, "the namespace's cookie changed");
-        self.register_inbound(&state.ips, &sockets)?;
+        self.register_inbound(&pod.ips, &sockets)?;
         self.capture.set_ready(cookie, true)?;
         Ok(Enrolled {
             key,
             uid: state.uid,
             cookie: state.cookie,
-            ips: state.ips,
+            ips: pod.ips.clone(),
             source: NetnsSource::new(state.via, state.path),
             inode: state.inode,
             netns,
-            listeners,
+            _accepting: listeners,
             sockets,
         })
     }

@@ -121,7 +121,7 @@ async fn the_drain_deadline_sends_goaway_on_hbone_and_closes_plaintext_cleanly()
             vec![],
             |_, node| {
                 if node == 1 {
-                    vec!["--drain-deadline".into(), "2s".into()]
+                    vec!["--drain-deadline".into(), "6s".into()]
                 } else {
                     vec![]
                 }
@@ -156,8 +156,9 @@ async fn the_drain_deadline_sends_goaway_on_hbone_and_closes_plaintext_cleanly()
     plaintext.write_all(b"ping").unwrap();
     plaintext.read_exact(&mut echoed).unwrap();
 
-    // SIGTERM without a successor: the agent keeps serving, new connections too, until the
-    // deadline.
+    // SIGTERM without a successor: the agent keeps serving, new connections too, for half the
+    // deadline (a successor may be on its way); then it stops accepting and tells the HBONE
+    // peer to go away; at the deadline it cuts what is left.
     let agent = &mut mesh.agents[1];
     agent.signal(libc::SIGTERM);
     agent.wait_for_log(
@@ -168,11 +169,12 @@ async fn the_drain_deadline_sends_goaway_on_hbone_and_closes_plaintext_cleanly()
     cluster.pod("bystander").connect(to, 100).assert_echoed(100);
     assert!(
         !frame_types(&tunnel.received.lock().unwrap()).contains(&GOAWAY),
-        "GOAWAY before the deadline"
+        "GOAWAY while still serving"
     );
+    agent.wait_for_log("draining: listeners closed", 1, Duration::from_secs(10));
 
-    // At the deadline: GOAWAY on the tunnel's connection, then the cut; the plaintext
-    // connection is closed with a FIN (read returns 0), not reset.
+    // At the deadline the cut: the plaintext connection is closed with a FIN (read returns
+    // 0), not reset; the tunnel's connection ends, after its GOAWAY.
     plaintext
         .set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();

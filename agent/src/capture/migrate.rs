@@ -133,7 +133,12 @@ pub fn prepare(layout: &Layout, expected: &HashMap<String, Definition>) -> Resul
                 continue;
             };
             let target = layout.map(&name);
+            // A map carried over by a start that failed half-way is carried over again (the
+            // copy overwrites); one moved or started afresh is not touched.
             if target.exists() {
+                if CARRIED_OVER.contains(&name.as_str()) && pinned(&pin)? != *want {
+                    plan.carry.push((name, pin));
+                }
                 continue;
             }
             if pinned(&pin)? == *want {
@@ -162,7 +167,7 @@ impl Plan {
             }
             let open =
                 |pin: &Path| bpf::obj_get(pin).map_err(Error::io("open the pinned map", pin));
-            let copied = bpf::map_copy(
+            let (copied, left_out) = bpf::map_copy(
                 open(old)?.as_fd(),
                 open(&new)?.as_fd(),
                 to.key_size as usize,
@@ -170,6 +175,9 @@ impl Plan {
             )
             .map_err(Error::io("carry over the entries of", old))?;
             info!(map = %name, entries = copied, "map definition changed; entries carried over");
+            if left_out > 0 {
+                warn!(map = %name, left_out, "entries that did not fit the new map were left out");
+            }
         }
         for pin in &self.leftovers {
             if pin.exists() {

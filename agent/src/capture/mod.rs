@@ -47,7 +47,7 @@ use aya::{
 use ipnet::IpNet;
 use meshlet_common::{Direction, Enrollment, Ip, ProbeKey, SETTING_FAIL_OPEN, maps, programs};
 pub use pins::{Uninstalled, uninstall};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::sys::Netns;
 
@@ -1025,8 +1025,22 @@ fn upgrade_netns_links(ebpf: &mut Ebpf, layout: &pins::Layout) -> Result<usize, 
             path: pin.clone(),
             source,
         })?;
-        if bring_up_to_date(ebpf, programs::SK_LOOKUP, &pin, running.program_id())? {
-            upgraded += 1;
+        match bring_up_to_date(ebpf, programs::SK_LOOKUP, &pin, running.program_id()) {
+            Ok(true) => upgraded += 1,
+            Ok(false) => {}
+            // The namespace is gone (its link is dead): nothing to steer there any more. The
+            // pass unenrolls it; its pin goes now, so no later start trips on it either.
+            Err(Error::Io { source, .. }) if source.raw_os_error() == Some(libc::ENOLINK) => {
+                info!(pin = %pin.display(), "unpinning the link of a namespace that is gone");
+                if let Some(dir) = pin.parent() {
+                    fs::remove_dir_all(dir).map_err(Error::io("unpin", dir))?;
+                }
+            }
+            // Another agent replaced it meanwhile, or the kernel refused: steering goes on with
+            // the program it has; say so rather than refuse to start.
+            Err(err) => {
+                warn!(pin = %pin.display(), %err, "cannot bring a namespace's program up to date")
+            }
         }
     }
     Ok(upgraded)

@@ -112,7 +112,7 @@ impl Decisions {
     /// never half, and the file survives a power cut right after (it exists for reboots).
     pub fn write(&self, path: &Path) -> io::Result<()> {
         use std::io::Write as _;
-        let tmp = path.with_extension("json.tmp");
+        let tmp = path.with_extension(format!("{}.json.tmp", std::process::id()));
         let mut file = std::fs::File::create(&tmp)?;
         file.write_all(&serde_json::to_vec_pretty(self)?)?;
         file.sync_all()?;

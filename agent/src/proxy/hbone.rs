@@ -315,10 +315,12 @@ async fn open_stream(
     })
 }
 
-/// Whether a request failed before the server processed it: the connection was closing
-/// (GOAWAY received) or the server refused the stream. Such a request is safe to send again.
+/// Whether a request failed before the server processed it: it was never written, the
+/// connection was going away (GOAWAY), or the server refused the stream. Such a request is
+/// safe to send again.
 fn never_processed(err: &hyper::Error) -> bool {
-    if err.is_canceled() || err.is_closed() {
+    // Canceled: the request was never written (the connection's task had ended).
+    if err.is_canceled() {
         return true;
     }
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);

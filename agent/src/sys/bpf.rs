@@ -195,19 +195,20 @@ pub fn map_info(fd: BorrowedFd<'_>) -> io::Result<MapInfo> {
 }
 
 /// Copies every entry of the map `from` into the map `to` (both with keys of `key_size` and
-/// values of `value_size` bytes; not per-CPU maps), returning how many. Entries that do not fit
-/// (`to` is full) are left out and counted as failures in the error.
+/// values of `value_size` bytes; not per-CPU maps). Returns how many were copied and how many
+/// did not fit (`to` is full).
 pub fn map_copy(
     from: BorrowedFd<'_>,
     to: BorrowedFd<'_>,
     key_size: usize,
     value_size: usize,
-) -> io::Result<usize> {
+) -> io::Result<(usize, usize)> {
     let mut key = vec![0u8; key_size];
     let mut next = vec![0u8; key_size];
     let mut value = vec![0u8; value_size];
     let mut first = true;
     let mut copied = 0;
+    let mut left_out = 0;
     loop {
         let mut attr = BpfAttr::new();
         attr.put_u32(0, from.as_raw_fd() as u32); // map_fd
@@ -216,7 +217,7 @@ pub fn map_copy(
         attr.put_u64(16, next.as_mut_ptr() as u64); // next_key
         match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
             Ok(_) => {}
-            Err(err) if err.raw_os_error() == Some(libc::ENOENT) => return Ok(copied),
+            Err(err) if err.raw_os_error() == Some(libc::ENOENT) => return Ok((copied, left_out)),
             Err(err) => return Err(err),
         }
         first = false;
@@ -235,7 +236,13 @@ pub fn map_copy(
         attr.put_u32(0, to.as_raw_fd() as u32);
         attr.put_u64(8, key.as_ptr() as u64);
         attr.put_u64(16, value.as_ptr() as u64);
-        bpf(BPF_MAP_UPDATE_ELEM, &mut attr)?; // flags 0: BPF_ANY
-        copied += 1;
+        match bpf(BPF_MAP_UPDATE_ELEM, &mut attr) {
+            // flags 0: BPF_ANY
+            Ok(_) => copied += 1,
+            Err(err) if matches!(err.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC)) => {
+                left_out += 1;
+            }
+            Err(err) => return Err(err),
+        }
     }
 }
