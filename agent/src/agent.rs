@@ -351,7 +351,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let (ending, deadline) = drain::until_stopped(
         &mut signals,
-        async { successor.await.unwrap_or_default() },
+        async {
+            match successor.await {
+                Ok(pid) => pid,
+                // The handoff server failed: no successor will come through it.
+                Err(err) => {
+                    warn!(%err, "the handoff server stopped; no successor can take over");
+                    std::future::pending().await
+                }
+            }
+        },
         config.drain_deadline,
     )
     .await;
