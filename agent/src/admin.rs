@@ -128,9 +128,17 @@ pub fn bind(name: &'static str, addr: SocketAddr) -> std::io::Result<std::net::T
         Ok(std::net::TcpListener::from(socket))
     })();
     bound.map_err(|err: std::io::Error| {
+        let holder = (err.kind() == std::io::ErrorKind::AddrInUse)
+            .then(|| crate::sys::socket::port_holder(addr.port()))
+            .flatten()
+            .map(|holder| format!(", held by {holder}"))
+            .unwrap_or_default();
         std::io::Error::new(
             err.kind(),
-            format!("bind the {name} endpoint on {addr}: {err}"),
+            format!(
+                "bind the {name} endpoint on {addr}: {err}{holder} (free the port or choose \
+                 another with --{name}-addr)"
+            ),
         )
     })
 }

@@ -133,6 +133,35 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
         None => Some(crate::cni::server::bind(&config.cni.socket)?),
     };
+    // The node endpoints before capture: a port another process holds stops the agent before it
+    // touches the kernel (the error names the holder). A successor gets them handed over.
+    let node_endpoints = [
+        (
+            Endpoint::Metrics,
+            "metrics",
+            config.endpoints.metrics,
+            admin::metrics as admin::Router,
+        ),
+        (
+            Endpoint::Readiness,
+            "readiness",
+            config.endpoints.readiness,
+            admin::readiness,
+        ),
+        (
+            Endpoint::Admin,
+            "admin",
+            config.endpoints.admin,
+            admin::admin,
+        ),
+    ];
+    let early: Vec<Option<std::net::TcpListener>> = match &predecessor {
+        None => node_endpoints
+            .iter()
+            .map(|(_, name, addr, _)| admin::bind(name, *addr).map(Some))
+            .collect::<std::io::Result<_>>()?,
+        Some(_) => node_endpoints.iter().map(|_| None).collect(),
+    };
     // A successor installs capture (replacing programs, migrating maps) only once it has
     // taken over, while the predecessor's enrollment is frozen: nothing it does meanwhile can
     // go stale.
@@ -280,32 +309,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let enrollment_generation = state.enrollment_generation.clone();
     let mut node_listeners = vec![(Endpoint::Cni, cni_fd)];
     let mut servers = Vec::new();
-    for (endpoint, name, addr, router) in [
-        (
-            Endpoint::Metrics,
-            "metrics",
-            config.endpoints.metrics,
-            admin::metrics as admin::Router,
-        ),
-        (
-            Endpoint::Readiness,
-            "readiness",
-            config.endpoints.readiness,
-            admin::readiness,
-        ),
-        (
-            Endpoint::Admin,
-            "admin",
-            config.endpoints.admin,
-            admin::admin,
-        ),
-    ] {
-        let listener = match inherited
-            .take_node(endpoint)
-            .map(std::net::TcpListener::from)
-        {
-            Some(listener) if handoff::is_bound_as(&listener, addr) => listener,
-            inherited => {
+    for ((endpoint, name, addr, router), early) in node_endpoints.into_iter().zip(early) {
+        let listener = match (
+            early,
+            inherited
+                .take_node(endpoint)
+                .map(std::net::TcpListener::from),
+        ) {
+            (Some(listener), _) => listener,
+            (None, Some(listener)) if handoff::is_bound_as(&listener, addr) => listener,
+            (None, inherited) => {
                 if inherited.is_some() {
                     info!(endpoint = name, %addr, "the endpoint moved: listening anew");
                 }

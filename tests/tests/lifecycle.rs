@@ -6,7 +6,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
+    net::{SocketAddr, TcpListener, TcpStream},
     time::Duration,
 };
 
@@ -486,4 +486,43 @@ fn after_a_crash_the_next_agent_reports_what_died_and_how_fast_it_is_ready() {
     // The new agent serves: a new connection is carried.
     client.connect(to, 1000).assert_echoed(1000);
     mesh.agents[1] = agent;
+}
+
+#[test]
+fn a_port_held_by_another_process_stops_the_agent_before_it_attaches_anything() {
+    meshlet_tests::require_root();
+    let cluster = meshlet_tests::Cluster::new(1);
+    // Something else on the node holds the metrics port (without SO_REUSEPORT).
+    let holder = cluster
+        .node(0)
+        .netns
+        .open()
+        .run(|| TcpListener::bind("0.0.0.0:15020"))
+        .unwrap()
+        .expect("bind 15020 in the node");
+    let file = std::env::temp_dir().join(format!("{}-workloads.yaml", cluster.id()));
+    meshlet_tests::write_workloads(&file, &[meshlet_tests::namespace_manifest("demo", &[])]);
+    let mut agent = cluster.start_agent(0, &["--source", &format!("file:{}", file.display())]);
+    let status = agent.wait_exit(Duration::from_secs(20));
+    let log = agent.log();
+    let _ = std::fs::remove_file(&file);
+    assert!(!status.success(), "the agent ran beside the holder: {log}");
+    assert!(
+        log.contains("bind the metrics endpoint on 0.0.0.0:15020")
+            && log.contains(&format!("held by pid {}", std::process::id())),
+        "the error names the port and its holder: {log}"
+    );
+    // It exited before touching the kernel: no program at the cgroup root, no pins.
+    let out = std::process::Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(cluster.cgroup_root(0))
+        .output()
+        .expect("run bpftool");
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "", "attached");
+    assert!(
+        !cluster.bpffs_dir(0).join("links").exists(),
+        "capture was pinned"
+    );
+    drop(holder);
 }

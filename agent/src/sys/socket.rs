@@ -115,3 +115,43 @@ fn getsockopt<T>(fd: BorrowedFd<'_>, level: libc::c_int, value: &mut T) -> io::R
 fn context(err: io::Error, what: &str) -> io::Error {
     io::Error::new(err.kind(), format!("{what}: {err}"))
 }
+
+/// Who listens on TCP `port` in this network namespace: `pid (comm)` of a process holding the
+/// listening socket, read from `/proc/net/tcp{,6}` and `/proc/*/fd` (for a bind that failed
+/// with "address in use": the error names the holder). `None` if it cannot be told.
+pub fn port_holder(port: u16) -> Option<String> {
+    let inode = ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .find_map(|table| {
+            let text = std::fs::read_to_string(table).ok()?;
+            text.lines().skip(1).find_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                let local_port = fields.get(1)?.rsplit(':').next()?;
+                let listening = fields.get(3)? == &"0A";
+                (listening && u16::from_str_radix(local_port, 16).ok()? == port)
+                    .then(|| fields.get(9)?.parse::<u64>().ok())
+                    .flatten()
+            })
+        })?;
+    let wanted = format!("socket:[{inode}]");
+    for process in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = process
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(process.path().join("fd")) else {
+            continue;
+        };
+        let holds = fds.flatten().any(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|target| target.as_os_str() == wanted.as_str())
+        });
+        if holds {
+            let comm = std::fs::read_to_string(process.path().join("comm")).unwrap_or_default();
+            return Some(format!("pid {pid} ({})", comm.trim()));
+        }
+    }
+    None
+}
