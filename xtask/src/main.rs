@@ -443,7 +443,9 @@ fn check_ca_layout(kustomization: &str, rendered: &str) -> anyhow::Result<usize>
 
 /// What an agent rollout needs from the DaemonSet: the new agent starts beside the old one
 /// (`maxSurge: 1`, `maxUnavailable: 0`, and no host ports, which would keep the scheduler from
-/// placing it), the grace period is the drain deadline plus 5 s, and capture fails closed.
+/// placing it), the grace period is the drain deadline plus 5 s, and capture fails closed; and
+/// what any install needs: Linux nodes only, and a namespace whose Pod Security level admits
+/// the agent.
 fn check_rollout(kustomization: &str, rendered: &str) -> anyhow::Result<()> {
     use serde::Deserialize as _;
     let fail = |what: String| anyhow::anyhow!("{kustomization}: {what}");
@@ -498,6 +500,23 @@ fn check_rollout(kustomization: &str, rendered: &str) -> anyhow::Result<()> {
         return Err(fail(
             "the agents must fail closed: a rollout hands the listeners over, nothing needs to \
              bypass the mesh"
+                .into(),
+        ));
+    }
+    if pod["nodeSelector"]["kubernetes.io/os"] != "linux" {
+        return Err(fail(
+            "the DaemonSet must select Linux nodes (kubernetes.io/os: linux)".into(),
+        ));
+    }
+    let namespace = serde_yaml::Deserializer::from_str(rendered)
+        .map(serde_json::Value::deserialize)
+        .filter_map(Result::ok)
+        .find(|o| o["kind"] == "Namespace" && o["metadata"]["name"] == "meshlet-system")
+        .ok_or_else(|| fail("no Namespace meshlet-system".into()))?;
+    if namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] != "privileged" {
+        return Err(fail(
+            "meshlet-system needs the privileged Pod Security level (hostNetwork, hostPID, \
+             capabilities)"
                 .into(),
         ));
     }
@@ -602,6 +621,17 @@ mod tests {
                     "        name: meshlet\n        ports:\n        - containerPort: 15020\n        readinessProbe:",
                 ),
                 "host ports",
+            ),
+            (
+                base.replace("kubernetes.io/os: linux", "kubernetes.io/os: windows"),
+                "Linux nodes",
+            ),
+            (
+                base.replace(
+                    "pod-security.kubernetes.io/enforce: privileged",
+                    "pod-security.kubernetes.io/enforce: baseline",
+                ),
+                "privileged Pod Security",
             ),
             (
                 base.replace("terminationGracePeriodSeconds: 30", "terminationGracePeriodSeconds: 60"),
