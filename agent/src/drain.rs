@@ -117,6 +117,15 @@ impl Drain {
         self.inner.live.load(Ordering::Acquire)
     }
 
+    /// Resolves once no connection is live (`ended` wakes it as each one ends).
+    async fn idle(&self, ended: &mut watch::Receiver<u64>) {
+        while self.live() > 0 {
+            if ended.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// Stops: HBONE connections are told to go away (GOAWAY: no new streams here; the open
     /// ones carry on). Call it once the listeners are closed (or handed over).
     pub fn stop(&self) {
@@ -135,25 +144,14 @@ impl Drain {
             "draining: listeners closed, serving the connections this agent owns until they end"
         );
         let mut ended = self.inner.ended.subscribe();
-        let idle = async {
-            while self.live() > 0 {
-                if ended.changed().await.is_err() {
-                    return;
-                }
-            }
-        };
-        if tokio::time::timeout_at(deadline, idle).await.is_err() {
+        if tokio::time::timeout_at(deadline, self.idle(&mut ended))
+            .await
+            .is_err()
+        {
             self.inner.deadline.send_replace(true);
-            let gone = async {
-                while self.live() > 0 {
-                    if ended.changed().await.is_err() {
-                        return;
-                    }
-                }
-            };
             // Past the grace every tracked connection has been dropped; a little more lets
             // their tasks run.
-            let _ = tokio::time::timeout(CUT_GRACE * 2, gone).await;
+            let _ = tokio::time::timeout(CUT_GRACE * 2, self.idle(&mut ended)).await;
         }
         Drained {
             live_at_start,
@@ -400,5 +398,31 @@ mod tests {
         assert_eq!(drained.live_at_start, 2);
         assert_eq!(drained.cut, 1);
         assert_eq!(drain.live(), 0);
+    }
+
+    #[test]
+    fn the_ledger_tells_a_crash_from_a_clean_stop_and_ignores_garbage() {
+        let dir = std::env::temp_dir().join(format!("meshlet-ledger-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ledger = Ledger::new(dir.join("connections.json"));
+        assert_eq!(ledger.crashed(), None, "no ledger yet");
+        for garbage in [&b"{not json"[..], b"", b"{\"pid\":\"x\"}"] {
+            std::fs::write(dir.join("connections.json"), garbage).unwrap();
+            assert_eq!(ledger.crashed(), None, "{garbage:?}");
+        }
+        // A process that is gone (pid_max is below 2^22) left 3 live connections.
+        let gone = 4_194_304;
+        std::fs::write(
+            dir.join("connections.json"),
+            format!("{{\"pid\":{gone},\"live\":3,\"clean\":false}}"),
+        )
+        .unwrap();
+        assert_eq!(ledger.crashed(), Some(Crashed { pid: gone, lost: 3 }));
+        // This process's own entry, live or closed, is no crash.
+        ledger.write(5, false);
+        assert_eq!(ledger.crashed(), None);
+        ledger.close();
+        assert_eq!(ledger.crashed(), None);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

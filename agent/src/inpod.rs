@@ -1099,10 +1099,11 @@ impl InPod {
                 .into_iter()
                 .filter(|(uid, _)| known.contains(uid)),
         );
+        let host_network = self.host_network_uids(&self.store.pods());
         for inherited in sockets.pods {
             let state = &inherited.state;
             let key = ObjectKey::new(&state.namespace, &state.name);
-            match self.adopt(inherited) {
+            match self.adopt(inherited, &host_network) {
                 Ok(enrolled) => {
                     info!(pod = %enrolled.key, cookie = enrolled.cookie, "pod taken over from the predecessor");
                     if let Some(annotate) = &self.annotator {
@@ -1118,7 +1119,13 @@ impl InPod {
         self
     }
 
-    fn adopt(&mut self, inherited: handoff::InheritedPod) -> anyhow::Result<Enrolled> {
+    /// Serves one pod handed over (`host_network`: this node's hostNetwork pods, for the
+    /// namespace check).
+    fn adopt(
+        &mut self,
+        inherited: handoff::InheritedPod,
+        host_network: &[String],
+    ) -> anyhow::Result<Enrolled> {
         let handoff::InheritedPod {
             state,
             netns,
@@ -1133,8 +1140,7 @@ impl InPod {
         // The addresses are this agent's own view of the pod (never the predecessor's word).
         let pod = self.effective(&pod);
         // The predecessor checked this namespace; so does this agent, as for one it found.
-        let host_network = self.host_network_uids(&self.store.pods());
-        discovery::verify(&self.proc_root, state.inode, &state.uid, &host_network)
+        discovery::verify(&self.proc_root, state.inode, &state.uid, host_network)
             .map_err(|refusal| anyhow::anyhow!("refusing its namespace: {refusal}"))?;
         let netns = Arc::new(netns);
         let identity = self.proxy.identity_of(&pod)?;

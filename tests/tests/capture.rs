@@ -740,3 +740,27 @@ fn capture_on_a_path_that_is_not_bpffs_is_refused_with_the_reason() {
         "{err}"
     );
 }
+
+#[test]
+fn an_ebpf_object_that_is_missing_or_not_an_object_is_refused_before_anything_is_attached() {
+    let cluster = Cluster::new(1);
+    let garbage = std::env::temp_dir().join(format!("{}-garbage.o", cluster.id()));
+    std::fs::write(&garbage, b"not an ELF object").unwrap();
+    for (object, want) in [
+        (
+            cluster.bpffs_dir(0).join("missing.o"),
+            "read the eBPF object",
+        ),
+        (garbage.clone(), "the eBPF object:"),
+    ] {
+        let mut config = config(&cluster, FailMode::Closed);
+        config.object = Some(object);
+        let err = Capture::install(config).expect_err("a bad object is refused");
+        assert!(err.to_string().contains(want), "want {want:?}: {err}");
+        assert!(
+            attached(&cluster.cgroup_root(0)).is_empty(),
+            "nothing attached"
+        );
+    }
+    std::fs::remove_file(&garbage).unwrap();
+}

@@ -449,11 +449,17 @@ fn check_ca_layout(kustomization: &str, rendered: &str) -> anyhow::Result<usize>
 fn check_rollout(kustomization: &str, rendered: &str) -> anyhow::Result<()> {
     use serde::Deserialize as _;
     let fail = |what: String| anyhow::anyhow!("{kustomization}: {what}");
-    let daemonset = serde_yaml::Deserializer::from_str(rendered)
+    let objects: Vec<serde_json::Value> = serde_yaml::Deserializer::from_str(rendered)
         .map(serde_json::Value::deserialize)
         .filter_map(Result::ok)
-        .find(|o| o["kind"] == "DaemonSet" && o["metadata"]["name"] == "meshlet")
-        .ok_or_else(|| fail("no DaemonSet meshlet".into()))?;
+        .collect();
+    let find = |kind: &str, name: &str| {
+        objects
+            .iter()
+            .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+            .ok_or_else(|| fail(format!("no {kind} {name}")))
+    };
+    let daemonset = find("DaemonSet", "meshlet")?;
     let strategy = &daemonset["spec"]["updateStrategy"];
     if strategy["type"] != "RollingUpdate"
         || strategy["rollingUpdate"]["maxSurge"] != 1
@@ -508,11 +514,7 @@ fn check_rollout(kustomization: &str, rendered: &str) -> anyhow::Result<()> {
             "the DaemonSet must select Linux nodes (kubernetes.io/os: linux)".into(),
         ));
     }
-    let namespace = serde_yaml::Deserializer::from_str(rendered)
-        .map(serde_json::Value::deserialize)
-        .filter_map(Result::ok)
-        .find(|o| o["kind"] == "Namespace" && o["metadata"]["name"] == "meshlet-system")
-        .ok_or_else(|| fail("no Namespace meshlet-system".into()))?;
+    let namespace = find("Namespace", "meshlet-system")?;
     if namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] != "privileged" {
         return Err(fail(
             "meshlet-system needs the privileged Pod Security level (hostNetwork, hostPID, \

@@ -656,6 +656,17 @@ mod tests {
             ],
             "longer than 25s",
         );
+        refused(
+            &[
+                "meshlet",
+                "agent",
+                "--node-name",
+                "n",
+                "--drain-deadline",
+                "25",
+            ],
+            "has no unit",
+        );
         assert!(
             Cli::try_parse_from(["meshlet", "ca"]).is_ok(),
             "the defaults parse"
