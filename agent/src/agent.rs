@@ -83,6 +83,9 @@ pub struct Config {
     /// Where this agent hands its sockets to a successor, and finds its predecessor
     /// ([`crate::handoff`]).
     pub handoff_socket: PathBuf,
+    /// The agent's own pod (namespace, name): with the kube source its DaemonSet is watched,
+    /// and deleting it releases capture on SIGTERM ([`crate::removal`]).
+    pub pod: Option<(String, String)>,
 }
 
 /// Runs the agent until a termination signal, or until a successor has taken its listeners
@@ -208,6 +211,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let policies = tokio::spawn(follow_policies(proxy.clone(), policy_cache));
     let sync = Arc::new(SyncState::default());
     let mut annotator: Option<Annotator> = None;
+    let (removal_tx, mut removal) = watch::channel(None);
+    let mut removal_task = None;
     let source_task = match &config.source {
         SourceConfig::File(path) => {
             tokio::spawn(source::file::run(path.clone(), store.clone(), sync.clone()))
@@ -227,6 +232,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     }
                 });
             }));
+            if let Some((namespace, pod)) = config.pod.clone() {
+                removal_task = Some(tokio::spawn(crate::removal::follow(
+                    client.clone(),
+                    namespace,
+                    pod,
+                    removal_tx,
+                )));
+            }
             tokio::spawn(source::kube::run(client, store.clone(), sync.clone()))
         }
     };
@@ -270,6 +283,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .install
         .is_some()
         .then(|| Arc::new(std::sync::atomic::AtomicBool::new(false)));
+    let cni_keeper = tokio::spawn(match (config.cni.install.clone(), cni_chained.clone()) {
+        (Some(install), Some(chained)) => {
+            futures::future::Either::Left(crate::cni::install::keep_installed(
+                install,
+                std::time::Duration::from_secs(5),
+                chained,
+            ))
+        }
+        _ => futures::future::Either::Right(std::future::ready(())),
+    });
     let cni_tasks = [
         tokio::spawn(crate::cni::server::serve(
             cni_listener,
@@ -284,16 +307,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             config.node_name.clone(),
             crate::cni::decisions::path_beside(&config.cni.socket),
         )),
-        tokio::spawn(match (config.cni.install.clone(), cni_chained.clone()) {
-            (Some(install), Some(chained)) => {
-                futures::future::Either::Left(crate::cni::install::keep_installed(
-                    install,
-                    std::time::Duration::from_secs(5),
-                    chained,
-                ))
-            }
-            _ => futures::future::Either::Right(std::future::ready(())),
-        }),
     ];
     let captures = Arc::new(crate::inpod::CaptureStates::default());
     let state = admin::State {
@@ -330,6 +343,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
 
     let (shutdown_tx, shutdown) = watch::channel(false);
+    let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let netns_annotation = matches!(config.source, SourceConfig::File(_));
     let (handoffs_tx, handoffs) = tokio::sync::mpsc::channel(1);
     let inpod = tokio::spawn(
@@ -344,6 +358,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .with_states(captures)
         .with_cni_timeout(config.cni.timeout)
         .with_start(started.into_std(), crashed)
+        .with_released(released.clone())
         .inherit(inherited)
         .run(shutdown, enrollment_generation, events, handoffs),
     );
@@ -362,6 +377,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     ));
     info!(took = ?started.elapsed(), "agent serving");
 
+    // A removal known once SIGTERM has come releases capture at once; the listeners serve on
+    // meanwhile, for peers whose agents still capture.
+    let release = |reason: &crate::removal::Removal| {
+        if !released.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            cni_keeper.abort();
+            release_capture(&config, reason);
+        }
+    };
     let (ending, deadline) = drain::until_stopped(
         &mut signals,
         async {
@@ -374,9 +397,26 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 }
             }
         },
+        async {
+            if let Ok(reason) = removal.wait_for(Option::is_some).await {
+                let reason = reason.clone().expect("waited for Some");
+                release(&reason);
+            }
+            std::future::pending().await
+        },
         config.drain_deadline,
     )
     .await;
+    let removed = removal.borrow().clone();
+    if ending == Ending::Signalled
+        && let Some(reason) = removed
+    {
+        release(&reason);
+    }
+    if let Some(task) = removal_task {
+        task.abort();
+    }
+    cni_keeper.abort();
     let _ = shutdown_tx.send(true);
     ledger_task.abort();
     source_task.abort();
@@ -405,14 +445,45 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if ending == Ending::Signalled {
         ledger.close();
     }
+    let capture = if released.load(std::sync::atomic::Ordering::Acquire) {
+        "released"
+    } else {
+        "stays attached through its pins (`meshlet uninstall` removes it)"
+    };
     info!(
         connections = drained.live_at_start,
         cut = drained.cut,
         took = ?drained.took,
         handed_over = stopped == crate::inpod::Stopped::HandedOver,
-        "stopped; capture stays attached through its pins (`meshlet uninstall` removes it)"
+        "stopped; capture {capture}"
     );
     Ok(())
+}
+
+/// Releases capture on this node for good, as the agent's DaemonSet is being removed: every
+/// pinned program detached and unpinned, meshlet-cni unchained and removed. Pods' new
+/// connections go direct from here on; the in-pod listeners still serve what reaches them
+/// (HBONE from peers whose agents still capture) until the drain.
+fn release_capture(config: &Config, reason: &crate::removal::Removal) {
+    if let Some(install) = &config.cni.install
+        && let Err(err) = crate::cni::install::uninstall(&install.conf_dir, &install.bin_dir)
+    {
+        warn!(%err, "cannot unchain meshlet-cni; `meshlet cni uninstall` on the node removes it");
+    }
+    match capture::uninstall(&config.capture.bpffs_dir) {
+        Ok(removed) => warn!(
+            %reason,
+            links = removed.links,
+            maps = removed.maps,
+            "capture released: programs detached, pins removed, meshlet-cni unchained; pods' \
+             new connections go direct"
+        ),
+        Err(err) => warn!(
+            %reason,
+            %err,
+            "cannot release capture; `meshlet uninstall` on the node removes it"
+        ),
+    }
 }
 
 /// Before a successor asks for the listeners: waits for the source's first sync, then (at

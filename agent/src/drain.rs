@@ -216,9 +216,13 @@ impl Signals {
 ///   agent at once) until one takes over or half of `drain_for` has passed; the deadline is
 ///   `drain_for` after the signal, so what is left has the other half to end on its own;
 /// - SIGINT: stop accepting now, deadline `drain_for` from now.
+///
+/// `serving_on` runs while SIGTERM waits (work that cannot wait for the stop: releasing
+/// capture as the DaemonSet is removed).
 pub async fn until_stopped(
     signals: &mut Signals,
     successor: impl Future<Output = u32>,
+    serving_on: impl Future<Output = std::convert::Infallible>,
     drain_for: Duration,
 ) -> (Ending, Option<Instant>) {
     let mut successor = std::pin::pin!(successor);
@@ -238,6 +242,7 @@ pub async fn until_stopped(
         pid = successor => (Ending::HandedOver(pid), Some(deadline)),
         () = tokio::time::sleep(drain_for / 2) => (Ending::Signalled, Some(deadline)),
         _ = signals.next() => (Ending::Signalled, Some(deadline)),
+        never = serving_on => match never {},
     }
 }
 

@@ -243,6 +243,9 @@ pub struct InPod {
     cni_timeout: Duration,
     /// When the agent started, and its predecessor's crash (for the first pass's log line).
     started: Option<(Instant, Option<crate::drain::Crashed>)>,
+    /// Set once capture has been released for good (the DaemonSet is being removed): no pass
+    /// may enroll anything again; the listeners serve on until shutdown.
+    capture_released: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for InPod {
@@ -286,6 +289,7 @@ impl InPod {
             states: Arc::default(),
             cni_timeout: Duration::from_secs(10),
             started: None,
+            capture_released: Arc::default(),
         }
     }
 
@@ -305,6 +309,12 @@ impl InPod {
     /// pass has opened every pod's listeners (the restart's time to ready).
     pub fn with_start(mut self, started: Instant, crashed: Option<crate::drain::Crashed>) -> Self {
         self.started = Some((started, crashed));
+        self
+    }
+
+    /// The flag that, once set, stops every pass: capture was released for good.
+    pub fn with_released(mut self, released: Arc<std::sync::atomic::AtomicBool>) -> Self {
+        self.capture_released = released;
         self
     }
 
@@ -331,10 +341,18 @@ impl InPod {
         let mut stopped = Stopped::Shutdown;
         let mut successor = None;
         loop {
-            if !ready && *synced.borrow_and_update() {
+            let released = self
+                .capture_released
+                .load(std::sync::atomic::Ordering::Acquire);
+            if !ready && !released && *synced.borrow_and_update() {
                 ready = true;
                 info!(node = %self.node, "source synced; reconciling enrollment");
                 self.forget_unknown_enrollments();
+            }
+            if ready && released {
+                // Enrolling now would attach programs again after the release.
+                ready = false;
+                info!("capture released: enrollment stopped; the listeners serve until shutdown");
             }
             if ready {
                 let generation = *changes.borrow_and_update();

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod policy;
 pub mod proto;
 pub mod proxy;
+pub mod removal;
 pub mod source;
 pub mod sys;
 pub mod telemetry;

@@ -1,8 +1,8 @@
 //! A stand-in Kubernetes API server for tests, speaking the real wire protocol over plain HTTP
 //! on 127.0.0.1, so that Kubernetes code runs through an ordinary [`kube::Client`].
 //!
-//! It serves namespaces, pods, services, secrets and config maps (`v1`), endpoint slices
-//! (`discovery.k8s.io/v1`) and Istio's authorization policies and peer authentications
+//! It serves namespaces, pods, services, secrets and config maps (`v1`), daemon sets
+//! (`apps/v1`), endpoint slices (`discovery.k8s.io/v1`) and Istio's authorization policies and peer authentications
 //! (`security.istio.io/v1`), cluster-wide and per namespace: LIST with label and field selectors, WATCH from a resourceVersion with
 //! bookmarks and `410 Expired` once history is compacted, GET, POST, PUT, DELETE, and JSON merge
 //! PATCH. Objects are JSON values; every change takes the next number of one global

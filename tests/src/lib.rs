@@ -989,6 +989,22 @@ pub fn inode(path: &Path) -> u64 {
         .ino()
 }
 
+/// The bpf links of type `netns` (sk_lookup) the kernel has on the network namespace at
+/// `netns` (`bpftool link show`).
+pub fn sk_lookup_links(netns: &Path) -> usize {
+    let inode = inode(netns);
+    let links = bpftool(&["link", "show"]);
+    links
+        .as_array()
+        .map(|links| {
+            links
+                .iter()
+                .filter(|l| l["type"] == "netns" && l["netns_ino"].as_u64() == Some(inode))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 /// Runs `bpftool --json` with `args` and parses what it prints; panics with its error.
 pub fn bpftool(args: &[&str]) -> serde_json::Value {
     let out = Command::new("bpftool")

@@ -6,7 +6,6 @@
 use std::{
     io::{Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpListener},
-    os::unix::fs::MetadataExt as _,
     path::Path,
     process::Command,
     thread::JoinHandle,
@@ -87,18 +86,9 @@ fn attached(cgroup: &Path) -> Vec<(String, String)> {
     programs
 }
 
-/// sk_lookup links the kernel has on the network namespace of `pod` (bpftool link show).
+/// sk_lookup links the kernel has on the network namespace of `pod`.
 fn sk_lookup_links(pod: &Pod) -> usize {
-    let inode = std::fs::metadata(pod.netns.path()).unwrap().ino();
-    let out = Command::new("bpftool")
-        .args(["-j", "link", "show"])
-        .output()
-        .expect("run bpftool");
-    let links: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    links
-        .iter()
-        .filter(|l| l["type"] == "netns" && l["netns_ino"].as_u64() == Some(inode))
-        .count()
+    meshlet_tests::sk_lookup_links(&pod.netns.path())
 }
 
 /// Accepts one connection on `listener` (a 15006 stand-in), echoes it, and returns the

@@ -526,3 +526,143 @@ fn a_port_held_by_another_process_stops_the_agent_before_it_attaches_anything() 
     );
     drop(holder);
 }
+
+#[test]
+fn deleting_the_daemonset_releases_capture_and_a_restart_keeps_it() {
+    use meshlet_tests::{kube_api::ApiServer, namespace_manifest, process::Outcome};
+    const AMBIENT: (&str, &str) = ("meshlet.io/dataplane-mode", "ambient");
+    meshlet_tests::require_root();
+    let mut cluster = meshlet_tests::Cluster::new(1);
+    cluster.add_pod("client", 0);
+    cluster.add_pod("server", 0);
+    let api = ApiServer::start();
+    let kubeconfig = std::env::temp_dir().join(format!("{}-kubeconfig", cluster.id()));
+    api.write_kubeconfig(&kubeconfig);
+    api.apply(namespace_manifest("meshlet-system", &[]));
+    let daemonset = api.apply(serde_json::json!({
+        "apiVersion": "apps/v1", "kind": "DaemonSet",
+        "metadata": {"name": "meshlet", "namespace": "meshlet-system"},
+    }));
+    // The agent's pod, as the DaemonSet controller creates it.
+    api.apply(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": "meshlet-x7k2p", "namespace": "meshlet-system",
+            "ownerReferences": [{
+                "apiVersion": "apps/v1", "kind": "DaemonSet", "name": "meshlet",
+                "uid": daemonset["metadata"]["uid"], "controller": true,
+            }],
+        },
+        "spec": {"nodeName": cluster.node(0).name, "hostNetwork": true},
+    }));
+    api.apply(namespace_manifest("demo", &[AMBIENT]));
+    api.apply(cluster.pod("client").manifest("demo", &[("app", "client")]));
+    api.apply(cluster.pod("server").manifest("demo", &[("app", "server")]));
+    let cni_dir = cluster.cni_socket(0).with_file_name("node");
+    let (bin, conf) = (cni_dir.join("bin"), cni_dir.join("net.d"));
+    std::fs::create_dir_all(&conf).unwrap();
+    let conflist = conf.join("10-bridge.conflist");
+    std::fs::write(
+        &conflist,
+        include_str!("../../agent/src/cni/fixtures/10-bridge.conflist"),
+    )
+    .unwrap();
+    let env = [
+        ("KUBECONFIG", kubeconfig.to_str().unwrap()),
+        ("MESHLET_POD_NAME", "meshlet-x7k2p"),
+        ("MESHLET_POD_NAMESPACE", "meshlet-system"),
+    ];
+    let flags = [
+        "--source",
+        "kube",
+        "--drain-deadline",
+        "2s",
+        "--cni-install",
+        "--cni-bin-dir",
+        bin.to_str().unwrap(),
+        "--cni-conf-dir",
+        conf.to_str().unwrap(),
+    ];
+    let pods = vec![
+        cluster.pod("client").netns_cookie(),
+        cluster.pod("server").netns_cookie(),
+    ];
+    let mut want = pods.clone();
+    want.sort();
+    let _echo = cluster.pod("server").echo_server(8080);
+    let to_server = cluster.pod("server").addr(false, 8080);
+
+    // A restart (SIGTERM with the DaemonSet in place) keeps capture: fail closed, the pods'
+    // connections are refused until the next agent serves them.
+    let mut agent = cluster.start_agent_with_env(0, &flags, &env);
+    agent.wait_for_log("watching the agent's DaemonSet", 1, Duration::from_secs(10));
+    meshlet_tests::wait_enrolled(&cluster.bpffs_dir(0), want.clone(), Duration::from_secs(10));
+    agent.wait_for_log("meshlet-cni chained", 1, Duration::from_secs(10));
+    cluster
+        .pod("client")
+        .connect(to_server, 1024)
+        .assert_echoed(1024);
+    agent.signal(libc::SIGTERM);
+    assert!(agent.wait_exit(Duration::from_secs(20)).success());
+    assert!(
+        agent.log().contains("capture stays attached"),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(meshlet_tests::enrolled(&cluster.bpffs_dir(0)), want);
+    cluster
+        .pod("client")
+        .connect(to_server, 1024)
+        .assert_failed(Outcome::Refused);
+
+    // The DaemonSet deleted: SIGTERM releases capture, and the pods talk directly.
+    let mut agent = cluster.start_agent_with_env(0, &flags, &env);
+    agent.wait_for_log("initial enrollment pass done", 1, Duration::from_secs(10));
+    cluster
+        .pod("client")
+        .connect(to_server, 1024)
+        .assert_echoed(1024);
+    api.delete("DaemonSet", "meshlet-system", "meshlet");
+    agent.wait_for_log(
+        "this agent is being removed from the node",
+        1,
+        Duration::from_secs(10),
+    );
+    // Removal alone changes nothing while the agent runs (orphaned pods keep serving).
+    assert!(cluster.bpffs_dir(0).join("links").exists());
+    agent.signal(libc::SIGTERM);
+    agent.wait_for_log("capture released", 1, Duration::from_secs(10));
+    // Released while the agent still serves: new connections go direct at once.
+    cluster
+        .pod("client")
+        .connect(to_server, 1024)
+        .assert_echoed(1024);
+    assert!(agent.wait_exit(Duration::from_secs(20)).success());
+    let log = agent.log();
+    assert!(
+        log.contains("the agent's DaemonSet was deleted") && log.contains("capture released"),
+        "{log}"
+    );
+    cluster
+        .pod("client")
+        .connect(to_server, 1024)
+        .assert_echoed(1024);
+    // Nothing left: no program at the cgroup root, no pins, meshlet-cni unchained and removed.
+    let out = std::process::Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(cluster.cgroup_root(0))
+        .output()
+        .expect("run bpftool");
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "", "attached");
+    assert!(!cluster.bpffs_dir(0).exists(), "pins left");
+    for pod in ["client", "server"] {
+        let links = meshlet_tests::sk_lookup_links(&cluster.pod(pod).netns.path());
+        assert_eq!(links, 0, "{pod}: sk_lookup still attached");
+    }
+    let chained = std::fs::read_to_string(&conflist).unwrap();
+    assert!(!chained.contains("meshlet-cni"), "{chained}");
+    assert!(!bin.join("meshlet-cni").exists());
+    let _ = std::fs::remove_dir_all(&cni_dir);
+    let _ = std::fs::remove_file(&kubeconfig);
+}

@@ -188,32 +188,56 @@ pub struct Uninstalled {
 }
 
 /// Detaches and unpins everything under `bpffs_dir`, then removes the directory. Running it
-/// when nothing is installed is not an error. Stop the agent first: links an agent holds open
-/// stay attached until it exits.
+/// when nothing is installed is not an error. Every pinned link is detached first
+/// (`BPF_LINK_DETACH`), so capture ends at once even while an agent still holds the links open
+/// (an agent releasing capture as its DaemonSet is deleted, or `meshlet uninstall` beside a
+/// running agent).
 pub fn uninstall(bpffs_dir: &Path) -> Result<Uninstalled, Error> {
     if !bpffs_dir.exists() {
         return Ok(Uninstalled::default());
     }
+    let links = pinned_files(&bpffs_dir.join("links"));
+    for link in &links {
+        detach(link)?;
+    }
     let removed = Uninstalled {
-        links: count_files(&bpffs_dir.join("links")),
-        maps: count_files(&bpffs_dir.join("maps")),
+        links: links.len(),
+        maps: pinned_files(&bpffs_dir.join("maps")).len(),
     };
     fs::remove_dir_all(bpffs_dir).map_err(Error::io("remove", bpffs_dir))?;
     Ok(removed)
 }
 
-fn count_files(dir: &Path) -> usize {
+/// Detaches the link pinned at `pin`. A pin that is not a link (or a link the kernel cannot
+/// detach, before Linux 5.9) is only unpinned by the caller, which detaches it once no process
+/// holds it.
+fn detach(pin: &Path) -> Result<(), Error> {
+    use std::os::fd::AsFd as _;
+    let link = crate::sys::bpf::obj_get(pin).map_err(Error::io("open pinned link", pin))?;
+    match crate::sys::bpf::link_detach(link.as_fd()) {
+        Ok(()) => Ok(()),
+        Err(err) if matches!(err.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) => {
+            info!(pin = %pin.display(), %err, "link not detachable; unpinning it only");
+            Ok(())
+        }
+        Err(err) => Err(Error::io("detach pinned link", pin)(err)),
+    }
+}
+
+/// Every file under `dir`, recursively.
+fn pinned_files(dir: &Path) -> Vec<PathBuf> {
     let Ok(entries) = fs::read_dir(dir) else {
-        return 0;
+        return Vec::new();
     };
     entries
         .flatten()
-        .map(|entry| {
-            if entry.path().is_dir() {
-                count_files(&entry.path())
+        .flat_map(|entry| {
+            let path = entry.path();
+            if path.is_dir() {
+                pinned_files(&path)
             } else {
-                1
+                vec![path]
             }
         })
-        .sum()
+        .collect()
 }

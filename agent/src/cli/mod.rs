@@ -57,6 +57,14 @@ pub struct AgentArgs {
     /// This node's name: the agent serves the pods scheduled here.
     #[arg(long, env = "MESHLET_NODE_NAME")]
     pub node_name: String,
+    /// The agent's own pod (downward API: metadata.name). With the kube source, the agent
+    /// watches the DaemonSet that runs this pod: when it is deleted, SIGTERM releases capture
+    /// instead of keeping it for a successor. Unset: capture stays on every exit.
+    #[arg(long, env = "MESHLET_POD_NAME")]
+    pub pod_name: Option<String>,
+    /// The namespace of --pod-name (downward API: metadata.namespace).
+    #[arg(long, env = "MESHLET_POD_NAMESPACE", default_value = "meshlet-system")]
+    pub pod_namespace: String,
     /// cgroup v2 directory to attach capture to [default: the host's cgroup2 mount].
     #[arg(long, env = "MESHLET_CGROUP_ROOT")]
     pub cgroup_root: Option<PathBuf>,
@@ -475,6 +483,7 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
         cni,
         drain_deadline: args.drain_deadline,
         handoff_socket,
+        pod: args.pod_name.map(|name| (args.pod_namespace.clone(), name)),
     };
     runtime()?.block_on(agent::run(config))
 }

@@ -3,7 +3,8 @@
 //! link into a pinnable `FdLink`); replacing the program behind a pinned link in place
 //! (`BPF_LINK_UPDATE`), and reading a program's tag by id to know whether it must be; reading a
 //! pinned map's definition and copying a map's entries into another, byte for byte, whatever
-//! its types (map layout migration). Adopting a pinned link goes through aya again
+//! its types (map layout migration); detaching a link for every holder at once
+//! (`BPF_LINK_DETACH`, uninstall while an agent runs). Adopting a pinned link goes through aya again
 //! (`PinnedLink::from_pin`).
 
 use std::{
@@ -28,6 +29,7 @@ const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_LINK_DETACH: libc::c_long = 34;
 /// `BPF_LINK_UPDATE` flag: replace only if the link still runs `old_prog_fd`.
 const BPF_F_REPLACE: u32 = 1 << 2;
 
@@ -141,6 +143,15 @@ pub fn prog_identity(fd: BorrowedFd<'_>) -> io::Result<ProgIdentity> {
         tag: u64::from_be_bytes(info[8..16].try_into().expect("8 bytes")),
         map_ids,
     })
+}
+
+/// `BPF_LINK_DETACH`: detaches the program of link `link` now, whoever else holds the link
+/// (Linux >= 5.9); the link object lives on, attached to nothing, until its last holder closes
+/// it.
+pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = BpfAttr::new();
+    attr.put_u32(0, link.as_raw_fd() as u32); // link_detach.link_fd
+    bpf(BPF_LINK_DETACH, &mut attr).map(drop)
 }
 
 /// `BPF_LINK_UPDATE` with `BPF_F_REPLACE`: the link `link` runs `new` instead of `old`, in one

@@ -70,6 +70,13 @@ pub(crate) const RESOURCES: &[Resource] = &[
         extra_fields: &[],
     },
     Resource {
+        api_version: "apps/v1",
+        kind: "DaemonSet",
+        plural: "daemonsets",
+        namespaced: true,
+        extra_fields: &[],
+    },
+    Resource {
         api_version: "discovery.k8s.io/v1",
         kind: "EndpointSlice",
         plural: "endpointslices",
