@@ -2,7 +2,9 @@
 //!
 //! - metrics (`--metrics-addr`, default `0.0.0.0:15020`): `GET /metrics`, Prometheus text;
 //! - readiness (`--readiness-addr`, default `0.0.0.0:15021`): `GET /healthz/ready`, 200 once
-//!   capture is attached and the source has synced, else 503 with the reason;
+//!   capture is attached and the source has synced, else 503 with the reason; and
+//!   `GET /healthz/live`, 200 while the in-pod reconciler turns (the liveness probe: a wedged
+//!   agent is restarted, one waiting for the API server or the CA is not);
 //! - admin (`--admin-addr`, default `127.0.0.1:15000`, loopback only): JSON for
 //!   `/config_dump`, `/workloads`, `/certs`, `/policies` — what `meshlet status`,
 //!   `meshlet workloads`, `meshlet certs` and `meshlet policies` print.
@@ -45,6 +47,8 @@ pub struct State {
     /// With `--cni-install`: whether meshlet-cni is chained in the node's primary CNI conf
     /// (the node is not ready before: new pods would start uncaptured).
     pub cni_chained: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// When the in-pod reconciler last turned ([`crate::inpod::Heartbeat`]).
+    pub heartbeat: Arc<crate::inpod::Heartbeat>,
 }
 
 /// One row of `/workloads`.
@@ -244,14 +248,31 @@ pub fn metrics(state: &State, request: &Request<hyper::body::Incoming>) -> Respo
     )
 }
 
-/// `GET /healthz/ready`.
+/// How long the in-pod reconciler may go without turning before the agent counts as wedged.
+/// It turns at least every quarter second; a handoff freezes it for at most a few seconds.
+pub const LIVENESS_STALL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// `GET /healthz/ready` and `GET /healthz/live`.
 pub fn readiness(state: &State, request: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
-    if request.uri().path() != "/healthz/ready" {
-        return reply(
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            "not found: try /healthz/ready\n",
-        );
+    match request.uri().path() {
+        "/healthz/ready" => {}
+        "/healthz/live" => {
+            return match state.heartbeat.since() {
+                stalled if stalled > LIVENESS_STALL => reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!("not live: the in-pod reconciler has not run for {stalled:?}\n"),
+                ),
+                _ => reply(StatusCode::OK, "text/plain", "live\n"),
+            };
+        }
+        _ => {
+            return reply(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "not found: try /healthz/ready or /healthz/live\n",
+            );
+        }
     }
     if state
         .cni_chained

@@ -318,6 +318,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         enrollment_generation: Default::default(),
         captures: captures.clone(),
         cni_chained,
+        heartbeat: Arc::default(),
     };
     let enrollment_generation = state.enrollment_generation.clone();
     let mut node_listeners = vec![(Endpoint::Cni, cni_fd)];
@@ -359,6 +360,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .with_cni_timeout(config.cni.timeout)
         .with_start(started.into_std(), crashed)
         .with_released(released.clone())
+        .with_heartbeat(state.heartbeat.clone())
         .inherit(inherited)
         .run(shutdown, enrollment_generation, events, handoffs),
     );

@@ -53,6 +53,37 @@ use crate::{
     },
 };
 
+/// When the reconciler last turned: the agent's liveness ([`crate::admin::LIVENESS_STALL`]).
+#[derive(Debug)]
+pub struct Heartbeat {
+    start: Instant,
+    /// Milliseconds from `start` to the last turn.
+    last: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Heartbeat {
+    fn default() -> Self {
+        Self {
+            start: Instant::now(),
+            last: Default::default(),
+        }
+    }
+}
+
+impl Heartbeat {
+    /// Records a turn now.
+    pub fn beat(&self) {
+        let now = self.start.elapsed().as_millis() as u64;
+        self.last.store(now, std::sync::atomic::Ordering::Release);
+    }
+
+    /// How long since the last turn (since creation, before the first).
+    pub fn since(&self) -> Duration {
+        let last = Duration::from_millis(self.last.load(std::sync::atomic::Ordering::Acquire));
+        self.start.elapsed().saturating_sub(last)
+    }
+}
+
 /// How often pending pods are retried and enrolled ones checked.
 const TICK: Duration = Duration::from_millis(250);
 /// How long a CNI request waits for the source's first sync before the plugin is told to
@@ -246,6 +277,7 @@ pub struct InPod {
     /// Set once capture has been released for good (the DaemonSet is being removed): no pass
     /// may enroll anything again; the listeners serve on until shutdown.
     capture_released: Arc<std::sync::atomic::AtomicBool>,
+    heartbeat: Arc<Heartbeat>,
 }
 
 impl std::fmt::Debug for InPod {
@@ -290,6 +322,7 @@ impl InPod {
             cni_timeout: Duration::from_secs(10),
             started: None,
             capture_released: Arc::default(),
+            heartbeat: Arc::default(),
         }
     }
 
@@ -309,6 +342,12 @@ impl InPod {
     /// pass has opened every pod's listeners (the restart's time to ready).
     pub fn with_start(mut self, started: Instant, crashed: Option<crate::drain::Crashed>) -> Self {
         self.started = Some((started, crashed));
+        self
+    }
+
+    /// The heartbeat each turn of the loop records.
+    pub fn with_heartbeat(mut self, heartbeat: Arc<Heartbeat>) -> Self {
+        self.heartbeat = heartbeat;
         self
     }
 
@@ -341,6 +380,7 @@ impl InPod {
         let mut stopped = Stopped::Shutdown;
         let mut successor = None;
         loop {
+            self.heartbeat.beat();
             let released = self
                 .capture_released
                 .load(std::sync::atomic::Ordering::Acquire);

@@ -24,6 +24,13 @@ fn metrics_logs_readiness_and_inspection_commands_tell_what_happened() {
         http_get(&cluster.node(0).netns, readiness, "/healthz/ready").0,
         200
     );
+    // Liveness: the reconciler turns.
+    assert_eq!(
+        http_get(&cluster.node(0).netns, readiness, "/healthz/live"),
+        (200, "live\n".to_owned())
+    );
+    let (status, body) = http_get(&cluster.node(0).netns, readiness, "/healthz/nope");
+    assert_eq!(status, 404, "{body}");
 
     let _echo = cluster.pod("server").echo_server(8080);
     let server = cluster.pod("server").addr(false, 8080);

@@ -237,10 +237,42 @@ fn bench(
     run(&mut bench)
 }
 
+/// Istio's policy CRDs, applied on their own where Istio is not installed.
+const CRDS: &str = "deploy/crds";
+
+/// Every kustomization in deploy/.
+const KUSTOMIZATIONS: [&str; 3] = [CRDS, "deploy/base", "deploy/overlays/istio-ca"];
+
+/// The CRDs live in their own kustomization, so a cluster with Istio skips them: it renders
+/// nothing else, and no other renders one.
+fn check_crds(kustomization: &str, rendered: &str) -> anyhow::Result<()> {
+    use serde::Deserialize as _;
+    let kinds: Vec<String> = serde_yaml::Deserializer::from_str(rendered)
+        .map(serde_json::Value::deserialize)
+        .filter_map(Result::ok)
+        .filter_map(|o| o["kind"].as_str().map(str::to_owned))
+        .collect();
+    let crds = kinds
+        .iter()
+        .filter(|k| *k == "CustomResourceDefinition")
+        .count();
+    match (kustomization == CRDS, crds) {
+        (true, 0) => bail!("{kustomization} renders no CRD"),
+        (true, n) if n != kinds.len() => {
+            bail!("{kustomization} must render CRDs only, not {kinds:?}")
+        }
+        (false, n) if n > 0 => bail!(
+            "{kustomization} renders {n} CRD(s): they would collide with Istio's; they belong in \
+             {CRDS}"
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// Renders every kustomization in deploy/ and validates each object against the Kubernetes
 /// schemas, offline. Fails on an invalid manifest.
 fn deploy_manifests() -> anyhow::Result<()> {
-    for kustomization in ["deploy/base", "deploy/overlays/istio-ca"] {
+    for kustomization in KUSTOMIZATIONS {
         let out = Command::new("kubectl")
             .args(["kustomize", kustomization])
             .output()
@@ -275,6 +307,11 @@ fn deploy_manifests() -> anyhow::Result<()> {
             );
         }
         let rendered = String::from_utf8_lossy(&out.stdout);
+        check_crds(kustomization, &rendered)?;
+        if kustomization == CRDS {
+            println!("{kustomization}: valid against Kubernetes 1.32, CRDs only");
+            continue;
+        }
         let objects = check_ca_layout(kustomization, &rendered)?;
         check_rollout(kustomization, &rendered)?;
         println!(
@@ -522,6 +559,43 @@ fn check_rollout(kustomization: &str, rendered: &str) -> anyhow::Result<()> {
                 .into(),
         ));
     }
+    let agent = &containers[0];
+    if agent["livenessProbe"]["httpGet"]["path"] != "/healthz/live" {
+        return Err(fail(
+            "the agent needs a liveness probe on /healthz/live (readiness is not liveness: an \
+             agent waiting for the API server must not be restarted)"
+                .into(),
+        ));
+    }
+    let security = &agent["securityContext"];
+    if security["seccompProfile"]["type"] != "RuntimeDefault"
+        || security["appArmorProfile"]["type"] != "Unconfined"
+        || security["privileged"] == true
+    {
+        return Err(fail(format!(
+            "the agent runs unprivileged with seccomp RuntimeDefault and AppArmor Unconfined \
+             (bpffs pins), not {security}"
+        )));
+    }
+    if env("MESHLET_CGROUP_ROOT").is_some() {
+        return Err(fail(
+            "no hard-coded MESHLET_CGROUP_ROOT: the agent finds the host's cgroup2 root".into(),
+        ));
+    }
+    let pod_name = agent["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["name"] == "MESHLET_POD_NAME");
+    if pod_name.map(|e| &e["valueFrom"]["fieldRef"]["fieldPath"])
+        != Some(&serde_json::json!("metadata.name"))
+    {
+        return Err(fail(
+            "MESHLET_POD_NAME must come from the downward API (metadata.name): without it a \
+             deleted DaemonSet leaves capture behind"
+                .into(),
+        ));
+    }
     if containers[0]["lifecycle"]["preStop"].is_object() {
         return Err(fail(
             "no preStop hook: it would only eat into the drain deadline".into(),
@@ -606,6 +680,20 @@ mod tests {
     }
 
     #[test]
+    fn the_crds_are_applied_on_their_own() {
+        for kustomization in KUSTOMIZATIONS {
+            check_crds(kustomization, &render(kustomization)).unwrap();
+        }
+        let crds = render(CRDS);
+        let base = render("deploy/base");
+        let err = check_crds("deploy/base", &format!("{base}---\n{crds}")).unwrap_err();
+        assert!(err.to_string().contains("collide with Istio's"), "{err}");
+        let err = check_crds(CRDS, &format!("{crds}---\n{base}")).unwrap_err();
+        assert!(err.to_string().contains("CRDs only"), "{err}");
+        assert!(check_crds(CRDS, "").is_err());
+    }
+
+    #[test]
     fn the_daemonset_rolls_agent_beside_agent_and_fails_closed() {
         for kustomization in ["deploy/base", "deploy/overlays/istio-ca"] {
             check_rollout(kustomization, &render(kustomization)).unwrap();
@@ -645,6 +733,25 @@ mod tests {
                     "        - name: MESHLET_DRAIN_DEADLINE\n          value: 25s\n        - name: MESHLET_FAIL_MODE\n          value: open\n",
                 ),
                 "fail closed",
+            ),
+            (
+                base.replace("path: /healthz/live", "path: /healthz/ready"),
+                "liveness probe",
+            ),
+            (
+                base.replace("type: Unconfined", "type: RuntimeDefault"),
+                "AppArmor Unconfined",
+            ),
+            (
+                base.replace(
+                    "        - name: MESHLET_DRAIN_DEADLINE\n",
+                    "        - name: MESHLET_CGROUP_ROOT\n          value: /sys/fs/cgroup\n        - name: MESHLET_DRAIN_DEADLINE\n",
+                ),
+                "MESHLET_CGROUP_ROOT",
+            ),
+            (
+                base.replace("fieldPath: metadata.name", "fieldPath: spec.nodeName"),
+                "MESHLET_POD_NAME",
             ),
         ];
         for (rendered, want) in broken {
