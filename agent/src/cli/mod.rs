@@ -6,6 +6,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand};
 
 pub mod inspect;
+pub mod reference;
 
 use ipnet::IpNet;
 
@@ -141,7 +142,7 @@ pub struct AgentArgs {
     /// Where `GET /metrics` is served.
     #[arg(long, env = "MESHLET_METRICS_ADDR", default_value = "0.0.0.0:15020")]
     pub metrics_addr: SocketAddr,
-    /// Where `GET /healthz/ready` is served.
+    /// Where `GET /healthz/ready` (readiness) and `GET /healthz/live` (liveness) are served.
     #[arg(long, env = "MESHLET_READINESS_ADDR", default_value = "0.0.0.0:15021")]
     pub readiness_addr: SocketAddr,
     /// Where the admin API is served (keep it on loopback).
