@@ -47,8 +47,9 @@ pub enum View {
 /// Output format.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Output {
-    /// A table.
+    /// A table (also `text`).
     #[default]
+    #[value(alias = "text")]
     Table,
     /// The admin API's JSON.
     Json,
