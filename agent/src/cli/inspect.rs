@@ -51,7 +51,7 @@ pub enum Output {
     #[default]
     #[value(alias = "text")]
     Table,
-    /// The admin API's JSON.
+    /// JSON: the admin API's (inspection commands), the report (preflight).
     Json,
 }
 
