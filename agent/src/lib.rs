@@ -15,6 +15,7 @@ pub mod identity;
 pub mod inpod;
 pub mod metrics;
 pub mod policy;
+pub mod preflight;
 pub mod proto;
 pub mod proxy;
 pub mod removal;

@@ -18,6 +18,7 @@
 //! [`Cluster`]'s `Drop`, also when a test panics; `cargo xtask test` checks that a run leaves
 //! none behind.
 
+pub mod bpf;
 pub mod cni;
 pub mod kube_api;
 pub mod mesh;
@@ -136,6 +137,13 @@ pub struct CgroupGuard {
 }
 
 impl CgroupGuard {
+    /// A new cgroup directly under the machine's cgroup2 mount, named
+    /// `mlt-<pid>-<n>-<what>`.
+    pub fn new(what: &str) -> Self {
+        require_root();
+        Self::create(cgroup2_mount().join(format!("{}-{what}", unique_id())))
+    }
+
     fn create(path: PathBuf) -> Self {
         fs::create_dir_all(&path)
             .unwrap_or_else(|err| panic!("create cgroup {}: {err}", path.display()));
@@ -191,6 +199,15 @@ pub struct BpffsGuard {
 }
 
 impl BpffsGuard {
+    /// A directory for pins on the machine's bpffs (mounted first if none is), named
+    /// `mlt-<pid>-<n>-<what>`.
+    pub fn new(what: &str) -> Self {
+        require_root();
+        Self {
+            path: bpffs_mount().join(format!("{}-{what}", unique_id())),
+        }
+    }
+
     /// The directory (not created: the agent creates it).
     pub fn path(&self) -> &Path {
         &self.path
@@ -377,30 +394,46 @@ pub struct Cluster {
     cgroup: CgroupGuard,
 }
 
+/// `mlt-<pid>-<n>`: unique across the test processes of a run, the prefix of everything one
+/// cluster (or one guard) creates.
+fn unique_id() -> String {
+    format!(
+        "{TEST_PREFIX}{}-{}",
+        std::process::id(),
+        NEXT_CLUSTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// The machine's cgroup2 mount (not always /sys/fs/cgroup: found in mountinfo).
+pub fn cgroup2_mount() -> PathBuf {
+    let mounts = mounts::mounts().expect("read mountinfo");
+    mounts::find(&mounts, "cgroup2").expect("no cgroup2 filesystem is mounted")
+}
+
+/// The machine's bpffs mount, mounted at /sys/fs/bpf first if there is none.
+pub fn bpffs_mount() -> PathBuf {
+    let mounts = mounts::mounts().expect("read mountinfo");
+    match mounts::find(&mounts, "bpf") {
+        Some(dir) => dir,
+        None => {
+            let status = Command::new("mount")
+                .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+                .status();
+            assert!(
+                status.is_ok_and(|s| s.success()),
+                "no bpffs mounted and mounting one failed"
+            );
+            PathBuf::from("/sys/fs/bpf")
+        }
+    }
+}
+
 impl Cluster {
     /// A cluster of `nodes` nodes on one fabric, with no pods yet.
     pub fn new(nodes: usize) -> Self {
         require_root();
-        let id = format!(
-            "{TEST_PREFIX}{}-{}",
-            std::process::id(),
-            NEXT_CLUSTER.fetch_add(1, Ordering::Relaxed)
-        );
-        let mounts = mounts::mounts().expect("read mountinfo");
-        let cgroup2 = mounts::find(&mounts, "cgroup2").expect("no cgroup2 filesystem is mounted");
-        let bpffs = match mounts::find(&mounts, "bpf") {
-            Some(dir) => dir,
-            None => {
-                let status = Command::new("mount")
-                    .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
-                    .status();
-                assert!(
-                    status.is_ok_and(|s| s.success()),
-                    "no bpffs mounted and mounting one failed"
-                );
-                PathBuf::from("/sys/fs/bpf")
-            }
-        };
+        let id = unique_id();
+        let (cgroup2, bpffs) = (cgroup2_mount(), bpffs_mount());
         // Guards first, so that a failure below still cleans up what was made.
         let cgroup = CgroupGuard::create(cgroup2.join(&id));
         let bpffs = BpffsGuard {

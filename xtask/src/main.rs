@@ -560,6 +560,26 @@ fn check_rollout(kustomization: &str, rendered: &str) -> anyhow::Result<()> {
         ));
     }
     let agent = &containers[0];
+    let preflight = pod["initContainers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["args"].get(0) == Some(&serde_json::json!("preflight")));
+    match preflight {
+        Some(init) if init["securityContext"] == agent["securityContext"] => {}
+        Some(_) => {
+            return Err(fail(
+                "the preflight init container must run with the agent's securityContext (it \
+                 checks what the agent will have)"
+                    .into(),
+            ));
+        }
+        None => {
+            return Err(fail(
+                "the DaemonSet must run `meshlet preflight` as an init container".into(),
+            ));
+        }
+    }
     if agent["livenessProbe"]["httpGet"]["path"] != "/healthz/live" {
         return Err(fail(
             "the agent needs a liveness probe on /healthz/live (readiness is not liveness: an \
@@ -737,6 +757,14 @@ mod tests {
             (
                 base.replace("path: /healthz/live", "path: /healthz/ready"),
                 "liveness probe",
+            ),
+            (
+                base.replace("- preflight\n", "- version\n"),
+                "meshlet preflight",
+            ),
+            (
+                base.replacen("- SYS_RESOURCE\n", "", 1),
+                "agent's securityContext",
             ),
             (
                 base.replace("type: Unconfined", "type: RuntimeDefault"),

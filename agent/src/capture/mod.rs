@@ -64,6 +64,18 @@ const CGROUP_PROGRAMS: &[&str] = &[
 /// The program attached to kubelet's cgroup.
 const KUBELET_PROGRAMS: &[&str] = &[programs::PROBE_OPS];
 
+/// Every program of the eBPF object: those of the cgroup root, kubelet's, and `sk_lookup`.
+const ALL_PROGRAMS: &[&str] = &[
+    programs::CONNECT4,
+    programs::CONNECT6,
+    programs::GETPEERNAME4,
+    programs::GETPEERNAME6,
+    programs::SOCK_OPS,
+    programs::GETSOCKOPT,
+    programs::PROBE_OPS,
+    programs::SK_LOOKUP,
+];
+
 /// Maps earlier versions pinned that this one no longer has, emptied and unpinned on install.
 /// `NODE_ADDRS` (`HashMap<Ip, u8>`) held the node's addresses, whose connections `sk_lookup`
 /// used not to steer: emptying it stops programs of an older agent that are still attached from
@@ -72,7 +84,8 @@ const RETIRED_MAPS: &[&str] = &["NODE_ADDRS"];
 
 /// The oldest kernel capture works on, and the feature that sets it.
 pub const MIN_KERNEL: (u32, u32) = (5, 15);
-const MIN_KERNEL_REASON: &str = "bpf_get_netns_cookie in sock_ops programs";
+/// What needs [`MIN_KERNEL`].
+pub const MIN_KERNEL_REASON: &str = "bpf_get_netns_cookie in sock_ops programs";
 
 /// Parses the major and minor version out of a kernel release (`6.18.44-fc-v657`).
 pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
@@ -109,6 +122,20 @@ pub enum Error {
          --cgroup-root"
     )]
     NoCgroup2,
+    /// Every cgroup2 mount visible shows a cgroup below the root of the hierarchy: the agent
+    /// runs in a container with a cgroup namespace of its own, and programs attached there
+    /// would see only its own container's sockets.
+    #[error(
+        "the cgroup2 filesystem at {} shows a cgroup, not the root of the hierarchy (it has a \
+         cgroup.events file; the root cgroup has none): meshlet runs in a container with its own \
+         cgroup namespace and would only capture its own container; mount the host's \
+         /sys/fs/cgroup (a hostPath volume) or pass --cgroup-root",
+        .mount_points.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    )]
+    CgroupNotRoot {
+        /// The cgroup2 mount points seen.
+        mount_points: Vec<PathBuf>,
+    },
     /// A configured cgroup (the root, or kubelet's) is not a directory of a cgroup2 filesystem.
     #[error("cgroup {path} is not on a cgroup2 filesystem (it is on {fs_type})")]
     NotCgroup2 {
@@ -305,37 +332,9 @@ impl Config {
     ) -> Result<Self, Error> {
         let mounts =
             mounts::mounts().map_err(Error::io("read", Path::new("/proc/self/mountinfo")))?;
-        let cgroup_root = match cgroup_root {
-            Some(root) => root,
-            None => mounts::find(&mounts, "cgroup2").ok_or(Error::NoCgroup2)?,
-        };
-        let bpffs_dir = match bpffs_dir {
-            Some(dir) => dir,
-            None => mounts::find(&mounts, "bpf")
-                .ok_or(Error::NoBpffs)?
-                .join("meshlet"),
-        };
-        let check = |path: &Path, want: &str| -> Option<String> {
-            match mounts::fs_type_of(&mounts, path) {
-                Some(fs_type) if fs_type == want => None,
-                other => Some(other.unwrap_or("no known filesystem").to_owned()),
-            }
-        };
-        if let Some(fs_type) = check(&cgroup_root, "cgroup2") {
-            return Err(Error::NotCgroup2 {
-                path: cgroup_root,
-                fs_type,
-            });
-        }
-        if let Some(fs_type) = check(&bpffs_dir, "bpf") {
-            return Err(Error::NotBpffs {
-                path: bpffs_dir,
-                fs_type,
-            });
-        }
         Ok(Self {
-            cgroup_root,
-            bpffs_dir,
+            cgroup_root: resolve_cgroup_root(&mounts, cgroup_root)?,
+            bpffs_dir: resolve_bpffs_dir(&mounts, bpffs_dir)?,
             fail_mode: FailMode::default(),
             excluded_cidrs: Vec::new(),
             excluded_ports: Vec::new(),
@@ -343,6 +342,73 @@ impl Config {
             object: None,
         })
     }
+}
+
+/// The cgroup capture attaches to: `given` (`--cgroup-root`, any cgroup2 directory: tests
+/// use a cgroup of their own), or the cgroup2 mount of `mounts` that shows the root of the
+/// hierarchy (see [`mounts::find_cgroup2`]). A mount that shows only a container's own cgroup
+/// is refused rather than taken: capture there would miss every other pod.
+pub fn resolve_cgroup_root(
+    mounts: &[mounts::Mount],
+    given: Option<PathBuf>,
+) -> Result<PathBuf, Error> {
+    let root = match given {
+        Some(root) => root,
+        None => match mounts::find_cgroup2(mounts) {
+            mounts::Cgroup2::Root(root) => root,
+            mounts::Cgroup2::Nested(mount_points) => {
+                return Err(Error::CgroupNotRoot { mount_points });
+            }
+            mounts::Cgroup2::Missing => return Err(Error::NoCgroup2),
+        },
+    };
+    match mounts::fs_type_of(mounts, &root) {
+        Some("cgroup2") => Ok(root),
+        other => Err(Error::NotCgroup2 {
+            path: root,
+            fs_type: other.unwrap_or("no known filesystem").to_owned(),
+        }),
+    }
+}
+
+/// The directory of meshlet's pins: `given` (`--bpffs-dir`), or `meshlet/` on the first bpffs
+/// of `mounts`. It must be on a bpffs.
+pub fn resolve_bpffs_dir(
+    mounts: &[mounts::Mount],
+    given: Option<PathBuf>,
+) -> Result<PathBuf, Error> {
+    let dir = match given {
+        Some(dir) => dir,
+        None => mounts::find(mounts, "bpf")
+            .ok_or(Error::NoBpffs)?
+            .join("meshlet"),
+    };
+    match mounts::fs_type_of(mounts, &dir) {
+        Some("bpf") => Ok(dir),
+        other => Err(Error::NotBpffs {
+            path: dir,
+            fs_type: other.unwrap_or("no known filesystem").to_owned(),
+        }),
+    }
+}
+
+/// Loads every program of the eBPF object (`object`, or the one built in) into the kernel and
+/// unloads them again: the verifier's and the kernel's verdict on every BPF feature capture
+/// uses, with nothing attached, no map pinned and no pin read. Returns the programs' names.
+pub fn load_programs(object: Option<&Path>) -> Result<Vec<&'static str>, Error> {
+    let custom;
+    let object = match object {
+        Some(path) => {
+            custom = fs::read(path).map_err(Error::io("read the eBPF object", path))?;
+            custom.as_slice()
+        }
+        None => EBPF_OBJECT,
+    };
+    let mut ebpf = EbpfLoader::new().load(object).map_err(Error::Load)?;
+    for &name in ALL_PROGRAMS {
+        load_program(&mut ebpf, name)?;
+    }
+    Ok(ALL_PROGRAMS.to_vec())
 }
 
 /// How a program came to be attached.

@@ -2,6 +2,12 @@
 //!
 //! The cgroup2 mount is not always `/sys/fs/cgroup` (hybrid layouts put it at
 //! `/sys/fs/cgroup/unified`), and bpffs may be mounted anywhere, so neither is assumed.
+//!
+//! Not every cgroup2 mount shows the whole hierarchy: in a container with a cgroup namespace of
+//! its own, `/sys/fs/cgroup` shows the container's cgroup as if it were the root. Programs
+//! attached there would see only the container's own sockets, so [`find_cgroup2`] tells the
+//! root of the hierarchy from such a view: the root cgroup is the only one without a
+//! `cgroup.events` file.
 
 use std::path::{Path, PathBuf};
 
@@ -43,6 +49,47 @@ pub fn find(mounts: &[Mount], fs_type: &str) -> Option<PathBuf> {
         .iter()
         .find(|m| m.fs_type == fs_type)
         .map(|m| m.mount_point.clone())
+}
+
+/// What [`find_cgroup2`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cgroup2 {
+    /// A mount that shows the root of the cgroup2 hierarchy: every cgroup of the machine is
+    /// below it.
+    Root(PathBuf),
+    /// cgroup2 is mounted, but every mount shows a cgroup below the root (a container's own
+    /// cgroup namespace, or a bind mount of a subtree): these mount points.
+    Nested(Vec<PathBuf>),
+    /// No cgroup2 filesystem is mounted.
+    Missing,
+}
+
+/// The cgroup2 mount that shows the whole hierarchy, preferred over any other cgroup2 mount
+/// (a container may see the host's hierarchy and its own namespaced view side by side).
+pub fn find_cgroup2(mounts: &[Mount]) -> Cgroup2 {
+    let cgroup2: Vec<&Path> = mounts
+        .iter()
+        .filter(|m| m.fs_type == "cgroup2")
+        .map(|m| m.mount_point.as_path())
+        .collect();
+    if cgroup2.is_empty() {
+        return Cgroup2::Missing;
+    }
+    match cgroup2.iter().find(|dir| is_hierarchy_root(dir)) {
+        Some(root) => Cgroup2::Root(root.to_path_buf()),
+        None => Cgroup2::Nested(cgroup2.iter().map(|dir| dir.to_path_buf()).collect()),
+    }
+}
+
+/// Whether the cgroup2 directory `dir` is the root of its hierarchy: the kernel gives every
+/// cgroup but the root a `cgroup.events` file. A directory that cannot be read counts as not
+/// the root.
+pub fn is_hierarchy_root(dir: &Path) -> bool {
+    dir.is_dir()
+        && matches!(
+            std::fs::symlink_metadata(dir.join("cgroup.events")),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound
+        )
 }
 
 /// The type of the filesystem that holds `path` (the longest mount point that is a prefix).
@@ -115,6 +162,68 @@ garbage line without separator
         );
         assert_eq!(fs_type_of(&mounts, Path::new("/sys/kernel")), Some("sysfs"));
         assert_eq!(fs_type_of(&mounts, Path::new("/etc")), None);
+    }
+
+    /// Two directories standing in for cgroup2 mounts: `root/` (no `cgroup.events`, like the
+    /// root cgroup) and `nested/` (with one, like a container's namespaced view). Removed on
+    /// drop.
+    struct FakeCgroups(PathBuf);
+
+    impl FakeCgroups {
+        fn new(name: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!("meshlet-{name}-{}", std::process::id()));
+            std::fs::create_dir_all(dir.join("root")).unwrap();
+            std::fs::create_dir_all(dir.join("nested")).unwrap();
+            std::fs::write(dir.join("nested/cgroup.events"), "populated 1\nfrozen 0\n").unwrap();
+            Self(dir)
+        }
+
+        fn mountinfo(&self, dirs: &[&str]) -> Vec<Mount> {
+            let text: String = dirs
+                .iter()
+                .enumerate()
+                .map(|(i, dir)| {
+                    format!(
+                        "{} 31 0:{} / {} rw,relatime - cgroup2 cgroup2 rw\n",
+                        40 + i,
+                        38 + i,
+                        self.0.join(dir).display()
+                    )
+                })
+                .collect();
+            parse_mountinfo(&format!("25 30 0:23 / /sys rw - sysfs sysfs rw\n{text}"))
+        }
+    }
+
+    impl Drop for FakeCgroups {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn the_hierarchy_root_is_preferred_over_a_namespaced_view() {
+        let fake = FakeCgroups::new("cgroup2-prefer");
+        assert!(is_hierarchy_root(&fake.0.join("root")));
+        assert!(!is_hierarchy_root(&fake.0.join("nested")));
+        assert!(!is_hierarchy_root(&fake.0.join("missing")));
+        for order in [["nested", "root"], ["root", "nested"]] {
+            assert_eq!(
+                find_cgroup2(&fake.mountinfo(&order)),
+                Cgroup2::Root(fake.0.join("root")),
+                "{order:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_namespaced_cgroup_view_alone_is_not_taken_for_the_root() {
+        let fake = FakeCgroups::new("cgroup2-nested");
+        assert_eq!(
+            find_cgroup2(&fake.mountinfo(&["nested"])),
+            Cgroup2::Nested(vec![fake.0.join("nested")])
+        );
+        assert_eq!(find_cgroup2(&fake.mountinfo(&[])), Cgroup2::Missing);
     }
 
     #[test]

@@ -18,7 +18,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use tracing::info;
+use aya::programs::links::{FdLink, PinnedLink};
+use tracing::{debug, info};
 
 use super::Error;
 
@@ -109,6 +110,35 @@ impl Layout {
             .map(|dir| dir.join(program))
             .filter(|pin| pin.exists())
             .collect())
+    }
+
+    /// The ids of the programs that the links pinned for cgroups run (`links/cgroup-*/*`):
+    /// capture attached by this agent or by the one before it, still pinned while it drains
+    /// during an upgrade. A pin that cannot be read (a link whose cgroup is gone) attaches
+    /// nothing and is left out.
+    pub fn cgroup_program_ids(&self) -> Result<Vec<u32>, Error> {
+        let mut ids = Vec::new();
+        for dir in read_dir(&self.links())? {
+            let is_cgroup = dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("cgroup-"));
+            if !is_cgroup || !dir.is_dir() {
+                continue;
+            }
+            for pin in read_dir(&dir)? {
+                let info = PinnedLink::from_pin(&pin)
+                    .map(FdLink::from)
+                    .and_then(|link| link.info());
+                match info {
+                    Ok(info) => ids.push(info.program_id()),
+                    Err(err) => debug!(pin = %pin.display(), %err, "unreadable link pin"),
+                }
+            }
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        Ok(ids)
     }
 
     /// Creates the directories that pins go into.

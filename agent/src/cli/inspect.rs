@@ -47,10 +47,11 @@ pub enum View {
 /// Output format.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Output {
-    /// A table.
+    /// A table (also `text`).
     #[default]
+    #[value(alias = "text")]
     Table,
-    /// The admin API's JSON.
+    /// JSON: the admin API's (inspection commands), the report (preflight).
     Json,
 }
 

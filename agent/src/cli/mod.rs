@@ -42,6 +42,8 @@ enum Command {
     Policies(InspectArgs),
     /// Detach every meshlet eBPF program and remove its pins; unchain and remove meshlet-cni.
     Uninstall(UninstallArgs),
+    /// Check that this node can run the agent; each failure names its fix.
+    Preflight(PreflightArgs),
     /// Install or remove the CNI plugin on this node (the agent does it with --cni-install).
     #[command(subcommand)]
     Cni(CniCommand),
@@ -99,6 +101,15 @@ pub struct AgentArgs {
     /// Load this eBPF object instead of the one built in (tests of program upgrades).
     #[arg(long, hide = true)]
     pub ebpf_object: Option<PathBuf>,
+    /// A program of another's allowed at the cgroup hooks capture uses, by name (repeat, or
+    /// comma-separate in the environment): Cilium's socket load balancer with
+    /// socketLB.hostNamespaceOnly=true, for one. See `meshlet preflight`.
+    #[arg(
+        long = "allow-cgroup-program",
+        env = "MESHLET_ALLOW_CGROUP_PROGRAMS",
+        value_delimiter = ','
+    )]
+    pub allow_cgroup_programs: Vec<String>,
     /// SPIFFE trust domain of the mesh.
     #[arg(long, env = "MESHLET_TRUST_DOMAIN", default_value = crate::identity::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
@@ -319,6 +330,32 @@ pub struct InspectArgs {
     pub output: inspect::Output,
 }
 
+/// Flags of `meshlet preflight`: the agent's own, so that it looks where the agent will.
+#[derive(Debug, Args)]
+pub struct PreflightArgs {
+    /// cgroup v2 directory capture attaches to [default: the cgroup2 mount that shows the
+    /// host's whole hierarchy].
+    #[arg(long, env = "MESHLET_CGROUP_ROOT")]
+    pub cgroup_root: Option<PathBuf>,
+    /// bpffs directory for meshlet's pins [default: <bpffs mount>/meshlet].
+    #[arg(long, env = "MESHLET_BPFFS_DIR")]
+    pub bpffs_dir: Option<PathBuf>,
+    /// A program of another's allowed at the cgroup hooks capture uses, by name (repeat, or
+    /// comma-separate in the environment).
+    #[arg(
+        long = "allow-cgroup-program",
+        env = "MESHLET_ALLOW_CGROUP_PROGRAMS",
+        value_delimiter = ','
+    )]
+    pub allow_cgroup_programs: Vec<String>,
+    /// Load this eBPF object instead of the one built in.
+    #[arg(long, hide = true)]
+    pub ebpf_object: Option<PathBuf>,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t)]
+    pub output: inspect::Output,
+}
+
 /// Flags of `meshlet uninstall`.
 #[derive(Debug, Args)]
 pub struct UninstallArgs {
@@ -388,6 +425,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Certs(args) => inspect_or_exit(inspect::View::Certs, args),
         Command::Policies(args) => inspect_or_exit(inspect::View::Policies, args),
         Command::Uninstall(args) => uninstall(args),
+        Command::Preflight(args) => preflight(args),
         Command::Cni(command) => cni(command),
         Command::Version => {
             println!(
@@ -402,6 +440,20 @@ pub fn run() -> anyhow::Result<()> {
 
 fn agent(args: AgentArgs) -> anyhow::Result<()> {
     telemetry::init(args.log_format);
+    // The node's checks before anything touches the kernel (the programs load right after,
+    // which is that check).
+    let preflight = crate::preflight::gate(&crate::preflight::Config {
+        cgroup_root: args.cgroup_root.clone(),
+        bpffs_dir: args.bpffs_dir.clone(),
+        allowed_programs: args.allow_cgroup_programs.clone(),
+        load_programs: false,
+        object: args.ebpf_object.clone(),
+    })?;
+    for check in preflight.warnings() {
+        if let crate::preflight::Outcome::Warn { detail, fix } = &check.outcome {
+            tracing::warn!(check = check.name, fix = %fix, "preflight: {detail}");
+        }
+    }
     let mut capture = capture::Config::resolve(args.cgroup_root, args.bpffs_dir)?;
     capture.fail_mode = args.fail_mode;
     capture.excluded_cidrs = args.exclude_cidrs;
@@ -520,6 +572,27 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 fn inspect_or_exit(view: inspect::View, args: InspectArgs) -> anyhow::Result<()> {
     if let Err(err) = inspect::run(view, args.admin_addr, args.output) {
         eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// Prints the preflight report; exits with status 1 when a check failed (like the inspection
+/// commands), so an init container stops the pod.
+fn preflight(args: PreflightArgs) -> anyhow::Result<()> {
+    let config = crate::preflight::Config {
+        cgroup_root: args.cgroup_root,
+        bpffs_dir: args.bpffs_dir,
+        allowed_programs: args.allow_cgroup_programs,
+        load_programs: true,
+        object: args.ebpf_object,
+    };
+    let report = crate::preflight::run(&config);
+    match args.output {
+        inspect::Output::Table => println!("{report}"),
+        inspect::Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+    }
+    if !report.passed() {
         std::process::exit(1);
     }
     Ok(())
@@ -681,5 +754,41 @@ mod tests {
             Cli::try_parse_from(["meshlet", "ca"]).is_ok(),
             "the defaults parse"
         );
+    }
+
+    #[test]
+    fn preflight_flags_parse_repeated_and_comma_separated() {
+        let cli = Cli::try_parse_from([
+            "meshlet",
+            "preflight",
+            "--allow-cgroup-program",
+            "cil_sock4_connect,cil_sock6_connect",
+            "--allow-cgroup-program",
+            "other",
+            "-o",
+            "text",
+        ])
+        .unwrap();
+        let Command::Preflight(args) = cli.command else {
+            panic!("not preflight: {cli:?}");
+        };
+        assert_eq!(
+            args.allow_cgroup_programs,
+            ["cil_sock4_connect", "cil_sock6_connect", "other"]
+        );
+        assert_eq!(args.output, inspect::Output::Table);
+        let cli = Cli::try_parse_from([
+            "meshlet",
+            "agent",
+            "--node-name",
+            "n",
+            "--allow-cgroup-program",
+            "a,b",
+        ])
+        .unwrap();
+        let Command::Agent(args) = cli.command else {
+            panic!("not agent: {cli:?}");
+        };
+        assert_eq!(args.allow_cgroup_programs, ["a", "b"]);
     }
 }
