@@ -666,3 +666,53 @@ fn deleting_the_daemonset_releases_capture_and_a_restart_keeps_it() {
     let _ = std::fs::remove_dir_all(&cni_dir);
     let _ = std::fs::remove_file(&kubeconfig);
 }
+
+#[test]
+fn another_program_at_captures_hooks_stops_the_agent_before_it_attaches_anything() {
+    use meshlet_tests::bpf::{Attach, ForeignProgram};
+    meshlet_tests::require_root();
+    let cluster = meshlet_tests::Cluster::new(1);
+    // Another mesh's connect4 program on the node's cgroup root.
+    let foreign = ForeignProgram::connect4(&cluster.cgroup_root(0), "other_mesh4", Attach::Link);
+    let file = std::env::temp_dir().join(format!("{}-workloads.yaml", cluster.id()));
+    meshlet_tests::write_workloads(&file, &[meshlet_tests::namespace_manifest("demo", &[])]);
+    let source = format!("file:{}", file.display());
+    let mut agent = cluster.start_agent(0, &["--source", &source]);
+    let status = agent.wait_exit(Duration::from_secs(20));
+    let log = agent.log();
+    assert!(
+        !status.success(),
+        "the agent ran beside another mesh: {log}"
+    );
+    assert!(
+        log.contains("this node cannot run the agent")
+            && log.contains(&format!(
+                "program \"other_mesh4\" (id {}) is not meshlet's",
+                foreign.id()
+            )),
+        "the error names the program: {log}"
+    );
+    let attached = bpftool(&["cgroup", "show", cluster.cgroup_root(0).to_str().unwrap()]);
+    let names: Vec<&str> = attached
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    assert_eq!(names, ["other_mesh4"], "meshlet attached beside it");
+    assert!(
+        !cluster.bpffs_dir(0).join("links").exists(),
+        "capture was pinned"
+    );
+
+    // Allowed by name (Cilium's socket LB in host-namespace-only mode, say), the agent runs.
+    drop(agent);
+    let mut agent = cluster.start_agent(
+        0,
+        &["--source", &source, "--allow-cgroup-program", "other_mesh4"],
+    );
+    agent.wait_for_log("initial enrollment pass done", 1, Duration::from_secs(20));
+    assert!(agent.log().contains("agent serving"), "{}", agent.log());
+    agent.stop();
+    let _ = std::fs::remove_file(&file);
+}
