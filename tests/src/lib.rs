@@ -1022,6 +1022,23 @@ pub fn inode(path: &Path) -> u64 {
         .ino()
 }
 
+/// Panics unless no program is attached at `cgroup_root` (`bpftool cgroup show` prints
+/// nothing) and no link is pinned under `bpffs_dir`.
+pub fn assert_nothing_attached(cgroup_root: &Path, bpffs_dir: &Path) {
+    let out = Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(cgroup_root)
+        .output()
+        .expect("run bpftool");
+    assert!(
+        out.status.success(),
+        "bpftool cgroup show {}",
+        cgroup_root.display()
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "", "attached");
+    assert!(!bpffs_dir.join("links").exists(), "capture is pinned");
+}
+
 /// The bpf links of type `netns` (sk_lookup) the kernel has on the network namespace at
 /// `netns` (`bpftool link show`).
 pub fn sk_lookup_links(netns: &Path) -> usize {

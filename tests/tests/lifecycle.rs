@@ -513,17 +513,7 @@ fn a_port_held_by_another_process_stops_the_agent_before_it_attaches_anything() 
         "the error names the port and its holder: {log}"
     );
     // It exited before touching the kernel: no program at the cgroup root, no pins.
-    let out = std::process::Command::new("bpftool")
-        .args(["cgroup", "show"])
-        .arg(cluster.cgroup_root(0))
-        .output()
-        .expect("run bpftool");
-    assert!(out.status.success());
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "", "attached");
-    assert!(
-        !cluster.bpffs_dir(0).join("links").exists(),
-        "capture was pinned"
-    );
+    meshlet_tests::assert_nothing_attached(&cluster.cgroup_root(0), &cluster.bpffs_dir(0));
     drop(holder);
 }
 
@@ -648,13 +638,7 @@ fn deleting_the_daemonset_releases_capture_and_a_restart_keeps_it() {
         .connect(to_server, 1024)
         .assert_echoed(1024);
     // Nothing left: no program at the cgroup root, no pins, meshlet-cni unchained and removed.
-    let out = std::process::Command::new("bpftool")
-        .args(["cgroup", "show"])
-        .arg(cluster.cgroup_root(0))
-        .output()
-        .expect("run bpftool");
-    assert!(out.status.success());
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "", "attached");
+    meshlet_tests::assert_nothing_attached(&cluster.cgroup_root(0), &cluster.bpffs_dir(0));
     assert!(!cluster.bpffs_dir(0).exists(), "pins left");
     for pod in ["client", "server"] {
         let links = meshlet_tests::sk_lookup_links(&cluster.pod(pod).netns.path());

@@ -65,16 +65,10 @@ const CGROUP_PROGRAMS: &[&str] = &[
 const KUBELET_PROGRAMS: &[&str] = &[programs::PROBE_OPS];
 
 /// Every program of the eBPF object: those of the cgroup root, kubelet's, and `sk_lookup`.
-const ALL_PROGRAMS: &[&str] = &[
-    programs::CONNECT4,
-    programs::CONNECT6,
-    programs::GETPEERNAME4,
-    programs::GETPEERNAME6,
-    programs::SOCK_OPS,
-    programs::GETSOCKOPT,
-    programs::PROBE_OPS,
-    programs::SK_LOOKUP,
-];
+fn all_programs() -> Vec<&'static str> {
+    let netns = [programs::SK_LOOKUP];
+    [CGROUP_PROGRAMS, KUBELET_PROGRAMS, &netns].concat()
+}
 
 /// Maps earlier versions pinned that this one no longer has, emptied and unpinned on install.
 /// `NODE_ADDRS` (`HashMap<Ip, u8>`) held the node's addresses, whose connections `sk_lookup`
@@ -405,10 +399,11 @@ pub fn load_programs(object: Option<&Path>) -> Result<Vec<&'static str>, Error> 
         None => EBPF_OBJECT,
     };
     let mut ebpf = EbpfLoader::new().load(object).map_err(Error::Load)?;
-    for &name in ALL_PROGRAMS {
+    let names = all_programs();
+    for &name in &names {
         load_program(&mut ebpf, name)?;
     }
-    Ok(ALL_PROGRAMS.to_vec())
+    Ok(names)
 }
 
 /// How a program came to be attached.

@@ -68,12 +68,9 @@ pub struct AgentArgs {
     /// The namespace of --pod-name (downward API: metadata.namespace).
     #[arg(long, env = "MESHLET_POD_NAMESPACE", default_value = "meshlet-system")]
     pub pod_namespace: String,
-    /// cgroup v2 directory to attach capture to [default: the host's cgroup2 mount].
-    #[arg(long, env = "MESHLET_CGROUP_ROOT")]
-    pub cgroup_root: Option<PathBuf>,
-    /// bpffs directory for meshlet's pins [default: <bpffs mount>/meshlet].
-    #[arg(long, env = "MESHLET_BPFFS_DIR")]
-    pub bpffs_dir: Option<PathBuf>,
+    /// Where capture attaches and pins, and which other programs may share its hooks.
+    #[command(flatten)]
+    pub node: NodeArgs,
     /// What happens to captured traffic of a pod whose proxy is not there: `closed` refuses
     /// it, `open` lets it go direct.
     #[arg(long, env = "MESHLET_FAIL_MODE", value_enum, default_value_t)]
@@ -101,15 +98,6 @@ pub struct AgentArgs {
     /// Load this eBPF object instead of the one built in (tests of program upgrades).
     #[arg(long, hide = true)]
     pub ebpf_object: Option<PathBuf>,
-    /// A program of another's allowed at the cgroup hooks capture uses, by name (repeat, or
-    /// comma-separate in the environment): Cilium's socket load balancer with
-    /// socketLB.hostNamespaceOnly=true, for one. See `meshlet preflight`.
-    #[arg(
-        long = "allow-cgroup-program",
-        env = "MESHLET_ALLOW_CGROUP_PROGRAMS",
-        value_delimiter = ','
-    )]
-    pub allow_cgroup_programs: Vec<String>,
     /// SPIFFE trust domain of the mesh.
     #[arg(long, env = "MESHLET_TRUST_DOMAIN", default_value = crate::identity::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
@@ -330,24 +318,34 @@ pub struct InspectArgs {
     pub output: inspect::Output,
 }
 
-/// Flags of `meshlet preflight`: the agent's own, so that it looks where the agent will.
+/// Where capture attaches and pins: the agent's flags, which `meshlet preflight` shares so that
+/// it looks where the agent will.
 #[derive(Debug, Args)]
-pub struct PreflightArgs {
-    /// cgroup v2 directory capture attaches to [default: the cgroup2 mount that shows the
-    /// host's whole hierarchy].
+pub struct NodeArgs {
+    /// cgroup v2 directory to attach capture to [default: the cgroup2 mount that shows the
+    /// host's whole hierarchy; a container's own namespaced view is refused].
     #[arg(long, env = "MESHLET_CGROUP_ROOT")]
     pub cgroup_root: Option<PathBuf>,
     /// bpffs directory for meshlet's pins [default: <bpffs mount>/meshlet].
     #[arg(long, env = "MESHLET_BPFFS_DIR")]
     pub bpffs_dir: Option<PathBuf>,
     /// A program of another's allowed at the cgroup hooks capture uses, by name (repeat, or
-    /// comma-separate in the environment).
+    /// comma-separate in the environment): Cilium's socket load balancer with
+    /// socketLB.hostNamespaceOnly=true, for one. See `meshlet preflight`.
     #[arg(
         long = "allow-cgroup-program",
         env = "MESHLET_ALLOW_CGROUP_PROGRAMS",
         value_delimiter = ','
     )]
     pub allow_cgroup_programs: Vec<String>,
+}
+
+/// Flags of `meshlet preflight`.
+#[derive(Debug, Args)]
+pub struct PreflightArgs {
+    /// Where capture attaches and pins, and which other programs may share its hooks.
+    #[command(flatten)]
+    pub node: NodeArgs,
     /// Load this eBPF object instead of the one built in.
     #[arg(long, hide = true)]
     pub ebpf_object: Option<PathBuf>,
@@ -443,9 +441,9 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
     // The node's checks before anything touches the kernel (the programs load right after,
     // which is that check).
     let preflight = crate::preflight::gate(&crate::preflight::Config {
-        cgroup_root: args.cgroup_root.clone(),
-        bpffs_dir: args.bpffs_dir.clone(),
-        allowed_programs: args.allow_cgroup_programs.clone(),
+        cgroup_root: args.node.cgroup_root.clone(),
+        bpffs_dir: args.node.bpffs_dir.clone(),
+        allowed_programs: args.node.allow_cgroup_programs.clone(),
         load_programs: false,
         object: args.ebpf_object.clone(),
     })?;
@@ -454,7 +452,7 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
             tracing::warn!(check = check.name, fix = %fix, "preflight: {detail}");
         }
     }
-    let mut capture = capture::Config::resolve(args.cgroup_root, args.bpffs_dir)?;
+    let mut capture = capture::Config::resolve(args.node.cgroup_root, args.node.bpffs_dir)?;
     capture.fail_mode = args.fail_mode;
     capture.excluded_cidrs = args.exclude_cidrs;
     capture.excluded_ports = args.exclude_ports;
@@ -581,9 +579,9 @@ fn inspect_or_exit(view: inspect::View, args: InspectArgs) -> anyhow::Result<()>
 /// commands), so an init container stops the pod.
 fn preflight(args: PreflightArgs) -> anyhow::Result<()> {
     let config = crate::preflight::Config {
-        cgroup_root: args.cgroup_root,
-        bpffs_dir: args.bpffs_dir,
-        allowed_programs: args.allow_cgroup_programs,
+        cgroup_root: args.node.cgroup_root,
+        bpffs_dir: args.node.bpffs_dir,
+        allowed_programs: args.node.allow_cgroup_programs,
         load_programs: true,
         object: args.ebpf_object,
     };
@@ -773,7 +771,7 @@ mod tests {
             panic!("not preflight: {cli:?}");
         };
         assert_eq!(
-            args.allow_cgroup_programs,
+            args.node.allow_cgroup_programs,
             ["cil_sock4_connect", "cil_sock6_connect", "other"]
         );
         assert_eq!(args.output, inspect::Output::Table);
@@ -789,6 +787,6 @@ mod tests {
         let Command::Agent(args) = cli.command else {
             panic!("not agent: {cli:?}");
         };
-        assert_eq!(args.allow_cgroup_programs, ["a", "b"]);
+        assert_eq!(args.node.allow_cgroup_programs, ["a", "b"]);
     }
 }
