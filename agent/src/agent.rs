@@ -211,8 +211,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let policies = tokio::spawn(follow_policies(proxy.clone(), policy_cache));
     let sync = Arc::new(SyncState::default());
     let mut annotator: Option<Annotator> = None;
-    let (removal_tx, mut removal) = watch::channel(None);
+    let (removal_tx, removal) = watch::channel(None);
     let mut removal_task = None;
+    let mut removal_api = None;
     let source_task = match &config.source {
         SourceConfig::File(path) => {
             tokio::spawn(source::file::run(path.clone(), store.clone(), sync.clone()))
@@ -235,10 +236,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             if let Some((namespace, pod)) = config.pod.clone() {
                 removal_task = Some(tokio::spawn(crate::removal::follow(
                     client.clone(),
-                    namespace,
-                    pod,
+                    namespace.clone(),
+                    pod.clone(),
                     removal_tx,
                 )));
+                removal_api = Some((client.clone(), namespace, pod));
             }
             tokio::spawn(source::kube::run(client, store.clone(), sync.clone()))
         }
@@ -344,7 +346,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
 
     let (shutdown_tx, shutdown) = watch::channel(false);
-    let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (releases_tx, releases) = tokio::sync::mpsc::channel(1);
     let netns_annotation = matches!(config.source, SourceConfig::File(_));
     let (handoffs_tx, handoffs) = tokio::sync::mpsc::channel(1);
     let inpod = tokio::spawn(
@@ -359,7 +361,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .with_states(captures)
         .with_cni_timeout(config.cni.timeout)
         .with_start(started.into_std(), crashed)
-        .with_released(released.clone())
+        .with_releases(releases)
         .with_heartbeat(state.heartbeat.clone())
         .inherit(inherited)
         .run(shutdown, enrollment_generation, events, handoffs),
@@ -379,13 +381,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     ));
     info!(took = ?started.elapsed(), "agent serving");
 
-    // A removal known once SIGTERM has come releases capture at once; the listeners serve on
-    // meanwhile, for peers whose agents still capture.
-    let release = |reason: &crate::removal::Removal| {
-        if !released.swap(true, std::sync::atomic::Ordering::AcqRel) {
-            cni_keeper.abort();
-            release_capture(&config, reason);
-        }
+    // A removal confirmed once SIGTERM has come releases capture at once; the listeners serve
+    // on meanwhile, for peers whose agents still capture.
+    let releaser = crate::removal::Releaser {
+        api: removal_api,
+        suspicion: removal,
+        inpod: releases_tx,
+        cni: config.cni.install.clone(),
+        cni_keeper: tokio::sync::Mutex::new(Some(cni_keeper)),
+        bpffs_dir: config.capture.bpffs_dir.clone(),
+        released: Default::default(),
+        releasing: Default::default(),
     };
     let (ending, deadline) = drain::until_stopped(
         &mut signals,
@@ -399,26 +405,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 }
             }
         },
-        async {
-            if let Ok(reason) = removal.wait_for(Option::is_some).await {
-                let reason = reason.clone().expect("waited for Some");
-                release(&reason);
-            }
-            std::future::pending().await
-        },
+        releaser.release_when_removed(),
         config.drain_deadline,
     )
     .await;
-    let removed = removal.borrow().clone();
-    if ending == Ending::Signalled
-        && let Some(reason) = removed
-    {
-        release(&reason);
+    if ending == Ending::Signalled {
+        releaser.release_if_removed().await;
     }
-    if let Some(task) = removal_task {
-        task.abort();
+    if let Some(keeper) = releaser.cni_keeper.lock().await.take() {
+        keeper.abort();
     }
-    cni_keeper.abort();
     let _ = shutdown_tx.send(true);
     ledger_task.abort();
     source_task.abort();
@@ -444,10 +440,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         (Ending::Signalled, None) => Instant::now(),
     };
     let drained = proxy.drain.run_out(deadline).await;
+    // A removal the API told of only during the drain still releases capture: the reconciler
+    // has stopped, so nothing else touches it.
+    if ending == Ending::Signalled && stopped == crate::inpod::Stopped::Shutdown {
+        releaser.release_if_removed().await;
+    }
+    if let Some(task) = removal_task {
+        task.abort();
+    }
     if ending == Ending::Signalled {
         ledger.close();
     }
-    let capture = if released.load(std::sync::atomic::Ordering::Acquire) {
+    let capture = if releaser.released() {
         "released"
     } else {
         "stays attached through its pins (`meshlet uninstall` removes it)"
@@ -460,32 +464,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "stopped; capture {capture}"
     );
     Ok(())
-}
-
-/// Releases capture on this node for good, as the agent's DaemonSet is being removed: every
-/// pinned program detached and unpinned, meshlet-cni unchained and removed. Pods' new
-/// connections go direct from here on; the in-pod listeners still serve what reaches them
-/// (HBONE from peers whose agents still capture) until the drain.
-fn release_capture(config: &Config, reason: &crate::removal::Removal) {
-    if let Some(install) = &config.cni.install
-        && let Err(err) = crate::cni::install::uninstall(&install.conf_dir, &install.bin_dir)
-    {
-        warn!(%err, "cannot unchain meshlet-cni; `meshlet cni uninstall` on the node removes it");
-    }
-    match capture::uninstall(&config.capture.bpffs_dir) {
-        Ok(removed) => warn!(
-            %reason,
-            links = removed.links,
-            maps = removed.maps,
-            "capture released: programs detached, pins removed, meshlet-cni unchained; pods' \
-             new connections go direct"
-        ),
-        Err(err) => warn!(
-            %reason,
-            %err,
-            "cannot release capture; `meshlet uninstall` on the node removes it"
-        ),
-    }
 }
 
 /// Before a successor asks for the listeners: waits for the source's first sync, then (at

@@ -276,7 +276,11 @@ pub struct InPod {
     started: Option<(Instant, Option<crate::drain::Crashed>)>,
     /// Set once capture has been released for good (the DaemonSet is being removed): no pass
     /// may enroll anything again; the listeners serve on until shutdown.
-    capture_released: Arc<std::sync::atomic::AtomicBool>,
+    /// Requests to release capture for good ([`crate::removal`]).
+    releases: Option<mpsc::Receiver<crate::removal::ReleaseRequest>>,
+    /// Capture was released for good: no pass may enroll anything again; the listeners serve
+    /// on until shutdown, and CNI ADDs are answered unavailable.
+    capture_released: bool,
     heartbeat: Arc<Heartbeat>,
 }
 
@@ -321,7 +325,8 @@ impl InPod {
             states: Arc::default(),
             cni_timeout: Duration::from_secs(10),
             started: None,
-            capture_released: Arc::default(),
+            releases: None,
+            capture_released: false,
             heartbeat: Arc::default(),
         }
     }
@@ -351,9 +356,12 @@ impl InPod {
         self
     }
 
-    /// The flag that, once set, stops every pass: capture was released for good.
-    pub fn with_released(mut self, released: Arc<std::sync::atomic::AtomicBool>) -> Self {
-        self.capture_released = released;
+    /// Where requests to release capture for good come from.
+    pub fn with_releases(
+        mut self,
+        releases: mpsc::Receiver<crate::removal::ReleaseRequest>,
+    ) -> Self {
+        self.releases = Some(releases);
         self
     }
 
@@ -379,11 +387,11 @@ impl InPod {
         let mut first = true;
         let mut stopped = Stopped::Shutdown;
         let mut successor = None;
+        let mut releases = self.releases.take();
+        let mut release = None;
         loop {
             self.heartbeat.beat();
-            let released = self
-                .capture_released
-                .load(std::sync::atomic::Ordering::Acquire);
+            let released = self.capture_released;
             if !ready && !released && *synced.borrow_and_update() {
                 ready = true;
                 info!(node = %self.node, "source synced; reconciling enrollment");
@@ -427,7 +435,20 @@ impl InPod {
                 }
                 _ = tick.tick() => {}
                 Some(request) = handoffs.recv() => successor = Some(request),
+                Some(request) = async {
+                    match releases.as_mut() {
+                        Some(releases) => releases.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => release = Some(request),
                 _ = shutdown.wait_for(|s| *s) => break,
+            }
+            if let Some(request) = release.take() {
+                // Between two passes: nothing attaches while the pins go, nor after.
+                self.capture_released = true;
+                let removed = crate::capture::uninstall(&self.capture.config().bpffs_dir);
+                let _ = request.reply.send(removed);
+                continue;
             }
             if let Some(request) = successor.take()
                 && self.hand_over(request).await
@@ -575,7 +596,13 @@ impl InPod {
                 continue; // the plugin is gone (its own timeout)
             }
             let waited = add.received.elapsed();
-            let answer = match self.decide_add(&add, ready) {
+            let decided = match self.capture_released {
+                true => Ok(Reply::Unavailable {
+                    message: "meshlet is being removed from this node".into(),
+                }),
+                false => self.decide_add(&add, ready),
+            };
+            let answer = match decided {
                 Ok(answer) => answer,
                 Err(_) if !ready && waited >= SYNC_WAIT => Reply::Unavailable {
                     message: "the agent's workload source has not synced yet".into(),

@@ -252,10 +252,15 @@ pub fn run(config: &Config) -> Report {
             reason: "not asked for".into(),
         }
     };
-    let cgroup_programs = match &cgroup_root {
-        Some(root) => cgroup_programs(root, bpffs_dir.as_deref(), &config.allowed_programs),
-        None => Outcome::Skip {
+    let cgroup_programs = match (&cgroup_root, &bpffs_dir) {
+        (Some(root), Some(dir)) => cgroup_programs(root, Some(dir), &config.allowed_programs),
+        (None, _) => Outcome::Skip {
             reason: "no cgroup root to look at (see cgroup2)".into(),
+        },
+        // Without the pins, meshlet's own programs would pass for another mesh's.
+        (Some(_), None) => Outcome::Skip {
+            reason: "meshlet's own programs cannot be told apart without its pins (see bpffs)"
+                .into(),
         },
     };
     let checks = [

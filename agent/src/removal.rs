@@ -9,26 +9,43 @@
 //! owner reference with the DaemonSet's UID). [`follow`] keeps a watch on that DaemonSet and on
 //! the namespace, and decides [`Removal`] when:
 //! - the DaemonSet is gone (deleted, or not there when the watch lists),
-//! - it carries a `deletionTimestamp` (foreground deletion),
+//! - it carries a `deletionTimestamp` (foreground or background deletion; not an orphaning one,
+//!   `--cascade=orphan`, which leaves the pods running for a DaemonSet created again),
 //! - a DaemonSet of that name has another UID (deleted and created again), or
 //! - the namespace carries a `deletionTimestamp` (`kubectl delete -k` deletes the namespace first).
 //!
 //! The watches are established while the agent's RBAC still stands and keep delivering events
 //! after an uninstall has deleted the ClusterRoleBinding (the API server authorizes a watch when
 //! it starts), so the decision is made in time even when everything goes in one `kubectl delete`.
-//! Only positive evidence counts: an API server that cannot be reached, or refuses, leaves the
-//! answer "not removed", and capture stays.
+//! What the watches report is a suspicion; [`confirm`] reads the pod and the DaemonSet again
+//! when the agent is told to stop, so that a DaemonSet deleted with `--cascade=orphan` and
+//! created again (which adopts the running pods under a new UID) does not count. Only when those
+//! reads fail (the uninstall has already removed the agent's RBAC) does the suspicion decide.
+//! No evidence, no release: an API server that cannot be reached or refuses from the start
+//! leaves capture in place.
 
-use std::fmt;
+use std::{
+    fmt,
+    path::PathBuf,
+    sync::atomic::{AtomicBool, Ordering},
+};
 
 use futures::{StreamExt as _, stream};
 use k8s_openapi::api::{apps::v1::DaemonSet, core::v1 as core};
 use kube::{
     Api, Client, ResourceExt as _,
-    runtime::watcher::{self, Event},
+    runtime::{
+        WatchStreamExt as _,
+        watcher::{self, Event},
+    },
 };
-use tokio::sync::watch;
+use tokio::{
+    sync::{Mutex, mpsc, oneshot, watch},
+    task::JoinHandle,
+};
 use tracing::{debug, info, warn};
+
+use crate::capture;
 
 /// Why the agent's DaemonSet counts as removed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +68,126 @@ impl fmt::Display for Removal {
             Self::Replaced => "the agent's DaemonSet was replaced by another of the same name",
             Self::NamespaceDeleting => "the agent's namespace is being deleted",
         })
+    }
+}
+
+/// Asks the in-pod reconciler, which owns capture, to release it between two passes (so that no
+/// pass attaches anything after it): it stops enrolling and answers with what was removed.
+#[derive(Debug)]
+pub struct ReleaseRequest {
+    /// Where the outcome goes.
+    pub reply: oneshot::Sender<Result<capture::Uninstalled, capture::Error>>,
+}
+
+/// Releases capture on this node for good, once the agent's removal is suspected by [`follow`]
+/// and confirmed by [`confirm`]: meshlet-cni unchained and removed, then every pinned program
+/// detached and unpinned. Pods' new connections go direct from then on; the in-pod listeners
+/// still serve what reaches them (HBONE from peers whose agents still capture) until the drain.
+pub struct Releaser {
+    /// The API and the agent's pod (namespace, name), to confirm with.
+    pub api: Option<(Client, String, String)>,
+    /// What [`follow`] suspects.
+    pub suspicion: watch::Receiver<Option<Removal>>,
+    /// The in-pod reconciler, while it runs.
+    pub inpod: mpsc::Sender<ReleaseRequest>,
+    /// meshlet-cni's installation, if the agent installed it.
+    pub cni: Option<crate::cni::install::InstallConfig>,
+    /// The task that keeps meshlet-cni chained: stopped (and waited for) before unchaining.
+    pub cni_keeper: Mutex<Option<JoinHandle<()>>>,
+    /// Where capture is pinned.
+    pub bpffs_dir: PathBuf,
+    /// Set once released.
+    pub released: AtomicBool,
+    /// One release at a time.
+    pub releasing: Mutex<()>,
+}
+
+impl fmt::Debug for Releaser {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Releaser")
+            .field("pod", &self.api.as_ref().map(|(_, ns, pod)| (ns, pod)))
+            .field("suspicion", &*self.suspicion.borrow())
+            .field("bpffs_dir", &self.bpffs_dir)
+            .field("released", &self.released())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Releaser {
+    /// Whether capture was released.
+    pub fn released(&self) -> bool {
+        self.released.load(Ordering::Acquire)
+    }
+
+    /// Releases capture if the agent's removal is suspected and confirmed; true once it is
+    /// released (now or before).
+    pub async fn release_if_removed(&self) -> bool {
+        let _one = self.releasing.lock().await;
+        if self.released() {
+            return true;
+        }
+        let Some(suspected) = self.suspicion.borrow().clone() else {
+            return false;
+        };
+        let confirmed = match &self.api {
+            Some((client, namespace, pod)) => confirm(client, namespace, pod, suspected).await,
+            None => Some(suspected),
+        };
+        let Some(reason) = confirmed else {
+            return false;
+        };
+        if let Some(keeper) = self.cni_keeper.lock().await.take() {
+            keeper.abort();
+            let _ = keeper.await;
+        }
+        if let Some(install) = &self.cni
+            && let Err(err) = crate::cni::install::uninstall(&install.conf_dir, &install.bin_dir)
+        {
+            warn!(%err, "cannot unchain meshlet-cni; `meshlet cni uninstall` on the node removes it");
+        }
+        let (reply, outcome) = oneshot::channel();
+        let removed = match self.inpod.send(ReleaseRequest { reply }).await {
+            Ok(()) => match outcome.await {
+                Ok(removed) => removed,
+                Err(_) => {
+                    info!(%reason, "the in-pod reconciler stopped first (handed over): capture is the successor's");
+                    return false;
+                }
+            },
+            // The reconciler has stopped (shut down): nothing else touches capture now.
+            Err(_) => capture::uninstall(&self.bpffs_dir),
+        };
+        match removed {
+            Ok(removed) => warn!(
+                %reason,
+                links = removed.links,
+                maps = removed.maps,
+                "capture released: programs detached, pins removed, meshlet-cni unchained; pods' \
+                 new connections go direct"
+            ),
+            Err(err) => warn!(
+                %reason,
+                %err,
+                "cannot release all of capture; `meshlet uninstall` on the node removes the rest"
+            ),
+        }
+        self.released.store(true, Ordering::Release);
+        true
+    }
+
+    /// Releases capture as soon as a removal is suspected and confirmed; never returns (run
+    /// it beside the wait after SIGTERM).
+    pub async fn release_when_removed(&self) -> std::convert::Infallible {
+        let mut suspicion = self.suspicion.clone();
+        loop {
+            if suspicion.borrow_and_update().is_some() && self.release_if_removed().await {
+                break;
+            }
+            if suspicion.changed().await.is_err() {
+                break;
+            }
+        }
+        std::future::pending().await
     }
 }
 
@@ -128,8 +265,10 @@ pub async fn follow(
         Api::<DaemonSet>::namespaced(client.clone(), &owner.namespace),
         by_name(&owner.name),
     )
+    .default_backoff()
     .map(|event| event.map(Observed::DaemonSet));
     let namespaces = watcher::watcher(Api::<core::Namespace>::all(client), by_name(&namespace))
+        .default_backoff()
         .map(|event| event.map(Observed::Namespace));
     let mut events = std::pin::pin!(stream::select(daemonsets, namespaces));
     // Between a list's start and end: whether it held the DaemonSet.
@@ -146,7 +285,7 @@ pub async fn follow(
             warn!(
                 reason = %decided,
                 "this agent is being removed from the node: on SIGTERM it releases capture \
-                 instead of keeping it for a successor"
+                 instead of keeping it for a successor (once the API confirms)"
             );
             removal.send_replace(Some(decided));
             return;
@@ -155,6 +294,7 @@ pub async fn follow(
 }
 
 /// A watch event of either kind.
+#[allow(clippy::large_enum_variant)] // one at a time, straight from the stream: never stored
 enum Observed {
     DaemonSet(Event<DaemonSet>),
     Namespace(Event<core::Namespace>),
@@ -163,7 +303,7 @@ enum Observed {
 fn observe(event: Observed, listing: &mut Option<bool>) -> Vec<Seen> {
     let daemonset = |ds: &DaemonSet| Seen::DaemonSet {
         uid: ds.uid().unwrap_or_default(),
-        deleting: ds.metadata.deletion_timestamp.is_some(),
+        deleting: is_deleting(ds),
     };
     let namespace = |ns: &core::Namespace| Seen::Namespace {
         deleting: ns.metadata.deletion_timestamp.is_some(),
@@ -187,6 +327,64 @@ fn observe(event: Observed, listing: &mut Option<bool>) -> Vec<Seen> {
         }],
         Observed::Namespace(Event::InitApply(ns) | Event::Apply(ns)) => vec![namespace(&ns)],
         Observed::Namespace(_) => Vec::new(),
+    }
+}
+
+/// Whether `ds` is being deleted together with its pods: a `deletionTimestamp`, and not the
+/// `orphan` finalizer (`--cascade=orphan` keeps the pods for a DaemonSet created again).
+fn is_deleting(ds: &DaemonSet) -> bool {
+    ds.metadata.deletion_timestamp.is_some() && !ds.finalizers().iter().any(|f| f == "orphan")
+}
+
+/// How long each confirming read may take.
+const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Checks a suspected removal against the API as it is now: the agent's pod's controller (it
+/// may have been adopted by a DaemonSet created again) and that DaemonSet. `None`: not removed
+/// after all. When a read fails or times out (an uninstall deletes the agent's RBAC and service
+/// account, and the namespace with them), `suspected` stands.
+pub async fn confirm(
+    client: &Client,
+    namespace: &str,
+    pod: &str,
+    suspected: Removal,
+) -> Option<Removal> {
+    if suspected == Removal::NamespaceDeleting {
+        return Some(suspected); // a namespace's deletion cannot be undone
+    }
+    let read = async {
+        let pod = Api::<core::Pod>::namespaced(client.clone(), namespace)
+            .get_opt(pod)
+            .await?;
+        let Some(owner) = pod.as_ref().and_then(Owner::of) else {
+            // Gone, or orphaned: no DaemonSet runs this pod any more.
+            return Ok(Some(suspected.clone()));
+        };
+        let daemonset = Api::<DaemonSet>::namespaced(client.clone(), &owner.namespace)
+            .get_opt(&owner.name)
+            .await?;
+        Ok::<_, kube::Error>(match daemonset {
+            None => Some(Removal::Deleted),
+            Some(ds) if ds.uid().as_deref() != Some(owner.uid.as_str()) => Some(Removal::Replaced),
+            Some(ds) if is_deleting(&ds) => Some(Removal::Deleting),
+            Some(_) => None,
+        })
+    };
+    match tokio::time::timeout(CONFIRM_TIMEOUT * 2, read).await {
+        Ok(Ok(confirmed)) => {
+            if confirmed.is_none() {
+                info!(suspected = %suspected, "the agent's DaemonSet runs it after all (created again and adopted it): capture stays");
+            }
+            confirmed
+        }
+        Ok(Err(err)) => {
+            warn!(%err, reason = %suspected, "cannot read the agent's pod and DaemonSet again (an uninstall removes the agent's access): going by the watch");
+            Some(suspected)
+        }
+        Err(_) => {
+            warn!(reason = %suspected, "the API did not answer in time: going by the watch");
+            Some(suspected)
+        }
     }
 }
 
@@ -237,6 +435,14 @@ mod tests {
             deleting,
         };
         assert_eq!(judge(&owner, &ds("uid-1", false)), None, "a restart");
+        let mut orphaning: DaemonSet = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "meshlet", "deletionTimestamp": "2026-12-01T00:00:00Z"}
+        }))
+        .unwrap();
+        orphaning.metadata.finalizers = Some(vec!["orphan".into()]);
+        assert!(!is_deleting(&orphaning), "--cascade=orphan keeps the pods");
+        orphaning.metadata.finalizers = Some(vec!["foregroundDeletion".into()]);
+        assert!(is_deleting(&orphaning));
         assert_eq!(judge(&owner, &ds("uid-1", true)), Some(Removal::Deleting));
         assert_eq!(judge(&owner, &ds("uid-2", false)), Some(Removal::Replaced));
         assert_eq!(

@@ -529,22 +529,25 @@ fn deleting_the_daemonset_releases_capture_and_a_restart_keeps_it() {
     let kubeconfig = std::env::temp_dir().join(format!("{}-kubeconfig", cluster.id()));
     api.write_kubeconfig(&kubeconfig);
     api.apply(namespace_manifest("meshlet-system", &[]));
-    let daemonset = api.apply(serde_json::json!({
-        "apiVersion": "apps/v1", "kind": "DaemonSet",
-        "metadata": {"name": "meshlet", "namespace": "meshlet-system"},
-    }));
-    // The agent's pod, as the DaemonSet controller creates it.
-    api.apply(serde_json::json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {
-            "name": "meshlet-x7k2p", "namespace": "meshlet-system",
-            "ownerReferences": [{
-                "apiVersion": "apps/v1", "kind": "DaemonSet", "name": "meshlet",
-                "uid": daemonset["metadata"]["uid"], "controller": true,
-            }],
-        },
-        "spec": {"nodeName": cluster.node(0).name, "hostNetwork": true},
-    }));
+    // The DaemonSet, and the agent's pod as its controller creates (or adopts) it.
+    let run_by_a_daemonset = || {
+        let daemonset = api.apply(serde_json::json!({
+            "apiVersion": "apps/v1", "kind": "DaemonSet",
+            "metadata": {"name": "meshlet", "namespace": "meshlet-system"},
+        }));
+        api.apply(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {
+                "name": "meshlet-x7k2p", "namespace": "meshlet-system",
+                "ownerReferences": [{
+                    "apiVersion": "apps/v1", "kind": "DaemonSet", "name": "meshlet",
+                    "uid": daemonset["metadata"]["uid"], "controller": true,
+                }],
+            },
+            "spec": {"nodeName": cluster.node(0).name, "hostNetwork": true},
+        }));
+    };
+    run_by_a_daemonset();
     api.apply(namespace_manifest("demo", &[AMBIENT]));
     api.apply(cluster.pod("client").manifest("demo", &[("app", "client")]));
     api.apply(cluster.pod("server").manifest("demo", &[("app", "server")]));
@@ -604,6 +607,27 @@ fn deleting_the_daemonset_releases_capture_and_a_restart_keeps_it() {
         .pod("client")
         .connect(to_server, 1024)
         .assert_failed(Outcome::Refused);
+
+    // Deleted and created again (`--cascade=orphan`, to change an immutable field): the new
+    // DaemonSet adopts the pod under its UID, and SIGTERM, reading again, keeps capture.
+    let mut agent = cluster.start_agent_with_env(0, &flags, &env);
+    agent.wait_for_log("initial enrollment pass done", 1, Duration::from_secs(10));
+    api.delete("DaemonSet", "meshlet-system", "meshlet");
+    agent.wait_for_log(
+        "this agent is being removed from the node",
+        1,
+        Duration::from_secs(10),
+    );
+    run_by_a_daemonset();
+    agent.signal(libc::SIGTERM);
+    agent.wait_for_log("runs it after all", 1, Duration::from_secs(10));
+    assert!(agent.wait_exit(Duration::from_secs(20)).success());
+    assert!(
+        agent.log().contains("capture stays attached"),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(meshlet_tests::enrolled(&cluster.bpffs_dir(0)), want);
 
     // The DaemonSet deleted: SIGTERM releases capture, and the pods talk directly.
     let mut agent = cluster.start_agent_with_env(0, &flags, &env);

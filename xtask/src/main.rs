@@ -565,7 +565,36 @@ fn check_rollout(kustomization: &str, rendered: &str) -> anyhow::Result<()> {
         .into_iter()
         .flatten()
         .find(|c| c["args"].get(0) == Some(&serde_json::json!("preflight")));
+    // What preflight looks at must be what the agent uses.
+    let node_env = |container: &serde_json::Value| -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> = container["env"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| {
+                matches!(
+                    e["name"].as_str(),
+                    Some(
+                        "MESHLET_BPFFS_DIR"
+                            | "MESHLET_CGROUP_ROOT"
+                            | "MESHLET_ALLOW_CGROUP_PROGRAMS"
+                    )
+                )
+            })
+            .map(|e| (e["name"].to_string(), e["value"].to_string()))
+            .collect();
+        env.sort();
+        env
+    };
     match preflight {
+        Some(init) if node_env(init) != node_env(agent) => {
+            return Err(fail(format!(
+                "the preflight init container must check what the agent uses: {:?} against the \
+                 agent's {:?}",
+                node_env(init),
+                node_env(agent)
+            )));
+        }
         Some(init) if init["securityContext"] == agent["securityContext"] => {}
         Some(_) => {
             return Err(fail(
@@ -765,6 +794,10 @@ mod tests {
             (
                 base.replacen("- SYS_RESOURCE\n", "", 1),
                 "agent's securityContext",
+            ),
+            (
+                base.replacen("value: /sys/fs/bpf/meshlet", "value: /sys/fs/bpf/other", 1),
+                "must check what the agent uses",
             ),
             (
                 base.replace("type: Unconfined", "type: RuntimeDefault"),

@@ -19,7 +19,7 @@ use std::{
 };
 
 use aya::programs::links::{FdLink, PinnedLink};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::Error;
 
@@ -227,15 +227,23 @@ pub fn uninstall(bpffs_dir: &Path) -> Result<Uninstalled, Error> {
         return Ok(Uninstalled::default());
     }
     let links = pinned_files(&bpffs_dir.join("links"));
+    // Every link, whatever one of them does: a link left attached is a pod left captured.
+    let mut failed = None;
     for link in &links {
-        detach(link)?;
+        if let Err(err) = detach(link) {
+            warn!(%err, "cannot detach a pinned link; unpinning it (it detaches once no process holds it)");
+            failed.get_or_insert(err);
+        }
     }
     let removed = Uninstalled {
         links: links.len(),
         maps: pinned_files(&bpffs_dir.join("maps")).len(),
     };
     fs::remove_dir_all(bpffs_dir).map_err(Error::io("remove", bpffs_dir))?;
-    Ok(removed)
+    match failed {
+        Some(err) => Err(err),
+        None => Ok(removed),
+    }
 }
 
 /// Detaches the link pinned at `pin`. A pin that is not a link (or a link the kernel cannot

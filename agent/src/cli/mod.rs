@@ -440,13 +440,25 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
     telemetry::init(args.log_format);
     // The node's checks before anything touches the kernel (the programs load right after,
     // which is that check).
-    let preflight = crate::preflight::gate(&crate::preflight::Config {
+    let preflight = match crate::preflight::gate(&crate::preflight::Config {
         cgroup_root: args.node.cgroup_root.clone(),
         bpffs_dir: args.node.bpffs_dir.clone(),
         allowed_programs: args.node.allow_cgroup_programs.clone(),
         load_programs: false,
         object: args.ebpf_object.clone(),
-    })?;
+    }) {
+        Ok(report) => report,
+        // Capture an earlier agent pinned is in place: without an agent it refuses (fail
+        // closed) every enrolled pod's connections, so serving it beats stopping here.
+        Err(failed) if capture_is_pinned(args.node.bpffs_dir.clone()) => {
+            tracing::warn!(
+                "{failed}; capture is already installed on this node: serving it rather than \
+                 leave it without an agent"
+            );
+            failed.report
+        }
+        Err(failed) => return Err(failed.into()),
+    };
     for check in preflight.warnings() {
         if let crate::preflight::Outcome::Warn { detail, fix } = &check.outcome {
             tracing::warn!(check = check.name, fix = %fix, "preflight: {detail}");
@@ -537,6 +549,15 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
         pod: args.pod_name.map(|name| (args.pod_namespace.clone(), name)),
     };
     runtime()?.block_on(agent::run(config))
+}
+
+/// Whether an earlier agent left capture pinned under the bpffs directory (`given`, or the
+/// default one).
+fn capture_is_pinned(given: Option<PathBuf>) -> bool {
+    capture::mounts::mounts()
+        .ok()
+        .and_then(|mounts| capture::resolve_bpffs_dir(&mounts, given).ok())
+        .is_some_and(|dir| dir.join("links").is_dir())
 }
 
 fn ca(args: CaArgs) -> anyhow::Result<()> {

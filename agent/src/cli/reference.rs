@@ -52,10 +52,28 @@ fn section(out: &mut String, name: &str, command: &Command) {
     out.push_str("| flag | environment | default | meaning |\n|---|---|---|---|\n");
     for arg in command.get_arguments().filter(|a| visible(a)) {
         let long = arg.get_long().expect("visible args are long");
+        let short = arg
+            .get_short()
+            .map(|c| format!("-{c}, "))
+            .unwrap_or_default();
+        // As --help names the value: its value name, or the id in capitals.
         let value = match arg.get_action().takes_values() {
-            true => format!(" <{}>", arg.get_id().as_str().replace('_', "-")),
+            true => {
+                let name = arg
+                    .get_value_names()
+                    .and_then(|names| names.first())
+                    .map(|name| name.to_string())
+                    .unwrap_or_else(|| arg.get_id().as_str().to_uppercase());
+                format!(" <{name}>")
+            }
             false => String::new(),
         };
+        let choices: Vec<String> = arg
+            .get_possible_values()
+            .iter()
+            .filter(|v| !v.is_hide_set())
+            .map(|v| format!("`{}`", v.get_name()))
+            .collect();
         let env = arg
             .get_env()
             .map(|env| format!("`{}`", env.to_string_lossy()))
@@ -74,7 +92,14 @@ fn section(out: &mut String, name: &str, command: &Command) {
             .or(arg.get_help())
             .map(|h| h.to_string().replace('\n', " ").replace('|', "\\|"))
             .unwrap_or_default();
-        let _ = writeln!(out, "| `--{long}{value}` | {env} | {default} | {help} |");
+        let help = match choices.is_empty() {
+            true => help,
+            false => format!("{help} (one of {})", choices.join(", ")),
+        };
+        let _ = writeln!(
+            out,
+            "| `{short}--{long}{value}` | {env} | {default} | {help} |"
+        );
     }
 }
 
@@ -117,7 +142,7 @@ mod tests {
                     continue;
                 }
                 assert!(
-                    reference.contains(&format!("| `--{flag}")),
+                    reference.contains(&format!("--{flag}")),
                     "{name} --help lists --{flag}, the reference does not"
                 );
             }
