@@ -25,6 +25,7 @@ pub mod mesh;
 pub mod mesh_ca;
 pub mod process;
 pub mod raw_hbone;
+pub mod ztunnel;
 
 use std::{
     fs,

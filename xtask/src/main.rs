@@ -6,7 +6,9 @@
 //! - `test`: setup, preflight checks, fmt, clippy, unit tests, a short run of every fuzz
 //!   target, then the root-only end-to-end tests, then a check that they left nothing behind;
 //! - `demo`: setup, build, then the walk-through on a simulated cluster;
-//! - `bench`: setup, release build, then the benchmarks on a simulated cluster;
+//! - `bench`: setup, release build, then the benchmarks on a simulated cluster (with
+//!   `--ztunnel <path>`, Istio's ztunnel side by side);
+//! - `interop`: setup, release build, then meshlet against Istio's ztunnel (`--ztunnel`);
 //! - `fuzz`: setup, then the cargo-fuzz targets in `fuzz/` under libFuzzer.
 
 mod fuzz;
@@ -57,9 +59,18 @@ enum Task {
         /// outside the mesh, with `{listen}`, `{listen_port}` and `{upstream}` filled in.
         #[arg(long)]
         external_proxy: Option<String>,
-        /// Istio's ztunnel binary: also check that it gets its certificate from `meshlet ca`.
+        /// Istio's ztunnel binary (its directory holds its test root): measured side by side
+        /// as paths `ztunnel` and `ztunnel-samenode`, and checked for interop.
         #[arg(long)]
         ztunnel: Option<PathBuf>,
+    },
+    /// Setup, build (release), then check that meshlet and Istio's ztunnel interoperate:
+    /// ztunnel gets its certificate from `meshlet ca`, and each tunnels to the other over HBONE.
+    Interop {
+        /// Istio's ztunnel binary; its directory holds its test root (root-cert.pem,
+        /// ca-key.pem).
+        #[arg(long)]
+        ztunnel: PathBuf,
     },
     /// Setup, build, then walk through meshlet on a simulated two-node cluster.
     Demo {
@@ -96,6 +107,7 @@ fn main() -> anyhow::Result<()> {
             external_proxy,
             ztunnel,
         } => bench(quick, json, external_proxy, ztunnel),
+        Task::Interop { ztunnel } => interop(&ztunnel),
         Task::Demo { keep } => demo(keep),
         Task::Fuzz { seconds, target } => {
             setup::run()?;
@@ -235,6 +247,16 @@ fn bench(
             .arg(ztunnel.canonicalize().context("--ztunnel")?);
     }
     run(&mut bench)
+}
+
+fn interop(ztunnel: &Path) -> anyhow::Result<()> {
+    setup::run()?;
+    preflight::check().context("the interop check cannot run on this machine")?;
+    cargo(&["build", "--release", "--workspace", "--bins"])?;
+    run(Command::new("target/release/meshlet-bench")
+        .arg("interop")
+        .arg("--ztunnel")
+        .arg(ztunnel.canonicalize().context("--ztunnel")?))
 }
 
 /// Istio's policy CRDs, applied on their own where Istio is not installed.

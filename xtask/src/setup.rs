@@ -8,7 +8,8 @@ use std::process::{Command, Stdio};
 use anyhow::{Context as _, bail};
 
 /// Debian packages: LLVM 22 for bpf-linker, bpftool and iproute2 for the tests and demo,
-/// tcpdump for the demo's look at the wire, kubectl to render the kustomizations in deploy/.
+/// tcpdump for the demo's look at the wire, kubectl to render the kustomizations in deploy/,
+/// iptables for ztunnel's capture when the benchmarks run it beside meshlet.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -18,6 +19,7 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "tcpdump",
     "kubectl",
+    "iptables",
 ];
 
 /// The offline Kubernetes schema validator `cargo xtask test` runs on `deploy/` (PyPI).

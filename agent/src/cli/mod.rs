@@ -578,10 +578,14 @@ fn ca(args: CaArgs) -> anyhow::Result<()> {
     runtime()?.block_on(crate::ca::run(config))
 }
 
-/// The runtime of the long-running commands: two workers, as the node has few cores to spare.
+/// Worker threads of the long-running commands' runtime: two, as the node has few cores to
+/// spare.
+pub const RUNTIME_WORKERS: usize = 2;
+
+/// The runtime of the long-running commands ([`RUNTIME_WORKERS`] workers).
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(RUNTIME_WORKERS)
         .enable_all()
         .build()
 }

@@ -46,7 +46,9 @@ struct Args {
     /// (`{listen_port}` is the port alone).
     #[arg(long, global = true)]
     external_proxy: Option<String>,
-    /// Istio's ztunnel binary: `all` then also checks it interoperates (see `interop`).
+    /// Istio's ztunnel binary (its directory holds its test root): `tunnel` also measures it
+    /// as paths `ztunnel` and `ztunnel-samenode`, and `all` checks it interoperates (see
+    /// `interop`).
     #[arg(long, global = true)]
     ztunnel: Option<std::path::PathBuf>,
     /// An older `meshlet` binary, from before the handoff (such as main before it): `lifecycle`
@@ -89,7 +91,8 @@ enum Scenario {
         pods: usize,
     },
     /// Interoperability with Istio's ztunnel (`--ztunnel PATH`): ztunnel, pointed at
-    /// `meshlet ca` with `CA_ADDRESS`, gets its workload certificate from it.
+    /// `meshlet ca` with `CA_ADDRESS`, gets its workload certificate from it; and meshlet and
+    /// ztunnel tunnel each other's connections over HBONE, both directions.
     Interop,
     /// The workload store: memory per pod, lookups per second.
     Store {
@@ -610,6 +613,130 @@ fn interop(ztunnel: &std::path::Path) -> anyhow::Result<serde_json::Value> {
     )
 }
 
+/// meshlet and Istio's ztunnel carry each other's traffic: a meshlet agent on node-0 (its pods
+/// `client` and `server`) and a dedicated ztunnel per pod on node-1 (`zclient`, `zserver`),
+/// all in one ambient namespace and one trust domain (the agent signs with ztunnel's test
+/// root, which ztunnel's fake CA signs with). Each direction must echo, and each side must
+/// name the other's SPIFFE identity: ztunnel in its access log, meshlet in its metrics.
+fn interop_dataplane(ztunnel: &std::path::Path) -> anyhow::Result<serde_json::Value> {
+    use meshlet_tests::{mesh::FileMesh, ztunnel as zt};
+    println!("\ninterop: meshlet <-> Istio's ztunnel over HBONE, both directions");
+    let root = ztunnel.parent().context("--ztunnel has no directory")?;
+    let (ca_cert, ca_key) = (root.join("root-cert.pem"), root.join("ca-key.pem"));
+    ensure!(
+        ca_cert.exists() && ca_key.exists(),
+        "{} must hold ztunnel's test root (root-cert.pem, ca-key.pem)",
+        root.display()
+    );
+    let mut cluster = Cluster::new(2);
+    for (pod, node) in [("client", 0), ("server", 0), ("zclient", 1), ("zserver", 1)] {
+        cluster.add_pod(pod, node);
+    }
+    // Every pod is a mesh workload (ambient namespace, capture confirmed); node-1 has no
+    // meshlet agent: its pods are ztunnel's.
+    let mut base = vec![meshlet_tests::namespace_manifest(
+        "demo",
+        &[("meshlet.io/dataplane-mode", "ambient")],
+    )];
+    for pod in ["client", "server", "zclient", "zserver"] {
+        base.push(cluster.pod(pod).mesh_manifest("demo", &[("app", pod)]));
+    }
+    let flags = |_: &Cluster, _: usize| {
+        vec![
+            "--ca-cert".into(),
+            ca_cert.display().to_string(),
+            "--ca-key".into(),
+            ca_key.display().to_string(),
+        ]
+    };
+    let mesh = FileMesh::start_with(cluster, base, &[&["client", "server"]], flags);
+    let cluster = &mesh.cluster;
+    let dir = std::env::temp_dir().join(format!("{}-interop-ztunnel", cluster.id()));
+    std::fs::create_dir_all(&dir)?;
+    let config = dir.join("ztunnel.yaml");
+    let workloads: Vec<zt::Workload> = ["client", "server", "zclient", "zserver"]
+        .iter()
+        .map(|pod| zt::Workload::of(cluster.pod(pod), "demo"))
+        .collect();
+    std::fs::write(&config, zt::config(&workloads))?;
+    let zclient = zt::Ztunnel::start(ztunnel, cluster, "zclient", "demo", &config, 1);
+    let zserver = zt::Ztunnel::start(ztunnel, cluster, "zserver", "demo", &config, 1);
+    zt::redirect(cluster.pod("zclient"), cluster.pod("server").ipv4.into());
+    let _echoes = [
+        cluster.pod("server").echo_server(8080),
+        cluster.pod("zserver").echo_server(8080),
+    ];
+    let wait_log = |ztunnel: &zt::Ztunnel, needle: &str| -> anyhow::Result<String> {
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let log = ztunnel.log();
+            if let Some(line) = log.lines().find(|l| l.contains(needle)) {
+                return Ok(line.to_owned());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "ztunnel never logged {needle:?}:\n{log}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+
+    // meshlet -> ztunnel: the agent tunnels client's connection to zserver's 15008.
+    let report = cluster
+        .pod("client")
+        .connect(cluster.pod("zserver").addr(false, 8080), 4096);
+    ensure!(report.echoed == 4096, "meshlet -> ztunnel: {report:?}");
+    let line = wait_log(&zserver, "spiffe://cluster.local/ns/demo/sa/client")?;
+    println!(
+        "  meshlet -> ztunnel: echoed 4096 bytes; ztunnel: {}",
+        line.trim()
+    );
+    let outbound = mesh.cluster.wait_metric(
+        0,
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "source"),
+            (
+                "destination_principal",
+                "spiffe://cluster.local/ns/demo/sa/zserver",
+            ),
+            ("connection_security_policy", "mutual_tls"),
+        ],
+        1.0,
+    );
+
+    // ztunnel -> meshlet: zclient's ztunnel tunnels to server's 15008, the agent's listener.
+    let report = cluster
+        .pod("zclient")
+        .connect(cluster.pod("server").addr(false, 8080), 4096);
+    ensure!(report.echoed == 4096, "ztunnel -> meshlet: {report:?}");
+    let inbound = mesh.cluster.wait_metric(
+        0,
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "destination"),
+            (
+                "source_principal",
+                "spiffe://cluster.local/ns/demo/sa/zclient",
+            ),
+            ("connection_security_policy", "mutual_tls"),
+        ],
+        1.0,
+    );
+    let line = wait_log(&zclient, "spiffe://cluster.local/ns/demo/sa/server")?;
+    println!(
+        "  ztunnel -> meshlet: echoed 4096 bytes; meshlet counted it from spiffe://cluster.local/ns/demo/sa/zclient over mutual_tls; ztunnel: {}",
+        line.trim()
+    );
+    drop(zclient);
+    drop(zserver);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(serde_json::json!({
+        "meshlet_to_ztunnel": outbound >= 1.0,
+        "ztunnel_to_meshlet": inbound >= 1.0,
+    }))
+}
+
 /// A ztunnel process, killed on drop.
 struct ZtunnelProcess(std::process::Child, std::path::PathBuf);
 
@@ -640,7 +767,11 @@ fn main() -> anyhow::Result<()> {
             report.insert("connect".into(), connect(args.quick)?);
             report.insert(
                 "tunnel".into(),
-                tunnel(args.quick, args.external_proxy.as_deref())?,
+                tunnel(
+                    args.quick,
+                    args.external_proxy.as_deref(),
+                    args.ztunnel.as_deref(),
+                )?,
             );
             report.insert("policy".into(), policy_bench()?);
             report.insert("ca".into(), ca_bench(200)?);
@@ -651,6 +782,7 @@ fn main() -> anyhow::Result<()> {
             );
             if let Some(ztunnel) = &args.ztunnel {
                 report.insert("interop".into(), interop(ztunnel)?);
+                report.insert("interop_dataplane".into(), interop_dataplane(ztunnel)?);
             }
             let (pods, services) = if args.quick {
                 (10_000, 1_000)
@@ -665,7 +797,11 @@ fn main() -> anyhow::Result<()> {
         Scenario::Tunnel => {
             report.insert(
                 "tunnel".into(),
-                tunnel(args.quick, args.external_proxy.as_deref())?,
+                tunnel(
+                    args.quick,
+                    args.external_proxy.as_deref(),
+                    args.ztunnel.as_deref(),
+                )?,
             );
         }
         Scenario::Ca { pods } => {
@@ -686,6 +822,7 @@ fn main() -> anyhow::Result<()> {
                 .as_deref()
                 .context("interop needs --ztunnel <path to Istio's ztunnel>")?;
             report.insert("interop".into(), interop(ztunnel)?);
+            report.insert("interop_dataplane".into(), interop_dataplane(ztunnel)?);
         }
         Scenario::Store { pods, services } => {
             report.insert("store".into(), store(pods, services)?);
@@ -806,15 +943,35 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     Ok(ticks as f64 / 100.0)
 }
 
-fn tunnel(quick: bool, external_proxy: Option<&str>) -> anyhow::Result<serde_json::Value> {
-    use meshlet_tests::mesh::FileMesh;
+fn tunnel(
+    quick: bool,
+    external_proxy: Option<&str>,
+    ztunnel: Option<&std::path::Path>,
+) -> anyhow::Result<serde_json::Value> {
+    use meshlet_tests::{mesh::FileMesh, ztunnel as zt};
     let (rounds, bytes, pings, connects, latency_samples) = if quick {
         (2, 256u64 << 20, 3_000, 300, 1_000)
     } else {
         (3, 1u64 << 30, 20_000, 1_000, 5_000)
     };
     let idle_counts: &[usize] = if quick { &[1_000] } else { &[1_000, 10_000] };
-    let mesh = FileMesh::client_server(&[("neighbour", 1), ("plain-server", 1)], vec![]);
+    // ztunnel's pods sit outside meshlet's mesh (namespace `legacy`): one ztunnel each, as
+    // Istio's dedicated mode runs it.
+    let mut legacy = vec![("bystander", 0)];
+    if ztunnel.is_some() {
+        legacy.extend([("zclient", 0), ("zserver", 1), ("zneighbour", 1)]);
+    }
+    let mesh = FileMesh::layout(
+        &[
+            ("client", 0),
+            ("server", 1),
+            ("neighbour", 1),
+            ("plain-server", 1),
+        ],
+        &legacy,
+        vec![],
+        |_, _| Vec::new(),
+    );
     // plain-server is in `demo` by the fixture; move it out of the mesh with the opt-out label.
     let mut objects = vec![];
     let mut plain = mesh.cluster.pod("plain-server").manifest(
@@ -828,8 +985,37 @@ fn tunnel(quick: bool, external_proxy: Option<&str>) -> anyhow::Result<serde_jso
     objects.push(plain);
     mesh.write(&objects);
     let cluster = &mesh.cluster;
+    // ztunnel gets as many worker threads as meshlet's data plane.
+    let mut ztunnels = Vec::new();
+    let zdir = std::env::temp_dir().join(format!("{}-ztunnel", cluster.id()));
+    if let Some(binary) = ztunnel {
+        std::fs::create_dir_all(&zdir)?;
+        let config = zdir.join("ztunnel.yaml");
+        let workloads: Vec<zt::Workload> = ["zclient", "zserver", "zneighbour"]
+            .iter()
+            .map(|pod| zt::Workload::of(cluster.pod(pod), "legacy"))
+            .collect();
+        std::fs::write(&config, zt::config(&workloads))?;
+        for pod in ["zclient", "zserver", "zneighbour"] {
+            ztunnels.push(zt::Ztunnel::start(
+                binary,
+                cluster,
+                pod,
+                "legacy",
+                &config,
+                meshlet::cli::RUNTIME_WORKERS,
+            ));
+        }
+        for client in ["zclient", "zneighbour"] {
+            zt::redirect(cluster.pod(client), cluster.pod("zserver").ipv4.into());
+        }
+    }
     let mut servers = Vec::new();
-    for name in ["server", "plain-server"] {
+    let server_pods: &[&str] = match ztunnel {
+        Some(_) => &["server", "plain-server", "zserver"],
+        None => &["server", "plain-server"],
+    };
+    for &name in server_pods {
         let pod = cluster.pod(name);
         servers.push(pod.echo_server(8080));
         let mut sink = pod.command(process::testpod_binary());
@@ -925,12 +1111,35 @@ fn tunnel(quick: bool, external_proxy: Option<&str>) -> anyhow::Result<serde_jso
             "127.0.0.1:19000".parse()?,
         ));
     }
+    if ztunnel.is_some() {
+        paths.push((
+            "ztunnel",
+            "zclient",
+            addr("zserver", 8080),
+            addr("zserver", 9000),
+        ));
+        paths.push((
+            "ztunnel-samenode",
+            "zneighbour",
+            addr("zserver", 8080),
+            addr("zserver", 9000),
+        ));
+    }
+    let zpids: Vec<u32> = ztunnels.iter().map(zt::Ztunnel::pid).collect();
+    // The proxies whose CPU a path costs: meshlet's agents, or ztunnel's processes.
+    let proxies = |path: &str| -> &[u32] {
+        match path.starts_with("ztunnel") {
+            true => &zpids,
+            false => &agents,
+        }
+    };
     let mut figures: std::collections::BTreeMap<(&str, &str), Vec<f64>> = Default::default();
     for _ in 0..rounds {
         for &(path, client, echo, sink) in &paths {
-            let cpu_before: f64 = agents.iter().map(|&p| cpu_seconds(p).unwrap_or(0.0)).sum();
+            let pids = proxies(path);
+            let cpu_before: f64 = pids.iter().map(|&p| cpu_seconds(p).unwrap_or(0.0)).sum();
             let t = measure(client, sink, "throughput", bytes, 0)?;
-            let cpu = agents
+            let cpu = pids
                 .iter()
                 .map(|&p| cpu_seconds(p).unwrap_or(0.0))
                 .sum::<f64>()
@@ -974,12 +1183,21 @@ fn tunnel(quick: bool, external_proxy: Option<&str>) -> anyhow::Result<serde_jso
         v.sort_by(|a, b| a.total_cmp(b));
         v[v.len() / 2]
     };
+    // The path each is compared with besides direct: ztunnel's counterpart.
+    let counterpart = |path: &str| {
+        match path {
+            "meshlet" => Some("ztunnel"),
+            "meshlet-samenode" => Some("ztunnel-samenode"),
+            _ => None,
+        }
+        .filter(|z| figures.contains_key(&(*z, "throughput_gbit_s")))
+    };
     println!(
-        "\npod -> pod: direct vs meshlet (eBPF + HBONE) vs meshlet on one node ({rounds} interleaved rounds; median [min..max]; ratio to direct)"
+        "\npod -> pod ({rounds} interleaved rounds; median [min..max]; xN: ratio to direct; zN: meshlet's ratio to ztunnel's)"
     );
     let header: String = paths
         .iter()
-        .map(|(path, ..)| format!(" {path:>30}"))
+        .map(|(path, ..)| format!(" {path:>36}"))
         .collect();
     println!("  {:<22}{header}", "");
     let mut json = serde_json::Map::new();
@@ -1005,11 +1223,16 @@ fn tunnel(quick: bool, external_proxy: Option<&str>) -> anyhow::Result<serde_jso
             } else {
                 format!(" x{:.2}", median(v) / direct)
             };
-            format!("{:.2} [{lo:.2}..{hi:.2}]{ratio}", median(v))
+            let versus = counterpart(path)
+                .map(|z| median(&figures[&(z, metric)]))
+                .filter(|z| *z != 0.0)
+                .map(|z| format!(" z{:.2}", median(v) / z))
+                .unwrap_or_default();
+            format!("{:.2} [{lo:.2}..{hi:.2}]{ratio}{versus}", median(v))
         };
         let row: String = paths
             .iter()
-            .map(|(path, ..)| format!(" {:>30}", cell(path)))
+            .map(|(path, ..)| format!(" {:>36}", cell(path)))
             .collect();
         println!("  {metric:<22}{row}");
         let per_path: serde_json::Map<String, serde_json::Value> = paths
@@ -1022,6 +1245,12 @@ fn tunnel(quick: bool, external_proxy: Option<&str>) -> anyhow::Result<serde_jso
             })
             .collect();
         json.insert(metric.into(), serde_json::Value::Object(per_path));
+        for path in ["meshlet", "meshlet-samenode"] {
+            if let Some(z) = counterpart(path) {
+                let ratio = median(&figures[&(path, metric)]) / median(&figures[&(z, metric)]);
+                json.insert(format!("{metric}_{path}_to_{z}"), ratio.into());
+            }
+        }
     }
     println!(
         "  (agent CPU counts both agents; on the direct path it is what they spend while idle)"
@@ -1062,6 +1291,46 @@ fn tunnel(quick: bool, external_proxy: Option<&str>) -> anyhow::Result<serde_jso
         std::thread::sleep(std::time::Duration::from_millis(500));
     }
     json.insert("agent_rss".into(), serde_json::Value::Array(rss_json));
+    if ztunnels.len() >= 2 {
+        // The same for ztunnel: the client pod's and the server pod's.
+        let rss =
+            || -> anyhow::Result<Vec<u64>> { zpids[..2].iter().map(|&pid| rss_of(pid)).collect() };
+        let idle0 = rss()?;
+        println!(
+            "  ztunnel RSS at 0 idle connections: zclient's {:.1} MiB, zserver's {:.1} MiB",
+            idle0[0] as f64 / 1048576.0,
+            idle0[1] as f64 / 1048576.0
+        );
+        let mut rss_json = vec![serde_json::json!({ "connections": 0, "rss_bytes": idle0 })];
+        for &idle in idle_counts {
+            let mut hold = cluster.pod("zclient").command(process::testpod_binary());
+            hold.args([
+                "measure",
+                "--what",
+                "hold",
+                "--to",
+                &cluster.pod("zserver").addr(false, 8080).to_string(),
+                "--count",
+                &idle.to_string(),
+            ]);
+            let holder = meshlet_tests::Process::spawn_ready(hold);
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            let now = rss()?;
+            drop(holder);
+            println!(
+                "  ztunnel RSS at {idle} idle tunneled connections: zclient's {:.1} MiB ({:.1} KiB each), zserver's {:.1} MiB ({:.1} KiB each)",
+                now[0] as f64 / 1048576.0,
+                (now[0] as f64 - idle0[0] as f64) / idle as f64 / 1024.0,
+                now[1] as f64 / 1048576.0,
+                (now[1] as f64 - idle0[1] as f64) / idle as f64 / 1024.0
+            );
+            rss_json.push(serde_json::json!({ "connections": idle, "rss_bytes": now }));
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
+        json.insert("ztunnel_rss".into(), serde_json::Value::Array(rss_json));
+    }
+    drop(ztunnels);
+    let _ = std::fs::remove_dir_all(&zdir);
     drop(external);
     drop(servers);
     Ok(serde_json::Value::Object(json))
