@@ -19,11 +19,7 @@ use crate::Cluster;
 /// Connects to `peer` from a marked socket made in `netns` (like the proxy's sockets: capture
 /// leaves it alone).
 pub async fn connect_in(netns: &Arc<Netns>, peer: SocketAddr) -> std::io::Result<TcpStream> {
-    let netns = netns.clone();
-    let socket =
-        tokio::task::spawn_blocking(move || socket::marked_socket_in(&netns, peer.is_ipv6()))
-            .await
-            .map_err(std::io::Error::other)??;
+    let socket = socket::marked_socket_in(netns, peer.is_ipv6()).await?;
     socket.set_nonblocking(true)?;
     TcpSocket::from_std_stream(socket.into())
         .connect(peer)

@@ -19,6 +19,7 @@
 //! `meshlet_proxy_limit_total`.
 
 pub mod connections;
+pub mod copy;
 pub mod hbone;
 pub mod inbound;
 pub mod outbound;
@@ -128,18 +129,15 @@ impl Limits {
     }
 }
 
-/// Buffer size of each direction of a proxied connection: large enough that a bulk transfer
-/// moves in few syscalls and TLS records.
-pub const COPY_BUFFER: usize = 64 * 1024;
-
 /// Copies both ways between a client-facing stream and its upstream until both directions are
-/// done, passing half-closes on; returns the bytes each way.
+/// done, passing half-closes on; returns the bytes each way. Buffers start small and grow for
+/// bulk transfers ([`copy`](mod@copy)).
 pub async fn copy<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
 where
     A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
     B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
 {
-    tokio::io::copy_bidirectional_with_sizes(a, b, COPY_BUFFER, COPY_BUFFER).await
+    copy::bidirectional(a, b).await
 }
 
 /// What every listener of every pod on this node shares.
@@ -360,12 +358,7 @@ impl Proxy {
         netns: &Arc<Netns>,
         destination: SocketAddr,
     ) -> io::Result<TcpStream> {
-        let netns = netns.clone();
-        let socket = tokio::task::spawn_blocking(move || {
-            socket::marked_socket_in(&netns, destination.is_ipv6())
-        })
-        .await
-        .map_err(io::Error::other)??;
+        let socket = socket::marked_socket_in(netns, destination.is_ipv6()).await?;
         socket.set_nonblocking(true)?;
         let connecting = TcpSocket::from_std_stream(socket.into()).connect(destination);
         let stream = match tokio::time::timeout(self.limits.connect_timeout, connecting).await {

@@ -1,5 +1,10 @@
 //! Network namespaces: entering one on a dedicated thread, and naming one by its cookie.
 //!
+//! Two kinds of thread enter a namespace: a scoped one per call ([`Netns::run`], for rare
+//! work such as opening listeners), and one long-lived thread per namespace that stays inside
+//! it ([`Netns::run_async`], for the proxy's upstream sockets: one per connection, where
+//! creating a thread each time cost more than the connect itself).
+//!
 //! This is the one userspace module that talks to the kernel through raw syscalls (`setns(2)`,
 //! `getsockopt(SO_NETNS_COOKIE)`), so it is the one place `unsafe` is allowed. Entering a
 //! namespace only ever happens on a thread created for the purpose: the thread's namespace
@@ -23,7 +28,16 @@ use std::{
 pub struct Netns {
     fd: OwnedFd,
     path: PathBuf,
+    /// The long-lived thread inside the namespace, started on first use of
+    /// [`Netns::run_async`]; it ends when this handle is dropped.
+    worker: std::sync::OnceLock<std::sync::mpsc::Sender<Job>>,
 }
+
+/// Work for a namespace's long-lived thread.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Stack of a namespace's long-lived thread: its jobs create sockets, nothing deep.
+const WORKER_STACK: usize = 64 * 1024;
 
 impl Netns {
     /// Opens the network namespace at `path`.
@@ -38,6 +52,7 @@ impl Netns {
         Ok(Self {
             fd: file.into(),
             path: path.to_owned(),
+            worker: Default::default(),
         })
     }
 
@@ -55,7 +70,11 @@ impl Netns {
                 format!("{} is not a network namespace", path.display()),
             ));
         }
-        Ok(Self { fd, path })
+        Ok(Self {
+            fd,
+            path,
+            worker: Default::default(),
+        })
     }
 
     /// A second handle on the same namespace.
@@ -63,6 +82,7 @@ impl Netns {
         Ok(Self {
             fd: self.fd.try_clone()?,
             path: self.path.clone(),
+            worker: Default::default(),
         })
     }
 
@@ -103,6 +123,52 @@ impl Netns {
                 .join()
                 .map_err(|_| io::Error::other("thread running in a network namespace panicked"))?
         })
+    }
+
+    /// Runs `f` on this namespace's long-lived thread (started on first use, inside the
+    /// namespace for good) and awaits its result without blocking the caller's thread. Jobs run
+    /// one after the other; keep them short.
+    pub async fn run_async<T, F>(&self, f: F) -> io::Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        let (reply, result) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move || {
+            let _ = reply.send(f());
+        });
+        self.worker()?
+            .send(job)
+            .map_err(|_| io::Error::other("the namespace's thread could not enter it"))?;
+        result
+            .await
+            .map_err(|_| io::Error::other("the namespace's thread could not enter it"))
+    }
+
+    /// The long-lived thread's queue, starting the thread on first use.
+    fn worker(&self) -> io::Result<&std::sync::mpsc::Sender<Job>> {
+        if let Some(worker) = self.worker.get() {
+            return Ok(worker);
+        }
+        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
+        let fd = self.fd.try_clone()?;
+        let path = self.path.clone();
+        std::thread::Builder::new()
+            .name("netns-worker".into())
+            .stack_size(WORKER_STACK)
+            .spawn(move || {
+                if let Err(err) = enter(fd.as_fd()) {
+                    // Dropping the queue fails every job sent, with the reason logged here.
+                    tracing::warn!(netns = %path.display(), %err, "cannot enter the network namespace");
+                    return;
+                }
+                drop(fd);
+                for job in queue {
+                    job();
+                }
+            })?;
+        // Two first uses at once: one thread wins, the other's ends with its queue.
+        Ok(self.worker.get_or_init(|| jobs))
     }
 
     /// The namespace's cookie: the 64-bit id the kernel (and so the eBPF programs, through
@@ -165,6 +231,41 @@ pub fn socket_netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_long_lived_thread_runs_jobs_inside_the_namespace_and_says_when_it_cannot() {
+        let netns = Netns::current().unwrap();
+        let cookie = netns.cookie().unwrap();
+        let thread = |()| std::thread::current().id();
+        let first = netns
+            .run_async(|| std::thread::current().id())
+            .await
+            .unwrap();
+        for _ in 0..3 {
+            // The same thread each time, inside the namespace.
+            assert_eq!(
+                netns
+                    .run_async(|| std::thread::current().id())
+                    .await
+                    .unwrap(),
+                first
+            );
+            let inside = netns
+                .run_async(|| {
+                    let socket = std::net::UdpSocket::bind(("127.0.0.1", 0))?;
+                    socket_netns_cookie(socket.as_fd())
+                })
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(inside, cookie);
+        }
+        assert_ne!(first, thread(()), "not the caller's thread");
+        // Not a namespace: the thread cannot enter it, and every job says so.
+        let bogus = Netns::open("/dev/null").unwrap();
+        let err = bogus.run_async(|| ()).await.unwrap_err();
+        assert!(err.to_string().contains("could not enter"), "{err}");
+    }
 
     #[test]
     fn cookie_of_current_namespace_is_stable_and_nonzero() {

@@ -38,16 +38,19 @@ pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
 }
 
 /// A TCP socket created inside `netns` with the mesh mark, not yet connected: the proxy's
-/// connections leave from the pod's namespace, with the pod's address.
-pub fn marked_socket_in(netns: &Netns, ipv6: bool) -> io::Result<Socket> {
-    netns.run(|| {
-        let domain = if ipv6 { Domain::IPV6 } else { Domain::IPV4 };
-        let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
-        socket
-            .set_mark(MESH_MARK)
-            .map_err(|err| context(err, "set SO_MARK (needs CAP_NET_ADMIN)"))?;
-        Ok(socket)
-    })?
+/// connections leave from the pod's namespace, with the pod's address. Made on the
+/// namespace's long-lived thread ([`Netns::run_async`]).
+pub async fn marked_socket_in(netns: &Netns, ipv6: bool) -> io::Result<Socket> {
+    netns
+        .run_async(move || {
+            let domain = if ipv6 { Domain::IPV6 } else { Domain::IPV4 };
+            let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+            socket
+                .set_mark(MESH_MARK)
+                .map_err(|err| context(err, "set SO_MARK (needs CAP_NET_ADMIN)"))?;
+            Ok(socket)
+        })
+        .await?
 }
 
 /// The destination a captured connection was originally addressed to, read with
