@@ -207,8 +207,15 @@ impl Pool {
                 done => return done,
             }
         }
-        let (tcp, tls) = dial(peer).await?;
-        let sender = handshake(peer, tcp, tls).await?;
+        // Boxed: the dial and the TLS and HTTP/2 handshakes are the largest state of a
+        // connection's future, and the task that carries the connection keeps its full size for
+        // its whole life (kilobytes per idle connection), though only the first stream of a
+        // pooled connection ever needs them.
+        let sender = Box::pin(async {
+            let (tcp, tls) = dial(peer).await?;
+            handshake(peer, tcp, tls).await
+        })
+        .await?;
         let streams = Arc::new(AtomicUsize::new(1));
         self.connections
             .lock()

@@ -160,7 +160,9 @@ async fn carry(
             }
         },
         Route::Hbone { target, identity } => {
-            let tunnel = open_tunnel(proxy, pod, peer, *target, identity).await;
+            // Boxed, so that this task, which lives as long as the connection, is sized for
+            // copying rather than for opening (see `hbone::Pool::connect`).
+            let tunnel = Box::pin(open_tunnel(proxy, pod, peer, *target, identity)).await;
             match tunnel {
                 Ok(mut tunnel) => super::copy(&mut stream, &mut tunnel.io).await,
                 Err(err) => {
