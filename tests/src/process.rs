@@ -413,7 +413,13 @@ pub struct Process {
 
 impl Process {
     /// Starts `command` and waits for it to print `ready`.
-    pub fn spawn_ready(mut command: Command) -> Self {
+    pub fn spawn_ready(command: Command) -> Self {
+        Self::spawn_ready_within(command, TIMEOUT)
+    }
+
+    /// [`Process::spawn_ready`], waiting up to `timeout` (a helper that opens thousands of
+    /// connections first).
+    pub fn spawn_ready_within(mut command: Command, timeout: Duration) -> Self {
         let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -428,15 +434,20 @@ impl Process {
                 }
             }
         });
-        let mut process = Self {
+        let process = Self {
             child,
             lines: std::sync::Mutex::new(lines),
         };
-        let first = process.next_line();
+        let first = process
+            .lines
+            .lock()
+            .expect("lines")
+            .recv_timeout(timeout)
+            .ok();
         assert_eq!(
             first.as_deref(),
             Some("ready"),
-            "{command:?} did not get ready"
+            "{command:?} did not get ready in {timeout:?}"
         );
         process
     }

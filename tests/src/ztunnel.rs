@@ -87,8 +87,14 @@ impl Ztunnel {
     ) -> Self {
         let log = config.with_file_name(format!("ztunnel-{pod}.log"));
         let file = fs::File::create(&log).expect("create the ztunnel log");
-        let mut command: Command = cluster.pod(pod).command(binary);
+        // ztunnel keeps the open-files limit it is given (a pod's is high; a shell's is 1,024):
+        // raise it as the container runtime would, through prlimit(1), which then execs it.
+        let hard = hard_open_files_limit();
+        let mut command: Command = cluster.pod(pod).command("prlimit");
         command
+            .arg(format!("--nofile={hard}:{hard}"))
+            .arg("--")
+            .arg(binary)
             .current_dir(config.parent().expect("the config is in a directory"))
             .env("XDS_ADDRESS", "")
             .env("CA_ADDRESS", "")
@@ -142,6 +148,18 @@ impl Drop for Ztunnel {
         let _ = self.child.wait();
         let _ = fs::remove_file(&self.log);
     }
+}
+
+/// This process's hard limit of open files (`/proc/self/limits`), which a child may raise its
+/// soft limit to.
+pub fn hard_open_files_limit() -> usize {
+    fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|limits| {
+            let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+            line.split_whitespace().nth(4)?.parse().ok()
+        })
+        .unwrap_or(4096)
 }
 
 /// Redirects `pod`'s outbound TCP to `to` into its ztunnel (15001), as istio-cni's rules do:

@@ -943,6 +943,9 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     Ok(ticks as f64 / 100.0)
 }
 
+/// How long opening the idle connections of the memory measurement may take.
+const HOLD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 fn tunnel(
     quick: bool,
     external_proxy: Option<&str>,
@@ -954,7 +957,16 @@ fn tunnel(
     } else {
         (3, 1u64 << 30, 20_000, 1_000, 5_000)
     };
-    let idle_counts: &[usize] = if quick { &[1_000] } else { &[1_000, 10_000] };
+    // Each idle tunneled connection holds descriptors of the agents, the client's and the
+    // proxies': a quarter of this process's hard limit of open files (which every process of
+    // the bench inherits), at most 10,000.
+    let most_idle = (meshlet_tests::ztunnel::hard_open_files_limit() / 4).clamp(1_000, 10_000);
+    let idle_counts: Vec<usize> = if quick {
+        vec![1_000]
+    } else {
+        vec![1_000, most_idle]
+    };
+    let per_pod = (most_idle + 100).to_string();
     // ztunnel's pods sit outside meshlet's mesh (namespace `legacy`): one ztunnel each, as
     // Istio's dedicated mode runs it.
     let mut legacy = vec![("bystander", 0)];
@@ -970,7 +982,7 @@ fn tunnel(
         ],
         &legacy,
         vec![],
-        |_, _| Vec::new(),
+        |_, _| vec!["--max-connections-per-pod".into(), per_pod.clone()],
     );
     // plain-server is in `demo` by the fixture; move it out of the mesh with the opt-out label.
     let mut objects = vec![];
@@ -1265,7 +1277,7 @@ fn tunnel(
         idle0[1] as f64 / 1048576.0
     );
     let mut rss_json = vec![serde_json::json!({ "connections": 0, "rss_bytes": idle0 })];
-    for &idle in idle_counts {
+    for &idle in &idle_counts {
         let mut hold = cluster.pod("client").command(process::testpod_binary());
         hold.args([
             "measure",
@@ -1276,12 +1288,14 @@ fn tunnel(
             "--count",
             &idle.to_string(),
         ]);
-        let holder = meshlet_tests::Process::spawn_ready(hold);
+        let opened = Instant::now();
+        let holder = meshlet_tests::Process::spawn_ready_within(hold, HOLD_TIMEOUT);
+        let opened = opened.elapsed();
         std::thread::sleep(std::time::Duration::from_millis(500));
         let now = rss()?;
         drop(holder);
         println!(
-            "  agent RSS at {idle} idle tunneled connections: node-0 (client side) {:.1} MiB ({:.1} KiB each), node-1 (server side) {:.1} MiB ({:.1} KiB each)",
+            "  agent RSS at {idle} idle tunneled connections (opened in {opened:.1?}): node-0 (client side) {:.1} MiB ({:.1} KiB each), node-1 (server side) {:.1} MiB ({:.1} KiB each)",
             now[0] as f64 / 1048576.0,
             (now[0] as f64 - idle0[0] as f64) / idle as f64 / 1024.0,
             now[1] as f64 / 1048576.0,
@@ -1302,7 +1316,7 @@ fn tunnel(
             idle0[1] as f64 / 1048576.0
         );
         let mut rss_json = vec![serde_json::json!({ "connections": 0, "rss_bytes": idle0 })];
-        for &idle in idle_counts {
+        for &idle in &idle_counts {
             let mut hold = cluster.pod("zclient").command(process::testpod_binary());
             hold.args([
                 "measure",
@@ -1313,12 +1327,14 @@ fn tunnel(
                 "--count",
                 &idle.to_string(),
             ]);
-            let holder = meshlet_tests::Process::spawn_ready(hold);
+            let opened = Instant::now();
+            let holder = meshlet_tests::Process::spawn_ready_within(hold, HOLD_TIMEOUT);
+            let opened = opened.elapsed();
             std::thread::sleep(std::time::Duration::from_millis(500));
             let now = rss()?;
             drop(holder);
             println!(
-                "  ztunnel RSS at {idle} idle tunneled connections: zclient's {:.1} MiB ({:.1} KiB each), zserver's {:.1} MiB ({:.1} KiB each)",
+                "  ztunnel RSS at {idle} idle tunneled connections (opened in {opened:.1?}): zclient's {:.1} MiB ({:.1} KiB each), zserver's {:.1} MiB ({:.1} KiB each)",
                 now[0] as f64 / 1048576.0,
                 (now[0] as f64 - idle0[0] as f64) / idle as f64 / 1024.0,
                 now[1] as f64 / 1048576.0,
