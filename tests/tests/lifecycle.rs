@@ -584,10 +584,20 @@ fn deleting_the_daemonset_releases_capture_and_a_restart_keeps_it() {
     want.sort();
     let _echo = cluster.pod("server").echo_server(8080);
     let to_server = cluster.pod("server").addr(false, 8080);
+    // The agent exits cleanly, saying capture stays, and both pods stay enrolled.
+    let kept_capture = |mut agent: meshlet_tests::process::Agent| {
+        assert!(agent.wait_exit(Duration::from_secs(20)).success());
+        assert!(
+            agent.log().contains("capture stays attached"),
+            "{}",
+            agent.log()
+        );
+        assert_eq!(meshlet_tests::enrolled(&cluster.bpffs_dir(0)), want);
+    };
 
     // A restart (SIGTERM with the DaemonSet in place) keeps capture: fail closed, the pods'
     // connections are refused until the next agent serves them.
-    let mut agent = cluster.start_agent_with_env(0, &flags, &env);
+    let agent = cluster.start_agent_with_env(0, &flags, &env);
     agent.wait_for_log("watching the agent's DaemonSet", 1, Duration::from_secs(10));
     meshlet_tests::wait_enrolled(&cluster.bpffs_dir(0), want.clone(), Duration::from_secs(10));
     agent.wait_for_log("meshlet-cni chained", 1, Duration::from_secs(10));
@@ -596,13 +606,7 @@ fn deleting_the_daemonset_releases_capture_and_a_restart_keeps_it() {
         .connect(to_server, 1024)
         .assert_echoed(1024);
     agent.signal(libc::SIGTERM);
-    assert!(agent.wait_exit(Duration::from_secs(20)).success());
-    assert!(
-        agent.log().contains("capture stays attached"),
-        "{}",
-        agent.log()
-    );
-    assert_eq!(meshlet_tests::enrolled(&cluster.bpffs_dir(0)), want);
+    kept_capture(agent);
     cluster
         .pod("client")
         .connect(to_server, 1024)
@@ -610,7 +614,7 @@ fn deleting_the_daemonset_releases_capture_and_a_restart_keeps_it() {
 
     // Deleted and created again (`--cascade=orphan`, to change an immutable field): the new
     // DaemonSet adopts the pod under its UID, and SIGTERM, reading again, keeps capture.
-    let mut agent = cluster.start_agent_with_env(0, &flags, &env);
+    let agent = cluster.start_agent_with_env(0, &flags, &env);
     agent.wait_for_log("initial enrollment pass done", 1, Duration::from_secs(10));
     api.delete("DaemonSet", "meshlet-system", "meshlet");
     agent.wait_for_log(
@@ -621,13 +625,7 @@ fn deleting_the_daemonset_releases_capture_and_a_restart_keeps_it() {
     run_by_a_daemonset();
     agent.signal(libc::SIGTERM);
     agent.wait_for_log("runs it after all", 1, Duration::from_secs(10));
-    assert!(agent.wait_exit(Duration::from_secs(20)).success());
-    assert!(
-        agent.log().contains("capture stays attached"),
-        "{}",
-        agent.log()
-    );
-    assert_eq!(meshlet_tests::enrolled(&cluster.bpffs_dir(0)), want);
+    kept_capture(agent);
 
     // The DaemonSet deleted: SIGTERM releases capture, and the pods talk directly.
     let mut agent = cluster.start_agent_with_env(0, &flags, &env);

@@ -1268,62 +1268,33 @@ fn tunnel(
         "  (agent CPU counts both agents; on the direct path it is what they spend while idle)"
     );
 
-    // Agent memory with idle tunneled connections.
-    let rss = || -> anyhow::Result<Vec<u64>> { agents.iter().map(|&pid| rss_of(pid)).collect() };
-    let idle0 = rss()?;
-    println!(
-        "  agent RSS at 0 idle connections: node-0 {:.1} MiB, node-1 {:.1} MiB",
-        idle0[0] as f64 / 1048576.0,
-        idle0[1] as f64 / 1048576.0
-    );
-    let mut rss_json = vec![serde_json::json!({ "connections": 0, "rss_bytes": idle0 })];
-    for &idle in &idle_counts {
-        let mut hold = cluster.pod("client").command(process::testpod_binary());
-        hold.args([
-            "measure",
-            "--what",
-            "hold",
-            "--to",
-            &cluster.pod("server").addr(false, 8080).to_string(),
-            "--count",
-            &idle.to_string(),
-        ]);
-        let opened = Instant::now();
-        let holder = meshlet_tests::Process::spawn_ready_within(hold, HOLD_TIMEOUT);
-        let opened = opened.elapsed();
-        std::thread::sleep(std::time::Duration::from_millis(500));
-        let now = rss()?;
-        drop(holder);
-        println!(
-            "  agent RSS at {idle} idle tunneled connections (opened in {opened:.1?}): node-0 (client side) {:.1} MiB ({:.1} KiB each), node-1 (server side) {:.1} MiB ({:.1} KiB each)",
-            now[0] as f64 / 1048576.0,
-            (now[0] as f64 - idle0[0] as f64) / idle as f64 / 1024.0,
-            now[1] as f64 / 1048576.0,
-            (now[1] as f64 - idle0[1] as f64) / idle as f64 / 1024.0
-        );
-        rss_json.push(serde_json::json!({ "connections": idle, "rss_bytes": now }));
-        std::thread::sleep(std::time::Duration::from_millis(500));
-    }
-    json.insert("agent_rss".into(), serde_json::Value::Array(rss_json));
-    if ztunnels.len() >= 2 {
-        // The same for ztunnel: the client pod's and the server pod's.
-        let rss =
-            || -> anyhow::Result<Vec<u64>> { zpids[..2].iter().map(|&pid| rss_of(pid)).collect() };
+    // Proxy memory with idle tunneled connections: meshlet's two agents, then the ztunnels of
+    // the client and the server pod.
+    let idle_rss = |proxy: &str,
+                    pids: &[u32],
+                    sides: [&str; 2],
+                    client: &str,
+                    server: &str|
+     -> anyhow::Result<serde_json::Value> {
+        let rss = || -> anyhow::Result<Vec<u64>> { pids.iter().map(|&pid| rss_of(pid)).collect() };
+        let mib = |bytes: u64| bytes as f64 / 1048576.0;
         let idle0 = rss()?;
         println!(
-            "  ztunnel RSS at 0 idle connections: zclient's {:.1} MiB, zserver's {:.1} MiB",
-            idle0[0] as f64 / 1048576.0,
-            idle0[1] as f64 / 1048576.0
+            "  {proxy} RSS at 0 idle connections: {} {:.1} MiB, {} {:.1} MiB",
+            sides[0],
+            mib(idle0[0]),
+            sides[1],
+            mib(idle0[1])
         );
         let mut rss_json = vec![serde_json::json!({ "connections": 0, "rss_bytes": idle0 })];
         for &idle in &idle_counts {
-            let mut hold = cluster.pod("zclient").command(process::testpod_binary());
+            let mut hold = cluster.pod(client).command(process::testpod_binary());
             hold.args([
                 "measure",
                 "--what",
                 "hold",
                 "--to",
-                &cluster.pod("zserver").addr(false, 8080).to_string(),
+                &cluster.pod(server).addr(false, 8080).to_string(),
                 "--count",
                 &idle.to_string(),
             ]);
@@ -1333,17 +1304,42 @@ fn tunnel(
             std::thread::sleep(std::time::Duration::from_millis(500));
             let now = rss()?;
             drop(holder);
+            let each = |i: usize| (now[i] as f64 - idle0[i] as f64) / idle as f64 / 1024.0;
             println!(
-                "  ztunnel RSS at {idle} idle tunneled connections (opened in {opened:.1?}): zclient's {:.1} MiB ({:.1} KiB each), zserver's {:.1} MiB ({:.1} KiB each)",
-                now[0] as f64 / 1048576.0,
-                (now[0] as f64 - idle0[0] as f64) / idle as f64 / 1024.0,
-                now[1] as f64 / 1048576.0,
-                (now[1] as f64 - idle0[1] as f64) / idle as f64 / 1024.0
+                "  {proxy} RSS at {idle} idle tunneled connections (opened in {opened:.1?}): {} {:.1} MiB ({:.1} KiB each), {} {:.1} MiB ({:.1} KiB each)",
+                sides[0],
+                mib(now[0]),
+                each(0),
+                sides[1],
+                mib(now[1]),
+                each(1)
             );
             rss_json.push(serde_json::json!({ "connections": idle, "rss_bytes": now }));
             std::thread::sleep(std::time::Duration::from_millis(500));
         }
-        json.insert("ztunnel_rss".into(), serde_json::Value::Array(rss_json));
+        Ok(serde_json::Value::Array(rss_json))
+    };
+    json.insert(
+        "agent_rss".into(),
+        idle_rss(
+            "agent",
+            &agents,
+            ["node-0 (client side)", "node-1 (server side)"],
+            "client",
+            "server",
+        )?,
+    );
+    if zpids.len() >= 2 {
+        json.insert(
+            "ztunnel_rss".into(),
+            idle_rss(
+                "ztunnel",
+                &zpids[..2],
+                ["zclient's", "zserver's"],
+                "zclient",
+                "zserver",
+            )?,
+        );
     }
     drop(ztunnels);
     let _ = std::fs::remove_dir_all(&zdir);
