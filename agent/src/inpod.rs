@@ -227,7 +227,11 @@ struct Enrolled {
 /// The tasks accepting on a pod's listeners, aborted when dropped (however the pod's enrollment
 /// ends, or fails half-way).
 #[derive(Debug, Default)]
-struct Accepting(Vec<JoinHandle<()>>);
+struct Accepting(
+    Vec<JoinHandle<()>>,
+    /// The pod's entry among the local pods (the same-node path reaches it while it accepts).
+    Option<crate::proxy::local::Registration>,
+);
 
 impl Drop for Accepting {
     fn drop(&mut self) {
@@ -1109,6 +1113,7 @@ impl InPod {
                 .0
                 .push(role.serve(listener, self.proxy.clone(), context.clone()));
         }
+        tasks.1 = Some(self.proxy.local.register(context));
         Ok((tasks, sockets))
     }
 

@@ -122,29 +122,66 @@ fn mesh_traffic_crosses_the_node_link_only_as_tls_for_any_size_and_many_connecti
     eprintln!("1 GiB echoed through HBONE in {:?}", start.elapsed());
 }
 
+/// The TCP sockets of `pod`'s namespace (`ss -tan`).
+fn sockets_of(cluster: &meshlet_tests::Cluster, pod: &str) -> String {
+    let out = cluster
+        .pod(pod)
+        .command("ss")
+        .arg("-tan")
+        .output()
+        .expect("run ss");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 #[test]
-fn same_node_mesh_traffic_also_goes_through_hbone() {
+fn same_node_mesh_traffic_skips_the_tunnel_but_meets_policy_and_is_recorded() {
     let mesh = mesh();
     let cluster = &mesh.cluster;
     let _echo = cluster.pod("server").echo_server(8080);
+    let server = cluster.pod("server").addr(false, 8080);
+    let hbone_port = format!("{}:15008", server.ip());
     cluster
         .pod("neighbour")
-        .connect(cluster.pod("server").addr(false, 8080), 2048)
+        .connect(server, 2048)
         .assert_echoed(2048);
-    // Both ends are on node-1: its agent is the client (outbound, HBONE) and the server
-    // (15008, with the neighbour's identity).
+    // Both ends are on node-1: its agent records the connection as client (outbound) and as
+    // server (inbound, with the neighbour's identity), as for a tunnel.
     mesh.agents[1].wait_for_log(
         "src_identity=spiffe://cluster.local/ns/demo/sa/neighbour",
         2,
         Duration::from_secs(20),
     );
-    mesh.agents[1].wait_for_log("src_workload=demo/neighbour", 1, Duration::from_secs(20));
     let log = mesh.agents[1].log();
-    let outbound = log
+    let records: Vec<&str> = log
         .lines()
-        .find(|l| l.contains("src_workload=demo/neighbour"))
-        .unwrap();
-    assert!(outbound.contains("protocol=\"HBONE\""), "{outbound}");
+        .filter(|l| l.contains("src_identity=spiffe://cluster.local/ns/demo/sa/neighbour"))
+        .collect();
+    assert!(
+        records.iter().any(|l| l.contains("direction=\"outbound\""))
+            && records.iter().any(|l| l.contains("direction=\"inbound\"")),
+        "{records:#?}"
+    );
+    // No tunnel: nothing of the neighbour's namespace ever reached the server's 15008 (a
+    // pooled HBONE connection would still be open), while the client on node-0 tunnels there.
+    let sockets = sockets_of(cluster, "neighbour");
+    assert!(!sockets.contains(&hbone_port), "{sockets}");
+    cluster.pod("client").connect(server, 16).assert_echoed(16);
+    let sockets = sockets_of(cluster, "client");
+    assert!(sockets.contains(&hbone_port), "{sockets}");
+
+    // Policy applies as on the tunnel: the neighbour's identity denied, the client's not.
+    mesh.write(&[serde_json::json!({
+        "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "no-neighbour", "namespace": "demo"},
+        "spec": {"selector": {"matchLabels": {"app": "server"}}, "action": "DENY",
+                 "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/demo/sa/neighbour"]}}]}]}
+    })]);
+    cluster
+        .pod("neighbour")
+        .connect(server, 16)
+        .assert_failed(meshlet_tests::process::Outcome::Reset);
+    cluster.pod("client").connect(server, 16).assert_echoed(16);
+    mesh.agents[1].wait_for_log("response_flags=\"DENY\"", 1, Duration::from_secs(10));
 }
 
 #[test]

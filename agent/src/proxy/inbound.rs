@@ -79,7 +79,13 @@ pub async fn serve(
     Ok(())
 }
 
-async fn admit(proxy: &Arc<Proxy>, pod: &PodContext, connect: hbone::Connect) -> hbone::Admission {
+/// Admits a CONNECT to `pod`: from a peer's tunnel, or from this node's own pods by the
+/// same-node path ([`super::local`]).
+pub(super) async fn admit(
+    proxy: &Proxy,
+    pod: &PodContext,
+    connect: hbone::Connect,
+) -> hbone::Admission {
     let reject = |status, reason: String| hbone::Admission::Reject(status, reason);
     // Only this pod's own addresses are served here.
     if !pod

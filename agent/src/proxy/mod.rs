@@ -22,6 +22,7 @@ pub mod connections;
 pub mod copy;
 pub mod hbone;
 pub mod inbound;
+pub mod local;
 pub mod outbound;
 pub mod passthrough;
 pub mod record;
@@ -162,6 +163,8 @@ pub struct Proxy {
     pub policy_cache: Arc<policy::Cache>,
     /// Every carried connection, counted until it ends (and cut at the drain deadline).
     pub drain: crate::drain::Drain,
+    /// The pods this agent serves, by address (the same-node path).
+    pub local: Arc<local::LocalPods>,
     round_robin: AtomicUsize,
 }
 
@@ -194,6 +197,7 @@ impl Proxy {
             pool: Arc::new(hbone::Pool::new()),
             connections: connections::Registry::new(),
             drain: crate::drain::Drain::new(),
+            local: Arc::default(),
             round_robin: AtomicUsize::new(0),
         }
     }

@@ -148,6 +148,11 @@ async fn carry(
         },
     );
     let mut stream = crate::metrics::Counted::new(stream, record.counters());
+    if let Route::Hbone { target, .. } = &route
+        && let Some(local) = proxy.local.get(target.ip())
+    {
+        return same_node(stream, peer, proxy, pod, &local, *target, record).await;
+    }
     let copied = match &route {
         Route::Passthrough { target } => match proxy.connect_in(&pod.netns, *target).await {
             Ok(mut upstream) => super::copy(&mut stream, &mut upstream).await,
@@ -186,6 +191,62 @@ async fn carry(
         record.copy_failed(&err);
     }
     Ok(())
+}
+
+/// Carries a connection to a pod of this node without a tunnel ([`super::local`]): the
+/// destination's own admission (policy with the client's identity, budget, upstream dialled in
+/// its namespace), then one copy between the client and the application, with both records.
+async fn same_node(
+    mut stream: crate::metrics::Counted<TcpStream>,
+    peer: SocketAddr,
+    proxy: &Proxy,
+    pod: &PodContext,
+    destination: &PodContext,
+    target: SocketAddr,
+    mut record: Record,
+) -> anyhow::Result<()> {
+    let connect = hbone::Connect {
+        peer_identity: pod.identity.clone(),
+        // What the destination would see as the tunnel's TCP peer: the client pod's address.
+        peer: SocketAddr::new(pod.ip_like(target.ip()).unwrap_or(peer.ip()), peer.port()),
+        authority: target,
+        forwarded: None,
+    };
+    match Box::pin(super::inbound::admit(proxy, destination, connect)).await {
+        hbone::Admission::Upstream(admitted) => {
+            let hbone::Upstream {
+                stream: mut upstream,
+                mut live,
+                record: mut inbound,
+                permit: _permit,
+            } = *admitted;
+            // The destination's record counts what the client side sends and receives, as it
+            // counts a tunnel's.
+            let mut client = crate::metrics::Counted::new(&mut stream, inbound.counters());
+            tokio::select! {
+                copied = super::copy(&mut client, &mut upstream) => {
+                    if let Err(err) = copied {
+                        inbound.copy_failed(&err);
+                        record.copy_failed(&err);
+                    }
+                }
+                reason = live.closed() => inbound.ended(format!("closed by a policy change: {reason}")),
+            }
+            Ok(())
+        }
+        hbone::Admission::Reject(status, reason) => {
+            let flags = match status {
+                http::StatusCode::UNAUTHORIZED => Flags::Deny,
+                _ => Flags::Connect,
+            };
+            record.fail(flags, reason.clone());
+            super::reset(stream.into_inner());
+            Err(anyhow::anyhow!(
+                "{destination}: {status} {reason}",
+                destination = destination.key
+            ))
+        }
+    }
 }
 
 /// Opens an HBONE stream to `target` for `pod`, over a connection of the pod's own pool
