@@ -396,7 +396,8 @@ fn a_map_layout_change_is_migrated() {
 
     let source = source(&mesh);
     let agent = mesh.cluster.start_agent(1, &["--source", &source]);
-    agent.wait_for_log("agent serving", 1, Duration::from_secs(30));
+    // Serving, and the server's listeners open again (the first enrollment pass).
+    agent.wait_for_log("initial enrollment pass done", 1, Duration::from_secs(30));
     let log = agent.log();
     assert_eq!(
         log.matches("map moved to this layout as it is").count(),
