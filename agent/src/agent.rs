@@ -208,6 +208,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         budgets,
     ));
     let reaper = tokio::spawn(proxy.pool.clone().run_reaper());
+    let give_back = tokio::spawn(crate::memory::give_back_after_bursts(
+        proxy.node_budget.clone(),
+        proxy.pool.clone(),
+        proxy.drain.clone(),
+    ));
     let policies = tokio::spawn(follow_policies(proxy.clone(), policy_cache));
     let sync = Arc::new(SyncState::default());
     let mut annotator: Option<Annotator> = None;
@@ -420,6 +425,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     source_task.abort();
     renewals.abort();
     reaper.abort();
+    give_back.abort();
     policies.abort();
     for task in servers.into_iter().chain(cni_tasks) {
         task.abort();

@@ -13,6 +13,7 @@ pub mod drain;
 pub mod handoff;
 pub mod identity;
 pub mod inpod;
+pub mod memory;
 pub mod metrics;
 pub mod policy;
 pub mod preflight;

@@ -8,7 +8,8 @@
 //!
 //! [`Pool`] is the client: connections pooled per (source pod, destination identity,
 //! destination IP) — never shared between two pods, even of one service account — at most
-//! [`MAX_STREAMS`] streams each, closed after [`IDLE_TIMEOUT`] idle, with HTTP/2 keepalive
+//! [`MAX_STREAMS`] streams each, closed after [`IDLE_TIMEOUT`] idle (all but one per key after
+//! [`SPARE_IDLE_TIMEOUT`]), with HTTP/2 keepalive
 //! pings. [`serve_connection`] is the server side of one accepted 15008 connection, and
 //! [`parse_connect`] the validation of one request (pure, fuzzed).
 
@@ -40,6 +41,9 @@ use crate::identity::{self, Identity};
 pub const MAX_STREAMS: usize = 100;
 /// A pooled connection with no stream for this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// An idle pooled connection that is not its key's last used one (a burst opened more than one)
+/// is closed after this long.
+pub const SPARE_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Interval of HTTP/2 keepalive pings.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// HTTP/2 flow-control windows: the default 64 KiB would cap a stream at one window per round
@@ -251,19 +255,34 @@ impl Pool {
         Some((found.sender.clone(), found.streams.clone()))
     }
 
-    /// Closes connections idle for [`IDLE_TIMEOUT`] and forgets closed ones; returns how many
-    /// remain. Run it periodically ([`Pool::run_reaper`]).
+    /// Closes idle connections and forgets closed ones; returns how many remain. Of a key's
+    /// idle connections (no stream), the last used is kept for [`IDLE_TIMEOUT`], the others
+    /// (left over from a burst) for [`SPARE_IDLE_TIMEOUT`] only: each holds TLS and HTTP/2
+    /// buffers here and on the peer. Run it periodically ([`Pool::run_reaper`]).
     pub fn reap(&self, now: Instant) -> usize {
         let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
         for pooled in connections.values_mut() {
-            pooled.retain(|p| {
-                !p.sender.is_closed()
-                    && (p.streams.load(Ordering::Acquire) > 0
-                        || now.duration_since(p.last_used) < IDLE_TIMEOUT)
-            });
+            pooled.retain(|p| !p.sender.is_closed());
+            let usage: Vec<_> = pooled
+                .iter()
+                .map(|p| (p.streams.load(Ordering::Acquire), p.last_used))
+                .collect();
+            let mut keep = keep_after_reaping(&usage, now).into_iter();
+            pooled.retain(|_| keep.next().unwrap_or(true));
         }
         connections.retain(|_, pooled| !pooled.is_empty());
         connections.values().map(Vec::len).sum()
+    }
+
+    /// Connections pooled now.
+    pub fn len(&self) -> usize {
+        let connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        connections.values().map(Vec::len).sum()
+    }
+
+    /// Whether no connection is pooled.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Forgets (and so closes, once their streams end) the connections dialled for the pod
@@ -281,6 +300,30 @@ impl Pool {
             self.reap(Instant::now());
         }
     }
+}
+
+/// Which of one key's live connections, given as (streams, last used), a reap keeps: every
+/// one with a stream; of the idle ones, the last used until [`IDLE_TIMEOUT`] and the others
+/// until [`SPARE_IDLE_TIMEOUT`].
+fn keep_after_reaping(usage: &[(usize, Instant)], now: Instant) -> Vec<bool> {
+    let last_idle = usage
+        .iter()
+        .enumerate()
+        .filter(|(_, (streams, _))| *streams == 0)
+        .max_by_key(|(_, (_, last_used))| *last_used)
+        .map(|(i, _)| i);
+    usage
+        .iter()
+        .enumerate()
+        .map(|(i, &(streams, last_used))| {
+            let timeout = if Some(i) == last_idle {
+                IDLE_TIMEOUT
+            } else {
+                SPARE_IDLE_TIMEOUT
+            };
+            streams > 0 || now.duration_since(last_used) < timeout
+        })
+        .collect()
 }
 
 /// Sends a CONNECT to `authority` on `sender` and waits for the tunnel; `slot` is the stream's
@@ -681,6 +724,33 @@ mod tests {
             );
         }
         builder.body(()).unwrap()
+    }
+
+    #[test]
+    fn a_reap_keeps_busy_connections_and_one_idle_spare_per_key() {
+        let now = Instant::now();
+        let ago = |secs: u64| now - Duration::from_secs(secs);
+        // After a burst: two still carry streams, three are idle.
+        let usage = [
+            (3, ago(400)),
+            (0, ago(30)),
+            (0, ago(20)),
+            (1, ago(20)),
+            (0, ago(5)),
+        ];
+        assert_eq!(
+            keep_after_reaping(&usage, now),
+            [true, false, false, true, true],
+            "busy ones stay; of the idle, the last used stays, the others went idle too long ago"
+        );
+        // The last used idle connection stays up to IDLE_TIMEOUT, then goes too.
+        let alone = [(0, ago(60))];
+        assert_eq!(keep_after_reaping(&alone, now), [true]);
+        let stale = [(0, now - IDLE_TIMEOUT)];
+        assert_eq!(keep_after_reaping(&stale, now), [false]);
+        // Spares idle for less than SPARE_IDLE_TIMEOUT stay.
+        let fresh = [(0, ago(2)), (0, ago(1))];
+        assert_eq!(keep_after_reaping(&fresh, now), [true, true]);
     }
 
     #[test]

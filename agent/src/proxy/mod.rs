@@ -158,7 +158,7 @@ pub struct Proxy {
     /// Connection budgets (sized from the open-files limit).
     pub budgets: Budgets,
     /// The node's connection budget, shared by every pod.
-    node_budget: Arc<Semaphore>,
+    pub node_budget: Arc<NodeBudget>,
     /// The policies in force (kept up to date by the agent; the proxy only reads them).
     pub policy_cache: Arc<policy::Cache>,
     /// Every carried connection, counted until it ends (and cut at the drain deadline).
@@ -193,7 +193,7 @@ impl Proxy {
             policy_cache,
             limits,
             budgets,
-            node_budget: Arc::new(Semaphore::new(budgets.per_node)),
+            node_budget: Arc::new(NodeBudget::new(budgets.per_node)),
             pool: Arc::new(hbone::Pool::new()),
             connections: connections::Registry::new(),
             drain: crate::drain::Drain::new(),
@@ -504,6 +504,44 @@ impl Role {
     }
 }
 
+/// The node's connection budget ([`Budgets::per_node`]), shared by every pod, and the most
+/// connections carried at once lately (what [`crate::memory`] watches to see a burst end).
+#[derive(Debug)]
+pub struct NodeBudget {
+    slots: Arc<Semaphore>,
+    size: usize,
+    peak: AtomicUsize,
+}
+
+impl NodeBudget {
+    /// A budget of `size` connections, none in use.
+    pub fn new(size: usize) -> Self {
+        Self {
+            slots: Arc::new(Semaphore::new(size)),
+            size,
+            peak: AtomicUsize::new(0),
+        }
+    }
+
+    /// A slot, if one is free.
+    fn try_acquire(&self) -> Option<OwnedSemaphorePermit> {
+        let slot = self.slots.clone().try_acquire_owned().ok()?;
+        self.peak.fetch_max(self.in_use(), Ordering::AcqRel);
+        Some(slot)
+    }
+
+    /// Connections carried now.
+    pub fn in_use(&self) -> usize {
+        self.size.saturating_sub(self.slots.available_permits())
+    }
+
+    /// The most connections carried at once since the last call (or since the start); the
+    /// next period starts from the number carried now.
+    pub fn take_peak(&self) -> usize {
+        self.peak.swap(self.in_use(), Ordering::AcqRel)
+    }
+}
+
 /// A carried connection's slots in the node's and its pod's budgets, released on drop.
 #[derive(Debug)]
 pub struct Permit {
@@ -547,7 +585,7 @@ impl PodContext {
     /// Takes a slot of the node's and of the pod's connection budget, or counts (and now and
     /// then logs) which is spent.
     pub fn admit_connection(&self, proxy: &Proxy) -> Option<Permit> {
-        let Ok(node) = proxy.node_budget.clone().try_acquire_owned() else {
+        let Some(node) = proxy.node_budget.try_acquire() else {
             proxy.metrics.limit_reached("node_connections");
             self.warn_now_and_then(
                 "the node's connection budget (sized from the open-files limit) is spent; new \
@@ -636,5 +674,23 @@ mod tests {
                 per_node: 1
             }
         );
+    }
+
+    #[test]
+    fn the_peak_is_the_most_carried_at_once_and_restarts_from_the_count_carried() {
+        let budget = NodeBudget::new(10);
+        let mut carried: Vec<_> = (0..5).map(|_| budget.try_acquire().unwrap()).collect();
+        assert_eq!(budget.in_use(), 5);
+        carried.truncate(2);
+        assert_eq!(budget.in_use(), 2);
+        assert_eq!(budget.take_peak(), 5, "the most at once");
+        assert_eq!(
+            budget.take_peak(),
+            2,
+            "a new period starts from the count carried"
+        );
+        drop(carried);
+        assert_eq!(budget.take_peak(), 2);
+        assert_eq!(budget.take_peak(), 0);
     }
 }

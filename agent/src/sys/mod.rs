@@ -1,9 +1,9 @@
-//! The syscalls std does not wrap: entering network namespaces, namespace cookies, and the
-//! original destination of a captured connection. The one userspace module allowed `unsafe`;
+//! The syscalls std does not wrap: entering network namespaces, namespace cookies, the
+//! original destination of a captured connection, and giving free heap back to the kernel. The one userspace module allowed `unsafe`;
 //! every block says why it is sound.
 #![allow(
     unsafe_code,
-    reason = "setns(2), getsockopt(2) and SCM_RIGHTS descriptors have no safe wrapper in std"
+    reason = "setns(2), getsockopt(2), SCM_RIGHTS descriptors and malloc_trim(3) have no safe wrapper in std"
 )]
 
 pub mod bpf;
@@ -34,6 +34,23 @@ pub fn raise_open_files_limit() -> std::io::Result<u64> {
         }
     }
     Ok(limit.rlim_cur)
+}
+
+/// Gives the allocator's free memory back to the kernel: glibc's `malloc_trim(0)`, which walks
+/// every arena and releases whole free pages anywhere in the heap, not only at its top (where
+/// glibc trims by itself). Returns whether anything was released. It holds each arena's lock
+/// while it walks it: call it rarely, and off the async workers.
+pub fn release_free_memory() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: malloc_trim only inspects and madvises the allocator's own free chunks, under
+        // the arenas' locks; it touches no memory in use.
+        unsafe { libc::malloc_trim(0) != 0 }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
 }
 
 #[cfg(test)]

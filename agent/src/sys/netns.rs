@@ -3,7 +3,9 @@
 //! Two kinds of thread enter a namespace: a scoped one per call ([`Netns::run`], for rare
 //! work such as opening listeners), and one long-lived thread per namespace that stays inside
 //! it ([`Netns::run_async`], for the proxy's upstream sockets: one per connection, where
-//! creating a thread each time cost more than the connect itself).
+//! creating a thread each time cost more than the connect itself). That thread also makes the
+//! next upstream socket ahead of need ([`Netns::make_ahead`]), so a connection usually finds
+//! its socket ready and waits for no other thread.
 //!
 //! This is the one userspace module that talks to the kernel through raw syscalls (`setns(2)`,
 //! `getsockopt(SO_NETNS_COOKIE)`), so it is the one place `unsafe` is allowed. Entering a
@@ -19,6 +21,7 @@ use std::{
     io,
     os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
+    sync::{Arc, Mutex},
 };
 
 /// An open handle on a network namespace (`/proc/PID/ns/net`, `/var/run/netns/NAME`, ...).
@@ -31,7 +34,13 @@ pub struct Netns {
     /// The long-lived thread inside the namespace, started on first use of
     /// [`Netns::run_async`]; it ends when this handle is dropped.
     worker: std::sync::OnceLock<std::sync::mpsc::Sender<Job>>,
+    /// Descriptors the long-lived thread made ahead of need ([`Netns::make_ahead`]), one per
+    /// slot.
+    ahead: Arc<[Mutex<Option<OwnedFd>>; AHEAD_SLOTS]>,
 }
+
+/// Slots of descriptors made ahead: one per address family of the proxy's upstream sockets.
+pub const AHEAD_SLOTS: usize = 2;
 
 /// Work for a namespace's long-lived thread.
 type Job = Box<dyn FnOnce() + Send>;
@@ -53,6 +62,7 @@ impl Netns {
             fd: file.into(),
             path: path.to_owned(),
             worker: Default::default(),
+            ahead: Default::default(),
         })
     }
 
@@ -74,6 +84,7 @@ impl Netns {
             fd,
             path,
             worker: Default::default(),
+            ahead: Default::default(),
         })
     }
 
@@ -83,6 +94,7 @@ impl Netns {
             fd: self.fd.try_clone()?,
             path: self.path.clone(),
             worker: Default::default(),
+            ahead: Default::default(),
         })
     }
 
@@ -143,6 +155,35 @@ impl Netns {
         result
             .await
             .map_err(|_| io::Error::other("the namespace's thread could not enter it"))
+    }
+
+    /// Takes the descriptor [`Netns::make_ahead`] left in `slot`, if it is there yet: the
+    /// caller gets it without waiting for the namespace's thread.
+    pub fn take_ahead(&self, slot: usize) -> Option<OwnedFd> {
+        self.ahead[slot]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+
+    /// Queues `make` on the namespace's long-lived thread and leaves what it makes in `slot`,
+    /// for the next [`Netns::take_ahead`]. Failures are dropped: the taker falls back to
+    /// [`Netns::run_async`], which reports them.
+    pub fn make_ahead<F>(&self, slot: usize, make: F)
+    where
+        F: FnOnce() -> io::Result<OwnedFd> + Send + 'static,
+    {
+        let ahead = Arc::clone(&self.ahead);
+        let job: Job = Box::new(move || {
+            if let Ok(fd) = make() {
+                *ahead[slot]
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(fd);
+            }
+        });
+        if let Ok(worker) = self.worker() {
+            let _ = worker.send(job);
+        }
     }
 
     /// The long-lived thread's queue, starting the thread on first use.
@@ -265,6 +306,35 @@ mod tests {
         let bogus = Netns::open("/dev/null").unwrap();
         let err = bogus.run_async(|| ()).await.unwrap_err();
         assert!(err.to_string().contains("could not enter"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_descriptor_made_ahead_is_made_by_the_namespace_thread_and_taken_once() {
+        let netns = Netns::current().unwrap();
+        assert!(netns.take_ahead(0).is_none(), "nothing made yet");
+        let worker = netns
+            .run_async(|| std::thread::current().id())
+            .await
+            .unwrap();
+        let (made_by, made_on) = std::sync::mpsc::channel();
+        netns.make_ahead(1, move || {
+            made_by.send(std::thread::current().id()).unwrap();
+            Ok(std::net::UdpSocket::bind(("127.0.0.1", 0))?.into())
+        });
+        // Jobs run in order: once a later one has run, the descriptor is in its slot.
+        netns.run_async(|| ()).await.unwrap();
+        assert_eq!(made_on.recv().unwrap(), worker);
+        assert!(netns.take_ahead(0).is_none(), "another slot");
+        let fd = netns.take_ahead(1).expect("made ahead");
+        assert_eq!(
+            socket_netns_cookie(fd.as_fd()).unwrap(),
+            netns.cookie().unwrap()
+        );
+        assert!(netns.take_ahead(1).is_none(), "taken once");
+        // A failure leaves the slot empty.
+        netns.make_ahead(1, || Err(io::Error::other("no")));
+        netns.run_async(|| ()).await.unwrap();
+        assert!(netns.take_ahead(1).is_none());
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::{
     io,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream},
-    os::fd::{AsRawFd as _, BorrowedFd},
+    os::fd::{AsRawFd as _, BorrowedFd, OwnedFd},
 };
 
 use meshlet_common::{MESH_MARK, SO_ORIGINAL_DST};
@@ -39,18 +39,27 @@ pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
 
 /// A TCP socket created inside `netns` with the mesh mark, not yet connected: the proxy's
 /// connections leave from the pod's namespace, with the pod's address. Made on the
-/// namespace's long-lived thread ([`Netns::run_async`]).
+/// namespace's long-lived thread ([`Netns::run_async`]), one ahead of need: the caller takes
+/// the socket made for it last time and queues the next one, so a new connection crosses no
+/// thread (one unconnected socket per family and namespace waits in between).
 pub async fn marked_socket_in(netns: &Netns, ipv6: bool) -> io::Result<Socket> {
-    netns
-        .run_async(move || {
-            let domain = if ipv6 { Domain::IPV6 } else { Domain::IPV4 };
-            let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
-            socket
-                .set_mark(MESH_MARK)
-                .map_err(|err| context(err, "set SO_MARK (needs CAP_NET_ADMIN)"))?;
-            Ok(socket)
-        })
-        .await?
+    let slot = usize::from(ipv6);
+    let socket = match netns.take_ahead(slot) {
+        Some(fd) => Socket::from(fd),
+        None => netns.run_async(move || marked_socket(ipv6)).await??,
+    };
+    netns.make_ahead(slot, move || marked_socket(ipv6).map(OwnedFd::from));
+    Ok(socket)
+}
+
+/// A TCP socket of the calling thread's namespace, with the mesh mark.
+fn marked_socket(ipv6: bool) -> io::Result<Socket> {
+    let domain = if ipv6 { Domain::IPV6 } else { Domain::IPV4 };
+    let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+    socket
+        .set_mark(MESH_MARK)
+        .map_err(|err| context(err, "set SO_MARK (needs CAP_NET_ADMIN)"))?;
+    Ok(socket)
 }
 
 /// The destination a captured connection was originally addressed to, read with

@@ -945,6 +945,8 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
 
 /// How long opening the idle connections of the memory measurement may take.
 const HOLD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+/// How long after a burst of connections closed the agent's memory is measured again.
+const AFTER_BURST: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn tunnel(
     quick: bool,
@@ -957,10 +959,14 @@ fn tunnel(
     } else {
         (3, 1u64 << 30, 20_000, 1_000, 5_000)
     };
-    // Each idle tunneled connection holds descriptors of the agents, the client's and the
-    // proxies': a quarter of this process's hard limit of open files (which every process of
-    // the bench inherits), at most 10,000.
-    let most_idle = (meshlet_tests::ztunnel::hard_open_files_limit() / 4).clamp(1_000, 10_000);
+    // Every process of the bench inherits this process's hard limit of open files, and an
+    // agent budgets two descriptors per connection after a reserve (`Budgets`): as many idle
+    // connections as that allows, with a little room, and at most 10,000.
+    let open_files = meshlet_tests::ztunnel::hard_open_files_limit();
+    let most_idle =
+        (open_files.saturating_sub(meshlet::proxy::Budgets::RESERVED_DESCRIPTORS as usize) / 2)
+            .saturating_sub(100)
+            .clamp(1_000, 10_000);
     let idle_counts: Vec<usize> = if quick {
         vec![1_000]
     } else {
@@ -1316,6 +1322,27 @@ fn tunnel(
             );
             rss_json.push(serde_json::json!({ "connections": idle, "rss_bytes": now }));
             std::thread::sleep(std::time::Duration::from_millis(500));
+        }
+        // The recovery figure: RSS 30 s after the largest burst closed, against the
+        // idle baseline (a full run only: it is half a minute of waiting).
+        if !quick {
+            std::thread::sleep(AFTER_BURST);
+            let after = rss()?;
+            let growth = |i: usize| (after[i] as f64 / idle0[i] as f64 - 1.0) * 100.0;
+            println!(
+                "  {proxy} RSS {AFTER_BURST:?} after the {most_idle}-connection burst closed: {} {:.1} MiB ({:+.0}% of idle), {} {:.1} MiB ({:+.0}%)",
+                sides[0],
+                mib(after[0]),
+                growth(0),
+                sides[1],
+                mib(after[1]),
+                growth(1)
+            );
+            rss_json.push(serde_json::json!({
+                "after_burst_of": most_idle,
+                "after_s": AFTER_BURST.as_secs(),
+                "rss_bytes": after,
+            }));
         }
         Ok(serde_json::Value::Array(rss_json))
     };
