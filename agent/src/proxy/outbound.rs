@@ -151,19 +151,23 @@ async fn carry(
     if let Route::Hbone { target, .. } = &route
         && let Some(local) = proxy.local.get(target.ip())
     {
-        return same_node(stream, peer, proxy, pod, &local, *target, record).await;
+        // Boxed, as `open_tunnel` below: its admission and dial would size every cross-node
+        // connection's task.
+        return Box::pin(same_node(stream, peer, proxy, pod, &local, *target, record)).await;
     }
     let copied = match &route {
-        Route::Passthrough { target } => match proxy.connect_in(&pod.netns, *target).await {
-            Ok(mut upstream) => super::copy(&mut stream, &mut upstream).await,
-            Err(err) => {
-                // The application sees its connection reset, as if the destination had
-                // refused it.
-                record.fail(Flags::Connect, err.to_string());
-                super::reset(stream.into_inner());
-                return Err(err.into());
+        Route::Passthrough { target } => {
+            match Box::pin(proxy.connect_in(&pod.netns, *target)).await {
+                Ok(mut upstream) => super::copy(&mut stream, &mut upstream).await,
+                Err(err) => {
+                    // The application sees its connection reset, as if the destination had
+                    // refused it.
+                    record.fail(Flags::Connect, err.to_string());
+                    super::reset(stream.into_inner());
+                    return Err(err.into());
+                }
             }
-        },
+        }
         Route::Hbone { target, identity } => {
             // Boxed, so that this task, which lives as long as the connection, is sized for
             // copying rather than for opening (see `hbone::Pool::connect`).
