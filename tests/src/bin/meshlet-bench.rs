@@ -1284,6 +1284,18 @@ fn tunnel(
      -> anyhow::Result<serde_json::Value> {
         let rss = || -> anyhow::Result<Vec<u64>> { pids.iter().map(|&pid| rss_of(pid)).collect() };
         let mib = |bytes: u64| bytes as f64 / 1048576.0;
+        // Both sides' RSS, each with a note.
+        let both = |rss: &[u64], note: &dyn Fn(usize) -> String| {
+            format!(
+                "{} {:.1} MiB ({}), {} {:.1} MiB ({})",
+                sides[0],
+                mib(rss[0]),
+                note(0),
+                sides[1],
+                mib(rss[1]),
+                note(1)
+            )
+        };
         let idle0 = rss()?;
         println!(
             "  {proxy} RSS at 0 idle connections: {} {:.1} MiB, {} {:.1} MiB",
@@ -1312,13 +1324,8 @@ fn tunnel(
             drop(holder);
             let each = |i: usize| (now[i] as f64 - idle0[i] as f64) / idle as f64 / 1024.0;
             println!(
-                "  {proxy} RSS at {idle} idle tunneled connections (opened in {opened:.1?}): {} {:.1} MiB ({:.1} KiB each), {} {:.1} MiB ({:.1} KiB each)",
-                sides[0],
-                mib(now[0]),
-                each(0),
-                sides[1],
-                mib(now[1]),
-                each(1)
+                "  {proxy} RSS at {idle} idle tunneled connections (opened in {opened:.1?}): {}",
+                both(&now, &|i| format!("{:.1} KiB each", each(i)))
             );
             rss_json.push(serde_json::json!({ "connections": idle, "rss_bytes": now }));
             std::thread::sleep(std::time::Duration::from_millis(500));
@@ -1330,13 +1337,8 @@ fn tunnel(
             let after = rss()?;
             let growth = |i: usize| (after[i] as f64 / idle0[i] as f64 - 1.0) * 100.0;
             println!(
-                "  {proxy} RSS {AFTER_BURST:?} after the {most_idle}-connection burst closed: {} {:.1} MiB ({:+.0}% of idle), {} {:.1} MiB ({:+.0}%)",
-                sides[0],
-                mib(after[0]),
-                growth(0),
-                sides[1],
-                mib(after[1]),
-                growth(1)
+                "  {proxy} RSS {AFTER_BURST:?} after the {most_idle}-connection burst closed: {}",
+                both(&after, &|i| format!("{:+.0}% of idle", growth(i)))
             );
             rss_json.push(serde_json::json!({
                 "after_burst_of": most_idle,
