@@ -177,11 +177,7 @@ async fn carry(
                 Err(err) => {
                     debug!(pod = %pod.key, %destination, %err, "HBONE failed");
                     let flags = match err {
-                        hbone::Error::Refused { status, .. }
-                            if status == http::StatusCode::UNAUTHORIZED =>
-                        {
-                            Flags::Deny
-                        }
+                        hbone::Error::Refused { status, .. } => Flags::refused_with(status),
                         _ => Flags::Connect,
                     };
                     record.fail(flags, err.to_string());
@@ -239,11 +235,7 @@ async fn same_node(
             Ok(())
         }
         hbone::Admission::Reject(status, reason) => {
-            let flags = match status {
-                http::StatusCode::UNAUTHORIZED => Flags::Deny,
-                _ => Flags::Connect,
-            };
-            record.fail(flags, reason.clone());
+            record.fail(Flags::refused_with(status), reason.clone());
             super::reset(stream.into_inner());
             Err(anyhow::anyhow!(
                 "{destination}: {status} {reason}",

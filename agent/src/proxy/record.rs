@@ -52,6 +52,16 @@ pub enum Flags {
 }
 
 impl Flags {
+    /// The flags of a client-side connection its destination's admission refused with
+    /// `status`: 401 is a policy's refusal, anything else a failure to connect.
+    pub fn refused_with(status: http::StatusCode) -> Self {
+        if status == http::StatusCode::UNAUTHORIZED {
+            Self::Deny
+        } else {
+            Self::Connect
+        }
+    }
+
     fn as_str(self) -> &'static str {
         match self {
             Self::Ok => "-",
