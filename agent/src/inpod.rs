@@ -218,6 +218,10 @@ struct Enrolled {
     source: NetnsSource,
     inode: u64,
     netns: Arc<Netns>,
+    /// Its namespace was prepared for transparent connections (undone on unenroll).
+    preserves_source: bool,
+    /// What its listeners serve (its connection budget tells when its last connection ends).
+    context: Arc<PodContext>,
     /// The tasks accepting on its listeners (held: dropping them stops accepting).
     _accepting: Accepting,
     /// The listening sockets themselves (for a successor).
@@ -450,6 +454,9 @@ impl InPod {
             if let Some(request) = release.take() {
                 // Between two passes: nothing attaches while the pins go, nor after.
                 self.capture_released = true;
+                for enrolled in self.enrolled.values() {
+                    self.undo_transparent(enrolled);
+                }
                 let removed = crate::capture::uninstall(&self.capture.config().bpffs_dir);
                 let _ = request.reply.send(removed);
                 continue;
@@ -1037,12 +1044,13 @@ impl InPod {
         if !self.proxy.identities.ensure(&identity)? {
             return Err(anyhow::Error::new(CertificatePending(identity)));
         }
-        let context = Arc::new(PodContext::new(
-            pod,
-            netns.clone(),
-            identity,
-            self.proxy.budgets.per_pod,
-        ));
+        let preserves_source = self.prepare_transparent(&pod.key, &netns);
+        // Undone if the enrollment fails half-way.
+        let prepared = PreparedNetns(preserves_source.then(|| netns.clone()));
+        let context = Arc::new(
+            PodContext::new(pod, netns.clone(), identity, self.proxy.budgets.per_pod)
+                .preserving_source(preserves_source),
+        );
 
         // Listeners first: in fail-closed mode, capture before them would refuse connections.
         let mut opened = Vec::new();
@@ -1065,6 +1073,7 @@ impl InPod {
         let cookie = self.capture.enroll(&netns, &pod.ips)?;
         self.register_inbound(&pod.ips, &sockets)?;
         self.capture.set_ready(cookie, true)?;
+        prepared.keep();
         Ok(Enrolled {
             key: pod.key.clone(),
             uid: pod.uid.clone(),
@@ -1073,6 +1082,8 @@ impl InPod {
             source,
             inode,
             netns,
+            preserves_source,
+            context,
             _accepting: listeners,
             sockets,
         })
@@ -1237,12 +1248,11 @@ impl InPod {
         // Usually issued already (the successor asks for the certificates of its pods before
         // it takes over); if not, handshakes wait for it.
         self.proxy.identities.ensure(&identity)?;
-        let context = Arc::new(PodContext::new(
-            &pod,
-            netns.clone(),
-            identity,
-            self.proxy.budgets.per_pod,
-        ));
+        let preserves_source = self.prepare_transparent(&pod.key, &netns);
+        let context = Arc::new(
+            PodContext::new(&pod, netns.clone(), identity, self.proxy.budgets.per_pod)
+                .preserving_source(preserves_source),
+        );
         let opened = state
             .listeners
             .iter()
@@ -1265,21 +1275,94 @@ impl InPod {
             source: NetnsSource::new(state.via, state.path),
             inode: state.inode,
             netns,
+            preserves_source,
+            context,
             _accepting: listeners,
             sockets,
         })
+    }
+
+    /// Prepares a pod's namespace for transparent connections when the agent preserves
+    /// clients' addresses; returns whether it is. A namespace that cannot be prepared still
+    /// enrolls: its application sees the pod's own address, as with the feature off.
+    fn prepare_transparent(&self, pod: &ObjectKey, netns: &Netns) -> bool {
+        if !self.capture.config().preserve_source {
+            return false;
+        }
+        match crate::sys::transparent::prepare(netns) {
+            Ok(()) => true,
+            Err(err) => {
+                warn!(
+                    %pod, %err,
+                    "cannot prepare the pod's namespace for transparent connections: its \
+                     application sees the pod's own address as its clients'"
+                );
+                false
+            }
+        }
+    }
+
+    /// Removes the routing of transparent connections from a pod's namespace once the last
+    /// connection of the pod has ended: they carry on after it is unenrolled, and their
+    /// replies need it.
+    fn undo_transparent(&self, enrolled: &Enrolled) {
+        if !enrolled.preserves_source {
+            return;
+        }
+        let (pod, netns, budget) = (
+            enrolled.key.clone(),
+            enrolled.netns.clone(),
+            enrolled.context.budget.clone(),
+        );
+        let slots = u32::try_from(self.proxy.budgets.per_pod).unwrap_or(u32::MAX);
+        tokio::spawn(async move {
+            // Every slot of the pod's budget free: no connection of the pod is left.
+            let Ok(_idle) = budget.acquire_many_owned(slots).await else {
+                return;
+            };
+            let removed =
+                tokio::task::spawn_blocking(move || crate::sys::transparent::remove(&netns)).await;
+            match removed {
+                Ok(Ok(())) => info!(%pod, "transparent connections' routing removed"),
+                Ok(Err(err)) => {
+                    warn!(%pod, %err, "cannot remove the transparent connections' routing")
+                }
+                Err(err) => warn!(%pod, %err, "removing the transparent routing panicked"),
+            }
+        });
     }
 
     fn unenroll(&mut self, enrolled: Enrolled) {
         if let Err(err) = self.capture.unenroll(enrolled.cookie) {
             warn!(pod = %enrolled.key, %err, "unenroll failed");
         }
+        self.undo_transparent(&enrolled);
         self.proxy.pool.remove_source(&enrolled.uid);
         info!(pod = %enrolled.key, cookie = enrolled.cookie, "pod unenrolled");
         if let Some(annotate) = &self.annotator {
             annotate(enrolled.key.clone(), false);
         }
         drop(enrolled); // closes its listeners; established connections carry on
+    }
+}
+
+/// A namespace prepared for transparent connections by an enrollment still under way: the
+/// preparation is undone on drop unless the enrollment went through ([`PreparedNetns::keep`]).
+struct PreparedNetns(Option<Arc<Netns>>);
+
+impl PreparedNetns {
+    fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for PreparedNetns {
+    fn drop(&mut self) {
+        if let Some(netns) = self.0.take()
+            && let Err(err) = crate::sys::transparent::remove(&netns)
+        {
+            warn!(%err, "cannot undo the transparent routing of a failed enrollment");
+        }
     }
 }
 

@@ -12,6 +12,11 @@
 /// Mark carried by every socket the proxy creates (`SO_MARK`); capture never redirects them.
 pub const MESH_MARK: u32 = 0x539;
 
+/// Mark of the proxy's connections to an application from its client's address (transparent
+/// sockets): the application's accepted socket inherits it (`tcp_fwmark_accept`), and a policy
+/// rule in the pod's namespace routes what carries it back to the proxy.
+pub const TRANSPARENT_MARK: u32 = 0x53a;
+
 /// In-pod outbound capture listener (loopback).
 pub const OUTBOUND_PORT: u16 = 15001;
 /// In-pod inbound plaintext capture listener.
@@ -55,6 +60,10 @@ pub mod maps {
     /// `PerCpuArray<u64>`, one slot: inbound connections let through unsteered because they
     /// were kubelet's (a map of its own, so the pinned `REDIRECTS` of an older agent fits).
     pub const PROBES_PASSED: &str = "PROBES_PASSED";
+    /// `LruHashMap<ProbeKey, u8>`: the proxy's transparent connections to applications (from
+    /// the client's address), by 4-tuple, from connect until close; `sk_lookup` lets them
+    /// through to the application instead of steering them back to 15006.
+    pub const TRANSPARENT_UPSTREAMS: &str = "TRANSPARENT_UPSTREAMS";
 
     /// Every map, for pinning and cleanup.
     pub const ALL: &[&str] = &[
@@ -68,6 +77,7 @@ pub mod maps {
         SETTINGS,
         REDIRECTS,
         PROBES_PASSED,
+        TRANSPARENT_UPSTREAMS,
     ];
 }
 

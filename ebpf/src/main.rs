@@ -12,7 +12,9 @@
 //!
 //! Inbound (`sk_lookup`, attached to each enrolled namespace): TCP connections to a pod address
 //! on any port but 15008 are handed to the pod's 15006 listener, whose accepted socket keeps the
-//! original destination as its local address.
+//! original destination as its local address. The proxy's own connections to the application
+//! from the client's address (transparent sockets, `TRANSPARENT_MARK`) are recorded by
+//! `sock_ops` when they connect and let through.
 //!
 //! Kubelet's health probes (`probe_ops`, a `sock_ops` program attached to kubelet's cgroup only):
 //! each connection kubelet opens is recorded by 4-tuple from connect until close, and
@@ -36,8 +38,8 @@ use aya_ebpf::{
 };
 use meshlet_common::{
     ConnKey, Direction, Enrollment, INBOUND_HBONE_PORT, Ip, MAX_CONNECTIONS, MAX_EXCLUSIONS,
-    MAX_NETNS, MESH_MARK, OUTBOUND_PORT, ProbeKey, SO_ORIGINAL_DST, SockAddr, is_v4_mapped,
-    v4_mapped,
+    MAX_NETNS, MESH_MARK, OUTBOUND_PORT, ProbeKey, SO_ORIGINAL_DST, SockAddr, TRANSPARENT_MARK,
+    is_v4_mapped, v4_mapped,
 };
 
 #[map]
@@ -61,6 +63,9 @@ static SETTINGS: Array<u32> = Array::with_max_entries(1, 0);
 static REDIRECTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
 #[map]
 static PROBES_PASSED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+static TRANSPARENT_UPSTREAMS: LruHashMap<ProbeKey, u8> =
+    LruHashMap::with_max_entries(MAX_CONNECTIONS, 0);
 
 const SOCK_STREAM: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
@@ -208,9 +213,17 @@ fn original_of(ctx: &SockAddrContext) -> Option<SockAddr> {
 /// `sockops`: when a redirected connect has been established (to the proxy), records the
 /// original destination under the client end (netns, local address, local port): the peer the
 /// proxy sees on its accepted socket.
+///
+/// It also records the proxy's transparent connections to applications (their mark) by 4-tuple
+/// from connect until close, in `TRANSPARENT_UPSTREAMS`, so that `sk_lookup` lets them through.
 #[sock_ops]
 pub fn meshlet_sock_ops(ctx: SockOpsContext) -> u32 {
-    if ctx.op() != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+    let op = ctx.op();
+    if op == BPF_SOCK_OPS_TCP_CONNECT_CB || op == BPF_SOCK_OPS_STATE_CB {
+        track_transparent(&ctx, op);
+        return 1;
+    }
+    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
         return 1;
     }
     // SAFETY: `bpf_get_socket_cookie` accepts a sock_ops context.
@@ -242,6 +255,30 @@ pub fn meshlet_sock_ops(ctx: SockOpsContext) -> u32 {
     // SAFETY: a non-null pointer from a map lookup is valid for the value's size.
     let _ = ORIG_BY_PEER.insert(key, unsafe { *orig }, 0);
     1
+}
+
+/// Records a transparent socket's 4-tuple when it sends its SYN, and forgets it when the
+/// connection reaches `TCP_CLOSE` (the state callback is asked for only on those sockets).
+#[inline(always)]
+fn track_transparent(ctx: &SockOpsContext, op: u32) {
+    if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
+        // SAFETY: on connect `sk` is the full socket (or null, checked); `mark` is readable in
+        // `bpf_sock`.
+        let transparent = unsafe {
+            let sk = (*ctx.ops).__bindgen_anon_2.sk;
+            !sk.is_null() && (*sk).mark == TRANSPARENT_MARK
+        };
+        if transparent && TRANSPARENT_UPSTREAMS.insert(probe_key(ctx), 1, 0).is_ok() {
+            // Without the callback the entry ages out of the LRU instead.
+            let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+        }
+    } else {
+        // SAFETY: on STATE_CB `args[1]` is the new state (a 4-byte load).
+        let new_state = unsafe { read_volatile(&raw const (*ctx.ops).__bindgen_anon_1.args[1]) };
+        if new_state == BPF_TCP_CLOSE {
+            let _ = TRANSPARENT_UPSTREAMS.remove(probe_key(ctx));
+        }
+    }
 }
 
 /// `sockops`, attached to kubelet's cgroup only: records each TCP connection kubelet opens (its
@@ -366,7 +403,9 @@ pub fn meshlet_getsockopt(ctx: SockoptContext) -> i32 {
 
 /// `sk_lookup`, attached to each enrolled namespace: steers inbound TCP to the pod's 15006
 /// listener, except to 15008 (HBONE), loopback, the pod's own connections (the proxy reaching
-/// the application), excluded ports, and connections kubelet opened (its probes: the 4-tuple is
+/// the application from the pod's address), the proxy's transparent connections (reaching it
+/// from the client's address: `TRANSPARENT_UPSTREAMS`), excluded ports, and connections kubelet
+/// opened (its probes: the 4-tuple is
 /// in `KUBELET_PROBES`, recorded by `probe_ops` in kubelet's cgroup).
 #[sk_lookup]
 pub fn meshlet_sk_lookup(ctx: SkLookupContext) -> u32 {
@@ -404,6 +443,10 @@ pub fn meshlet_sk_lookup(ctx: SkLookupContext) -> u32 {
         // `local_port` is in host order.
         dst_port: port as u16,
     };
+    if TRANSPARENT_UPSTREAMS.get_ptr(probe).is_some() {
+        // The proxy reaching the application from the client's address.
+        return sk_action::SK_PASS;
+    }
     if KUBELET_PROBES.get_ptr(probe).is_some() {
         if let Some(counter) = PROBES_PASSED.get_ptr_mut(0) {
             // SAFETY: per-CPU values are only touched by this CPU while the program runs.

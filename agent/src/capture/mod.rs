@@ -315,11 +315,15 @@ pub struct Config {
     /// Load this eBPF object instead of the embedded one (tests of program upgrades: a build
     /// whose programs differ). `None`: the object built into the agent.
     pub object: Option<PathBuf>,
+    /// Applications see their clients' addresses: the proxy connects to them with transparent
+    /// sockets, and each enrolled namespace is prepared for it ([`crate::sys::transparent`]).
+    /// `false`: they see their pod's own address.
+    pub preserve_source: bool,
 }
 
 impl Config {
     /// The configuration with every unset path discovered from the mounts of this process,
-    /// fail mode `closed` and no exclusions.
+    /// fail mode `closed`, no exclusions, and clients' addresses preserved.
     pub fn resolve(
         cgroup_root: Option<PathBuf>,
         bpffs_dir: Option<PathBuf>,
@@ -334,6 +338,7 @@ impl Config {
             excluded_ports: Vec::new(),
             kubelet_cgroup: None,
             object: None,
+            preserve_source: true,
         })
     }
 }

@@ -95,6 +95,16 @@ pub struct AgentArgs {
     /// captured like any other client's connection].
     #[arg(long, env = "MESHLET_KUBELET_CGROUP")]
     pub kubelet_cgroup: Option<PathBuf>,
+    /// Applications see their clients' addresses (`true`), or their pod's own (`false`: for
+    /// environments where transparent sockets and a policy rule in each pod's namespace are
+    /// not wanted).
+    #[arg(
+        long,
+        env = "MESHLET_PRESERVE_SOURCE_ADDRESS",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub preserve_source_address: bool,
     /// Load this eBPF object instead of the one built in (tests of program upgrades).
     #[arg(long, hide = true)]
     pub ebpf_object: Option<PathBuf>,
@@ -469,6 +479,7 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
     capture.excluded_cidrs = args.exclude_cidrs;
     capture.excluded_ports = args.exclude_ports;
     capture.object = args.ebpf_object;
+    capture.preserve_source = args.preserve_source_address;
     capture.kubelet_cgroup = args.kubelet_cgroup.or_else(|| {
         capture::kubelet::detect(&capture.cgroup_root)
             .inspect_err(|err| {

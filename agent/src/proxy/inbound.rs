@@ -142,7 +142,14 @@ pub(super) async fn admit(
     };
     let mut record = Record::open(&proxy.metrics, opening);
     record.forwarded(connect.forwarded.as_deref());
-    match proxy.connect_in(&pod.netns, connect.authority).await {
+    match proxy
+        .connect_in(
+            &pod.netns,
+            connect.authority,
+            pod.upstream_source(connect.peer.ip(), connect.authority),
+        )
+        .await
+    {
         Ok(stream) => {
             let live = proxy.connections.register(ConnectionInfo {
                 source_identity: Some(connect.peer_identity.clone()),

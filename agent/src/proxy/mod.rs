@@ -355,14 +355,19 @@ impl Proxy {
     }
 
     /// Connects to `destination` from a marked socket made inside `netns` (the proxy's
-    /// connections leave from the pod, with the pod's address), within the connect timeout,
-    /// with keepalive and `TCP_NODELAY`.
+    /// connections leave from the pod, with the pod's address, or from `source`'s with a
+    /// transparent socket: [`crate::sys::transparent`]), within the connect timeout, with
+    /// keepalive and `TCP_NODELAY`.
     pub async fn connect_in(
         &self,
         netns: &Arc<Netns>,
         destination: SocketAddr,
+        source: Option<IpAddr>,
     ) -> io::Result<TcpStream> {
         let socket = socket::marked_socket_in(netns, destination.is_ipv6()).await?;
+        if let Some(client) = source {
+            crate::sys::transparent::make_transparent(&socket, client)?;
+        }
         socket.set_nonblocking(true)?;
         let connecting = TcpSocket::from_std_stream(socket.into()).connect(destination);
         let stream = match tokio::time::timeout(self.limits.connect_timeout, connecting).await {
@@ -566,6 +571,9 @@ pub struct PodContext {
     pub budget: Arc<Semaphore>,
     /// When the pod last hit its budget (seconds since the epoch), to warn once a minute.
     last_limit_warning: AtomicU64,
+    /// Its namespace is prepared for transparent connections ([`crate::sys::transparent`]):
+    /// the application sees its client's address, not the pod's own.
+    pub preserves_source: bool,
 }
 
 impl PodContext {
@@ -579,7 +587,31 @@ impl PodContext {
             ips: pod.ips.clone(),
             budget: Arc::new(Semaphore::new(max_connections)),
             last_limit_warning: AtomicU64::new(0),
+            preserves_source: false,
         }
+    }
+
+    /// The context, with the application reached from its clients' addresses (the namespace
+    /// is prepared for it) or not.
+    pub fn preserving_source(self, preserves_source: bool) -> Self {
+        Self {
+            preserves_source,
+            ..self
+        }
+    }
+
+    /// The address the proxy's connection to `destination`, on behalf of `client`, leaves from:
+    /// the client's, when this pod preserves it and it can be (same family, not the pod's own
+    /// nor loopback); `None`: the pod's own.
+    pub fn upstream_source(&self, client: IpAddr, destination: SocketAddr) -> Option<IpAddr> {
+        let client = client.to_canonical();
+        let destination = destination.ip().to_canonical();
+        (self.preserves_source
+            && client.is_ipv6() == destination.is_ipv6()
+            && client != destination
+            && !client.is_loopback()
+            && !client.is_unspecified())
+        .then_some(client)
     }
 
     /// Takes a slot of the node's and of the pod's connection budget, or counts (and now and

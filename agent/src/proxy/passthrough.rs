@@ -71,7 +71,14 @@ async fn carry_inbound(stream: TcpStream, peer: SocketAddr, proxy: &Proxy, pod: 
         destination_pod: pod.key.clone(),
         destination,
     });
-    let mut upstream = match proxy.connect_in(&pod.netns, destination).await {
+    let mut upstream = match proxy
+        .connect_in(
+            &pod.netns,
+            destination,
+            pod.upstream_source(peer.ip(), destination),
+        )
+        .await
+    {
         Ok(upstream) => upstream,
         Err(err) => {
             record.fail(Flags::Connect, format!("connect to the application: {err}"));

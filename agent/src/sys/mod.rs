@@ -1,5 +1,6 @@
 //! The syscalls std does not wrap: entering network namespaces, namespace cookies, the
-//! original destination of a captured connection, and giving free heap back to the kernel. The one userspace module allowed `unsafe`;
+//! original destination of a captured connection, transparent upstream sockets and their
+//! routing, and giving free heap back to the kernel. The one userspace module allowed `unsafe`;
 //! every block says why it is sound.
 #![allow(
     unsafe_code,
@@ -10,6 +11,7 @@ pub mod bpf;
 pub mod fdpass;
 pub mod netns;
 pub mod socket;
+pub mod transparent;
 
 pub use netns::Netns;
 

@@ -256,9 +256,15 @@ fn walk_through(cluster: &mut Cluster, keep: bool) -> anyhow::Result<()> {
     );
     let wire = link.finish();
     let accepted = echo.next_accepted();
-    println!(
-        "      the server echoed 64 KiB (connection from {})",
+    let client_ip = std::net::IpAddr::from(cluster.pod("client").ipv4);
+    ensure!(
+        accepted.peer.ip().to_canonical() == client_ip,
+        "the server saw {} as its client, not the client pod's {client_ip}",
         accepted.peer
+    );
+    println!(
+        "      the server echoed 64 KiB (connection from {}: the client pod's own address)",
+        accepted.peer.ip().to_canonical()
     );
     let outbound = Pinned::open(&cluster.bpffs_dir(0))?.redirects()?.outbound - out_before;
     println!(

@@ -1,0 +1,218 @@
+//! The application sees its real client: the proxy connects to it from the client's address.
+//!
+//! The proxy's upstream socket to an application is made in the pod's network namespace with
+//! `IP_TRANSPARENT` (`IPV6_TRANSPARENT`), bound to the client's address with an ephemeral port
+//! (`IP_BIND_ADDRESS_NO_PORT`: the port is picked at connect, per destination), and marked
+//! [`TRANSPARENT_MARK`]. Three things in the pod's namespace bring the application's replies
+//! back to that socket instead of sending them out to the client's address, without iptables:
+//!
+//! - `net.ipv4.tcp_fwmark_accept=1` (it covers IPv6 too): the application's accepted socket
+//!   takes the mark of the SYN, the transparent socket's;
+//! - a policy rule per family, `fwmark 0x53a lookup 15006`, at priority [`RULE_PRIORITY`];
+//! - in table [`TABLE`], `local 0.0.0.0/0 dev lo` and `local ::/0 dev lo`: whatever carries the
+//!   mark is delivered locally, to the transparent socket.
+//!
+//! `sk_lookup` would steer the transparent connection itself back to the pod's 15006 listener
+//! (it comes from an address that is not the pod's): `sock_ops` records its 4-tuple when it
+//! connects (by its mark), and `sk_lookup` lets it through (see `meshlet-ebpf`).
+//!
+//! [`prepare`] and [`remove`] are idempotent: an agent that restarts prepares again, and an
+//! unenrolled pod's namespace is left as it was found (the sysctl back at its default, 0).
+
+use std::{fs, io, net::IpAddr};
+
+use meshlet_common::TRANSPARENT_MARK;
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_route::{
+    AddressFamily, RouteNetlinkMessage,
+    route::{
+        RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+        RouteType,
+    },
+    rule::{RuleAction, RuleAttribute, RuleMessage},
+};
+use netlink_sys::{Socket as NetlinkSocket, SocketAddr as NetlinkAddr, protocols::NETLINK_ROUTE};
+use socket2::Socket;
+
+use super::Netns;
+
+/// The routing table, in each prepared pod namespace, that delivers marked packets locally.
+pub const TABLE: u32 = 15006;
+/// The priority of the policy rule that sends marked packets to [`TABLE`] (before `main`,
+/// 32766).
+pub const RULE_PRIORITY: u32 = 32000;
+/// The sysctl that makes an accepted socket take the mark of its SYN (per namespace).
+const FWMARK_ACCEPT: &str = "/proc/sys/net/ipv4/tcp_fwmark_accept";
+/// `IP_BIND_ADDRESS_NO_PORT` (`SOL_IP`, Linux >= 4.2; also honoured on IPv6 sockets).
+const IP_BIND_ADDRESS_NO_PORT: libc::c_int = 24;
+/// The loopback interface's index: 1 in every network namespace.
+const LOOPBACK_INDEX: u32 = 1;
+
+/// Prepares `netns` for transparent connections: the sysctl, the rules and the routes. IPv6
+/// parts are skipped where the namespace has no IPv6.
+pub fn prepare(netns: &Netns) -> io::Result<()> {
+    netns.run(prepare_here)?
+}
+
+/// Removes what [`prepare`] added to `netns`; what is not there is not an error.
+pub fn remove(netns: &Netns) -> io::Result<()> {
+    netns.run(remove_here)?
+}
+
+fn prepare_here() -> io::Result<()> {
+    fs::write(FWMARK_ACCEPT, "1").map_err(|err| with_context(err, FWMARK_ACCEPT))?;
+    let rtnl = Rtnl::open()?;
+    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+        let added = rtnl
+            .create(RouteNetlinkMessage::NewRule(rule(family)))
+            .and_then(|()| rtnl.create(RouteNetlinkMessage::NewRoute(route(family))));
+        match added {
+            Ok(()) => {}
+            Err(err) if family == AddressFamily::Inet6 && no_ipv6(&err) => {}
+            Err(err) => return Err(with_context(err, &format!("{family:?} rule and route"))),
+        }
+    }
+    Ok(())
+}
+
+fn remove_here() -> io::Result<()> {
+    let rtnl = Rtnl::open()?;
+    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+        for request in [
+            RouteNetlinkMessage::DelRule(rule(family)),
+            RouteNetlinkMessage::DelRoute(route(family)),
+        ] {
+            match rtnl.request(request, 0) {
+                Ok(()) => {}
+                Err(err) if gone(&err) || no_ipv6(&err) => {}
+                Err(err) => return Err(with_context(err, &format!("remove the {family:?} rule"))),
+            }
+        }
+    }
+    fs::write(FWMARK_ACCEPT, "0").map_err(|err| with_context(err, FWMARK_ACCEPT))
+}
+
+/// `fwmark TRANSPARENT_MARK lookup TABLE`, at [`RULE_PRIORITY`].
+fn rule(family: AddressFamily) -> RuleMessage {
+    let mut rule = RuleMessage::default();
+    rule.header.family = family;
+    rule.header.table = RouteHeader::RT_TABLE_UNSPEC;
+    rule.header.action = RuleAction::ToTable;
+    rule.attributes = vec![
+        RuleAttribute::Priority(RULE_PRIORITY),
+        RuleAttribute::FwMark(TRANSPARENT_MARK),
+        RuleAttribute::FwMask(u32::MAX),
+        RuleAttribute::Table(TABLE),
+    ];
+    rule
+}
+
+/// `local 0.0.0.0/0 dev lo table TABLE` (`local ::/0` for IPv6).
+fn route(family: AddressFamily) -> RouteMessage {
+    let mut route = RouteMessage::default();
+    route.header.address_family = family;
+    route.header.destination_prefix_length = 0;
+    route.header.table = RouteHeader::RT_TABLE_UNSPEC;
+    route.header.protocol = RouteProtocol::Static;
+    route.header.scope = RouteScope::Host;
+    route.header.kind = RouteType::Local;
+    let any = if family == AddressFamily::Inet {
+        RouteAddress::Inet(std::net::Ipv4Addr::UNSPECIFIED)
+    } else {
+        RouteAddress::Inet6(std::net::Ipv6Addr::UNSPECIFIED)
+    };
+    route.attributes = vec![
+        RouteAttribute::Table(TABLE),
+        RouteAttribute::Destination(any),
+        RouteAttribute::Oif(LOOPBACK_INDEX),
+    ];
+    route
+}
+
+/// A route netlink socket of the calling thread's namespace, one request at a time.
+struct Rtnl {
+    socket: NetlinkSocket,
+}
+
+impl Rtnl {
+    fn open() -> io::Result<Self> {
+        let mut socket = NetlinkSocket::new(NETLINK_ROUTE)?;
+        socket.bind_auto()?;
+        socket.connect(&NetlinkAddr::new(0, 0))?;
+        Ok(Self { socket })
+    }
+
+    /// Creates an object; one that is already there is fine.
+    fn create(&self, message: RouteNetlinkMessage) -> io::Result<()> {
+        match self.request(message, NLM_F_CREATE | NLM_F_EXCL) {
+            Err(err) if err.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Sends `message` and waits for the kernel's acknowledgement.
+    fn request(&self, message: RouteNetlinkMessage, flags: u16) -> io::Result<()> {
+        let mut request = NetlinkMessage::from(message);
+        request.header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
+        request.header.sequence_number = 1;
+        request.finalize();
+        let mut buf = vec![0; request.header.length as usize];
+        request.serialize(&mut buf);
+        self.socket.send(&buf, 0)?;
+        let mut reply = Vec::with_capacity(8192);
+        self.socket.recv(&mut reply, 0)?;
+        let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&reply)
+            .map_err(|err| io::Error::other(format!("netlink reply: {err}")))?;
+        match reply.payload {
+            NetlinkPayload::Error(error) if error.code.is_some() => Err(error.to_io()),
+            NetlinkPayload::Error(_) => Ok(()),
+            other => Err(io::Error::other(format!(
+                "netlink: unexpected reply {}",
+                other.message_type()
+            ))),
+        }
+    }
+}
+
+/// Turns the proxy's socket `socket` (made in the pod's namespace, not yet connected) into a
+/// transparent one that connects from `client`'s address.
+pub fn make_transparent(socket: &Socket, client: IpAddr) -> io::Result<()> {
+    socket.set_mark(TRANSPARENT_MARK)?;
+    if client.is_ipv6() {
+        socket.set_ip_transparent_v6(true)?;
+    } else {
+        socket.set_ip_transparent_v4(true)?;
+    }
+    let yes: libc::c_int = 1;
+    // SAFETY: `yes` is a valid c_int for the duration of the call and its size is passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(socket),
+            libc::SOL_IP,
+            IP_BIND_ADDRESS_NO_PORT,
+            (&raw const yes).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    socket.bind(&std::net::SocketAddr::new(client, 0).into())
+}
+
+fn gone(err: &io::Error) -> bool {
+    matches!(err.raw_os_error(), Some(libc::ENOENT | libc::ESRCH))
+}
+
+fn no_ipv6(err: &io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::EAFNOSUPPORT | libc::EOPNOTSUPP)
+    )
+}
+
+fn with_context(err: io::Error, what: &str) -> io::Error {
+    io::Error::new(err.kind(), format!("{what}: {err}"))
+}

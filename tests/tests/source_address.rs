@@ -1,0 +1,187 @@
+//! The application sees its real client: the agents connect to a mesh pod's application from
+//! the client's address (transparent sockets, a mark, a policy rule in the pod's namespace), for
+//! tunnelled, same-node and plaintext clients, IPv4 and IPv6, with no iptables; and an
+//! unenrolled pod's namespace keeps nothing of it.
+
+use std::{net::IpAddr, time::Duration};
+
+use meshlet_tests::{Pod, mesh::FileMesh};
+
+/// What `args` prints, run inside `pod`'s network namespace.
+fn run_in(pod: &Pod, program: &str, args: &[&str]) -> String {
+    let out = pod
+        .command(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|err| panic!("run {program}: {err}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The pieces of transparent routing in `pod`'s namespace: the rules (both families), the
+/// routes of table 15006 (both families), and `tcp_fwmark_accept`.
+fn transparent_routing(pod: &Pod) -> (String, String, String) {
+    let rules = ["-4", "-6"]
+        .map(|family| run_in(pod, "ip", &[family, "rule", "show", "fwmark", "0x53a"]))
+        .concat();
+    let routes = ["-4", "-6"]
+        .map(|family| {
+            let out = pod
+                .command("ip")
+                .args([family, "route", "show", "table", "15006"])
+                .output()
+                .expect("run ip route");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            // A table never filled does not exist at all.
+            assert!(
+                out.status.success() || stderr.contains("table does not exist"),
+                "ip route: {stderr}"
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        })
+        .concat();
+    let sysctl = run_in(pod, "cat", &["/proc/sys/net/ipv4/tcp_fwmark_accept"]);
+    (rules, routes, sysctl.trim().to_owned())
+}
+
+#[test]
+fn applications_see_their_clients_addresses_and_unenrolled_pods_keep_none_of_the_routing() {
+    let mesh = FileMesh::client_server(&[("neighbour", 1)], Vec::new());
+    let cluster = &mesh.cluster;
+    let server = cluster.pod("server");
+    let mut echo = server.echo_server(8080);
+
+    // Each client's own address, as the application's accept() and getpeername() see it (the
+    // echo server reports the accepted socket's peer).
+    for (client, ipv6, path) in [
+        ("client", false, "tunnelled from node-0"),
+        ("client", true, "tunnelled from node-0, IPv6"),
+        ("neighbour", false, "same node"),
+        ("neighbour", true, "same node, IPv6"),
+        ("bystander", false, "plaintext from outside the mesh"),
+    ] {
+        let pod = cluster.pod(client);
+        pod.connect(server.addr(ipv6, 8080), 64).assert_echoed(64);
+        let accepted = echo.next_accepted();
+        let own: IpAddr = if ipv6 {
+            pod.ipv6.into()
+        } else {
+            pod.ipv4.into()
+        };
+        assert_eq!(
+            accepted.peer.ip().to_canonical(),
+            own,
+            "{path}: the application saw {} as its client, not {client}",
+            accepted.peer
+        );
+        assert_ne!(accepted.local.ip(), accepted.peer.ip());
+    }
+    // The access log keeps reporting the real peer too.
+    mesh.agents[1].wait_for_log(
+        &format!("src={}", cluster.pod("bystander").ipv4),
+        1,
+        Duration::from_secs(5),
+    );
+
+    // The application's own connections go out as before (its replies to transparent
+    // connections are the only ones that carry the mark).
+    let _outside = cluster.pod("bystander").echo_server(9000);
+    server
+        .connect(cluster.pod("bystander").addr(false, 9000), 64)
+        .assert_echoed(64);
+
+    // Policy decides on the address the application sees: an ipBlocks ALLOW of the client's
+    // address lets the client in and no one else.
+    mesh.write(&[serde_json::json!({
+        "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "only-client", "namespace": "demo"},
+        "spec": {"selector": {"matchLabels": {"app": "server"}}, "action": "ALLOW",
+                 "rules": [{"from": [{"source": {"ipBlocks": [format!("{}/32", cluster.pod("client").ipv4)]}}]}]}
+    })]);
+    cluster
+        .pod("client")
+        .connect(server.addr(false, 8080), 16)
+        .assert_echoed(16);
+    assert_eq!(
+        echo.next_accepted().peer.ip().to_canonical(),
+        IpAddr::from(cluster.pod("client").ipv4)
+    );
+    cluster
+        .pod("neighbour")
+        .connect(server.addr(false, 8080), 16)
+        .assert_failed(meshlet_tests::process::Outcome::Reset);
+    mesh.write(&[]);
+
+    let (rules, routes, sysctl) = transparent_routing(server);
+    assert!(
+        rules.contains("32000:") && rules.contains("lookup 15006"),
+        "{rules}"
+    );
+    assert!(
+        routes.contains("local default dev lo") && routes.matches("local").count() == 2,
+        "{routes}"
+    );
+    assert_eq!(sysctl, "1");
+
+    // Take the namespace out of the mesh: the pods are unenrolled, and once their last
+    // connection is gone, nothing of the routing is left in their namespaces.
+    let mut objects = vec![
+        meshlet_tests::namespace_manifest("demo", &[]),
+        meshlet_tests::namespace_manifest("legacy", &[]),
+        cluster
+            .pod("bystander")
+            .manifest("legacy", &[("app", "bystander")]),
+    ];
+    for name in ["client", "server", "neighbour"] {
+        objects.push(cluster.pod(name).manifest("demo", &[("app", name)]));
+    }
+    meshlet_tests::write_workloads(&mesh.file, &objects);
+    mesh.agents[1].wait_for_log(
+        "transparent connections' routing removed",
+        2,
+        Duration::from_secs(10),
+    );
+    for name in ["server", "neighbour"] {
+        assert_eq!(
+            transparent_routing(cluster.pod(name)),
+            (String::new(), String::new(), "0".to_owned()),
+            "{name}'s namespace kept some of the transparent routing"
+        );
+    }
+    // Outside the mesh the client reaches the application directly, from its own address.
+    cluster
+        .pod("client")
+        .connect(server.addr(false, 8080), 16)
+        .assert_echoed(16);
+    assert_eq!(
+        echo.next_accepted().peer.ip().to_canonical(),
+        IpAddr::from(cluster.pod("client").ipv4)
+    );
+}
+
+#[test]
+fn with_the_opt_out_applications_see_their_pods_own_address_and_nothing_is_prepared() {
+    let mesh = FileMesh::layout(&[("client", 0), ("server", 1)], &[], Vec::new(), |_, _| {
+        vec!["--preserve-source-address=false".to_owned()]
+    });
+    let cluster = &mesh.cluster;
+    let server = cluster.pod("server");
+    let mut echo = server.echo_server(8080);
+    cluster
+        .pod("client")
+        .connect(server.addr(false, 8080), 64)
+        .assert_echoed(64);
+    assert_eq!(
+        echo.next_accepted().peer.ip().to_canonical(),
+        IpAddr::from(server.ipv4),
+        "with the opt-out the application sees its pod's own address"
+    );
+    assert_eq!(
+        transparent_routing(server),
+        (String::new(), String::new(), "0".to_owned())
+    );
+}
