@@ -22,6 +22,18 @@ fn run_in(pod: &Pod, program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Connects from `client` to `server`'s echo server and asserts the application saw the
+/// client's own IPv4 address.
+fn assert_seen_from(client: &Pod, server: &Pod, echo: &mut meshlet_tests::process::Process) {
+    client
+        .connect(server.addr(false, 8080), 16)
+        .assert_echoed(16);
+    assert_eq!(
+        echo.next_accepted().peer.ip().to_canonical(),
+        IpAddr::from(client.ipv4)
+    );
+}
+
 /// The pieces of transparent routing in `pod`'s namespace: the rules (both families), the
 /// routes of table 15006 (both families), and `tcp_fwmark_accept`.
 fn transparent_routing(pod: &Pod) -> (String, String, String) {
@@ -102,14 +114,7 @@ fn applications_see_their_clients_addresses_and_unenrolled_pods_keep_none_of_the
         "spec": {"selector": {"matchLabels": {"app": "server"}}, "action": "ALLOW",
                  "rules": [{"from": [{"source": {"ipBlocks": [format!("{}/32", cluster.pod("client").ipv4)]}}]}]}
     })]);
-    cluster
-        .pod("client")
-        .connect(server.addr(false, 8080), 16)
-        .assert_echoed(16);
-    assert_eq!(
-        echo.next_accepted().peer.ip().to_canonical(),
-        IpAddr::from(cluster.pod("client").ipv4)
-    );
+    assert_seen_from(cluster.pod("client"), server, &mut echo);
     cluster
         .pod("neighbour")
         .connect(server.addr(false, 8080), 16)
@@ -153,14 +158,7 @@ fn applications_see_their_clients_addresses_and_unenrolled_pods_keep_none_of_the
         );
     }
     // Outside the mesh the client reaches the application directly, from its own address.
-    cluster
-        .pod("client")
-        .connect(server.addr(false, 8080), 16)
-        .assert_echoed(16);
-    assert_eq!(
-        echo.next_accepted().peer.ip().to_canonical(),
-        IpAddr::from(cluster.pod("client").ipv4)
-    );
+    assert_seen_from(cluster.pod("client"), server, &mut echo);
 }
 
 #[test]

@@ -728,6 +728,30 @@ mod tests {
     }
 
     #[test]
+    fn preserve_source_address_takes_true_or_false_and_nothing_else() {
+        let parsed = |value: &str| {
+            Cli::try_parse_from([
+                "meshlet",
+                "agent",
+                "--node-name",
+                "n",
+                "--preserve-source-address",
+                value,
+            ])
+            .map(|cli| match cli.command {
+                Command::Agent(args) => args.preserve_source_address,
+                _ => unreachable!("an agent command"),
+            })
+        };
+        assert!(!parsed("false").unwrap());
+        assert!(parsed("true").unwrap());
+        for bad in ["maybe", "", "yes please"] {
+            let err = parsed(bad).unwrap_err().to_string();
+            assert!(err.contains("preserve-source-address"), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
     fn bad_ca_flags_are_refused_by_name() {
         let refused = |args: &[&str], flag: &str| {
             let err = Cli::try_parse_from(args).unwrap_err().to_string();
