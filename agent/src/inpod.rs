@@ -45,7 +45,7 @@ use crate::{
     handoff,
     proxy::{PodContext, Proxy, Role},
     source::SyncState,
-    sys::{Netns, socket},
+    sys::{Netns, socket, transparent},
     workload::{
         Store, discovery,
         enrollment::{self, Decision},
@@ -219,7 +219,7 @@ struct Enrolled {
     inode: u64,
     netns: Arc<Netns>,
     /// Its namespace was prepared for transparent connections (undone on unenroll).
-    preserves_source: bool,
+    transparent: Option<transparent::Ticket>,
     /// What its listeners serve (its connection budget tells when its last connection ends).
     context: Arc<PodContext>,
     /// The tasks accepting on its listeners (held: dropping them stops accepting).
@@ -282,13 +282,13 @@ pub struct InPod {
     cni_timeout: Duration,
     /// When the agent started, and its predecessor's crash (for the first pass's log line).
     started: Option<(Instant, Option<crate::drain::Crashed>)>,
-    /// Set once capture has been released for good (the DaemonSet is being removed): no pass
-    /// may enroll anything again; the listeners serve on until shutdown.
     /// Requests to release capture for good ([`crate::removal`]).
     releases: Option<mpsc::Receiver<crate::removal::ReleaseRequest>>,
     /// Capture was released for good: no pass may enroll anything again; the listeners serve
     /// on until shutdown, and CNI ADDs are answered unavailable.
     capture_released: bool,
+    /// The pod namespaces prepared for transparent connections.
+    transparent: transparent::Prepared,
     heartbeat: Arc<Heartbeat>,
 }
 
@@ -335,6 +335,7 @@ impl InPod {
             started: None,
             releases: None,
             capture_released: false,
+            transparent: transparent::Prepared::default(),
             heartbeat: Arc::default(),
         }
     }
@@ -1044,12 +1045,14 @@ impl InPod {
         if !self.proxy.identities.ensure(&identity)? {
             return Err(anyhow::Error::new(CertificatePending(identity)));
         }
-        let preserves_source = self.prepare_transparent(&pod.key, &netns);
+        let transparent = self.prepare_transparent(&pod.key, &netns, inode);
         // Undone if the enrollment fails half-way.
-        let prepared = PreparedNetns(preserves_source.then(|| netns.clone()));
+        let prepared = PreparedNetns(
+            transparent.map(|ticket| (self.transparent.clone(), netns.clone(), ticket)),
+        );
         let context = Arc::new(
             PodContext::new(pod, netns.clone(), identity, self.proxy.budgets.per_pod)
-                .preserving_source(preserves_source),
+                .preserving_source(transparent.is_some()),
         );
 
         // Listeners first: in fail-closed mode, capture before them would refuse connections.
@@ -1082,7 +1085,7 @@ impl InPod {
             source,
             inode,
             netns,
-            preserves_source,
+            transparent,
             context,
             _accepting: listeners,
             sockets,
@@ -1248,10 +1251,10 @@ impl InPod {
         // Usually issued already (the successor asks for the certificates of its pods before
         // it takes over); if not, handshakes wait for it.
         self.proxy.identities.ensure(&identity)?;
-        let preserves_source = self.prepare_transparent(&pod.key, &netns);
+        let transparent = self.prepare_transparent(&pod.key, &netns, state.inode);
         let context = Arc::new(
             PodContext::new(&pod, netns.clone(), identity, self.proxy.budgets.per_pod)
-                .preserving_source(preserves_source),
+                .preserving_source(transparent.is_some()),
         );
         let opened = state
             .listeners
@@ -1275,7 +1278,7 @@ impl InPod {
             source: NetnsSource::new(state.via, state.path),
             inode: state.inode,
             netns,
-            preserves_source,
+            transparent,
             context,
             _accepting: listeners,
             sockets,
@@ -1285,31 +1288,37 @@ impl InPod {
     /// Prepares a pod's namespace for transparent connections when the agent preserves
     /// clients' addresses; returns whether it is. A namespace that cannot be prepared still
     /// enrolls: its application sees the pod's own address, as with the feature off.
-    fn prepare_transparent(&self, pod: &ObjectKey, netns: &Netns) -> bool {
+    fn prepare_transparent(
+        &self,
+        pod: &ObjectKey,
+        netns: &Netns,
+        inode: u64,
+    ) -> Option<transparent::Ticket> {
         if !self.capture.config().preserve_source {
-            return false;
+            return None;
         }
-        match crate::sys::transparent::prepare(netns) {
-            Ok(()) => true,
+        match self.transparent.prepare(netns, inode) {
+            Ok(ticket) => Some(ticket),
             Err(err) => {
                 warn!(
                     %pod, %err,
                     "cannot prepare the pod's namespace for transparent connections: its \
                      application sees the pod's own address as its clients'"
                 );
-                false
+                None
             }
         }
     }
 
     /// Removes the routing of transparent connections from a pod's namespace once the last
     /// connection of the pod has ended: they carry on after it is unenrolled, and their
-    /// replies need it.
+    /// replies need it. A namespace enrolled again meanwhile keeps it.
     fn undo_transparent(&self, enrolled: &Enrolled) {
-        if !enrolled.preserves_source {
+        let Some(ticket) = enrolled.transparent else {
             return;
-        }
-        let (pod, netns, budget) = (
+        };
+        let (prepared, pod, netns, budget) = (
+            self.transparent.clone(),
             enrolled.key.clone(),
             enrolled.netns.clone(),
             enrolled.context.budget.clone(),
@@ -1321,9 +1330,13 @@ impl InPod {
                 return;
             };
             let removed =
-                tokio::task::spawn_blocking(move || crate::sys::transparent::remove(&netns)).await;
+                tokio::task::spawn_blocking(move || prepared.remove(&netns, ticket)).await;
             match removed {
-                Ok(Ok(())) => info!(%pod, "transparent connections' routing removed"),
+                Ok(Ok(true)) => info!(%pod, "transparent connections' routing removed"),
+                Ok(Ok(false)) => info!(
+                    %pod,
+                    "transparent connections' routing kept: the namespace is enrolled again"
+                ),
                 Ok(Err(err)) => {
                     warn!(%pod, %err, "cannot remove the transparent connections' routing")
                 }
@@ -1348,7 +1361,7 @@ impl InPod {
 
 /// A namespace prepared for transparent connections by an enrollment still under way: the
 /// preparation is undone on drop unless the enrollment went through ([`PreparedNetns::keep`]).
-struct PreparedNetns(Option<Arc<Netns>>);
+struct PreparedNetns(Option<(transparent::Prepared, Arc<Netns>, transparent::Ticket)>);
 
 impl PreparedNetns {
     fn keep(mut self) {
@@ -1358,8 +1371,8 @@ impl PreparedNetns {
 
 impl Drop for PreparedNetns {
     fn drop(&mut self) {
-        if let Some(netns) = self.0.take()
-            && let Err(err) = crate::sys::transparent::remove(&netns)
+        if let Some((prepared, netns, ticket)) = self.0.take()
+            && let Err(err) = prepared.remove(&netns, ticket)
         {
             warn!(%err, "cannot undo the transparent routing of a failed enrollment");
         }

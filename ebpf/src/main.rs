@@ -219,8 +219,20 @@ fn original_of(ctx: &SockAddrContext) -> Option<SockAddr> {
 #[sock_ops]
 pub fn meshlet_sock_ops(ctx: SockOpsContext) -> u32 {
     let op = ctx.op();
-    if op == BPF_SOCK_OPS_TCP_CONNECT_CB || op == BPF_SOCK_OPS_STATE_CB {
-        track_transparent(&ctx, op);
+    if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
+        // SAFETY: on connect `sk` is the full socket (or null, checked); `mark` is readable in
+        // `bpf_sock`.
+        let transparent = unsafe {
+            let sk = (*ctx.ops).__bindgen_anon_2.sk;
+            !sk.is_null() && (*sk).mark == TRANSPARENT_MARK
+        };
+        if transparent {
+            remember_until_close(&ctx, &TRANSPARENT_UPSTREAMS);
+        }
+        return 1;
+    }
+    if op == BPF_SOCK_OPS_STATE_CB {
+        forget_when_closed(&ctx, &TRANSPARENT_UPSTREAMS);
         return 1;
     }
     if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
@@ -257,27 +269,24 @@ pub fn meshlet_sock_ops(ctx: SockOpsContext) -> u32 {
     1
 }
 
-/// Records a transparent socket's 4-tuple when it sends its SYN, and forgets it when the
-/// connection reaches `TCP_CLOSE` (the state callback is asked for only on those sockets).
+/// Records a connecting socket's 4-tuple in `map` and asks for the TCP state callback on it, to
+/// see it close ([`forget_when_closed`]). If the callback cannot be had (the socket is not a
+/// full one, never the case on connect), the entry ages out of the LRU instead.
 #[inline(always)]
-fn track_transparent(ctx: &SockOpsContext, op: u32) {
-    if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
-        // SAFETY: on connect `sk` is the full socket (or null, checked); `mark` is readable in
-        // `bpf_sock`.
-        let transparent = unsafe {
-            let sk = (*ctx.ops).__bindgen_anon_2.sk;
-            !sk.is_null() && (*sk).mark == TRANSPARENT_MARK
-        };
-        if transparent && TRANSPARENT_UPSTREAMS.insert(probe_key(ctx), 1, 0).is_ok() {
-            // Without the callback the entry ages out of the LRU instead.
-            let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
-        }
-    } else {
-        // SAFETY: on STATE_CB `args[1]` is the new state (a 4-byte load).
-        let new_state = unsafe { read_volatile(&raw const (*ctx.ops).__bindgen_anon_1.args[1]) };
-        if new_state == BPF_TCP_CLOSE {
-            let _ = TRANSPARENT_UPSTREAMS.remove(probe_key(ctx));
-        }
+fn remember_until_close(ctx: &SockOpsContext, map: &LruHashMap<ProbeKey, u8>) {
+    if map.insert(probe_key(ctx), 1, 0).is_ok() {
+        let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+    }
+}
+
+/// On a TCP state callback: forgets the socket's 4-tuple in `map` once it reaches `TCP_CLOSE`.
+#[inline(always)]
+fn forget_when_closed(ctx: &SockOpsContext, map: &LruHashMap<ProbeKey, u8>) {
+    // SAFETY: the context is valid for the program's run and `args` is readable in sock_ops
+    // with 4-byte loads; on STATE_CB, `args[0]` is the old state and `args[1]` the new one.
+    let new_state = unsafe { read_volatile(&raw const (*ctx.ops).__bindgen_anon_1.args[1]) };
+    if new_state == BPF_TCP_CLOSE {
+        let _ = map.remove(probe_key(ctx));
     }
 }
 
@@ -289,24 +298,14 @@ fn track_transparent(ctx: &SockOpsContext, op: u32) {
 pub fn meshlet_probe_ops(ctx: SockOpsContext) -> u32 {
     let op = ctx.op();
     if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
-        let key = probe_key(&ctx);
-        if KUBELET_PROBES.insert(key, 1, 0).is_ok() {
-            // Be called back on every state change, to see the close. If this fails (the socket
-            // is not a full one, never the case on connect), the entry ages out of the LRU.
-            let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
-        }
+        remember_until_close(&ctx, &KUBELET_PROBES);
     } else if op == BPF_SOCK_OPS_STATE_CB {
-        // SAFETY: the context is valid for the program's run and `args` is readable in sock_ops
-        // with 4-byte loads; on STATE_CB, `args[0]` is the old state and `args[1]` the new one.
-        let new_state = unsafe { read_volatile(&raw const (*ctx.ops).__bindgen_anon_1.args[1]) };
-        if new_state == BPF_TCP_CLOSE {
-            let _ = KUBELET_PROBES.remove(probe_key(&ctx));
-        }
+        forget_when_closed(&ctx, &KUBELET_PROBES);
     }
     1
 }
 
-/// The 4-tuple of a sock_ops socket, kubelet's end as the source. The kernel's TCP state
+/// The 4-tuple of a sock_ops socket, the connecting end as the source. The kernel's TCP state
 /// callback runs before the socket gives up its addresses and port, so close sees the same key
 /// connect recorded.
 #[inline(always)]

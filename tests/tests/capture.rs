@@ -252,28 +252,25 @@ fn inbound_connections_on_any_port_are_steered_to_15006_except_hbone() {
     enroll(&mut capture, server);
     let server_ns = server.netns.open();
 
+    // One listener per family for the whole test: a closed listener's port can stay taken for
+    // a moment (a process another test is spawning holds a copy of every descriptor until it
+    // execs), so the test never closes one and binds again.
+    let v4 = listen_in(&server_ns, addr("0.0.0.0:15006")).unwrap();
+    let v6 = listen_in(&server_ns, addr("[::]:15006")).unwrap();
+    capture
+        .set_inbound_listener(server.ipv4.into(), &v4)
+        .unwrap();
+    capture
+        .set_inbound_listener(server.ipv6.into(), &v6)
+        .unwrap();
+
     for (to, ipv6) in [
         (server.addr(false, 8080), false),
         (server.addr(false, 9999), false),
         (server.addr(true, 8080), true),
     ] {
-        let bind = if ipv6 {
-            addr("[::]:15006")
-        } else {
-            addr("0.0.0.0:15006")
-        };
-        let listener = listen_in(&server_ns, bind).unwrap();
-        capture
-            .set_inbound_listener(
-                if ipv6 {
-                    server.ipv6.into()
-                } else {
-                    server.ipv4.into()
-                },
-                &listener,
-            )
-            .unwrap();
-        let accepted = accept_one(listener);
+        let listener = if ipv6 { &v6 } else { &v4 };
+        let accepted = accept_one(listener.try_clone().unwrap());
         client.connect(to, 500).assert_echoed(500);
         let (local, peer) = accepted.join().unwrap();
         assert_eq!(
@@ -289,11 +286,6 @@ fn inbound_connections_on_any_port_are_steered_to_15006_except_hbone() {
             }
         );
     }
-    // The listeners above are closed: keep one open for the rest.
-    let listener = listen_in(&server_ns, addr("0.0.0.0:15006")).unwrap();
-    capture
-        .set_inbound_listener(server.ipv4.into(), &listener)
-        .unwrap();
 
     client
         .connect(server.addr(false, 15008), 10)
@@ -333,14 +325,24 @@ fn only_connections_kubelet_opens_reach_the_pod_unsteered_and_only_while_open() 
     enroll(&mut capture, server);
     let server_ns = server.netns.open();
 
+    // 15006 listening in both families for the whole test (see the test above on why a
+    // listener is never closed and bound again).
+    let listeners: Vec<_> = [(false, "0.0.0.0:15006"), (true, "[::]:15006")]
+        .into_iter()
+        .map(|(ipv6, bind)| {
+            let listener = listen_in(&server_ns, addr(bind)).unwrap();
+            capture
+                .set_inbound_listener(server.addr(ipv6, 0).ip(), &listener)
+                .unwrap();
+            listener
+        })
+        .collect();
+
     // A node process outside kubelet's cgroup (a hostNetwork pod, a daemon, anything SNATed to
     // a node address) is captured like any other client, in both families.
-    for ipv6 in [false, true] {
+    for (ipv6, listener) in [false, true].into_iter().zip(&listeners) {
         let to = server.addr(ipv6, 8080);
-        let bind = if ipv6 { "[::]:15006" } else { "0.0.0.0:15006" };
-        let listener = listen_in(&server_ns, addr(bind)).unwrap();
-        capture.set_inbound_listener(to.ip(), &listener).unwrap();
-        let accepted = accept_one(listener);
+        let accepted = accept_one(listener.try_clone().unwrap());
         cluster.connect_from_node(0, to, 10).assert_echoed(10);
         let (local, _) = accepted.join().unwrap();
         assert_eq!(
@@ -357,17 +359,7 @@ fn only_connections_kubelet_opens_reach_the_pod_unsteered_and_only_while_open() 
         }
     );
 
-    // Kubelet's connections reach the application, with 15006 listening in both families.
-    let listeners: Vec<_> = [(false, "0.0.0.0:15006"), (true, "[::]:15006")]
-        .into_iter()
-        .map(|(ipv6, bind)| {
-            let listener = listen_in(&server_ns, addr(bind)).unwrap();
-            capture
-                .set_inbound_listener(server.addr(ipv6, 0).ip(), &listener)
-                .unwrap();
-            listener
-        })
-        .collect();
+    // Kubelet's connections reach the application.
     for ipv6 in [false, true] {
         let to = server.addr(ipv6, 8080);
         std::thread::scope(|scope| {

@@ -134,17 +134,10 @@ fn applications_see_their_clients_addresses_and_unenrolled_pods_keep_none_of_the
 
     // Take the namespace out of the mesh: the pods are unenrolled, and once their last
     // connection is gone, nothing of the routing is left in their namespaces.
-    let mut objects = vec![
-        meshlet_tests::namespace_manifest("demo", &[]),
-        meshlet_tests::namespace_manifest("legacy", &[]),
-        cluster
-            .pod("bystander")
-            .manifest("legacy", &[("app", "bystander")]),
-    ];
-    for name in ["client", "server", "neighbour"] {
-        objects.push(cluster.pod(name).manifest("demo", &[("app", name)]));
-    }
-    meshlet_tests::write_workloads(&mesh.file, &objects);
+    meshlet_tests::write_workloads(
+        &mesh.file,
+        &demo_out_of_the_mesh(&mesh, &["client", "server", "neighbour"]),
+    );
     mesh.agents[1].wait_for_log(
         "transparent connections' routing removed",
         2,
@@ -159,6 +152,108 @@ fn applications_see_their_clients_addresses_and_unenrolled_pods_keep_none_of_the
     }
     // Outside the mesh the client reaches the application directly, from its own address.
     assert_seen_from(cluster.pod("client"), server, &mut echo);
+}
+
+/// The workload objects with namespace `demo` out of the mesh (no label), its pods as they are.
+fn demo_out_of_the_mesh(mesh: &FileMesh, pods: &[&str]) -> Vec<serde_json::Value> {
+    let cluster = &mesh.cluster;
+    let mut objects = vec![
+        meshlet_tests::namespace_manifest("demo", &[]),
+        meshlet_tests::namespace_manifest("legacy", &[]),
+        cluster
+            .pod("bystander")
+            .manifest("legacy", &[("app", "bystander")]),
+    ];
+    for name in pods {
+        objects.push(cluster.pod(name).manifest("demo", &[("app", name)]));
+    }
+    objects
+}
+
+#[test]
+fn a_pod_enrolled_again_before_its_last_connection_ends_keeps_its_routing() {
+    let mesh = FileMesh::client_server(&[], Vec::new());
+    let cluster = &mesh.cluster;
+    let (client, server) = (cluster.pod("client"), cluster.pod("server"));
+    let mut echo = server.echo_server(8080);
+    let held = client.hold(server.addr(false, 8080));
+    assert_eq!(
+        echo.next_accepted().peer.ip().to_canonical(),
+        IpAddr::from(client.ipv4)
+    );
+
+    // Out of the mesh and back while the connection is open: the first enrollment's removal
+    // waits for the connection, and by then the namespace is enrolled again.
+    let agent = &mesh.agents[1];
+    meshlet_tests::write_workloads(
+        &mesh.file,
+        &demo_out_of_the_mesh(&mesh, &["client", "server"]),
+    );
+    agent.wait_for_log("pod unenrolled pod=demo/server", 1, Duration::from_secs(10));
+    mesh.write(&[]);
+    agent.wait_for_log("pod enrolled pod=demo/server", 2, Duration::from_secs(10));
+    held.release().assert_echoed(10);
+    agent.wait_for_log(
+        "transparent connections' routing kept: the namespace is enrolled again pod=demo/server",
+        1,
+        Duration::from_secs(10),
+    );
+
+    let (rules, routes, sysctl) = transparent_routing(server);
+    assert!(rules.contains("lookup 15006"), "{rules}");
+    assert_eq!(routes.matches("local").count(), 2, "{routes}");
+    assert_eq!(sysctl, "1");
+    assert_seen_from(client, server, &mut echo);
+    assert!(
+        !agent
+            .log()
+            .contains("transparent connections' routing removed"),
+        "{}",
+        agent.log()
+    );
+}
+
+#[test]
+fn the_client_address_is_kept_across_an_agent_handoff_and_a_crash() {
+    let mut mesh = FileMesh::client_server(&[], Vec::new());
+    let source = format!("file:{}", mesh.file.display());
+    let cluster = &mesh.cluster;
+    let (client, server) = (cluster.pod("client"), cluster.pod("server"));
+    let mut echo = server.echo_server(8080);
+    let held = client.hold(server.addr(false, 8080));
+    assert_eq!(
+        echo.next_accepted().peer.ip().to_canonical(),
+        IpAddr::from(client.ipv4)
+    );
+
+    // A successor takes the server's node over; the old agent drains the held connection.
+    let successor = cluster.start_agent(1, &["--source", &source]);
+    successor.wait_for_log("agent serving", 1, Duration::from_secs(30));
+    let old = &mut mesh.agents[1];
+    old.wait_for_log("handed over to the successor", 1, Duration::from_secs(10));
+    old.signal(libc::SIGTERM);
+    old.wait_for_log("draining: listeners closed", 1, Duration::from_secs(10));
+    assert_seen_from(client, server, &mut echo);
+    held.release().assert_echoed(10);
+    assert!(old.wait_exit(Duration::from_secs(15)).success());
+    assert!(
+        !old.log().contains("routing removed"),
+        "the old agent undid its successor's routing: {}",
+        old.log()
+    );
+    assert_seen_from(client, server, &mut echo);
+
+    // A crash leaves the routing in the namespace; the next agent finds the pod and carries on.
+    let mut successor = successor;
+    successor.signal(libc::SIGKILL);
+    successor.wait_exit(Duration::from_secs(5));
+    let next = cluster.start_agent(1, &["--source", &source]);
+    next.wait_for_log("initial enrollment pass done", 1, Duration::from_secs(30));
+    assert_seen_from(client, server, &mut echo);
+    let (rules, routes, sysctl) = transparent_routing(server);
+    assert_eq!(rules.matches("lookup 15006").count(), 2, "{rules}");
+    assert_eq!(routes.matches("local").count(), 2, "{routes}");
+    assert_eq!(sysctl, "1");
 }
 
 #[test]

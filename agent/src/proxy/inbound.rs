@@ -143,11 +143,7 @@ pub(super) async fn admit(
     let mut record = Record::open(&proxy.metrics, opening);
     record.forwarded(connect.forwarded.as_deref());
     match proxy
-        .connect_in(
-            &pod.netns,
-            connect.authority,
-            pod.upstream_source(connect.peer.ip(), connect.authority),
-        )
+        .connect_to_application(pod, connect.authority, connect.peer.ip())
         .await
     {
         Ok(stream) => {

@@ -354,6 +354,19 @@ impl Proxy {
         enrollment::decide(pod, namespace.as_deref(), node) == Decision::Enroll
     }
 
+    /// Connects to `pod`'s application at `destination` on behalf of `client`: from the
+    /// client's address where the pod preserves it ([`PodContext::upstream_source`]), from the
+    /// pod's own otherwise.
+    pub async fn connect_to_application(
+        &self,
+        pod: &PodContext,
+        destination: SocketAddr,
+        client: IpAddr,
+    ) -> io::Result<TcpStream> {
+        let source = pod.upstream_source(client, destination);
+        self.connect_in(&pod.netns, destination, source).await
+    }
+
     /// Connects to `destination` from a marked socket made inside `netns` (the proxy's
     /// connections leave from the pod, with the pod's address, or from `source`'s with a
     /// transparent socket: [`crate::sys::transparent`]), within the connect timeout, with
@@ -603,7 +616,7 @@ impl PodContext {
     /// The address the proxy's connection to `destination`, on behalf of `client`, leaves from:
     /// the client's, when this pod preserves it and it can be (same family, not the pod's own
     /// nor loopback); `None`: the pod's own.
-    pub fn upstream_source(&self, client: IpAddr, destination: SocketAddr) -> Option<IpAddr> {
+    fn upstream_source(&self, client: IpAddr, destination: SocketAddr) -> Option<IpAddr> {
         let client = client.to_canonical();
         let destination = destination.ip().to_canonical();
         (self.preserves_source

@@ -72,11 +72,7 @@ async fn carry_inbound(stream: TcpStream, peer: SocketAddr, proxy: &Proxy, pod: 
         destination,
     });
     let mut upstream = match proxy
-        .connect_in(
-            &pod.netns,
-            destination,
-            pod.upstream_source(peer.ip(), destination),
-        )
+        .connect_to_application(pod, destination, peer.ip())
         .await
     {
         Ok(upstream) => upstream,

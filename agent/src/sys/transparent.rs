@@ -18,8 +18,15 @@
 //!
 //! [`prepare`] and [`remove`] are idempotent: an agent that restarts prepares again, and an
 //! unenrolled pod's namespace is left as it was found (the sysctl back at its default, 0).
+//! [`Prepared`] orders them per namespace: a removal that waited for an unenrolled pod's last
+//! connection does not undo the namespace's enrollment since.
 
-use std::{fs, io, net::IpAddr};
+use std::{
+    collections::HashMap,
+    fs, io,
+    net::IpAddr,
+    sync::{Arc, Mutex, PoisonError},
+};
 
 use meshlet_common::TRANSPARENT_MARK;
 use netlink_packet_core::{
@@ -49,6 +56,49 @@ const FWMARK_ACCEPT: &str = "/proc/sys/net/ipv4/tcp_fwmark_accept";
 const IP_BIND_ADDRESS_NO_PORT: libc::c_int = 24;
 /// The loopback interface's index: 1 in every network namespace.
 const LOOPBACK_INDEX: u32 = 1;
+
+/// The namespaces this agent prepared, by inode, each with the enrollment that prepared it
+/// last. Preparing and removing hold its lock, so the two never interleave in one namespace.
+#[derive(Clone, Debug, Default)]
+pub struct Prepared(Arc<Mutex<Enrollments>>);
+
+#[derive(Debug, Default)]
+struct Enrollments {
+    issued: u64,
+    latest: HashMap<u64, u64>,
+}
+
+/// One enrollment's preparation of one namespace, to hand back to [`Prepared::remove`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ticket {
+    inode: u64,
+    enrollment: u64,
+}
+
+impl Prepared {
+    /// [`prepare`]s `netns` (whose inode is `inode`) for an enrollment.
+    pub fn prepare(&self, netns: &Netns, inode: u64) -> io::Result<Ticket> {
+        let mut enrollments = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        prepare(netns)?;
+        enrollments.issued += 1;
+        let enrollment = enrollments.issued;
+        enrollments.latest.insert(inode, enrollment);
+        Ok(Ticket { inode, enrollment })
+    }
+
+    /// [`remove`]s what `ticket`'s enrollment prepared, unless the namespace was prepared again
+    /// since (the pod enrolled anew: its routing stays). Returns whether it removed anything.
+    /// The caller holds `netns` open until this returns, so its inode names no other namespace.
+    pub fn remove(&self, netns: &Netns, ticket: Ticket) -> io::Result<bool> {
+        let mut enrollments = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if enrollments.latest.get(&ticket.inode) != Some(&ticket.enrollment) {
+            return Ok(false);
+        }
+        enrollments.latest.remove(&ticket.inode);
+        remove(netns)?;
+        Ok(true)
+    }
+}
 
 /// Prepares `netns` for transparent connections: the sysctl, the rules and the routes. IPv6
 /// parts are skipped where the namespace has no IPv6.
