@@ -257,6 +257,49 @@ fn the_client_address_is_kept_across_an_agent_handoff_and_a_crash() {
 }
 
 #[test]
+fn meshlet_uninstall_removes_what_a_killed_agent_left_in_its_pods_namespaces_only() {
+    let mut mesh = FileMesh::client_server(&[], Vec::new());
+    let (client, server) = (mesh.cluster.pod("client"), mesh.cluster.pod("server"));
+    let mut echo = server.echo_server(8080);
+    assert_seen_from(client, server, &mut echo);
+
+    // Killed: nothing of node-1's agent undoes anything.
+    mesh.agents[1].signal(libc::SIGKILL);
+    mesh.agents[1].wait_exit(Duration::from_secs(5));
+    let cni = mesh.cluster.state_dir().join("cni-node-1");
+    let out = std::process::Command::new(meshlet_tests::process::meshlet_binary())
+        .arg("uninstall")
+        .arg("--bpffs-dir")
+        .arg(mesh.cluster.bpffs_dir(1))
+        .arg("--cni-bin-dir")
+        .arg(cni.join("bin"))
+        .arg("--cni-conf-dir")
+        .arg(cni.join("net.d"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("transparent routing removed from 1 pod namespace(s)"),
+        "{stdout}"
+    );
+    assert_eq!(
+        transparent_routing(server),
+        (String::new(), String::new(), "0".to_owned()),
+        "the server's namespace kept some of the transparent routing"
+    );
+    // The client's pod is node-0's, whose agent runs on: its routing stays.
+    let (rules, routes, sysctl) = transparent_routing(client);
+    assert_eq!(rules.matches("lookup 15006").count(), 2, "{rules}");
+    assert_eq!(routes.matches("local").count(), 2, "{routes}");
+    assert_eq!(sysctl, "1");
+}
+
+#[test]
 fn with_the_opt_out_applications_see_their_pods_own_address_and_nothing_is_prepared() {
     let mesh = FileMesh::layout(&[("client", 0), ("server", 1)], &[], Vec::new(), |_, _| {
         vec!["--preserve-source-address=false".to_owned()]

@@ -98,6 +98,21 @@ impl Layout {
         self.links().join(format!("netns-{cookie}"))
     }
 
+    /// The cookies of the network namespaces that have links pinned (`links/netns-<cookie>`):
+    /// the pods capture holds.
+    pub fn netns_cookies(&self) -> Result<Vec<u64>, Error> {
+        Ok(read_dir(&self.links())?
+            .iter()
+            .filter_map(|dir| {
+                dir.file_name()?
+                    .to_str()?
+                    .strip_prefix("netns-")?
+                    .parse()
+                    .ok()
+            })
+            .collect())
+    }
+
     /// The pins of `program`'s links in every network namespace's directory.
     pub fn netns_link_pins(&self, program: &str) -> Result<Vec<PathBuf>, Error> {
         Ok(read_dir(&self.links())?

@@ -40,7 +40,8 @@ enum Command {
     Certs(InspectArgs),
     /// Policies and what meshlet makes of them (unsupported fields included).
     Policies(InspectArgs),
-    /// Detach every meshlet eBPF program and remove its pins; unchain and remove meshlet-cni.
+    /// Detach every meshlet eBPF program and remove its pins; remove the transparent routing
+    /// left in the namespaces of the pods it captured; unchain and remove meshlet-cni.
     Uninstall(UninstallArgs),
     /// Check that this node can run the agent; each failure names its fix.
     Preflight(PreflightArgs),
@@ -640,6 +641,11 @@ fn uninstall(args: UninstallArgs) -> anyhow::Result<()> {
     };
     // The plugin first: once capture is gone, no pod must wait for it.
     cni_uninstall(&args.cni)?;
+    // The pods capture held, while their pins say which they are.
+    let captured = capture::pins::Layout::new(&bpffs_dir)
+        .netns_cookies()?
+        .into_iter()
+        .collect();
     let removed = capture::uninstall(&bpffs_dir)?;
     println!(
         "meshlet uninstalled from {}: {} program link(s) detached, {} map(s) unpinned",
@@ -647,6 +653,9 @@ fn uninstall(args: UninstallArgs) -> anyhow::Result<()> {
         removed.links,
         removed.maps
     );
+    let cleaned =
+        crate::sys::transparent::remove_left_behind(std::path::Path::new("/proc"), &captured)?;
+    println!("transparent routing removed from {cleaned} pod namespace(s)");
     Ok(())
 }
 

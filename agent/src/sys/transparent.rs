@@ -22,9 +22,11 @@
 //! connection does not undo the namespace's enrollment since.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     fs, io,
     net::IpAddr,
+    os::unix::fs::MetadataExt as _,
+    path::Path,
     sync::{Arc, Mutex, PoisonError},
 };
 
@@ -129,19 +131,82 @@ fn prepare_here() -> io::Result<()> {
 
 fn remove_here() -> io::Result<()> {
     let rtnl = Rtnl::open()?;
+    remove_rules(&rtnl)?;
+    remove_routes_and_sysctl(&rtnl)
+}
+
+/// Removes meshlet's rules (both families); returns whether there was one.
+fn remove_rules(rtnl: &Rtnl) -> io::Result<bool> {
+    let mut found = false;
     for family in [AddressFamily::Inet, AddressFamily::Inet6] {
-        for request in [
-            RouteNetlinkMessage::DelRule(rule(family)),
-            RouteNetlinkMessage::DelRoute(route(family)),
-        ] {
-            match rtnl.request(request, 0) {
-                Ok(()) => {}
-                Err(err) if gone(&err) || no_ipv6(&err) => {}
-                Err(err) => return Err(with_context(err, &format!("remove the {family:?} rule"))),
-            }
+        match rtnl.request(RouteNetlinkMessage::DelRule(rule(family)), 0) {
+            Ok(()) => found = true,
+            Err(err) if gone(&err) || no_ipv6(&err) => {}
+            Err(err) => return Err(with_context(err, &format!("remove the {family:?} rule"))),
+        }
+    }
+    Ok(found)
+}
+
+fn remove_routes_and_sysctl(rtnl: &Rtnl) -> io::Result<()> {
+    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+        match rtnl.request(RouteNetlinkMessage::DelRoute(route(family)), 0) {
+            Ok(()) => {}
+            Err(err) if gone(&err) || no_ipv6(&err) => {}
+            Err(err) => return Err(with_context(err, &format!("remove the {family:?} route"))),
         }
     }
     fs::write(FWMARK_ACCEPT, "0").map_err(|err| with_context(err, FWMARK_ACCEPT))
+}
+
+/// Removes what an agent that is gone left in the namespaces of the pods it captured (`meshlet
+/// uninstall`): every network namespace of a process under `proc_root` whose cookie is in
+/// `captured` and that holds meshlet's rule. Returns how many it cleaned; a namespace that
+/// cannot be reached (its processes exited) is skipped.
+pub fn remove_left_behind(proc_root: &Path, captured: &HashSet<u64>) -> io::Result<usize> {
+    let mut seen = HashSet::new();
+    let mut cleaned = 0;
+    for entry in fs::read_dir(proc_root).map_err(|err| with_context(err, "list /proc"))? {
+        let Ok(entry) = entry else { continue };
+        if !entry
+            .file_name()
+            .to_str()
+            .is_some_and(|name| name.bytes().all(|b| b.is_ascii_digit()))
+        {
+            continue;
+        }
+        let path = entry.path().join("ns/net");
+        let Ok(inode) = fs::metadata(&path).map(|meta| meta.ino()) else {
+            continue;
+        };
+        if !seen.insert(inode) {
+            continue;
+        }
+        let Ok(netns) = Netns::open(&path) else {
+            continue;
+        };
+        if !netns
+            .cookie()
+            .is_ok_and(|cookie| captured.contains(&cookie))
+        {
+            continue;
+        }
+        let removed = netns.run(|| {
+            let rtnl = Rtnl::open()?;
+            let ours = remove_rules(&rtnl)?;
+            if ours {
+                remove_routes_and_sysctl(&rtnl)?;
+            }
+            Ok::<_, io::Error>(ours)
+        });
+        match removed.and_then(|removed| removed) {
+            Ok(ours) => cleaned += usize::from(ours),
+            Err(err) => {
+                tracing::warn!(netns = %path.display(), %err, "cannot remove the transparent routing")
+            }
+        }
+    }
+    Ok(cleaned)
 }
 
 /// `fwmark TRANSPARENT_MARK lookup TABLE`, at [`RULE_PRIORITY`].
