@@ -300,6 +300,44 @@ fn meshlet_uninstall_removes_what_a_killed_agent_left_in_its_pods_namespaces_onl
 }
 
 #[test]
+fn the_proxy_never_reuses_the_4_tuple_of_a_connection_the_client_holds_open() {
+    // Plaintext from outside the mesh: the client's own connection (the agent accepted it on
+    // 15006) and the agent's to the application have the same client address, pod address and
+    // port; only the client ports may tell them apart. A thousand held open at once: a port
+    // drawn from the client's range would hit one of them every few dozen connections.
+    let mesh = FileMesh::client_server(&[], Vec::new());
+    let (bystander, server) = (mesh.cluster.pod("bystander"), mesh.cluster.pod("server"));
+    let mut echo = server.echo_server(8080);
+    let mut flood = bystander.command(meshlet_tests::process::testpod_binary());
+    flood.args([
+        "flood",
+        "--to",
+        &server.addr(false, 8080).to_string(),
+        "--count",
+        "1000",
+        "--echo",
+    ]);
+    let mut flood = meshlet_tests::process::Process::spawn_ready(flood);
+    let summary: serde_json::Value =
+        serde_json::from_str(&flood.next_line().expect("flood summary")).unwrap();
+    assert_eq!(
+        (summary["connected"].as_u64(), summary["echoed"].as_u64()),
+        (Some(1000), Some(1000)),
+        "every connection reached the application and echoed: {summary}"
+    );
+    // The application saw each from the client's address and a port of the agent's range.
+    for _ in 0..1000 {
+        let peer = echo.next_accepted().peer;
+        assert_eq!(peer.ip().to_canonical(), IpAddr::from(bystander.ipv4));
+        assert!(
+            (16384..=32767).contains(&peer.port()),
+            "the agent's connection left from port {}, in the range clients draw from",
+            peer.port()
+        );
+    }
+}
+
+#[test]
 fn with_the_opt_out_applications_see_their_pods_own_address_and_nothing_is_prepared() {
     let mesh = FileMesh::layout(&[("client", 0), ("server", 1)], &[], Vec::new(), |_, _| {
         vec!["--preserve-source-address=false".to_owned()]

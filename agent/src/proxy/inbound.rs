@@ -143,7 +143,7 @@ pub(super) async fn admit(
     let mut record = Record::open(&proxy.metrics, opening);
     record.forwarded(connect.forwarded.as_deref());
     match proxy
-        .connect_to_application(pod, connect.authority, connect.peer.ip())
+        .connect_to_application(pod, connect.authority, connect.peer)
         .await
     {
         Ok(stream) => {

@@ -46,7 +46,7 @@ use tokio::{
 use crate::{
     identity::{self, Identity},
     policy,
-    sys::{Netns, socket},
+    sys::{Netns, socket, transparent},
     workload::{
         Store,
         enrollment::{self, Decision},
@@ -361,25 +361,48 @@ impl Proxy {
         &self,
         pod: &PodContext,
         destination: SocketAddr,
-        client: IpAddr,
+        client: SocketAddr,
     ) -> io::Result<TcpStream> {
         let source = pod.upstream_source(client, destination);
         self.connect_in(&pod.netns, destination, source).await
     }
 
     /// Connects to `destination` from a marked socket made inside `netns` (the proxy's
-    /// connections leave from the pod, with the pod's address, or from `source`'s with a
-    /// transparent socket: [`crate::sys::transparent`]), within the connect timeout, with
-    /// keepalive and `TCP_NODELAY`.
+    /// connections leave from the pod, with the pod's address, or from the address of
+    /// `source`, a client's, with a transparent socket: [`crate::sys::transparent`]), within the
+    /// connect timeout, with keepalive and `TCP_NODELAY`.
     pub async fn connect_in(
         &self,
         netns: &Arc<Netns>,
         destination: SocketAddr,
-        source: Option<IpAddr>,
+        source: Option<SocketAddr>,
+    ) -> io::Result<TcpStream> {
+        let Some(client) = source else {
+            return self.connect_from(netns, destination, None).await;
+        };
+        let mut tries = 1;
+        loop {
+            let port = transparent::source_port(client.port());
+            let from = SocketAddr::new(client.ip(), port);
+            match self.connect_from(netns, destination, Some(from)).await {
+                Err(err) if transparent::port_taken(&err) && tries < transparent::PORT_TRIES => {
+                    tries += 1;
+                }
+                connected => return connected,
+            }
+        }
+    }
+
+    /// One try of [`Proxy::connect_in`], from `source` when it is given.
+    async fn connect_from(
+        &self,
+        netns: &Arc<Netns>,
+        destination: SocketAddr,
+        source: Option<SocketAddr>,
     ) -> io::Result<TcpStream> {
         let socket = socket::marked_socket_in(netns, destination.is_ipv6()).await?;
-        if let Some(client) = source {
-            crate::sys::transparent::make_transparent(&socket, client)?;
+        if let Some(source) = source {
+            transparent::make_transparent(&socket, source)?;
         }
         socket.set_nonblocking(true)?;
         let connecting = TcpSocket::from_std_stream(socket.into()).connect(destination);
@@ -613,18 +636,18 @@ impl PodContext {
         }
     }
 
-    /// The address the proxy's connection to `destination`, on behalf of `client`, leaves from:
-    /// the client's, when this pod preserves it and it can be (same family, not the pod's own
-    /// nor loopback); `None`: the pod's own.
-    fn upstream_source(&self, client: IpAddr, destination: SocketAddr) -> Option<IpAddr> {
-        let client = client.to_canonical();
+    /// The address the proxy's connection to `destination`, on behalf of `client`, leaves from
+    /// (with the client's port, which it must not reuse): the client's, when this pod preserves
+    /// it and it can be (same family, not the pod's own nor loopback); `None`: the pod's own.
+    fn upstream_source(&self, client: SocketAddr, destination: SocketAddr) -> Option<SocketAddr> {
+        let ip = client.ip().to_canonical();
         let destination = destination.ip().to_canonical();
         (self.preserves_source
-            && client.is_ipv6() == destination.is_ipv6()
-            && client != destination
-            && !client.is_loopback()
-            && !client.is_unspecified())
-        .then_some(client)
+            && ip.is_ipv6() == destination.is_ipv6()
+            && ip != destination
+            && !ip.is_loopback()
+            && !ip.is_unspecified())
+        .then_some(SocketAddr::new(ip, client.port()))
     }
 
     /// Takes a slot of the node's and of the pod's connection budget, or counts (and now and

@@ -71,10 +71,7 @@ async fn carry_inbound(stream: TcpStream, peer: SocketAddr, proxy: &Proxy, pod: 
         destination_pod: pod.key.clone(),
         destination,
     });
-    let mut upstream = match proxy
-        .connect_to_application(pod, destination, peer.ip())
-        .await
-    {
+    let mut upstream = match proxy.connect_to_application(pod, destination, peer).await {
         Ok(upstream) => upstream,
         Err(err) => {
             record.fail(Flags::Connect, format!("connect to the application: {err}"));

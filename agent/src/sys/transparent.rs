@@ -1,8 +1,8 @@
 //! The application sees its real client: the proxy connects to it from the client's address.
 //!
 //! The proxy's upstream socket to an application is made in the pod's network namespace with
-//! `IP_TRANSPARENT` (`IPV6_TRANSPARENT`), bound to the client's address with an ephemeral port
-//! (`IP_BIND_ADDRESS_NO_PORT`: the port is picked at connect, per destination), and marked
+//! `IP_TRANSPARENT` (`IPV6_TRANSPARENT`), bound to the client's address with a port of
+//! [`SOURCE_PORTS`] (kept apart from the ports clients pick themselves), and marked
 //! [`TRANSPARENT_MARK`]. Three things in the pod's namespace bring the application's replies
 //! back to that socket instead of sending them out to the client's address, without iptables:
 //!
@@ -24,10 +24,14 @@
 use std::{
     collections::{HashMap, HashSet},
     fs, io,
-    net::IpAddr,
+    net::SocketAddr,
+    ops::RangeInclusive,
     os::unix::fs::MetadataExt as _,
     path::Path,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU32, Ordering},
+    },
 };
 
 use meshlet_common::TRANSPARENT_MARK;
@@ -54,8 +58,6 @@ pub const TABLE: u32 = 15006;
 pub const RULE_PRIORITY: u32 = 32000;
 /// The sysctl that makes an accepted socket take the mark of its SYN (per namespace).
 const FWMARK_ACCEPT: &str = "/proc/sys/net/ipv4/tcp_fwmark_accept";
-/// `IP_BIND_ADDRESS_NO_PORT` (`SOL_IP`, Linux >= 4.2; also honoured on IPv6 sockets).
-const IP_BIND_ADDRESS_NO_PORT: libc::c_int = 24;
 /// The loopback interface's index: 1 in every network namespace.
 const LOOPBACK_INDEX: u32 = 1;
 
@@ -291,30 +293,57 @@ impl Rtnl {
     }
 }
 
+/// The ports transparent connections leave from: below the ephemeral ranges clients draw their
+/// own ports from (Linux 32768-60999; Windows, macOS and IANA 49152-65535). In the pod's
+/// namespace the proxy's connection `client:port -> pod:port` must not have the 4-tuple of a
+/// connection the client itself has open to that pod port (the one the proxy accepted on
+/// 15006): its SYN would land on that established socket, and the exchange that follows resets
+/// the client's connection. The kernel only keeps 4-tuples unique per direction, so the ports
+/// are kept apart instead.
+pub const SOURCE_PORTS: RangeInclusive<u16> = 16384..=32767;
+
+/// How many ports [`Proxy::connect_in`](crate::proxy::Proxy::connect_in) tries for one
+/// transparent connection before it gives up (each taken one is rare: the next is far away).
+pub const PORT_TRIES: usize = 8;
+
+/// A port of [`SOURCE_PORTS`] other than `avoid` (the client's own), a different one at each
+/// call, spread over the range (a Weyl sequence: consecutive calls land far apart, and every
+/// port comes round).
+pub fn source_port(avoid: u16) -> u16 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let span = u32::from(SOURCE_PORTS.end() - SOURCE_PORTS.start()) + 1;
+    loop {
+        // 10007 is prime, so coprime with the span: the sequence visits every port.
+        let n = NEXT.fetch_add(10_007, Ordering::Relaxed) % span;
+        let port = SOURCE_PORTS.start() + u16::try_from(n).expect("below the span");
+        if port != avoid {
+            return port;
+        }
+    }
+}
+
+/// Whether `err`, from binding or connecting a transparent socket, says its port is taken
+/// (towards that destination): another port may do.
+pub fn port_taken(err: &io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::EADDRINUSE | libc::EADDRNOTAVAIL)
+    )
+}
+
 /// Turns the proxy's socket `socket` (made in the pod's namespace, not yet connected) into a
-/// transparent one that connects from `client`'s address.
-pub fn make_transparent(socket: &Socket, client: IpAddr) -> io::Result<()> {
+/// transparent one bound to `source` (the client's address and a port of [`SOURCE_PORTS`]).
+/// Several connections to different destinations share a port (`SO_REUSEADDR`); connect then
+/// fails with `EADDRNOTAVAIL` if the 4-tuple is taken ([`port_taken`]).
+pub fn make_transparent(socket: &Socket, source: SocketAddr) -> io::Result<()> {
     socket.set_mark(TRANSPARENT_MARK)?;
-    if client.is_ipv6() {
+    if source.is_ipv6() {
         socket.set_ip_transparent_v6(true)?;
     } else {
         socket.set_ip_transparent_v4(true)?;
     }
-    let yes: libc::c_int = 1;
-    // SAFETY: `yes` is a valid c_int for the duration of the call and its size is passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(socket),
-            libc::SOL_IP,
-            IP_BIND_ADDRESS_NO_PORT,
-            (&raw const yes).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    socket.bind(&std::net::SocketAddr::new(client, 0).into())
+    socket.set_reuse_address(true)?;
+    socket.bind(&source.into())
 }
 
 fn gone(err: &io::Error) -> bool {

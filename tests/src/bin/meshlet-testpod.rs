@@ -84,13 +84,16 @@ enum Mode {
         send: usize,
     },
     /// Opens `count` connections to `to` as fast as it can and sends nothing (an idle-connection
-    /// flood); once all were tried prints `ready`, then `{"connected":N,"failed":M}`, and holds
-    /// them until killed.
+    /// flood); once all were tried prints `ready`, then `{"connected":N,"failed":M,"echoed":E}`,
+    /// and holds them until killed. With `--echo`, each echoes one byte right after it connects
+    /// (and stays open): `echoed` counts those that did.
     Flood {
         #[arg(long)]
         to: SocketAddr,
         #[arg(long)]
         count: usize,
+        #[arg(long)]
+        echo: bool,
     },
     /// Opens `count` connections to `to`, `rate` per second, each in a thread of its own
     /// (connect, echo 16 bytes, close); prints how each ended, counted by outcome:
@@ -201,20 +204,25 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Mode::Flood { to, count } => {
+        Mode::Flood { to, count, echo } => {
             meshlet::sys::raise_open_files_limit()?;
             let mut held = Vec::with_capacity(count);
-            let mut failed = 0usize;
+            let (mut failed, mut echoed) = (0usize, 0usize);
             for _ in 0..count {
                 match TcpStream::connect_timeout(&to, Duration::from_secs(5)) {
-                    Ok(stream) => held.push(stream),
+                    Ok(mut stream) => {
+                        if echo && echo_one_byte(&mut stream) {
+                            echoed += 1;
+                        }
+                        held.push(stream);
+                    }
                     Err(_) => failed += 1,
                 }
             }
             println!("ready");
             println!(
                 "{}",
-                serde_json::json!({ "connected": held.len(), "failed": failed })
+                serde_json::json!({ "connected": held.len(), "failed": failed, "echoed": echoed })
             );
             loop {
                 std::thread::park();
@@ -314,6 +322,15 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// Sends one byte on `stream` and reads it back (within 5 s); whether it came back.
+fn echo_one_byte(stream: &mut TcpStream) -> bool {
+    let mut byte = [0u8];
+    stream.set_read_timeout(Some(Duration::from_secs(5))).is_ok()
+        && stream.write_all(b"x").is_ok()
+        && stream.read_exact(&mut byte).is_ok()
+        && byte == *b"x"
+}
+
 /// Accepts on every listener, reporting each connection and echoing what it sends.
 fn serve(listeners: Vec<TcpListener>, report_original: bool) -> anyhow::Result<()> {
     println!("ready");
@@ -325,9 +342,13 @@ fn serve(listeners: Vec<TcpListener>, report_original: bool) -> anyhow::Result<(
                     let Ok(stream) = stream else { continue };
                     let original_dst = report_original
                         .then(|| socket::original_dst(&stream).map_err(|e| e.to_string()));
+                    // Reset while it waited in the accept queue: nothing to report.
+                    let (Ok(local), Ok(peer)) = (stream.local_addr(), stream.peer_addr()) else {
+                        continue;
+                    };
                     let accepted = Accepted {
-                        local: stream.local_addr().expect("local addr"),
-                        peer: stream.peer_addr().expect("peer addr"),
+                        local,
+                        peer,
                         original_dst,
                     };
                     println!("{}", serde_json::to_string(&accepted).expect("json"));
