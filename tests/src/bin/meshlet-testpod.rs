@@ -325,7 +325,9 @@ fn main() -> anyhow::Result<()> {
 /// Sends one byte on `stream` and reads it back (within 5 s); whether it came back.
 fn echo_one_byte(stream: &mut TcpStream) -> bool {
     let mut byte = [0u8];
-    stream.set_read_timeout(Some(Duration::from_secs(5))).is_ok()
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .is_ok()
         && stream.write_all(b"x").is_ok()
         && stream.read_exact(&mut byte).is_ok()
         && byte == *b"x"
