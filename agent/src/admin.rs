@@ -24,7 +24,10 @@ use crate::{
     identity,
     proxy::Proxy,
     source::SyncState,
-    workload::enrollment::{self, Decision},
+    workload::{
+        enrollment::{self, Decision},
+        model::ObjectKey,
+    },
 };
 
 /// What the endpoints read.
@@ -323,6 +326,36 @@ pub fn readiness(state: &State, request: &Request<hyper::body::Incoming>) -> Res
     }
 }
 
+/// `/policies?workload=namespace/name`: the policies that bear on that pod, and why.
+fn explain(state: &State, workload: &str) -> Response<Full<Bytes>> {
+    let Some((namespace, name)) = workload.split_once('/') else {
+        return reply(
+            StatusCode::BAD_REQUEST,
+            "text/plain",
+            format!("{workload:?} is not a pod: write namespace/name\n"),
+        );
+    };
+    let key = ObjectKey::new(namespace, name);
+    let Some(pod) = state.proxy.store.pod(&key) else {
+        return reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            format!("no pod {key} is known to this agent\n"),
+        );
+    };
+    let explanation = state
+        .proxy
+        .policies()
+        .explain(crate::policy::Workload::from(&*pod));
+    json(&serde_json::json!({
+        "workload": key,
+        "labels": pod.labels,
+        "mtls": explanation.mtls,
+        "ports": explanation.ports,
+        "policies": explanation.policies,
+    }))
+}
+
 /// The admin API.
 pub fn admin(state: &State, request: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
     let proxy = &state.proxy;
@@ -342,7 +375,14 @@ pub fn admin(state: &State, request: &Request<hyper::body::Incoming>) -> Respons
         })),
         "/workloads" => json(&workloads(state)),
         "/certs" => json(&proxy.identities.list()),
-        "/policies" => json(&proxy.policies().report()),
+        "/policies" => match request
+            .uri()
+            .query()
+            .and_then(|q| q.strip_prefix("workload="))
+        {
+            Some(workload) => explain(state, workload),
+            None => json(&proxy.policies().report()),
+        },
         "/logging" => {
             let level = request
                 .uri()

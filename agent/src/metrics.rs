@@ -102,6 +102,8 @@ pub struct Metrics {
     pub certificates_pending: IntGauge,
     /// Policy fields meshlet does not enforce as written.
     pub policy_unsupported_fields: IntGauge,
+    /// What dry-run AuthorizationPolicies would have decided, by policy and result.
+    policy_dry_run: IntCounterVec,
     /// Connections refused or cut by a guard or resource limit of the proxy, by reason.
     limits: IntCounterVec,
     /// Pods the agent refused to enroll, by reason.
@@ -206,6 +208,13 @@ impl Metrics {
              connect_timeout, tcp_keepalive, hbone_protocol)",
             &["limit"],
         );
+        let policy_dry_run = counter_vec(
+            "meshlet_policy_dry_run_total",
+            "Connections a dry-run AuthorizationPolicy (istio.io/dry-run: \"true\") selected, by \
+             policy (namespace/name) and what it alone would have decided (allowed, denied); \
+             never enforced",
+            &["policy", "result"],
+        );
         let enrollment_refused = counter_vec(
             "meshlet_enrollment_refused_total",
             "Pods the agent refused to enroll because their network namespace failed a check, \
@@ -259,6 +268,7 @@ impl Metrics {
             ca_reachable,
             certificates_pending,
             policy_unsupported_fields,
+            policy_dry_run,
             limits,
             enrollment_refused,
             cni_adds_waiting,
@@ -271,6 +281,14 @@ impl Metrics {
     /// Counts a connection refused or cut by the proxy limit or guard `limit`.
     pub fn limit_reached(&self, limit: &'static str) {
         self.limits.with_label_values(&[limit]).inc();
+    }
+
+    /// Counts what the dry-run policy `policy` would have decided on a connection.
+    pub fn dry_run(&self, policy: &str, would_allow: bool) {
+        let result = if would_allow { "allowed" } else { "denied" };
+        self.policy_dry_run
+            .with_label_values(&[policy, result])
+            .inc();
     }
 
     /// Counts a pod not enrolled for `reason`.

@@ -142,3 +142,197 @@ fn a_policy_change_cuts_a_live_connection_it_now_denies() {
         );
     });
 }
+
+/// A PeerAuthentication in `namespace`, created at `created` (RFC 3339) when it is given.
+fn peer_authentication(namespace: &str, name: &str, created: Option<&str>, spec: Value) -> Value {
+    let mut metadata = json!({"name": name, "namespace": namespace});
+    if let Some(created) = created {
+        metadata["creationTimestamp"] = json!(created);
+    }
+    json!({"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+           "metadata": metadata, "spec": spec})
+}
+
+/// `meshlet <args>` against node `node`'s agent: its standard output, asserting it succeeded.
+fn meshlet(setup: &FileMesh, node: usize, args: &[&str]) -> String {
+    let out = setup
+        .cluster
+        .node_command(node, meshlet_tests::process::meshlet_binary())
+        .args(args)
+        .output()
+        .expect("run meshlet");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "meshlet {args:?}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// `meshlet <args>` against node `node`'s agent, expected to fail: its standard error.
+fn meshlet_fails(setup: &FileMesh, node: usize, args: &[&str]) -> String {
+    let out = setup
+        .cluster
+        .node_command(node, meshlet_tests::process::meshlet_binary())
+        .args(args)
+        .output()
+        .expect("run meshlet");
+    assert!(!out.status.success(), "meshlet {args:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The row of `policy` in `meshlet policies` output.
+fn row<'a>(output: &'a str, policy: &str) -> &'a str {
+    output
+        .lines()
+        .find(|line| line.starts_with(policy))
+        .unwrap_or_else(|| panic!("no row for {policy}:\n{output}"))
+}
+
+#[test]
+fn peer_authentication_scope_and_precedence_are_istios() {
+    let setup = start();
+    let _echo = setup.cluster.pod("server").echo_server(8080);
+    let plaintext = || {
+        setup
+            .cluster
+            .pod("bystander")
+            .connect(setup.cluster.pod("server").addr(false, 8080), 1000)
+    };
+    let explain = || meshlet(&setup, 1, &["policies", "--workload", "demo/server"]);
+    let strict = |selector: Option<Value>| {
+        let mut spec = json!({"mtls": {"mode": "STRICT"}});
+        if let Some(selector) = selector {
+            spec["selector"] = selector;
+        }
+        spec
+    };
+    plaintext().assert_echoed(1000);
+
+    // 1. "Mesh-wide policy: A policy specified for the root namespace without or with an empty
+    //    selector field": a mesh-wide STRICT written with `selector: {}` refuses plaintext in
+    //    every namespace.
+    setup.write(&[peer_authentication(
+        "istio-system",
+        "mesh-strict",
+        None,
+        strict(Some(json!({}))),
+    )]);
+    assert_refused(&plaintext());
+    let out = explain();
+    assert!(out.contains("mTLS:      STRICT"), "{out}");
+    assert!(
+        row(&out, "istio-system/mesh-strict").contains("applies"),
+        "{out}"
+    );
+
+    // 2. "Istio applies the narrowest matching policy": a namespace STRICT written with
+    //    `selector: {}` is namespace-wide, and the server's own PERMISSIVE beats it.
+    setup.write(&[
+        peer_authentication("demo", "namespace-strict", None, strict(Some(json!({})))),
+        peer_authentication(
+            "demo",
+            "server-permissive",
+            None,
+            json!({"selector": {"matchLabels": {"app": "server"}}, "mtls": {"mode": "PERMISSIVE"}}),
+        ),
+    ]);
+    plaintext().assert_echoed(1000);
+    let out = explain();
+    assert!(out.contains("mTLS:      PERMISSIVE"), "{out}");
+    assert!(
+        row(&out, "demo/server-permissive").contains("applies"),
+        "{out}"
+    );
+    assert!(
+        row(&out, "demo/namespace-strict").contains("overridden"),
+        "{out}"
+    );
+
+    // 3. "When you configure multiple ... namespace-wide peer authentication policies ...,
+    //    Istio ignores the newer policies": the oldest decides, whatever the names say.
+    let two = |permissive_at: &str, strict_at: &str| {
+        setup.write(&[
+            peer_authentication(
+                "demo",
+                "a-permissive",
+                Some(permissive_at),
+                json!({"mtls": {"mode": "PERMISSIVE"}}),
+            ),
+            peer_authentication("demo", "z-strict", Some(strict_at), strict(None)),
+        ]);
+    };
+    two("2026-12-01T10:00:00Z", "2026-11-30T10:00:00Z");
+    assert_refused(&plaintext());
+    let out = explain();
+    assert!(row(&out, "demo/z-strict").contains("applies"), "{out}");
+    assert!(row(&out, "demo/a-permissive").contains("shadowed"), "{out}");
+    two("2026-11-29T10:00:00Z", "2026-11-30T10:00:00Z");
+    plaintext().assert_echoed(1000);
+    let out = explain();
+    assert!(row(&out, "demo/z-strict").contains("shadowed"), "{out}");
+
+    // Mesh clients are mTLS throughout; an unknown workload and a malformed one are clear
+    // errors.
+    client_to_server(&setup).assert_echoed(1000);
+    let err = meshlet_fails(&setup, 1, &["policies", "--workload", "demo/nobody"]);
+    assert!(
+        err.contains("no pod demo/nobody is known to this agent"),
+        "{err}"
+    );
+    let err = meshlet_fails(&setup, 1, &["policies", "--workload", "server"]);
+    assert!(err.contains("write namespace/name"), "{err}");
+}
+
+#[test]
+fn a_dry_run_deny_logs_and_counts_but_lets_the_connection_through() {
+    let setup = start();
+    let _echo = setup.cluster.pod("server").echo_server(8080);
+    let deny_client = |annotations: Value| {
+        json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+               "metadata": {"name": "try-deny", "namespace": "demo", "annotations": annotations},
+               "spec": {"selector": {"matchLabels": {"app": "server"}}, "action": "DENY",
+                        "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/demo/sa/client"]}}]}]}})
+    };
+    setup.write(&[deny_client(json!({"istio.io/dry-run": "true"}))]);
+
+    // The client's connection goes through: the DENY is only tried, logged and counted.
+    client_to_server(&setup).assert_echoed(1000);
+    setup.agents[1].wait_for_log(
+        "dry-run policy would deny policy=demo/try-deny workload=demo/server",
+        1,
+        Duration::from_secs(5),
+    );
+    let counted = |result: &str| {
+        setup.cluster.wait_metric(
+            1,
+            "meshlet_policy_dry_run_total",
+            &[("policy", "demo/try-deny"), ("result", result)],
+            1.0,
+        )
+    };
+    assert_eq!(counted("denied"), 1.0);
+    // A plaintext client is not the principal it names: it would have been let in.
+    setup
+        .cluster
+        .pod("bystander")
+        .connect(setup.cluster.pod("server").addr(false, 8080), 1000)
+        .assert_echoed(1000);
+    assert_eq!(counted("allowed"), 1.0);
+    assert_eq!(counted("denied"), 1.0, "counted once per connection");
+
+    // Shown as what it is.
+    let all = meshlet(&setup, 1, &["policies"]);
+    assert!(
+        row(&all, "demo/try-deny").contains("DENY (dry run)"),
+        "{all}"
+    );
+    let out = meshlet(&setup, 1, &["policies", "--workload", "demo/server"]);
+    assert!(row(&out, "demo/try-deny").contains("dry run"), "{out}");
+
+    // Without the annotation the same policy denies.
+    setup.write(&[deny_client(json!({}))]);
+    assert_refused(&client_to_server(&setup));
+    setup.agents[1].wait_for_log("denied by demo/try-deny", 1, Duration::from_secs(5));
+}

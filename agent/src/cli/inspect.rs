@@ -32,7 +32,7 @@ fn capture_cell(w: &Value) -> String {
 }
 
 /// What to show.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum View {
     /// The agent's state in a few lines.
     Status,
@@ -42,6 +42,8 @@ pub enum View {
     Certs,
     /// Policies and what meshlet makes of them.
     Policies,
+    /// The policies that bear on one workload (`namespace/name`), and why.
+    Explain(String),
 }
 
 /// Output format.
@@ -83,13 +85,14 @@ pub fn fetch(addr: SocketAddr, path: &str) -> anyhow::Result<Value> {
 
 /// Runs `meshlet <view>`.
 pub fn run(view: View, addr: SocketAddr, output: Output) -> anyhow::Result<()> {
-    let path = match view {
-        View::Status => "/config_dump",
-        View::Workloads => "/workloads",
-        View::Certs => "/certs",
-        View::Policies => "/policies",
+    let path = match &view {
+        View::Status => "/config_dump".to_owned(),
+        View::Workloads => "/workloads".to_owned(),
+        View::Certs => "/certs".to_owned(),
+        View::Policies => "/policies".to_owned(),
+        View::Explain(workload) => format!("/policies?workload={workload}"),
     };
-    let value = fetch(addr, path)?;
+    let value = fetch(addr, &path)?;
     if output == Output::Json {
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
@@ -206,11 +209,7 @@ pub fn run(view: View, addr: SocketAddr, output: Output) -> anyhow::Result<()> {
                     text(&p["key"]["namespace"]),
                     text(&p["key"]["name"])
                 );
-                let action = if p["action"].is_null() {
-                    text(&p["mode"])
-                } else {
-                    text(&p["action"])
-                };
+                let action = action_or_mode(p);
                 let unsupported: Vec<String> = p["unsupported"]
                     .as_array()
                     .into_iter()
@@ -232,9 +231,60 @@ pub fn run(view: View, addr: SocketAddr, output: Output) -> anyhow::Result<()> {
             }
             rows
         }
+        View::Explain(workload) => {
+            let labels: Vec<String> = value["labels"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| format!("{k}={}", text(v)))
+                .collect();
+            println!("workload:  {workload} ({})", labels.join(","));
+            let ports: Vec<String> = value["ports"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|p| format!("port {} {}", text(&p["port"]), text(&p["mode"])))
+                .collect();
+            let mut mtls = text(&value["mtls"]);
+            if !ports.is_empty() {
+                mtls = format!("{mtls} ({})", ports.join(", "));
+            }
+            println!("mTLS:      {mtls}\n");
+            let mut rows = vec![
+                ["POLICY", "KIND", "ACTION/MODE", "STATUS", "WHY"]
+                    .map(String::from)
+                    .to_vec(),
+            ];
+            for p in value["policies"].as_array().into_iter().flatten() {
+                rows.push(vec![
+                    format!(
+                        "{}/{}",
+                        text(&p["key"]["namespace"]),
+                        text(&p["key"]["name"])
+                    ),
+                    text(&p["kind"]),
+                    action_or_mode(p),
+                    text(&p["status"]).replace('_', " "),
+                    text(&p["why"]),
+                ]);
+            }
+            rows
+        }
     };
     print!("{}", table(&rows));
     Ok(())
+}
+
+/// An AuthorizationPolicy's action (marked when it is a dry run), or a PeerAuthentication's
+/// mode.
+fn action_or_mode(p: &Value) -> String {
+    if p["action"].is_null() {
+        text(&p["mode"])
+    } else if p["dry_run"] == true {
+        format!("{} (dry run)", text(&p["action"]))
+    } else {
+        text(&p["action"])
+    }
 }
 
 /// Left-aligned columns, two spaces apart.

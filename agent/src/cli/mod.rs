@@ -38,8 +38,9 @@ enum Command {
     Workloads(InspectArgs),
     /// Workload certificates.
     Certs(InspectArgs),
-    /// Policies and what meshlet makes of them (unsupported fields included).
-    Policies(InspectArgs),
+    /// Policies and what meshlet makes of them (unsupported fields included); with
+    /// --workload, those that bear on one workload and why.
+    Policies(PoliciesArgs),
     /// Detach every meshlet eBPF program and remove its pins; remove the transparent routing
     /// left in the namespaces of the pods it captured; unchain and remove meshlet-cni.
     Uninstall(UninstallArgs),
@@ -329,6 +330,36 @@ pub struct InspectArgs {
     pub output: inspect::Output,
 }
 
+/// Flags of `meshlet policies`.
+#[derive(Debug, Args)]
+pub struct PoliciesArgs {
+    /// Where to ask, and how to print.
+    #[command(flatten)]
+    pub inspect: InspectArgs,
+    /// The pod `namespace/name`: print its effective mTLS mode per port and the policies that
+    /// bear on it, in the order Istio considers them, with why each applies, inherits, is
+    /// overridden, shadowed, a dry run or ignored.
+    #[arg(long, value_parser = workload_key)]
+    pub workload: Option<String>,
+}
+
+/// `namespace/name`, each a Kubernetes name (lowercase letters, digits, `-` and `.`).
+fn workload_key(value: &str) -> Result<String, String> {
+    let name = |part: &str| {
+        !part.is_empty()
+            && part.len() <= 253
+            && part
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+    };
+    match value.split_once('/') {
+        Some((namespace, pod)) if name(namespace) && name(pod) => Ok(value.to_owned()),
+        _ => Err(format!(
+            "{value:?} is not a pod: write namespace/name, e.g. demo/server"
+        )),
+    }
+}
+
 /// Where capture attaches and pins: the agent's flags, which `meshlet preflight` shares so that
 /// it looks where the agent will.
 #[derive(Debug, Args)]
@@ -432,7 +463,10 @@ pub fn run() -> anyhow::Result<()> {
         Command::Status(args) => inspect_or_exit(inspect::View::Status, args),
         Command::Workloads(args) => inspect_or_exit(inspect::View::Workloads, args),
         Command::Certs(args) => inspect_or_exit(inspect::View::Certs, args),
-        Command::Policies(args) => inspect_or_exit(inspect::View::Policies, args),
+        Command::Policies(args) => match args.workload {
+            Some(workload) => inspect_or_exit(inspect::View::Explain(workload), args.inspect),
+            None => inspect_or_exit(inspect::View::Policies, args.inspect),
+        },
         Command::Uninstall(args) => uninstall(args),
         Command::Preflight(args) => preflight(args),
         Command::Cni(command) => cni(command),

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::{
     Action, Error, MtlsMode, PolicyReport, Unsupported,
-    evaluate::{Condition, Operation, Rule, Set, Source, StringMatch},
+    evaluate::{Condition, Connection, Operation, Rule, Set, Source, StringMatch},
     spec::{
         self, AuthorizationPolicySpec, Other, PeerAuthenticationSpec, Scalar, WorkloadSelector,
     },
@@ -31,14 +31,26 @@ pub(crate) struct Authz {
     pub rules: Vec<Rule>,
 }
 
-/// A compiled PeerAuthentication.
+impl Authz {
+    /// Whether any of its rules matches `conn`.
+    pub fn matches(&self, conn: &Connection<'_>) -> bool {
+        self.rules.iter().any(|rule| rule.matches(conn))
+    }
+}
+
+/// A compiled PeerAuthentication that takes part (not DISABLE, not a selector in the root
+/// namespace: Istio's ambient mode skips those).
 #[derive(Debug, Clone)]
 pub(crate) struct PeerAuth {
-    /// `selector.matchLabels`; `None` makes it namespace-wide (mesh-wide in the root namespace).
+    /// Namespace and name.
+    pub key: Arc<ObjectKey>,
+    /// `selector.matchLabels`; `None` (absent or empty) makes it namespace-wide (mesh-wide in
+    /// the root namespace).
     pub selector: Option<Labels>,
-    /// `mtls.mode`.
+    /// `mtls.mode`: STRICT, PERMISSIVE or UNSET (inherit).
     pub mode: MtlsMode,
-    /// `portLevelMtls`.
+    /// `portLevelMtls` that count: STRICT or PERMISSIVE (UNSET and DISABLE leave the port to
+    /// the policy's mode, as in ambient).
     pub ports: Vec<(u16, MtlsMode)>,
 }
 
@@ -54,6 +66,7 @@ fn report(policy: &Policy) -> PolicyReport {
         key: policy.key.clone(),
         action: None,
         mode: None,
+        dry_run: false,
         rules: 0,
         selects: String::new(),
         effect: String::new(),
@@ -79,18 +92,21 @@ fn join(path: &str, field: &str) -> String {
     }
 }
 
+/// A selector's `matchLabels` as Istio reads them: absent, `{}` and `matchLabels: {}` all mean
+/// no selector (every workload in scope).
+fn match_labels(labels: Option<Labels>) -> Option<Labels> {
+    labels.filter(|labels| !labels.is_empty())
+}
+
 /// The selector an invalid policy is taken to have: its `matchLabels` if they can be read,
-/// else every workload in scope.
-fn lenient_selector(spec: &Value) -> Option<Labels> {
-    match spec.get("selector") {
-        None | Some(Value::Null) => None,
-        Some(selector) => Some(
-            serde_json::from_value::<WorkloadSelector>(selector.clone())
-                .ok()
-                .and_then(|s| s.match_labels)
-                .unwrap_or_default(),
-        ),
-    }
+/// else none (every workload in scope).
+pub(crate) fn lenient_selector(spec: &Value) -> Option<Labels> {
+    let selector = spec.get("selector")?.clone();
+    match_labels(
+        serde_json::from_value::<WorkloadSelector>(selector)
+            .ok()
+            .and_then(|s| s.match_labels),
+    )
 }
 
 /// Reads `selector`: unknown fields are errors, the `matchLabels` are kept either way.
@@ -103,7 +119,7 @@ fn selector(selector: Option<WorkloadSelector>, errors: &mut Vec<Error>) -> Opti
             });
         }
     }
-    Some(selector.match_labels.unwrap_or_default())
+    match_labels(selector.match_labels)
 }
 
 fn labels_text(labels: &Labels) -> String {
@@ -123,7 +139,7 @@ fn selects_text(
 ) -> String {
     let root = namespace == root_namespace;
     match selector {
-        Some(labels) if !labels.is_empty() => {
+        Some(labels) => {
             let scope = if root && mesh_wide_selector {
                 "in every namespace".to_owned()
             } else {
@@ -131,11 +147,8 @@ fn selects_text(
             };
             format!("workloads with {} {scope}", labels_text(labels))
         }
-        Some(_) if !(root && mesh_wide_selector) => {
-            format!("every workload in namespace {namespace}")
-        }
         None if !root => format!("every workload in namespace {namespace}"),
-        _ => "every workload in the mesh".to_owned(),
+        None => "every workload in the mesh".to_owned(),
     }
 }
 
@@ -557,11 +570,12 @@ fn mode(mode: Option<&str>) -> Option<MtlsMode> {
     }
 }
 
-/// Compiles a PeerAuthentication; an invalid one is STRICT for what it selects.
+/// Compiles a PeerAuthentication; an invalid one is STRICT for what it selects. `None`: it takes
+/// no part, as in Istio's ambient mode (its report says why).
 pub(crate) fn peer_authentication(
     policy: &Policy,
     root_namespace: &str,
-) -> (PeerAuth, PolicyReport) {
+) -> (Option<PeerAuth>, PolicyReport) {
     let mut report = report(policy);
     let parsed = serde_path_to_error::deserialize::<_, PeerAuthenticationSpec>(&policy.spec);
     let spec = match parsed {
@@ -611,12 +625,22 @@ pub(crate) fn peer_authentication(
         for (number, mtls) in &port_level {
             let path = format!("portLevelMtls.{number}");
             let mode = read_mode(mtls, &path, &mut report);
-            match port(number) {
-                Some(number) => ports.push((number, mode)),
-                None => report.errors.push(Error::Port {
+            let Some(number) = port(number) else {
+                report.errors.push(Error::Port {
                     path,
                     value: number.clone(),
+                });
+                continue;
+            };
+            match mode {
+                MtlsMode::Strict | MtlsMode::Permissive => ports.push((number, mode)),
+                MtlsMode::Disable => report.unsupported.push(Unsupported {
+                    path: join(&path, "mode"),
+                    reason: "DISABLE is not supported in ambient mode (Istio skips it); the port \
+                             takes the policy's mode"
+                        .to_owned(),
                 }),
+                MtlsMode::Unset => {}
             }
         }
     }
@@ -631,20 +655,44 @@ pub(crate) fn peer_authentication(
     if !report.errors.is_empty() {
         return invalid_peer_authentication(policy, root_namespace, report);
     }
+    if own == MtlsMode::Disable {
+        report.effect = "ignored: DISABLE is not supported in ambient mode (Istio skips the \
+                         policy, and so does meshlet)"
+            .to_owned();
+        return (None, report);
+    }
+    if let Some(ignored) = root_selector(&policy.key.namespace, root_namespace, &selector) {
+        report.effect = ignored;
+        return (None, report);
+    }
     report.effect = "enforced".to_owned();
     let peer = PeerAuth {
+        key: Arc::new(policy.key.clone()),
         selector,
         mode: own,
         ports,
     };
-    (peer, report)
+    (Some(peer), report)
+}
+
+/// Why a PeerAuthentication is ignored for having a selector in the root namespace, if it is.
+fn root_selector(
+    namespace: &str,
+    root_namespace: &str,
+    selector: &Option<Labels>,
+) -> Option<String> {
+    (namespace == root_namespace && selector.is_some()).then(|| {
+        "ignored: a PeerAuthentication with a selector in the root namespace is neither \
+         mesh-wide nor workload-specific (Istio ignores it)"
+            .to_owned()
+    })
 }
 
 fn invalid_peer_authentication(
     policy: &Policy,
     root_namespace: &str,
     mut report: PolicyReport,
-) -> (PeerAuth, PolicyReport) {
+) -> (Option<PeerAuth>, PolicyReport) {
     let selector = lenient_selector(&policy.spec);
     report.selects = selects_text(
         &policy.key.namespace,
@@ -652,13 +700,18 @@ fn invalid_peer_authentication(
         selector.as_ref(),
         false,
     );
+    if let Some(ignored) = root_selector(&policy.key.namespace, root_namespace, &selector) {
+        report.effect = format!("invalid and {ignored}");
+        return (None, report);
+    }
     report.effect =
         "invalid: taken as STRICT (plaintext refused) for the workloads it selects (fail closed)"
             .to_owned();
     let peer = PeerAuth {
+        key: Arc::new(policy.key.clone()),
         selector,
         mode: MtlsMode::Strict,
         ports: Vec::new(),
     };
-    (peer, report)
+    (Some(peer), report)
 }

@@ -24,6 +24,18 @@ pub(crate) struct Connection<'a> {
     pub destination_port: u16,
 }
 
+impl<'a> Connection<'a> {
+    /// What `request` offers.
+    pub fn of(request: &super::Request<'a>) -> Self {
+        Self {
+            source: request.source,
+            source_ip: request.source_ip.to_canonical(),
+            destination_ip: request.destination.ip().to_canonical(),
+            destination_port: request.destination.port(),
+        }
+    }
+}
+
 /// One value of `principals`, `namespaces` or a `source.principal`/`source.namespace`
 /// condition, with Istio's wildcards.
 #[derive(Debug, Clone, PartialEq, Eq)]

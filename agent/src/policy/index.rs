@@ -6,21 +6,60 @@ use super::{
     Action, Decision, MtlsMode, PolicyReport, Reason, Request, Workload,
     compile::{self, Authz, PeerAuth, selects},
     evaluate::Connection,
+    explain::{self, Explanation},
 };
-use crate::workload::model::{Policy, PolicyKind};
+use crate::workload::model::{Labels, ObjectKey, Policy, PolicyKind};
 
-/// The policies of one namespace.
+/// The policies of one namespace, each list oldest first (then by name), the order in which
+/// Istio breaks ties.
 #[derive(Debug, Default)]
-struct Namespace {
-    /// Enforced DENY AuthorizationPolicies, by name.
-    deny: Vec<Authz>,
-    /// Enforced ALLOW AuthorizationPolicies, by name.
-    allow: Vec<Authz>,
-    /// The namespace-wide PeerAuthentication (mesh-wide in the root namespace): the first by
-    /// name of those without a selector.
-    peer: Option<PeerAuth>,
-    /// PeerAuthentications with a selector, by name.
-    peer_workloads: Vec<PeerAuth>,
+pub(super) struct Namespace {
+    /// Enforced DENY AuthorizationPolicies.
+    pub deny: Vec<Authz>,
+    /// Enforced ALLOW AuthorizationPolicies.
+    pub allow: Vec<Authz>,
+    /// Dry-run ALLOW and DENY AuthorizationPolicies: evaluated, never enforced.
+    pub dry_run: Vec<Authz>,
+    /// Namespace-wide PeerAuthentications (mesh-wide in the root namespace): the first applies.
+    pub peer: Vec<PeerAuth>,
+    /// Workload-specific PeerAuthentications: the first that selects a workload applies to it.
+    pub peer_workloads: Vec<PeerAuth>,
+    /// PeerAuthentications that take no part (DISABLE; a selector in the root namespace): their
+    /// key, selector and why, for [`Index::explain`].
+    pub peer_ignored: Vec<(Arc<ObjectKey>, Option<Labels>, String)>,
+}
+
+/// The PeerAuthentications that decide a workload's mTLS mode, one per level (see
+/// [`Index::peer_authentication`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct PeerLevels<'a> {
+    /// The oldest namespace-wide policy of the root namespace.
+    pub mesh: Option<&'a PeerAuth>,
+    /// The oldest namespace-wide policy of the workload's namespace (not the root).
+    pub namespace: Option<&'a PeerAuth>,
+    /// The oldest policy of the workload's namespace (not the root) whose selector selects it.
+    pub workload: Option<&'a PeerAuth>,
+}
+
+impl PeerLevels<'_> {
+    /// The workload's mode on `port`: the workload policy's mode for the port, if it has one;
+    /// else the narrowest level's that is not UNSET (UNSET inherits); else PERMISSIVE.
+    pub fn mode(&self, port: u16) -> MtlsMode {
+        let port_mode = self
+            .workload
+            .and_then(|peer| peer.ports.iter().find(|(number, _)| *number == port));
+        port_mode.map_or_else(|| self.workload_mode(), |&(_, mode)| mode)
+    }
+
+    /// The mode of the ports without one of their own.
+    pub fn workload_mode(&self) -> MtlsMode {
+        [self.workload, self.namespace, self.mesh]
+            .into_iter()
+            .flatten()
+            .map(|peer| peer.mode)
+            .find(|&mode| mode != MtlsMode::Unset)
+            .unwrap_or(MtlsMode::Permissive)
+    }
 }
 
 /// Every AuthorizationPolicy and PeerAuthentication, compiled: build one per change of the
@@ -33,6 +72,8 @@ pub struct Index {
     root_namespace: String,
     namespaces: HashMap<String, Namespace>,
     reports: Vec<PolicyReport>,
+    /// Whether any dry-run policy exists (connections skip that step otherwise).
+    dry_runs: bool,
 }
 
 impl Default for Index {
@@ -48,37 +89,66 @@ impl Index {
     /// handled as the module documentation says.
     pub fn build(policies: &[Arc<Policy>], root_namespace: &str) -> Self {
         let mut policies: Vec<&Policy> = policies.iter().map(AsRef::as_ref).collect();
-        policies.sort_by(|a, b| (a.kind, &a.key).cmp(&(b.kind, &b.key)));
+        // Oldest first, then by name: Istio's order wherever one policy must win.
+        policies.sort_by(|a, b| {
+            (a.kind, &a.key.namespace, a.created, &a.key.name).cmp(&(
+                b.kind,
+                &b.key.namespace,
+                b.created,
+                &b.key.name,
+            ))
+        });
         let mut namespaces: HashMap<String, Namespace> = HashMap::new();
         let mut reports = Vec::with_capacity(policies.len());
+        let mut dry_runs = false;
         for policy in policies {
+            let namespace = namespaces.entry(policy.key.namespace.clone()).or_default();
             match policy.kind {
                 PolicyKind::AuthorizationPolicy => {
-                    let (authz, report) = compile::authorization(policy, root_namespace);
-                    reports.push(report);
-                    if let Some(authz) = authz {
-                        let namespace = namespaces.entry(policy.key.namespace.clone()).or_default();
-                        match authz.action {
+                    let (authz, mut report) = compile::authorization(policy, root_namespace);
+                    report.dry_run = policy.dry_run;
+                    match authz {
+                        Some(authz) if policy.dry_run => {
+                            report.effect = format!("dry run, never enforced: {}", report.effect);
+                            dry_runs = true;
+                            namespace.dry_run.push(authz);
+                        }
+                        Some(authz) => match authz.action {
                             Action::Allow => namespace.allow.push(authz),
                             Action::Deny => namespace.deny.push(authz),
                             // Never compiled into an enforced policy.
                             Action::Audit | Action::Custom => {}
-                        }
+                        },
+                        None => {}
                     }
+                    reports.push(report);
                 }
                 PolicyKind::PeerAuthentication => {
                     let (peer, mut report) = compile::peer_authentication(policy, root_namespace);
-                    let namespace = namespaces.entry(policy.key.namespace.clone()).or_default();
-                    if peer.selector.is_some() {
-                        namespace.peer_workloads.push(peer);
-                    } else if namespace.peer.is_none() {
-                        namespace.peer = Some(peer);
-                    } else {
-                        report.effect = format!(
-                            "shadowed: another PeerAuthentication without a selector in namespace \
-                             {} comes first by name, and only one applies",
-                            policy.key.namespace
-                        );
+                    match peer {
+                        Some(peer) if peer.selector.is_some() => {
+                            namespace.peer_workloads.push(peer);
+                        }
+                        Some(peer) => {
+                            if let Some(first) = namespace.peer.first() {
+                                report.effect = format!(
+                                    "shadowed: {} is older (or as old and first by name), and \
+                                     Istio applies only the oldest {} PeerAuthentication",
+                                    first.key,
+                                    if policy.key.namespace == root_namespace {
+                                        "mesh-wide"
+                                    } else {
+                                        "namespace-wide"
+                                    }
+                                );
+                            }
+                            namespace.peer.push(peer);
+                        }
+                        None => namespace.peer_ignored.push((
+                            Arc::new(policy.key.clone()),
+                            compile::lenient_selector(&policy.spec),
+                            report.effect.clone(),
+                        )),
                     }
                     reports.push(report);
                 }
@@ -88,6 +158,7 @@ impl Index {
             root_namespace: root_namespace.to_owned(),
             namespaces,
             reports,
+            dry_runs,
         }
     }
 
@@ -97,7 +168,7 @@ impl Index {
     }
 
     /// The namespaces whose policies apply to `workload`: the root namespace's, then its own.
-    fn scopes(&self, workload: &Workload<'_>) -> [Option<&Namespace>; 2] {
+    pub(super) fn scopes(&self, workload: &Workload<'_>) -> [Option<&Namespace>; 2] {
         let root = self.namespaces.get(self.root_namespace.as_str());
         let own = if workload.namespace == self.root_namespace {
             None
@@ -111,12 +182,7 @@ impl Index {
     /// policy selecting the workload it is allowed; else any matching ALLOW policy allows; else
     /// it is denied.
     pub fn authorize(&self, request: &Request<'_>) -> Decision {
-        let conn = Connection {
-            source: request.source,
-            source_ip: request.source_ip.to_canonical(),
-            destination_ip: request.destination.ip().to_canonical(),
-            destination_port: request.destination.port(),
-        };
+        let conn = Connection::of(request);
         let labels = request.workload.labels;
         let scopes = self.scopes(&request.workload);
         let applicable = |policies: fn(&Namespace) -> &[Authz]| {
@@ -127,8 +193,7 @@ impl Index {
                 .filter(|authz| selects(authz.selector.as_ref(), labels))
         };
 
-        let matches = |authz: &&Authz| authz.rules.iter().any(|rule| rule.matches(&conn));
-        if let Some(deny) = applicable(|ns| ns.deny.as_slice()).find(matches) {
+        if let Some(deny) = applicable(|ns| ns.deny.as_slice()).find(|deny| deny.matches(&conn)) {
             return Decision {
                 allowed: false,
                 policy: Some(deny.key.clone()),
@@ -138,7 +203,7 @@ impl Index {
         let mut selected = false;
         for allow in applicable(|ns| ns.allow.as_slice()) {
             selected = true;
-            if matches(&allow) {
+            if allow.matches(&conn) {
                 return Decision {
                     allowed: true,
                     policy: Some(allow.key.clone()),
@@ -157,41 +222,66 @@ impl Index {
         }
     }
 
-    /// The effective mTLS mode of `port` of `workload` (never [`MtlsMode::Unset`]): the
-    /// workload's policy (its port-level mode first), else its namespace's, else the mesh's,
-    /// else PERMISSIVE; UNSET at one level defers to the next.
-    pub fn peer_authentication(&self, workload: Workload<'_>, port: u16) -> MtlsMode {
-        let own = self.namespaces.get(workload.namespace);
-        let root = self.namespaces.get(self.root_namespace.as_str());
-        let workload_policy = own.and_then(|ns| {
-            ns.peer_workloads
-                .iter()
-                .find(|peer| selects(peer.selector.as_ref(), workload.labels))
-        });
-        if let Some(peer) = workload_policy {
-            let port_mode = peer
-                .ports
-                .iter()
-                .find(|(number, _)| *number == port)
-                .map(|&(_, mode)| mode);
-            if let Some(mode) = port_mode.filter(|&mode| mode != MtlsMode::Unset) {
-                return mode;
-            }
+    /// What each dry-run AuthorizationPolicy that selects the request's workload would decide,
+    /// alone (as Istio's dry run does, per policy action): a DENY denies when it matches, an
+    /// ALLOW allows when it matches and denies otherwise. Calls `each(policy, would_allow)`.
+    pub fn dry_run(&self, request: &Request<'_>, mut each: impl FnMut(&Arc<ObjectKey>, bool)) {
+        if !self.dry_runs {
+            return;
         }
-        let levels = [
-            workload_policy,
-            own.and_then(|ns| ns.peer.as_ref()),
-            root.and_then(|ns| ns.peer.as_ref()),
-        ];
-        levels
+        let conn = Connection::of(request);
+        let dry_runs = self
+            .scopes(&request.workload)
             .into_iter()
             .flatten()
-            .map(|peer| peer.mode)
-            .find(|&mode| mode != MtlsMode::Unset)
-            .unwrap_or(MtlsMode::Permissive)
+            .flat_map(|ns| &ns.dry_run)
+            .filter(|authz| selects(authz.selector.as_ref(), request.workload.labels));
+        for authz in dry_runs {
+            let matched = authz.matches(&conn);
+            each(&authz.key, matched == (authz.action == Action::Allow));
+        }
     }
 
-    /// What was made of each policy, in (kind, namespace, name) order.
+    /// The PeerAuthentication of each level for `workload` (Istio's ambient reading: only the
+    /// root namespace's namespace-wide policies are mesh-wide; a selector there is ignored, and
+    /// so is DISABLE).
+    pub(super) fn peer_levels(&self, workload: Workload<'_>) -> PeerLevels<'_> {
+        let root = self.namespaces.get(self.root_namespace.as_str());
+        let own = if workload.namespace == self.root_namespace {
+            None
+        } else {
+            self.namespaces.get(workload.namespace)
+        };
+        PeerLevels {
+            mesh: root.and_then(|ns| ns.peer.first()),
+            namespace: own.and_then(|ns| ns.peer.first()),
+            workload: own.and_then(|ns| {
+                ns.peer_workloads
+                    .iter()
+                    .find(|peer| selects(peer.selector.as_ref(), workload.labels))
+            }),
+        }
+    }
+
+    /// The effective mTLS mode of `port` of `workload` (STRICT or PERMISSIVE): the workload
+    /// policy's mode for the port, else the narrowest level's mode that is not UNSET (workload,
+    /// namespace, mesh), else PERMISSIVE.
+    pub fn peer_authentication(&self, workload: Workload<'_>, port: u16) -> MtlsMode {
+        self.peer_levels(workload).mode(port)
+    }
+
+    /// Which policies apply to `workload`, in the order Istio considers them, and why each
+    /// applies or does not: what `meshlet policies --workload` prints.
+    pub fn explain(&self, workload: Workload<'_>) -> Explanation {
+        explain::explain(self, workload)
+    }
+
+    /// The namespace `name`'s policies, if it has any.
+    pub(super) fn namespace(&self, name: &str) -> Option<&Namespace> {
+        self.namespaces.get(name)
+    }
+
+    /// What was made of each policy, in (kind, namespace, creation, name) order.
     pub fn report(&self) -> Vec<PolicyReport> {
         self.reports.clone()
     }

@@ -57,6 +57,7 @@
 mod cache;
 mod compile;
 mod evaluate;
+mod explain;
 mod index;
 pub mod spec;
 
@@ -72,6 +73,7 @@ use std::{
 
 use serde::{Serialize, Serializer};
 
+pub use explain::{Explanation, PolicyStatus, Standing};
 pub use index::Index;
 
 use crate::{
@@ -252,6 +254,9 @@ pub struct PolicyReport {
     /// The mode (`mtls.mode`) of a PeerAuthentication, if it could be read.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mode: Option<MtlsMode>,
+    /// An AuthorizationPolicy annotated `istio.io/dry-run: "true"`: evaluated, logged and
+    /// counted, never enforced.
+    pub dry_run: bool,
     /// How many rules an AuthorizationPolicy has, as written.
     pub rules: usize,
     /// Which workloads it applies to, in words.
@@ -385,6 +390,8 @@ pub fn synthetic(n: usize, selecting: usize) -> Vec<Arc<Policy>> {
             Arc::new(Policy {
                 kind: PolicyKind::AuthorizationPolicy,
                 key: ObjectKey::new(SYNTHETIC_NAMESPACE, format!("synthetic-{i:010}")),
+                created: None,
+                dry_run: false,
                 spec,
             })
         })

@@ -16,6 +16,8 @@ fn policy(kind: PolicyKind, namespace: &str, name: &str, spec: Value) -> Arc<Pol
     Arc::new(Policy {
         kind,
         key: ObjectKey::new(namespace, name),
+        created: None,
+        dry_run: false,
         spec,
     })
 }
@@ -1305,102 +1307,193 @@ fn invalid_policies_fail_closed() {
     assert!(decide(&index, MTLS).allowed);
 }
 
+/// A PeerAuthentication created `minute` minutes into the day (Istio breaks ties by age).
+fn peer_at(namespace: &str, name: &str, minute: i64, spec: Value) -> Arc<Policy> {
+    created_at(peer(namespace, name, spec), minute)
+}
+
+/// An AuthorizationPolicy created `minute` minutes into the day.
+fn authz_at(namespace: &str, name: &str, minute: i64, spec: Value) -> Arc<Policy> {
+    created_at(authz(namespace, name, spec), minute)
+}
+
+fn created_at(policy: Arc<Policy>, minute: i64) -> Arc<Policy> {
+    let mut policy = Arc::unwrap_or_clone(policy);
+    policy.created = Some(
+        k8s_openapi::jiff::Timestamp::from_second(1_764_547_200 + minute * 60).expect("a time"),
+    );
+    Arc::new(policy)
+}
+
+/// A dry-run AuthorizationPolicy (`istio.io/dry-run: "true"`).
+fn dry_run(namespace: &str, name: &str, spec: Value) -> Arc<Policy> {
+    let mut policy = Arc::unwrap_or_clone(authz(namespace, name, spec));
+    policy.dry_run = true;
+    Arc::new(policy)
+}
+
+/// `mtls.mode`, with `selector` when it is given.
+fn mode_spec(mode: &str, selector: Option<Value>) -> Value {
+    let mut spec = json!({"mtls": {"mode": mode}});
+    if let Some(selector) = selector {
+        spec["selector"] = selector;
+    }
+    spec
+}
+
+fn app(name: &str) -> Option<Value> {
+    Some(json!({"matchLabels": {"app": name}}))
+}
+
+/// Each case quotes the sentence of Istio's documentation it checks (security concepts,
+/// <https://istio.io/latest/docs/concepts/security/#authentication-policies>, unless it names
+/// another page), then the policies, the port, and the mode of `app=server` in namespace `app`.
 #[test]
-fn peer_authentication_precedence() {
-    let mode = |mode: &str| json!({"mtls": {"mode": mode}});
-    let workload = |app: &str, spec: Value| {
-        let mut spec = spec;
-        spec["selector"] = json!({"matchLabels": {"app": app}});
-        spec
-    };
+fn peer_authentication_follows_istio() {
     let root = DEFAULT_ROOT_NAMESPACE;
+    let strict = |selector| mode_spec("STRICT", selector);
+    let permissive = |selector| mode_spec("PERMISSIVE", selector);
     type Case = (&'static str, Vec<Arc<Policy>>, u16, MtlsMode);
     let cases: Vec<Case> = vec![
-        ("default", vec![], 8080, MtlsMode::Permissive),
         (
-            "mesh",
-            vec![peer(root, "m", mode("STRICT"))],
-            8080,
-            MtlsMode::Strict,
-        ),
-        (
-            "mesh UNSET",
-            vec![peer(root, "m", mode("UNSET"))],
-            8080,
-            MtlsMode::Permissive,
-        ),
-        (
-            "mesh without mtls",
+            "Mesh-wide peer authentication policies with an unset mode use the PERMISSIVE mode \
+             by default.",
             vec![peer(root, "m", json!({}))],
             8080,
             MtlsMode::Permissive,
         ),
         (
-            "namespace beats mesh",
+            "Mesh-wide policy: A policy specified for the root namespace without or with an \
+             empty `selector` field. (without)",
+            vec![peer(root, "m", strict(None))],
+            8080,
+            MtlsMode::Strict,
+        ),
+        (
+            "Mesh-wide policy: A policy specified for the root namespace without or with an \
+             empty `selector` field. (empty)",
+            vec![peer(root, "m", strict(Some(json!({}))))],
+            8080,
+            MtlsMode::Strict,
+        ),
+        (
+            "Mesh-wide policy: ... with an empty `selector` field. (empty matchLabels)",
+            vec![peer(root, "m", strict(Some(json!({"matchLabels": {}}))))],
+            8080,
+            MtlsMode::Strict,
+        ),
+        (
+            "Namespace-wide policy: A policy specified for a non-root namespace without or with \
+             an empty `selector` field.",
+            vec![peer(NS, "n", strict(Some(json!({}))))],
+            8080,
+            MtlsMode::Strict,
+        ),
+        (
+            "Namespace-wide policy ... They only apply to workloads within their namespace.",
+            vec![peer("other", "n", strict(None))],
+            8080,
+            MtlsMode::Permissive,
+        ),
+        (
+            "Istio applies the narrowest matching policy for each workload: namespace-wide \
+             before mesh-wide.",
             vec![
-                peer(root, "m", mode("STRICT")),
-                peer(NS, "n", mode("PERMISSIVE")),
+                peer(root, "m", strict(None)),
+                peer(NS, "n", permissive(None)),
             ],
             8080,
             MtlsMode::Permissive,
         ),
         (
-            "namespace UNSET inherits mesh",
+            "Istio applies the narrowest matching policy for each workload: workload-specific \
+             before namespace-wide (the namespace's written with an empty selector).",
             vec![
-                peer(root, "m", mode("STRICT")),
-                peer(NS, "n", mode("UNSET")),
+                peer(NS, "n", strict(Some(json!({})))),
+                peer(NS, "w", permissive(app("server"))),
+            ],
+            8080,
+            MtlsMode::Permissive,
+        ),
+        (
+            "Workload-specific policy: a policy defined in the regular namespace, with non-empty \
+             selector field. (another workload's)",
+            vec![
+                peer(NS, "n", strict(None)),
+                peer(NS, "w", permissive(app("other"))),
             ],
             8080,
             MtlsMode::Strict,
         ),
         (
-            "other namespace does not apply",
-            vec![
-                peer(root, "m", mode("DISABLE")),
-                peer("b", "n", mode("STRICT")),
-            ],
+            "Workload-specific policy: a policy defined in the regular namespace, with non-empty \
+             selector field. (a selector in the root namespace is neither)",
+            vec![peer(root, "w", strict(app("server")))],
             8080,
-            MtlsMode::Disable,
+            MtlsMode::Permissive,
         ),
         (
-            "workload beats namespace",
-            vec![
-                peer(NS, "n", mode("STRICT")),
-                peer(NS, "w", workload("server", mode("DISABLE"))),
-            ],
+            "When the mode is unset, the mode of the parent scope is inherited. (namespace)",
+            vec![peer(root, "m", strict(None)), peer(NS, "n", json!({}))],
             8080,
-            MtlsMode::Disable,
+            MtlsMode::Strict,
         ),
         (
-            "workload policy for another workload",
+            "When the mode is unset, the mode of the parent scope is inherited. (workload, \
+             namespace, mesh)",
             vec![
-                peer(NS, "n", mode("STRICT")),
-                peer(NS, "w", workload("other", mode("DISABLE"))),
+                peer(root, "m", strict(None)),
+                peer(NS, "n", mode_spec("UNSET", None)),
+                peer(
+                    NS,
+                    "w",
+                    json!({"selector": {"matchLabels": {"app": "server"}}}),
+                ),
             ],
             8080,
             MtlsMode::Strict,
         ),
         (
-            "workload UNSET inherits namespace",
+            "When you configure multiple mesh- or namespace-wide peer authentication policies \
+             for the same mesh or namespace, Istio ignores the newer policies. (namespace)",
             vec![
-                peer(NS, "n", mode("STRICT")),
-                peer(NS, "w", workload("server", mode("UNSET"))),
+                peer_at(NS, "a-newer", 2, permissive(None)),
+                peer_at(NS, "b-older", 1, strict(None)),
             ],
             8080,
             MtlsMode::Strict,
         ),
         (
-            "workload UNSET, namespace UNSET, mesh",
+            "... Istio ignores the newer policies. (mesh)",
             vec![
-                peer(root, "m", mode("STRICT")),
-                peer(NS, "n", json!({})),
-                peer(NS, "w", workload("server", json!({}))),
+                peer_at(root, "a-newer", 2, strict(None)),
+                peer_at(root, "b-older", 1, permissive(None)),
+            ],
+            8080,
+            MtlsMode::Permissive,
+        ),
+        (
+            "... Istio ignores the newer policies. (as old: the first by name)",
+            vec![
+                peer_at(NS, "b", 1, strict(None)),
+                peer_at(NS, "a", 1, permissive(None)),
+            ],
+            8080,
+            MtlsMode::Permissive,
+        ),
+        (
+            "When more than one workload-specific peer authentication policy matches, Istio \
+             picks the oldest one.",
+            vec![
+                peer_at(NS, "a-newer", 2, permissive(app("server"))),
+                peer_at(NS, "b-older", 1, strict(app("server"))),
             ],
             8080,
             MtlsMode::Strict,
         ),
         (
-            "port beats workload",
+            "With workload-specific peer authentication policies, you can specify different \
+             mutual TLS modes for different ports.",
             vec![peer(
                 NS,
                 "w",
@@ -1411,7 +1504,8 @@ fn peer_authentication_precedence() {
             MtlsMode::Strict,
         ),
         (
-            "other port keeps the workload mode",
+            "... different mutual TLS modes for different ports (another port keeps the \
+             workload's).",
             vec![peer(
                 NS,
                 "w",
@@ -1422,49 +1516,22 @@ fn peer_authentication_precedence() {
             MtlsMode::Permissive,
         ),
         (
-            "port DISABLE under a STRICT namespace",
+            "... uses the mutual TLS settings of the namespace-wide peer authentication policy \
+             for all other ports.",
             vec![
-                peer(NS, "n", mode("STRICT")),
+                peer(NS, "n", strict(None)),
                 peer(
                     NS,
                     "w",
                     json!({"selector": {"matchLabels": {"app": "server"}},
-                           "portLevelMtls": {"8080": {"mode": "DISABLE"}}}),
+                           "portLevelMtls": {"8080": {"mode": "PERMISSIVE"}}}),
                 ),
             ],
-            8080,
-            MtlsMode::Disable,
-        ),
-        (
-            "port UNSET inherits the workload mode",
-            vec![
-                peer(NS, "n", mode("PERMISSIVE")),
-                peer(
-                    NS,
-                    "w",
-                    json!({"selector": {"matchLabels": {"app": "server"}}, "mtls": {"mode": "STRICT"},
-                           "portLevelMtls": {"8080": {"mode": "UNSET"}}}),
-                ),
-            ],
-            8080,
+            9090,
             MtlsMode::Strict,
         ),
         (
-            "port UNSET and workload UNSET inherit the namespace",
-            vec![
-                peer(NS, "n", mode("STRICT")),
-                peer(
-                    NS,
-                    "w",
-                    json!({"selector": {"matchLabels": {"app": "server"}},
-                           "portLevelMtls": {"8080": {}}}),
-                ),
-            ],
-            8080,
-            MtlsMode::Strict,
-        ),
-        (
-            "port-level needs a selector",
+            "portLevelMtls: a policy without a selector has none (the field is ignored).",
             vec![peer(
                 NS,
                 "n",
@@ -1474,37 +1541,58 @@ fn peer_authentication_precedence() {
             MtlsMode::Permissive,
         ),
         (
-            "root namespace selector is workload-level in the root namespace only",
-            vec![peer(root, "w", workload("server", mode("STRICT")))],
-            8080,
-            MtlsMode::Permissive,
-        ),
-        (
-            "first namespace-wide policy by name wins",
+            "In ambient mode ... `DISABLE` mode is not supported. (PeerAuthentication reference: \
+             the policy takes no part; the mesh's STRICT stands)",
             vec![
-                peer(NS, "b", mode("STRICT")),
-                peer(NS, "a", mode("DISABLE")),
+                peer(root, "m", strict(None)),
+                peer(NS, "n", mode_spec("DISABLE", None)),
             ],
-            8080,
-            MtlsMode::Disable,
-        ),
-        (
-            "invalid mode fails closed",
-            vec![peer(NS, "n", mode("STRONG"))],
             8080,
             MtlsMode::Strict,
         ),
         (
-            "unreadable spec fails closed",
+            "In ambient mode ... `DISABLE` mode is not supported. (a DISABLE workload policy \
+             does not shadow an older... newer one)",
             vec![
-                peer(root, "m", mode("DISABLE")),
+                peer_at(NS, "a", 1, mode_spec("DISABLE", app("server"))),
+                peer_at(NS, "b", 2, permissive(app("server"))),
+                peer(NS, "n", strict(None)),
+            ],
+            8080,
+            MtlsMode::Permissive,
+        ),
+        (
+            "In ambient mode ... `DISABLE` mode is not supported. (a DISABLE port takes the \
+             policy's mode)",
+            vec![
+                peer(NS, "n", strict(None)),
+                peer(
+                    NS,
+                    "w",
+                    json!({"selector": {"matchLabels": {"app": "server"}},
+                           "portLevelMtls": {"8080": {"mode": "DISABLE"}}}),
+                ),
+            ],
+            8080,
+            MtlsMode::Strict,
+        ),
+        (
+            "meshlet: an invalid mode fails closed (STRICT).",
+            vec![peer(NS, "n", mode_spec("STRONG", None))],
+            8080,
+            MtlsMode::Strict,
+        ),
+        (
+            "meshlet: an unreadable spec fails closed (STRICT).",
+            vec![
+                peer(root, "m", permissive(None)),
                 peer(NS, "n", json!({"mtls": "STRICT"})),
             ],
             8080,
             MtlsMode::Strict,
         ),
         (
-            "bad port key fails closed",
+            "meshlet: a bad port key fails closed (STRICT), DISABLE or not.",
             vec![peer(
                 NS,
                 "w",
@@ -1516,46 +1604,374 @@ fn peer_authentication_precedence() {
         ),
     ];
     let server = labels(&[("app", "server")]);
-    for (name, policies, port, want) in cases {
+    for (istio, policies, port, want) in cases {
         let index = build(&policies);
         let workload = Workload {
             namespace: NS,
             labels: &server,
         };
-        assert_eq!(index.peer_authentication(workload, port), want, "{name}");
+        assert_eq!(index.peer_authentication(workload, port), want, "{istio}");
     }
 
-    // A root-namespace workload policy applies to root-namespace workloads.
-    let index = build(&[peer(root, "w", workload("server", mode("STRICT")))]);
-    let workload = Workload {
+    // A workload of the root namespace gets the mesh-wide policy; a selector there applies to
+    // nothing, not even the root namespace's own workloads.
+    let index = build(&[
+        peer(root, "m", permissive(None)),
+        peer(root, "w", strict(app("server"))),
+    ]);
+    let in_root = Workload {
         namespace: root,
         labels: &server,
     };
-    assert_eq!(index.peer_authentication(workload, 1), MtlsMode::Strict);
+    assert_eq!(index.peer_authentication(in_root, 1), MtlsMode::Permissive);
+}
 
-    // What is recorded.
-    let index = build(&[peer(
+#[test]
+fn peer_authentication_reports_say_which_policy_wins_and_what_is_ignored() {
+    let root = DEFAULT_ROOT_NAMESPACE;
+    let index = build(&[
+        peer_at(NS, "a-newer", 2, mode_spec("PERMISSIVE", None)),
+        peer_at(NS, "b-older", 1, mode_spec("STRICT", None)),
+        peer(NS, "off", mode_spec("DISABLE", None)),
+        peer(root, "w", mode_spec("STRICT", app("server"))),
+        peer(
+            NS,
+            "ports",
+            json!({"selector": {"matchLabels": {"app": "server"}}, "mtls": {"mode": "STRICT"},
+                   "portLevelMtls": {"8080": {"mode": "DISABLE"}}}),
+        ),
+    ]);
+    let effect = |name: &str| {
+        let report = index
+            .report()
+            .into_iter()
+            .find(|r| r.key.name == name)
+            .expect("reported");
+        (report.effect, report.unsupported)
+    };
+    // Oldest first: the older applies, the newer is shadowed by it.
+    assert_eq!(effect("b-older").0, "enforced");
+    assert!(
+        effect("a-newer")
+            .0
+            .starts_with("shadowed: app/b-older is older"),
+        "{:?}",
+        effect("a-newer")
+    );
+    assert!(
+        effect("off")
+            .0
+            .starts_with("ignored: DISABLE is not supported in ambient mode"),
+        "{:?}",
+        effect("off")
+    );
+    assert!(
+        effect("w")
+            .0
+            .starts_with("ignored: a PeerAuthentication with a selector in the root namespace"),
+        "{:?}",
+        effect("w")
+    );
+    let (effect_ports, unsupported) = effect("ports");
+    assert_eq!(effect_ports, "enforced");
+    assert_eq!(unsupported[0].path, "portLevelMtls.8080.mode");
+    let flat = build(&[peer(
         NS,
-        "n",
-        json!({"mtls": {"mode": "STRICT"}, "portLevelMtls": {"8080": {"mode": "DISABLE"}}}),
+        "flat",
+        json!({"mtls": {"mode": "STRICT"}, "portLevelMtls": {"8080": {"mode": "PERMISSIVE"}}}),
     )]);
-    let report = only_report(&index);
-    assert_eq!(report.mode, Some(MtlsMode::Strict));
-    assert_eq!(report.unsupported[0].path, "portLevelMtls");
-    let index = build(&[peer(NS, "n", mode("STRONG"))]);
-    let report = only_report(&index);
+    assert_eq!(only_report(&flat).unsupported[0].path, "portLevelMtls");
+    // The reports come in (kind, namespace, age, name) order: no time counts as the oldest.
+    let names: Vec<String> = index.report().iter().map(|r| r.key.name.clone()).collect();
+    assert_eq!(names, ["off", "ports", "b-older", "a-newer", "w"]);
+    let invalid = build(&[peer(NS, "n", mode_spec("STRONG", None))]);
+    let report = only_report(&invalid);
     assert!(
         matches!(&report.errors[..], [Error::UnknownMode { path, value }] if path == "mtls.mode" && value == "STRONG"),
         "{report:?}"
     );
+}
+
+/// Each case quotes Istio's authorization documentation
+/// (<https://istio.io/latest/docs/concepts/security/#policy-target>).
+#[test]
+fn authorization_policy_scope_follows_istio() {
+    let root = DEFAULT_ROOT_NAMESPACE;
+    let deny_all = |selector: Option<Value>| {
+        let mut spec = json!({"action": "DENY", "rules": [{}]});
+        if let Some(selector) = selector {
+            spec["selector"] = selector;
+        }
+        spec
+    };
+    type Case = (&'static str, Vec<Arc<Policy>>, &'static str, bool);
+    let cases: Vec<Case> = vec![
+        (
+            "If not set, the authorization policy applies to all workloads in the same namespace \
+             as the authorization policy.",
+            vec![authz(NS, "p", deny_all(None))],
+            NS,
+            false,
+        ),
+        (
+            "If not set ... (an empty selector is not set either)",
+            vec![authz(NS, "p", deny_all(Some(json!({}))))],
+            NS,
+            false,
+        ),
+        (
+            "If not set ... (nor is an empty matchLabels)",
+            vec![authz(NS, "p", deny_all(Some(json!({"matchLabels": {}}))))],
+            NS,
+            false,
+        ),
+        (
+            "If set to any other namespace, the policy only applies to the specified namespace.",
+            vec![authz(NS, "p", deny_all(Some(json!({}))))],
+            "other",
+            true,
+        ),
+        (
+            "If set its value to the root namespace, the policy applies to all namespaces in a \
+             mesh. (empty selector)",
+            vec![authz(root, "p", deny_all(Some(json!({}))))],
+            "other",
+            false,
+        ),
+        (
+            "If set its value to the root namespace ... (its selector picks workloads in every \
+             namespace)",
+            vec![authz(root, "p", deny_all(app("server")))],
+            "other",
+            false,
+        ),
+        (
+            "The selector ... uses labels to select the target workload.",
+            vec![authz(root, "p", deny_all(app("client")))],
+            "other",
+            true,
+        ),
+    ];
+    let server = labels(&[("app", "server")]);
+    let source_ip = "10.0.0.1".parse().unwrap();
+    for (istio, policies, namespace, allowed) in cases {
+        let index = build(&policies);
+        let request = Request {
+            workload: Workload {
+                namespace,
+                labels: &server,
+            },
+            destination: "10.0.0.2:8080".parse().unwrap(),
+            source: None,
+            source_ip,
+        };
+        assert_eq!(index.authorize(&request).allowed, allowed, "{istio}");
+    }
+    // The policy named by a decision is the oldest that matches.
     let index = build(&[
-        peer(NS, "b", mode("STRICT")),
-        peer(NS, "a", mode("DISABLE")),
+        authz_at(NS, "a-newer", 2, deny_all(None)),
+        authz_at(NS, "b-older", 1, deny_all(None)),
     ]);
+    let request = Request {
+        workload: Workload {
+            namespace: NS,
+            labels: &server,
+        },
+        destination: "10.0.0.2:8080".parse().unwrap(),
+        source: None,
+        source_ip,
+    };
+    assert_eq!(
+        index
+            .authorize(&request)
+            .policy
+            .as_deref()
+            .map(|k| k.name.as_str()),
+        Some("b-older")
+    );
+}
+
+/// "The dry-run annotation allows you to better understand the effect of an authorization
+/// policy before applying it to the production traffic."
+/// (<https://istio.io/latest/docs/tasks/security/authorization/authz-dry-run/>)
+#[test]
+fn dry_run_policies_are_evaluated_and_never_enforced() {
+    let server = labels(&[("app", "server")]);
+    let request = |port: u16| Request {
+        workload: Workload {
+            namespace: NS,
+            labels: &server,
+        },
+        destination: format!("10.0.0.2:{port}").parse().unwrap(),
+        source: None,
+        source_ip: "10.0.0.1".parse().unwrap(),
+    };
+    let index = build(&[
+        dry_run(
+            NS,
+            "deny-8080",
+            json!({"action": "DENY", "rules": [{"to": [{"operation": {"ports": ["8080"]}}]}]}),
+        ),
+        dry_run(
+            NS,
+            "allow-9090",
+            json!({"rules": [{"to": [{"operation": {"ports": ["9090"]}}]}]}),
+        ),
+        dry_run(
+            NS,
+            "for-another",
+            json!({"selector": {"matchLabels": {"app": "other"}}, "action": "DENY", "rules": [{}]}),
+        ),
+    ]);
+    let would = |port: u16| {
+        let mut seen = Vec::new();
+        index.dry_run(&request(port), |policy, allow| {
+            seen.push((policy.name.clone(), allow));
+        });
+        seen.sort();
+        seen
+    };
+    // Never enforced: no ALLOW policy is in force, so everything is allowed...
+    for port in [8080, 9090] {
+        let decision = index.authorize(&request(port));
+        assert_eq!(
+            (decision.allowed, decision.reason),
+            (true, Reason::NoAllowPolicy)
+        );
+    }
+    // ...and each dry run says what it alone would have decided.
+    assert_eq!(
+        would(8080),
+        [
+            ("allow-9090".to_owned(), false),
+            ("deny-8080".to_owned(), false)
+        ]
+    );
+    assert_eq!(
+        would(9090),
+        [
+            ("allow-9090".to_owned(), true),
+            ("deny-8080".to_owned(), true)
+        ]
+    );
+    let report = index
+        .report()
+        .into_iter()
+        .find(|r| r.key.name == "deny-8080")
+        .unwrap();
+    assert!(report.dry_run);
     assert!(
-        index.report()[1].effect.starts_with("shadowed"),
-        "{:?}",
-        index.report()
+        report.effect.starts_with("dry run, never enforced"),
+        "{report:?}"
+    );
+    // No dry run at all: nothing is called.
+    let plain = build(&[authz(NS, "p", json!({"action": "DENY", "rules": [{}]}))]);
+    plain.dry_run(&request(8080), |_, _| panic!("no dry-run policy exists"));
+}
+
+#[test]
+fn explain_says_why_each_policy_applies_or_not() {
+    let root = DEFAULT_ROOT_NAMESPACE;
+    let server = labels(&[("app", "server")]);
+    let workload = Workload {
+        namespace: NS,
+        labels: &server,
+    };
+    let status = |explanation: &Explanation, name: &str| {
+        explanation
+            .policies
+            .iter()
+            .find(|p| p.key.name == name)
+            .map(|p| (p.status, p.why.clone()))
+            .unwrap_or_else(|| panic!("{name} not listed: {explanation:?}"))
+    };
+    // Case 1: the mesh-wide STRICT written with `selector: {}`.
+    let explanation =
+        build(&[peer(root, "mesh", mode_spec("STRICT", Some(json!({}))))]).explain(workload);
+    assert_eq!(explanation.mtls, MtlsMode::Strict);
+    assert_eq!(status(&explanation, "mesh").0, PolicyStatus::Applies);
+
+    // Case 2: a namespace STRICT written with `selector: {}`, a PERMISSIVE for app=server.
+    let explanation = build(&[
+        peer(NS, "ns", mode_spec("STRICT", Some(json!({})))),
+        peer(NS, "server", mode_spec("PERMISSIVE", app("server"))),
+        peer(root, "mesh", mode_spec("STRICT", None)),
+    ])
+    .explain(workload);
+    assert_eq!(explanation.mtls, MtlsMode::Permissive);
+    let names: Vec<&str> = explanation
+        .policies
+        .iter()
+        .map(|p| p.key.name.as_str())
+        .collect();
+    assert_eq!(names, ["server", "ns", "mesh"], "narrowest first");
+    assert_eq!(status(&explanation, "server").0, PolicyStatus::Applies);
+    let (ns, why) = status(&explanation, "ns");
+    assert_eq!(ns, PolicyStatus::Overridden);
+    assert!(why.contains("app/server sets the mode"), "{why}");
+    assert_eq!(status(&explanation, "mesh").0, PolicyStatus::Overridden);
+
+    // Case 3: two namespace-wide policies: the older applies, the newer is shadowed.
+    let explanation = build(&[
+        peer_at(NS, "a-newer", 2, mode_spec("PERMISSIVE", None)),
+        peer_at(NS, "b-older", 1, mode_spec("STRICT", None)),
+    ])
+    .explain(workload);
+    assert_eq!(explanation.mtls, MtlsMode::Strict);
+    assert_eq!(status(&explanation, "b-older").0, PolicyStatus::Applies);
+    let (shadowed, why) = status(&explanation, "a-newer");
+    assert_eq!(shadowed, PolicyStatus::Shadowed);
+    assert!(why.starts_with("app/b-older is older"), "{why}");
+
+    // Ports, inheritance, ignored policies and authorization policies in evaluation order.
+    let explanation = build(&[
+        peer(root, "mesh", mode_spec("STRICT", None)),
+        peer(NS, "unset", json!({})),
+        peer(
+            NS,
+            "ports",
+            json!({"selector": {"matchLabels": {"app": "server"}},
+                   "portLevelMtls": {"8080": {"mode": "PERMISSIVE"}}}),
+        ),
+        peer(NS, "off", mode_spec("DISABLE", app("server"))),
+        authz(NS, "allow", json!({"rules": [{}]})),
+        authz(
+            root,
+            "deny",
+            json!({"action": "DENY", "selector": {"matchLabels": {"app": "server"}}}),
+        ),
+        dry_run(NS, "try", json!({"action": "DENY", "rules": [{}]})),
+        authz(
+            NS,
+            "elsewhere",
+            json!({"selector": {"matchLabels": {"app": "other"}}}),
+        ),
+    ])
+    .explain(workload);
+    assert_eq!(explanation.mtls, MtlsMode::Strict);
+    assert_eq!(
+        explanation.ports,
+        [explain::PortMode {
+            port: 8080,
+            mode: MtlsMode::Permissive
+        }]
+    );
+    let listed: Vec<(&str, PolicyStatus)> = explanation
+        .policies
+        .iter()
+        .map(|p| (p.key.name.as_str(), p.status))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("ports", PolicyStatus::Applies),
+            ("unset", PolicyStatus::Inherits),
+            ("mesh", PolicyStatus::Applies),
+            ("off", PolicyStatus::Ignored),
+            ("deny", PolicyStatus::Applies),
+            ("allow", PolicyStatus::Applies),
+            ("try", PolicyStatus::DryRun),
+        ]
     );
 }
 

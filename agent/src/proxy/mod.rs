@@ -213,20 +213,21 @@ impl Proxy {
         let index = self.policies();
         self.connections.recheck(|connection| {
             let pod = self.store.pod_by_ip(connection.destination.ip())?;
-            self.check(
-                &index,
-                &pod,
-                connection.destination,
-                connection.source_identity.as_ref(),
-                connection.source.ip(),
-            )
-            .err()
+            let request = policy::Request {
+                workload: policy::Workload::from(&*pod),
+                destination: connection.destination,
+                source: connection.source_identity.as_ref(),
+                source_ip: connection.source.ip(),
+            };
+            // Dry runs were counted when the connection was admitted.
+            Self::decide(&index, &request).err()
         })
     }
 
-    /// Whether a connection to `destination` on `pod` from `source` (identity `None` for
+    /// Whether a new connection to `destination` on `pod` from `source` (identity `None` for
     /// plaintext) is allowed: PeerAuthentication first (plaintext to a STRICT port is refused),
-    /// then AuthorizationPolicy. `Err` carries the reason, for logs.
+    /// then AuthorizationPolicy. Dry-run policies are evaluated alongside, logged and counted.
+    /// `Err` carries the reason, for logs.
     pub fn check(
         &self,
         index: &policy::Index,
@@ -235,21 +236,49 @@ impl Proxy {
         source: Option<&Identity>,
         source_ip: IpAddr,
     ) -> Result<(), String> {
-        let workload = policy::Workload::from(pod);
-        if source.is_none()
-            && !index
-                .peer_authentication(workload, destination.port())
-                .allows_plaintext()
-        {
-            return Err("plaintext refused: PeerAuthentication STRICT".to_owned());
-        }
         let request = policy::Request {
-            workload,
+            workload: policy::Workload::from(pod),
             destination,
             source,
             source_ip,
         };
-        let decision = index.authorize(&request);
+        Self::peer_authentication(index, &request)?;
+        index.dry_run(&request, |policy, would_allow| {
+            let policy = policy.to_string();
+            self.metrics.dry_run(&policy, would_allow);
+            if !would_allow {
+                tracing::info!(
+                    %policy, workload = %pod.key, src = %source_ip, dst = %destination,
+                    "dry-run policy would deny"
+                );
+            }
+        });
+        Self::authorize(index, &request)
+    }
+
+    /// [`Proxy::check`] without the dry runs.
+    fn decide(index: &policy::Index, request: &policy::Request<'_>) -> Result<(), String> {
+        Self::peer_authentication(index, request)?;
+        Self::authorize(index, request)
+    }
+
+    /// Refuses plaintext to a port whose PeerAuthentication is STRICT.
+    fn peer_authentication(
+        index: &policy::Index,
+        request: &policy::Request<'_>,
+    ) -> Result<(), String> {
+        if request.source.is_none()
+            && !index
+                .peer_authentication(request.workload, request.destination.port())
+                .allows_plaintext()
+        {
+            return Err("plaintext refused: PeerAuthentication STRICT".to_owned());
+        }
+        Ok(())
+    }
+
+    fn authorize(index: &policy::Index, request: &policy::Request<'_>) -> Result<(), String> {
+        let decision = index.authorize(request);
         if decision.allowed {
             Ok(())
         } else {

@@ -165,6 +165,11 @@ pub enum PolicyKind {
     PeerAuthentication,
 }
 
+/// The annotation that makes an AuthorizationPolicy a dry run: evaluated, logged and counted,
+/// never enforced (`"true"`, or another true value of Go's `strconv.ParseBool`, as Istio reads
+/// it).
+pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
+
 /// An AuthorizationPolicy or PeerAuthentication, spec kept as written (the policy module
 /// compiles it).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -173,6 +178,11 @@ pub struct Policy {
     pub kind: PolicyKind,
     /// Namespace and name.
     pub key: ObjectKey,
+    /// `metadata.creationTimestamp`: Istio breaks ties between policies by age, oldest first.
+    /// `None` (a workload file that leaves it out) counts as older than any time.
+    pub created: Option<k8s_openapi::jiff::Timestamp>,
+    /// Annotated [`DRY_RUN_ANNOTATION`]` with a true value (AuthorizationPolicy only).
+    pub dry_run: bool,
     /// `spec`.
     pub spec: serde_json::Value,
 }
