@@ -45,14 +45,22 @@
 //! - an unreadable selector selects every workload in the policy's scope (selecting more only
 //!   ever restricts more).
 //!
+//! An empty selector (`{}`, or `matchLabels: {}`) is no selector, for both kinds, as in Istio.
+//!
+//! A policy annotated `istio.io/dry-run: "true"` is evaluated ([`Index::dry_run`]), logged and
+//! counted, and never enforced.
+//!
 //! # PeerAuthentication
 //!
-//! The most specific policy wins: workload (with a selector) over namespace (without) over mesh
-//! (root namespace, without); `portLevelMtls` (workload policies only, as in Istio) beats its
-//! policy's own mode; `UNSET` inherits from the next broader level; the default is PERMISSIVE.
-//! Istio breaks ties between policies of one level by age; meshlet, which does not see creation
-//! times, takes the first by name. An invalid PeerAuthentication counts as STRICT for what it
-//! selects (fail closed).
+//! As Istio's ambient mode reads it: one policy per level, the oldest (creation time, then
+//! name) of each: mesh-wide (root namespace, no selector), namespace-wide (no selector) and
+//! workload-specific (a selector that selects the workload, not in the root namespace). The
+//! narrowest level that sets a mode wins: the workload policy's `portLevelMtls` for the port,
+//! then its own mode, then the namespace's, then the mesh's; `UNSET` inherits; the default is
+//! PERMISSIVE. DISABLE is not supported in ambient mode: such a policy (or port) takes no part,
+//! and neither does a selector in the root namespace. An invalid PeerAuthentication counts as
+//! STRICT for what it selects (fail closed). [`Index::explain`] says, for one workload, which
+//! policy decides and why each other one does not.
 
 mod cache;
 mod compile;
@@ -73,7 +81,7 @@ use std::{
 
 use serde::{Serialize, Serializer};
 
-pub use explain::{Explanation, PolicyStatus, Standing};
+pub use explain::{Explanation, PolicyStatus, PortMode, Standing};
 pub use index::Index;
 
 use crate::{

@@ -384,7 +384,7 @@ impl Proxy {
     }
 
     /// Connects to `pod`'s application at `destination` on behalf of `client`: from the
-    /// client's address where the pod preserves it ([`PodContext::upstream_source`]), from the
+    /// client's address where the pod preserves it (`PodContext::upstream_source`), from the
     /// pod's own otherwise.
     pub async fn connect_to_application(
         &self,
