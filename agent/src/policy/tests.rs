@@ -1951,7 +1951,7 @@ fn explain_says_why_each_policy_applies_or_not() {
     assert_eq!(explanation.mtls, MtlsMode::Strict);
     assert_eq!(
         explanation.ports,
-        [explain::PortMode {
+        [PortMode {
             port: 8080,
             mode: MtlsMode::Permissive
         }]
