@@ -16,7 +16,7 @@ use super::{
         self, AuthorizationPolicySpec, Other, PeerAuthenticationSpec, Scalar, WorkloadSelector,
     },
 };
-use crate::workload::model::{Labels, ObjectKey, Policy};
+use crate::workload::model::{DRY_RUN_ANNOTATION, Labels, ObjectKey, Policy, PolicyKind};
 
 /// A compiled AuthorizationPolicy that is enforced (ALLOW or DENY).
 #[derive(Debug, Clone)]
@@ -59,9 +59,9 @@ pub(crate) fn selects(selector: Option<&Labels>, labels: &Labels) -> bool {
     selector.is_none_or(|selector| crate::workload::model::selects(selector, labels))
 }
 
-/// A report with nothing found yet.
+/// A report with nothing found yet but whether the policy is a dry run.
 fn report(policy: &Policy) -> PolicyReport {
-    PolicyReport {
+    let mut report = PolicyReport {
         kind: policy.kind,
         key: policy.key.clone(),
         action: None,
@@ -72,6 +72,33 @@ fn report(policy: &Policy) -> PolicyReport {
         effect: String::new(),
         unsupported: Vec::new(),
         errors: Vec::new(),
+    };
+    if let Some(value) = &policy.dry_run {
+        let path = format!("metadata.annotations[{DRY_RUN_ANNOTATION}]");
+        match (policy.kind, parse_bool(value)) {
+            (PolicyKind::AuthorizationPolicy, Some(dry_run)) => report.dry_run = dry_run,
+            (PolicyKind::AuthorizationPolicy, None) => report.unsupported.push(Unsupported {
+                path,
+                reason: format!(
+                    "{value:?} is not a boolean (write \"true\" or \"false\"); the policy is \
+                     enforced, as Istio does"
+                ),
+            }),
+            (PolicyKind::PeerAuthentication, _) => report.unsupported.push(Unsupported {
+                path,
+                reason: "only an AuthorizationPolicy can be a dry run; ignored".to_owned(),
+            }),
+        }
+    }
+    report
+}
+
+/// A boolean as Istio reads annotations (Go's `strconv.ParseBool`).
+fn parse_bool(value: &str) -> Option<bool> {
+    match value {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Some(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),
+        _ => None,
     }
 }
 

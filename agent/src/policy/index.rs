@@ -106,9 +106,8 @@ impl Index {
             match policy.kind {
                 PolicyKind::AuthorizationPolicy => {
                     let (authz, mut report) = compile::authorization(policy, root_namespace);
-                    report.dry_run = policy.dry_run;
                     match authz {
-                        Some(authz) if policy.dry_run => {
+                        Some(authz) if report.dry_run => {
                             report.effect = format!("dry run, never enforced: {}", report.effect);
                             dry_runs = true;
                             namespace.dry_run.push(authz);

@@ -399,7 +399,7 @@ pub fn synthetic(n: usize, selecting: usize) -> Vec<Arc<Policy>> {
                 kind: PolicyKind::AuthorizationPolicy,
                 key: ObjectKey::new(SYNTHETIC_NAMESPACE, format!("synthetic-{i:010}")),
                 created: None,
-                dry_run: false,
+                dry_run: None,
                 spec,
             })
         })

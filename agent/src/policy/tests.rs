@@ -17,7 +17,7 @@ fn policy(kind: PolicyKind, namespace: &str, name: &str, spec: Value) -> Arc<Pol
         kind,
         key: ObjectKey::new(namespace, name),
         created: None,
-        dry_run: false,
+        dry_run: None,
         spec,
     })
 }
@@ -1327,8 +1327,13 @@ fn created_at(policy: Arc<Policy>, minute: i64) -> Arc<Policy> {
 
 /// A dry-run AuthorizationPolicy (`istio.io/dry-run: "true"`).
 fn dry_run(namespace: &str, name: &str, spec: Value) -> Arc<Policy> {
-    let mut policy = Arc::unwrap_or_clone(authz(namespace, name, spec));
-    policy.dry_run = true;
+    annotated(authz(namespace, name, spec), "true")
+}
+
+/// `policy` with the `istio.io/dry-run` annotation set to `value`.
+fn annotated(policy: Arc<Policy>, value: &str) -> Arc<Policy> {
+    let mut policy = Arc::unwrap_or_clone(policy);
+    policy.dry_run = Some(value.to_owned());
     Arc::new(policy)
 }
 
@@ -1867,6 +1872,51 @@ fn dry_run_policies_are_evaluated_and_never_enforced() {
     // No dry run at all: nothing is called.
     let plain = build(&[authz(NS, "p", json!({"action": "DENY", "rules": [{}]}))]);
     plain.dry_run(&request(8080), |_, _| panic!("no dry-run policy exists"));
+
+    // The annotation is read as Istio reads it (Go's strconv.ParseBool); a value it cannot read
+    // leaves the policy enforced, and says so; a PeerAuthentication cannot be a dry run.
+    let deny_all = json!({"action": "DENY", "rules": [{}]});
+    for (value, dry) in [
+        ("TRUE", true),
+        ("1", true),
+        ("false", false),
+        ("yes", false),
+    ] {
+        let index = build(&[annotated(authz(NS, "p", deny_all.clone()), value)]);
+        assert_eq!(index.authorize(&request(8080)).allowed, dry, "{value:?}");
+        let report = only_report(&index);
+        assert_eq!(report.dry_run, dry, "{value:?}");
+        assert_eq!(
+            report
+                .unsupported
+                .iter()
+                .map(|u| u.path.as_str())
+                .collect::<Vec<_>>(),
+            if value == "yes" {
+                vec!["metadata.annotations[istio.io/dry-run]"]
+            } else {
+                vec![]
+            },
+            "{value:?}"
+        );
+    }
+    let index = build(&[annotated(
+        peer(NS, "n", json!({"mtls": {"mode": "STRICT"}})),
+        "true",
+    )]);
+    let report = only_report(&index);
+    assert!(!report.dry_run);
+    assert!(
+        report.unsupported[0]
+            .reason
+            .contains("only an AuthorizationPolicy can be a dry run"),
+        "{report:?}"
+    );
+    let strict = Workload {
+        namespace: NS,
+        labels: &server,
+    };
+    assert_eq!(index.peer_authentication(strict, 8080), MtlsMode::Strict);
 }
 
 #[test]

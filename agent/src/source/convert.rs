@@ -220,15 +220,11 @@ pub fn policy(
     if !spec.is_object() {
         return Err(error("spec", "must be an object"));
     }
-    let dry_run = kind == PolicyKind::AuthorizationPolicy
-        && meta
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(DRY_RUN_ANNOTATION))
-            // Read as Istio reads it (Go's strconv.ParseBool); anything else is not a dry run.
-            .is_some_and(|value| {
-                matches!(value.as_str(), "1" | "t" | "T" | "true" | "TRUE" | "True")
-            });
+    let dry_run = meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(DRY_RUN_ANNOTATION))
+        .cloned();
     Ok(Policy {
         kind,
         key: key(meta)?,
@@ -263,39 +259,21 @@ mod tests {
     }
 
     #[test]
-    fn policies_keep_their_age_and_only_authorization_policies_dry_run() {
+    fn policies_keep_their_age_and_dry_run_annotation() {
         let meta: ObjectMeta = from_json(serde_json::json!({
             "name": "try-deny", "namespace": "demo",
             "creationTimestamp": "2026-12-01T10:00:00Z",
-            "annotations": {"istio.io/dry-run": "true"}
+            "annotations": {"istio.io/dry-run": "True"}
         }));
         let authz = policy(PolicyKind::AuthorizationPolicy, &meta, None).unwrap();
         assert_eq!(
             authz.created.map(|t| t.to_string()).as_deref(),
             Some("2026-12-01T10:00:00Z")
         );
-        assert!(authz.dry_run);
-        // The annotation means nothing on a PeerAuthentication; its value is read as Istio
-        // reads it (Go's strconv.ParseBool).
-        assert!(
-            !policy(PolicyKind::PeerAuthentication, &meta, None)
-                .unwrap()
-                .dry_run
-        );
-        for (value, dry_run) in [
-            ("TRUE", true),
-            ("1", true),
-            ("false", false),
-            ("yes", false),
-            ("", false),
-        ] {
-            let meta: ObjectMeta = from_json(serde_json::json!({
-                "name": "p", "namespace": "demo", "annotations": {"istio.io/dry-run": value}
-            }));
-            let authz = policy(PolicyKind::AuthorizationPolicy, &meta, None).unwrap();
-            assert_eq!(authz.dry_run, dry_run, "{value:?}");
-            assert_eq!(authz.created, None);
-        }
+        assert_eq!(authz.dry_run.as_deref(), Some("True"));
+        let meta: ObjectMeta = from_json(serde_json::json!({"name": "p", "namespace": "demo"}));
+        let authz = policy(PolicyKind::AuthorizationPolicy, &meta, None).unwrap();
+        assert_eq!((authz.created, authz.dry_run), (None, None));
     }
 
     #[test]

@@ -166,8 +166,7 @@ pub enum PolicyKind {
 }
 
 /// The annotation that makes an AuthorizationPolicy a dry run: evaluated, logged and counted,
-/// never enforced (`"true"`, or another true value of Go's `strconv.ParseBool`, as Istio reads
-/// it).
+/// never enforced (`"true"`; the policy module reads it).
 pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
 
 /// An AuthorizationPolicy or PeerAuthentication, spec kept as written (the policy module
@@ -181,8 +180,8 @@ pub struct Policy {
     /// `metadata.creationTimestamp`: Istio breaks ties between policies by age, oldest first.
     /// `None` (a workload file that leaves it out) counts as older than any time.
     pub created: Option<k8s_openapi::jiff::Timestamp>,
-    /// Annotated [`DRY_RUN_ANNOTATION`]` with a true value (AuthorizationPolicy only).
-    pub dry_run: bool,
+    /// The [`DRY_RUN_ANNOTATION`] as written, if the object has it.
+    pub dry_run: Option<String>,
     /// `spec`.
     pub spec: serde_json::Value,
 }
