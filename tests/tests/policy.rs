@@ -19,6 +19,14 @@ fn client_to_server(setup: &FileMesh) -> ConnectReport {
         .connect(setup.cluster.pod("server").addr(false, 8080), 1000)
 }
 
+/// From the bystander, outside the mesh: plaintext.
+fn plaintext_to_server(setup: &FileMesh) -> ConnectReport {
+    setup
+        .cluster
+        .pod("bystander")
+        .connect(setup.cluster.pod("server").addr(false, 8080), 1000)
+}
+
 fn authorization(name: &str, spec: Value) -> Value {
     json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy", "metadata": {"name": name, "namespace": "demo"}, "spec": spec})
 }
@@ -83,12 +91,7 @@ fn deny_and_allow_policies_decide_at_the_destination() {
 fn strict_peer_authentication_refuses_plaintext_and_permissive_lets_it_in() {
     let setup = start();
     let _echo = setup.cluster.pod("server").echo_server(8080);
-    let bystander = || {
-        setup
-            .cluster
-            .pod("bystander")
-            .connect(setup.cluster.pod("server").addr(false, 8080), 1000)
-    };
+    let bystander = || plaintext_to_server(&setup);
     bystander().assert_echoed(1000);
     let peer_authentication = |mode: &str| {
         json!({"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
@@ -194,12 +197,7 @@ fn row<'a>(output: &'a str, policy: &str) -> &'a str {
 fn peer_authentication_scope_and_precedence_are_istios() {
     let setup = start();
     let _echo = setup.cluster.pod("server").echo_server(8080);
-    let plaintext = || {
-        setup
-            .cluster
-            .pod("bystander")
-            .connect(setup.cluster.pod("server").addr(false, 8080), 1000)
-    };
+    let plaintext = || plaintext_to_server(&setup);
     let explain = || meshlet(&setup, 1, &["policies", "--workload", "demo/server"]);
     let strict = |selector: Option<Value>| {
         let mut spec = json!({"mtls": {"mode": "STRICT"}});
@@ -314,11 +312,7 @@ fn a_dry_run_deny_logs_and_counts_but_lets_the_connection_through() {
     };
     assert_eq!(counted("denied"), 1.0);
     // A plaintext client is not the principal it names: it would have been let in.
-    setup
-        .cluster
-        .pod("bystander")
-        .connect(setup.cluster.pod("server").addr(false, 8080), 1000)
-        .assert_echoed(1000);
+    plaintext_to_server(&setup).assert_echoed(1000);
     assert_eq!(counted("allowed"), 1.0);
     assert_eq!(counted("denied"), 1.0, "counted once per connection");
 

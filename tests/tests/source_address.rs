@@ -60,6 +60,15 @@ fn transparent_routing(pod: &Pod) -> (String, String, String) {
     (rules, routes, sysctl.trim().to_owned())
 }
 
+/// Asserts `pod`'s namespace holds the whole transparent routing: both rules, both routes, the
+/// sysctl.
+fn assert_prepared(pod: &Pod) {
+    let (rules, routes, sysctl) = transparent_routing(pod);
+    assert_eq!(rules.matches("lookup 15006").count(), 2, "{rules}");
+    assert_eq!(routes.matches("local").count(), 2, "{routes}");
+    assert_eq!(sysctl, "1");
+}
+
 #[test]
 fn applications_see_their_clients_addresses_and_unenrolled_pods_keep_none_of_the_routing() {
     let mesh = FileMesh::client_server(&[("neighbour", 1)], Vec::new());
@@ -199,10 +208,7 @@ fn a_pod_enrolled_again_before_its_last_connection_ends_keeps_its_routing() {
         Duration::from_secs(10),
     );
 
-    let (rules, routes, sysctl) = transparent_routing(server);
-    assert!(rules.contains("lookup 15006"), "{rules}");
-    assert_eq!(routes.matches("local").count(), 2, "{routes}");
-    assert_eq!(sysctl, "1");
+    assert_prepared(server);
     assert_seen_from(client, server, &mut echo);
     assert!(
         !agent
@@ -250,10 +256,7 @@ fn the_client_address_is_kept_across_an_agent_handoff_and_a_crash() {
     let next = cluster.start_agent(1, &["--source", &source]);
     next.wait_for_log("initial enrollment pass done", 1, Duration::from_secs(30));
     assert_seen_from(client, server, &mut echo);
-    let (rules, routes, sysctl) = transparent_routing(server);
-    assert_eq!(rules.matches("lookup 15006").count(), 2, "{rules}");
-    assert_eq!(routes.matches("local").count(), 2, "{routes}");
-    assert_eq!(sysctl, "1");
+    assert_prepared(server);
 }
 
 #[test]
@@ -293,10 +296,7 @@ fn meshlet_uninstall_removes_what_a_killed_agent_left_in_its_pods_namespaces_onl
         "the server's namespace kept some of the transparent routing"
     );
     // The client's pod is node-0's, whose agent runs on: its routing stays.
-    let (rules, routes, sysctl) = transparent_routing(client);
-    assert_eq!(rules.matches("lookup 15006").count(), 2, "{rules}");
-    assert_eq!(routes.matches("local").count(), 2, "{routes}");
-    assert_eq!(sysctl, "1");
+    assert_prepared(client);
 }
 
 #[test]
