@@ -8,7 +8,8 @@
 //! wildcards, unknown actions and modes, HTTP-only fields, fields of the wrong type), which
 //! reaches the compiler far more often than mutated text does. Beyond never panicking, the index
 //! must not depend on the order policies are listed in, every decision must be consistent with
-//! its reason, and the effective mTLS mode is never UNSET.
+//! its reason, the effective mTLS mode is never UNSET (nor DISABLE, which ambient ignores), and
+//! `meshlet policies --workload`'s explanation gives the mode the decision used.
 
 #![no_main]
 
@@ -35,6 +36,7 @@ const NAMESPACES: &[&str] = &["demo", "istio-system", "other", "default"];
 const LABEL_KEYS: &[&str] = &["app", "version"];
 const LABEL_VALUES: &[&str] = &["client", "server", "v1"];
 const TRUST_DOMAINS: &[&str] = &["cluster.local", "example.org"];
+const DRY_RUN_VALUES: &[&str] = &["true", "false", "True", "1", "yes", ""];
 const SERVICE_ACCOUNTS: &[&str] = &["client", "server", "default"];
 const PRINCIPALS: &[&str] = &[
     "cluster.local/ns/demo/sa/client",
@@ -180,6 +182,10 @@ struct Meta {
     namespace: Word,
     name: u8,
     beta: bool,
+    /// `creationTimestamp`, a few minutes apart (ties between policies are broken by age).
+    created: Option<u8>,
+    /// The `istio.io/dry-run` annotation.
+    dry_run: Option<Word>,
 }
 
 #[derive(Debug, Arbitrary)]
@@ -417,13 +423,20 @@ impl PolicyInput {
                 ("PeerAuthentication", meta, spec)
             }
         };
+        let mut metadata = json!({
+            "name": format!("p{}", meta.name % 8),
+            "namespace": meta.namespace.text(NAMESPACES),
+        });
+        if let Some(minute) = meta.created {
+            metadata["creationTimestamp"] = format!("2026-12-01T10:{:02}:00Z", minute % 4).into();
+        }
+        if let Some(value) = &meta.dry_run {
+            metadata["annotations"] = json!({"istio.io/dry-run": value.text(DRY_RUN_VALUES)});
+        }
         let document = json!({
             "apiVersion": if meta.beta { "security.istio.io/v1beta1" } else { "security.istio.io/v1" },
             "kind": kind,
-            "metadata": {
-                "name": format!("p{}", meta.name % 8),
-                "namespace": meta.namespace.text(NAMESPACES),
-            },
+            "metadata": metadata,
             "spec": spec,
         });
         serde_yaml::to_string(&document).expect("JSON values serialise to YAML")
@@ -545,9 +558,23 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(decision, reversed.authorize(&request), "{request:?}");
         let _ = decision.to_string();
 
+        let mut dry_runs = Vec::new();
+        index.dry_run(&request, |policy, allow| dry_runs.push((policy.clone(), allow)));
+        let mut reversed_dry_runs = Vec::new();
+        reversed.dry_run(&request, |policy, allow| {
+            reversed_dry_runs.push((policy.clone(), allow))
+        });
+        assert_eq!(dry_runs, reversed_dry_runs, "{request:?}");
+
         let mode = index.peer_authentication(workload, port);
         assert_ne!(mode, MtlsMode::Unset, "the effective mode is never UNSET");
+        assert_ne!(mode, MtlsMode::Disable, "DISABLE takes no part in ambient mode");
         assert_eq!(mode, reversed.peer_authentication(workload, port));
+        // The explanation agrees with the decision it explains.
+        let explanation = index.explain(workload);
+        let own = explanation.ports.iter().find(|p| p.port == port);
+        assert_eq!(own.map_or(explanation.mtls, |p| p.mode), mode);
+        serde_json::to_string(&explanation).expect("explanations serialise");
     }
 });
 
