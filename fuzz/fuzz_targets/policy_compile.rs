@@ -559,7 +559,9 @@ fuzz_target!(|data: &[u8]| {
         let _ = decision.to_string();
 
         let mut dry_runs = Vec::new();
-        index.dry_run(&request, |policy, allow| dry_runs.push((policy.clone(), allow)));
+        index.dry_run(&request, |policy, allow| {
+            dry_runs.push((policy.clone(), allow))
+        });
         let mut reversed_dry_runs = Vec::new();
         reversed.dry_run(&request, |policy, allow| {
             reversed_dry_runs.push((policy.clone(), allow))
@@ -568,7 +570,11 @@ fuzz_target!(|data: &[u8]| {
 
         let mode = index.peer_authentication(workload, port);
         assert_ne!(mode, MtlsMode::Unset, "the effective mode is never UNSET");
-        assert_ne!(mode, MtlsMode::Disable, "DISABLE takes no part in ambient mode");
+        assert_ne!(
+            mode,
+            MtlsMode::Disable,
+            "DISABLE takes no part in ambient mode"
+        );
         assert_eq!(mode, reversed.peer_authentication(workload, port));
         // The explanation agrees with the decision it explains.
         let explanation = index.explain(workload);
