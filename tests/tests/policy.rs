@@ -156,33 +156,34 @@ fn peer_authentication(namespace: &str, name: &str, created: Option<&str>, spec:
            "metadata": metadata, "spec": spec})
 }
 
-/// `meshlet <args>` against node `node`'s agent: its standard output, asserting it succeeded.
-fn meshlet(setup: &FileMesh, node: usize, args: &[&str]) -> String {
+/// Runs `meshlet <args>` against node `node`'s agent: whether it succeeded, its standard
+/// output and its standard error.
+fn run_meshlet(setup: &FileMesh, node: usize, args: &[&str]) -> (bool, String, String) {
     let out = setup
         .cluster
         .node_command(node, meshlet_tests::process::meshlet_binary())
         .args(args)
         .output()
         .expect("run meshlet");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
+    (
         out.status.success(),
-        "meshlet {args:?}: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `meshlet <args>` against node `node`'s agent: its standard output, asserting it succeeded.
+fn meshlet(setup: &FileMesh, node: usize, args: &[&str]) -> String {
+    let (ok, stdout, stderr) = run_meshlet(setup, node, args);
+    assert!(ok, "meshlet {args:?}: {stdout}{stderr}");
     stdout
 }
 
 /// `meshlet <args>` against node `node`'s agent, expected to fail: its standard error.
 fn meshlet_fails(setup: &FileMesh, node: usize, args: &[&str]) -> String {
-    let out = setup
-        .cluster
-        .node_command(node, meshlet_tests::process::meshlet_binary())
-        .args(args)
-        .output()
-        .expect("run meshlet");
-    assert!(!out.status.success(), "meshlet {args:?} succeeded");
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    let (ok, _, stderr) = run_meshlet(setup, node, args);
+    assert!(!ok, "meshlet {args:?} succeeded");
+    stderr
 }
 
 /// The row of `policy` in `meshlet policies` output.

@@ -60,6 +60,21 @@ fn transparent_routing(pod: &Pod) -> (String, String, String) {
     (rules, routes, sysctl.trim().to_owned())
 }
 
+/// Opens a long-lived connection from `client` to `server`'s echo server and asserts the
+/// application saw it from the client's own IPv4 address.
+fn hold_seen_from(
+    client: &Pod,
+    server: &Pod,
+    echo: &mut meshlet_tests::process::Process,
+) -> meshlet_tests::process::Held {
+    let held = client.hold(server.addr(false, 8080));
+    assert_eq!(
+        echo.next_accepted().peer.ip().to_canonical(),
+        IpAddr::from(client.ipv4)
+    );
+    held
+}
+
 /// Asserts `pod`'s namespace holds the whole transparent routing: both rules, both routes, the
 /// sysctl.
 fn assert_prepared(pod: &Pod) {
@@ -185,11 +200,7 @@ fn a_pod_enrolled_again_before_its_last_connection_ends_keeps_its_routing() {
     let cluster = &mesh.cluster;
     let (client, server) = (cluster.pod("client"), cluster.pod("server"));
     let mut echo = server.echo_server(8080);
-    let held = client.hold(server.addr(false, 8080));
-    assert_eq!(
-        echo.next_accepted().peer.ip().to_canonical(),
-        IpAddr::from(client.ipv4)
-    );
+    let held = hold_seen_from(client, server, &mut echo);
 
     // Out of the mesh and back while the connection is open: the first enrollment's removal
     // waits for the connection, and by then the namespace is enrolled again.
@@ -199,6 +210,8 @@ fn a_pod_enrolled_again_before_its_last_connection_ends_keeps_its_routing() {
         &demo_out_of_the_mesh(&mesh, &["client", "server"]),
     );
     agent.wait_for_log("pod unenrolled pod=demo/server", 1, Duration::from_secs(10));
+    // Both agents have read that file before it changes back (else one may see no change).
+    mesh.agents[0].wait_for_log("pod unenrolled pod=demo/client", 1, Duration::from_secs(10));
     mesh.write(&[]);
     agent.wait_for_log("pod enrolled pod=demo/server", 2, Duration::from_secs(10));
     held.release().assert_echoed(10);
@@ -226,11 +239,7 @@ fn the_client_address_is_kept_across_an_agent_handoff_and_a_crash() {
     let cluster = &mesh.cluster;
     let (client, server) = (cluster.pod("client"), cluster.pod("server"));
     let mut echo = server.echo_server(8080);
-    let held = client.hold(server.addr(false, 8080));
-    assert_eq!(
-        echo.next_accepted().peer.ip().to_canonical(),
-        IpAddr::from(client.ipv4)
-    );
+    let held = hold_seen_from(client, server, &mut echo);
 
     // A successor takes the server's node over; the old agent drains the held connection.
     let successor = cluster.start_agent(1, &["--source", &source]);
