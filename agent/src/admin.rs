@@ -24,10 +24,7 @@ use crate::{
     identity,
     proxy::Proxy,
     source::SyncState,
-    workload::{
-        enrollment::{self, Decision},
-        model::ObjectKey,
-    },
+    workload::{enrollment::Decision, model::ObjectKey},
 };
 
 /// What the endpoints read.
@@ -430,7 +427,7 @@ pub fn workloads(state: &State) -> Vec<WorkloadRow> {
         .map(|pod| {
             let namespace = proxy.store.namespace(&pod.key.namespace);
             let node = pod.node_name.clone().unwrap_or_default();
-            let decision = enrollment::decide(pod, namespace.as_deref(), &node);
+            let decision = proxy.enrollment.decide(pod, namespace.as_deref(), &node);
             let capture = (node == state.node)
                 .then(|| state.captures.get(&pod.uid))
                 .flatten();

@@ -83,6 +83,10 @@ pub struct Config {
     /// Where this agent hands its sockets to a successor, and finds its predecessor
     /// ([`crate::handoff`]).
     pub handoff_socket: PathBuf,
+    /// How connections are named in metrics and logs.
+    pub telemetry: crate::metrics::Telemetry,
+    /// Which labels enroll pods.
+    pub enrollment: crate::workload::enrollment::Rules,
     /// The agent's own pod (namespace, name): with the kube source its DaemonSet is watched,
     /// and deleting it releases capture on SIGTERM ([`crate::removal`]).
     pub pod: Option<(String, String)>,
@@ -199,13 +203,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let store = Arc::new(Store::new());
     let metrics = Arc::new(crate::metrics::Metrics::new());
     let policy_cache = Arc::new(crate::policy::Cache::new());
-    let proxy = Arc::new(Proxy::new(
+    let mut proxy = Proxy::new(
         store.clone(),
         identities,
         metrics.clone(),
         policy_cache.clone(),
         config.limits.clone(),
         budgets,
+    );
+    proxy.telemetry = config.telemetry.clone();
+    proxy.enrollment = config.enrollment;
+    let proxy = Arc::new(proxy);
+    let series = tokio::spawn(crate::metrics::sweep_gone_workloads(
+        metrics.clone(),
+        store.clone(),
+        config.telemetry.series_grace,
     ));
     let reaper = tokio::spawn(proxy.pool.clone().run_reaper());
     let give_back = tokio::spawn(crate::memory::give_back_after_bursts(
@@ -228,11 +240,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 .await
                 .context("connect to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
             let patcher = client.clone();
+            let istio = config.enrollment.istio_labels;
             annotator = Some(Arc::new(move |pod, enabled| {
                 let client = patcher.clone();
                 tokio::spawn(async move {
                     if let Err(err) =
-                        source::kube::annotate_redirection(&client, &pod, enabled).await
+                        source::kube::annotate_redirection(&client, &pod, enabled, istio).await
                     {
                         warn!(%pod, %err, "cannot record the redirection annotation on the pod");
                     }
@@ -312,6 +325,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             store.clone(),
             sync.clone(),
             config.node_name.clone(),
+            config.enrollment,
             crate::cni::decisions::path_beside(&config.cni.socket),
         )),
     ];
@@ -426,6 +440,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     renewals.abort();
     reaper.abort();
     give_back.abort();
+    series.abort();
     policies.abort();
     for task in servers.into_iter().chain(cni_tasks) {
         task.abort();
@@ -492,7 +507,7 @@ async fn prepare_to_succeed(proxy: &Arc<Proxy>, sync: &SyncState, node: &str) {
         let mut missing = 0;
         for pod in proxy.store.pods() {
             let namespace = proxy.store.namespace(&pod.key.namespace);
-            if crate::workload::enrollment::decide(&pod, namespace.as_deref(), node)
+            if proxy.enrollment.decide(&pod, namespace.as_deref(), node)
                 != crate::workload::enrollment::Decision::Enroll
             {
                 continue;

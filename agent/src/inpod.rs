@@ -48,7 +48,7 @@ use crate::{
     sys::{Netns, socket, transparent},
     workload::{
         Store, discovery,
-        enrollment::{self, Decision},
+        enrollment::Decision,
         model::{NETNS_ANNOTATION, ObjectKey, Pod},
     },
 };
@@ -838,7 +838,9 @@ impl InPod {
 
     fn decide(&self, pod: &Pod) -> Decision {
         let namespace = self.store.namespace(&pod.key.namespace);
-        enrollment::decide(pod, namespace.as_deref(), &self.node)
+        self.proxy
+            .enrollment
+            .decide(pod, namespace.as_deref(), &self.node)
     }
 
     /// One pass: unenroll what should not be captured any more, enroll what should.
@@ -1051,7 +1053,7 @@ impl InPod {
             transparent.map(|ticket| (self.transparent.clone(), netns.clone(), ticket)),
         );
         let context = Arc::new(
-            PodContext::new(pod, netns.clone(), identity, self.proxy.budgets.per_pod)
+            PodContext::new(&self.proxy, pod, netns.clone(), identity)
                 .preserving_source(transparent.is_some()),
         );
 
@@ -1253,7 +1255,7 @@ impl InPod {
         self.proxy.identities.ensure(&identity)?;
         let transparent = self.prepare_transparent(&pod.key, &netns, state.inode);
         let context = Arc::new(
-            PodContext::new(&pod, netns.clone(), identity, self.proxy.budgets.per_pod)
+            PodContext::new(&self.proxy, &pod, netns.clone(), identity)
                 .preserving_source(transparent.is_some()),
         );
         let opened = state

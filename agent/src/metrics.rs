@@ -7,52 +7,160 @@
 //! counts as bytes pass), not only when it closes.
 
 use std::{
+    collections::{HashMap, HashSet},
     io,
     pin::Pin,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     task::{Context, Poll},
+    time::{Duration, Instant},
 };
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, core::Collector as _,
+};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Istio's connection labels, in order.
-const CONNECTION_LABELS: &[&str] = &[
+/// Istio's connection labels, in ztunnel's order.
+const CONNECTION_LABELS: [&str; 23] = [
     "reporter",
     "source_workload",
+    "source_canonical_service",
+    "source_canonical_revision",
     "source_workload_namespace",
     "source_principal",
+    "source_app",
+    "source_version",
+    "source_cluster",
+    "destination_service",
+    "destination_service_namespace",
+    "destination_service_name",
     "destination_workload",
+    "destination_canonical_service",
+    "destination_canonical_revision",
     "destination_workload_namespace",
     "destination_principal",
-    "destination_service",
+    "destination_app",
+    "destination_version",
+    "destination_cluster",
     "request_protocol",
-    "connection_security_policy",
     "response_flags",
+    "connection_security_policy",
 ];
 
-/// The labels of one connection.
-#[derive(Debug, Clone, Default)]
+/// The value of every label the agent cannot know.
+pub const UNKNOWN: &str = "unknown";
+
+/// One end of a connection, as Istio's labels (and the access log) name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    /// The pod's own name, for the access log (never a label: it would make a series per pod).
+    pub pod: String,
+    /// The owning workload ([`crate::workload::naming`]).
+    pub workload: String,
+    /// The namespace.
+    pub namespace: String,
+    /// The canonical service (also `*_app`).
+    pub canonical_service: String,
+    /// The canonical revision (also `*_version`).
+    pub canonical_revision: String,
+    /// The SPIFFE identity: verified for the peer of a tunnel, `unknown` in plaintext.
+    pub principal: String,
+    /// The cluster (`--cluster-id`).
+    pub cluster: String,
+}
+
+impl Default for Peer {
+    fn default() -> Self {
+        let unknown = || UNKNOWN.to_owned();
+        Self {
+            pod: unknown(),
+            workload: unknown(),
+            namespace: unknown(),
+            canonical_service: unknown(),
+            canonical_revision: unknown(),
+            principal: unknown(),
+            cluster: unknown(),
+        }
+    }
+}
+
+impl Peer {
+    /// The peer `pod` of `cluster`, with its principal `unknown` until it is proven.
+    pub fn of(pod: &crate::workload::model::Pod, cluster: &str) -> Self {
+        let names = crate::workload::naming::WorkloadNames::of(pod);
+        Self {
+            pod: pod.key.name.clone(),
+            workload: names.workload,
+            namespace: pod.key.namespace.clone(),
+            canonical_service: names.canonical_service,
+            canonical_revision: names.canonical_revision,
+            principal: UNKNOWN.to_owned(),
+            cluster: cluster.to_owned(),
+        }
+    }
+
+    /// The peer, with `principal`.
+    pub fn with_principal(mut self, principal: impl ToString) -> Self {
+        self.principal = principal.to_string();
+        self
+    }
+
+    /// `namespace/pod` for the access log, `unknown` outside the cluster.
+    pub fn pod_key(&self) -> std::borrow::Cow<'_, str> {
+        if self.pod == UNKNOWN {
+            UNKNOWN.into()
+        } else {
+            format!("{}/{}", self.namespace, self.pod).into()
+        }
+    }
+}
+
+/// The Service a connection addressed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceName {
+    /// `<name>.<namespace>.svc.<cluster domain>`.
+    pub host: String,
+    /// The Service's name.
+    pub name: String,
+    /// Its namespace.
+    pub namespace: String,
+}
+
+impl Default for ServiceName {
+    fn default() -> Self {
+        Self {
+            host: UNKNOWN.to_owned(),
+            name: UNKNOWN.to_owned(),
+            namespace: UNKNOWN.to_owned(),
+        }
+    }
+}
+
+impl ServiceName {
+    /// The Service `key`, in the cluster DNS domain `domain`.
+    pub fn new(key: &crate::workload::model::ObjectKey, domain: &str) -> Self {
+        Self {
+            host: format!("{}.{}.svc.{domain}", key.name, key.namespace),
+            name: key.name.clone(),
+            namespace: key.namespace.clone(),
+        }
+    }
+}
+
+/// The labels of one connection: the same set on all four `istio_tcp_*` families.
+#[derive(Debug, Clone)]
 pub struct ConnectionLabels {
     /// `source` or `destination`: which end's agent reports.
     pub reporter: &'static str,
-    /// The client workload's name (`unknown` outside the mesh).
-    pub source_workload: String,
-    /// Its namespace.
-    pub source_workload_namespace: String,
-    /// Its SPIFFE identity (`unknown` for plaintext).
-    pub source_principal: String,
-    /// The server workload's name.
-    pub destination_workload: String,
-    /// Its namespace.
-    pub destination_workload_namespace: String,
-    /// Its SPIFFE identity.
-    pub destination_principal: String,
+    /// The client.
+    pub source: Arc<Peer>,
+    /// The server.
+    pub destination: Arc<Peer>,
     /// The Service addressed, `unknown` when a pod was addressed directly.
-    pub destination_service: String,
+    pub service: Arc<ServiceName>,
     /// `tcp`.
     pub request_protocol: &'static str,
     /// `mutual_tls` or `unknown`.
@@ -62,21 +170,72 @@ pub struct ConnectionLabels {
     pub response_flags: &'static str,
 }
 
+impl Default for ConnectionLabels {
+    fn default() -> Self {
+        Self {
+            reporter: "source",
+            source: Arc::default(),
+            destination: Arc::default(),
+            service: Arc::default(),
+            request_protocol: "tcp",
+            connection_security_policy: UNKNOWN,
+            response_flags: "-",
+        }
+    }
+}
+
 impl ConnectionLabels {
-    fn values(&self) -> [&str; 11] {
+    fn values(&self) -> [&str; 23] {
+        let (s, d, svc) = (&*self.source, &*self.destination, &*self.service);
         [
             self.reporter,
-            &self.source_workload,
-            &self.source_workload_namespace,
-            &self.source_principal,
-            &self.destination_workload,
-            &self.destination_workload_namespace,
-            &self.destination_principal,
-            &self.destination_service,
+            &s.workload,
+            &s.canonical_service,
+            &s.canonical_revision,
+            &s.namespace,
+            &s.principal,
+            &s.canonical_service,
+            &s.canonical_revision,
+            &s.cluster,
+            &svc.host,
+            &svc.namespace,
+            &svc.name,
+            &d.workload,
+            &d.canonical_service,
+            &d.canonical_revision,
+            &d.namespace,
+            &d.principal,
+            &d.canonical_service,
+            &d.canonical_revision,
+            &d.cluster,
             self.request_protocol,
-            self.connection_security_policy,
             self.response_flags,
+            self.connection_security_policy,
         ]
+    }
+}
+
+/// How the agent names clusters and Services in its telemetry, and how long it keeps the series
+/// of workloads that are gone.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Telemetry {
+    /// This cluster's name in `source_cluster` and `destination_cluster` (`--cluster-id`, as
+    /// istiod's `CLUSTER_ID`).
+    pub cluster_id: String,
+    /// The cluster DNS domain of `destination_service` (`--cluster-domain`).
+    pub cluster_domain: String,
+    /// How long the series of a workload stay after its last pod is gone
+    /// (`--metrics-grace-period`).
+    pub series_grace: Duration,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Self {
+            cluster_id: "Kubernetes".to_owned(),
+            cluster_domain: "cluster.local".to_owned(),
+            series_grace: Duration::from_secs(300),
+        }
     }
 }
 
@@ -115,6 +274,8 @@ pub struct Metrics {
     /// How long the agent held CNI ADDs of pods it enrolled.
     cni_add_duration: prometheus::Histogram,
     process: IntGaugeVec,
+    /// Since when each workload (namespace, name) that has series has been gone.
+    gone_since: Arc<Mutex<HashMap<(String, String), Instant>>>,
 }
 
 impl Default for Metrics {
@@ -128,8 +289,8 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let counter = |name: &str, help: &str| {
-            let counter =
-                IntCounterVec::new(Opts::new(name, help), CONNECTION_LABELS).expect("valid metric");
+            let counter = IntCounterVec::new(Opts::new(name, help), &CONNECTION_LABELS)
+                .expect("valid metric");
             registry
                 .register(Box::new(counter.clone()))
                 .expect("unique metric");
@@ -275,7 +436,78 @@ impl Metrics {
             cni_requests,
             cni_add_duration,
             process,
+            gone_since: Arc::default(),
         }
+    }
+
+    fn connection_families(&self) -> [&IntCounterVec; 4] {
+        [&self.opened, &self.closed, &self.sent, &self.received]
+    }
+
+    /// How many `istio_tcp_*` series there are, in all four families.
+    pub fn connection_series(&self) -> usize {
+        self.connection_families()
+            .iter()
+            .flat_map(|family| family.collect())
+            .map(|family| family.get_metric().len())
+            .sum()
+    }
+
+    /// Removes the `istio_tcp_*` series that name a workload gone for `grace` or longer at
+    /// `now`. `live` holds every workload that still exists, as (namespace, name). A series
+    /// goes when its source or its destination workload has been gone that long: nothing will
+    /// count in it again, and a workload that comes back starts its counters from zero, which
+    /// Prometheus reads as a counter reset. Returns how many series were removed.
+    pub fn remove_gone_workloads(
+        &self,
+        live: &HashSet<(String, String)>,
+        grace: Duration,
+        now: Instant,
+    ) -> usize {
+        const ENDS: [(&str, &str); 2] = [
+            ("source_workload_namespace", "source_workload"),
+            ("destination_workload_namespace", "destination_workload"),
+        ];
+        let mut gone_since = self.gone_since.lock().unwrap_or_else(|p| p.into_inner());
+        let mut still_gone = HashSet::new();
+        let mut expired: Vec<Vec<String>> = Vec::new();
+        for family in self.connection_families() {
+            for metric in family.collect().iter().flat_map(|f| f.get_metric()) {
+                let labels: HashMap<&str, &str> = metric
+                    .get_label()
+                    .iter()
+                    .map(|pair| (pair.name(), pair.value()))
+                    .collect();
+                let label = |name: &str| labels.get(name).copied().unwrap_or(UNKNOWN);
+                let mut over = false;
+                for (namespace, name) in ENDS {
+                    let workload = (label(namespace).to_owned(), label(name).to_owned());
+                    if workload.1 == UNKNOWN || live.contains(&workload) {
+                        continue;
+                    }
+                    let since = *gone_since.entry(workload.clone()).or_insert(now);
+                    if now.saturating_duration_since(since) >= grace {
+                        // Every series that names it goes now.
+                        over = true;
+                    } else {
+                        still_gone.insert(workload);
+                    }
+                }
+                if over {
+                    expired.push(CONNECTION_LABELS.map(|l| label(l).to_owned()).to_vec());
+                }
+            }
+        }
+        gone_since.retain(|workload, _| still_gone.contains(workload));
+        drop(gone_since);
+        let mut removed = 0;
+        for values in expired {
+            let values: Vec<&str> = values.iter().map(String::as_str).collect();
+            for family in self.connection_families() {
+                removed += usize::from(family.remove_label_values(&values).is_ok());
+            }
+        }
+        removed
     }
 
     /// Counts a connection refused or cut by the proxy limit or guard `limit`.
@@ -304,7 +536,7 @@ impl Metrics {
     }
 
     /// Records how long an ADD that enrolled its pod was held.
-    pub fn cni_add_held(&self, held: std::time::Duration) {
+    pub fn cni_add_held(&self, held: Duration) {
         self.cni_add_duration.observe(held.as_secs_f64());
     }
 
@@ -374,6 +606,36 @@ impl Metrics {
             .encode_to_string(&families)
             .unwrap_or_default()
     }
+}
+
+/// Removes the series of workloads gone for `grace` ([`Metrics::remove_gone_workloads`]),
+/// looking every quarter of it (between 1 s and 30 s), for as long as it runs.
+pub async fn sweep_gone_workloads(
+    metrics: Arc<Metrics>,
+    store: Arc<crate::workload::Store>,
+    grace: Duration,
+) {
+    let every = (grace / 4).clamp(Duration::from_secs(1), Duration::from_secs(30));
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let live = live_workloads(&store.pods());
+        let removed = metrics.remove_gone_workloads(&live, grace, Instant::now());
+        if removed > 0 {
+            tracing::debug!(removed, "removed the series of gone workloads");
+        }
+    }
+}
+
+/// The workloads `pods` make up, as (namespace, name).
+pub fn live_workloads(pods: &[Arc<crate::workload::model::Pod>]) -> HashSet<(String, String)> {
+    pods.iter()
+        .map(|pod| {
+            let workload = crate::workload::naming::workload_name(pod);
+            (pod.key.namespace.clone(), workload)
+        })
+        .collect()
 }
 
 /// One connection's byte counters: the Istio counters of its label set (shared with every
@@ -468,16 +730,17 @@ mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     use super::*;
+    use crate::workload::model::{ObjectKey, Owner, Pod};
 
     #[tokio::test]
     async fn counts_bytes_as_they_pass_and_renders_istio_names() {
         let metrics = Metrics::new();
         let labels = ConnectionLabels {
-            reporter: "source",
-            source_workload: "client".into(),
-            request_protocol: "tcp",
+            source: Arc::new(Peer {
+                workload: "client".into(),
+                ..Peer::default()
+            }),
             connection_security_policy: "mutual_tls",
-            response_flags: "-",
             ..Default::default()
         };
         let (a, mut b) = tokio::io::duplex(64);
@@ -513,5 +776,174 @@ mod tests {
             .unwrap();
         assert!(received.ends_with(" 6"), "{received}");
         assert!(text.contains("meshlet_build_info{version="), "{text}");
+    }
+
+    fn pod(name: &str, owner: Option<(&str, &str)>, labels: &[(&str, &str)]) -> Pod {
+        Pod {
+            key: ObjectKey::new("shop", name),
+            uid: format!("uid-{name}"),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            annotations: Default::default(),
+            service_account: "default".into(),
+            node_name: Some("node-0".into()),
+            ips: vec!["10.244.0.10".parse().unwrap()],
+            host_network: false,
+            phase: "Running".into(),
+            ready: true,
+            owner: owner.map(|(kind, name)| Owner {
+                kind: kind.into(),
+                name: name.into(),
+            }),
+        }
+    }
+
+    fn connection(metrics: &Metrics, from: &Pod, to: &Pod, closed_as: &'static str) {
+        let mut labels = ConnectionLabels {
+            reporter: "destination",
+            source: Arc::new(Peer::of(from, "Kubernetes")),
+            destination: Arc::new(Peer::of(to, "Kubernetes")),
+            ..Default::default()
+        };
+        metrics.open(&labels).add_sent(10);
+        labels.response_flags = closed_as;
+        metrics.close(&labels);
+    }
+
+    #[test]
+    fn labels_name_the_owning_workload_and_the_service_in_the_cluster_domain() {
+        let metrics = Metrics::new();
+        let client = pod(
+            "client-7d4b9c8f6-x2kq9",
+            Some(("ReplicaSet", "client-7d4b9c8f6")),
+            &[
+                ("pod-template-hash", "7d4b9c8f6"),
+                ("app", "client"),
+                ("version", "v2"),
+            ],
+        );
+        let server = pod("db-0", Some(("StatefulSet", "db")), &[]);
+        let labels = ConnectionLabels {
+            source: Arc::new(Peer::of(&client, "east").with_principal("spiffe://td/ns/shop/sa/c")),
+            destination: Arc::new(Peer::of(&server, "east")),
+            service: Arc::new(ServiceName::new(
+                &ObjectKey::new("shop", "db"),
+                "corp.internal",
+            )),
+            ..Default::default()
+        };
+        metrics.open(&labels);
+        metrics.close(&labels);
+        let text = metrics.render();
+        for family in [
+            "istio_tcp_connections_opened_total",
+            "istio_tcp_connections_closed_total",
+            "istio_tcp_sent_bytes_total",
+            "istio_tcp_received_bytes_total",
+        ] {
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(&format!("{family}{{")))
+                .unwrap_or_else(|| panic!("no {family} in {text}"));
+            for label in [
+                "source_workload=\"client\"",
+                "source_canonical_service=\"client\"",
+                "source_canonical_revision=\"v2\"",
+                "source_app=\"client\"",
+                "source_version=\"v2\"",
+                "source_cluster=\"east\"",
+                "source_principal=\"spiffe://td/ns/shop/sa/c\"",
+                "destination_workload=\"db\"",
+                "destination_canonical_service=\"db\"",
+                "destination_canonical_revision=\"latest\"",
+                "destination_workload_namespace=\"shop\"",
+                "destination_service=\"db.shop.svc.corp.internal\"",
+                "destination_service_name=\"db\"",
+                "destination_service_namespace=\"shop\"",
+                "destination_principal=\"unknown\"",
+            ] {
+                assert!(line.contains(label), "{label} missing from {line}");
+            }
+            assert!(!line.contains("x2kq9"), "a pod name in a label: {line}");
+            let labels = line.matches("=\"").count();
+            assert_eq!(labels, CONNECTION_LABELS.len(), "{line}");
+        }
+    }
+
+    #[test]
+    fn the_series_of_churned_pods_go_after_the_grace_period() {
+        let metrics = Metrics::new();
+        let grace = Duration::from_secs(300);
+        let server = pod(
+            "server-5f6d8c7b9-q9x2k",
+            Some(("ReplicaSet", "server-5f6d8c7b9")),
+            &[("pod-template-hash", "5f6d8c7b9")],
+        );
+        let steady = pod("steady", None, &[]);
+        connection(&metrics, &steady, &server, "-");
+        let baseline = metrics.connection_series();
+        assert_eq!(baseline, 4, "one series in each family");
+
+        // 1,000 bare pods come, connect (one in ten fails to: closed as CONNECT) and go.
+        let churned: Vec<Pod> = (0..1000)
+            .map(|i| pod(&format!("job-{i}"), None, &[]))
+            .collect();
+        for (i, client) in churned.iter().enumerate() {
+            connection(
+                &metrics,
+                client,
+                &server,
+                if i % 10 == 0 { "CONNECT" } else { "-" },
+            );
+        }
+        let peak = metrics.connection_series();
+        assert_eq!(peak, baseline + 4 * 1000);
+
+        // The server is replaced by a new pod of its Deployment (same workload); job-0 comes
+        // back; the others are gone.
+        let new_server = pod(
+            "server-5f6d8c7b9-z7m4p",
+            Some(("ReplicaSet", "server-5f6d8c7b9")),
+            &[("pod-template-hash", "5f6d8c7b9")],
+        );
+        let gone_at = Instant::now();
+        let live = |with_job0: bool| {
+            let mut pods = vec![Arc::new(new_server.clone()), Arc::new(steady.clone())];
+            if with_job0 {
+                pods.push(Arc::new(churned[0].clone()));
+            }
+            live_workloads(&pods)
+        };
+        assert_eq!(
+            metrics.remove_gone_workloads(&live(false), grace, gone_at),
+            0
+        );
+        let almost = gone_at + grace - Duration::from_secs(1);
+        assert_eq!(metrics.remove_gone_workloads(&live(true), grace, almost), 0);
+        assert_eq!(
+            metrics.connection_series(),
+            peak,
+            "nothing goes within the grace period"
+        );
+
+        let removed = metrics.remove_gone_workloads(&live(true), grace, gone_at + grace);
+        assert_eq!(removed, 4 * 999);
+        assert_eq!(
+            metrics.connection_series(),
+            baseline + 4,
+            "the baseline, and job-0 (which came back: its series stay, with its CONNECT)"
+        );
+        let text = metrics.render();
+        assert!(text.contains("source_workload=\"job-0\""));
+        assert!(!text.contains("source_workload=\"job-1\""));
+        // The server's Deployment outlived each of its pods: its series never went.
+        assert!(text.contains("destination_workload=\"server\""));
+        assert_eq!(
+            metrics.gone_since.lock().unwrap().len(),
+            0,
+            "nothing gone is tracked once its series are removed"
+        );
     }
 }

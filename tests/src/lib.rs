@@ -24,6 +24,7 @@ pub mod kube_api;
 pub mod mesh;
 pub mod mesh_ca;
 pub mod process;
+pub mod promql;
 pub mod raw_hbone;
 pub mod ztunnel;
 

@@ -39,11 +39,18 @@ fn ready(addr: std::net::SocketAddr) -> u16 {
         .unwrap_or(0)
 }
 
+/// The pod's redirection annotation, when meshlet's and Istio's agree (`Some("mixed")` when
+/// they do not).
 fn redirection_annotation(api: &ApiServer, pod: &str) -> Option<String> {
     let pod = api.get("Pod", "demo", pod)?;
-    pod["metadata"]["annotations"]["meshlet.io/redirection"]
-        .as_str()
-        .map(str::to_owned)
+    let annotations = &pod["metadata"]["annotations"];
+    let meshlet = annotations["meshlet.io/redirection"].as_str();
+    let istio = annotations["ambient.istio.io/redirection"].as_str();
+    if meshlet == istio {
+        meshlet.map(str::to_owned)
+    } else {
+        Some("mixed".to_owned())
+    }
 }
 
 #[test]
@@ -139,6 +146,22 @@ fn the_kube_source_enrolls_labelled_pods_and_recovers_from_a_lost_watch() {
         "redirection annotation removed",
         Duration::from_secs(5),
         || redirection_annotation(&api, "late").is_none(),
+    );
+
+    // A namespace labelled for Istio ambient is captured as well (migration, node by node).
+    api.apply(namespace_manifest(
+        "demo",
+        &[("istio.io/dataplane-mode", "ambient")],
+    ));
+    wait_enrolled(
+        &cluster.bpffs_dir(0),
+        vec![cluster.pod("late").netns_cookie()],
+        Duration::from_secs(10),
+    );
+    wait_for(
+        "both redirection annotations on the pod Istio's label enrolled",
+        Duration::from_secs(5),
+        || redirection_annotation(&api, "late").as_deref() == Some("enabled"),
     );
     let _ = std::fs::remove_file(&kubeconfig);
 }

@@ -281,3 +281,249 @@ fn the_grafana_dashboard_queries_only_metrics_the_agent_exports() {
         }
     }
 }
+
+/// Istio's Workload, Service and Ztunnel dashboards, pointed at meshlet's agents: every label
+/// their TCP queries name is exported, every query shows the traffic carried, and the
+/// dropdowns list the workloads, namespaces, Services and clusters involved. Also the access
+/// log: a line at the end of each connection on both nodes, in JSON on node-1.
+#[test]
+fn istios_dashboards_show_the_traffic_and_the_access_log_tells_each_connection() {
+    use meshlet_tests::promql;
+    const SERVICE: &str = "server.demo.svc.cluster.local";
+    let service = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "server", "namespace": "demo"},
+        "spec": {"clusterIP": "10.96.0.10", "selector": {"app": "server"},
+                 "ports": [{"name": "tcp", "port": 80, "targetPort": 8080}]}
+    });
+    // The client and addresses in the pod network are allowed, by one policy: the access log
+    // names it.
+    let allow = json!({
+        "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "allow-known", "namespace": "demo"},
+        "spec": {"action": "ALLOW", "rules": [
+            {"from": [{"source": {"principals": ["cluster.local/ns/demo/sa/client"]}}]},
+            {"from": [{"source": {"ipBlocks": ["10.244.0.0/16"]}}]}]}
+    });
+    let setup = FileMesh::layout(
+        &[("client", 0), ("server", 1)],
+        &[("bystander", 0)],
+        vec![service, allow],
+        |_, node| {
+            if node == 1 {
+                vec!["--log-format".into(), "json".into()]
+            } else {
+                vec![]
+            }
+        },
+    );
+    let cluster = &setup.cluster;
+    let _server = cluster.pod("server").echo_server(8080);
+    let _bystander = cluster.pod("bystander").echo_server(8080);
+    let client = cluster.pod("client");
+    client
+        .connect("10.96.0.10:80".parse().unwrap(), 100)
+        .assert_echoed(100);
+    client
+        .connect(cluster.pod("server").addr(false, 8080), 200)
+        .assert_echoed(200);
+    client
+        .connect(cluster.pod("bystander").addr(false, 8080), 300)
+        .assert_echoed(300);
+    cluster
+        .pod("bystander")
+        .connect(cluster.pod("server").addr(false, 8080), 400)
+        .assert_echoed(400);
+    // Each agent writes a connection's line after counting it: the counters are final.
+    setup.agents[0].wait_for_log("connection closed", 3, Duration::from_secs(5));
+    setup.agents[1].wait_for_log("connection closed", 3, Duration::from_secs(5));
+    let (node0_log, node1_log) = (setup.agents[0].log(), setup.agents[1].log());
+
+    // The access log: node-0 in text, node-1 in JSON; addresses and names displayed, not
+    // debug-printed; the policy that admitted each inbound connection.
+    let text: Vec<&str> = node0_log
+        .lines()
+        .filter(|l| l.contains("meshlet::access"))
+        .collect();
+    assert_eq!(text.len(), 3, "{node0_log}");
+    for line in &text {
+        assert!(!line.contains("Some(") && !line.contains('"'), "{line}");
+        for field in [
+            "src=10.244.0.10:",
+            "bytes_sent=",
+            "duration_ms=",
+            "direction=outbound",
+        ] {
+            assert!(line.contains(field), "{field} missing from {line}");
+        }
+    }
+    assert!(
+        text.iter()
+            .any(|l| l.contains(&format!("dst_service={SERVICE}"))
+                && l.contains("bytes_sent=100 bytes_received=100")),
+        "{text:#?}"
+    );
+    let json_lines: Vec<serde_json::Value> = node1_log
+        .lines()
+        .filter(|l| l.contains("meshlet::access"))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|err| panic!("{err}: {l}")))
+        .collect();
+    assert_eq!(json_lines.len(), 3, "{node1_log}");
+    let hbone: Vec<&serde_json::Value> = json_lines
+        .iter()
+        .filter(|l| l["protocol"] == "HBONE")
+        .collect();
+    assert_eq!(
+        hbone.len(),
+        2,
+        "both tunnelled connections: {json_lines:#?}"
+    );
+    for line in &hbone {
+        assert_eq!(line["message"], "connection closed", "{line}");
+        assert_eq!(line["direction"], "inbound", "{line}");
+        assert_eq!(line["src_workload"], "demo/client", "{line}");
+        assert_eq!(line["dst_workload"], "demo/server", "{line}");
+        assert_eq!(
+            line["src_identity"], "spiffe://cluster.local/ns/demo/sa/client",
+            "{line}"
+        );
+        assert_eq!(line["policy"], "demo/allow-known", "{line}");
+        assert!(line["duration_ms"].is_u64(), "{line}");
+        assert!(
+            line["src"].as_str().unwrap().starts_with("10.244.0.10:"),
+            "{line}"
+        );
+    }
+    let plaintext = json_lines
+        .iter()
+        .find(|l| l["protocol"] == "TCP")
+        .expect("the bystander's connection");
+    assert_eq!(plaintext["bytes_received"], 400, "{plaintext}");
+    assert_eq!(plaintext["src_workload"], "legacy/bystander", "{plaintext}");
+    assert_eq!(plaintext["policy"], "demo/allow-known", "{plaintext}");
+
+    // The dashboards, on a Prometheus that scrapes both agents (their pods named meshlet-*).
+    let mut series = promql::series(&cluster.scrape(0), &[("pod", "meshlet-x8k2p")]);
+    series.extend(promql::series(
+        &cluster.scrape(1),
+        &[("pod", "meshlet-q4z7n")],
+    ));
+    let tcp: Vec<&promql::Series> = series
+        .iter()
+        .filter(|s| s.name.starts_with("istio_tcp_"))
+        .collect();
+    let queries: Vec<(&str, &str)> = include_str!("../fixtures/istio-dashboards.tsv")
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| l.split_once('\t').expect("dashboard<TAB>query"))
+        .collect();
+    assert_eq!(queries.len(), 35);
+    for (dashboard, query) in &queries {
+        for label in promql::label_names(query) {
+            // `pod` is the scrape target's label, added by Prometheus.
+            if label == "pod" {
+                continue;
+            }
+            for s in &tcp {
+                assert!(
+                    s.labels.contains_key(&label),
+                    "the {dashboard} dashboard reads {label}, missing from {s:?}"
+                );
+            }
+        }
+    }
+    let all = ".*";
+    let run = |query: &str, workload: &str| {
+        let query = promql::substitute(
+            query,
+            &[
+                ("qrep", "destination|source"),
+                ("namespace", "demo"),
+                ("workload", workload),
+                ("srcns", all),
+                ("srcwl", all),
+                ("dstsvc", all),
+                ("service", SERVICE),
+                ("dstns", all),
+                ("dstwl", all),
+                ("dstcluster", all),
+                ("__rate_interval", "1m"),
+            ],
+        )
+        // The Ztunnel dashboard selects ztunnel's pods: pointed at meshlet's.
+        .replace("ztunnel-.*", "meshlet-.*");
+        promql::groups(&query, &series)
+    };
+    for (dashboard, query) in &queries {
+        // The outbound panels of the Workload dashboard are about the client, the others about
+        // the server.
+        let workload = if query.contains("source_workload=~\"$workload\"") {
+            "client"
+        } else {
+            "server"
+        };
+        let groups = run(query, workload);
+        assert!(
+            !groups.is_empty(),
+            "the {dashboard} dashboard shows nothing for {workload}: {query}"
+        );
+        for group in &groups {
+            for (label, value) in group {
+                assert!(
+                    !value.is_empty(),
+                    "{label} is empty in {group:?} of {query}"
+                );
+            }
+        }
+    }
+    // The dropdowns: each variable's query is found by what it groups by and a piece of it.
+    let variable = |dashboard: &str, label: &str, piece: &str, workload: &str| {
+        let (_, query) = queries
+            .iter()
+            .filter(|(d, q)| *d == dashboard && q.starts_with("query_result("))
+            .find(|(_, q)| q.contains(&format!("by ({label})")) && q.contains(piece))
+            .unwrap_or_else(|| panic!("no {label} variable in the {dashboard} dashboard"));
+        promql::values(&run(query, workload), label)
+    };
+    let set = |values: &[&str]| values.iter().map(|v| v.to_string()).collect();
+    assert_eq!(
+        variable("workload", "destination_workload_namespace", "", ""),
+        set(&["demo", "legacy"]),
+        "the client's passthrough to the bystander is counted too"
+    );
+    assert_eq!(
+        variable("workload", "destination_workload", "$namespace", ""),
+        set(&["server"])
+    );
+    assert_eq!(
+        variable("workload", "source_workload", "$srcns", "server"),
+        set(&["bystander", "client"])
+    );
+    assert_eq!(
+        variable("workload", "destination_service", "", "client"),
+        set(&[SERVICE, "unknown"]),
+        "addressed through the Service, then directly"
+    );
+    assert_eq!(
+        variable("service", "source_cluster", "", ""),
+        set(&["Kubernetes"])
+    );
+    assert_eq!(
+        variable("service", "source_workload", "$srcns", ""),
+        set(&["bystander", "client"]),
+        "the destination names the Service of each connection to its endpoint"
+    );
+    assert_eq!(
+        variable("service", "destination_cluster", "", ""),
+        set(&["Kubernetes"])
+    );
+    assert_eq!(
+        variable("service", "destination_workload", "$dstns", ""),
+        set(&["server"])
+    );
+    let by_pod = run(queries.iter().find(|(d, _)| *d == "ztunnel").unwrap().1, "");
+    assert_eq!(
+        promql::values(&by_pod, "pod"),
+        set(&["meshlet-q4z7n", "meshlet-x8k2p"])
+    );
+}

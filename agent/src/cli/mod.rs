@@ -137,9 +137,28 @@ pub struct AgentArgs {
     /// may cap it).
     #[arg(long, env = "MESHLET_CERT_LIFETIME", default_value = "24h", value_parser = parse_positive_duration)]
     pub cert_lifetime: Duration,
-    /// The cluster ID sent to the CA (istiod's `ClusterID` header).
+    /// The cluster ID: sent to the CA (istiod's `ClusterID` header), and the value of
+    /// `source_cluster` / `destination_cluster` in the metrics (istiod's `CLUSTER_ID`).
     #[arg(long, env = "MESHLET_CLUSTER_ID", default_value = "Kubernetes")]
     pub cluster_id: String,
+    /// The cluster DNS domain: `destination_service` is `<name>.<namespace>.svc.<domain>`.
+    #[arg(long, env = "MESHLET_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
+    /// How long the `istio_tcp_*` series of a workload stay after its last pod is gone (then
+    /// they are removed, so that pod churn does not grow the metrics without bound).
+    #[arg(long, env = "MESHLET_METRICS_GRACE_PERIOD", default_value = "5m", value_parser = parse_positive_duration)]
+    pub metrics_grace_period: Duration,
+    /// Read Istio's `istio.io/dataplane-mode` label (namespace or pod) as an alias of
+    /// meshlet's, leave pods with an Istio sidecar alone, and write Istio's
+    /// `ambient.istio.io/redirection` annotation beside meshlet's: what a cluster migrating
+    /// from Istio ambient, node by node, needs.
+    #[arg(
+        long,
+        env = "MESHLET_ISTIO_LABELS",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub istio_labels: bool,
     /// DEVELOPMENT ONLY (file source, demo): a CA certificate chain (PEM: signing CA first,
     /// root last) to sign workload certificates on this node. With --ca-key.
     #[arg(long, env = "MESHLET_CA_CERT", requires = "ca_key")]
@@ -533,7 +552,7 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
                 address,
                 root: args.ca_root,
                 token: args.ca_token_path,
-                cluster_id: args.cluster_id,
+                cluster_id: args.cluster_id.clone(),
             }),
         ca: args.ca_cert.zip(args.ca_key),
         state_dir: args.state_dir,
@@ -592,6 +611,14 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
         cni,
         drain_deadline: args.drain_deadline,
         handoff_socket,
+        telemetry: crate::metrics::Telemetry {
+            cluster_id: args.cluster_id,
+            cluster_domain: args.cluster_domain,
+            series_grace: args.metrics_grace_period,
+        },
+        enrollment: crate::workload::enrollment::Rules {
+            istio_labels: args.istio_labels,
+        },
         pod: args.pod_name.map(|name| (args.pod_namespace.clone(), name)),
     };
     runtime()?.block_on(agent::run(config))

@@ -20,8 +20,7 @@ use crate::{
     source::SyncState,
     workload::{
         Store,
-        enrollment::{AMBIENT, NONE},
-        model::DATAPLANE_MODE_LABEL,
+        enrollment::{AMBIENT, NONE, Rules},
     },
 };
 
@@ -42,7 +41,8 @@ pub fn path_beside(socket: &Path) -> PathBuf {
 pub struct Decisions {
     /// The node the agent serves.
     pub node: String,
-    /// Namespaces labelled `meshlet.io/dataplane-mode=ambient`.
+    /// Namespaces labelled `meshlet.io/dataplane-mode=ambient` (or Istio's label, with
+    /// `--istio-labels`).
     pub captured_namespaces: BTreeSet<String>,
     /// This node's pods labelled ambient in other namespaces (`namespace/name`).
     pub captured_pods: BTreeSet<String>,
@@ -50,18 +50,13 @@ pub struct Decisions {
     pub opted_out_pods: BTreeSet<String>,
 }
 
-/// The `meshlet.io/dataplane-mode` label's value.
-fn mode(labels: &crate::workload::model::Labels) -> Option<&str> {
-    labels.get(DATAPLANE_MODE_LABEL).map(String::as_str)
-}
-
 impl Decisions {
-    /// The decisions the store implies for node `node`.
-    pub fn from_store(store: &Store, node: &str) -> Self {
+    /// The decisions the store implies for node `node`, under the enrollment `rules`.
+    pub fn from_store(store: &Store, node: &str, rules: Rules) -> Self {
         let captured_namespaces: BTreeSet<String> = store
             .namespaces()
             .iter()
-            .filter(|ns| mode(&ns.labels) == Some(AMBIENT))
+            .filter(|ns| rules.mode(&ns.labels) == Some(AMBIENT))
             .map(|ns| ns.name.clone())
             .collect();
         let mut decisions = Self {
@@ -74,7 +69,13 @@ impl Decisions {
                 continue;
             }
             let in_ambient = decisions.captured_namespaces.contains(&pod.key.namespace);
-            match mode(&pod.labels) {
+            if rules.has_sidecar(&pod) {
+                if in_ambient {
+                    decisions.opted_out_pods.insert(pod.key.to_string());
+                }
+                continue;
+            }
+            match rules.mode(&pod.labels) {
                 Some(AMBIENT) if !in_ambient => {
                     decisions.captured_pods.insert(pod.key.to_string());
                 }
@@ -126,7 +127,13 @@ impl Decisions {
 
 /// Keeps the file at `path` equal to what the store implies, once the source has synced
 /// (before that the store is incomplete, and the last agent's file is the better guess).
-pub async fn follow(store: Arc<Store>, sync: Arc<SyncState>, node: String, path: PathBuf) {
+pub async fn follow(
+    store: Arc<Store>,
+    sync: Arc<SyncState>,
+    node: String,
+    rules: Rules,
+    path: PathBuf,
+) {
     let mut synced = sync.subscribe();
     if synced.wait_for(|s| *s).await.is_err() {
         return;
@@ -134,7 +141,7 @@ pub async fn follow(store: Arc<Store>, sync: Arc<SyncState>, node: String, path:
     let mut changes = store.subscribe();
     let mut written: Option<Decisions> = Decisions::read(&path).ok().flatten();
     loop {
-        let decisions = Decisions::from_store(&store, &node);
+        let decisions = Decisions::from_store(&store, &node, rules);
         if written.as_ref() != Some(&decisions) {
             match decisions.write(&path) {
                 Ok(()) => written = Some(decisions),
@@ -154,7 +161,7 @@ pub async fn follow(store: Arc<Store>, sync: Arc<SyncState>, node: String, path:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::workload::model::{Namespace, Object, ObjectKey, Pod};
+    use crate::workload::model::{DATAPLANE_MODE_LABEL, Namespace, Object, ObjectKey, Pod};
 
     fn pod(ns: &str, name: &str, node: &str, mode: Option<&str>) -> Object {
         Object::Pod(Pod {
@@ -171,6 +178,7 @@ mod tests {
             host_network: false,
             phase: "Pending".into(),
             ready: false,
+            owner: None,
         })
     }
 
@@ -189,7 +197,7 @@ mod tests {
         store.upsert(pod("demo", "out", "node-0", Some(NONE)));
         store.upsert(pod("legacy", "in", "node-0", Some(AMBIENT)));
         store.upsert(pod("legacy", "elsewhere", "node-1", Some(AMBIENT)));
-        let decisions = Decisions::from_store(&store, "node-0");
+        let decisions = Decisions::from_store(&store, "node-0", Rules::default());
         assert!(decisions.must_capture("demo", "new-pod"));
         assert!(!decisions.must_capture("demo", "out"));
         assert!(decisions.must_capture("legacy", "in"));
@@ -211,5 +219,34 @@ mod tests {
             io::ErrorKind::InvalidData
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn istios_labels_decide_too_unless_turned_off() {
+        use crate::workload::enrollment::{
+            ISTIO_DATAPLANE_MODE_LABEL, ISTIO_SIDECAR_STATUS_ANNOTATION,
+        };
+        let store = Store::new();
+        store.upsert(Object::Namespace(Namespace {
+            name: "bookinfo".into(),
+            labels: [(ISTIO_DATAPLANE_MODE_LABEL.to_owned(), AMBIENT.to_owned())].into(),
+        }));
+        let Object::Pod(mut sidecar) = pod("bookinfo", "sidecar", "node-0", None) else {
+            unreachable!()
+        };
+        sidecar.annotations =
+            [(ISTIO_SIDECAR_STATUS_ANNOTATION.to_owned(), "{}".to_owned())].into();
+        store.upsert(Object::Pod(sidecar));
+        let istio = Decisions::from_store(&store, "node-0", Rules { istio_labels: true });
+        assert!(istio.must_capture("bookinfo", "new-pod"));
+        assert!(!istio.must_capture("bookinfo", "sidecar"), "{istio:?}");
+        let meshlet_only = Decisions::from_store(
+            &store,
+            "node-0",
+            Rules {
+                istio_labels: false,
+            },
+        );
+        assert!(!meshlet_only.must_capture("bookinfo", "new-pod"));
     }
 }

@@ -2137,6 +2137,7 @@ fn workload_from_pod() {
         host_network: false,
         phase: "Running".into(),
         ready: true,
+        owner: None,
     };
     let index = build(&[authz(
         NS,

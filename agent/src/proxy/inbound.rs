@@ -122,19 +122,29 @@ pub(super) async fn admit(
         protocol: "HBONE",
         source: connect.peer,
         destination: connect.authority,
-        labels: proxy.inbound_labels(Some(&connect.peer_identity), source_ip, pod),
+        labels: proxy.inbound_labels(
+            Some(&connect.peer_identity),
+            source_ip,
+            pod,
+            connect.authority,
+        ),
     };
-    if let Err(reason) = proxy.check(
+    let policy = match proxy.check(
         &proxy.policies(),
         &workload,
         connect.authority,
         Some(&connect.peer_identity),
         source_ip,
     ) {
-        let mut record = Record::refused(&proxy.metrics, opening, Flags::Deny, reason.clone());
-        record.forwarded(connect.forwarded.as_deref());
-        return reject(StatusCode::UNAUTHORIZED, reason);
-    }
+        Ok(policy) => policy,
+        Err(refusal) => {
+            let mut record =
+                Record::refused(&proxy.metrics, opening, Flags::Deny, refusal.reason.clone());
+            record.forwarded(connect.forwarded.as_deref());
+            record.decided_by(refusal.policy);
+            return reject(StatusCode::UNAUTHORIZED, refusal.reason);
+        }
+    };
     let Some(permit) = pod.admit_connection(proxy) else {
         let reason = "the pod's concurrent connection limit is reached".to_owned();
         Record::refused(&proxy.metrics, opening, Flags::Overflow, reason.clone());
@@ -142,6 +152,7 @@ pub(super) async fn admit(
     };
     let mut record = Record::open(&proxy.metrics, opening);
     record.forwarded(connect.forwarded.as_deref());
+    record.decided_by(policy);
     match proxy
         .connect_to_application(pod, connect.authority, connect.peer)
         .await

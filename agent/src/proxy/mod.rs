@@ -45,12 +45,16 @@ use tokio::{
 
 use crate::{
     identity::{self, Identity},
+    metrics::{ConnectionLabels, Peer, ServiceName},
     policy,
     sys::{Netns, socket, transparent},
     workload::{
         Store,
         enrollment::{self, Decision},
-        model::{ObjectKey, Pod, REDIRECTION_ANNOTATION, Service},
+        model::{
+            ISTIO_REDIRECTION_ANNOTATION, ObjectKey, Pod, REDIRECTION_ANNOTATION,
+            REDIRECTION_ENABLED, Service,
+        },
     },
 };
 
@@ -165,6 +169,10 @@ pub struct Proxy {
     pub drain: crate::drain::Drain,
     /// The pods this agent serves, by address (the same-node path).
     pub local: Arc<local::LocalPods>,
+    /// How connections are named in metrics and logs.
+    pub telemetry: crate::metrics::Telemetry,
+    /// Which labels enroll pods (here and, for routing, on other nodes).
+    pub enrollment: enrollment::Rules,
     round_robin: AtomicUsize,
 }
 
@@ -198,6 +206,8 @@ impl Proxy {
             connections: connections::Registry::new(),
             drain: crate::drain::Drain::new(),
             local: Arc::default(),
+            telemetry: crate::metrics::Telemetry::default(),
+            enrollment: enrollment::Rules::default(),
             round_robin: AtomicUsize::new(0),
         }
     }
@@ -220,14 +230,16 @@ impl Proxy {
                 source_ip: connection.source.ip(),
             };
             // Dry runs were counted when the connection was admitted.
-            Self::decide(&index, &request).err()
+            Self::decide(&index, &request)
+                .err()
+                .map(|refusal| refusal.reason)
         })
     }
 
     /// Whether a new connection to `destination` on `pod` from `source` (identity `None` for
     /// plaintext) is allowed: PeerAuthentication first (plaintext to a STRICT port is refused),
     /// then AuthorizationPolicy. Dry-run policies are evaluated alongside, logged and counted.
-    /// `Err` carries the reason, for logs.
+    /// `Ok` carries the ALLOW policy that admitted the connection, if one did.
     pub fn check(
         &self,
         index: &policy::Index,
@@ -235,7 +247,7 @@ impl Proxy {
         destination: SocketAddr,
         source: Option<&Identity>,
         source_ip: IpAddr,
-    ) -> Result<(), String> {
+    ) -> Result<Option<Arc<ObjectKey>>, Refusal> {
         let request = policy::Request {
             workload: policy::Workload::from(pod),
             destination,
@@ -257,7 +269,10 @@ impl Proxy {
     }
 
     /// [`Proxy::check`] without the dry runs.
-    fn decide(index: &policy::Index, request: &policy::Request<'_>) -> Result<(), String> {
+    fn decide(
+        index: &policy::Index,
+        request: &policy::Request<'_>,
+    ) -> Result<Option<Arc<ObjectKey>>, Refusal> {
         Self::peer_authentication(index, request)?;
         Self::authorize(index, request)
     }
@@ -266,27 +281,47 @@ impl Proxy {
     fn peer_authentication(
         index: &policy::Index,
         request: &policy::Request<'_>,
-    ) -> Result<(), String> {
+    ) -> Result<(), Refusal> {
         if request.source.is_none()
             && !index
                 .peer_authentication(request.workload, request.destination.port())
                 .allows_plaintext()
         {
-            return Err("plaintext refused: PeerAuthentication STRICT".to_owned());
+            return Err(Refusal {
+                reason: "plaintext refused: PeerAuthentication STRICT".to_owned(),
+                policy: None,
+            });
         }
         Ok(())
     }
 
-    fn authorize(index: &policy::Index, request: &policy::Request<'_>) -> Result<(), String> {
+    fn authorize(
+        index: &policy::Index,
+        request: &policy::Request<'_>,
+    ) -> Result<Option<Arc<ObjectKey>>, Refusal> {
         let decision = index.authorize(request);
         if decision.allowed {
-            Ok(())
-        } else {
-            Err(match decision.policy {
+            return Ok(decision.policy);
+        }
+        Err(Refusal {
+            reason: match &decision.policy {
                 Some(policy) => format!("denied by {policy} ({})", decision.reason),
                 None => format!("denied ({})", decision.reason),
-            })
-        }
+            },
+            policy: decision.policy,
+        })
+    }
+
+    /// `pod`'s names in Istio's telemetry (its principal `unknown`).
+    pub fn peer(&self, pod: &Pod) -> Peer {
+        Peer::of(pod, &self.telemetry.cluster_id)
+    }
+
+    /// `service`'s names in Istio's telemetry (`unknown` without one).
+    fn service_name(&self, service: Option<&Service>) -> Arc<ServiceName> {
+        Arc::new(service.map_or_else(ServiceName::default, |s| {
+            ServiceName::new(&s.key, &self.telemetry.cluster_domain)
+        }))
     }
 
     /// Istio connection labels, from what the caller already resolved: the source pod (when
@@ -296,62 +331,61 @@ impl Proxy {
         &self,
         reporter: &'static str,
         source: Option<&PodContext>,
-        destination: Option<&ObjectKey>,
+        destination: Option<&Pod>,
         destination_principal: Option<&Identity>,
         service: Option<&Service>,
-    ) -> crate::metrics::ConnectionLabels {
-        let unknown = || "unknown".to_owned();
-        crate::metrics::ConnectionLabels {
+    ) -> ConnectionLabels {
+        let mut destination = destination.map_or_else(Peer::default, |pod| self.peer(pod));
+        if let Some(principal) = destination_principal {
+            destination.principal = principal.to_string();
+        }
+        ConnectionLabels {
             reporter,
-            source_workload: source.map_or_else(unknown, |p| p.key.name.clone()),
-            source_workload_namespace: source.map_or_else(unknown, |p| p.key.namespace.clone()),
-            source_principal: source.map_or_else(unknown, |p| p.identity.to_string()),
-            destination_workload: destination.map_or_else(unknown, |k| k.name.clone()),
-            destination_workload_namespace: destination
-                .map_or_else(unknown, |k| k.namespace.clone()),
-            destination_principal: destination_principal.map_or_else(unknown, ToString::to_string),
-            destination_service: service.map_or_else(unknown, |s| {
-                format!(
-                    "{}.{}.svc.{}",
-                    s.key.name,
-                    s.key.namespace,
-                    self.identities.trust_domain()
-                )
-            }),
+            source: source.map_or_else(Arc::default, |pod| pod.peer.clone()),
+            destination: Arc::new(destination),
+            service: self.service_name(service),
             request_protocol: "tcp",
             connection_security_policy: if destination_principal.is_some() {
                 "mutual_tls"
             } else {
-                "unknown"
+                crate::metrics::UNKNOWN
             },
             response_flags: "-",
         }
     }
 
-    /// Istio connection labels for an inbound connection to this node's pod `destination`,
-    /// from `source_ip` with identity `source` (`None`: plaintext), reported by the destination.
+    /// Istio connection labels for an inbound connection to `to` on this node's pod
+    /// `destination`, from `source_ip` with identity `source` (`None`: plaintext), reported by
+    /// the destination. The source's workload names come from the pod that holds `source_ip`;
+    /// its principal only from the identity the tunnel proved. The Service is the one `to`
+    /// is a ready endpoint of (the client's Service is not carried in the tunnel).
     pub fn inbound_labels(
         &self,
         source: Option<&Identity>,
         source_ip: IpAddr,
         destination: &PodContext,
-    ) -> crate::metrics::ConnectionLabels {
-        let mut labels = self.labels(
-            "destination",
-            None,
-            Some(&destination.key),
-            Some(&destination.identity),
-            None,
-        );
-        if let Some(pod) = self.store.pod_by_ip(source_ip) {
-            labels.source_workload = pod.key.name.clone();
-            labels.source_workload_namespace = pod.key.namespace.clone();
+        to: SocketAddr,
+    ) -> ConnectionLabels {
+        let mut peer = self
+            .store
+            .pod_by_ip(source_ip)
+            .map_or_else(Peer::default, |pod| self.peer(&pod));
+        if let Some(identity) = source {
+            peer.principal = identity.to_string();
         }
-        match source {
-            Some(identity) => labels.source_principal = identity.to_string(),
-            None => labels.connection_security_policy = "unknown",
+        ConnectionLabels {
+            reporter: "destination",
+            source: Arc::new(peer),
+            destination: destination.peer.clone(),
+            service: self.service_name(self.store.service_by_endpoint(to).as_deref()),
+            request_protocol: "tcp",
+            connection_security_policy: if source.is_some() {
+                "mutual_tls"
+            } else {
+                crate::metrics::UNKNOWN
+            },
+            response_flags: "-",
         }
-        labels
     }
 
     /// The SPIFFE identity of `pod`.
@@ -365,22 +399,24 @@ impl Proxy {
 
     /// Whether `pod` is reached through HBONE: it is a mesh workload, and the agent of its
     /// node confirmed that it captures it (`meshlet.io/redirection: enabled`, written by that
-    /// agent; in a workload file, carried by the file). A labelled pod whose capture failed or
-    /// has not happened yet serves no 15008, so it is reached in plaintext instead.
+    /// agent; in a workload file, carried by the file). With Istio's labels read, Istio's
+    /// `ambient.istio.io/redirection: enabled` confirms it too: the pod is on a ztunnel node,
+    /// which serves HBONE on 15008 the same way. A labelled pod whose capture failed or has not
+    /// happened yet serves no 15008, so it is reached in plaintext instead.
     pub fn is_mesh(&self, pod: &Pod) -> bool {
         let Some(node) = pod.node_name.as_deref() else {
             return false;
         };
-        if pod
-            .annotations
-            .get(REDIRECTION_ANNOTATION)
-            .map(String::as_str)
-            != Some("enabled")
-        {
+        let enabled = |annotation| {
+            pod.annotations.get(annotation).map(String::as_str) == Some(REDIRECTION_ENABLED)
+        };
+        let confirmed = enabled(REDIRECTION_ANNOTATION)
+            || (self.enrollment.istio_labels && enabled(ISTIO_REDIRECTION_ANNOTATION));
+        if !confirmed {
             return false;
         }
         let namespace = self.store.namespace(&pod.key.namespace);
-        enrollment::decide(pod, namespace.as_deref(), node) == Decision::Enroll
+        self.enrollment.decide(pod, namespace.as_deref(), node) == Decision::Enroll
     }
 
     /// Connects to `pod`'s application at `destination` on behalf of `client`: from the
@@ -619,6 +655,16 @@ pub struct Permit {
     _pod: OwnedSemaphorePermit,
 }
 
+/// Why admission refused a connection, and the policy that refused it, if one did.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    /// For the access log and the HBONE reply.
+    pub reason: String,
+    /// The DENY policy that matched; `None` for PeerAuthentication and when no ALLOW policy
+    /// matched.
+    pub policy: Option<Arc<ObjectKey>>,
+}
+
 /// The pod a listener serves.
 #[derive(Debug)]
 pub struct PodContext {
@@ -630,6 +676,8 @@ pub struct PodContext {
     pub netns: Arc<Netns>,
     /// Its SPIFFE identity.
     pub identity: Identity,
+    /// Its names in metrics and logs (as it was when it was enrolled).
+    pub peer: Arc<Peer>,
     /// Its addresses.
     pub ips: Vec<IpAddr>,
     /// Its connection budget ([`Budgets::per_pod`]).
@@ -642,18 +690,26 @@ pub struct PodContext {
 }
 
 impl PodContext {
-    /// The context of `pod` in `netns`, with `identity` and a budget of `max_connections`.
-    pub fn new(pod: &Pod, netns: Arc<Netns>, identity: Identity, max_connections: usize) -> Self {
+    /// The context of `pod` in `netns`, with `identity` and the proxy's per-pod budget.
+    pub fn new(proxy: &Proxy, pod: &Pod, netns: Arc<Netns>, identity: Identity) -> Self {
         Self {
             key: pod.key.clone(),
             uid: pod.uid.clone(),
             netns,
+            peer: Arc::new(proxy.peer(pod).with_principal(&identity)),
             identity,
             ips: pod.ips.clone(),
-            budget: Arc::new(Semaphore::new(max_connections)),
+            budget: Arc::new(Semaphore::new(proxy.budgets.per_pod)),
             last_limit_warning: AtomicU64::new(0),
             preserves_source: false,
         }
+    }
+
+    /// The address of the pod's application that made the captured connection from `peer` to
+    /// `target`: capture hands it to the listener over loopback, so the application's address
+    /// is the pod's own (of the target's family), with `peer`'s port.
+    pub fn client_address(&self, peer: SocketAddr, target: IpAddr) -> SocketAddr {
+        SocketAddr::new(self.ip_like(target).unwrap_or(peer.ip()), peer.port())
     }
 
     /// The context, with the application reached from its clients' addresses (the namespace

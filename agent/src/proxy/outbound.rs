@@ -133,7 +133,7 @@ async fn carry(
     let labels = proxy.labels(
         "source",
         Some(pod),
-        destination_pod.as_ref().map(|p| &p.key),
+        destination_pod.as_deref(),
         principal,
         service.as_deref(),
     );
@@ -142,7 +142,7 @@ async fn carry(
         Opening {
             direction: Direction::Outbound,
             protocol,
-            source: peer,
+            source: pod.client_address(peer, destination.ip()),
             destination,
             labels,
         },
@@ -208,7 +208,7 @@ async fn same_node(
     let connect = hbone::Connect {
         peer_identity: pod.identity.clone(),
         // What the destination would see as the tunnel's TCP peer: the client pod's address.
-        peer: SocketAddr::new(pod.ip_like(target.ip()).unwrap_or(peer.ip()), peer.port()),
+        peer: pod.client_address(peer, target.ip()),
         authority: target,
         forwarded: None,
     };
@@ -260,7 +260,7 @@ async fn open_tunnel(
         destination: identity.clone(),
         destination_ip: target.ip(),
     };
-    let forwarded_for = SocketAddr::new(pod.ip_like(target.ip()).unwrap_or(peer.ip()), peer.port());
+    let forwarded_for = pod.client_address(peer, target.ip());
     let netns = pod.netns.clone();
     let source = pod.identity.clone();
     let expected = identity.clone();

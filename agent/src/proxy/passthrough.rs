@@ -8,7 +8,7 @@ use std::{net::SocketAddr, sync::Arc};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{
-    PodContext, Proxy,
+    PodContext, Proxy, Refusal,
     connections::ConnectionInfo,
     record::{Direction, Flags, Opening, Record},
 };
@@ -37,17 +37,30 @@ async fn carry_inbound(stream: TcpStream, peer: SocketAddr, proxy: &Proxy, pod: 
         protocol: "TCP",
         source: peer,
         destination,
-        labels: proxy.inbound_labels(None, peer.ip().to_canonical(), pod),
+        labels: proxy.inbound_labels(None, peer.ip().to_canonical(), pod, destination),
     };
-    let refusal = if proxy.limits.is_reserved(destination.port()) {
+    let admitted = if proxy.limits.is_reserved(destination.port()) {
         proxy.metrics.limit_reached("reserved_port");
-        Some((
+        let reason = format!("port {} is one of meshlet's own", destination.port());
+        Err((
             Flags::NoRoute,
-            format!("port {} is one of meshlet's own", destination.port()),
+            Refusal {
+                reason,
+                policy: None,
+            },
         ))
     } else {
         match proxy.store.pod(&pod.key) {
-            None => Some((Flags::Connect, format!("{} is no longer known", pod.key))),
+            None => {
+                let reason = format!("{} is no longer known", pod.key);
+                Err((
+                    Flags::Connect,
+                    Refusal {
+                        reason,
+                        policy: None,
+                    },
+                ))
+            }
             Some(workload) => proxy
                 .check(
                     &proxy.policies(),
@@ -56,15 +69,20 @@ async fn carry_inbound(stream: TcpStream, peer: SocketAddr, proxy: &Proxy, pod: 
                     None,
                     peer.ip().to_canonical(),
                 )
-                .err()
-                .map(|reason| (Flags::Deny, reason)),
+                .map_err(|refusal| (Flags::Deny, refusal)),
         }
     };
-    if let Some((flags, reason)) = refusal {
-        Record::refused(&proxy.metrics, opening, flags, reason);
-        return super::reset(stream);
-    }
+    let policy = match admitted {
+        Ok(policy) => policy,
+        Err((flags, refusal)) => {
+            let mut record = Record::refused(&proxy.metrics, opening, flags, refusal.reason);
+            record.decided_by(refusal.policy);
+            drop(record);
+            return super::reset(stream);
+        }
+    };
     let mut record = Record::open(&proxy.metrics, opening);
+    record.decided_by(policy);
     let mut live = proxy.connections.register(ConnectionInfo {
         source_identity: None,
         source: peer,

@@ -15,7 +15,10 @@ use std::{
 
 use tracing::info;
 
-use crate::metrics::{ByteCounters, ConnectionLabels, Metrics};
+use crate::{
+    metrics::{ByteCounters, ConnectionLabels, Metrics},
+    workload::model::ObjectKey,
+};
 
 /// Which end of the connection this node's pod is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +91,8 @@ pub struct Record {
     counters: ByteCounters,
     flags: Flags,
     reason: Option<String>,
+    /// The policy that admitted or refused the connection, if one did.
+    policy: Option<Arc<ObjectKey>>,
 }
 
 /// What a connection record is opened with.
@@ -121,6 +126,7 @@ impl Record {
             counters,
             flags: Flags::Ok,
             reason: None,
+            policy: None,
         }
     }
 
@@ -141,6 +147,11 @@ impl Record {
     /// The connection's byte counters, for [`crate::metrics::Counted`].
     pub fn counters(&self) -> ByteCounters {
         self.counters.clone()
+    }
+
+    /// Notes the policy that admitted or refused the connection.
+    pub fn decided_by(&mut self, policy: Option<Arc<ObjectKey>>) {
+        self.policy = policy;
     }
 
     /// Notes the client's `Forwarded` header (logged, never trusted).
@@ -186,30 +197,26 @@ impl Drop for Record {
         } else {
             "connection closed"
         };
-        let workload = |name: &str, namespace: &str| {
-            if name == "unknown" {
-                name.to_owned()
-            } else {
-                format!("{namespace}/{name}")
-            }
-        };
-        let l = &self.labels;
+        let (l, source, destination) =
+            (&self.labels, &self.labels.source, &self.labels.destination);
         info!(
             target: "meshlet::access",
-            direction = self.direction.as_str(),
+            direction = %self.direction.as_str(),
             src = %self.source,
             dst = %self.destination,
-            src_workload = %workload(&l.source_workload, &l.source_workload_namespace),
-            src_identity = %l.source_principal,
-            dst_workload = %workload(&l.destination_workload, &l.destination_workload_namespace),
-            dst_identity = %l.destination_principal,
-            forwarded = ?self.forwarded,
-            protocol = self.protocol,
+            src_workload = %source.pod_key(),
+            src_identity = %source.principal,
+            dst_workload = %destination.pod_key(),
+            dst_identity = %destination.principal,
+            dst_service = %l.service.host,
+            forwarded = self.forwarded.as_deref().map(tracing::field::display),
+            protocol = %self.protocol,
             bytes_sent = sent,
             bytes_received = received,
             duration_ms,
-            response_flags = flags,
-            reason = self.reason.as_deref().unwrap_or(""),
+            response_flags = %flags,
+            policy = self.policy.as_deref().map(tracing::field::display),
+            reason = self.reason.as_deref().map(tracing::field::display),
             "{message}"
         );
     }
@@ -231,10 +238,6 @@ mod tests {
             destination: "10.244.1.11:8080".parse().unwrap(),
             labels: ConnectionLabels {
                 reporter: "destination",
-                destination_workload: "server".into(),
-                request_protocol: "tcp",
-                connection_security_policy: "unknown",
-                response_flags: "-",
                 ..Default::default()
             },
         }

@@ -10,8 +10,8 @@ use k8s_openapi::{
 };
 
 use crate::workload::model::{
-    DRY_RUN_ANNOTATION, Endpoint, EndpointPort, EndpointSlice, Labels, Namespace, ObjectKey, Pod,
-    Policy, PolicyKind, Service, ServicePort, TargetPort,
+    DRY_RUN_ANNOTATION, Endpoint, EndpointPort, EndpointSlice, Labels, Namespace, ObjectKey, Owner,
+    Pod, Policy, PolicyKind, Service, ServicePort, TargetPort,
 };
 
 /// Label linking an EndpointSlice to its service.
@@ -114,6 +114,16 @@ pub fn pod(pod: &core::Pod) -> Result<Pod, ConvertError> {
             .and_then(|s| s.phase.clone())
             .unwrap_or_else(|| "Pending".into()),
         ready,
+        owner: pod
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .find(|owner| owner.controller == Some(true))
+            .map(|owner| Owner {
+                kind: owner.kind.clone(),
+                name: owner.name.clone(),
+            }),
     })
 }
 
@@ -256,6 +266,43 @@ mod tests {
         assert_eq!(pod.service_account, "sleep");
         assert_eq!(pod.ips.len(), 2);
         assert!(pod.ready && pod.is_live());
+        assert_eq!(pod.owner, None);
+    }
+
+    #[test]
+    fn the_owner_is_the_controller_among_the_owner_references() {
+        let owned = |references: serde_json::Value| {
+            pod(&from_json(serde_json::json!({
+                "metadata": {"name": "cart-7d4b9c8f6-x2kq9", "namespace": "shop",
+                             "ownerReferences": references},
+                "spec": {"containers": []}
+            })))
+            .unwrap()
+            .owner
+        };
+        let reference = |kind: &str, name: &str, controller: Option<bool>| {
+            serde_json::json!({"apiVersion": "apps/v1", "kind": kind, "name": name,
+                               "uid": "u", "controller": controller})
+        };
+        assert_eq!(
+            owned(serde_json::json!([
+                reference("ConfigMap", "settings", None),
+                reference("ReplicaSet", "cart-7d4b9c8f6", Some(true)),
+            ])),
+            Some(Owner {
+                kind: "ReplicaSet".into(),
+                name: "cart-7d4b9c8f6".into()
+            })
+        );
+        assert_eq!(
+            owned(serde_json::json!([reference(
+                "ReplicaSet",
+                "cart",
+                Some(false)
+            )])),
+            None,
+            "an owner that is not the controller does not name the workload"
+        );
     }
 
     #[test]

@@ -22,7 +22,10 @@ use tracing::{debug, warn};
 use super::{SyncState, convert};
 use crate::workload::{
     Store,
-    model::{Kind, Object, ObjectKey, PolicyKind, REDIRECTION_ANNOTATION},
+    model::{
+        ISTIO_REDIRECTION_ANNOTATION, Kind, Object, ObjectKey, PolicyKind, REDIRECTION_ANNOTATION,
+        REDIRECTION_ENABLED,
+    },
 };
 
 /// Runs a watcher for every kind until the task is dropped.
@@ -155,21 +158,28 @@ async fn watch<K>(
     }
 }
 
-/// Records on the pod whether meshlet captures it (`meshlet.io/redirection: enabled`), with a
-/// JSON merge patch of that one annotation (never an update of the whole object).
+/// Records on the pod whether meshlet captures it (`meshlet.io/redirection: enabled`, and with
+/// `istio` Istio's `ambient.istio.io/redirection: enabled` too, so that istiod tells ztunnel
+/// nodes to reach the pod through HBONE), with a JSON merge patch of those annotations (never an
+/// update of the whole object).
 pub async fn annotate_redirection(
     client: &Client,
     pod: &ObjectKey,
     enabled: bool,
+    istio: bool,
 ) -> Result<(), kube::Error> {
     let api = Api::<core::Pod>::namespaced(client.clone(), &pod.namespace);
     let value = if enabled {
-        serde_json::json!("enabled")
+        serde_json::json!(REDIRECTION_ENABLED)
     } else {
         serde_json::Value::Null
     };
-    let patch =
-        serde_json::json!({ "metadata": { "annotations": { REDIRECTION_ANNOTATION: value } } });
+    let mut annotations = serde_json::Map::new();
+    annotations.insert(REDIRECTION_ANNOTATION.to_owned(), value.clone());
+    if istio {
+        annotations.insert(ISTIO_REDIRECTION_ANNOTATION.to_owned(), value);
+    }
+    let patch = serde_json::json!({ "metadata": { "annotations": annotations } });
     api.patch(&pod.name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .map(drop)

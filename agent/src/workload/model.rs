@@ -13,6 +13,12 @@ pub const DATAPLANE_MODE_LABEL: &str = "meshlet.io/dataplane-mode";
 pub const NETNS_ANNOTATION: &str = "meshlet.io/netns";
 /// Pod annotation the agent sets while a pod is captured.
 pub const REDIRECTION_ANNOTATION: &str = "meshlet.io/redirection";
+/// Istio's annotation of the same meaning, written by Istio's CNI agent on ztunnel nodes, and
+/// by meshlet too (with `--istio-labels`) so that istiod tells ztunnel nodes to reach
+/// meshlet's pods through HBONE.
+pub const ISTIO_REDIRECTION_ANNOTATION: &str = "ambient.istio.io/redirection";
+/// The value of both redirection annotations on a captured pod.
+pub const REDIRECTION_ENABLED: &str = "enabled";
 
 /// Labels or annotations.
 pub type Labels = BTreeMap<String, String>;
@@ -78,6 +84,18 @@ pub struct Pod {
     pub phase: String,
     /// The `Ready` condition.
     pub ready: bool,
+    /// The controller among `metadata.ownerReferences` (a ReplicaSet, StatefulSet, Job, ...):
+    /// what Istio's telemetry names the workload after ([`super::naming`]).
+    pub owner: Option<Owner>,
+}
+
+/// The controlling owner of an object (`ownerReferences[]` with `controller: true`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Owner {
+    /// Its kind (`ReplicaSet`, `StatefulSet`, `DaemonSet`, `Job`, ...).
+    pub kind: String,
+    /// Its name, in the pod's namespace.
+    pub name: String,
 }
 
 impl Pod {

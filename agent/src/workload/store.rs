@@ -32,6 +32,8 @@ struct State {
     slices_by_service: HashMap<ObjectKey, Vec<ObjectKey>>,
     /// (cluster IP, service port) -> service and ready endpoints.
     vips: HashMap<SocketAddr, (Arc<Service>, Endpoints)>,
+    /// Ready endpoint (pod IP, target port) -> the services it serves.
+    services_by_endpoint: HashMap<SocketAddr, Vec<Arc<Service>>>,
     policies: BTreeMap<(Kind, ObjectKey), Arc<Policy>>,
 }
 
@@ -125,6 +127,19 @@ impl Store {
     pub fn service_by_vip(&self, vip: SocketAddr) -> Option<(Arc<Service>, Endpoints)> {
         let vip = SocketAddr::new(vip.ip().to_canonical(), vip.port());
         self.read().vips.get(&vip).cloned()
+    }
+
+    /// The Service that the ready endpoint `pod IP:port` serves (the first by namespace and
+    /// name, when several do): how the destination names the Service of a connection whose
+    /// client addressed its pod through a tunnel.
+    pub fn service_by_endpoint(&self, endpoint: SocketAddr) -> Option<Arc<Service>> {
+        let endpoint = SocketAddr::new(endpoint.ip().to_canonical(), endpoint.port());
+        self.read()
+            .services_by_endpoint
+            .get(&endpoint)?
+            .iter()
+            .min_by(|a, b| a.key.cmp(&b.key))
+            .cloned()
     }
 
     /// A namespace by name.
@@ -265,7 +280,7 @@ impl State {
             }
             Kind::Service => {
                 if let Some(service) = self.services.remove(key) {
-                    self.vips.retain(|_, (s, _)| !Arc::ptr_eq(s, &service));
+                    self.unindex_service(&service);
                 }
             }
             Kind::EndpointSlice => {
@@ -286,12 +301,21 @@ impl State {
         }
     }
 
+    /// Removes `service` from the VIP and endpoint indexes.
+    fn unindex_service(&mut self, service: &Arc<Service>) {
+        self.vips.retain(|_, (s, _)| !Arc::ptr_eq(s, service));
+        self.services_by_endpoint.retain(|_, services| {
+            services.retain(|s| !Arc::ptr_eq(s, service));
+            !services.is_empty()
+        });
+    }
+
     /// Recomputes the VIP index entries of one service from its slices.
     fn reindex_service(&mut self, key: &ObjectKey) {
         let Some(service) = self.services.get(key).cloned() else {
             return;
         };
-        self.vips.retain(|_, (s, _)| !Arc::ptr_eq(s, &service));
+        self.unindex_service(&service);
         let slices: Vec<Arc<EndpointSlice>> = self
             .slices_by_service
             .get(key)
@@ -315,6 +339,12 @@ impl State {
             }
             endpoints.sort();
             endpoints.dedup();
+            for endpoint in &endpoints {
+                let services = self.services_by_endpoint.entry(*endpoint).or_default();
+                if !services.iter().any(|s| Arc::ptr_eq(s, &service)) {
+                    services.push(service.clone());
+                }
+            }
             let endpoints: Endpoints = endpoints.into();
             for vip in &service.cluster_ips {
                 self.vips.insert(
@@ -416,6 +446,7 @@ mod tests {
             host_network: false,
             phase: "Running".into(),
             ready: true,
+            owner: None,
         }
     }
 
@@ -434,6 +465,11 @@ mod tests {
     }
 
     use crate::workload::model::Labels;
+
+    fn store_slice(store: &Store, ns: &str, name: &str) -> EndpointSlice {
+        let state = store.read();
+        (*state.slices[&ObjectKey::new(ns, name)]).clone()
+    }
 
     #[test]
     fn ip_lookup_follows_pod_changes_and_ip_reuse() {
@@ -523,7 +559,28 @@ mod tests {
                 .service_by_vip("10.96.0.10:81".parse().unwrap())
                 .is_none()
         );
+        // The destination's view: which Service a ready endpoint serves.
+        let served_by = |endpoint: &str| {
+            store
+                .service_by_endpoint(endpoint.parse().unwrap())
+                .map(|s| s.key.name.clone())
+        };
+        assert_eq!(served_by("10.0.0.1:8080").as_deref(), Some("web"));
+        assert_eq!(served_by("[::ffff:10.0.0.1]:8080").as_deref(), Some("web"));
+        assert_eq!(served_by("10.0.0.1:9090"), None, "another port");
+        assert_eq!(served_by("10.0.0.2:8080"), None, "not ready");
+        // A second Service of the same endpoint: the first by name answers, until it goes.
+        store.upsert(Object::Service(service("a", "api", "10.96.0.11", 80, 8080)));
+        store.upsert(Object::EndpointSlice(EndpointSlice {
+            key: ObjectKey::new("a", "api-abc"),
+            service: "api".into(),
+            ..store_slice(&store, "a", "web-abc")
+        }));
+        assert_eq!(served_by("10.0.0.1:8080").as_deref(), Some("api"));
+        store.delete(Kind::Service, &ObjectKey::new("a", "api"));
+        assert_eq!(served_by("10.0.0.1:8080").as_deref(), Some("web"));
         store.delete(Kind::EndpointSlice, &ObjectKey::new("a", "web-abc"));
+        assert_eq!(served_by("10.0.0.1:8080"), None);
         assert!(
             store
                 .service_by_vip("10.96.0.10:80".parse().unwrap())

@@ -1412,6 +1412,7 @@ fn store(pods: usize, services: usize) -> anyhow::Result<serde_json::Value> {
             host_network: false,
             phase: "Running".into(),
             ready: true,
+            owner: None,
         }));
     }
     let load_pods = start.elapsed();

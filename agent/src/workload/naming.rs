@@ -1,0 +1,248 @@
+//! How Istio names a pod in its telemetry, so that Istio's dashboards and alerts group
+//! meshlet's series the way they group ztunnel's and Envoy's.
+//!
+//! - The **workload** is the pod's controller, seen through the pod's own metadata (as istiod
+//!   does, without reading the owners): a ReplicaSet named `<deployment>-<pod-template-hash>`
+//!   is its Deployment; a Job named `<cronjob>-<8 to 10 digits>` is its CronJob; any other
+//!   controller (StatefulSet, DaemonSet, Job, ReplicationController) is itself. A pod with no
+//!   controller is its own workload.
+//! - The **canonical service** is the first of the labels `service.istio.io/canonical-name`,
+//!   `app.kubernetes.io/name` and `app` that the pod carries, else the workload name; the
+//!   **canonical revision** the first of `service.istio.io/canonical-revision`,
+//!   `app.kubernetes.io/version` and `version`, else `latest`.
+//!
+//! These names are telemetry, not identity: a pod can claim any of them, so nothing but labels
+//! and the access log reads them. Policy and the tunnel use the SPIFFE identity only.
+
+use super::model::Pod;
+
+/// Labels naming a pod's canonical service, in order of precedence.
+const CANONICAL_NAME_LABELS: [&str; 3] = [
+    "service.istio.io/canonical-name",
+    "app.kubernetes.io/name",
+    "app",
+];
+/// Labels naming its canonical revision, in order of precedence.
+const CANONICAL_REVISION_LABELS: [&str; 3] = [
+    "service.istio.io/canonical-revision",
+    "app.kubernetes.io/version",
+    "version",
+];
+/// The revision of a pod that names none.
+const DEFAULT_REVISION: &str = "latest";
+/// The label the Deployment controller puts on the pods of each ReplicaSet it makes.
+const POD_TEMPLATE_HASH_LABEL: &str = "pod-template-hash";
+
+/// A pod's names in Istio's telemetry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkloadNames {
+    /// The owning workload: a Deployment, StatefulSet, DaemonSet, Job or CronJob by name, or
+    /// the pod itself.
+    pub workload: String,
+    /// `source_canonical_service` / `destination_canonical_service` (also `*_app`).
+    pub canonical_service: String,
+    /// `source_canonical_revision` / `destination_canonical_revision` (also `*_version`).
+    pub canonical_revision: String,
+}
+
+impl WorkloadNames {
+    /// The names of `pod`.
+    pub fn of(pod: &Pod) -> Self {
+        let workload = workload_name(pod);
+        let first = |labels: &[&str]| {
+            labels
+                .iter()
+                .find_map(|label| pod.labels.get(*label).filter(|v| !v.is_empty()))
+                .cloned()
+        };
+        Self {
+            canonical_service: first(&CANONICAL_NAME_LABELS).unwrap_or_else(|| workload.clone()),
+            canonical_revision: first(&CANONICAL_REVISION_LABELS)
+                .unwrap_or_else(|| DEFAULT_REVISION.to_owned()),
+            workload,
+        }
+    }
+}
+
+/// The name of the workload that owns `pod`.
+pub fn workload_name(pod: &Pod) -> String {
+    let Some(owner) = &pod.owner else {
+        return pod.key.name.clone();
+    };
+    let name = owner.name.as_str();
+    let workload = match owner.kind.as_str() {
+        "ReplicaSet" => pod
+            .labels
+            .get(POD_TEMPLATE_HASH_LABEL)
+            .filter(|hash| !hash.is_empty())
+            .and_then(|hash| name.strip_suffix(hash.as_str())?.strip_suffix('-'))
+            .unwrap_or(name),
+        "Job" => cron_job_name(name).unwrap_or(name),
+        _ => name,
+    };
+    workload.to_owned()
+}
+
+/// The CronJob a Job was made by, from the Job's name: the CronJob controller names its Jobs
+/// `<cronjob>-<scheduled time in minutes>`, 8 to 10 digits.
+fn cron_job_name(job: &str) -> Option<&str> {
+    let (cron_job, time) = job.rsplit_once('-')?;
+    let digits = (8..=10).contains(&time.len()) && time.bytes().all(|b| b.is_ascii_digit());
+    (digits && !cron_job.is_empty()).then_some(cron_job)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workload::model::{Labels, ObjectKey, Owner};
+
+    fn pod(name: &str, owner: Option<(&str, &str)>, labels: &[(&str, &str)]) -> Pod {
+        Pod {
+            key: ObjectKey::new("shop", name),
+            uid: "u".into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            annotations: Labels::new(),
+            service_account: "default".into(),
+            node_name: Some("node-0".into()),
+            ips: vec!["10.244.0.10".parse().unwrap()],
+            host_network: false,
+            phase: "Running".into(),
+            ready: true,
+            owner: owner.map(|(kind, name)| Owner {
+                kind: kind.into(),
+                name: name.into(),
+            }),
+        }
+    }
+
+    #[test]
+    fn the_workload_is_the_owner_istio_would_name() {
+        let hash = [("pod-template-hash", "7d4b9c8f6")];
+        let cases = [
+            (
+                "Deployment, through its ReplicaSet",
+                pod(
+                    "cart-7d4b9c8f6-x2kq9",
+                    Some(("ReplicaSet", "cart-7d4b9c8f6")),
+                    &hash,
+                ),
+                "cart",
+            ),
+            (
+                "a bare ReplicaSet (no template hash) is itself",
+                pod("cart-x2kq9", Some(("ReplicaSet", "cart")), &[]),
+                "cart",
+            ),
+            (
+                "a template hash that is not the ReplicaSet's suffix changes nothing",
+                pod("rs-x2kq9", Some(("ReplicaSet", "rs-other")), &hash),
+                "rs-other",
+            ),
+            (
+                "StatefulSet",
+                pod("db-0", Some(("StatefulSet", "db")), &[]),
+                "db",
+            ),
+            (
+                "DaemonSet",
+                pod("agent-9xk2p", Some(("DaemonSet", "agent")), &[]),
+                "agent",
+            ),
+            (
+                "Job",
+                pod("migrate-4kq2x", Some(("Job", "migrate")), &[]),
+                "migrate",
+            ),
+            (
+                "CronJob, through its Job",
+                pod(
+                    "report-29413860-4kq2x",
+                    Some(("Job", "report-29413860")),
+                    &[],
+                ),
+                "report",
+            ),
+            (
+                "a Job whose suffix is too short for a schedule is itself",
+                pod("batch-1234-x", Some(("Job", "batch-1234")), &[]),
+                "batch-1234",
+            ),
+            (
+                "a Job whose suffix is not all digits is itself",
+                pod("batch-1234567a-x", Some(("Job", "batch-1234567a")), &[]),
+                "batch-1234567a",
+            ),
+            (
+                "ReplicationController",
+                pod("web-k2x9q", Some(("ReplicationController", "web")), &[]),
+                "web",
+            ),
+            (
+                "a bare pod keeps its name",
+                pod("debug", None, &[]),
+                "debug",
+            ),
+        ];
+        for (case, pod, want) in cases {
+            assert_eq!(workload_name(&pod), want, "{case}");
+        }
+    }
+
+    #[test]
+    fn canonical_names_follow_istios_precedence() {
+        let owner = Some(("StatefulSet", "db"));
+        type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], (&'a str, &'a str));
+        let cases: [Case<'_>; 6] = [
+            (
+                "Istio's own labels first",
+                &[
+                    ("service.istio.io/canonical-name", "orders"),
+                    ("service.istio.io/canonical-revision", "v3"),
+                    ("app.kubernetes.io/name", "ignored"),
+                    ("app.kubernetes.io/version", "ignored"),
+                    ("app", "ignored"),
+                    ("version", "ignored"),
+                ],
+                ("orders", "v3"),
+            ),
+            (
+                "then the recommended Kubernetes labels",
+                &[
+                    ("app.kubernetes.io/name", "orders"),
+                    ("app.kubernetes.io/version", "2.1"),
+                    ("app", "ignored"),
+                    ("version", "ignored"),
+                ],
+                ("orders", "2.1"),
+            ),
+            (
+                "then app and version",
+                &[("app", "orders"), ("version", "v1")],
+                ("orders", "v1"),
+            ),
+            (
+                "each name is looked up on its own",
+                &[
+                    ("service.istio.io/canonical-name", "orders"),
+                    ("version", "v1"),
+                ],
+                ("orders", "v1"),
+            ),
+            (
+                "an empty label is not a name",
+                &[("app.kubernetes.io/name", ""), ("app", "orders")],
+                ("orders", "latest"),
+            ),
+            ("else the workload name and latest", &[], ("db", "latest")),
+        ];
+        for (case, labels, (service, revision)) in cases {
+            let names = WorkloadNames::of(&pod("db-0", owner, labels));
+            assert_eq!(names.workload, "db", "{case}");
+            assert_eq!(names.canonical_service, service, "{case}");
+            assert_eq!(names.canonical_revision, revision, "{case}");
+        }
+    }
+}
