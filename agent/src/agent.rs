@@ -281,6 +281,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Some(capture) => capture,
         None => Capture::install(config.capture.clone())?,
     };
+    let ebpf_log = tokio::spawn(capture::events::EbpfLog::run(capture.log()));
     let cni_listener = match (inherited.take_node(Endpoint::Cni), cni_listener) {
         (Some(fd), _) if handoff::is_unix_listener_at(&fd, &config.cni.socket) => {
             let listener = std::os::unix::net::UnixListener::from(fd);
@@ -441,6 +442,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     reaper.abort();
     give_back.abort();
     series.abort();
+    ebpf_log.abort();
     policies.abort();
     for task in servers.into_iter().chain(cni_tasks) {
         task.abort();

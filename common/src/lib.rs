@@ -64,6 +64,10 @@ pub mod maps {
     /// the client's address), by 4-tuple, from connect until close; `sk_lookup` lets them
     /// through to the application instead of steering them back to 15006.
     pub const TRANSPARENT_UPSTREAMS: &str = "TRANSPARENT_UPSTREAMS";
+    /// aya-log's `RingBuf`: the programs' rare events, read by the agent
+    /// (`capture::events`). Pinned like the others, so that programs adopted from an earlier
+    /// agent report to the running one.
+    pub const AYA_LOGS: &str = "AYA_LOGS";
 
     /// Every map, for pinning and cleanup.
     pub const ALL: &[&str] = &[
@@ -78,6 +82,7 @@ pub mod maps {
         REDIRECTS,
         PROBES_PASSED,
         TRANSPARENT_UPSTREAMS,
+        AYA_LOGS,
     ];
 }
 

@@ -20,6 +20,11 @@
 //! each connection kubelet opens is recorded by 4-tuple from connect until close, and
 //! `sk_lookup` lets exactly those through to the application. Nothing is exempt for coming from
 //! a node address: hostNetwork pods and SNATed traffic are captured like any other client.
+//!
+//! Rare events go to the agent's log through aya-log (`AYA_LOGS`, pinned with the other maps so
+//! that programs adopted from an earlier agent report to the running one): a record that could
+//! not be inserted, a socket of an unexpected family, an inbound connection refused because its
+//! pod has no listener. Nothing is logged for a connection that goes as it should.
 #![no_std]
 #![no_main]
 
@@ -36,6 +41,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, lpm_trie::Key},
     programs::{SkLookupContext, SockAddrContext, SockOpsContext, SockoptContext},
 };
+use aya_log_ebpf::warn;
 use meshlet_common::{
     ConnKey, Direction, Enrollment, INBOUND_HBONE_PORT, Ip, MAX_CONNECTIONS, MAX_EXCLUSIONS,
     MAX_NETNS, MESH_MARK, OUTBOUND_PORT, ProbeKey, SO_ORIGINAL_DST, SockAddr, TRANSPARENT_MARK,
@@ -164,6 +170,11 @@ fn redirect(ctx: &SockAddrContext, dst: &Ip, port_be: u16) -> bool {
     };
     if ORIG_BY_SOCKET.insert(cookie, orig, 0).is_err() {
         // Without a record the proxy could not learn the destination: leave the connect alone.
+        warn!(
+            ctx,
+            "ORIG_BY_SOCKET: insert failed (map full?); a connect of netns {} is not captured",
+            netns
+        );
         return false;
     }
     count(Direction::Outbound);
@@ -227,7 +238,7 @@ pub fn meshlet_sock_ops(ctx: SockOpsContext) -> u32 {
             !sk.is_null() && (*sk).mark == TRANSPARENT_MARK
         };
         if transparent {
-            remember_until_close(&ctx, &TRANSPARENT_UPSTREAMS);
+            remember_until_close(&ctx, &TRANSPARENT_UPSTREAMS, "TRANSPARENT_UPSTREAMS");
         }
         return 1;
     }
@@ -265,7 +276,15 @@ pub fn meshlet_sock_ops(ctx: SockOpsContext) -> u32 {
         _pad: [0; 6],
     };
     // SAFETY: a non-null pointer from a map lookup is valid for the value's size.
-    let _ = ORIG_BY_PEER.insert(key, unsafe { *orig }, 0);
+    if ORIG_BY_PEER.insert(key, unsafe { *orig }, 0).is_err() {
+        warn!(
+            &ctx,
+            "ORIG_BY_PEER: insert failed (map full?); the proxy cannot learn the destination of \
+             a connection from port {} of netns {}",
+            port,
+            netns_cookie
+        );
+    }
     1
 }
 
@@ -273,9 +292,11 @@ pub fn meshlet_sock_ops(ctx: SockOpsContext) -> u32 {
 /// see it close ([`forget_when_closed`]). If the callback cannot be had (the socket is not a
 /// full one, never the case on connect), the entry ages out of the LRU instead.
 #[inline(always)]
-fn remember_until_close(ctx: &SockOpsContext, map: &LruHashMap<ProbeKey, u8>) {
+fn remember_until_close(ctx: &SockOpsContext, map: &LruHashMap<ProbeKey, u8>, name: &str) {
     if map.insert(probe_key(ctx), 1, 0).is_ok() {
         let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+    } else {
+        warn!(ctx, "{}: insert failed (map full?)", name);
     }
 }
 
@@ -298,7 +319,7 @@ fn forget_when_closed(ctx: &SockOpsContext, map: &LruHashMap<ProbeKey, u8>) {
 pub fn meshlet_probe_ops(ctx: SockOpsContext) -> u32 {
     let op = ctx.op();
     if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
-        remember_until_close(&ctx, &KUBELET_PROBES);
+        remember_until_close(&ctx, &KUBELET_PROBES, "KUBELET_PROBES");
     } else if op == BPF_SOCK_OPS_STATE_CB {
         forget_when_closed(&ctx, &KUBELET_PROBES);
     }
@@ -415,6 +436,10 @@ pub fn meshlet_sk_lookup(ctx: SkLookupContext) -> u32 {
     if protocol != IPPROTO_TCP || port == u32::from(INBOUND_HBONE_PORT) {
         return sk_action::SK_PASS;
     }
+    if family != AF_INET && family != u32::from(AF_INET6) {
+        warn!(&ctx, "sk_lookup: unexpected socket family {}; let through", family);
+        return sk_action::SK_PASS;
+    }
     // SAFETY: as above; each address field is read with the access size the kernel allows;
     // `remote_port` is a network-order `__be16` (a 2-byte load is allowed since Linux 5.9).
     let (local, remote, remote_port) = unsafe {
@@ -459,9 +484,33 @@ pub fn meshlet_sk_lookup(ctx: SkLookupContext) -> u32 {
             sk_action::SK_PASS
         }
         // No listener: the proxy is not (or no longer) up in this namespace.
-        Err(_) if fail_open() => sk_action::SK_PASS,
-        Err(_) => sk_action::SK_DROP,
+        Err(_) if fail_open() => {
+            let ip = ip_bytes(&local);
+            warn!(&ctx, "sk_lookup: no listener for [{:i}]:{}; let through (fail open)", ip, port);
+            sk_action::SK_PASS
+        }
+        Err(_) => {
+            let ip = ip_bytes(&local);
+            warn!(&ctx, "sk_lookup: no listener for [{:i}]:{}; dropped (fail closed)", ip, port);
+            sk_action::SK_DROP
+        }
     }
+}
+
+/// An address as its 16 bytes in network order (v4-mapped for IPv4), for the log.
+#[inline(always)]
+fn ip_bytes(ip: &Ip) -> [u8; 16] {
+    let mut bytes = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let word = ip[i].to_ne_bytes();
+        bytes[4 * i] = word[0];
+        bytes[4 * i + 1] = word[1];
+        bytes[4 * i + 2] = word[2];
+        bytes[4 * i + 3] = word[3];
+        i += 1;
+    }
+    bytes
 }
 
 #[inline(always)]

@@ -298,6 +298,37 @@ fn inbound_connections_on_any_port_are_steered_to_15006_except_hbone() {
     assert_eq!(capture.redirects().unwrap().inbound, 3);
 }
 
+/// An enrolled pod whose proxy has no 15006 listener: inbound connections are dropped (fail
+/// closed), and the program says why through aya-log, read from the pinned ring the agent
+/// forwards to its log.
+#[test]
+fn a_pod_without_a_listener_drops_inbound_and_the_program_reports_it_through_aya_log() {
+    let mut cluster = Cluster::new(2);
+    cluster.add_pod("client", 0);
+    cluster.add_pod("server", 1);
+    let mut capture = install(&cluster);
+    let (client, server) = (cluster.pod("client"), cluster.pod("server"));
+    let _app = server.echo_server(8080);
+    enroll(&mut capture, server);
+    let log = capture.log();
+
+    let refused = client.connect_with(server.addr(false, 8080), 10, &["--timeout-ms", "300"]);
+    assert!(
+        refused.error.is_some() && refused.echoed == 0,
+        "fail closed: the SYN is dropped, so the connect times out: {refused:?}"
+    );
+    let expected = format!(
+        "sk_lookup: no listener for [::ffff:{}]:8080; dropped (fail closed)",
+        server.ipv4
+    );
+    wait_until("the refusal in the eBPF log", || {
+        let mut log = log.lock().unwrap();
+        log.flush();
+        log.recent().contains(&expected)
+    });
+    assert_eq!(capture.redirects().unwrap().inbound, 0);
+}
+
 /// Polls `done` until it holds; panics with `what` after 10 s.
 fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     let start = Instant::now();

@@ -21,6 +21,7 @@
 //! namespace only once the agent marked it ready ([`Capture::set_ready`]) and lets inbound
 //! traffic through to the application when no listener is registered.
 
+pub mod events;
 pub mod kubelet;
 pub mod migrate;
 pub mod mounts;
@@ -34,6 +35,7 @@ use std::{
         unix::fs::MetadataExt as _,
     },
     path::{Path, PathBuf},
+    sync::{Arc, Mutex},
 };
 
 use aya::{
@@ -174,6 +176,9 @@ pub enum Error {
     /// The eBPF object could not be loaded (maps created, relocations applied).
     #[error("loading the eBPF object: {0} (are you root, with CAP_BPF and CAP_SYS_ADMIN?)")]
     Load(#[source] aya::EbpfError),
+    /// The programs' log ring could not be opened.
+    #[error("opening the eBPF log ring (AYA_LOGS): {0}")]
+    Log(#[source] aya_log::Error),
     /// The embedded object lacks a program or map the agent expects: a build mismatch.
     #[error("the embedded eBPF object has no {kind} named {name}: rebuild meshlet")]
     Missing {
@@ -487,6 +492,8 @@ pub struct Capture {
     kubelet_probes: HashMap<MapData, ProbeKey, u8>,
     redirects: PerCpuArray<MapData, u64>,
     probes_passed: PerCpuArray<MapData, u64>,
+    /// The programs' log ring: held here too, since programs loaded later need the map open.
+    log: Arc<Mutex<events::EbpfLog>>,
     // Owns the loaded programs (sk_lookup is attached from it on enroll).
     ebpf: Ebpf,
 }
@@ -554,6 +561,7 @@ impl Capture {
         }
         let mut ebpf = loader.load(object).map_err(Error::Load)?;
         migration.finish(&layout)?;
+        let log = events::EbpfLog::take(&mut ebpf).map_err(Error::Log)?;
 
         let enrolled: HashMap<_, u64, Enrollment> = take_map(&mut ebpf, maps::ENROLLED)?;
         let mut wanted = vec![(cgroup_id, CGROUP_PROGRAMS)];
@@ -664,12 +672,18 @@ impl Capture {
             kubelet_probes: take_map(&mut ebpf, maps::KUBELET_PROBES)?,
             redirects: take_map(&mut ebpf, maps::REDIRECTS)?,
             probes_passed: take_map(&mut ebpf, maps::PROBES_PASSED)?,
+            log: Arc::new(Mutex::new(log)),
             enrolled,
             config,
             layout,
             programs: attached,
             ebpf,
         })
+    }
+
+    /// The programs' log ring ([`events::EbpfLog::run`] forwards it to the agent's log).
+    pub fn log(&self) -> Arc<Mutex<events::EbpfLog>> {
+        self.log.clone()
     }
 
     /// Where and how capture is attached.

@@ -37,6 +37,7 @@ const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_BTF_GET_FD_BY_ID: libc::c_long = 19;
@@ -126,14 +127,17 @@ pub fn prog_by_id(id: u32) -> io::Result<OwnedFd> {
 }
 
 /// What makes a loaded program the one it is: the kernel's tag (a hash of its instructions,
-/// map references left out: the same for every load of the same code) and the ids of the maps
-/// it uses, sorted.
+/// map references left out: the same for every load of the same code), the ids of the maps it
+/// uses, sorted, and the contents of its global data maps (`.rodata`, ...: every load makes
+/// its own, so they are compared by what they hold, not by id).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProgIdentity {
     /// The tag, as the kernel shows it (big-endian).
     pub tag: u64,
-    /// The maps it uses.
+    /// The maps it uses, but its global data.
     pub map_ids: Vec<u32>,
+    /// Its global data maps: name and contents, by name.
+    pub data: Vec<(String, Vec<u8>)>,
 }
 
 /// The [`ProgIdentity`] of the program `fd`.
@@ -150,18 +154,64 @@ pub fn prog_identity(fd: BorrowedFd<'_>) -> io::Result<ProgIdentity> {
     let mut info = [0u8; 64];
     info_of(&mut info)?;
     let count = u32::from_ne_bytes(info[52..56].try_into().expect("4 bytes"));
-    let mut map_ids = vec![0u32; count as usize];
+    let mut ids = vec![0u32; count as usize];
     if count > 0 {
         let mut info = [0u8; 64];
         info[52..56].copy_from_slice(&count.to_ne_bytes());
-        info[56..64].copy_from_slice(&(map_ids.as_mut_ptr() as u64).to_ne_bytes());
+        info[56..64].copy_from_slice(&(ids.as_mut_ptr() as u64).to_ne_bytes());
         info_of(&mut info)?;
     }
+    let mut map_ids = Vec::new();
+    let mut data = Vec::new();
+    for id in ids {
+        match global_data(id)? {
+            Some(held) => data.push(held),
+            None => map_ids.push(id),
+        }
+    }
     map_ids.sort_unstable();
+    data.sort();
     Ok(ProgIdentity {
         tag: u64::from_be_bytes(info[8..16].try_into().expect("8 bytes")),
         map_ids,
+        data,
     })
+}
+
+/// The name and contents of the map `id` if it holds a program's global data (an array of
+/// one value named after its section: `.rodata`, `.data`, `.bss`).
+fn global_data(id: u32) -> io::Result<Option<(String, Vec<u8>)>> {
+    let mut attr = BpfAttr::new();
+    attr.put_u32(0, id); // map_id
+    let fd = bpf(BPF_MAP_GET_FD_BY_ID, &mut attr)?;
+    // SAFETY: on success the command returns a new file descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // The head of `struct bpf_map_info`: type (0), id (4), key_size (8), value_size (12),
+    // max_entries (16), map_flags (20), name (24..40).
+    let mut info = [0u8; 40];
+    let mut attr = BpfAttr::new();
+    attr.put_u32(0, fd.as_raw_fd() as u32); // info.bpf_fd
+    attr.put_u32(4, info.len() as u32); // info.info_len
+    attr.put_u64(8, info.as_mut_ptr() as u64); // info.info
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    let word = |at: usize| u32::from_ne_bytes(info[at..at + 4].try_into().expect("4 bytes"));
+    let name: Vec<u8> = info[24..40]
+        .iter()
+        .copied()
+        .take_while(|&b| b != 0)
+        .collect();
+    const BPF_MAP_TYPE_ARRAY: u32 = 2;
+    if word(0) != BPF_MAP_TYPE_ARRAY || word(16) != 1 || !name.starts_with(b".") {
+        return Ok(None);
+    }
+    let key = 0u32;
+    let mut value = vec![0u8; word(12) as usize];
+    let mut attr = BpfAttr::new();
+    attr.put_u32(0, fd.as_raw_fd() as u32);
+    attr.put_u64(8, &raw const key as u64);
+    attr.put_u64(16, value.as_mut_ptr() as u64);
+    bpf(BPF_MAP_LOOKUP_ELEM, &mut attr)?;
+    Ok(Some((String::from_utf8_lossy(&name).into_owned(), value)))
 }
 
 /// `BPF_LINK_DETACH`: detaches the program of link `link` now, whoever else holds the link
