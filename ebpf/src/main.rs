@@ -437,7 +437,10 @@ pub fn meshlet_sk_lookup(ctx: SkLookupContext) -> u32 {
         return sk_action::SK_PASS;
     }
     if family != AF_INET && family != u32::from(AF_INET6) {
-        warn!(&ctx, "sk_lookup: unexpected socket family {}; let through", family);
+        warn!(
+            &ctx,
+            "sk_lookup: unexpected socket family {}; let through", family
+        );
         return sk_action::SK_PASS;
     }
     // SAFETY: as above; each address field is read with the access size the kernel allows;
@@ -486,12 +489,18 @@ pub fn meshlet_sk_lookup(ctx: SkLookupContext) -> u32 {
         // No listener: the proxy is not (or no longer) up in this namespace.
         Err(_) if fail_open() => {
             let ip = ip_bytes(&local);
-            warn!(&ctx, "sk_lookup: no listener for [{:i}]:{}; let through (fail open)", ip, port);
+            warn!(
+                &ctx,
+                "sk_lookup: no listener for [{:i}]:{}; let through (fail open)", ip, port
+            );
             sk_action::SK_PASS
         }
         Err(_) => {
             let ip = ip_bytes(&local);
-            warn!(&ctx, "sk_lookup: no listener for [{:i}]:{}; dropped (fail closed)", ip, port);
+            warn!(
+                &ctx,
+                "sk_lookup: no listener for [{:i}]:{}; dropped (fail closed)", ip, port
+            );
             sk_action::SK_DROP
         }
     }
