@@ -730,7 +730,7 @@ mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     use super::*;
-    use crate::workload::model::{ObjectKey, Owner, Pod};
+    use crate::workload::model::{ObjectKey, Pod};
 
     #[tokio::test]
     async fn counts_bytes_as_they_pass_and_renders_istio_names() {
@@ -779,24 +779,10 @@ mod tests {
     }
 
     fn pod(name: &str, owner: Option<(&str, &str)>, labels: &[(&str, &str)]) -> Pod {
-        Pod {
-            key: ObjectKey::new("shop", name),
-            uid: format!("uid-{name}"),
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            annotations: Default::default(),
-            service_account: "default".into(),
-            node_name: Some("node-0".into()),
-            ips: vec!["10.244.0.10".parse().unwrap()],
-            host_network: false,
-            phase: "Running".into(),
-            ready: true,
-            owner: owner.map(|(kind, name)| Owner {
-                kind: kind.into(),
-                name: name.into(),
-            }),
+        let pod = Pod::fixture("shop", name, labels);
+        match owner {
+            Some((kind, owner)) => pod.owned_by(kind, owner),
+            None => pod,
         }
     }
 

@@ -9,9 +9,12 @@
 //! - `bench`: setup, release build, then the benchmarks on a simulated cluster (with
 //!   `--ztunnel <path>`, Istio's ztunnel side by side);
 //! - `interop`: setup, release build, then meshlet against Istio's ztunnel (`--ztunnel`);
-//! - `fuzz`: setup, then the cargo-fuzz targets in `fuzz/` under libFuzzer.
+//! - `fuzz`: setup, then the cargo-fuzz targets in `fuzz/` under libFuzzer;
+//! - `image`: setup, then the agent's OCI image (static musl binaries `FROM scratch`, by
+//!   buildah), written as an archive and optionally pushed.
 
 mod fuzz;
+mod image;
 mod preflight;
 mod setup;
 
@@ -78,6 +81,18 @@ enum Task {
         #[arg(long)]
         keep: bool,
     },
+    /// Setup, then build the agent's container image without Docker: static
+    /// x86_64-unknown-linux-musl binaries FROM scratch, by buildah, written to
+    /// target/image/meshlet-<version>.oci.tar.
+    Image {
+        /// Also push it to this registry reference (`ghcr.io/you/meshlet:0.1.0`), with
+        /// buildah's credentials (`buildah login`).
+        #[arg(long)]
+        push: Option<String>,
+        /// The cargo profile the binaries are built with.
+        #[arg(long, default_value = "release")]
+        profile: String,
+    },
     /// Setup, then run the fuzz targets in fuzz/ (nightly, libFuzzer, AddressSanitizer); a
     /// crash fails with the path of the input that caused it.
     Fuzz {
@@ -109,6 +124,10 @@ fn main() -> anyhow::Result<()> {
         } => bench(quick, json, external_proxy, ztunnel),
         Task::Interop { ztunnel } => interop(&ztunnel),
         Task::Demo { keep } => demo(keep),
+        Task::Image { push, profile } => {
+            setup::run()?;
+            image::build(&profile, push.as_deref()).map(drop)
+        }
         Task::Fuzz { seconds, target } => {
             setup::run()?;
             match target {
@@ -198,6 +217,10 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
         fuzz::run(&fuzz_targets, fuzz::SMOKE_SECONDS)?;
     }
 
+    step("container image (static musl binaries FROM scratch, buildah)");
+    // The image test (tests/tests/image.rs) runs what this builds.
+    image::build(IMAGE_TEST_PROFILE, None)?;
+
     step("end-to-end tests (network namespaces, cgroups, eBPF)");
     // The tests run the real `meshlet` binary, which `cargo test -p meshlet-tests` does not build.
     cargo(&["build", "--workspace", "--bins"])?;
@@ -214,6 +237,9 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
     println!("no namespaces, cgroups or bpffs pins left behind");
     Ok(())
 }
+
+/// The profile of the image `cargo xtask test` builds and tests.
+const IMAGE_TEST_PROFILE: &str = "release";
 
 fn bench(
     quick: bool,

@@ -9,7 +9,8 @@ use anyhow::{Context as _, bail};
 
 /// Debian packages: LLVM 22 for bpf-linker, bpftool and iproute2 for the tests and demo,
 /// tcpdump for the demo's look at the wire, kubectl to render the kustomizations in deploy/,
-/// iptables for ztunnel's capture when the benchmarks run it beside meshlet.
+/// iptables for ztunnel's capture when the benchmarks run it beside meshlet; musl-tools,
+/// buildah and crun for the container image (`cargo xtask image`) and its test.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -20,6 +21,9 @@ const APT_PACKAGES: &[&str] = &[
     "tcpdump",
     "kubectl",
     "iptables",
+    "musl-tools",
+    "buildah",
+    "crun",
 ];
 
 /// The offline Kubernetes schema validator `cargo xtask test` runs on `deploy/` (PyPI).
@@ -39,6 +43,7 @@ const CARGO_FUZZ_VERSION: &str = "0.13";
 pub fn run() -> anyhow::Result<()> {
     apt()?;
     nightly()?;
+    musl_target()?;
     bpf_linker()?;
     cargo_fuzz()?;
     kubernetes_validate()?;
@@ -105,6 +110,17 @@ fn nightly() -> anyhow::Result<()> {
                 NIGHTLY,
             ]))?;
         }
+    }
+    Ok(())
+}
+
+/// The standard library for the image's static binaries, on the pinned toolchain
+/// (`rust-toolchain.toml`, which rustup reads in the workspace).
+fn musl_target() -> anyhow::Result<()> {
+    let installed = output(Command::new("rustup").args(["target", "list", "--installed"]))?;
+    if !installed.lines().any(|line| line == crate::image::TARGET) {
+        println!("setup: adding the {} target", crate::image::TARGET);
+        quiet(Command::new("rustup").args(["target", "add", crate::image::TARGET]))?;
     }
     Ok(())
 }

@@ -12,7 +12,7 @@ use std::{
     ffi::CString,
     io,
     os::{
-        fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+        fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
         unix::ffi::OsStrExt as _,
     },
     path::Path,
@@ -140,17 +140,21 @@ pub struct ProgIdentity {
     pub data: Vec<(String, Vec<u8>)>,
 }
 
+/// `BPF_OBJ_GET_INFO_BY_FD`: the head of the `bpf_*_info` of the object `fd`, as much of it as
+/// `info` holds (fields the caller set in it, like a buffer for map ids, are read too).
+fn obj_info(fd: BorrowedFd<'_>, info: &mut [u8]) -> io::Result<()> {
+    let mut attr = BpfAttr::new();
+    attr.put_u32(0, fd.as_raw_fd() as u32); // info.bpf_fd
+    attr.put_u32(4, info.len() as u32); // info.info_len
+    attr.put_u64(8, info.as_mut_ptr() as u64); // info.info
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).map(drop)
+}
+
 /// The [`ProgIdentity`] of the program `fd`.
 pub fn prog_identity(fd: BorrowedFd<'_>) -> io::Result<ProgIdentity> {
     // The head of `struct bpf_prog_info`, up to `map_ids`: type (0), id (4), tag (8..16), ...,
     // nr_map_ids (52), map_ids (56).
-    let info_of = |info: &mut [u8; 64]| {
-        let mut attr = BpfAttr::new();
-        attr.put_u32(0, fd.as_raw_fd() as u32); // info.bpf_fd
-        attr.put_u32(4, info.len() as u32); // info.info_len
-        attr.put_u64(8, info.as_mut_ptr() as u64); // info.info
-        bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).map(drop)
-    };
+    let info_of = |info: &mut [u8; 64]| obj_info(fd, info);
     let mut info = [0u8; 64];
     info_of(&mut info)?;
     let count = u32::from_ne_bytes(info[52..56].try_into().expect("4 bytes"));
@@ -189,11 +193,7 @@ fn global_data(id: u32) -> io::Result<Option<(String, Vec<u8>)>> {
     // The head of `struct bpf_map_info`: type (0), id (4), key_size (8), value_size (12),
     // max_entries (16), map_flags (20), name (24..40).
     let mut info = [0u8; 40];
-    let mut attr = BpfAttr::new();
-    attr.put_u32(0, fd.as_raw_fd() as u32); // info.bpf_fd
-    attr.put_u32(4, info.len() as u32); // info.info_len
-    attr.put_u64(8, info.as_mut_ptr() as u64); // info.info
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    obj_info(fd.as_fd(), &mut info)?;
     let word = |at: usize| u32::from_ne_bytes(info[at..at + 4].try_into().expect("4 bytes"));
     let name: Vec<u8> = info[24..40]
         .iter()
@@ -258,11 +258,7 @@ pub struct MapInfo {
 /// The definition of the map `fd`.
 pub fn map_info(fd: BorrowedFd<'_>) -> io::Result<MapInfo> {
     let mut info = [0u8; 24];
-    let mut attr = BpfAttr::new();
-    attr.put_u32(0, fd.as_raw_fd() as u32); // info.bpf_fd
-    attr.put_u32(4, info.len() as u32); // info.info_len
-    attr.put_u64(8, info.as_mut_ptr() as u64); // info.info
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    obj_info(fd, &mut info)?;
     let word = |at: usize| u32::from_ne_bytes(info[at..at + 4].try_into().expect("4 bytes"));
     Ok(MapInfo {
         kind: word(0),
@@ -374,13 +370,7 @@ pub struct ProgInfo {
 pub fn prog_info(fd: BorrowedFd<'_>) -> io::Result<ProgInfo> {
     // The head of `struct bpf_prog_info`: type (0), id (4), ..., name (64..80), ..., btf_id
     // (128), func_info_rec_size (132), func_info (136), nr_func_info (144), nr_line_info (148).
-    let info_of = |info: &mut [u8; 152]| {
-        let mut attr = BpfAttr::new();
-        attr.put_u32(0, fd.as_raw_fd() as u32); // info.bpf_fd
-        attr.put_u32(4, info.len() as u32); // info.info_len
-        attr.put_u64(8, info.as_mut_ptr() as u64); // info.info
-        bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).map(drop)
-    };
+    let info_of = |info: &mut [u8; 152]| obj_info(fd, info);
     let word =
         |info: &[u8; 152], at: usize| u32::from_ne_bytes(info[at..at + 4].try_into().expect("4"));
     let mut info = [0u8; 152];
@@ -418,13 +408,7 @@ fn btf_by_id(id: u32) -> io::Result<Vec<u8>> {
     // SAFETY: on success the command returns a new file descriptor that nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     // The head of `struct bpf_btf_info`: btf (0), btf_size (8), id (12).
-    let info_of = |info: &mut [u8; 16]| {
-        let mut attr = BpfAttr::new();
-        attr.put_u32(0, fd.as_raw_fd() as u32); // info.bpf_fd
-        attr.put_u32(4, info.len() as u32); // info.info_len
-        attr.put_u64(8, info.as_mut_ptr() as u64); // info.info
-        bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).map(drop)
-    };
+    let info_of = |info: &mut [u8; 16]| obj_info(fd.as_fd(), info);
     let mut info = [0u8; 16];
     info_of(&mut info)?;
     let size = u32::from_ne_bytes(info[8..12].try_into().expect("4 bytes"));

@@ -106,25 +106,9 @@ impl Rules {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::workload::model::{Labels, ObjectKey};
 
     fn pod(labels: &[(&str, &str)]) -> Pod {
-        Pod {
-            key: ObjectKey::new("demo", "app"),
-            uid: "u".into(),
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            annotations: Labels::new(),
-            service_account: "default".into(),
-            node_name: Some("node-0".into()),
-            ips: vec!["10.244.0.10".parse().unwrap()],
-            host_network: false,
-            phase: "Running".into(),
-            ready: true,
-            owner: None,
-        }
+        Pod::fixture("demo", "app", labels)
     }
 
     fn ns(labels: &[(&str, &str)]) -> Namespace {

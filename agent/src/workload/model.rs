@@ -98,6 +98,41 @@ pub struct Owner {
     pub name: String,
 }
 
+#[cfg(test)]
+impl Pod {
+    /// A running, ready pod of `node-0` at 10.244.0.10 with `labels`, service account
+    /// `default` and no owner: the unit tests' starting point.
+    pub(crate) fn fixture(namespace: &str, name: &str, labels: &[(&str, &str)]) -> Self {
+        Self {
+            key: ObjectKey::new(namespace, name),
+            uid: format!("uid-{name}"),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            annotations: Labels::new(),
+            service_account: "default".into(),
+            node_name: Some("node-0".into()),
+            ips: vec!["10.244.0.10".parse().expect("an address")],
+            host_network: false,
+            phase: "Running".into(),
+            ready: true,
+            owner: None,
+        }
+    }
+
+    /// The pod, owned by the controller `kind` `name`.
+    pub(crate) fn owned_by(self, kind: &str, name: &str) -> Self {
+        Self {
+            owner: Some(Owner {
+                kind: kind.into(),
+                name: name.into(),
+            }),
+            ..self
+        }
+    }
+}
+
 impl Pod {
     /// Whether the pod can hold connections: running (or pending with an address), not done.
     pub fn is_live(&self) -> bool {

@@ -94,27 +94,12 @@ fn cron_job_name(job: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::workload::model::{Labels, ObjectKey, Owner};
 
     fn pod(name: &str, owner: Option<(&str, &str)>, labels: &[(&str, &str)]) -> Pod {
-        Pod {
-            key: ObjectKey::new("shop", name),
-            uid: "u".into(),
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            annotations: Labels::new(),
-            service_account: "default".into(),
-            node_name: Some("node-0".into()),
-            ips: vec!["10.244.0.10".parse().unwrap()],
-            host_network: false,
-            phase: "Running".into(),
-            ready: true,
-            owner: owner.map(|(kind, name)| Owner {
-                kind: kind.into(),
-                name: name.into(),
-            }),
+        let pod = Pod::fixture("shop", name, labels);
+        match owner {
+            Some((kind, owner)) => pod.owned_by(kind, owner),
+            None => pod,
         }
     }
 
