@@ -111,11 +111,28 @@ fn the_image_holds_the_static_agent_and_runs_it_with_crun() {
     );
 
     // A container of it, with crun: its own namespaces (network included), read-only root.
+    // No cgroup mount or namespace (see below).
     run(Command::new("crun").args(["spec"]).current_dir(&bundle));
     let spec_path = bundle.join("config.json");
     let mut spec = json(&spec_path);
     spec["root"] = serde_json::json!({"path": "rootfs", "readonly": true});
     spec["process"]["terminal"] = Value::Bool(false);
+    let keep = |list: &Value, drop: &dyn Fn(&Value) -> bool| {
+        Value::Array(
+            list.as_array()
+                .expect("a list")
+                .iter()
+                .filter(|v| !drop(v))
+                .cloned()
+                .collect(),
+        )
+    };
+    spec["mounts"] = keep(&spec["mounts"], &|m| m["type"] == "cgroup");
+    spec["linux"]["namespaces"] = keep(&spec["linux"]["namespaces"], &|n| n["type"] == "cgroup");
+    spec["linux"]
+        .as_object_mut()
+        .expect("linux")
+        .remove("resources");
     let state = scratch.0.join("state");
     let container = |args: &[&str]| {
         let mut spec = spec.clone();
@@ -124,9 +141,17 @@ fn the_image_holds_the_static_agent_and_runs_it_with_crun() {
         spec["process"]["args"] = Value::Array(argv);
         std::fs::write(&spec_path, serde_json::to_vec_pretty(&spec).unwrap()).unwrap();
         let id = format!("meshlet-image-test-{}", std::process::id());
-        run(Command::new("crun")
+        // No cgroup of its own (`--cgroup-manager=disabled`), and crun started in a mount
+        // namespace of its own where /sys/fs/cgroup is the unified hierarchy: these machines
+        // mount cgroup v1 and v2 side by side (hybrid), which crun refuses. Nothing of the
+        // machine's mounts changes.
+        run(Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+            .arg(r#"mount -t cgroup2 none /sys/fs/cgroup && exec crun "$@""#)
+            .arg("crun")
             .arg("--root")
             .arg(&state)
+            .arg("--cgroup-manager=disabled")
             .args(["run", "--bundle"])
             .arg(&bundle)
             .arg(id))
