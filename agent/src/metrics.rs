@@ -628,9 +628,11 @@ pub async fn sweep_gone_workloads(
     }
 }
 
-/// The workloads `pods` make up, as (namespace, name).
+/// The workloads the live pods of `pods` make up, as (namespace, name): a workload whose pods
+/// have all finished (a Job's) is gone.
 pub fn live_workloads(pods: &[Arc<crate::workload::model::Pod>]) -> HashSet<(String, String)> {
     pods.iter()
+        .filter(|pod| pod.is_live())
         .map(|pod| {
             let workload = crate::workload::naming::workload_name(pod);
             (pod.key.namespace.clone(), workload)
@@ -895,8 +897,17 @@ mod tests {
             &[("pod-template-hash", "5f6d8c7b9")],
         );
         let gone_at = Instant::now();
+        // job-1's pod is still listed, finished: a Job's completed pod makes no live workload.
+        let finished = Pod {
+            phase: "Succeeded".into(),
+            ..churned[1].clone()
+        };
         let live = |with_job0: bool| {
-            let mut pods = vec![Arc::new(new_server.clone()), Arc::new(steady.clone())];
+            let mut pods = vec![
+                Arc::new(new_server.clone()),
+                Arc::new(steady.clone()),
+                Arc::new(finished.clone()),
+            ];
             if with_job0 {
                 pods.push(Arc::new(churned[0].clone()));
             }

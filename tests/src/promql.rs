@@ -91,12 +91,26 @@ fn selectors(expression: &str) -> Vec<Selector> {
                     .map(|m| Matcher {
                         label: m[1].to_owned(),
                         op: m[2].to_owned(),
-                        value: m[3].to_owned(),
+                        value: unescape(&m[3]),
                     })
                     .collect()
             }),
         })
         .collect()
+}
+
+/// A PromQL string literal's value: a backslash escapes the character after it.
+fn unescape(literal: &str) -> String {
+    let mut value = String::with_capacity(literal.len());
+    let mut chars = literal.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            value.extend(chars.next());
+        } else {
+            value.push(c);
+        }
+    }
+    value
 }
 
 fn groupings(expression: &str) -> Vec<String> {
@@ -121,26 +135,34 @@ pub fn label_names(query: &str) -> BTreeSet<String> {
 }
 
 /// What `query` returns from `series`: for each branch of its `or`s, the `by` labels (all of
-/// them, if there is no `by`) of every series a selector of that branch matches.
+/// them, if there is no `by`) of every series a selector of that branch matches. A branch
+/// whose selectors do not all match returns nothing: its arithmetic (`a + b`) needs both sides.
 pub fn groups(query: &str, series: &[Series]) -> BTreeSet<BTreeMap<String, String>> {
     let or = Regex::new(r"\bor\b").expect("regex");
     let mut groups = BTreeSet::new();
     for branch in or.split(query) {
         let by = groupings(branch);
-        for selector in selectors(branch) {
-            for s in series
-                .iter()
-                .filter(|s| s.name == selector.metric)
-                .filter(|s| selector.matchers.iter().all(|m| m.matches(&s.labels)))
-            {
-                groups.insert(if by.is_empty() {
-                    s.labels.clone()
-                } else {
-                    by.iter()
-                        .map(|l| (l.clone(), s.labels.get(l).cloned().unwrap_or_default()))
-                        .collect()
-                });
-            }
+        let matched: Vec<Vec<&Series>> = selectors(branch)
+            .iter()
+            .map(|selector| {
+                series
+                    .iter()
+                    .filter(|s| s.name == selector.metric)
+                    .filter(|s| selector.matchers.iter().all(|m| m.matches(&s.labels)))
+                    .collect()
+            })
+            .collect();
+        if matched.iter().any(Vec::is_empty) {
+            continue;
+        }
+        for s in matched.into_iter().flatten() {
+            groups.insert(if by.is_empty() {
+                s.labels.clone()
+            } else {
+                by.iter()
+                    .map(|l| (l.clone(), s.labels.get(l).cloned().unwrap_or_default()))
+                    .collect()
+            });
         }
     }
     groups

@@ -1,6 +1,7 @@
 //! The container image `cargo xtask image` builds (`cargo xtask test` builds it before these
 //! tests): its OCI archive unpacked into a bundle, as a container runtime would, and run with
 //! crun. The image is `FROM scratch`, so the binaries running at all shows they are static.
+//! `cargo test` alone does not build the image: this test fails, saying so, when there is none.
 
 use std::{
     path::{Path, PathBuf},
@@ -9,16 +10,20 @@ use std::{
 
 use serde_json::Value;
 
-/// The newest image archive under `target/image/`.
+/// The newest image archive of this version under `target/image/` (any profile).
 fn archive() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/image");
+    let prefix = format!("meshlet-{}", env!("CARGO_PKG_VERSION"));
     let newest = std::fs::read_dir(&dir)
         .ok()
         .into_iter()
         .flatten()
         .filter_map(Result::ok)
         .map(|e| e.path())
-        .filter(|p| p.to_string_lossy().ends_with(".oci.tar"))
+        .filter(|p| {
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
+            name.starts_with(&prefix) && name.ends_with(".oci.tar")
+        })
         .max_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
     newest.unwrap_or_else(|| {
         panic!(
@@ -134,11 +139,12 @@ fn the_image_holds_the_static_agent_and_runs_it_with_crun() {
         .expect("linux")
         .remove("resources");
     let state = scratch.0.join("state");
-    let container = |args: &[&str]| {
+    let container = |argv: &[&str], env: &[&str]| {
         let mut spec = spec.clone();
-        let mut argv = vec![Value::from("/usr/local/bin/meshlet")];
-        argv.extend(args.iter().map(|a| Value::from(*a)));
-        spec["process"]["args"] = Value::Array(argv);
+        spec["process"]["args"] = serde_json::json!(argv);
+        if let Some(vars) = spec["process"]["env"].as_array_mut() {
+            vars.extend(env.iter().map(|v| Value::from(*v)));
+        }
         std::fs::write(&spec_path, serde_json::to_vec_pretty(&spec).unwrap()).unwrap();
         let id = format!("meshlet-image-test-{}", std::process::id());
         // No cgroup of its own (`--cgroup-manager=disabled`), and crun started in a mount
@@ -156,17 +162,17 @@ fn the_image_holds_the_static_agent_and_runs_it_with_crun() {
             .arg(&bundle)
             .arg(id))
     };
-    let version = container(&["version"]);
-    assert!(
-        version.starts_with(&format!(
-            "meshlet {} (eBPF object ",
-            env!("CARGO_PKG_VERSION")
-        )),
-        "{version}"
-    );
-    let help = container(&["agent", "--help"]);
+    const AGENT: &str = "/usr/local/bin/meshlet";
+    let version = container(&[AGENT, "version"], &[]);
+    let expected = format!("meshlet {} (eBPF object ", env!("CARGO_PKG_VERSION"));
+    assert!(version.starts_with(&expected), "{version}");
+    let help = container(&[AGENT, "agent", "--help"], &[]);
     assert!(
         help.contains("--node-name") && help.contains("--istio-labels"),
         "{help}"
     );
+    // The plugin runs too (it is static as well), as a runtime calls it.
+    let cni = container(&["/usr/local/bin/meshlet-cni"], &["CNI_COMMAND=VERSION"]);
+    let versions: Value = serde_json::from_str(&cni).unwrap_or_else(|err| panic!("{err}: {cni}"));
+    assert!(versions["supportedVersions"].is_array(), "{versions}");
 }

@@ -4,12 +4,17 @@
 //! wrong: a map insert failed, a socket had an unexpected family, an inbound connection found
 //! no listener in its pod. The agent reads the ring as it fills and logs each record through
 //! `tracing` under the target `meshlet::ebpf`, at the record's level, so `RUST_LOG` and the
-//! admin API's `/logging` decide what is shown. A burst of the same record (a pod whose proxy
-//! is down, refusing every SYN) is logged once a second per message, with how many were
-//! folded into it.
+//! admin API's `/logging` decide what is shown.
+//!
+//! A burst from one place in the programs (a pod whose proxy is down refusing every SYN, a port
+//! scan at it) is logged once a second, with how many records were folded into it; the count
+//! of a burst that stops is logged on its own a second later. Bursts are told apart by where in
+//! the programs they come from, never by what they carry (addresses, ports), so a flood costs
+//! one line a second and a few bytes of state.
 
 use std::{
     collections::{HashMap, VecDeque},
+    panic::AssertUnwindSafe,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -19,15 +24,16 @@ use aya_log::EbpfLogger;
 
 /// How often the ring is read.
 const POLL_EVERY: Duration = Duration::from_millis(250);
-/// How often one message is logged at most.
+/// How often one place in the programs is logged at most.
 const REPEAT_EVERY: Duration = Duration::from_secs(1);
 /// How many recent records [`EbpfLog::recent`] keeps.
 const RECENT: usize = 64;
 
 /// The reader of the programs' log ring.
 pub struct EbpfLog {
-    logger: EbpfLogger<Forward>,
-    recent: Arc<Mutex<VecDeque<String>>>,
+    /// `None` once reading failed (a record it could not parse): the ring is left alone.
+    logger: Option<EbpfLogger<Forward>>,
+    state: Arc<State>,
 }
 
 impl std::fmt::Debug for EbpfLog {
@@ -40,26 +46,35 @@ impl EbpfLog {
     /// Takes the `AYA_LOGS` ring of a loaded object. Keep the value as long as the object's
     /// programs may be loaded: dropping it closes the map.
     pub fn take(ebpf: &mut Ebpf) -> Result<Self, aya_log::Error> {
-        let recent = Arc::new(Mutex::new(VecDeque::with_capacity(RECENT)));
+        let state = Arc::new(State::default());
         let forward = Forward {
-            recent: recent.clone(),
-            repeats: Mutex::default(),
+            state: state.clone(),
         };
         Ok(Self {
-            logger: EbpfLogger::init_with_logger(ebpf, forward)?,
-            recent,
+            logger: Some(EbpfLogger::init_with_logger(ebpf, forward)?),
+            state,
         })
     }
 
-    /// Logs every record waiting in the ring.
+    /// Logs every record waiting in the ring, and the counts of bursts that ended.
     pub fn flush(&mut self) {
-        self.logger.flush();
+        if let Some(logger) = &mut self.logger {
+            // aya-log panics on a record it cannot parse (an object built with another
+            // aya-log-ebpf, say): stop reading rather than lose the task or spin on it.
+            if std::panic::catch_unwind(AssertUnwindSafe(|| logger.flush())).is_err() {
+                tracing::error!(
+                    "the eBPF log ring holds a record this agent cannot read; the programs' \
+                     events are not logged until the agent restarts"
+                );
+                self.logger = None;
+            }
+        }
+        self.state.report_ended_bursts(Instant::now());
     }
 
     /// The latest records read (at most 64), oldest first, as logged.
     pub fn recent(&self) -> Vec<String> {
-        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        recent.iter().cloned().collect()
+        lock(&self.state.recent).iter().cloned().collect()
     }
 
     /// Logs the records of `log` as they arrive (looking every 250 ms: reading an empty ring is
@@ -74,21 +89,52 @@ impl EbpfLog {
     }
 }
 
-fn lock(log: &Mutex<EbpfLog>) -> std::sync::MutexGuard<'_, EbpfLog> {
-    log.lock().unwrap_or_else(|p| p.into_inner())
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Repeats of one message since it was last logged.
+/// Where in the programs a record comes from.
+type Site = (String, u32);
+
+/// The records of one place since it was last logged.
 #[derive(Debug)]
-struct Repeats {
+struct Burst {
     logged: Instant,
     folded: u64,
+    level: log::Level,
+    last: String,
+}
+
+/// What the forwarder keeps between records.
+#[derive(Debug, Default)]
+struct State {
+    recent: Mutex<VecDeque<String>>,
+    bursts: Mutex<HashMap<Site, Burst>>,
+}
+
+impl State {
+    /// Logs the folded count of every burst that has been quiet for a second, and forgets it.
+    fn report_ended_bursts(&self, now: Instant) {
+        let mut bursts = lock(&self.bursts);
+        bursts.retain(|_, burst| {
+            if now.duration_since(burst.logged) < REPEAT_EVERY {
+                return true;
+            }
+            if burst.folded > 0 {
+                emit(
+                    burst.level,
+                    burst.folded,
+                    &format!("{} more like: {}", burst.folded, burst.last),
+                );
+            }
+            false
+        });
+    }
 }
 
 /// Forwards aya-log's records to `tracing`.
 struct Forward {
-    recent: Arc<Mutex<VecDeque<String>>>,
-    repeats: Mutex<HashMap<String, Repeats>>,
+    state: Arc<State>,
 }
 
 impl log::Log for Forward {
@@ -99,56 +145,104 @@ impl log::Log for Forward {
     fn log(&self, record: &log::Record<'_>) {
         let message = record.args().to_string();
         {
-            let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+            let mut recent = lock(&self.state.recent);
             if recent.len() == RECENT {
                 recent.pop_front();
             }
             recent.push_back(message.clone());
         }
+        let site = (
+            record.file().unwrap_or_default().to_owned(),
+            record.line().unwrap_or_default(),
+        );
         let now = Instant::now();
         let folded = {
-            let mut repeats = self.repeats.lock().unwrap_or_else(|p| p.into_inner());
-            repeats.retain(|_, r| now.duration_since(r.logged) < 60 * REPEAT_EVERY);
-            match repeats.get_mut(&message) {
-                Some(r) if now.duration_since(r.logged) < REPEAT_EVERY => {
-                    r.folded += 1;
+            let mut bursts = lock(&self.state.bursts);
+            match bursts.get_mut(&site) {
+                Some(burst) if now.duration_since(burst.logged) < REPEAT_EVERY => {
+                    burst.folded += 1;
+                    burst.last = message;
                     return;
                 }
-                Some(r) => {
-                    r.logged = now;
-                    std::mem::take(&mut r.folded)
+                Some(burst) => {
+                    burst.logged = now;
+                    std::mem::take(&mut burst.folded)
                 }
                 None => {
-                    repeats.insert(
-                        message.clone(),
-                        Repeats {
+                    bursts.insert(
+                        site,
+                        Burst {
                             logged: now,
                             folded: 0,
+                            level: record.level(),
+                            last: message.clone(),
                         },
                     );
                     0
                 }
             }
         };
-        let program = record.module_path().unwrap_or("meshlet-ebpf");
-        match record.level() {
-            log::Level::Error => {
-                tracing::error!(target: "meshlet::ebpf", program, folded, "{message}");
-            }
-            log::Level::Warn => {
-                tracing::warn!(target: "meshlet::ebpf", program, folded, "{message}");
-            }
-            log::Level::Info => {
-                tracing::info!(target: "meshlet::ebpf", program, folded, "{message}");
-            }
-            log::Level::Debug => {
-                tracing::debug!(target: "meshlet::ebpf", program, folded, "{message}");
-            }
-            log::Level::Trace => {
-                tracing::trace!(target: "meshlet::ebpf", program, folded, "{message}");
-            }
-        }
+        emit(record.level(), folded, &message);
     }
 
     fn flush(&self) {}
+}
+
+/// One `meshlet::ebpf` event at `level` (tracing's levels are static: one call each).
+fn emit(level: log::Level, folded: u64, message: &str) {
+    match level {
+        log::Level::Error => tracing::error!(target: "meshlet::ebpf", folded, "{message}"),
+        log::Level::Warn => tracing::warn!(target: "meshlet::ebpf", folded, "{message}"),
+        log::Level::Info => tracing::info!(target: "meshlet::ebpf", folded, "{message}"),
+        log::Level::Debug => tracing::debug!(target: "meshlet::ebpf", folded, "{message}"),
+        log::Level::Trace => tracing::trace!(target: "meshlet::ebpf", folded, "{message}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use log::Log as _;
+
+    use super::*;
+
+    fn record(forward: &Forward, line: u32, message: &str) {
+        forward.log(
+            &log::Record::builder()
+                .level(log::Level::Warn)
+                .file(Some("main.rs"))
+                .line(Some(line))
+                .args(format_args!("{message}"))
+                .build(),
+        );
+    }
+
+    #[test]
+    fn a_burst_from_one_place_is_one_entry_whatever_it_carries_and_ends_reported() {
+        let state = Arc::new(State::default());
+        let forward = Forward {
+            state: state.clone(),
+        };
+        // A scan across 10,000 ports of a pod without a listener: one place in the programs.
+        for port in 0..10_000 {
+            record(
+                &forward,
+                470,
+                &format!("no listener for [::ffff:10.0.0.1]:{port}"),
+            );
+        }
+        record(&forward, 300, "ORIG_BY_PEER: insert failed");
+        {
+            let bursts = lock(&state.bursts);
+            assert_eq!(bursts.len(), 2, "state by place, not by message");
+            assert_eq!(bursts[&("main.rs".to_owned(), 470)].folded, 9_999);
+        }
+        assert_eq!(lock(&state.recent).len(), RECENT);
+        state.report_ended_bursts(Instant::now());
+        assert_eq!(lock(&state.bursts).len(), 2, "still within the second");
+        state.report_ended_bursts(Instant::now() + REPEAT_EVERY);
+        assert!(
+            lock(&state.bursts).is_empty(),
+            "ended bursts reported and forgotten"
+        );
+    }
 }

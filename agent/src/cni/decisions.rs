@@ -240,6 +240,10 @@ mod tests {
         let istio = Decisions::from_store(&store, "node-0", Rules { istio_labels: true });
         assert!(istio.must_capture("bookinfo", "new-pod"));
         assert!(!istio.must_capture("bookinfo", "sidecar"), "{istio:?}");
+        assert!(
+            istio.opted_out_pods.contains("bookinfo/sidecar"),
+            "{istio:?}"
+        );
         let meshlet_only = Decisions::from_store(
             &store,
             "node-0",

@@ -377,7 +377,11 @@ impl Proxy {
             reporter: "destination",
             source: Arc::new(peer),
             destination: destination.peer.clone(),
-            service: self.service_name(self.store.service_by_endpoint(to).as_deref()),
+            service: self.service_name(
+                self.store
+                    .service_by_endpoint(to, &destination.key.namespace)
+                    .as_deref(),
+            ),
             request_protocol: "tcp",
             connection_security_policy: if source.is_some() {
                 "mutual_tls"

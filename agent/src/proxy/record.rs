@@ -209,7 +209,8 @@ impl Drop for Record {
             dst_workload = %destination.pod_key(),
             dst_identity = %destination.principal,
             dst_service = %l.service.host,
-            forwarded = self.forwarded.as_deref().map(tracing::field::display),
+            // The client wrote it: quoted and escaped, so it cannot pose as other fields.
+            forwarded = self.forwarded.as_deref().map(tracing::field::debug),
             protocol = %self.protocol,
             bytes_sent = sent,
             bytes_received = received,

@@ -7,9 +7,11 @@
 //!   controller (StatefulSet, DaemonSet, Job, ReplicationController) is itself. A pod with no
 //!   controller is its own workload.
 //! - The **canonical service** is the first of the labels `service.istio.io/canonical-name`,
-//!   `app.kubernetes.io/name` and `app` that the pod carries, else the workload name; the
-//!   **canonical revision** the first of `service.istio.io/canonical-revision`,
-//!   `app.kubernetes.io/version` and `version`, else `latest`.
+//!   `app.kubernetes.io/name` and `app` that the pod carries (even empty, as Istio reads it),
+//!   else the workload name; the **canonical revision** the first of
+//!   `service.istio.io/canonical-revision`, `app.kubernetes.io/version` and `version`, else
+//!   `latest`. (OpenShift's DeploymentConfig, named through a ReplicationController, is not
+//!   recognised: such a pod's workload is its ReplicationController.)
 //!
 //! These names are telemetry, not identity: a pod can claim any of them, so nothing but labels
 //! and the access log reads them. Policy and the tunnel use the SPIFFE identity only.
@@ -49,10 +51,11 @@ impl WorkloadNames {
     /// The names of `pod`.
     pub fn of(pod: &Pod) -> Self {
         let workload = workload_name(pod);
+        // The first label present wins, even empty: Istio's lookup.
         let first = |labels: &[&str]| {
             labels
                 .iter()
-                .find_map(|label| pod.labels.get(*label).filter(|v| !v.is_empty()))
+                .find_map(|label| pod.labels.get(*label))
                 .cloned()
         };
         Self {
@@ -217,9 +220,9 @@ mod tests {
                 ("orders", "v1"),
             ),
             (
-                "an empty label is not a name",
+                "an empty label present still wins, as in Istio",
                 &[("app.kubernetes.io/name", ""), ("app", "orders")],
-                ("orders", "latest"),
+                ("", "latest"),
             ),
             ("else the workload name and latest", &[], ("db", "latest")),
         ];

@@ -34,6 +34,8 @@ struct State {
     vips: HashMap<SocketAddr, (Arc<Service>, Endpoints)>,
     /// Ready endpoint (pod IP, target port) -> the services it serves.
     services_by_endpoint: HashMap<SocketAddr, Vec<Arc<Service>>>,
+    /// Service -> the endpoints it is indexed under in `services_by_endpoint`.
+    endpoints_by_service: HashMap<ObjectKey, Vec<SocketAddr>>,
     policies: BTreeMap<(Kind, ObjectKey), Arc<Policy>>,
 }
 
@@ -129,15 +131,21 @@ impl Store {
         self.read().vips.get(&vip).cloned()
     }
 
-    /// The Service that the ready endpoint `pod IP:port` serves (the first by namespace and
+    /// The Service of `namespace` that the ready endpoint `pod IP:port` serves (the first by
     /// name, when several do): how the destination names the Service of a connection whose
-    /// client addressed its pod through a tunnel.
-    pub fn service_by_endpoint(&self, endpoint: SocketAddr) -> Option<Arc<Service>> {
+    /// client addressed its pod through a tunnel. Only the pod's own namespace counts: a
+    /// Service elsewhere can list any address in a hand-written EndpointSlice.
+    pub fn service_by_endpoint(
+        &self,
+        endpoint: SocketAddr,
+        namespace: &str,
+    ) -> Option<Arc<Service>> {
         let endpoint = SocketAddr::new(endpoint.ip().to_canonical(), endpoint.port());
         self.read()
             .services_by_endpoint
             .get(&endpoint)?
             .iter()
+            .filter(|s| s.key.namespace == namespace)
             .min_by(|a, b| a.key.cmp(&b.key))
             .cloned()
     }
@@ -304,10 +312,18 @@ impl State {
     /// Removes `service` from the VIP and endpoint indexes.
     fn unindex_service(&mut self, service: &Arc<Service>) {
         self.vips.retain(|_, (s, _)| !Arc::ptr_eq(s, service));
-        self.services_by_endpoint.retain(|_, services| {
-            services.retain(|s| !Arc::ptr_eq(s, service));
-            !services.is_empty()
-        });
+        for endpoint in self
+            .endpoints_by_service
+            .remove(&service.key)
+            .unwrap_or_default()
+        {
+            if let Some(services) = self.services_by_endpoint.get_mut(&endpoint) {
+                services.retain(|s| !Arc::ptr_eq(s, service));
+                if services.is_empty() {
+                    self.services_by_endpoint.remove(&endpoint);
+                }
+            }
+        }
     }
 
     /// Recomputes the VIP index entries of one service from its slices.
@@ -343,6 +359,10 @@ impl State {
                 let services = self.services_by_endpoint.entry(*endpoint).or_default();
                 if !services.iter().any(|s| Arc::ptr_eq(s, &service)) {
                     services.push(service.clone());
+                    self.endpoints_by_service
+                        .entry(service.key.clone())
+                        .or_default()
+                        .push(*endpoint);
                 }
             }
             let endpoints: Endpoints = endpoints.into();
@@ -562,7 +582,7 @@ mod tests {
         // The destination's view: which Service a ready endpoint serves.
         let served_by = |endpoint: &str| {
             store
-                .service_by_endpoint(endpoint.parse().unwrap())
+                .service_by_endpoint(endpoint.parse().unwrap(), "a")
                 .map(|s| s.key.name.clone())
         };
         assert_eq!(served_by("10.0.0.1:8080").as_deref(), Some("web"));
@@ -574,6 +594,21 @@ mod tests {
         store.upsert(Object::EndpointSlice(EndpointSlice {
             key: ObjectKey::new("a", "api-abc"),
             service: "api".into(),
+            ..store_slice(&store, "a", "web-abc")
+        }));
+        assert_eq!(served_by("10.0.0.1:8080").as_deref(), Some("api"));
+        // A Service of another namespace listing the same address in a hand-written slice
+        // does not name the pod's connections.
+        store.upsert(Object::Service(service(
+            "aaa",
+            "decoy",
+            "10.96.0.12",
+            80,
+            8080,
+        )));
+        store.upsert(Object::EndpointSlice(EndpointSlice {
+            key: ObjectKey::new("aaa", "decoy-abc"),
+            service: "decoy".into(),
             ..store_slice(&store, "a", "web-abc")
         }));
         assert_eq!(served_by("10.0.0.1:8080").as_deref(), Some("api"));
