@@ -114,7 +114,7 @@ fn add_holds_the_pod_until_it_is_enrolled_and_its_first_connect_is_captured() {
         .lines()
         .find(|l| l.contains("src_workload=demo/client"))
         .unwrap();
-    assert!(line.contains("protocol=\"HBONE\""), "{line}");
+    assert!(line.contains("protocol=HBONE"), "{line}");
     mesh.agents[1].wait_for_log(
         "src_identity=spiffe://cluster.local/ns/demo/sa/client",
         1,

@@ -283,10 +283,7 @@ fn a_forged_forwarded_header_does_not_satisfy_an_ip_block() {
         .unwrap();
     assert!(
         denied.contains(&format!("src={}:", cluster.node(0).ipv4))
-            && denied.contains(&format!(
-                "forwarded=Some(\"for=\\\"{}:4242\\\"\")",
-                client.ipv4
-            )),
+            && denied.contains(&format!("forwarded=\"for=\\\"{}:4242\\\"\"", client.ipv4)),
         "{denied}"
     );
 }
@@ -333,12 +330,12 @@ fn two_pods_of_one_service_account_each_arrive_from_their_own_address() {
         cluster.pod("twin").connect(to, 10).assert_echoed(10);
         held.join().unwrap().assert_echoed(10);
     });
-    mesh.agents[1].wait_for_log("protocol=\"HBONE\"", 2, Duration::from_secs(5));
+    mesh.agents[1].wait_for_log("protocol=HBONE", 2, Duration::from_secs(5));
     let log = mesh.agents[1].log();
     for pod in ["client", "twin"] {
         let ip = cluster.pod(pod).ipv4;
         assert!(
-            log.lines().any(|l| l.contains("protocol=\"HBONE\"")
+            log.lines().any(|l| l.contains("protocol=HBONE")
                 && l.contains(&format!("src={ip}:"))
                 && l.contains(&format!("src_identity={CLIENT}"))),
             "node-1 never saw {pod} from its own address {ip}:\n{log}"
@@ -415,7 +412,7 @@ fn a_labelled_pod_whose_capture_is_not_confirmed_is_reached_in_plaintext() {
         .lines()
         .find(|l| l.contains(&format!("dst={to}")))
         .unwrap();
-    assert!(line.contains("protocol=\"TCP\""), "{line}");
+    assert!(line.contains("protocol=TCP"), "{line}");
 }
 
 #[test]

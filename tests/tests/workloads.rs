@@ -125,8 +125,8 @@ fn labelling_a_namespace_enrolls_its_pods_and_unlabelling_releases_them() {
         after.1.inbound, before.1.inbound,
         "HBONE arrives on 15008, never steered"
     );
-    node0.wait_for_log("protocol=\"HBONE\"", 2, Duration::from_secs(5));
-    node1.wait_for_log("protocol=\"HBONE\"", 2, Duration::from_secs(5));
+    node0.wait_for_log("protocol=HBONE", 2, Duration::from_secs(5));
+    node1.wait_for_log("protocol=HBONE", 2, Duration::from_secs(5));
     let admitted = node1.log();
     assert!(
         admitted.contains("src_identity=spiffe://cluster.local/ns/demo/sa/client"),

@@ -238,8 +238,9 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The profile of the image `cargo xtask test` builds and tests.
-const IMAGE_TEST_PROFILE: &str = "release";
+/// The profile of the image `cargo xtask test` builds and tests: `dev`, which compiles in half
+/// the time of `release` for the musl target (the image and its checks are the same).
+const IMAGE_TEST_PROFILE: &str = "dev";
 
 fn bench(
     quick: bool,

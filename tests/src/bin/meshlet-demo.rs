@@ -325,7 +325,7 @@ fn walk_through(cluster: &mut Cluster, keep: bool) -> anyhow::Result<()> {
         last_line(&agents[0], "src_workload=demo/newcomer")
     );
     ensure!(
-        last_line(&agents[0], "src_workload=demo/newcomer").contains("protocol=\"HBONE\""),
+        last_line(&agents[0], "src_workload=demo/newcomer").contains("protocol=HBONE"),
         "the newcomer's first connection was not carried over HBONE"
     );
     // The kubelet then reports the pod running.
