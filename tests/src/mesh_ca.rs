@@ -22,13 +22,28 @@ pub const SYSTEM: &str = "meshlet-system";
 /// The audience of CA tokens.
 pub const AUDIENCE: &str = "istio-ca";
 
-/// A loopback port nothing listens on right now (bound and released), so that a process can be
-/// restarted on the same address.
+/// A loopback port nothing listens on right now, so that a process can be (re)started on a
+/// known address.
+///
+/// It comes from below the kernel's ephemeral range (`ip_local_port_range`): a port from that
+/// range, bound and released, can be taken by any process's next outgoing connection before
+/// the test binds it again. Each call starts from a different place (pid and a counter), and
+/// a port is only returned once binding it has worked.
 pub fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .expect("bind an ephemeral port")
-        .port()
+    static CALLS: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000, ephemeral_low.max(10_001));
+    let span = high - low;
+    let start = std::process::id()
+        .wrapping_mul(7919)
+        .wrapping_add(CALLS.fetch_add(1, Ordering::Relaxed).wrapping_mul(104_729));
+    (0..span)
+        .map(|i| (low + (start.wrapping_add(i)) % span) as u16)
+        .find(|&port| TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok())
+        .expect("a free loopback port below the ephemeral range")
 }
 
 /// A running `meshlet ca` on 127.0.0.1, stopped on drop.

@@ -11,12 +11,15 @@
 //! - `interop`: setup, release build, then meshlet against Istio's ztunnel (`--ztunnel`);
 //! - `fuzz`: setup, then the cargo-fuzz targets in `fuzz/` under libFuzzer;
 //! - `image`: setup, then the agent's OCI image (static musl binaries `FROM scratch`, by
-//!   buildah), written as an archive and optionally pushed.
+//!   buildah), written as an archive and optionally pushed;
+//! - `vmtest`: setup, build, then the kernel-facing suites in qemu guests running Debian's 6.1
+//!   and 6.12 kernels.
 
 mod fuzz;
 mod image;
 mod preflight;
 mod setup;
+mod vmtest;
 
 use std::{
     path::{Path, PathBuf},
@@ -104,6 +107,21 @@ enum Task {
         #[arg(long)]
         target: Option<String>,
     },
+    /// Setup, build, then run test suites in qemu guests (software emulation) booted from
+    /// Debian's kernels: the kernel matrix.
+    Vmtest {
+        /// The kernel series: the newest Debian linux-image-<series>.*-amd64-unsigned.
+        #[arg(long, value_enum, default_value = "6.1")]
+        kernel: vmtest::Kernel,
+        /// The suites: `capture` (the eBPF programs), `e2e` (the two-node walk-through,
+        /// source-address preservation, the agent's lifecycle).
+        #[arg(long, value_enum, default_value = "capture")]
+        suite: vmtest::Suite,
+        /// More kernel command line for the guests (`module_blacklist=veth` makes a guest
+        /// without veth, whose suites must fail).
+        #[arg(long)]
+        append: Option<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -134,6 +152,18 @@ fn main() -> anyhow::Result<()> {
                 Some(target) => fuzz::run(&[&target], seconds),
                 None => fuzz::run(fuzz::TARGETS, seconds),
             }
+        }
+        Task::Vmtest {
+            kernel,
+            suite,
+            append,
+        } => {
+            setup::run()?;
+            vmtest::run(&vmtest::Options {
+                kernel,
+                suite,
+                append,
+            })
         }
     }
 }

@@ -10,7 +10,9 @@ use anyhow::{Context as _, bail};
 /// Debian packages: LLVM 22 for bpf-linker, bpftool and iproute2 for the tests and demo,
 /// tcpdump for the demo's look at the wire, kubectl to render the kustomizations in deploy/,
 /// iptables for ztunnel's capture when the benchmarks run it beside meshlet; musl-tools,
-/// buildah and crun for the container image (`cargo xtask image`) and its test.
+/// buildah and crun for the container image (`cargo xtask image`) and its test; qemu,
+/// busybox-static and cpio for the kernel matrix (`cargo xtask vmtest`: guests booted from
+/// Debian's kernels, with a busybox initramfs).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -24,6 +26,11 @@ const APT_PACKAGES: &[&str] = &[
     "musl-tools",
     "buildah",
     "crun",
+    "qemu-system-x86",
+    "busybox-static",
+    "cpio",
+    "xz-utils",
+    "kmod",
 ];
 
 /// The offline Kubernetes schema validator `cargo xtask test` runs on `deploy/` (PyPI).

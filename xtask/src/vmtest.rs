@@ -1,0 +1,1018 @@
+//! `cargo xtask vmtest`: the kernel-facing suites on other kernels than the host's, each in a
+//! qemu guest (docs/testing.md, "Kernel matrix").
+//!
+//! For each kernel series asked for (`6.1`, `6.12`), the newest Debian
+//! `linux-image-<release>-amd64-unsigned` package that `apt-cache` knows is downloaded once into
+//! `target/vmtest/`, and its kernel and the modules the tests need (veth, bridge and what they
+//! depend on) are kept. The guest is a busybox initramfs that holds the suites' test binaries,
+//! the workspace binaries they start, the host tools they call (iproute2, bpftool) and every
+//! shared library those need, each at its host path. Its `/init` mounts what a node has (proc,
+//! sysfs, cgroup2, bpffs), loads the modules, runs each suite's binaries and powers off.
+//!
+//! qemu runs under software emulation (TCG: nested KVM is not available where this runs), and
+//! the guest's serial console is echoed with the kernel's name in front. Marker lines that
+//! `/init` prints delimit each suite and carry its exit status; with libtest's summaries they
+//! make the table printed at the end: per kernel and suite, passed, failed and time. A suite
+//! fails when a test fails, when no test ran, or when the guest died or hung before its end
+//! marker; then `cargo xtask vmtest` exits non-zero with the guest's own failure report.
+
+use std::{
+    fmt,
+    fs::{self, File},
+    io::{BufRead as _, BufReader, Write as _},
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+/// Where kernels, the guest's root and its initramfs are kept (under the workspace).
+const DIR: &str = "target/vmtest";
+
+/// Modules the suites need that Debian builds as modules (their dependencies come along).
+const MODULES: &[&str] = &["veth", "bridge"];
+
+/// Host tools the tests and the demo run, copied into the guest with their libraries.
+const TOOLS: &[&str] = &["ip", "bpftool", "nsenter"];
+
+/// The workspace binaries the test binaries start (found one or two directories above them).
+const WORKSPACE_BINARIES: &[&str] = &["meshlet", "meshlet-cni", "meshlet-testpod", "meshlet-demo"];
+
+/// How long a guest may run all its suites before it counts as hung.
+const GUEST_TIMEOUT: Duration = Duration::from_secs(40 * 60);
+
+/// What `/init` prints in front of its own lines.
+const MARKER: &str = "meshlet-vmtest:";
+
+/// A kernel series, tested with the newest Debian package of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Kernel {
+    /// Linux 6.1 (Debian 12's kernel, Amazon Linux 2023's).
+    #[value(name = "6.1")]
+    V6_1,
+    /// Linux 6.12 (Debian 13's kernel, in Debian 12's security updates).
+    #[value(name = "6.12")]
+    V6_12,
+    /// Both.
+    All,
+}
+
+impl Kernel {
+    fn series(self) -> Vec<(u32, u32)> {
+        match self {
+            Self::V6_1 => vec![(6, 1)],
+            Self::V6_12 => vec![(6, 12)],
+            Self::All => vec![(6, 1), (6, 12)],
+        }
+    }
+}
+
+/// A group of test binaries of `meshlet-tests`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Suite {
+    /// The eBPF capture programs, loaded into the kernel, with connections between namespaces.
+    Capture,
+    /// The two-node walk-through (capture, mTLS, policy, metrics), source-address preservation
+    /// (transparent sockets, policy routing) and the agent's lifecycle (handoff, link updates).
+    E2e,
+    /// Both.
+    All,
+}
+
+impl Suite {
+    fn expand(self) -> Vec<Self> {
+        match self {
+            Self::All => vec![Self::Capture, Self::E2e],
+            one => vec![one],
+        }
+    }
+
+    /// The `tests/tests/*.rs` files the suite runs.
+    fn test_files(self) -> &'static [&'static str] {
+        match self {
+            Self::Capture => &["capture"],
+            Self::E2e => &["demo", "source_address", "lifecycle"],
+            Self::All => &[],
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Capture => "capture",
+            Self::E2e => "e2e",
+            Self::All => "all",
+        }
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Kernel series.
+    pub kernel: Kernel,
+    /// Suites.
+    pub suite: Suite,
+    /// Extra kernel command line (e.g. `module_blacklist=veth`, to see a guest fail).
+    pub append: Option<String>,
+}
+
+/// One suite's outcome on one kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Outcome {
+    kernel: String,
+    suite: &'static str,
+    passed: u32,
+    failed: u32,
+    time: Option<Duration>,
+    /// Why the suite failed, if it did.
+    failure: Option<String>,
+}
+
+/// Runs `options`; fails when any suite failed on any kernel.
+pub fn run(options: &Options) -> anyhow::Result<()> {
+    let suites = options.suite.expand();
+    let kernels = options
+        .kernel
+        .series()
+        .into_iter()
+        .map(Guest::kernel)
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let binaries = build(&suites)?;
+    let root = Path::new(DIR).join("root");
+    let common = stage_root(&root, &binaries)?;
+    let mut outcomes = Vec::new();
+    for kernel in &kernels {
+        let initrd = kernel.initramfs(&common)?;
+        outcomes.extend(kernel.boot(&initrd, &suites, options.append.as_deref())?);
+    }
+    println!("\n{}", Table(&outcomes));
+    let failed: Vec<&Outcome> = outcomes.iter().filter(|o| o.failure.is_some()).collect();
+    if failed.is_empty() {
+        return Ok(());
+    }
+    for outcome in &failed {
+        println!(
+            "\nvmtest: {} on {} failed: {}",
+            outcome.suite,
+            outcome.kernel,
+            outcome.failure.as_deref().unwrap_or_default()
+        );
+    }
+    bail!(
+        "{} of {} suite runs failed in the guests (their output is above, and under {DIR}/)",
+        failed.len(),
+        outcomes.len()
+    )
+}
+
+/// Builds the workspace binaries and the suites' test binaries; returns the test binaries per
+/// suite.
+fn build(suites: &[Suite]) -> anyhow::Result<Vec<(Suite, Vec<PathBuf>)>> {
+    crate::cargo(&["build", "--workspace", "--bins"])?;
+    let mut result = Vec::new();
+    for &suite in suites {
+        let mut args = vec![
+            "test",
+            "--package",
+            "meshlet-tests",
+            "--no-run",
+            "--message-format=json-render-diagnostics",
+        ];
+        for file in suite.test_files() {
+            args.extend(["--test", file]);
+        }
+        let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(&args)
+            .stderr(Stdio::inherit())
+            .output()
+            .context("run cargo test --no-run")?;
+        if !out.status.success() {
+            bail!("building the {} suite failed", suite.name());
+        }
+        let executables = test_executables(&String::from_utf8_lossy(&out.stdout));
+        if executables.len() != suite.test_files().len() {
+            bail!(
+                "cargo built {} test binaries for the {} suite, expected {}",
+                executables.len(),
+                suite.name(),
+                suite.test_files().len()
+            );
+        }
+        result.push((suite, executables));
+    }
+    Ok(result)
+}
+
+/// The test executables in cargo's JSON messages (`--message-format=json`).
+fn test_executables(messages: &str) -> Vec<PathBuf> {
+    messages
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["profile"]["test"] == true)
+        .filter_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .collect()
+}
+
+/// Lays out the guest's root in `root` (everything but the modules) and packs it; returns the
+/// archive.
+fn stage_root(root: &Path, tests: &[(Suite, Vec<PathBuf>)]) -> anyhow::Result<PathBuf> {
+    if root.exists() {
+        fs::remove_dir_all(root).with_context(|| format!("remove {}", root.display()))?;
+    }
+    for dir in [
+        "bin", "dev", "proc", "sys", "tmp", "run", "root", "etc", "var",
+    ] {
+        fs::create_dir_all(root.join(dir))?;
+    }
+    std::os::unix::fs::symlink("../run", root.join("var/run"))?;
+    // The console must exist before /init runs: the kernel opens it for init's output.
+    let status = Command::new("mknod")
+        .arg(root.join("dev/console"))
+        .args(["c", "5", "1"])
+        .status()
+        .context("mknod")?;
+    if !status.success() {
+        bail!("mknod dev/console failed (vmtest needs root)");
+    }
+    copy_into(root, Path::new("/bin/busybox"), Path::new("/bin/busybox"))
+        .context("busybox (cargo xtask setup installs busybox-static)")?;
+    std::os::unix::fs::symlink("busybox", root.join("bin/sh"))?;
+    fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")?;
+    fs::write(root.join("etc/group"), "root:x:0:\n")?;
+    fs::write(
+        root.join("etc/hosts"),
+        "127.0.0.1 localhost\n::1 localhost\n",
+    )?;
+
+    let mut elves: Vec<PathBuf> = Vec::new();
+    for tool in TOOLS {
+        elves.push(which(tool)?);
+    }
+    let workspace = std::env::current_dir()?;
+    let bin_dir = workspace.join("target/debug");
+    for name in WORKSPACE_BINARIES {
+        elves.push(bin_dir.join(name));
+    }
+    for (_, binaries) in tests {
+        elves.extend(binaries.iter().cloned());
+    }
+    let mut libraries = Vec::new();
+    for elf in &elves {
+        copy_into(root, elf, elf)?;
+        for library in shared_libraries(elf)? {
+            if !libraries.contains(&library) {
+                libraries.push(library);
+            }
+        }
+    }
+    for library in &libraries {
+        copy_into(root, library, library)?;
+    }
+    fs::create_dir_all(root.join(workspace.strip_prefix("/").unwrap_or(&workspace)))?;
+
+    let init = root.join("init");
+    fs::write(&init, init_script(&workspace, tests))?;
+    fs::set_permissions(&init, fs::Permissions::from_mode(0o755))?;
+    let archive = Path::new(DIR).join("root.cpio");
+    cpio(root, &archive)?;
+    Ok(archive)
+}
+
+/// `/init`: mount what a node has, load the modules, run each suite, power off. Every line it
+/// prints itself starts with [`MARKER`].
+fn init_script(workspace: &Path, tests: &[(Suite, Vec<PathBuf>)]) -> String {
+    let mut script = format!(
+        r#"#!/bin/sh
+# The guest's init, written by `cargo xtask vmtest`.
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu
+export HOME=/root RUST_BACKTRACE=1
+fail() {{ echo "{MARKER} guest-error $*"; /bin/busybox poweroff -f; }}
+/bin/busybox --install -s /bin
+mount -t proc proc /proc || fail "mount proc"
+mount -t sysfs sysfs /sys || fail "mount sysfs"
+mount -t devtmpfs devtmpfs /dev || fail "mount devtmpfs"
+mkdir -p /dev/pts /dev/shm
+mount -t devpts devpts /dev/pts
+mount -t tmpfs tmpfs /dev/shm
+mount -t tmpfs tmpfs /tmp || fail "mount /tmp"
+mount -t tmpfs tmpfs /run || fail "mount /run"
+mount -t cgroup2 cgroup2 /sys/fs/cgroup || fail "mount cgroup2"
+mount -t bpf bpf /sys/fs/bpf || fail "mount bpffs"
+while read -r module; do
+    insmod "/lib/modules/meshlet/$module.ko" || fail "insmod $module"
+done < /lib/modules/meshlet/order
+/usr/sbin/ip link set lo up || fail "lo up"
+echo "{MARKER} kernel $(uname -r), $(nproc) CPUs"
+cd {workspace}
+"#,
+        workspace = workspace.display()
+    );
+    for (suite, binaries) in tests {
+        let name = suite.name();
+        script.push_str(&format!("echo \"{MARKER} begin {name}\"\nstatus=0\n"));
+        for binary in binaries {
+            script.push_str(&format!("{} || status=1\n", binary.display()));
+        }
+        script.push_str(&format!("echo \"{MARKER} end {name} exit=$status\"\n"));
+    }
+    script.push_str(&format!(
+        "echo \"{MARKER} done\"\n/bin/busybox poweroff -f\n"
+    ));
+    script
+}
+
+/// A kernel package, unpacked: its kernel image, and the modules the guest loads.
+#[derive(Debug)]
+struct Guest {
+    /// The package's release (`6.1.0-57`).
+    release: String,
+    /// Where its kernel, modules and initramfs are kept.
+    dir: PathBuf,
+}
+
+impl Guest {
+    /// The newest `linux-image-<release>-amd64-unsigned` of `series`, downloaded and unpacked
+    /// unless it already is.
+    fn kernel(series: (u32, u32)) -> anyhow::Result<Self> {
+        let out = Command::new("apt-cache")
+            .args(["search", "--names-only", r"^linux-image-.*-amd64-unsigned$"])
+            .output()
+            .context("run apt-cache")?;
+        let names = String::from_utf8_lossy(&out.stdout);
+        let release = newest_release(
+            names.lines().filter_map(|l| l.split_whitespace().next()),
+            series,
+        )
+        .with_context(|| {
+            format!(
+                "apt-cache knows no linux-image-{}.{}.*-amd64-unsigned package (apt-get update?)",
+                series.0, series.1
+            )
+        })?;
+        let dir = Path::new(DIR).join(format!("kernel-{release}"));
+        let guest = Self { release, dir };
+        if !guest.dir.join("vmlinuz").exists() {
+            guest.unpack()?;
+        }
+        Ok(guest)
+    }
+
+    fn package(&self) -> String {
+        format!("linux-image-{}-amd64-unsigned", self.release)
+    }
+
+    fn unpack(&self) -> anyhow::Result<()> {
+        let download = Path::new(DIR).join("download");
+        if download.exists() {
+            fs::remove_dir_all(&download)?;
+        }
+        fs::create_dir_all(&download)?;
+        println!("vmtest: downloading {}", self.package());
+        crate::run(Command::new("apt-get").current_dir(&download).args([
+            "download",
+            "-q",
+            &self.package(),
+        ]))?;
+        let deb = fs::read_dir(&download)?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|e| e == "deb"))
+            .context("apt-get download wrote no .deb")?;
+        let unpacked = download.join("unpacked");
+        crate::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
+        let staging = self.dir.with_extension("partial");
+        if staging.exists() {
+            fs::remove_dir_all(&staging)?;
+        }
+        let modules_dir = staging.join("lib/modules/meshlet");
+        fs::create_dir_all(&modules_dir)?;
+        let vmlinuz = find_file(&unpacked.join("boot"), |name| name.starts_with("vmlinuz-"))?
+            .context("the package holds no boot/vmlinuz-*")?;
+        fs::copy(&vmlinuz, staging.join("vmlinuz"))?;
+        let tree = find_file(&unpacked.join("lib/modules"), |_| true)?
+            .or(find_file(&unpacked.join("usr/lib/modules"), |_| true)?)
+            .context("the package holds no lib/modules/<release>")?;
+        let order = module_order(&tree, MODULES)?;
+        for (name, path) in &order {
+            let target = modules_dir.join(format!("{name}.ko"));
+            match path.extension().and_then(|e| e.to_str()) {
+                Some("xz") => decompress("xz", path, &target)?,
+                Some("zst") => decompress("zstd", path, &target)?,
+                _ => {
+                    fs::copy(path, &target)?;
+                }
+            }
+        }
+        let names: Vec<&str> = order.iter().map(|(n, _)| n.as_str()).collect();
+        fs::write(modules_dir.join("order"), names.join("\n") + "\n")?;
+        if self.dir.exists() {
+            fs::remove_dir_all(&self.dir)?;
+        }
+        fs::rename(&staging, &self.dir)?;
+        fs::remove_dir_all(&download)?;
+        Ok(())
+    }
+
+    /// The guest's initramfs: the common root, then this kernel's modules (the kernel unpacks
+    /// concatenated archives in turn).
+    fn initramfs(&self, common: &Path) -> anyhow::Result<PathBuf> {
+        let modules = self.dir.join("modules.cpio");
+        let root = self.dir.join("root");
+        if root.exists() {
+            fs::remove_dir_all(&root)?;
+        }
+        fs::create_dir_all(root.join("lib/modules"))?;
+        copy_tree(
+            &self.dir.join("lib/modules/meshlet"),
+            &root.join("lib/modules/meshlet"),
+        )?;
+        cpio(&root, &modules)?;
+        fs::remove_dir_all(&root)?;
+        let initrd = self.dir.join("initrd.cpio");
+        let mut out = File::create(&initrd)?;
+        for part in [common, modules.as_path()] {
+            std::io::copy(&mut File::open(part)?, &mut out)?;
+        }
+        Ok(initrd)
+    }
+
+    /// Boots the guest, echoes its console, and reads each suite's outcome from it.
+    fn boot(
+        &self,
+        initrd: &Path,
+        suites: &[Suite],
+        append: Option<&str>,
+    ) -> anyhow::Result<Vec<Outcome>> {
+        let name = format!("linux {}", self.release);
+        println!("\nvmtest: booting {name} (qemu, software emulation)");
+        let log_path = self.dir.join("console.log");
+        let mut log = File::create(&log_path)?;
+        let mut cmdline = String::from("console=ttyS0 panic=-1 quiet");
+        if let Some(extra) = append {
+            cmdline.push(' ');
+            cmdline.push_str(extra);
+        }
+        let mut qemu = Command::new("qemu-system-x86_64")
+            .args([
+                "-machine",
+                "q35",
+                "-accel",
+                "tcg,thread=multi",
+                "-cpu",
+                "max",
+            ])
+            .args(["-m", "4G", "-smp", "2", "-nic", "none", "-no-reboot"])
+            .args(["-display", "none", "-monitor", "none", "-serial", "stdio"])
+            .arg("-kernel")
+            .arg(self.dir.join("vmlinuz"))
+            .arg("-initrd")
+            .arg(initrd)
+            .args(["-append", &cmdline])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("start qemu-system-x86_64 (cargo xtask setup installs qemu-system-x86)")?;
+        let stdout = qemu.stdout.take().expect("piped");
+        let (lines, received) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
+                let line = String::from_utf8_lossy(&line).trim_end().to_owned();
+                if lines.send((Instant::now(), line)).is_err() {
+                    break;
+                }
+            }
+        });
+        let started = Instant::now();
+        let mut console = Console::default();
+        let prefix = format!("{:>12} | ", self.release);
+        loop {
+            let left = GUEST_TIMEOUT.saturating_sub(started.elapsed());
+            match received.recv_timeout(left) {
+                Ok((at, line)) => {
+                    println!("{prefix}{line}");
+                    writeln!(log, "{line}")?;
+                    console.feed(at, &line);
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let _ = qemu.kill();
+                    console.hung = true;
+                    break;
+                }
+            }
+        }
+        let status = qemu.wait()?;
+        if !status.success() && !console.hung {
+            console.qemu_failed = Some(status.to_string());
+        }
+        println!(
+            "vmtest: {name}: guest ran {:.0?}; its console is in {}",
+            started.elapsed(),
+            log_path.display()
+        );
+        Ok(suites
+            .iter()
+            .map(|suite| console.outcome(&self.release, suite.name()))
+            .collect())
+    }
+}
+
+/// What the guest's console said, read line by line.
+#[derive(Debug, Default)]
+struct Console {
+    suites: Vec<SuiteRun>,
+    guest_error: Option<String>,
+    hung: bool,
+    qemu_failed: Option<String>,
+    /// The last lines seen, for a guest that died without saying why.
+    tail: Vec<String>,
+}
+
+#[derive(Debug)]
+struct SuiteRun {
+    name: String,
+    began: Instant,
+    ended: Option<(Instant, bool)>,
+    passed: u32,
+    failed: u32,
+    /// libtest's failure reports (`---- name stdout ----` ...) and summary lines.
+    report: Vec<String>,
+    /// The suite's last lines.
+    tail: Vec<String>,
+    in_failures: bool,
+}
+
+impl Console {
+    fn feed(&mut self, at: Instant, line: &str) {
+        self.tail.push(line.to_owned());
+        if self.tail.len() > 40 {
+            self.tail.remove(0);
+        }
+        if let Some(rest) = line.strip_prefix(MARKER).map(str::trim) {
+            if let Some(name) = rest.strip_prefix("begin ") {
+                self.suites.push(SuiteRun {
+                    name: name.to_owned(),
+                    began: at,
+                    ended: None,
+                    passed: 0,
+                    failed: 0,
+                    report: Vec::new(),
+                    tail: Vec::new(),
+                    in_failures: false,
+                });
+            } else if let Some(end) = rest.strip_prefix("end ") {
+                if let Some(run) = self.suites.last_mut() {
+                    run.ended = Some((at, end.ends_with("exit=0")));
+                }
+            } else if let Some(error) = rest.strip_prefix("guest-error ") {
+                self.guest_error = Some(error.to_owned());
+            }
+            return;
+        }
+        let Some(run) = self.suites.last_mut().filter(|r| r.ended.is_none()) else {
+            return;
+        };
+        run.tail.push(line.to_owned());
+        if run.tail.len() > 40 {
+            run.tail.remove(0);
+        }
+        if let Some((passed, failed)) = libtest_summary(line) {
+            run.passed += passed;
+            run.failed += failed;
+            if failed > 0 {
+                run.report.push(line.to_owned());
+            }
+            run.in_failures = false;
+        } else if line == "failures:" || line.starts_with("---- ") {
+            run.in_failures = true;
+        }
+        if run.in_failures && run.report.len() < 200 {
+            run.report.push(line.to_owned());
+        }
+    }
+
+    fn outcome(&self, kernel: &str, suite: &'static str) -> Outcome {
+        let run = self.suites.iter().find(|r| r.name == suite);
+        let (passed, failed) = run.map_or((0, 0), |r| (r.passed, r.failed));
+        let time = run.and_then(|r| r.ended.map(|(end, _)| end - r.began));
+        let failure = match run {
+            _ if self.hung => Some(format!(
+                "the guest hung (no end after {GUEST_TIMEOUT:?}); its last lines:\n{}",
+                self.tail.join("\n")
+            )),
+            None => Some(match (&self.guest_error, &self.qemu_failed) {
+                (Some(error), _) => format!("the guest's init failed: {error}"),
+                (None, Some(status)) => format!("qemu failed ({status})"),
+                (None, None) => format!(
+                    "the guest never began the suite; its last lines:\n{}",
+                    self.tail.join("\n")
+                ),
+            }),
+            Some(run) => match run.ended {
+                None => Some(format!(
+                    "the guest stopped in the middle of the suite; its last lines:\n{}",
+                    self.tail.join("\n")
+                )),
+                Some((_, false)) if run.failed > 0 => Some(format!(
+                    "{} test(s) failed:\n{}",
+                    run.failed,
+                    run.report.join("\n")
+                )),
+                Some((_, false)) => Some(format!(
+                    "a test binary failed without a failing test; its last lines:\n{}",
+                    run.tail.join("\n")
+                )),
+                Some((_, true)) if passed == 0 => Some("no test ran".to_owned()),
+                Some((_, true)) => None,
+            },
+        };
+        Outcome {
+            kernel: kernel.to_owned(),
+            suite,
+            passed,
+            failed,
+            time,
+            failure,
+        }
+    }
+}
+
+/// `test result: ok. 9 passed; 0 failed; ...` -> (9, 0).
+fn libtest_summary(line: &str) -> Option<(u32, u32)> {
+    let rest = line.trim().strip_prefix("test result: ")?;
+    let count = |what: &str| -> Option<u32> {
+        rest.split(';')
+            .find_map(|part| part.trim().strip_suffix(what))?
+            .trim()
+            .rsplit(' ')
+            .next()?
+            .parse()
+            .ok()
+    };
+    Some((count(" passed")?, count(" failed")?))
+}
+
+/// The results as a table.
+struct Table<'a>(&'a [Outcome]);
+
+impl fmt::Display for Table<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{:<20} {:<8} {:>6} {:>6} {:>8}  result",
+            "kernel", "suite", "passed", "failed", "time"
+        )?;
+        for o in self.0 {
+            let time = o
+                .time
+                .map_or_else(|| "-".to_owned(), |t| format!("{:.0}s", t.as_secs_f64()));
+            writeln!(
+                f,
+                "{:<20} {:<8} {:>6} {:>6} {:>8}  {}",
+                o.kernel,
+                o.suite,
+                o.passed,
+                o.failed,
+                time,
+                if o.failure.is_some() { "FAILED" } else { "ok" }
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The newest release of `series` among package names `linux-image-<release>-amd64-unsigned`
+/// (other flavours, `-cloud-amd64`, `-rt-amd64`, are not the generic kernel).
+fn newest_release<'a>(
+    packages: impl Iterator<Item = &'a str>,
+    series: (u32, u32),
+) -> Option<String> {
+    packages
+        .filter_map(|name| {
+            name.strip_prefix("linux-image-")?
+                .strip_suffix("-amd64-unsigned")
+        })
+        .filter(|release| {
+            release
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || ".-+".contains(c))
+        })
+        .filter(|release| !release.ends_with("-cloud") && !release.ends_with("-rt"))
+        .filter_map(|release| {
+            let numbers: Vec<u32> = release
+                .split(|c: char| !c.is_ascii_digit())
+                .filter(|s| !s.is_empty())
+                .filter_map(|s| s.parse().ok())
+                .collect();
+            (numbers.len() >= 2 && (numbers[0], numbers[1]) == series)
+                .then(|| (numbers, release.to_owned()))
+        })
+        .max()
+        .map(|(_, release)| release)
+}
+
+/// `names` and the modules they depend on (`modinfo -F depends`), in an order `insmod` can
+/// load them: each after its dependencies.
+fn module_order(tree: &Path, names: &[&str]) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    fn visit(
+        tree: &Path,
+        name: &str,
+        order: &mut Vec<(String, PathBuf)>,
+        depth: usize,
+    ) -> anyhow::Result<()> {
+        if order.iter().any(|(n, _)| n == name) {
+            return Ok(());
+        }
+        if depth > 16 {
+            bail!("module dependencies of {name} nest too deep");
+        }
+        let path = find_module(tree, name)?
+            .with_context(|| format!("the kernel package has no module {name}"))?;
+        let out = Command::new("modinfo")
+            .args(["-F", "depends"])
+            .arg(&path)
+            .output()
+            .context("run modinfo (kmod)")?;
+        if !out.status.success() {
+            bail!(
+                "modinfo {}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        for dependency in String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .split(',')
+            .filter(|d| !d.is_empty())
+        {
+            visit(tree, dependency, order, depth + 1)?;
+        }
+        order.push((name.to_owned(), path));
+        Ok(())
+    }
+    let mut order = Vec::new();
+    for name in names {
+        visit(tree, name, &mut order, 0)?;
+    }
+    Ok(order)
+}
+
+/// The file of module `name` (`name.ko`, `.ko.xz`, `.ko.zst`; `-` and `_` alike) under `tree`.
+fn find_module(tree: &Path, name: &str) -> anyhow::Result<Option<PathBuf>> {
+    let wanted = name.replace('-', "_");
+    let mut stack = vec![tree.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir).with_context(|| format!("read {}", dir.display()))? {
+            let path = entry?.path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let file = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            let stem = ["ko", "ko.xz", "ko.zst"]
+                .iter()
+                .find_map(|ext| file.strip_suffix(ext)?.strip_suffix('.'));
+            if stem.is_some_and(|stem| stem.replace('-', "_") == wanted) {
+                return Ok(Some(path));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// The first entry of `dir` whose file name passes `matches`.
+fn find_file(dir: &Path, matches: impl Fn(&str) -> bool) -> anyhow::Result<Option<PathBuf>> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Ok(None);
+    };
+    Ok(entries
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(&matches)))
+}
+
+fn decompress(tool: &str, from: &Path, to: &Path) -> anyhow::Result<()> {
+    let out = Command::new(tool)
+        .args(["-d", "-c"])
+        .arg(from)
+        .output()
+        .with_context(|| format!("run {tool}"))?;
+    if !out.status.success() {
+        bail!(
+            "{tool} -d {}: {}",
+            from.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    fs::write(to, out.stdout)?;
+    Ok(())
+}
+
+/// The shared libraries `elf` loads, the dynamic loader included (`ldd`); none for a static
+/// binary.
+fn shared_libraries(elf: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let out = Command::new("ldd").arg(elf).output().context("run ldd")?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            let path = match line.split_once("=>") {
+                Some((_, right)) => right.split_whitespace().next()?,
+                None => line.split_whitespace().next()?,
+            };
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect())
+}
+
+/// The path of `tool` on the host's PATH (with the sbin directories).
+fn which(tool: &str) -> anyhow::Result<PathBuf> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    path.split(':')
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"])
+        .map(|dir| Path::new(dir).join(tool))
+        .find(|candidate| candidate.is_file())
+        .with_context(|| format!("{tool} is not installed (cargo xtask setup installs it)"))
+}
+
+/// Copies the host file `from` to `to` inside `root` (its directories made), following
+/// symlinks.
+fn copy_into(root: &Path, from: &Path, to: &Path) -> anyhow::Result<()> {
+    let target = root.join(to.strip_prefix("/").unwrap_or(to));
+    if let Some(parent) = target.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    // A hard link when on the same filesystem (the workspace's binaries are large), else a copy;
+    // of the file a symlink names, not of the link (`/lib64/ld-linux-x86-64.so.2` is one).
+    let from = fs::canonicalize(from).with_context(|| format!("resolve {}", from.display()))?;
+    if fs::hard_link(&from, &target).is_err() {
+        fs::copy(&from, &target).with_context(|| format!("copy {}", from.display()))?;
+    }
+    Ok(())
+}
+
+fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
+    fs::create_dir_all(to)?;
+    for entry in fs::read_dir(from)? {
+        let entry = entry?;
+        fs::copy(entry.path(), to.join(entry.file_name()))?;
+    }
+    Ok(())
+}
+
+/// Packs the tree `root` into the newc cpio archive `archive` (the initramfs format).
+fn cpio(root: &Path, archive: &Path) -> anyhow::Result<()> {
+    let archive = std::path::absolute(archive)?;
+    let mut list = Vec::new();
+    let mut stack = vec![PathBuf::from(".")];
+    while let Some(dir) = stack.pop() {
+        list.push(dir.clone());
+        let mut entries: Vec<PathBuf> = fs::read_dir(root.join(&dir))?
+            .flatten()
+            .map(|e| dir.join(e.file_name()))
+            .collect();
+        entries.sort();
+        for entry in entries {
+            if fs::symlink_metadata(root.join(&entry))?.is_dir() {
+                stack.push(entry);
+            } else {
+                list.push(entry);
+            }
+        }
+    }
+    let mut cpio = Command::new("cpio")
+        .args(["--quiet", "-o", "-H", "newc", "-O"])
+        .arg(&archive)
+        .current_dir(root)
+        .stdin(Stdio::piped())
+        .spawn()
+        .context("run cpio (cargo xtask setup installs it)")?;
+    {
+        let mut stdin = cpio.stdin.take().expect("piped");
+        for path in &list {
+            writeln!(stdin, "{}", path.display())?;
+        }
+    }
+    let status = cpio.wait()?;
+    if !status.success() {
+        bail!("cpio failed ({status})");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_newest_generic_kernel_of_a_series_is_chosen() {
+        let packages = [
+            "linux-image-6.1.0-47-amd64-unsigned",
+            "linux-image-6.1.0-57-cloud-amd64-unsigned",
+            "linux-image-6.1.0-9-amd64-unsigned",
+            "linux-image-6.1.0-57-rt-amd64-unsigned",
+            "linux-image-6.1.0-50-amd64-unsigned",
+            "linux-image-6.12.107+deb12-amd64-unsigned",
+            "linux-image-6.12.118+deb12-amd64-unsigned",
+            "linux-image-6.12.99+deb12-amd64-unsigned",
+            "linux-image-amd64",
+        ];
+        assert_eq!(
+            newest_release(packages.into_iter(), (6, 1)).as_deref(),
+            Some("6.1.0-50")
+        );
+        assert_eq!(
+            newest_release(packages.into_iter(), (6, 12)).as_deref(),
+            Some("6.12.118+deb12")
+        );
+        assert_eq!(newest_release(packages.into_iter(), (5, 15)), None);
+    }
+
+    #[test]
+    fn libtest_summaries_are_counted() {
+        assert_eq!(
+            libtest_summary(
+                "test result: ok. 9 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 80.1s"
+            ),
+            Some((9, 0))
+        );
+        assert_eq!(
+            libtest_summary("test result: FAILED. 8 passed; 1 failed; 0 ignored; 0 measured"),
+            Some((8, 1))
+        );
+        assert_eq!(libtest_summary("test foo ... ok"), None);
+    }
+
+    fn console(lines: &[&str]) -> Console {
+        let mut console = Console::default();
+        let now = Instant::now();
+        for line in lines {
+            console.feed(now, line);
+        }
+        console
+    }
+
+    #[test]
+    fn a_failing_test_in_the_guest_fails_the_suite_with_its_report() {
+        let console = console(&[
+            "meshlet-vmtest: begin capture",
+            "test a ... ok",
+            "test b ... FAILED",
+            "failures:",
+            "---- b stdout ----",
+            "thread 'b' panicked at tests/tests/capture.rs:1:1:",
+            "veth: Operation not supported",
+            "failures:",
+            "    b",
+            "test result: FAILED. 1 passed; 1 failed; 0 ignored",
+            "meshlet-vmtest: end capture exit=1",
+            "meshlet-vmtest: done",
+        ]);
+        let outcome = console.outcome("6.1.0-57", "capture");
+        assert_eq!((outcome.passed, outcome.failed), (1, 1));
+        let failure = outcome.failure.expect("failed");
+        assert!(
+            failure.contains("veth: Operation not supported"),
+            "{failure}"
+        );
+    }
+
+    #[test]
+    fn a_guest_that_dies_or_runs_nothing_fails() {
+        let died = console(&[
+            "meshlet-vmtest: begin capture",
+            "test a ... ok",
+            "Kernel panic",
+        ]);
+        let failure = died.outcome("6.1", "capture").failure.expect("failed");
+        assert!(failure.contains("Kernel panic"), "{failure}");
+
+        let init = console(&["meshlet-vmtest: guest-error insmod veth"]);
+        let failure = init.outcome("6.1", "capture").failure.expect("failed");
+        assert!(failure.contains("insmod veth"), "{failure}");
+
+        let nothing = console(&[
+            "meshlet-vmtest: begin capture",
+            "test result: ok. 0 passed; 0 failed; 0 ignored",
+            "meshlet-vmtest: end capture exit=0",
+        ]);
+        assert_eq!(
+            nothing.outcome("6.1", "capture").failure.as_deref(),
+            Some("no test ran")
+        );
+
+        let passed = console(&[
+            "meshlet-vmtest: begin capture",
+            "test result: ok. 9 passed; 0 failed; 0 ignored",
+            "meshlet-vmtest: end capture exit=0",
+        ]);
+        assert_eq!(passed.outcome("6.1", "capture").failure, None);
+    }
+}
