@@ -5,7 +5,9 @@
 //! agent calls [`gate`] before it touches the kernel, and stops with every failure at once
 //! rather than the first one it trips on. The checks, in the order they run:
 //!
-//! - `kernel`: the running release is at least [`capture::MIN_KERNEL`].
+//! - `kernel`: the running release is at least [`capture::MIN_KERNEL`], and the kernel has
+//!   every program type, map type and helper the programs use (probed, and named when missing:
+//!   [`capture::features`]).
 //! - `capabilities`: the effective set holds what capture needs; a missing optional one warns.
 //! - `lsm`: the AppArmor profile, SELinux context and seccomp mode this process runs under,
 //!   and whether they block what the agent does: entering a network namespace (`setns` into
@@ -295,12 +297,36 @@ pub fn gate(config: &Config) -> Result<Report, Failed> {
 
 fn kernel() -> Outcome {
     match nix::sys::utsname::uname() {
-        Ok(uts) => kernel_outcome(&uts.release().to_string_lossy()),
+        Ok(uts) => {
+            let release = uts.release().to_string_lossy();
+            match kernel_outcome(&release) {
+                failed @ Outcome::Fail { .. } => failed,
+                fine => features_outcome(
+                    &release,
+                    &capture::features::missing(capture::kernel_version(&release)),
+                )
+                .unwrap_or(fine),
+            }
+        }
         Err(err) => Outcome::fail(
             format!("uname(2) failed: {err}"),
             "this is not a Linux meshlet can run on",
         ),
     }
+}
+
+/// The `kernel` outcome when the kernel, of a release new enough, lacks `missing` features
+/// (probed): `None` when it lacks none.
+fn features_outcome(release: &str, missing: &[&capture::features::Feature]) -> Option<Outcome> {
+    (!missing.is_empty()).then(|| {
+        Outcome::fail(
+            format!(
+                "Linux {release} lacks what meshlet needs:\n{}",
+                capture::features::describe(missing)
+            ),
+            "run the node on a kernel built with these (docs/operations.md, Kernels)",
+        )
+    })
 }
 
 /// The `kernel` outcome for the release `uname -r` prints.
@@ -977,6 +1003,23 @@ fn cgroup_programs_outcome(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kernel_lacking_a_feature_fails_naming_it() {
+        assert_eq!(features_outcome("6.1.0", &[]), None);
+        let sock_ops_cookie = capture::features::FEATURES
+            .iter()
+            .find(|f| f.name == "bpf_get_netns_cookie in sock_ops programs")
+            .expect("listed");
+        let (reason, fix) = failure(features_outcome("5.15.0-custom", &[sock_ops_cookie]).unwrap());
+        assert_eq!(
+            reason,
+            "Linux 5.15.0-custom lacks what meshlet needs:\n  - bpf_get_netns_cookie in sock_ops \
+             programs (Linux >= 5.15; for matching the proxy's accepted socket to the client's \
+             record)"
+        );
+        assert!(fix.contains("Kernels"), "{fix}");
+    }
 
     fn is_pass(outcome: &Outcome) -> bool {
         matches!(outcome, Outcome::Pass { .. })

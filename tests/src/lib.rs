@@ -859,7 +859,7 @@ impl Cluster {
         labels: &[(&str, &str)],
         at_least: f64,
     ) -> f64 {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let deadline = std::time::Instant::now() + process::patience(Duration::from_secs(10));
         loop {
             let value = self.metric(index, name, labels);
             if value >= at_least {
@@ -889,7 +889,7 @@ impl Cluster {
     /// compiled and an enrollment pass done (10 s at most).
     pub fn wait_applied(&self, index: usize) {
         let want = self.generation(index).store;
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let deadline = std::time::Instant::now() + process::patience(Duration::from_secs(10));
         loop {
             let now = self.generation(index);
             if now.policies >= want && now.enrollment >= want.max(1) {
@@ -1093,11 +1093,15 @@ pub fn pinned_link(pin: &Path) -> LinkInfo {
 /// The eBPF object of the variant build (`meshlet-ebpf --features variant`: the same programs
 /// in other instructions), built once per test process into `target/ebpf-variant`: an agent
 /// started on it (`--ebpf-object`) and then replaced by the real build must upgrade its
-/// programs in place.
+/// programs in place. `MESHLET_VARIANT_EBPF_OBJECT` names one built beforehand instead (where
+/// no toolchain is, as in `cargo xtask vmtest`'s guests).
 pub fn variant_ebpf_object() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BUILT
         .get_or_init(|| {
+            if let Some(prebuilt) = std::env::var_os("MESHLET_VARIANT_EBPF_OBJECT") {
+                return PathBuf::from(prebuilt);
+            }
             let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
                 .parent()
                 .expect("tests/ lives in the workspace");

@@ -26,6 +26,21 @@ use serde::{Deserialize, Serialize};
 /// How long to wait for a helper to say it is ready, or to answer.
 const TIMEOUT: Duration = Duration::from_secs(10);
 
+/// `timeout` times `MESHLET_TEST_PATIENCE` (a whole factor, 1 unless set). The tests wait for
+/// events, and their deadlines only bound a hang; where everything runs slower, as in
+/// `cargo xtask vmtest`'s emulated guests, the same events come later.
+pub fn patience(timeout: Duration) -> Duration {
+    static FACTOR: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let factor = *FACTOR.get_or_init(|| {
+        std::env::var("MESHLET_TEST_PATIENCE")
+            .ok()
+            .and_then(|f| f.parse().ok())
+            .filter(|&f| f >= 1)
+            .unwrap_or(1)
+    });
+    timeout * factor
+}
+
 /// A command whose process joins the cgroup `cgroup` and the network namespace at `netns`
 /// before it executes: every socket it creates belongs to the pod.
 pub fn in_pod(program: impl AsRef<OsStr>, netns: &Path, cgroup: &Path) -> Command {
@@ -231,6 +246,7 @@ impl Agent {
 
     /// Waits until the log has `needle` `count` times; panics with the log after `timeout`.
     pub fn wait_for_log(&self, needle: &str, count: usize, timeout: Duration) {
+        let timeout = patience(timeout);
         let deadline = std::time::Instant::now() + timeout;
         while self.log().matches(needle).count() < count {
             if let Ok(Some(status)) = self.child_status() {
@@ -296,7 +312,7 @@ impl Agent {
 
     /// Waits for the agent to exit, killing it after `timeout`; returns how it exited.
     pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
-        let deadline = std::time::Instant::now() + timeout;
+        let deadline = std::time::Instant::now() + patience(timeout);
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return status;
@@ -414,7 +430,7 @@ pub struct Process {
 impl Process {
     /// Starts `command` and waits for it to print `ready`.
     pub fn spawn_ready(command: Command) -> Self {
-        Self::spawn_ready_within(command, TIMEOUT)
+        Self::spawn_ready_within(command, patience(TIMEOUT))
     }
 
     /// [`Process::spawn_ready`], waiting up to `timeout` (a helper that opens thousands of
@@ -454,7 +470,11 @@ impl Process {
 
     /// The next line the process printed, waiting up to the harness timeout.
     pub fn next_line(&mut self) -> Option<String> {
-        self.lines.lock().expect("lines").recv_timeout(TIMEOUT).ok()
+        self.lines
+            .lock()
+            .expect("lines")
+            .recv_timeout(patience(TIMEOUT))
+            .ok()
     }
 
     /// The next connection an echo server reports having accepted.

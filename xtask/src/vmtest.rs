@@ -36,13 +36,21 @@ const DIR: &str = "target/vmtest";
 const MODULES: &[&str] = &["veth", "bridge"];
 
 /// Host tools the tests and the demo run, copied into the guest with their libraries.
-const TOOLS: &[&str] = &["ip", "bpftool", "nsenter"];
+const TOOLS: &[&str] = &["ip", "bpftool", "nsenter", "tcpdump"];
+
+/// How much longer than on the host the guests' tests wait for an event before they call it a
+/// hang (`MESHLET_TEST_PATIENCE`): emulated, a guest runs the same code several times slower.
+const PATIENCE: u32 = 6;
 
 /// The workspace binaries the test binaries start (found one or two directories above them).
 const WORKSPACE_BINARIES: &[&str] = &["meshlet", "meshlet-cni", "meshlet-testpod", "meshlet-demo"];
 
 /// How long a guest may run all its suites before it counts as hung.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(40 * 60);
+
+/// The variant build of the eBPF programs (`--features variant`), as the lifecycle suite's
+/// upgrade test builds it on the host (`meshlet_tests::variant_ebpf_object`).
+const VARIANT_OBJECT: &str = "target/ebpf-variant/bpfel-unknown-none/release/meshlet";
 
 /// What `/init` prints in front of its own lines.
 const MARKER: &str = "meshlet-vmtest:";
@@ -87,6 +95,20 @@ impl Suite {
         match self {
             Self::All => vec![Self::Capture, Self::E2e],
             one => vec![one],
+        }
+    }
+
+    /// Tests of the suite's files that the guests skip (libtest `--skip`, by name): those that
+    /// hold a load at a fixed connection rate, which an emulated guest cannot keep up, so that
+    /// they measure the emulator. They run on the host.
+    fn skipped(self) -> &'static [&'static str] {
+        match self {
+            Self::E2e => &[
+                "a_successor_takes_the_listeners_over_under_load_and_the_old_agent_drains",
+                "an_upgrade_replaces_the_programs_in_place_on_the_same_links_under_load",
+                "the_proxy_never_reuses_the_4_tuple_of_a_connection_the_client_holds_open",
+            ],
+            Self::Capture | Self::All => &[],
         }
     }
 
@@ -206,6 +228,38 @@ fn build(suites: &[Suite]) -> anyhow::Result<Vec<(Suite, Vec<PathBuf>)>> {
     Ok(result)
 }
 
+/// Builds [`VARIANT_OBJECT`] (nightly, like the agent's embedded object) and returns its
+/// absolute path.
+fn variant_ebpf_object() -> anyhow::Result<PathBuf> {
+    let workspace = std::env::current_dir()?;
+    let mut cargo = Command::new("rustup");
+    for var in [
+        "RUSTUP_TOOLCHAIN",
+        "RUSTC",
+        "RUSTFLAGS",
+        "CARGO",
+        "CARGO_TARGET_DIR",
+    ] {
+        cargo.env_remove(var);
+    }
+    crate::run(
+        cargo
+            .current_dir("ebpf")
+            .args([
+                "run",
+                crate::setup::NIGHTLY,
+                "cargo",
+                "build",
+                "--release",
+                "--locked",
+            ])
+            .args(["--features", "variant", "--target-dir"])
+            .arg(workspace.join("target/ebpf-variant")),
+    )
+    .context("building the variant eBPF object")?;
+    Ok(workspace.join(VARIANT_OBJECT))
+}
+
 /// The test executables in cargo's JSON messages (`--message-format=json`).
 fn test_executables(messages: &str) -> Vec<PathBuf> {
     messages
@@ -240,12 +294,25 @@ fn stage_root(root: &Path, tests: &[(Suite, Vec<PathBuf>)]) -> anyhow::Result<Pa
     copy_into(root, Path::new("/bin/busybox"), Path::new("/bin/busybox"))
         .context("busybox (cargo xtask setup installs busybox-static)")?;
     std::os::unix::fs::symlink("busybox", root.join("bin/sh"))?;
-    fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")?;
-    fs::write(root.join("etc/group"), "root:x:0:\n")?;
+    // The host's users and groups: tcpdump drops to its own user.
+    for file in ["/etc/passwd", "/etc/group"] {
+        copy_into(root, Path::new(file), Path::new(file))?;
+    }
     fs::write(
         root.join("etc/hosts"),
         "127.0.0.1 localhost\n::1 localhost\n",
     )?;
+    // The Kubernetes client loads the system's roots even for a plain-HTTP API server.
+    let roots = Path::new("/etc/ssl/certs/ca-certificates.crt");
+    if roots.exists() {
+        copy_into(root, roots, roots)?;
+    }
+    // The lifecycle suite upgrades the agent from a variant build of the eBPF programs, which
+    // the guest has no toolchain to build.
+    if tests.iter().any(|(suite, _)| *suite == Suite::E2e) {
+        let variant = variant_ebpf_object()?;
+        copy_into(root, &variant, &variant)?;
+    }
 
     let mut elves: Vec<PathBuf> = Vec::new();
     for tool in TOOLS {
@@ -289,7 +356,8 @@ fn init_script(workspace: &Path, tests: &[(Suite, Vec<PathBuf>)]) -> String {
 # The guest's init, written by `cargo xtask vmtest`.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu
-export HOME=/root RUST_BACKTRACE=1
+export HOME=/root RUST_BACKTRACE=1 MESHLET_TEST_PATIENCE={PATIENCE}
+export MESHLET_VARIANT_EBPF_OBJECT={variant}
 fail() {{ echo "{MARKER} guest-error $*"; /bin/busybox poweroff -f; }}
 /bin/busybox --install -s /bin
 mount -t proc proc /proc || fail "mount proc"
@@ -309,13 +377,19 @@ done < /lib/modules/meshlet/order
 echo "{MARKER} kernel $(uname -r), $(nproc) CPUs"
 cd {workspace}
 "#,
-        workspace = workspace.display()
+        workspace = workspace.display(),
+        variant = workspace.join(VARIANT_OBJECT).display(),
     );
     for (suite, binaries) in tests {
         let name = suite.name();
         script.push_str(&format!("echo \"{MARKER} begin {name}\"\nstatus=0\n"));
+        let skips: String = suite
+            .skipped()
+            .iter()
+            .map(|test| format!(" --skip {test}"))
+            .collect();
         for binary in binaries {
-            script.push_str(&format!("{} || status=1\n", binary.display()));
+            script.push_str(&format!("{}{skips} || status=1\n", binary.display()));
         }
         script.push_str(&format!("echo \"{MARKER} end {name} exit=$status\"\n"));
     }

@@ -22,6 +22,7 @@
 //! traffic through to the application when no listener is registered.
 
 pub mod events;
+pub mod features;
 pub mod kubelet;
 pub mod migrate;
 pub mod mounts;
@@ -89,15 +90,27 @@ pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
     Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
+/// Refuses a kernel older than [`MIN_KERNEL`], then one that lacks a feature of
+/// [`features::FEATURES`] (a distribution kernel may lack what its release promises, or have
+/// it backported), naming each missing feature.
 fn check_kernel() -> Result<(), Error> {
     let release = fs::read_to_string("/proc/sys/kernel/osrelease")
         .map_err(Error::io("read", Path::new("/proc/sys/kernel/osrelease")))?;
-    match kernel_version(&release) {
-        Some(version) if version < MIN_KERNEL => Err(Error::KernelTooOld {
-            found: release.trim().to_owned(),
-        }),
-        _ => Ok(()),
+    let release = release.trim();
+    let version = kernel_version(release);
+    if version.is_some_and(|version| version < MIN_KERNEL) {
+        return Err(Error::KernelTooOld {
+            found: release.to_owned(),
+        });
     }
+    let missing = features::missing(version);
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(Error::KernelLacks {
+        found: release.to_owned(),
+        missing: features::describe(&missing),
+    })
 }
 
 /// The eBPF object built from `ebpf/` by `build.rs`.
@@ -148,6 +161,14 @@ pub enum Error {
     KernelTooOld {
         /// The running kernel's release.
         found: String,
+    },
+    /// The kernel lacks features capture needs, though its release should have them.
+    #[error("kernel {found} lacks what meshlet needs (docs/operations.md, Kernels):\n{missing}")]
+    KernelLacks {
+        /// The running kernel's release.
+        found: String,
+        /// The missing features, one per line.
+        missing: String,
     },
     /// No bpffs is mounted.
     #[error(
