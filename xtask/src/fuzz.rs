@@ -2,8 +2,11 @@
 //! "Fuzzing").
 //!
 //! Every target is built once, with AddressSanitizer and debug assertions, into `fuzz/target`,
-//! which every run shares (`cargo xtask fuzz` and the short run in `cargo xtask test`), so only
-//! the first build is slow. Each then runs for a while on its corpus, `fuzz/corpus/<target>/`:
+//! which every run shares, so only the first build is slow. `cargo xtask fuzz` builds them
+//! optimized (many more executions per second, for the long runs); the short run in
+//! `cargo xtask test` builds them unoptimized ([`Build::Smoke`]: a third of the build time,
+//! which a fresh CI clone pays every time, for a run that only has to replay the corpus and
+//! explore for a few seconds). Each then runs for a while on its corpus, `fuzz/corpus/<target>/`:
 //! the committed `seed-*` files plus what earlier runs found (not committed). A run's output
 //! goes to `fuzz/target/<target>.log`; one line sums it up. A crash fails the run and names the
 //! input libFuzzer saved, `fuzz/artifacts/<target>/crash-*`, which becomes a unit test.
@@ -40,20 +43,29 @@ const TARGET_DIR: &str = "fuzz/target";
 /// An input that runs longer than this (seconds) is a hang: libFuzzer saves it and fails.
 const INPUT_TIMEOUT: u64 = 30;
 
+/// How the targets are built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Build {
+    /// Optimized (cargo-fuzz's release profile), for fuzzing that finds things.
+    Fuzzing,
+    /// Unoptimized (`--dev`), for the short run of `cargo xtask test`.
+    Smoke,
+}
+
 /// Builds the targets, then runs each of `targets` for `seconds`. Fails after running them all
 /// if any crashed, naming the inputs that crashed them.
-pub fn run(targets: &[&str], seconds: u64) -> anyhow::Result<()> {
+pub fn run(targets: &[&str], seconds: u64, build: Build) -> anyhow::Result<()> {
     if let Some(unknown) = targets.iter().find(|t| !TARGETS.contains(t)) {
         bail!(
             "there is no fuzz target {unknown:?}; the targets are {}",
             TARGETS.join(", ")
         );
     }
-    crate::run(&mut cargo_fuzz(&["build"]))
+    crate::run(&mut cargo_fuzz(&["build"], build))
         .context("building the fuzz targets (`cargo xtask setup` installs cargo-fuzz)")?;
     let mut failures = Vec::new();
     for target in targets {
-        if let Err(err) = run_one(target, seconds) {
+        if let Err(err) = run_one(target, seconds, build) {
             println!("fuzz: {target}: {err:#}");
             failures.push(format!("{err:#}"));
         }
@@ -70,13 +82,13 @@ pub fn run(targets: &[&str], seconds: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run_one(target: &str, seconds: u64) -> anyhow::Result<()> {
+fn run_one(target: &str, seconds: u64, build: Build) -> anyhow::Result<()> {
     println!("fuzz: {target} for {seconds} s");
     let log_path = Path::new(TARGET_DIR).join(format!("{target}.log"));
     let log =
         fs::File::create(&log_path).with_context(|| format!("create {}", log_path.display()))?;
     let started = SystemTime::now();
-    let mut command = cargo_fuzz(&["run", target]);
+    let mut command = cargo_fuzz(&["run", target], build);
     command
         .args(["--", &format!("-max_total_time={seconds}")])
         .arg(format!("-timeout={INPUT_TIMEOUT}"))
@@ -111,17 +123,19 @@ fn run_one(target: &str, seconds: u64) -> anyhow::Result<()> {
     }
     let artifacts: Vec<String> = artifacts.iter().map(|a| a.display().to_string()).collect();
     bail!(
-        "{target} crashed on {} (reproduce: cargo +{NIGHTLY} fuzz run --debug-assertions --codegen-units 16 {target} \
+        "{target} crashed on {} (reproduce: cargo +{NIGHTLY} fuzz run{} --debug-assertions --codegen-units 16 {target} \
          {}; the whole output is in {})",
         artifacts.join(", "),
+        if build == Build::Smoke { " --dev" } else { "" },
         artifacts[0],
         log_path.display()
     )
 }
 
-/// `cargo +nightly fuzz <args> --debug-assertions --codegen-units 16 --target-dir fuzz/target`,
-/// so that every build of the targets has the same flags and shares one target directory.
-fn cargo_fuzz(args: &[&str]) -> Command {
+/// `cargo +nightly fuzz <args> --debug-assertions --codegen-units 16 --target-dir fuzz/target`
+/// (and `--dev` for [`Build::Smoke`]), so that every build of the targets has the same flags
+/// and shares one target directory.
+fn cargo_fuzz(args: &[&str], build: Build) -> Command {
     let mut command = Command::new("rustup");
     // This is a stable cargo's child: its toolchain must not leak into the nightly build.
     for var in ["RUSTUP_TOOLCHAIN", "CARGO", "RUSTC"] {
@@ -136,6 +150,9 @@ fn cargo_fuzz(args: &[&str]) -> Command {
         .args(["--debug-assertions", "--codegen-units", "16"])
         .args(["--target-dir", TARGET_DIR])
         .stdin(Stdio::null());
+    if build == Build::Smoke {
+        command.arg("--dev");
+    }
     command
 }
 

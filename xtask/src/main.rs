@@ -4,7 +4,8 @@
 //!   when everything is present);
 //! - `build`: setup, then build the workspace (the agent embeds the eBPF object);
 //! - `test`: setup, preflight checks, fmt, clippy, unit tests, a short run of every fuzz
-//!   target, then the root-only end-to-end tests, then a check that they left nothing behind;
+//!   target, then the root-only end-to-end tests, then a check that they left nothing behind,
+//!   then the capture suite again in a guest running Linux 6.1;
 //! - `demo`: setup, build, then the walk-through on a simulated cluster;
 //! - `bench`: setup, release build, then the benchmarks on a simulated cluster (with
 //!   `--ztunnel <path>`, Istio's ztunnel side by side);
@@ -47,8 +48,8 @@ enum Task {
         #[arg(long)]
         release: bool,
     },
-    /// Setup, then fmt, clippy, unit tests, every fuzz target for 10 s and the root-only
-    /// end-to-end tests.
+    /// Setup, then fmt, clippy, unit tests, every fuzz target for 10 s, the root-only
+    /// end-to-end tests, and the capture suite in a Linux 6.1 guest.
     Test {
         /// Only run tests (and fuzz targets) whose name contains this filter (lints still run).
         filter: Option<String>,
@@ -117,8 +118,8 @@ enum Task {
         /// source-address preservation, the agent's lifecycle).
         #[arg(long, value_enum, default_value = "capture")]
         suite: vmtest::Suite,
-        /// More kernel command line for the guests (`module_blacklist=veth` makes a guest
-        /// without veth, whose suites must fail).
+        /// More kernel command line for the guests (`ipv6.disable=1` makes a kernel without
+        /// IPv6, on which the suites must fail).
         #[arg(long)]
         append: Option<String>,
     },
@@ -149,8 +150,8 @@ fn main() -> anyhow::Result<()> {
         Task::Fuzz { seconds, target } => {
             setup::run()?;
             match target {
-                Some(target) => fuzz::run(&[&target], seconds),
-                None => fuzz::run(fuzz::TARGETS, seconds),
+                Some(target) => fuzz::run(&[&target], seconds, fuzz::Build::Fuzzing),
+                None => fuzz::run(fuzz::TARGETS, seconds, fuzz::Build::Fuzzing),
             }
         }
         Task::Vmtest {
@@ -244,7 +245,7 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
             "fuzz targets ({} s each, libFuzzer)",
             fuzz::SMOKE_SECONDS
         ));
-        fuzz::run(&fuzz_targets, fuzz::SMOKE_SECONDS)?;
+        fuzz::run(&fuzz_targets, fuzz::SMOKE_SECONDS, fuzz::Build::Smoke)?;
     }
 
     step("container image (static musl binaries FROM scratch, buildah)");
@@ -265,6 +266,17 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
         bail!("the tests left these behind:\n  {}", leaks.join("\n  "));
     }
     println!("no namespaces, cgroups or bpffs pins left behind");
+
+    step("kernel matrix: the capture suite on Linux 6.1, in a qemu guest");
+    if filter.is_empty() {
+        vmtest::run(&vmtest::Options {
+            kernel: vmtest::Kernel::V6_1,
+            suite: vmtest::Suite::Capture,
+            append: None,
+        })?;
+    } else {
+        println!("not with a filter; `cargo xtask vmtest` runs it");
+    }
     Ok(())
 }
 

@@ -137,7 +137,7 @@ pub struct Options {
     pub kernel: Kernel,
     /// Suites.
     pub suite: Suite,
-    /// Extra kernel command line (e.g. `module_blacklist=veth`, to see a guest fail).
+    /// Extra kernel command line (e.g. `ipv6.disable=1`, to see a guest fail).
     pub append: Option<String>,
 }
 
