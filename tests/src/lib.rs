@@ -1091,43 +1091,18 @@ pub fn pinned_link(pin: &Path) -> LinkInfo {
 }
 
 /// The eBPF object of the variant build (`meshlet-ebpf --features variant`: the same programs
-/// in other instructions), built once per test process into `target/ebpf-variant`: an agent
-/// started on it (`--ebpf-object`) and then replaced by the real build must upgrade its
-/// programs in place. `MESHLET_VARIANT_EBPF_OBJECT` names one built beforehand instead (where
-/// no toolchain is, as in `cargo xtask vmtest`'s guests).
+/// in other instructions), which `cargo xtask test` (and `cargo xtask vmtest`, for its guests)
+/// builds and names in `MESHLET_VARIANT_EBPF_OBJECT`: an agent started on it
+/// (`--ebpf-object`) and then replaced by the real build must upgrade its programs in place.
 pub fn variant_ebpf_object() -> PathBuf {
-    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            if let Some(prebuilt) = std::env::var_os("MESHLET_VARIANT_EBPF_OBJECT") {
-                return PathBuf::from(prebuilt);
-            }
-            let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-                .parent()
-                .expect("tests/ lives in the workspace");
-            let target = workspace.join("target/ebpf-variant");
-            let mut cargo = Command::new("rustup");
-            cargo
-                .current_dir(workspace.join("ebpf"))
-                .args(["run", "nightly", "cargo", "build", "--release", "--locked"])
-                .args(["--features", "variant", "--target-dir"])
-                .arg(&target);
-            for var in [
-                "RUSTUP_TOOLCHAIN",
-                "RUSTC",
-                "RUSTFLAGS",
-                "CARGO",
-                "CARGO_TARGET_DIR",
-            ] {
-                cargo.env_remove(var);
-            }
-            let status = cargo
-                .status()
-                .expect("run rustup (cargo xtask setup installs it)");
-            assert!(status.success(), "building the variant eBPF object failed");
-            target.join("bpfel-unknown-none/release/meshlet")
-        })
-        .clone()
+    let path = std::env::var_os("MESHLET_VARIANT_EBPF_OBJECT").map(PathBuf::from);
+    match path {
+        Some(path) if path.is_file() => path,
+        _ => panic!(
+            "MESHLET_VARIANT_EBPF_OBJECT names no file ({path:?}): run the tests with `cargo \
+             xtask test`, which builds the variant eBPF object"
+        ),
+    }
 }
 
 /// The namespaces the agent with pins in `bpffs_dir` has enrolled, sorted (none before it has
@@ -1148,6 +1123,7 @@ pub fn enrolled(bpffs_dir: &Path) -> Vec<u64> {
 
 /// Polls until [`enrolled`] equals `want`; returns how long it took, panics after `timeout`.
 pub fn wait_enrolled(bpffs_dir: &Path, mut want: Vec<u64>, timeout: Duration) -> Duration {
+    let timeout = process::patience(timeout);
     want.sort();
     let start = std::time::Instant::now();
     loop {

@@ -35,7 +35,9 @@ pub fn free_port() -> u16 {
         .ok()
         .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
         .unwrap_or(32768);
-    let (low, high) = (10_000, ephemeral_low.max(10_001));
+    // Where the ephemeral range starts low (`1024 65535`), any port can be taken; then the
+    // search is as good as binding port 0.
+    let (low, high) = (10_000, ephemeral_low.max(20_000));
     let span = high - low;
     let start = std::process::id()
         .wrapping_mul(7919)

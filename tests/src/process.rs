@@ -38,7 +38,7 @@ pub fn patience(timeout: Duration) -> Duration {
             .filter(|&f| f >= 1)
             .unwrap_or(1)
     });
-    timeout * factor
+    timeout.saturating_mul(factor)
 }
 
 /// A command whose process joins the cgroup `cgroup` and the network namespace at `netns`

@@ -333,7 +333,10 @@ fn a_pod_without_a_listener_drops_inbound_and_the_program_reports_it_through_aya
 fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     let start = Instant::now();
     while !done() {
-        assert!(start.elapsed() < Duration::from_secs(10), "{what}");
+        assert!(
+            start.elapsed() < meshlet_tests::process::patience(Duration::from_secs(10)),
+            "{what}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -776,4 +779,45 @@ fn an_ebpf_object_that_is_missing_or_not_an_object_is_refused_before_anything_is
         );
     }
     std::fs::remove_file(&garbage).unwrap();
+}
+
+#[test]
+fn this_kernel_has_every_feature_capture_needs_and_one_it_lacks_is_named() {
+    use aya::{maps::MapType, programs::ProgramType, sys::BpfHelper};
+    use meshlet::capture::{
+        self,
+        features::{self, Feature, Probe},
+    };
+
+    meshlet_tests::require_root();
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let version = capture::kernel_version(&release);
+    let missing = features::missing(version);
+    assert!(missing.is_empty(), "{}", features::describe(&missing));
+
+    // The probes answer for real: a helper the kernel refuses to a program type (sk_assign is
+    // for sk_lookup and tc, never sock_ops) and a map type, program type and helper it has.
+    let probe = |name, probe| Feature {
+        name,
+        probe,
+        since: (4, 0),
+        used_for: "a test",
+    };
+    let asked = [
+        probe(
+            "bpf_sk_assign in sock_ops programs",
+            Probe::Helper(ProgramType::SockOps, BpfHelper::BPF_FUNC_sk_assign),
+        ),
+        probe("sk_lookup programs", Probe::Program(ProgramType::SkLookup)),
+        probe("ring buffer maps", Probe::Map(MapType::RingBuf)),
+        probe(
+            "bpf_sk_assign in sk_lookup programs",
+            Probe::Helper(ProgramType::SkLookup, BpfHelper::BPF_FUNC_sk_assign),
+        ),
+    ];
+    let lacking: Vec<&str> = features::missing_of(&asked, version)
+        .into_iter()
+        .map(|f| f.name)
+        .collect();
+    assert_eq!(lacking, ["bpf_sk_assign in sock_ops programs"]);
 }

@@ -202,44 +202,6 @@ fn passes_on_this_machine_with_a_cgroup_and_bpffs_dir_of_its_own() {
 }
 
 #[test]
-fn this_kernel_has_every_feature_capture_needs_and_one_it_lacks_is_named() {
-    use aya::{maps::MapType, programs::ProgramType, sys::BpfHelper};
-    use capture::features::{self, Feature, Probe};
-
-    require_root();
-    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
-    let version = capture::kernel_version(&release);
-    let missing = features::missing(version);
-    assert!(missing.is_empty(), "{}", features::describe(&missing));
-
-    // The probes answer for real: a helper the kernel refuses to a program type (sk_assign is
-    // for sk_lookup and tc, never sock_ops) and a map type, program type and helper it has.
-    let probe = |name, probe| Feature {
-        name,
-        probe,
-        since: (4, 0),
-        used_for: "a test",
-    };
-    let asked = [
-        probe(
-            "bpf_sk_assign in sock_ops programs",
-            Probe::Helper(ProgramType::SockOps, BpfHelper::BPF_FUNC_sk_assign),
-        ),
-        probe("sk_lookup programs", Probe::Program(ProgramType::SkLookup)),
-        probe("ring buffer maps", Probe::Map(MapType::RingBuf)),
-        probe(
-            "bpf_sk_assign in sk_lookup programs",
-            Probe::Helper(ProgramType::SkLookup, BpfHelper::BPF_FUNC_sk_assign),
-        ),
-    ];
-    let lacking: Vec<&str> = features::missing_of(&asked, version)
-        .into_iter()
-        .map(|f| f.name)
-        .collect();
-    assert_eq!(lacking, ["bpf_sk_assign in sock_ops programs"]);
-}
-
-#[test]
 fn meshlets_own_pinned_programs_pass_and_the_same_programs_unpinned_here_do_not() {
     require_root();
     let cgroup = CgroupGuard::new("preflight-own");

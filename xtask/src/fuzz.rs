@@ -1,8 +1,8 @@
 //! `cargo xtask fuzz`: the cargo-fuzz targets in `fuzz/` under libFuzzer (docs/testing.md,
 //! "Fuzzing").
 //!
-//! Every target is built once, with AddressSanitizer and debug assertions, into `fuzz/target`,
-//! which every run shares, so only the first build is slow. `cargo xtask fuzz` builds them
+//! Every target is built with AddressSanitizer and debug assertions into `fuzz/target`, which
+//! every run shares, so only the first build of each kind is slow. `cargo xtask fuzz` builds them
 //! optimized (many more executions per second, for the long runs); the short run in
 //! `cargo xtask test` builds them unoptimized ([`Build::Smoke`]: a third of the build time,
 //! which a fresh CI clone pays every time, for a run that only has to replay the corpus and

@@ -255,9 +255,14 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
     step("end-to-end tests (network namespaces, cgroups, eBPF)");
     // The tests run the real `meshlet` binary, which `cargo test -p meshlet-tests` does not build.
     cargo(&["build", "--workspace", "--bins"])?;
+    let variant = variant_ebpf_object()?;
     let mut e2e = vec!["test", "--package", "meshlet-tests", "--"];
     e2e.extend(&filter);
-    let outcome = cargo(&e2e);
+    let outcome = run(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(&e2e)
+            .env("MESHLET_VARIANT_EBPF_OBJECT", &variant),
+    );
 
     step("leftovers");
     let leaks = preflight::leftovers()?;
@@ -278,6 +283,39 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
         println!("not with a filter; `cargo xtask vmtest` runs it");
     }
     Ok(())
+}
+
+/// Builds the variant of the eBPF programs (`meshlet-ebpf --features variant`: the same
+/// programs in other instructions) into `target/ebpf-variant` and returns its absolute path. An
+/// agent started on it and then replaced by the real build must upgrade its programs in place
+/// (`tests/tests/lifecycle.rs`, which finds it through `MESHLET_VARIANT_EBPF_OBJECT`).
+fn variant_ebpf_object() -> anyhow::Result<PathBuf> {
+    let target = std::env::current_dir()?.join("target/ebpf-variant");
+    let mut cargo = Command::new("rustup");
+    // This is a stable cargo's child: its toolchain must not leak into the nightly build.
+    for var in [
+        "RUSTUP_TOOLCHAIN",
+        "RUSTC",
+        "RUSTFLAGS",
+        "CARGO",
+        "CARGO_TARGET_DIR",
+    ] {
+        cargo.env_remove(var);
+    }
+    run(cargo
+        .current_dir("ebpf")
+        .args([
+            "run",
+            setup::NIGHTLY,
+            "cargo",
+            "build",
+            "--release",
+            "--locked",
+        ])
+        .args(["--features", "variant", "--target-dir"])
+        .arg(&target))
+    .context("building the variant eBPF object")?;
+    Ok(target.join("bpfel-unknown-none/release/meshlet"))
 }
 
 /// The profile of the image `cargo xtask test` builds and tests: `dev`, which compiles in half

@@ -17,6 +17,7 @@
 //! marker; then `cargo xtask vmtest` exits non-zero with the guest's own failure report.
 
 use std::{
+    collections::VecDeque,
     fmt,
     fs::{self, File},
     io::{BufRead as _, BufReader, Write as _},
@@ -45,12 +46,12 @@ const PATIENCE: u32 = 6;
 /// The workspace binaries the test binaries start (found one or two directories above them).
 const WORKSPACE_BINARIES: &[&str] = &["meshlet", "meshlet-cni", "meshlet-testpod", "meshlet-demo"];
 
-/// How long a guest may run all its suites before it counts as hung.
-const GUEST_TIMEOUT: Duration = Duration::from_secs(40 * 60);
+/// How long a guest may take per suite (the slowest, `e2e` on 6.12, takes under 4 minutes)
+/// before it counts as hung, on top of [`BOOT_TIMEOUT`].
+const SUITE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
-/// The variant build of the eBPF programs (`--features variant`), as the lifecycle suite's
-/// upgrade test builds it on the host (`meshlet_tests::variant_ebpf_object`).
-const VARIANT_OBJECT: &str = "target/ebpf-variant/bpfel-unknown-none/release/meshlet";
+/// How long a guest may take to boot and power off.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(2 * 60);
 
 /// What `/init` prints in front of its own lines.
 const MARKER: &str = "meshlet-vmtest:";
@@ -160,7 +161,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         .kernel
         .series()
         .into_iter()
-        .map(Guest::kernel)
+        .map(Guest::fetch)
         .collect::<anyhow::Result<Vec<_>>>()?;
     let binaries = build(&suites)?;
     let root = Path::new(DIR).join("root");
@@ -228,38 +229,6 @@ fn build(suites: &[Suite]) -> anyhow::Result<Vec<(Suite, Vec<PathBuf>)>> {
     Ok(result)
 }
 
-/// Builds [`VARIANT_OBJECT`] (nightly, like the agent's embedded object) and returns its
-/// absolute path.
-fn variant_ebpf_object() -> anyhow::Result<PathBuf> {
-    let workspace = std::env::current_dir()?;
-    let mut cargo = Command::new("rustup");
-    for var in [
-        "RUSTUP_TOOLCHAIN",
-        "RUSTC",
-        "RUSTFLAGS",
-        "CARGO",
-        "CARGO_TARGET_DIR",
-    ] {
-        cargo.env_remove(var);
-    }
-    crate::run(
-        cargo
-            .current_dir("ebpf")
-            .args([
-                "run",
-                crate::setup::NIGHTLY,
-                "cargo",
-                "build",
-                "--release",
-                "--locked",
-            ])
-            .args(["--features", "variant", "--target-dir"])
-            .arg(workspace.join("target/ebpf-variant")),
-    )
-    .context("building the variant eBPF object")?;
-    Ok(workspace.join(VARIANT_OBJECT))
-}
-
 /// The test executables in cargo's JSON messages (`--message-format=json`).
 fn test_executables(messages: &str) -> Vec<PathBuf> {
     messages
@@ -309,17 +278,38 @@ fn stage_root(root: &Path, tests: &[(Suite, Vec<PathBuf>)]) -> anyhow::Result<Pa
     }
     // The lifecycle suite upgrades the agent from a variant build of the eBPF programs, which
     // the guest has no toolchain to build.
-    if tests.iter().any(|(suite, _)| *suite == Suite::E2e) {
-        let variant = variant_ebpf_object()?;
+    let variant = if tests.iter().any(|(suite, _)| *suite == Suite::E2e) {
+        let variant = crate::variant_ebpf_object()?;
         copy_into(root, &variant, &variant)?;
-    }
+        Some(variant)
+    } else {
+        None
+    };
 
     let mut elves: Vec<PathBuf> = Vec::new();
     for tool in TOOLS {
         elves.push(which(tool)?);
     }
+    let ip = which("ip")?;
     let workspace = std::env::current_dir()?;
-    let bin_dir = workspace.join("target/debug");
+    // The guest mounts fresh filesystems on these, which would hide a workspace below them
+    // (/tmp stays the initramfs's own, already in memory).
+    if ["/proc", "/sys", "/dev", "/run"]
+        .iter()
+        .any(|mounted| workspace.starts_with(mounted))
+    {
+        bail!(
+            "the workspace {} is below a directory the guest mounts over; move it",
+            workspace.display()
+        );
+    }
+    // target/<profile>/deps/<test>: the binaries are in target/<profile>, as the tests look.
+    let bin_dir = tests
+        .iter()
+        .flat_map(|(_, binaries)| binaries.first())
+        .find_map(|test| test.parent()?.parent())
+        .context("no test binary")?
+        .to_owned();
     for name in WORKSPACE_BINARIES {
         elves.push(bin_dir.join(name));
     }
@@ -341,7 +331,10 @@ fn stage_root(root: &Path, tests: &[(Suite, Vec<PathBuf>)]) -> anyhow::Result<Pa
     fs::create_dir_all(root.join(workspace.strip_prefix("/").unwrap_or(&workspace)))?;
 
     let init = root.join("init");
-    fs::write(&init, init_script(&workspace, tests))?;
+    fs::write(
+        &init,
+        init_script(&workspace, &ip, variant.as_deref(), tests),
+    )?;
     fs::set_permissions(&init, fs::Permissions::from_mode(0o755))?;
     let archive = Path::new(DIR).join("root.cpio");
     cpio(root, &archive)?;
@@ -349,15 +342,19 @@ fn stage_root(root: &Path, tests: &[(Suite, Vec<PathBuf>)]) -> anyhow::Result<Pa
 }
 
 /// `/init`: mount what a node has, load the modules, run each suite, power off. Every line it
-/// prints itself starts with [`MARKER`].
-fn init_script(workspace: &Path, tests: &[(Suite, Vec<PathBuf>)]) -> String {
+/// prints itself carries [`MARKER`]; every path in it is quoted.
+fn init_script(
+    workspace: &Path,
+    ip: &Path,
+    variant: Option<&Path>,
+    tests: &[(Suite, Vec<PathBuf>)],
+) -> String {
     let mut script = format!(
         r#"#!/bin/sh
 # The guest's init, written by `cargo xtask vmtest`.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu
 export HOME=/root RUST_BACKTRACE=1 MESHLET_TEST_PATIENCE={PATIENCE}
-export MESHLET_VARIANT_EBPF_OBJECT={variant}
 fail() {{ echo "{MARKER} guest-error $*"; /bin/busybox poweroff -f; }}
 /bin/busybox --install -s /bin
 mount -t proc proc /proc || fail "mount proc"
@@ -366,20 +363,25 @@ mount -t devtmpfs devtmpfs /dev || fail "mount devtmpfs"
 mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
-mount -t tmpfs tmpfs /tmp || fail "mount /tmp"
 mount -t tmpfs tmpfs /run || fail "mount /run"
 mount -t cgroup2 cgroup2 /sys/fs/cgroup || fail "mount cgroup2"
 mount -t bpf bpf /sys/fs/bpf || fail "mount bpffs"
 while read -r module; do
     insmod "/lib/modules/meshlet/$module.ko" || fail "insmod $module"
 done < /lib/modules/meshlet/order
-/usr/sbin/ip link set lo up || fail "lo up"
+{ip} link set lo up || fail "lo up"
 echo "{MARKER} kernel $(uname -r), $(nproc) CPUs"
-cd {workspace}
+cd {workspace} || fail "cd to the workspace"
 "#,
-        workspace = workspace.display(),
-        variant = workspace.join(VARIANT_OBJECT).display(),
+        ip = sh_quote(ip),
+        workspace = sh_quote(workspace),
     );
+    if let Some(variant) = variant {
+        script.push_str(&format!(
+            "export MESHLET_VARIANT_EBPF_OBJECT={}\n",
+            sh_quote(variant)
+        ));
+    }
     for (suite, binaries) in tests {
         let name = suite.name();
         script.push_str(&format!("echo \"{MARKER} begin {name}\"\nstatus=0\n"));
@@ -389,7 +391,7 @@ cd {workspace}
             .map(|test| format!(" --skip {test}"))
             .collect();
         for binary in binaries {
-            script.push_str(&format!("{}{skips} || status=1\n", binary.display()));
+            script.push_str(&format!("{}{skips} || status=1\n", sh_quote(binary)));
         }
         script.push_str(&format!("echo \"{MARKER} end {name} exit=$status\"\n"));
     }
@@ -397,6 +399,11 @@ cd {workspace}
         "echo \"{MARKER} done\"\n/bin/busybox poweroff -f\n"
     ));
     script
+}
+
+/// `path` as one single-quoted shell word.
+fn sh_quote(path: &Path) -> String {
+    format!("'{}'", path.display().to_string().replace('\'', r"'\''"))
 }
 
 /// A kernel package, unpacked: its kernel image, and the modules the guest loads.
@@ -411,11 +418,17 @@ struct Guest {
 impl Guest {
     /// The newest `linux-image-<release>-amd64-unsigned` of `series`, downloaded and unpacked
     /// unless it already is.
-    fn kernel(series: (u32, u32)) -> anyhow::Result<Self> {
+    fn fetch(series: (u32, u32)) -> anyhow::Result<Self> {
         let out = Command::new("apt-cache")
             .args(["search", "--names-only", r"^linux-image-.*-amd64-unsigned$"])
             .output()
             .context("run apt-cache")?;
+        if !out.status.success() {
+            bail!(
+                "apt-cache search failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         let names = String::from_utf8_lossy(&out.stdout);
         let release = newest_release(
             names.lines().filter_map(|l| l.split_whitespace().next()),
@@ -429,7 +442,9 @@ impl Guest {
         })?;
         let dir = Path::new(DIR).join(format!("kernel-{release}"));
         let guest = Self { release, dir };
-        if !guest.dir.join("vmlinuz").exists() {
+        // Unpacked before, with the same modules?
+        let wanted = fs::read_to_string(guest.dir.join("modules-wanted")).unwrap_or_default();
+        if !guest.dir.join("vmlinuz").exists() || wanted != MODULES.join(",") {
             guest.unpack()?;
         }
         Ok(guest)
@@ -458,7 +473,7 @@ impl Guest {
             .context("apt-get download wrote no .deb")?;
         let unpacked = download.join("unpacked");
         crate::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
-        let staging = self.dir.with_extension("partial");
+        let staging = PathBuf::from(format!("{}.partial", self.dir.display()));
         if staging.exists() {
             fs::remove_dir_all(&staging)?;
         }
@@ -473,16 +488,15 @@ impl Guest {
         let order = module_order(&tree, MODULES)?;
         for (name, path) in &order {
             let target = modules_dir.join(format!("{name}.ko"));
-            match path.extension().and_then(|e| e.to_str()) {
-                Some("xz") => decompress("xz", path, &target)?,
-                Some("zst") => decompress("zstd", path, &target)?,
-                _ => {
-                    fs::copy(path, &target)?;
-                }
+            if path.extension().is_some_and(|e| e == "xz") {
+                decompress("xz", path, &target)?;
+            } else {
+                fs::copy(path, &target)?;
             }
         }
         let names: Vec<&str> = order.iter().map(|(n, _)| n.as_str()).collect();
         fs::write(modules_dir.join("order"), names.join("\n") + "\n")?;
+        fs::write(staging.join("modules-wanted"), MODULES.join(","))?;
         if self.dir.exists() {
             fs::remove_dir_all(&self.dir)?;
         }
@@ -562,10 +576,11 @@ impl Guest {
             }
         });
         let started = Instant::now();
+        let timeout = BOOT_TIMEOUT + SUITE_TIMEOUT * suites.len() as u32;
         let mut console = Console::default();
         let prefix = format!("{:>12} | ", self.release);
         loop {
-            let left = GUEST_TIMEOUT.saturating_sub(started.elapsed());
+            let left = timeout.saturating_sub(started.elapsed());
             match received.recv_timeout(left) {
                 Ok((at, line)) => {
                     println!("{prefix}{line}");
@@ -575,13 +590,13 @@ impl Guest {
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     let _ = qemu.kill();
-                    console.hung = true;
+                    console.hung = Some(timeout);
                     break;
                 }
             }
         }
         let status = qemu.wait()?;
-        if !status.success() && !console.hung {
+        if !status.success() && console.hung.is_none() {
             console.qemu_failed = Some(status.to_string());
         }
         println!(
@@ -601,10 +616,13 @@ impl Guest {
 struct Console {
     suites: Vec<SuiteRun>,
     guest_error: Option<String>,
-    hung: bool,
+    /// Killed after this long without powering off.
+    hung: Option<Duration>,
     qemu_failed: Option<String>,
+    /// What the kernel reported going wrong outside any suite.
+    faults: Vec<String>,
     /// The last lines seen, for a guest that died without saying why.
-    tail: Vec<String>,
+    tail: Tail,
 }
 
 #[derive(Debug)]
@@ -614,50 +632,81 @@ struct SuiteRun {
     ended: Option<(Instant, bool)>,
     passed: u32,
     failed: u32,
+    /// Test binaries that ran no test (a libtest summary of 0 passed, 0 failed).
+    empty: u32,
     /// libtest's failure reports (`---- name stdout ----` ...) and summary lines.
     report: Vec<String>,
+    /// What the kernel reported going wrong while the suite ran.
+    faults: Vec<String>,
     /// The suite's last lines.
-    tail: Vec<String>,
+    tail: Tail,
     in_failures: bool,
+}
+
+/// The last [`Tail::LINES`] lines.
+#[derive(Debug, Default)]
+struct Tail(VecDeque<String>);
+
+impl Tail {
+    const LINES: usize = 40;
+
+    fn push(&mut self, line: &str) {
+        if self.0.len() == Self::LINES {
+            self.0.pop_front();
+        }
+        self.0.push_back(line.to_owned());
+    }
+
+    fn text(&self) -> String {
+        Vec::from(self.0.clone()).join("\n")
+    }
+}
+
+/// Whether a console line is the kernel reporting a bug in itself: a warning, a BUG, an oops,
+/// a stall, a panic. A kernel matrix has to fail on these even when every test passed.
+fn kernel_fault(line: &str) -> bool {
+    let Some((_, message)) = line.split_once("] ") else {
+        return false;
+    };
+    line.starts_with('[')
+        && [
+            "WARNING:",
+            "BUG:",
+            "Oops",
+            "Kernel panic",
+            "rcu: INFO:",
+            "watchdog: BUG",
+        ]
+        .iter()
+        .any(|fault| message.starts_with(fault))
 }
 
 impl Console {
     fn feed(&mut self, at: Instant, line: &str) {
-        self.tail.push(line.to_owned());
-        if self.tail.len() > 40 {
-            self.tail.remove(0);
+        self.tail.push(line);
+        // A marker can follow kernel output on the same line: the console is shared.
+        if let Some((_, rest)) = line.split_once(MARKER) {
+            self.marker(at, rest.trim());
+            return;
         }
-        if let Some(rest) = line.strip_prefix(MARKER).map(str::trim) {
-            if let Some(name) = rest.strip_prefix("begin ") {
-                self.suites.push(SuiteRun {
-                    name: name.to_owned(),
-                    began: at,
-                    ended: None,
-                    passed: 0,
-                    failed: 0,
-                    report: Vec::new(),
-                    tail: Vec::new(),
-                    in_failures: false,
-                });
-            } else if let Some(end) = rest.strip_prefix("end ") {
-                if let Some(run) = self.suites.last_mut() {
-                    run.ended = Some((at, end.ends_with("exit=0")));
-                }
-            } else if let Some(error) = rest.strip_prefix("guest-error ") {
-                self.guest_error = Some(error.to_owned());
+        let run = self.suites.last_mut().filter(|r| r.ended.is_none());
+        if kernel_fault(line) {
+            match run {
+                Some(run) => run.faults.push(line.to_owned()),
+                None => self.faults.push(line.to_owned()),
             }
             return;
         }
-        let Some(run) = self.suites.last_mut().filter(|r| r.ended.is_none()) else {
+        let Some(run) = run else {
             return;
         };
-        run.tail.push(line.to_owned());
-        if run.tail.len() > 40 {
-            run.tail.remove(0);
-        }
+        run.tail.push(line);
         if let Some((passed, failed)) = libtest_summary(line) {
             run.passed += passed;
             run.failed += failed;
+            if passed + failed == 0 {
+                run.empty += 1;
+            }
             if failed > 0 {
                 run.report.push(line.to_owned());
             }
@@ -670,28 +719,48 @@ impl Console {
         }
     }
 
+    fn marker(&mut self, at: Instant, marker: &str) {
+        if let Some(name) = marker.strip_prefix("begin ") {
+            self.suites.push(SuiteRun {
+                name: name.to_owned(),
+                began: at,
+                ended: None,
+                passed: 0,
+                failed: 0,
+                empty: 0,
+                report: Vec::new(),
+                faults: Vec::new(),
+                tail: Tail::default(),
+                in_failures: false,
+            });
+        } else if let Some(end) = marker.strip_prefix("end ") {
+            if let Some(run) = self.suites.last_mut() {
+                run.ended = Some((at, end.ends_with("exit=0")));
+            }
+        } else if let Some(error) = marker.strip_prefix("guest-error ") {
+            self.guest_error = Some(error.to_owned());
+        }
+    }
+
     fn outcome(&self, kernel: &str, suite: &'static str) -> Outcome {
         let run = self.suites.iter().find(|r| r.name == suite);
         let (passed, failed) = run.map_or((0, 0), |r| (r.passed, r.failed));
         let time = run.and_then(|r| r.ended.map(|(end, _)| end - r.began));
+        let faults: Vec<&String> = self
+            .faults
+            .iter()
+            .chain(run.iter().flat_map(|r| &r.faults))
+            .collect();
         let failure = match run {
-            _ if self.hung => Some(format!(
-                "the guest hung (no end after {GUEST_TIMEOUT:?}); its last lines:\n{}",
-                self.tail.join("\n")
+            _ if !faults.is_empty() => Some(format!(
+                "the kernel reported a fault:\n{}",
+                faults
+                    .iter()
+                    .map(|f| f.as_str())
+                    .collect::<Vec<_>>()
+                    .join("\n")
             )),
-            None => Some(match (&self.guest_error, &self.qemu_failed) {
-                (Some(error), _) => format!("the guest's init failed: {error}"),
-                (None, Some(status)) => format!("qemu failed ({status})"),
-                (None, None) => format!(
-                    "the guest never began the suite; its last lines:\n{}",
-                    self.tail.join("\n")
-                ),
-            }),
-            Some(run) => match run.ended {
-                None => Some(format!(
-                    "the guest stopped in the middle of the suite; its last lines:\n{}",
-                    self.tail.join("\n")
-                )),
+            Some(run) if run.ended.is_some() => match run.ended {
                 Some((_, false)) if run.failed > 0 => Some(format!(
                     "{} test(s) failed:\n{}",
                     run.failed,
@@ -699,11 +768,32 @@ impl Console {
                 )),
                 Some((_, false)) => Some(format!(
                     "a test binary failed without a failing test; its last lines:\n{}",
-                    run.tail.join("\n")
+                    run.tail.text()
                 )),
-                Some((_, true)) if passed == 0 => Some("no test ran".to_owned()),
-                Some((_, true)) => None,
+                _ if passed == 0 => Some("no test ran".to_owned()),
+                _ if run.empty > 0 => Some(format!(
+                    "{} test binary(ies) ran no test (were they all skipped?)",
+                    run.empty
+                )),
+                _ => None,
             },
+            _ if self.hung.is_some() => Some(format!(
+                "the guest hung (killed after {:?}); its last lines:\n{}",
+                self.hung.unwrap_or_default(),
+                self.tail.text()
+            )),
+            Some(_) => Some(format!(
+                "the guest stopped in the middle of the suite; its last lines:\n{}",
+                self.tail.text()
+            )),
+            None => Some(match (&self.guest_error, &self.qemu_failed) {
+                (Some(error), _) => format!("the guest's init failed: {error}"),
+                (None, Some(status)) => format!("qemu failed ({status})"),
+                (None, None) => format!(
+                    "the guest never began the suite; its last lines:\n{}",
+                    self.tail.text()
+                ),
+            }),
         };
         Outcome {
             kernel: kernel.to_owned(),
@@ -836,7 +926,8 @@ fn module_order(tree: &Path, names: &[&str]) -> anyhow::Result<Vec<(String, Path
     Ok(order)
 }
 
-/// The file of module `name` (`name.ko`, `.ko.xz`, `.ko.zst`; `-` and `_` alike) under `tree`.
+/// The file of module `name` (`name.ko`, or `.ko.xz` as Debian compresses them since 6.12; `-`
+/// and `_` alike) under `tree`.
 fn find_module(tree: &Path, name: &str) -> anyhow::Result<Option<PathBuf>> {
     let wanted = name.replace('-', "_");
     let mut stack = vec![tree.to_owned()];
@@ -851,7 +942,7 @@ fn find_module(tree: &Path, name: &str) -> anyhow::Result<Option<PathBuf>> {
                 .file_name()
                 .and_then(|n| n.to_str())
                 .unwrap_or_default();
-            let stem = ["ko", "ko.xz", "ko.zst"]
+            let stem = ["ko", "ko.xz"]
                 .iter()
                 .find_map(|ext| file.strip_suffix(ext)?.strip_suffix('.'));
             if stem.is_some_and(|stem| stem.replace('-', "_") == wanted) {
@@ -894,7 +985,15 @@ fn decompress(tool: &str, from: &Path, to: &Path) -> anyhow::Result<()> {
 /// binary.
 fn shared_libraries(elf: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let out = Command::new("ldd").arg(elf).output().context("run ldd")?;
-    Ok(String::from_utf8_lossy(&out.stdout)
+    let text = String::from_utf8_lossy(&out.stdout);
+    if let Some(missing) = text.lines().find(|line| line.contains("not found")) {
+        bail!(
+            "{}: a library is missing: {}",
+            elf.display(),
+            missing.trim()
+        );
+    }
+    Ok(text
         .lines()
         .filter_map(|line| {
             let path = match line.split_once("=>") {
@@ -917,18 +1016,16 @@ fn which(tool: &str) -> anyhow::Result<PathBuf> {
 }
 
 /// Copies the host file `from` to `to` inside `root` (its directories made), following
-/// symlinks.
+/// symlinks. A copy, not a hard link: the archive must not tie the guest's files to the host's
+/// inodes.
 fn copy_into(root: &Path, from: &Path, to: &Path) -> anyhow::Result<()> {
     let target = root.join(to.strip_prefix("/").unwrap_or(to));
     if let Some(parent) = target.parent() {
         fs::create_dir_all(parent)?;
     }
-    // A hard link when on the same filesystem (the workspace's binaries are large), else a copy;
-    // of the file a symlink names, not of the link (`/lib64/ld-linux-x86-64.so.2` is one).
+    // The file a symlink names, not the link (`/lib64/ld-linux-x86-64.so.2` is one).
     let from = fs::canonicalize(from).with_context(|| format!("resolve {}", from.display()))?;
-    if fs::hard_link(&from, &target).is_err() {
-        fs::copy(&from, &target).with_context(|| format!("copy {}", from.display()))?;
-    }
+    fs::copy(&from, &target).with_context(|| format!("copy {}", from.display()))?;
     Ok(())
 }
 
@@ -962,7 +1059,7 @@ fn cpio(root: &Path, archive: &Path) -> anyhow::Result<()> {
         }
     }
     let mut cpio = Command::new("cpio")
-        .args(["--quiet", "-o", "-H", "newc", "-O"])
+        .args(["--quiet", "--null", "-o", "-H", "newc", "-O"])
         .arg(&archive)
         .current_dir(root)
         .stdin(Stdio::piped())
@@ -971,7 +1068,8 @@ fn cpio(root: &Path, archive: &Path) -> anyhow::Result<()> {
     {
         let mut stdin = cpio.stdin.take().expect("piped");
         for path in &list {
-            writeln!(stdin, "{}", path.display())?;
+            stdin.write_all(path.as_os_str().as_encoded_bytes())?;
+            stdin.write_all(b"\0")?;
         }
     }
     let status = cpio.wait()?;
@@ -1056,6 +1154,49 @@ mod tests {
             failure.contains("veth: Operation not supported"),
             "{failure}"
         );
+    }
+
+    #[test]
+    fn a_kernel_warning_fails_the_suite_it_came_in_and_markers_survive_interleaving() {
+        let console = console(&[
+            "meshlet-vmtest: begin capture",
+            "[   12.345678] WARNING: CPU: 1 PID: 99 at net/core/filter.c:123 bpf_foo+0x1/0x2",
+            "test result: ok. 9 passed; 0 failed; 0 ignored",
+            "[   13.1] veth0: renamed from eth0meshlet-vmtest: end capture exit=0",
+            "meshlet-vmtest: begin e2e",
+            "test result: ok. 4 passed; 0 failed; 0 ignored",
+            "test result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 3 filtered out",
+            "meshlet-vmtest: end e2e exit=0",
+        ]);
+        let capture = console.outcome("6.1", "capture");
+        assert_eq!(capture.passed, 9);
+        assert!(capture.time.is_some(), "the end marker was read");
+        let failure = capture.failure.expect("failed");
+        assert!(failure.contains("WARNING: CPU: 1"), "{failure}");
+        assert_eq!(
+            console.outcome("6.1", "e2e").failure.as_deref(),
+            Some("1 test binary(ies) ran no test (were they all skipped?)")
+        );
+        assert!(!kernel_fault("test warning_is_logged ... ok"));
+    }
+
+    #[test]
+    fn a_hung_guest_fails_the_suite_it_was_in_and_not_those_it_finished() {
+        let mut hung = console(&[
+            "meshlet-vmtest: begin capture",
+            "test result: ok. 9 passed; 0 failed; 0 ignored",
+            "meshlet-vmtest: end capture exit=0",
+            "meshlet-vmtest: begin e2e",
+            "test the_demo ... ",
+        ]);
+        hung.hung = Some(Duration::from_secs(60));
+        assert_eq!(hung.outcome("6.1", "capture").failure, None);
+        let failure = hung.outcome("6.1", "e2e").failure.expect("failed");
+        assert!(
+            failure.starts_with("the guest hung (killed after 60s)"),
+            "{failure}"
+        );
+        assert!(failure.contains("test the_demo"), "{failure}");
     }
 
     #[test]

@@ -6,19 +6,23 @@
 //! asks the running kernel for each one it can be asked about, the way libbpf's probes do (aya's
 //! `is_program_supported`, `is_map_supported`, `is_helper_supported`: a minimal program loaded,
 //! a one-entry map created), and compares the release for the rest (attach types and link
-//! operations, which cannot be tried without attaching). What is missing comes back as
+//! operations, not probed; all are older than [`super::MIN_KERNEL`], which is checked first).
+//! What is missing comes back as
 //! [`super::Error::KernelLacks`], named, where loading would only have printed what the
 //! verifier choked on.
 //!
 //! A unit test reads the embedded object and fails when the programs call a helper or declare a
 //! map type the table does not list, so the table cannot fall behind the programs.
 
-use std::fmt;
+use std::{fmt, io};
 
+use ProgramType as P;
 use aya::{
     maps::MapType,
-    programs::ProgramType,
-    sys::{BpfHelper, is_helper_supported, is_map_supported, is_program_supported},
+    programs::{ProgramError, ProgramType},
+    sys::{
+        BpfHelper as H, SyscallError, is_helper_supported, is_map_supported, is_program_supported,
+    },
 };
 
 /// How the kernel is asked whether it has a feature.
@@ -29,7 +33,7 @@ pub enum Probe {
     /// Create a one-entry map of this type.
     Map(MapType),
     /// Load a minimal program of this type that calls the helper.
-    Helper(ProgramType, BpfHelper),
+    Helper(ProgramType, H),
     /// Only the release tells (attach types, link operations, socket options).
     Release,
 }
@@ -56,9 +60,6 @@ impl fmt::Display for Feature {
         )
     }
 }
-
-use BpfHelper as H;
-use ProgramType as P;
 
 const fn feature(
     name: &'static str,
@@ -176,9 +177,15 @@ pub const FEATURES: &[Feature] = &[
         "telling which pod a connect comes from",
     ),
     feature(
-        "bpf_ringbuf_reserve, _submit and _discard in sock_ops and sk_lookup programs",
+        "bpf_ringbuf_reserve, _submit and _discard in sock_ops programs",
         Probe::Helper(P::SockOps, H::BPF_FUNC_ringbuf_reserve),
         (5, 8),
+        "the programs' rare events (aya-log)",
+    ),
+    feature(
+        "bpf_ringbuf_reserve, _submit and _discard in sk_lookup programs",
+        Probe::Helper(P::SkLookup, H::BPF_FUNC_ringbuf_reserve),
+        (5, 9),
         "the programs' rare events (aya-log)",
     ),
     feature(
@@ -213,8 +220,9 @@ pub fn min_kernel() -> (u32, u32) {
 }
 
 /// The features of [`FEATURES`] the running kernel (release `version`) lacks: probed where the
-/// kernel can be asked, by release otherwise. A probe that cannot tell (no privilege, an
-/// unexpected error) counts as present; loading the programs has the last word.
+/// kernel can be asked, by release otherwise. A kernel without the bpf(2) syscall lacks them
+/// all; a probe that cannot tell (no privilege: the capabilities check says so) counts as
+/// present, and loading the programs has the last word.
 pub fn missing(version: Option<(u32, u32)>) -> Vec<&'static Feature> {
     missing_of(FEATURES, version)
 }
@@ -229,13 +237,26 @@ pub fn missing_of(features: &[Feature], version: Option<(u32, u32)>) -> Vec<&Fea
 
 fn present(feature: &Feature, version: Option<(u32, u32)>) -> bool {
     let probed = match feature.probe {
-        Probe::Program(kind) => is_program_supported(kind).ok(),
-        Probe::Map(kind) => is_map_supported(kind).ok(),
-        Probe::Helper(kind, helper) => is_helper_supported(kind, helper).ok(),
-        // Distributions backport; an unreadable release is let through to the load.
-        Probe::Release => Some(version.is_none_or(|v| v >= feature.since)),
+        Probe::Program(kind) => is_program_supported(kind).map_err(program_errno),
+        Probe::Map(kind) => is_map_supported(kind).map_err(|err| err.io_error.raw_os_error()),
+        Probe::Helper(kind, helper) => is_helper_supported(kind, helper).map_err(program_errno),
+        // An unreadable release is let through to the load.
+        Probe::Release => Ok(version.is_none_or(|v| v >= feature.since)),
     };
-    probed.unwrap_or(true)
+    match probed {
+        Ok(present) => present,
+        Err(Some(libc::ENOSYS)) => false,
+        Err(_) => true,
+    }
+}
+
+/// The errno behind a failed probe, if a syscall failed.
+fn program_errno(err: ProgramError) -> Option<i32> {
+    match err {
+        ProgramError::SyscallError(SyscallError { io_error, .. }) => io_error.raw_os_error(),
+        ProgramError::IOError(io_error) => io::Error::raw_os_error(&io_error),
+        _ => None,
+    }
 }
 
 /// What the kernel is missing, one feature per line.
@@ -273,29 +294,32 @@ mod tests {
     #[test]
     fn every_helper_program_type_and_map_type_the_programs_use_is_in_the_table() {
         let object = Object::parse(super::super::EBPF_OBJECT).expect("the embedded object");
-        let mut helpers = BTreeSet::new();
+        // The program type of each program section; functions elsewhere (`.text`) are
+        // subprograms any program may call.
+        let mut sections = std::collections::HashMap::new();
         for program in object.programs.values() {
             let kind = program_type(&program.section);
             assert!(
-                FEATURES.contains_probe(Probe::Program(kind)),
+                listed(Probe::Program(kind)),
                 "{kind:?} programs are not in FEATURES"
             );
-            // Every function of the program's section: the program and what it calls.
-            for function in object
-                .functions
-                .values()
-                .filter(|f| f.section_index.0 == program.section_index)
-            {
-                for insn in &function.instructions {
-                    // A helper call: BPF_JMP | BPF_CALL with src_reg 0 (1 is a bpf-to-bpf call).
-                    if insn.code == (BPF_JMP | BPF_CALL) as u8 && insn.src_reg() == 0 {
-                        helpers.insert((format!("{kind:?}"), insn.imm));
-                    }
+            sections.insert(program.section_index, format!("{kind:?}"));
+        }
+        let mut helpers = BTreeSet::new();
+        for function in object.functions.values() {
+            let kind = sections
+                .get(&function.section_index.0)
+                .cloned()
+                .unwrap_or_else(|| "any".to_owned());
+            for insn in &function.instructions {
+                // A helper call: BPF_JMP | BPF_CALL with src_reg 0 (1 is a bpf-to-bpf call).
+                if insn.code == (BPF_JMP | BPF_CALL) as u8 && insn.src_reg() == 0 {
+                    helpers.insert((kind.clone(), insn.imm));
                 }
             }
         }
         assert!(!helpers.is_empty(), "the programs call no helper?");
-        let listed: BTreeSet<(String, i32)> = FEATURES
+        let listed_helpers: BTreeSet<(String, i32)> = FEATURES
             .iter()
             .filter_map(|f| match f.probe {
                 Probe::Helper(kind, helper) => Some((format!("{kind:?}"), helper as i32)),
@@ -318,16 +342,22 @@ mod tests {
             H::BPF_FUNC_ringbuf_discard,
         ]
         .map(|h| h as i32);
-        assert!(
-            FEATURES.contains_probe(Probe::Helper(P::SockOps, H::BPF_FUNC_ringbuf_reserve)),
-            "aya-log's ring buffer helpers are not in FEATURES"
-        );
+        for kind in [P::SockOps, P::SkLookup] {
+            assert!(
+                listed(Probe::Helper(kind, H::BPF_FUNC_ringbuf_reserve)),
+                "aya-log's ring buffer helpers in {kind:?} are not in FEATURES"
+            );
+        }
         let unlisted: Vec<String> = helpers
             .iter()
             .filter(|(kind, helper)| {
-                !basic.contains(helper)
-                    && !ringbuf.contains(helper)
-                    && !listed.contains(&(kind.clone(), *helper))
+                let covered = basic.contains(helper)
+                    || ringbuf.contains(helper)
+                    || listed_helpers.contains(&(kind.clone(), *helper))
+                    // A subprogram's helper: listed for some program type.
+                    || (kind == "any"
+                        && listed_helpers.iter().any(|(_, listed)| listed == helper));
+                !covered
             })
             .map(|(kind, helper)| format!("helper #{helper} in {kind} programs"))
             .collect();
@@ -351,14 +381,8 @@ mod tests {
         }
     }
 
-    trait Table {
-        fn contains_probe(&self, probe: Probe) -> bool;
-    }
-
-    impl Table for [Feature] {
-        fn contains_probe(&self, probe: Probe) -> bool {
-            self.iter().any(|f| f.probe == probe)
-        }
+    fn listed(probe: Probe) -> bool {
+        FEATURES.iter().any(|f| f.probe == probe)
     }
 
     #[test]
