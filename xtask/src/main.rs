@@ -122,6 +122,10 @@ enum Task {
         /// IPv6, on which the suites must fail).
         #[arg(long)]
         append: Option<String>,
+        /// Arguments for the guests' test binaries instead of the suite's skip list: a filter
+        /// (`-- a_successor_takes`), `--exact`, `--nocapture`.
+        #[arg(last = true)]
+        test_args: Vec<String>,
     },
 }
 
@@ -158,12 +162,14 @@ fn main() -> anyhow::Result<()> {
             kernel,
             suite,
             append,
+            test_args,
         } => {
             setup::run()?;
             vmtest::run(&vmtest::Options {
                 kernel,
                 suite,
                 append,
+                test_args,
             })
         }
     }
@@ -278,6 +284,7 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
             kernel: vmtest::Kernel::V6_1,
             suite: vmtest::Suite::Capture,
             append: None,
+            test_args: Vec::new(),
         })?;
     } else {
         println!("not with a filter; `cargo xtask vmtest` runs it");
