@@ -32,13 +32,20 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 pub fn patience(timeout: Duration) -> Duration {
     static FACTOR: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     let factor = *FACTOR.get_or_init(|| {
-        std::env::var("MESHLET_TEST_PATIENCE")
-            .ok()
-            .and_then(|f| f.parse().ok())
-            .filter(|&f| f >= 1)
-            .unwrap_or(1)
+        patience_factor(std::env::var("MESHLET_TEST_PATIENCE").ok().as_deref())
+            .unwrap_or_else(|err| panic!("{err}"))
     });
     timeout.saturating_mul(factor)
+}
+
+/// The factor `MESHLET_TEST_PATIENCE` (`value`) sets: 1 when unset, else a whole number >= 1.
+fn patience_factor(value: Option<&str>) -> Result<u32, String> {
+    match value {
+        None => Ok(1),
+        Some(text) => text.trim().parse().ok().filter(|&f| f >= 1).ok_or_else(|| {
+            format!("MESHLET_TEST_PATIENCE={text:?}: want a whole factor >= 1, such as 6")
+        }),
+    }
 }
 
 /// A command whose process joins the cgroup `cgroup` and the network namespace at `netns`
@@ -591,5 +598,20 @@ impl Held {
 impl Drop for Held {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_patience_factor_is_a_whole_number_of_at_least_one() {
+        assert_eq!(patience_factor(None), Ok(1));
+        assert_eq!(patience_factor(Some("6")), Ok(6));
+        for bad in ["0", "-2", "1.5", "six", ""] {
+            let err = patience_factor(Some(bad)).expect_err(bad);
+            assert!(err.contains("want a whole factor >= 1"), "{err}");
+        }
     }
 }

@@ -822,6 +822,35 @@ fn run(command: &mut Command) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn vmtest_refuses_kernels_and_suites_it_does_not_know() {
+        for bad in [
+            &["xtask", "vmtest", "--kernel", "5.15"][..],
+            &["xtask", "vmtest", "--kernel", "6"],
+            &["xtask", "vmtest", "--suite", "everything"],
+        ] {
+            let err = Cli::try_parse_from(bad).expect_err("refused");
+            assert_eq!(err.kind(), clap::error::ErrorKind::InvalidValue, "{bad:?}");
+        }
+        let Cli {
+            command:
+                Task::Vmtest {
+                    kernel,
+                    suite,
+                    test_args,
+                    ..
+                },
+        } = Cli::try_parse_from([
+            "xtask", "vmtest", "--kernel", "all", "--suite", "e2e", "--", "a_test", "--exact",
+        ])
+        .expect("parsed")
+        else {
+            panic!("not vmtest");
+        };
+        assert_eq!((kernel, suite), (vmtest::Kernel::All, vmtest::Suite::E2e));
+        assert_eq!(test_args, ["a_test", "--exact"]);
+    }
+
     fn render(kustomization: &str) -> String {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let out = Command::new("kubectl")

@@ -229,7 +229,8 @@ fn require_root(what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn output(command: &mut Command) -> anyhow::Result<String> {
+/// Runs a command and returns what it printed; fails with its stderr if it fails.
+pub fn output(command: &mut Command) -> anyhow::Result<String> {
     let out = command
         .output()
         .with_context(|| format!("cannot start {command:?}"))?;

@@ -30,6 +30,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
+use crate::setup::output;
+
 /// Where kernels, the guest's root and its initramfs are kept (under the workspace).
 const DIR: &str = "target/vmtest";
 
@@ -214,15 +216,13 @@ fn build(suites: &[Suite]) -> anyhow::Result<Vec<(Suite, Vec<PathBuf>)>> {
         for file in suite.test_files() {
             args.extend(["--test", file]);
         }
-        let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(&args)
-            .stderr(Stdio::inherit())
-            .output()
-            .context("run cargo test --no-run")?;
-        if !out.status.success() {
-            bail!("building the {} suite failed", suite.name());
-        }
-        let executables = test_executables(&String::from_utf8_lossy(&out.stdout));
+        let messages = output(
+            Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .args(&args)
+                .stderr(Stdio::inherit()),
+        )
+        .with_context(|| format!("building the {} suite", suite.name()))?;
+        let executables = test_executables(&messages);
         if executables.len() != suite.test_files().len() {
             bail!(
                 "cargo built {} test binaries for the {} suite, expected {}",
@@ -263,14 +263,12 @@ fn stage_root(
     }
     std::os::unix::fs::symlink("../run", root.join("var/run"))?;
     // The console must exist before /init runs: the kernel opens it for init's output.
-    let status = Command::new("mknod")
-        .arg(root.join("dev/console"))
-        .args(["c", "5", "1"])
-        .status()
-        .context("mknod")?;
-    if !status.success() {
-        bail!("mknod dev/console failed (vmtest needs root)");
-    }
+    crate::run(
+        Command::new("mknod")
+            .arg(root.join("dev/console"))
+            .args(["c", "5", "1"]),
+    )
+    .context("the guest's /dev/console (vmtest needs root)")?;
     copy_into(root, Path::new("/bin/busybox"), Path::new("/bin/busybox"))
         .context("busybox (cargo xtask setup installs busybox-static)")?;
     std::os::unix::fs::symlink("busybox", root.join("bin/sh"))?;
@@ -438,17 +436,11 @@ impl Guest {
     /// The newest `linux-image-<release>-amd64-unsigned` of `series`, downloaded and unpacked
     /// unless it already is.
     fn fetch(series: (u32, u32)) -> anyhow::Result<Self> {
-        let out = Command::new("apt-cache")
-            .args(["search", "--names-only", r"^linux-image-.*-amd64-unsigned$"])
-            .output()
-            .context("run apt-cache")?;
-        if !out.status.success() {
-            bail!(
-                "apt-cache search failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let names = String::from_utf8_lossy(&out.stdout);
+        let names = output(Command::new("apt-cache").args([
+            "search",
+            "--names-only",
+            r"^linux-image-.*-amd64-unsigned$",
+        ]))?;
         let release = newest_release(
             names.lines().filter_map(|l| l.split_whitespace().next()),
             series,
@@ -508,7 +500,7 @@ impl Guest {
         for (name, path) in &order {
             let target = modules_dir.join(format!("{name}.ko"));
             if path.extension().is_some_and(|e| e == "xz") {
-                decompress("xz", path, &target)?;
+                unxz(path, &target)?;
             } else {
                 fs::copy(path, &target)?;
             }
@@ -785,23 +777,33 @@ impl Console {
                     .collect::<Vec<_>>()
                     .join("\n")
             )),
-            Some(run) if run.ended.is_some() => match run.ended {
-                Some((_, false)) if run.failed > 0 => Some(format!(
-                    "{} test(s) failed:\n{}",
-                    run.failed,
-                    run.report.join("\n")
-                )),
-                Some((_, false)) => Some(format!(
-                    "a test binary failed without a failing test; its last lines:\n{}",
-                    run.tail.text()
-                )),
-                _ if passed == 0 => Some("no test ran".to_owned()),
-                _ if run.empty > 0 && !self.filtered => Some(format!(
+            Some(
+                run @ SuiteRun {
+                    ended: Some((_, false)),
+                    ..
+                },
+            ) if run.failed > 0 => Some(format!(
+                "{} test(s) failed:\n{}",
+                run.failed,
+                run.report.join("\n")
+            )),
+            Some(
+                run @ SuiteRun {
+                    ended: Some((_, false)),
+                    ..
+                },
+            ) => Some(format!(
+                "a test binary failed without a failing test; its last lines:\n{}",
+                run.tail.text()
+            )),
+            Some(SuiteRun { ended: Some(_), .. }) if passed == 0 => Some("no test ran".to_owned()),
+            Some(run @ SuiteRun { ended: Some(_), .. }) if run.empty > 0 && !self.filtered => {
+                Some(format!(
                     "{} test binary(ies) ran no test (were they all skipped?)",
                     run.empty
-                )),
-                _ => None,
-            },
+                ))
+            }
+            Some(SuiteRun { ended: Some(_), .. }) => None,
             _ if self.hung.is_some() => Some(format!(
                 "the guest hung (killed after {:?}); its last lines:\n{}",
                 self.hung.unwrap_or_default(),
@@ -922,23 +924,8 @@ fn module_order(tree: &Path, names: &[&str]) -> anyhow::Result<Vec<(String, Path
         }
         let path = find_module(tree, name)?
             .with_context(|| format!("the kernel package has no module {name}"))?;
-        let out = Command::new("modinfo")
-            .args(["-F", "depends"])
-            .arg(&path)
-            .output()
-            .context("run modinfo (kmod)")?;
-        if !out.status.success() {
-            bail!(
-                "modinfo {}: {}",
-                path.display(),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        for dependency in String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .split(',')
-            .filter(|d| !d.is_empty())
-        {
+        let depends = output(Command::new("modinfo").args(["-F", "depends"]).arg(&path))?;
+        for dependency in depends.trim().split(',').filter(|d| !d.is_empty()) {
             visit(tree, dependency, order, depth + 1)?;
         }
         order.push((name.to_owned(), path));
@@ -989,21 +976,14 @@ fn find_file(dir: &Path, matches: impl Fn(&str) -> bool) -> anyhow::Result<Optio
         .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(&matches)))
 }
 
-fn decompress(tool: &str, from: &Path, to: &Path) -> anyhow::Result<()> {
-    let out = Command::new(tool)
-        .args(["-d", "-c"])
-        .arg(from)
-        .output()
-        .with_context(|| format!("run {tool}"))?;
-    if !out.status.success() {
-        bail!(
-            "{tool} -d {}: {}",
-            from.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    fs::write(to, out.stdout)?;
-    Ok(())
+/// Decompresses the `.xz` file `from` into `to`.
+fn unxz(from: &Path, to: &Path) -> anyhow::Result<()> {
+    crate::run(
+        Command::new("xz")
+            .args(["-d", "-c"])
+            .arg(from)
+            .stdout(File::create(to)?),
+    )
 }
 
 /// The shared libraries `elf` loads, the dynamic loader included (`ldd`); none for a static
