@@ -295,7 +295,8 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
 /// Builds the variant of the eBPF programs (`meshlet-ebpf --features variant`: the same
 /// programs in other instructions) into `target/ebpf-variant` and returns its absolute path. An
 /// agent started on it and then replaced by the real build must upgrade its programs in place
-/// (`tests/tests/lifecycle.rs`, which finds it through `MESHLET_VARIANT_EBPF_OBJECT`).
+/// (`tests/tests/lifecycle.rs` and the benchmarks' restart scenarios, which find it through
+/// `MESHLET_VARIANT_EBPF_OBJECT`).
 fn variant_ebpf_object() -> anyhow::Result<PathBuf> {
     let target = std::env::current_dir()?.join("target/ebpf-variant");
     let mut cargo = Command::new("rustup");
@@ -339,7 +340,10 @@ fn bench(
     preflight::check().context("the benchmarks cannot run on this machine")?;
     cargo(&["build", "--release", "--workspace", "--bins"])?;
     let mut bench = Command::new("target/release/meshlet-bench");
-    bench.arg("all");
+    // The restart scenarios upgrade an agent from the variant eBPF build.
+    bench
+        .arg("all")
+        .env("MESHLET_VARIANT_EBPF_OBJECT", variant_ebpf_object()?);
     if let Ok(out) = Command::new("git").args(["rev-parse", "HEAD"]).output() {
         bench.env(
             "MESHLET_BENCH_COMMIT",

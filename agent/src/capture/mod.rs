@@ -91,8 +91,8 @@ pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
 }
 
 /// Refuses a kernel older than [`MIN_KERNEL`], then one that lacks a feature of
-/// [`features::FEATURES`] (a distribution kernel may lack what its release promises, or have
-/// it backported), naming each missing feature.
+/// [`features::FEATURES`] (a kernel can be built without what its release has), naming each
+/// missing feature.
 fn check_kernel() -> Result<(), Error> {
     let release = fs::read_to_string("/proc/sys/kernel/osrelease")
         .map_err(Error::io("read", Path::new("/proc/sys/kernel/osrelease")))?;
