@@ -99,6 +99,18 @@ impl FileMesh {
         for &(name, node) in mesh.iter().chain(legacy) {
             cluster.add_pod(name, node);
         }
+        Self::layout_on(cluster, mesh, legacy, extra_objects, flags)
+    }
+
+    /// [`FileMesh::layout`] on a two-node `cluster` that has these pods already (set up as a
+    /// test needs them before any agent starts).
+    pub fn layout_on(
+        cluster: Cluster,
+        mesh: &[(&str, usize)],
+        legacy: &[(&str, usize)],
+        extra_objects: Vec<Value>,
+        flags: impl Fn(&Cluster, usize) -> Vec<String>,
+    ) -> Self {
         let mut base = vec![
             crate::namespace_manifest("demo", &[("meshlet.io/dataplane-mode", "ambient")]),
             crate::namespace_manifest("legacy", &[]),

@@ -184,6 +184,86 @@ fn same_node_mesh_traffic_skips_the_tunnel_but_meets_policy_and_is_recorded() {
     mesh.agents[1].wait_for_log("response_flags=DENY", 1, Duration::from_secs(10));
 }
 
+/// `(local, peer, congestion control)` of each established TCP socket of `pod`'s namespace, as
+/// `ss -tni` shows them.
+fn congestion_controls(
+    cluster: &meshlet_tests::Cluster,
+    pod: &str,
+) -> Vec<(String, String, String)> {
+    let out = cluster
+        .pod(pod)
+        .command("ss")
+        .args(["-Htni", "state", "established"])
+        .output()
+        .expect("run ss");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut sockets = Vec::new();
+    let mut lines = text.lines();
+    while let Some(line) = lines.next() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let info = lines.next().unwrap_or_default();
+        let algorithm = info
+            .split_whitespace()
+            .find(|word| ["cubic", "reno", "bbr"].contains(word))
+            .unwrap_or_else(|| panic!("no congestion control in {info:?}"));
+        sockets.push((
+            fields[fields.len() - 2].to_owned(),
+            fields[fields.len() - 1].to_owned(),
+            algorithm.to_owned(),
+        ));
+    }
+    sockets
+}
+
+#[test]
+fn on_node_legs_do_not_pace_and_the_tunnel_has_the_flags_congestion_control() {
+    // Both pods' namespaces default to BBR (which paces) before the agents start, and the
+    // agents are told to use reno on the tunnel.
+    let mut cluster = meshlet_tests::Cluster::new(2);
+    for (name, node) in [("client", 0), ("server", 1)] {
+        cluster.add_pod(name, node);
+        cluster
+            .pod(name)
+            .netns
+            .sysctl("net/ipv4/tcp_congestion_control", "bbr");
+    }
+    let mesh = FileMesh::layout_on(
+        cluster,
+        &[("client", 0), ("server", 1)],
+        &[],
+        vec![],
+        |_, _| vec!["--tunnel-congestion-control".into(), "reno".into()],
+    );
+    let cluster = &mesh.cluster;
+    let _echo = cluster.pod("server").echo_server(8080);
+    let held = cluster
+        .pod("client")
+        .hold(cluster.pod("server").addr(false, 8080));
+
+    let of = |pod: &str, wanted: &dyn Fn(&str, &str) -> bool| -> Vec<String> {
+        let sockets = congestion_controls(cluster, pod);
+        let found: Vec<String> = sockets
+            .iter()
+            .filter(|(local, peer, _)| wanted(local, peer))
+            .map(|(.., algorithm)| algorithm.clone())
+            .collect();
+        assert!(!found.is_empty(), "no such socket in {pod}: {sockets:?}");
+        found
+    };
+    let port = |addr: &str, port: &str| addr.rsplit(':').next() == Some(port);
+    // node-0: the client's own socket keeps its namespace's BBR; the agent's end of that
+    // loopback leg does not pace; the tunnel is reno.
+    assert_eq!(of("client", &|_, peer| port(peer, "15001")), ["bbr"]);
+    assert_eq!(of("client", &|local, _| port(local, "15001")), ["cubic"]);
+    assert_eq!(of("client", &|_, peer| port(peer, "15008")), ["reno"]);
+    // node-1: the tunnel's accepted end is reno; the agent's connection to the application
+    // does not pace; the application's accepted socket keeps BBR.
+    assert_eq!(of("server", &|local, _| port(local, "15008")), ["reno"]);
+    assert_eq!(of("server", &|_, peer| port(peer, "8080")), ["cubic"]);
+    assert_eq!(of("server", &|local, _| port(local, "8080")), ["bbr"]);
+    held.release().assert_echoed(10);
+}
+
 #[test]
 fn service_vips_resolve_to_an_endpoint_and_non_mesh_destinations_pass_through() {
     let mesh = mesh();

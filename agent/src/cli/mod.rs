@@ -213,6 +213,11 @@ pub struct AgentArgs {
     /// may take, e.g. `10s`, `500ms`.
     #[arg(long, env = "MESHLET_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
+    /// Congestion control of the HBONE tunnel's TCP connections between nodes, both ends
+    /// (`default`: the pod namespace's, as the pod's own connections have). The legs that stay
+    /// on the node never pace, whatever this says.
+    #[arg(long, env = "MESHLET_TUNNEL_CONGESTION_CONTROL", default_value = crate::proxy::DEFAULT_TUNNEL_CONGESTION_CONTROL, value_parser = parse_congestion_control)]
+    pub tunnel_congestion_control: CongestionControl,
     /// Idle time before TCP keepalive probes start on proxied sockets (`0s` disables).
     #[arg(long, env = "MESHLET_TCP_KEEPALIVE", default_value = "180s", value_parser = parse_duration)]
     pub tcp_keepalive: Duration,
@@ -240,6 +245,30 @@ pub struct AgentArgs {
 const DEFAULT_CNI_BIN_DIR: &str = "/opt/cni/bin";
 /// The CNI conf directory of a node.
 const DEFAULT_CNI_CONF_DIR: &str = "/etc/cni/net.d";
+
+/// A congestion control algorithm named on the command line, or `default`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CongestionControl(Option<String>);
+
+/// Parses `--tunnel-congestion-control`: `default`, or an algorithm the kernel has.
+fn parse_congestion_control(text: &str) -> Result<CongestionControl, String> {
+    if text == "default" {
+        return Ok(CongestionControl(None));
+    }
+    // TCP_CA_NAME_MAX is 16 with the terminating NUL.
+    if text.is_empty()
+        || text.len() > 15
+        || !text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err(format!(
+            "{text:?} is not a congestion control name (`cubic`, `bbr`, ... or `default`)"
+        ));
+    }
+    crate::sys::socket::check_congestion_control(text).map_err(|err| err.to_string())?;
+    Ok(CongestionControl(Some(text.to_owned())))
+}
 
 /// Parses a duration written as a number with a unit: `500ms`, `10s`, `5m`.
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -581,6 +610,7 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
             max_pending_accept_reset_streams: args.hbone_max_pending_resets as usize,
         },
         reserved_ports,
+        tunnel_congestion_control: args.tunnel_congestion_control.0,
     };
     let socket = args
         .cni_socket
@@ -774,6 +804,33 @@ fn cni_uninstall(dirs: &CniDirs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tunnel_congestion_control_is_default_or_one_the_kernel_has() {
+        assert_eq!(
+            parse_congestion_control("default"),
+            Ok(CongestionControl(None))
+        );
+        // reno is built into every kernel.
+        assert_eq!(
+            parse_congestion_control("reno"),
+            Ok(CongestionControl(Some("reno".into())))
+        );
+        let unknown = parse_congestion_control("nonesuch").unwrap_err();
+        assert!(
+            unknown.contains("\"nonesuch\"")
+                && unknown.contains("this kernel has: ")
+                && unknown.contains("reno"),
+            "{unknown}"
+        );
+        for bad in ["", "cu bic", "../cubic", "a_name_far_too_long"] {
+            let err = parse_congestion_control(bad).unwrap_err();
+            assert!(
+                err.contains("is not a congestion control name"),
+                "{bad:?}: {err}"
+            );
+        }
+    }
 
     #[test]
     fn durations_parse_with_units_and_bad_ones_say_why() {

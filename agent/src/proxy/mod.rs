@@ -58,7 +58,7 @@ use crate::{
     },
 };
 
-/// Resource bounds and guards of the proxy (each a `meshlet agent` flag).
+/// Resource bounds, guards and transport settings of the proxy (each a `meshlet agent` flag).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Limits {
     /// How long a connect to an upstream (the application, a passthrough destination, a peer's
@@ -78,7 +78,15 @@ pub struct Limits {
     /// Original destination ports the proxy never carries to (its own listeners and the
     /// node's endpoints): what comes through the proxy never comes back into it.
     pub reserved_ports: Vec<u16>,
+    /// Congestion control of the tunnel's TCP connections, both ends (`None`: the pod
+    /// namespace's default). The tunnel is the agents' own connection across the cluster's
+    /// network, so the agent picks it, as it picks its TLS and HTTP/2 settings: `cubic`,
+    /// Linux's default, unless the operator chooses another.
+    pub tunnel_congestion_control: Option<String>,
 }
+
+/// The tunnel's congestion control unless `--tunnel-congestion-control` says otherwise.
+pub const DEFAULT_TUNNEL_CONGESTION_CONTROL: &str = "cubic";
 
 impl Default for Limits {
     fn default() -> Self {
@@ -89,6 +97,7 @@ impl Default for Limits {
             max_tls_handshakes: 64,
             hbone: hbone::Limits::default(),
             reserved_ports: vec![OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_HBONE_PORT],
+            tunnel_congestion_control: Some(DEFAULT_TUNNEL_CONGESTION_CONTROL.into()),
         }
     }
 }
@@ -433,27 +442,30 @@ impl Proxy {
         client: SocketAddr,
     ) -> io::Result<TcpStream> {
         let source = pod.upstream_source(client, destination);
-        self.connect_in(&pod.netns, destination, source).await
+        self.connect_in(&pod.netns, destination, source, Leg::OnNode)
+            .await
     }
 
     /// Connects to `destination` from a marked socket made inside `netns` (the proxy's
     /// connections leave from the pod, with the pod's address, or from the address of
     /// `source`, a client's, with a transparent socket: [`crate::sys::transparent`]), within the
-    /// connect timeout, with keepalive and `TCP_NODELAY`.
+    /// connect timeout, with keepalive and `TCP_NODELAY`; a leg that stays on the node does not
+    /// pace ([`socket::unpace`]).
     pub async fn connect_in(
         &self,
         netns: &Arc<Netns>,
         destination: SocketAddr,
         source: Option<SocketAddr>,
+        leg: Leg,
     ) -> io::Result<TcpStream> {
         let Some(client) = source else {
-            return self.connect_from(netns, destination, None).await;
+            return self.connect_from(netns, destination, None, leg).await;
         };
         let mut tries = 1;
         loop {
             let port = transparent::source_port(client.port());
             let from = SocketAddr::new(client.ip(), port);
-            match self.connect_from(netns, destination, Some(from)).await {
+            match self.connect_from(netns, destination, Some(from), leg).await {
                 Err(err) if transparent::port_taken(&err) && tries < transparent::PORT_TRIES => {
                     tries += 1;
                 }
@@ -468,11 +480,13 @@ impl Proxy {
         netns: &Arc<Netns>,
         destination: SocketAddr,
         source: Option<SocketAddr>,
+        leg: Leg,
     ) -> io::Result<TcpStream> {
         let socket = socket::marked_socket_in(netns, destination.is_ipv6()).await?;
         if let Some(source) = source {
             transparent::make_transparent(&socket, source)?;
         }
+        self.tune_leg(leg, socket2::SockRef::from(&socket));
         socket.set_nonblocking(true)?;
         let connecting = TcpSocket::from_std_stream(socket.into()).connect(destination);
         let stream = match tokio::time::timeout(self.limits.connect_timeout, connecting).await {
@@ -490,6 +504,19 @@ impl Proxy {
         };
         self.keepalive(&stream);
         Ok(stream)
+    }
+
+    /// Sets the congestion control of `leg` on `socket`. A failure leaves the namespace's
+    /// default, which costs speed only (the tunnel's algorithm was checked at start).
+    fn tune_leg(&self, leg: Leg, socket: socket2::SockRef<'_>) {
+        let set = match (leg, &self.limits.tunnel_congestion_control) {
+            (Leg::OnNode, _) => socket::unpace(socket).map(drop),
+            (Leg::Tunnel, Some(name)) => socket.set_tcp_congestion(name.as_bytes()),
+            (Leg::Tunnel, None) | (Leg::Network, _) => Ok(()),
+        };
+        if let Err(err) = set {
+            tracing::debug!(?leg, %err, "the leg keeps the default congestion control");
+        }
     }
 
     /// Socket options of every accepted TCP socket: `TCP_NODELAY` (the proxy forwards small
@@ -510,6 +537,20 @@ impl Proxy {
             let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive);
         }
     }
+}
+
+/// Where a leg of a proxied connection runs, which decides its congestion control.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Leg {
+    /// Between two sockets of this node (a pod and its outbound listener, the proxy and a
+    /// pod's application): it does not pace ([`socket::unpace`]).
+    OnNode,
+    /// The HBONE tunnel between two nodes' agents, both ends
+    /// ([`Limits::tunnel_congestion_control`]).
+    Tunnel,
+    /// Out of the mesh over the pod's interface (a plaintext destination, a plaintext client):
+    /// the namespace's default, as the pod's own connections have.
+    Network,
 }
 
 /// Closes `stream` with a reset (`SO_LINGER` 0): how the proxy refuses a plaintext connection
@@ -593,13 +634,27 @@ impl Role {
         ]
     }
 
-    /// Serves `listener` of `pod` in a task of its own, until the task is aborted.
+    /// Where the connections this listener accepts run: a pod's outbound ones come from the
+    /// pod itself, over loopback; HBONE ones from another node's agent.
+    pub fn leg(self) -> Leg {
+        match self {
+            Self::Outbound => Leg::OnNode,
+            Self::InboundHbone => Leg::Tunnel,
+            Self::InboundPlaintext => Leg::Network,
+        }
+    }
+
+    /// Serves `listener` of `pod` in a task of its own, until the task is aborted; the
+    /// sockets it accepts inherit the congestion control of its [`Role::leg`].
     pub fn serve(
         self,
         listener: tokio::net::TcpListener,
         proxy: Arc<Proxy>,
         pod: Arc<PodContext>,
     ) -> tokio::task::JoinHandle<()> {
+        // On the listener, not each accepted socket: set once, inherited by every connection
+        // (and a listener handed over by a predecessor gets it here too).
+        proxy.tune_leg(self.leg(), socket2::SockRef::from(&listener));
         match self {
             Self::Outbound => tokio::spawn(outbound::serve(listener, proxy, pod)),
             Self::InboundPlaintext => {

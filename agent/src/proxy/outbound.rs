@@ -10,7 +10,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
 use super::{
-    PodContext, Proxy, hbone,
+    Leg, PodContext, Proxy, hbone,
     record::{Direction, Flags, Opening, Record},
 };
 use crate::{
@@ -157,7 +157,7 @@ async fn carry(
     }
     let copied = match &route {
         Route::Passthrough { target } => {
-            match Box::pin(proxy.connect_in(&pod.netns, *target, None)).await {
+            match Box::pin(proxy.connect_in(&pod.netns, *target, None, Leg::Network)).await {
                 Ok(mut upstream) => super::copy(&mut stream, &mut upstream).await,
                 Err(err) => {
                     // The application sees its connection reset, as if the destination had
@@ -268,7 +268,7 @@ async fn open_tunnel(
         .pool
         .connect(&key, target, forwarded_for, |hbone_peer| async move {
             let tcp = proxy
-                .connect_in(&netns, hbone_peer, None)
+                .connect_in(&netns, hbone_peer, None, Leg::Tunnel)
                 .await
                 .map_err(|source| hbone::Error::Connect {
                     peer: hbone_peer,

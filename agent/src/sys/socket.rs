@@ -1,5 +1,6 @@
-//! Sockets of the proxy: marked listeners made inside a pod's network namespace, and the
-//! original destination of a captured connection.
+//! Sockets of the proxy: marked listeners made inside a pod's network namespace, the
+//! congestion control of the legs that stay on the node, and the original destination of a
+//! captured connection.
 
 use std::{
     io,
@@ -60,6 +61,55 @@ fn marked_socket(ipv6: bool) -> io::Result<Socket> {
         .set_mark(MESH_MARK)
         .map_err(|err| context(err, "set SO_MARK (needs CAP_NET_ADMIN)"))?;
     Ok(socket)
+}
+
+/// Congestion controls for the proxy's legs that never leave the node, in order of preference;
+/// neither paces. `reno` is built into every kernel.
+pub const NODE_LOCAL_CONGESTION_CONTROL: [&str; 2] = ["cubic", "reno"];
+
+/// Gives `socket`, whose traffic never leaves the node, a congestion control that does not pace
+/// ([`NODE_LOCAL_CONGESTION_CONTROL`]); returns its name. Two legs of every proxied connection
+/// are such: the pod's connection to its outbound listener (set on the listener, which its
+/// accepted sockets inherit) and the proxy's connection to a pod's application.
+///
+/// A pod's namespace starts with the node's default congestion control, and where that is BBR
+/// (which paces), TCP paces each socket itself unless the `fq` qdisc does it, arming a
+/// high-resolution timer per burst it holds back. Pacing fits a flow to a network's bottleneck;
+/// loopback has none, and on a virtual machine each timer armed is a trap to the hypervisor:
+/// on the bench's two-vCPU nodes that was the largest single cost of a bulk transfer. The
+/// tunnel leg between nodes, a real network, keeps the namespace's own choice, as the pod's
+/// own connections would.
+pub fn unpace(socket: socket2::SockRef<'_>) -> io::Result<&'static str> {
+    let mut last = None;
+    for name in NODE_LOCAL_CONGESTION_CONTROL {
+        match socket.set_tcp_congestion(name.as_bytes()) {
+            Ok(()) => return Ok(name),
+            Err(err) => last = Some(err),
+        }
+    }
+    Err(last.map_or_else(
+        || io::Error::other("no congestion control to set"),
+        |err| context(err, "set TCP_CONGESTION"),
+    ))
+}
+
+/// Checks that the kernel can give a socket congestion control `name` (loading its module if
+/// need be, as the agent may): a typo in `--tunnel-congestion-control` stops the agent at
+/// start, naming what the kernel has, rather than leaving every tunnel on the default.
+pub fn check_congestion_control(name: &str) -> io::Result<()> {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_tcp_congestion(name.as_bytes()).map_err(|err| {
+        let available =
+            std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control")
+                .unwrap_or_default();
+        io::Error::new(
+            err.kind(),
+            format!(
+                "congestion control {name:?}: {err} (this kernel has: {})",
+                available.trim()
+            ),
+        )
+    })
 }
 
 /// The destination a captured connection was originally addressed to, read with
@@ -166,4 +216,22 @@ pub fn port_holder(port: u16) -> Option<String> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unpaced_socket_has_the_first_algorithm_the_kernel_offers() {
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+        let name = unpace(socket2::SockRef::from(&socket)).unwrap();
+        assert!(NODE_LOCAL_CONGESTION_CONTROL.contains(&name), "{name}");
+        let set = socket.tcp_congestion().unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&set).trim_end_matches('\0'),
+            name,
+            "the socket says {set:?}"
+        );
+    }
 }
