@@ -502,7 +502,7 @@ impl Proxy {
                 ));
             }
         };
-        self.keepalive(&stream);
+        self.tune(&stream);
         Ok(stream)
     }
 
@@ -519,8 +519,9 @@ impl Proxy {
         }
     }
 
-    /// Socket options of every accepted TCP socket: `TCP_NODELAY` (the proxy forwards small
-    /// writes as they come) and keepalive.
+    /// Socket options of every proxied TCP socket, accepted or connected: `TCP_NODELAY` (the
+    /// proxy forwards small writes as they come: Nagle would hold a request's bytes, or an
+    /// HTTP/2 frame, until the peer acknowledged the previous ones) and keepalive.
     fn tune(&self, stream: &TcpStream) {
         let _ = stream.set_nodelay(true);
         self.keepalive(stream);
