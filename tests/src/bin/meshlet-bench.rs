@@ -74,7 +74,10 @@ enum Scenario {
     Connect,
     /// The HBONE tunnel against the direct path: throughput, ping-pong, connection rate,
     /// agent memory with idle tunnels.
-    Tunnel,
+    Tunnel {
+        #[command(flatten)]
+        profile: Profile,
+    },
     /// Policy decisions with 1,000 policies, 10 of them selecting the workload.
     Policy,
     /// `meshlet ca`: a node start with N pods of N service accounts asking at once, through
@@ -101,6 +104,25 @@ enum Scenario {
         #[arg(long, default_value_t = 10_000)]
         services: usize,
     },
+}
+
+/// `tunnel --only PATH`: one path, one measurement, repeated, for profiling the proxies.
+#[derive(Debug, clap::Args)]
+struct Profile {
+    /// Measure only this path (`meshlet`, `meshlet-samenode`, `ztunnel`, ...), `--repeat`
+    /// times, printing each figure with the CPU its proxies used; no table, no memory rounds.
+    #[arg(long)]
+    only: Option<String>,
+    /// What `--only` measures.
+    #[arg(long, default_value = "throughput", requires = "only", value_parser = ["throughput", "pingpong", "connect-rate", "latency"])]
+    what: String,
+    /// How many times `--only` measures.
+    #[arg(long, default_value_t = 3, requires = "only")]
+    repeat: usize,
+    /// Runs `perf <ARGS> -p <the path's proxies>` around the repetitions, stopped with SIGINT,
+    /// e.g. `--perf 'record -g -o agents.data'` or `--perf 'stat -e context-switches'`.
+    #[arg(long, requires = "only", allow_hyphen_values = true)]
+    perf: Option<String>,
 }
 
 /// Latency summary in microseconds.
@@ -771,6 +793,7 @@ fn main() -> anyhow::Result<()> {
                     args.quick,
                     args.external_proxy.as_deref(),
                     args.ztunnel.as_deref(),
+                    None,
                 )?,
             );
             report.insert("policy".into(), policy_bench()?);
@@ -794,13 +817,14 @@ fn main() -> anyhow::Result<()> {
         Scenario::Policy => {
             report.insert("policy".into(), policy_bench()?);
         }
-        Scenario::Tunnel => {
+        Scenario::Tunnel { profile } => {
             report.insert(
                 "tunnel".into(),
                 tunnel(
                     args.quick,
                     args.external_proxy.as_deref(),
                     args.ztunnel.as_deref(),
+                    Some(&profile),
                 )?,
             );
         }
@@ -952,6 +976,7 @@ fn tunnel(
     quick: bool,
     external_proxy: Option<&str>,
     ztunnel: Option<&std::path::Path>,
+    profile: Option<&Profile>,
 ) -> anyhow::Result<serde_json::Value> {
     use meshlet_tests::{mesh::FileMesh, ztunnel as zt};
     let (rounds, bytes, pings, connects, latency_samples) = if quick {
@@ -1151,6 +1176,59 @@ fn tunnel(
             false => &agents,
         }
     };
+    if let Some((profile, only)) = profile.and_then(|p| Some((p, p.only.as_deref()?))) {
+        let &(path, client, echo, sink) = paths
+            .iter()
+            .find(|(path, ..)| *path == only)
+            .with_context(|| {
+                format!(
+                    "--only {only}: no such path (these run: {})",
+                    paths.iter().map(|p| p.0).collect::<Vec<_>>().join(", ")
+                )
+            })?;
+        let pids = proxies(path);
+        let list = pids
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        println!("{path}: proxies {list}");
+        // perf attaches to the proxies for the repetitions only, and stops with SIGINT.
+        let perf = match &profile.perf {
+            Some(perf) => {
+                let mut command = std::process::Command::new("perf");
+                command.args(perf.split_whitespace()).args(["-p", &list]);
+                let child = KillOnDrop(command.spawn().context("start perf")?);
+                // perf is attached once it has opened its counters: give it that moment.
+                std::thread::sleep(std::time::Duration::from_millis(500));
+                Some(child)
+            }
+            None => None,
+        };
+        for _ in 0..profile.repeat {
+            let before: f64 = pids.iter().map(|&p| cpu_seconds(p).unwrap_or(0.0)).sum();
+            let figures = match profile.what.as_str() {
+                "throughput" => measure(client, sink, "throughput", bytes, 0)?,
+                "pingpong" => measure(client, echo, "pingpong", 0, pings)?,
+                "connect-rate" => measure(client, echo, "connect-rate", 0, connects)?,
+                _ => measure(client, echo, "latency", 1_000, latency_samples)?,
+            };
+            let cpu = pids
+                .iter()
+                .map(|&p| cpu_seconds(p).unwrap_or(0.0))
+                .sum::<f64>()
+                - before;
+            println!("{path} {}: {figures} proxy_cpu_s={cpu:.2}", profile.what);
+        }
+        if let Some(mut perf) = perf {
+            // perf writes its report or data file on SIGINT.
+            std::process::Command::new("kill")
+                .args(["-INT", &perf.0.id().to_string()])
+                .status()?;
+            perf.0.wait()?;
+        }
+        return Ok(serde_json::Value::Null);
+    }
     let mut figures: std::collections::BTreeMap<(&str, &str), Vec<f64>> = Default::default();
     for _ in 0..rounds {
         for &(path, client, echo, sink) in &paths {
