@@ -213,10 +213,10 @@ pub struct AgentArgs {
     /// may take, e.g. `10s`, `500ms`.
     #[arg(long, env = "MESHLET_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
-    /// Congestion control of the HBONE tunnel's TCP connections between nodes, both ends
-    /// (`default`: the pod namespace's, as the pod's own connections have). The legs that stay
-    /// on the node never pace, whatever this says.
-    #[arg(long, env = "MESHLET_TUNNEL_CONGESTION_CONTROL", default_value = crate::proxy::DEFAULT_TUNNEL_CONGESTION_CONTROL, value_parser = parse_congestion_control)]
+    /// Congestion control of the HBONE tunnel's TCP connections between nodes, both ends, e.g.
+    /// `cubic` (`default`: the pod namespace's, as the pod's own connections have). The legs
+    /// that stay on the node never pace, whatever this says.
+    #[arg(long, env = "MESHLET_TUNNEL_CONGESTION_CONTROL", default_value = "default", value_parser = parse_congestion_control)]
     pub tunnel_congestion_control: CongestionControl,
     /// Idle time before TCP keepalive probes start on proxied sockets (`0s` disables).
     #[arg(long, env = "MESHLET_TCP_KEEPALIVE", default_value = "180s", value_parser = parse_duration)]
@@ -252,6 +252,7 @@ pub struct CongestionControl(Option<String>);
 
 /// Parses `--tunnel-congestion-control`: `default`, or an algorithm the kernel has.
 fn parse_congestion_control(text: &str) -> Result<CongestionControl, String> {
+    let text = text.trim();
     if text == "default" {
         return Ok(CongestionControl(None));
     }
@@ -263,7 +264,8 @@ fn parse_congestion_control(text: &str) -> Result<CongestionControl, String> {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
     {
         return Err(format!(
-            "{text:?} is not a congestion control name (`cubic`, `bbr`, ... or `default`)"
+            "{text:?} is not a congestion control name (at most 15 letters, digits, `_` or `-`: \
+             `cubic`, `bbr`, ... or `default`)"
         ));
     }
     crate::sys::socket::check_congestion_control(text).map_err(|err| err.to_string())?;

@@ -11,7 +11,9 @@
 //! [`MAX_STREAMS`] streams each, closed after [`IDLE_TIMEOUT`] idle (all but one per key after
 //! [`SPARE_IDLE_TIMEOUT`]), with HTTP/2 keepalive
 //! pings. [`serve_connection`] is the server side of one accepted 15008 connection, and
-//! [`parse_connect`] the validation of one request (pure, fuzzed).
+//! [`parse_connect`] the validation of one request (pure, fuzzed). Both sides drive `h2`
+//! directly, each stream a [`H2Stream`] for the one copy path (why not hyper's upgrades: see
+//! [`super::h2io`]).
 
 use std::{
     collections::HashMap,
@@ -20,21 +22,20 @@ use std::{
     net::{IpAddr, SocketAddr},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
 
 use bytes::Bytes;
+use h2::{client::SendRequest, server::SendResponse};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Empty;
-use hyper::{client::conn::http2::SendRequest, upgrade::Upgraded};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use meshlet_common::INBOUND_HBONE_PORT;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tracing::debug;
 
+use super::h2io::H2Stream;
 use crate::identity::{self, Identity};
 
 /// Streams per pooled connection before another connection is opened.
@@ -50,6 +51,12 @@ pub const SPARE_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const REAP_INTERVAL: Duration = Duration::from_secs(2);
 /// Interval of HTTP/2 keepalive pings.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// A keepalive ping not answered within this closes the connection.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes h2 buffers per stream beyond what the peer's window lets it send.
+const SEND_BUFFER: usize = 1 << 20;
+/// Largest HTTP/2 frame this side accepts.
+const MAX_FRAME: u32 = 1 << 20;
 /// HTTP/2 flow-control windows: the default 64 KiB would cap a stream at one window per round
 /// trip.
 const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
@@ -89,7 +96,7 @@ pub enum Error {
         /// The peer's HBONE address.
         peer: SocketAddr,
         /// The underlying error.
-        source: hyper::Error,
+        source: h2::Error,
     },
     /// The peer answered the CONNECT with an error status.
     #[error("{peer} refused CONNECT {authority}: {status}")]
@@ -144,9 +151,17 @@ pub struct PoolKey {
 
 #[derive(Debug)]
 struct Pooled {
-    sender: SendRequest<Empty<Bytes>>,
+    sender: SendRequest<Bytes>,
     streams: Arc<AtomicUsize>,
     last_used: Instant,
+    /// Cleared when the connection's task ends.
+    open: Arc<AtomicBool>,
+}
+
+impl Pooled {
+    fn is_closed(&self) -> bool {
+        !self.open.load(Ordering::Acquire)
+    }
 }
 
 /// An open HBONE stream: bytes to and from the destination, and the stream's slot in its
@@ -154,7 +169,7 @@ struct Pooled {
 #[derive(Debug)]
 pub struct Tunnel {
     /// The byte stream.
-    pub io: TokioIo<Upgraded>,
+    pub io: H2Stream,
     _slot: Slot,
 }
 
@@ -208,18 +223,18 @@ impl Pool {
             )
             .await
             {
-                Err(Error::Http { source, .. }) if never_processed(&source) => {
+                Err(Opening::Unprocessed(source)) => {
                     debug!(%peer, %source, "pooled HBONE connection going away; dialling anew");
                     self.forget(key, &streams);
                 }
-                done => return done,
+                done => return done.map_err(|failed| failed.into_error(peer)),
             }
         }
         // Boxed: the dial and the TLS and HTTP/2 handshakes are the largest state of a
         // connection's future, and the task that carries the connection keeps its full size for
         // its whole life (kilobytes per idle connection), though only the first stream of a
         // pooled connection ever needs them.
-        let sender = Box::pin(async {
+        let (sender, open) = Box::pin(async {
             let (tcp, tls) = dial(peer).await?;
             handshake(peer, tcp, tls).await
         })
@@ -234,8 +249,11 @@ impl Pool {
                 sender: sender.clone(),
                 streams: streams.clone(),
                 last_used: Instant::now(),
+                open,
             });
-        open_stream(sender, Slot(streams), peer, authority, forwarded_for).await
+        open_stream(sender, Slot(streams), peer, authority, forwarded_for)
+            .await
+            .map_err(|failed| failed.into_error(peer))
     }
 
     /// Drops the pooled connection of `key` counted by `streams` from the pool.
@@ -247,10 +265,10 @@ impl Pool {
     }
 
     /// A live pooled connection for `key` with room for one more stream (taking it).
-    fn checkout(&self, key: &PoolKey) -> Option<(SendRequest<Empty<Bytes>>, Arc<AtomicUsize>)> {
+    fn checkout(&self, key: &PoolKey) -> Option<(SendRequest<Bytes>, Arc<AtomicUsize>)> {
         let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
         let pooled = connections.get_mut(key)?;
-        pooled.retain(|p| !p.sender.is_closed());
+        pooled.retain(|p| !p.is_closed());
         let found = pooled
             .iter_mut()
             .find(|p| p.streams.load(Ordering::Acquire) < MAX_STREAMS)?;
@@ -266,7 +284,7 @@ impl Pool {
     pub fn reap(&self, now: Instant) -> usize {
         let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
         for pooled in connections.values_mut() {
-            pooled.retain(|p| !p.sender.is_closed());
+            pooled.retain(|p| !p.is_closed());
             let usage: Vec<_> = pooled
                 .iter()
                 .map(|p| (p.streams.load(Ordering::Acquire), p.last_used))
@@ -330,91 +348,122 @@ fn keep_after_reaping(usage: &[(usize, Instant)], now: Instant) -> Vec<bool> {
         .collect()
 }
 
+/// Why a CONNECT on a pooled connection did not open a tunnel.
+#[derive(Debug)]
+enum Opening {
+    /// The server never processed it (it was never sent, the connection was going away, or
+    /// the server refused the stream): safe to send again on another connection.
+    Unprocessed(h2::Error),
+    /// It failed after the server may have acted on it.
+    Failed(Error),
+}
+
+impl Opening {
+    fn into_error(self, peer: SocketAddr) -> Error {
+        match self {
+            Self::Unprocessed(source) => Error::Http { peer, source },
+            Self::Failed(err) => err,
+        }
+    }
+}
+
 /// Sends a CONNECT to `authority` on `sender` and waits for the tunnel; `slot` is the stream's
 /// place in its connection.
 async fn open_stream(
-    mut sender: SendRequest<Empty<Bytes>>,
+    sender: SendRequest<Bytes>,
     slot: Slot,
     peer: SocketAddr,
     authority: SocketAddr,
     forwarded_for: SocketAddr,
-) -> Result<Tunnel, Error> {
-    sender
-        .ready()
-        .await
-        .map_err(|source| Error::Http { peer, source })?;
+) -> Result<Tunnel, Opening> {
+    // Not yet sent: any failure here leaves the server untouched.
+    let mut sender = sender.ready().await.map_err(Opening::Unprocessed)?;
     let request = Request::builder()
         .method(Method::CONNECT)
         .uri(authority.to_string())
         .header(http::header::FORWARDED, format!("for=\"{forwarded_for}\""))
-        .body(Empty::new())
+        .body(())
         .expect("a CONNECT request from valid parts");
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|source| Error::Http { peer, source })?;
+    let (response, send) = sender
+        .send_request(request, false)
+        .map_err(Opening::Unprocessed)?;
+    let response = response.await.map_err(|source| {
+        if never_processed(&source) {
+            Opening::Unprocessed(source)
+        } else {
+            Opening::Failed(Error::Http { peer, source })
+        }
+    })?;
     if response.status() != StatusCode::OK {
-        return Err(Error::Refused {
+        return Err(Opening::Failed(Error::Refused {
             peer,
             authority,
             status: response.status(),
-        });
+        }));
     }
-    let upgraded = hyper::upgrade::on(response)
-        .await
-        .map_err(|source| Error::Http { peer, source })?;
     Ok(Tunnel {
-        io: TokioIo::new(upgraded),
+        io: H2Stream::new(send, response.into_body()),
         _slot: slot,
     })
 }
 
-/// Whether a request failed before the server processed it: it was never written, the
-/// connection was going away (GOAWAY), or the server refused the stream. Such a request is
-/// safe to send again.
-fn never_processed(err: &hyper::Error) -> bool {
-    // Canceled: the request was never written (the connection's task had ended).
-    if err.is_canceled() {
-        return true;
-    }
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
-    while let Some(cause) = source {
-        if let Some(h2) = cause.downcast_ref::<h2::Error>() {
-            return h2.is_go_away() || h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+/// Whether a sent request failed before the server processed it: the connection was going
+/// away (GOAWAY) or the server refused the stream. Such a request is safe to send again.
+fn never_processed(err: &h2::Error) -> bool {
+    err.is_go_away() || err.reason() == Some(h2::Reason::REFUSED_STREAM)
+}
+
+/// Pings the peer every [`KEEPALIVE_INTERVAL`], idle or not; returns when a ping goes
+/// unanswered for [`KEEPALIVE_TIMEOUT`] or the connection is gone.
+async fn keepalive(mut ping_pong: h2::PingPong) {
+    let mut every = tokio::time::interval_at(
+        tokio::time::Instant::now() + KEEPALIVE_INTERVAL,
+        KEEPALIVE_INTERVAL,
+    );
+    loop {
+        every.tick().await;
+        match tokio::time::timeout(KEEPALIVE_TIMEOUT, ping_pong.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_pong)) => {}
+            Ok(Err(_)) | Err(_) => return,
         }
-        source = cause.source();
     }
-    false
 }
 
 async fn handshake(
     peer: SocketAddr,
     tcp: TcpStream,
     tls: Arc<rustls::ClientConfig>,
-) -> Result<SendRequest<Empty<Bytes>>, Error> {
+) -> Result<(SendRequest<Bytes>, Arc<AtomicBool>), Error> {
     let connecting = async {
         // No SNI is sent (the config disables it); rustls still wants a name.
         let stream = tokio_rustls::TlsConnector::from(tls)
             .connect(ServerName::IpAddress(peer.ip().into()), tcp)
             .await
             .map_err(|source| Error::Tls { peer, source })?;
-        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .initial_stream_window_size(STREAM_WINDOW)
+        let (sender, mut connection) = h2::client::Builder::new()
+            .enable_push(false)
+            .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_frame_size(1 << 20)
-            .keep_alive_interval(KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(Duration::from_secs(10))
-            .keep_alive_while_idle(true)
-            .handshake(TokioIo::new(stream))
+            .max_frame_size(MAX_FRAME)
+            .max_send_buffer_size(SEND_BUFFER)
+            .handshake::<_, Bytes>(stream)
             .await
             .map_err(|source| Error::Http { peer, source })?;
+        let open = Arc::new(AtomicBool::new(true));
+        let pings = connection.ping_pong().expect("taken once, here");
+        let ended = open.clone();
         tokio::spawn(async move {
-            if let Err(err) = connection.await {
-                debug!(%peer, %err, "HBONE connection ended");
+            tokio::select! {
+                served = &mut connection => {
+                    if let Err(err) = served {
+                        debug!(%peer, %err, "HBONE connection ended");
+                    }
+                }
+                () = keepalive(pings) => debug!(%peer, "HBONE peer stopped answering pings"),
             }
+            ended.store(false, Ordering::Release);
         });
-        Ok(sender)
+        Ok((sender, open))
     };
     tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting)
         .await
@@ -591,72 +640,99 @@ where
             return;
         }
     };
-    let admit = server.admit.clone();
-    let service = hyper::service::service_fn(move |request| {
-        let admit = admit.clone();
-        let identity = identity.clone();
-        async move { Ok::<_, std::convert::Infallible>(handle(request, identity, peer, admit).await) }
-    });
     let limits = server.limits;
-    let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .initial_stream_window_size(STREAM_WINDOW)
+    let preface = h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_frame_size(1 << 20)
+        .max_frame_size(MAX_FRAME)
+        .max_send_buffer_size(SEND_BUFFER)
         .max_concurrent_streams(limits.max_streams)
         .max_header_list_size(limits.max_header_list_size)
         .max_pending_accept_reset_streams(limits.max_pending_accept_reset_streams)
-        .keep_alive_interval(KEEPALIVE_INTERVAL)
-        .serve_connection(TokioIo::new(stream), service);
-    let mut connection = std::pin::pin!(connection);
-    let served = tokio::select! {
-        served = connection.as_mut() => served,
-        () = server.drain.stopping() => {
-            // The agent stops: GOAWAY, so the peer opens new streams elsewhere (on the
-            // successor); the ones it has carry on until they end or the drain deadline cuts
-            // them.
-            debug!(%peer, "draining: HBONE connection told to go away");
-            connection.as_mut().graceful_shutdown();
-            connection.await
+        .handshake::<_, Bytes>(stream);
+    // A client that finished TLS but never speaks HTTP/2 holds a socket and a task: as long as
+    // a TLS handshake may take, no longer.
+    let mut connection = match tokio::time::timeout(HANDSHAKE_TIMEOUT, preface).await {
+        Ok(Ok(connection)) => connection,
+        Ok(Err(err)) => {
+            if broke_protocol(&err) {
+                server.metrics.limit_reached("hbone_protocol");
+            }
+            debug!(%peer, %err, "HBONE connection preface refused");
+            return;
+        }
+        Err(_) => {
+            debug!(%peer, "HBONE connection preface timed out");
+            return;
         }
     };
-    if let Err(err) = served {
-        // A peer that broke the protocol or a limit (a header list too large, too many
-        // resets, a malformed frame) is told with GOAWAY and counted.
-        if broke_protocol(&err) {
-            server.metrics.limit_reached("hbone_protocol");
+    let pings = connection.ping_pong().expect("taken once, here");
+    let mut keepalive = std::pin::pin!(keepalive(pings));
+    let mut draining = false;
+    loop {
+        let accepted = tokio::select! {
+            accepted = connection.accept() => accepted,
+            () = server.drain.stopping(), if !draining => {
+                // The agent stops: GOAWAY, so the peer opens new streams elsewhere (on the
+                // successor); the ones it has carry on until they end or the drain deadline
+                // cuts them.
+                debug!(%peer, "draining: HBONE connection told to go away");
+                draining = true;
+                connection.graceful_shutdown();
+                continue;
+            }
+            () = &mut keepalive => {
+                debug!(%peer, "HBONE peer stopped answering pings");
+                return;
+            }
+        };
+        match accepted {
+            Some(Ok((request, respond))) => {
+                tokio::spawn(handle(
+                    request,
+                    respond,
+                    identity.clone(),
+                    peer,
+                    server.admit.clone(),
+                ));
+            }
+            Some(Err(err)) => {
+                // A peer that broke the protocol or a limit (too many resets, a malformed
+                // frame) is told with GOAWAY and counted.
+                if broke_protocol(&err) {
+                    server.metrics.limit_reached("hbone_protocol");
+                }
+                debug!(%peer, %err, "HBONE connection ended");
+                return;
+            }
+            None => return,
         }
-        debug!(%peer, %err, "HBONE connection ended");
     }
 }
 
 /// Whether an HTTP/2 connection ended because the peer broke the protocol or a limit (as
 /// opposed to going away).
-fn broke_protocol(err: &hyper::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
-    while let Some(cause) = source {
-        if let Some(h2) = cause.downcast_ref::<h2::Error>() {
-            return !h2.is_io() && h2.reason().is_some_and(|r| r != h2::Reason::NO_ERROR);
-        }
-        source = cause.source();
-    }
-    err.is_parse()
+fn broke_protocol(err: &h2::Error) -> bool {
+    !err.is_io() && err.reason().is_some_and(|r| r != h2::Reason::NO_ERROR)
 }
 
+/// Answers one CONNECT stream, then carries it: `parse_connect`, `admit`, the response, and the
+/// copy between the stream and the application until either side ends or a policy change
+/// closes it.
 async fn handle<A, Fut>(
-    request: Request<hyper::body::Incoming>,
+    request: Request<h2::RecvStream>,
+    mut respond: SendResponse<Bytes>,
     peer_identity: Identity,
     peer: SocketAddr,
     admit: A,
-) -> Response<Empty<Bytes>>
-where
+) where
     A: Fn(Connect) -> Fut,
     Fut: Future<Output = Admission>,
 {
-    let reply = |status: StatusCode| {
+    let response = |status: StatusCode| {
         Response::builder()
             .status(status)
-            .body(Empty::new())
+            .body(())
             .expect("a response from valid parts")
     };
     let ConnectRequest {
@@ -666,7 +742,8 @@ where
         Ok(parsed) => parsed,
         Err(err) => {
             debug!(%peer, %err, "bad HBONE request");
-            return reply(StatusCode::BAD_REQUEST);
+            let _ = respond.send_response(response(StatusCode::BAD_REQUEST), true);
+            return;
         }
     };
     let connect = Connect {
@@ -675,43 +752,39 @@ where
         authority,
         forwarded,
     };
-    match admit(connect).await {
+    let Upstream {
+        stream: mut upstream,
+        live,
+        mut record,
+        permit: _permit,
+    } = match admit(connect).await {
         Admission::Reject(status, reason) => {
             debug!(%peer, %authority, %status, %reason, "CONNECT rejected");
-            reply(status)
+            let _ = respond.send_response(response(status), true);
+            return;
         }
-        Admission::Upstream(admitted) => {
-            let Upstream {
-                stream: mut upstream,
-                live,
-                record,
-                permit,
-            } = *admitted;
-            tokio::spawn(async move {
-                let _permit = permit;
-                let mut record = record;
-                match hyper::upgrade::on(request).await {
-                    Ok(upgraded) => {
-                        let mut tunnel =
-                            crate::metrics::Counted::new(TokioIo::new(upgraded), record.counters());
-                        let mut live = live;
-                        tokio::select! {
-                            copied = super::copy(&mut tunnel, &mut upstream) => {
-                                if let Err(err) = copied {
-                                    record.copy_failed(&err);
-                                }
-                            }
-                            reason = live.closed() => record.ended(format!("closed by a policy change: {reason}")),
-                        }
-                    }
-                    Err(err) => record.fail(
-                        super::record::Flags::Connect,
-                        format!("CONNECT stream upgrade failed: {err}"),
-                    ),
-                }
-            });
-            reply(StatusCode::OK)
+        Admission::Upstream(admitted) => *admitted,
+    };
+    let send = match respond.send_response(response(StatusCode::OK), false) {
+        Ok(send) => send,
+        Err(err) => {
+            record.fail(
+                super::record::Flags::Connect,
+                format!("CONNECT stream gone before its answer: {err}"),
+            );
+            return;
         }
+    };
+    let mut tunnel =
+        crate::metrics::Counted::new(H2Stream::new(send, request.into_body()), record.counters());
+    let mut live = live;
+    tokio::select! {
+        copied = super::copy(&mut tunnel, &mut upstream) => {
+            if let Err(err) = copied {
+                record.copy_failed(&err);
+            }
+        }
+        reason = live.closed() => record.ended(format!("closed by a policy change: {reason}")),
     }
 }
 

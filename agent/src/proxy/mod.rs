@@ -20,6 +20,7 @@
 
 pub mod connections;
 pub mod copy;
+pub mod h2io;
 pub mod hbone;
 pub mod inbound;
 pub mod local;
@@ -78,15 +79,11 @@ pub struct Limits {
     /// Original destination ports the proxy never carries to (its own listeners and the
     /// node's endpoints): what comes through the proxy never comes back into it.
     pub reserved_ports: Vec<u16>,
-    /// Congestion control of the tunnel's TCP connections, both ends (`None`: the pod
-    /// namespace's default). The tunnel is the agents' own connection across the cluster's
-    /// network, so the agent picks it, as it picks its TLS and HTTP/2 settings: `cubic`,
-    /// Linux's default, unless the operator chooses another.
+    /// Congestion control of the tunnel's TCP connections, both ends (`None`, the default: the
+    /// pod namespace's, as the pod's own connections would have: the tunnel crosses the
+    /// network the operator chose it for).
     pub tunnel_congestion_control: Option<String>,
 }
-
-/// The tunnel's congestion control unless `--tunnel-congestion-control` says otherwise.
-pub const DEFAULT_TUNNEL_CONGESTION_CONTROL: &str = "cubic";
 
 impl Default for Limits {
     fn default() -> Self {
@@ -97,7 +94,7 @@ impl Default for Limits {
             max_tls_handshakes: 64,
             hbone: hbone::Limits::default(),
             reserved_ports: vec![OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_HBONE_PORT],
-            tunnel_congestion_control: Some(DEFAULT_TUNNEL_CONGESTION_CONTROL.into()),
+            tunnel_congestion_control: None,
         }
     }
 }
@@ -507,15 +504,19 @@ impl Proxy {
     }
 
     /// Sets the congestion control of `leg` on `socket`. A failure leaves the namespace's
-    /// default, which costs speed only (the tunnel's algorithm was checked at start).
+    /// default, which costs speed only (the tunnel's algorithm was checked at start); it is
+    /// logged once.
     fn tune_leg(&self, leg: Leg, socket: socket2::SockRef<'_>) {
         let set = match (leg, &self.limits.tunnel_congestion_control) {
             (Leg::OnNode, _) => socket::unpace(socket).map(drop),
             (Leg::Tunnel, Some(name)) => socket.set_tcp_congestion(name.as_bytes()),
             (Leg::Tunnel, None) | (Leg::Network, _) => Ok(()),
         };
+        static WARNED: std::sync::Once = std::sync::Once::new();
         if let Err(err) = set {
-            tracing::debug!(?leg, %err, "the leg keeps the default congestion control");
+            WARNED.call_once(|| {
+                tracing::warn!(?leg, %err, "a leg keeps the namespace's congestion control (logged once)");
+            });
         }
     }
 
@@ -547,7 +548,7 @@ pub enum Leg {
     /// pod's application): it does not pace ([`socket::unpace`]).
     OnNode,
     /// The HBONE tunnel between two nodes' agents, both ends
-    /// ([`Limits::tunnel_congestion_control`]).
+    /// ([`Limits::tunnel_congestion_control`], by default the namespace's).
     Tunnel,
     /// Out of the mesh over the pod's interface (a plaintext destination, a plaintext client):
     /// the namespace's default, as the pod's own connections have.

@@ -1205,13 +1205,31 @@ fn tunnel(
             }
             None => None,
         };
+        // perf writes its report or data file on SIGINT, also when a measurement fails.
+        let stop_perf = |perf: Option<KillOnDrop>| -> anyhow::Result<()> {
+            if let Some(mut perf) = perf {
+                std::process::Command::new("kill")
+                    .args(["-INT", &perf.0.id().to_string()])
+                    .status()?;
+                perf.0.wait()?;
+            }
+            Ok(())
+        };
+        let mut measured = Vec::new();
         for _ in 0..profile.repeat {
             let before: f64 = pids.iter().map(|&p| cpu_seconds(p).unwrap_or(0.0)).sum();
             let figures = match profile.what.as_str() {
-                "throughput" => measure(client, sink, "throughput", bytes, 0)?,
-                "pingpong" => measure(client, echo, "pingpong", 0, pings)?,
-                "connect-rate" => measure(client, echo, "connect-rate", 0, connects)?,
-                _ => measure(client, echo, "latency", 1_000, latency_samples)?,
+                "throughput" => measure(client, sink, "throughput", bytes, 0),
+                "pingpong" => measure(client, echo, "pingpong", 0, pings),
+                "connect-rate" => measure(client, echo, "connect-rate", 0, connects),
+                _ => measure(client, echo, "latency", 1_000, latency_samples),
+            };
+            let figures = match figures {
+                Ok(figures) => figures,
+                Err(err) => {
+                    stop_perf(perf)?;
+                    return Err(err);
+                }
             };
             let cpu = pids
                 .iter()
@@ -1219,15 +1237,10 @@ fn tunnel(
                 .sum::<f64>()
                 - before;
             println!("{path} {}: {figures} proxy_cpu_s={cpu:.2}", profile.what);
+            measured.push(serde_json::json!({"figures": figures, "proxy_cpu_s": cpu}));
         }
-        if let Some(mut perf) = perf {
-            // perf writes its report or data file on SIGINT.
-            std::process::Command::new("kill")
-                .args(["-INT", &perf.0.id().to_string()])
-                .status()?;
-            perf.0.wait()?;
-        }
-        return Ok(serde_json::Value::Null);
+        stop_perf(perf)?;
+        return Ok(serde_json::json!({ "path": path, "what": profile.what, "runs": measured }));
     }
     let mut figures: std::collections::BTreeMap<(&str, &str), Vec<f64>> = Default::default();
     for _ in 0..rounds {
