@@ -68,6 +68,16 @@ impl AsyncRead for H2Stream {
         while this.pending.is_empty() {
             match ready!(this.recv.poll_data(cx)) {
                 Some(Ok(chunk)) => this.pending = chunk,
+                // A peer that is done resets with NO_ERROR or CANCEL rather than END_STREAM
+                // (hyper, and so the tunnel before, read both as the end).
+                Some(Err(err))
+                    if matches!(
+                        err.reason(),
+                        Some(h2::Reason::NO_ERROR | h2::Reason::CANCEL)
+                    ) =>
+                {
+                    return Poll::Ready(Ok(()));
+                }
                 Some(Err(err)) => return Poll::Ready(Err(to_io(err))),
                 // END_STREAM: end of file.
                 None => return Poll::Ready(Ok(())),
@@ -100,12 +110,17 @@ impl AsyncWrite for H2Stream {
             match ready!(send.poll_capacity(cx)) {
                 Some(Ok(granted)) => capacity = granted,
                 Some(Err(err)) => return Poll::Ready(Err(to_io(err))),
-                None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+                // The stream can take no more: say why.
+                None => return Poll::Ready(Err(reset_reason(send, cx))),
             }
         }
         let n = capacity.min(buf.len());
-        send.send_data(Bytes::copy_from_slice(&buf[..n]), false)
-            .map_err(to_io)?;
+        if send
+            .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+            .is_err()
+        {
+            return Poll::Ready(Err(reset_reason(send, cx)));
+        }
         Poll::Ready(Ok(n))
     }
 
@@ -114,11 +129,230 @@ impl AsyncWrite for H2Stream {
         Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if !self.shut {
             self.shut = true;
-            self.send.send_data(Bytes::new(), true).map_err(to_io)?;
+            if self.send.send_data(Bytes::new(), true).is_err() {
+                // A stream the peer already closed with NO_ERROR is shut down.
+                if let Poll::Ready(Ok(h2::Reason::NO_ERROR)) = self.send.poll_reset(cx) {
+                    return Poll::Ready(Ok(()));
+                }
+                return Poll::Ready(Err(reset_reason(&mut self.send, cx)));
+            }
         }
         Poll::Ready(Ok(()))
+    }
+}
+
+/// Why a stream refuses data: the peer's reset reason when it sent one.
+fn reset_reason(send: &mut SendStream<Bytes>, cx: &mut Context<'_>) -> io::Error {
+    match send.poll_reset(cx) {
+        Poll::Ready(Ok(reason)) => io::Error::new(
+            io::ErrorKind::ConnectionReset,
+            format!("HTTP/2 stream reset by the peer: {reason:?}"),
+        ),
+        Poll::Ready(Err(err)) => to_io(err),
+        Poll::Pending => io::ErrorKind::BrokenPipe.into(),
+    }
+}
+
+/// When a connection last read anything, shared between the connection's I/O and its keepalive:
+/// a connection that is reading needs no ping (hyper's rule, kept), so a ping never queues
+/// behind a busy connection's data and times out there.
+#[derive(Debug, Clone)]
+pub struct ReadClock {
+    start: std::time::Instant,
+    /// Milliseconds from `start` to the last read.
+    last: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl ReadClock {
+    /// A clock that read just now.
+    pub fn new() -> Self {
+        Self {
+            start: std::time::Instant::now(),
+            last: Default::default(),
+        }
+    }
+
+    fn tick(&self) {
+        let now = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.store(now, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How long since the last read.
+    pub fn idle(&self) -> std::time::Duration {
+        let last = self.last.load(std::sync::atomic::Ordering::Relaxed);
+        self.start
+            .elapsed()
+            .saturating_sub(std::time::Duration::from_millis(last))
+    }
+}
+
+impl Default for ReadClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A connection's byte stream that ticks its [`ReadClock`] on every read.
+#[derive(Debug)]
+pub struct Clocked<S> {
+    inner: S,
+    clock: ReadClock,
+}
+
+impl<S> Clocked<S> {
+    /// `inner`, reads timed by `clock`.
+    pub fn new(inner: S, clock: ReadClock) -> Self {
+        Self { inner, clock }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Clocked<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.clock.tick();
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Clocked<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    /// An h2 client and server over an in-memory pipe, with small windows (so that a bulk
+    /// transfer must wait for capacity), and one stream opened: the client's and the server's
+    /// ends as [`H2Stream`]s.
+    async fn stream_pair() -> (H2Stream, H2Stream) {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(async move {
+            let mut connection = h2::server::Builder::new()
+                .initial_window_size(16 * 1024)
+                .handshake::<_, Bytes>(server_io)
+                .await
+                .unwrap();
+            let (request, mut respond) = connection.accept().await.unwrap().unwrap();
+            let send = respond
+                .send_response(http::Response::new(()), false)
+                .unwrap();
+            // Keep driving the connection for the stream's life.
+            tokio::spawn(async move { while connection.accept().await.is_some() {} });
+            H2Stream::new(send, request.into_body())
+        });
+        let (sender, connection) = h2::client::Builder::new()
+            .initial_window_size(16 * 1024)
+            .handshake::<_, Bytes>(client_io)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let mut sender = sender.ready().await.unwrap();
+        let request = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri("10.0.0.1:80")
+            .body(())
+            .unwrap();
+        let (response, send) = sender.send_request(request, false).unwrap();
+        let server = server.await.unwrap();
+        let response = response.await.unwrap();
+        (H2Stream::new(send, response.into_body()), server)
+    }
+
+    #[tokio::test]
+    async fn bulk_beyond_the_window_arrives_whole_and_a_shutdown_is_the_end_of_the_stream() {
+        let (mut client, mut server) = stream_pair().await;
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 253) as u8).collect();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&sent).await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            client.read_to_end(&mut back).await.unwrap();
+            back
+        });
+        let mut received = Vec::new();
+        server.read_to_end(&mut received).await.unwrap();
+        assert_eq!(received.len(), data.len());
+        assert!(received == data, "the bytes arrived changed");
+        server.write_all(b"bye").await.unwrap();
+        server.shutdown().await.unwrap();
+        assert_eq!(writer.await.unwrap(), b"bye");
+    }
+
+    #[tokio::test]
+    async fn a_dropped_end_reads_as_the_end_and_refuses_writes_with_the_reason() {
+        let (mut client, server) = stream_pair().await;
+        // Dropped without END_STREAM: h2 resets the stream (CANCEL), which the other end reads
+        // as the end of the stream, as hyper did.
+        drop(server);
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        let mut refused = None;
+        for _ in 0..64 {
+            if let Err(err) = client.write_all(&[0u8; 16 * 1024]).await {
+                refused = Some(err);
+                break;
+            }
+        }
+        let err = refused.expect("writes into a reset stream kept succeeding");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
+        assert!(err.to_string().contains("CANCEL"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn the_clock_ticks_only_when_bytes_are_read() {
+        let clock = ReadClock::new();
+        let (mut far, near) = tokio::io::duplex(1024);
+        let mut clocked = Clocked::new(near, clock.clone());
+        clock
+            .last
+            .store(u64::MAX / 2, std::sync::atomic::Ordering::Relaxed);
+        far.write_all(b"x").await.unwrap();
+        let mut byte = [0u8; 1];
+        clocked.read_exact(&mut byte).await.unwrap();
+        // Ticked just now: the stored time is the clock's age, not the planted one.
+        let last = clock.last.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(last < 60_000, "{last}");
+        assert!(clock.idle() < std::time::Duration::from_secs(60));
     }
 }

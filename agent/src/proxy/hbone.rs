@@ -35,7 +35,7 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::h2io::H2Stream;
+use super::h2io::{Clocked, H2Stream, ReadClock};
 use crate::identity::{self, Identity};
 
 /// Streams per pooled connection before another connection is opened.
@@ -52,9 +52,7 @@ pub const REAP_INTERVAL: Duration = Duration::from_secs(2);
 /// Interval of HTTP/2 keepalive pings.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// A keepalive ping not answered within this closes the connection.
-pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Bytes h2 buffers per stream beyond what the peer's window lets it send.
-const SEND_BUFFER: usize = 1 << 20;
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Largest HTTP/2 frame this side accepts.
 const MAX_FRAME: u32 = 1 << 20;
 /// HTTP/2 flow-control windows: the default 64 KiB would cap a stream at one window per round
@@ -410,18 +408,24 @@ async fn open_stream(
 /// Whether a sent request failed before the server processed it: the connection was going
 /// away (GOAWAY) or the server refused the stream. Such a request is safe to send again.
 fn never_processed(err: &h2::Error) -> bool {
-    err.is_go_away() || err.reason() == Some(h2::Reason::REFUSED_STREAM)
+    // A GOAWAY of our own making (the connection failed here) says nothing of what the server
+    // did with the stream; only the peer's, or its REFUSED_STREAM, does.
+    (err.is_go_away() && err.is_remote()) || err.reason() == Some(h2::Reason::REFUSED_STREAM)
 }
 
-/// Pings the peer every [`KEEPALIVE_INTERVAL`], idle or not; returns when a ping goes
+/// Pings the peer when the connection has read nothing for [`KEEPALIVE_INTERVAL`] (a busy
+/// connection needs no ping, and its ping would queue behind its data); returns when a ping goes
 /// unanswered for [`KEEPALIVE_TIMEOUT`] or the connection is gone.
-async fn keepalive(mut ping_pong: h2::PingPong) {
+async fn keepalive(mut ping_pong: h2::PingPong, reads: ReadClock) {
     let mut every = tokio::time::interval_at(
         tokio::time::Instant::now() + KEEPALIVE_INTERVAL,
         KEEPALIVE_INTERVAL,
     );
     loop {
         every.tick().await;
+        if reads.idle() < KEEPALIVE_INTERVAL {
+            continue;
+        }
         match tokio::time::timeout(KEEPALIVE_TIMEOUT, ping_pong.ping(h2::Ping::opaque())).await {
             Ok(Ok(_pong)) => {}
             Ok(Err(_)) | Err(_) => return,
@@ -440,13 +444,16 @@ async fn handshake(
             .connect(ServerName::IpAddress(peer.ip().into()), tcp)
             .await
             .map_err(|source| Error::Tls { peer, source })?;
+        let reads = ReadClock::new();
         let (sender, mut connection) = h2::client::Builder::new()
             .enable_push(false)
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
-            .max_send_buffer_size(SEND_BUFFER)
-            .handshake::<_, Bytes>(stream)
+            // A peer's answers are a status line: what the server accepts of requests.
+            .max_header_list_size(Limits::default().max_header_list_size)
+            .initial_max_send_streams(MAX_STREAMS)
+            .handshake::<_, Bytes>(Clocked::new(stream, reads.clone()))
             .await
             .map_err(|source| Error::Http { peer, source })?;
         let open = Arc::new(AtomicBool::new(true));
@@ -459,7 +466,7 @@ async fn handshake(
                         debug!(%peer, %err, "HBONE connection ended");
                     }
                 }
-                () = keepalive(pings) => debug!(%peer, "HBONE peer stopped answering pings"),
+                () = keepalive(pings, reads) => debug!(%peer, "HBONE peer stopped answering pings"),
             }
             ended.store(false, Ordering::Release);
         });
@@ -641,15 +648,15 @@ where
         }
     };
     let limits = server.limits;
+    let reads = ReadClock::new();
     let preface = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
-        .max_send_buffer_size(SEND_BUFFER)
         .max_concurrent_streams(limits.max_streams)
         .max_header_list_size(limits.max_header_list_size)
         .max_pending_accept_reset_streams(limits.max_pending_accept_reset_streams)
-        .handshake::<_, Bytes>(stream);
+        .handshake::<_, Bytes>(Clocked::new(stream, reads.clone()));
     // A client that finished TLS but never speaks HTTP/2 holds a socket and a task: as long as
     // a TLS handshake may take, no longer.
     let mut connection = match tokio::time::timeout(HANDSHAKE_TIMEOUT, preface).await {
@@ -667,7 +674,7 @@ where
         }
     };
     let pings = connection.ping_pong().expect("taken once, here");
-    let mut keepalive = std::pin::pin!(keepalive(pings));
+    let mut keepalive = std::pin::pin!(keepalive(pings, reads));
     let mut draining = false;
     loop {
         let accepted = tokio::select! {
