@@ -79,11 +79,21 @@ pub const NODE_LOCAL_CONGESTION_CONTROL: [&str; 2] = ["cubic", "reno"];
 /// on the bench's two-vCPU nodes that was the largest single cost of a bulk transfer. The
 /// tunnel between nodes crosses a real network: its algorithm is the operator's
 /// (`--tunnel-congestion-control`, by default the namespace's).
+///
+/// The first algorithm the kernel takes is remembered: later sockets (one per proxied
+/// connection) cost one `setsockopt`, not a failed one (and a module load attempted) first.
 pub fn unpace(socket: socket2::SockRef<'_>) -> io::Result<&'static str> {
+    static CHOSEN: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+    if let Some(name) = CHOSEN.get() {
+        socket
+            .set_tcp_congestion(name.as_bytes())
+            .map_err(|err| context(err, "set TCP_CONGESTION"))?;
+        return Ok(name);
+    }
     let mut last = None;
     for name in NODE_LOCAL_CONGESTION_CONTROL {
         match socket.set_tcp_congestion(name.as_bytes()) {
-            Ok(()) => return Ok(name),
+            Ok(()) => return Ok(CHOSEN.get_or_init(|| name)),
             Err(err) => last = Some(err),
         }
     }

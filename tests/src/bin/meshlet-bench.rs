@@ -117,8 +117,8 @@ struct Profile {
     #[arg(long, default_value = "throughput", requires = "only", value_parser = ["throughput", "pingpong", "connect-rate", "latency"])]
     what: String,
     /// How many times `--only` measures.
-    #[arg(long, default_value_t = 3, requires = "only")]
-    repeat: usize,
+    #[arg(long, default_value_t = 3, requires = "only", value_parser = clap::value_parser!(u32).range(1..))]
+    repeat: u32,
     /// Runs `perf <ARGS> -p <the path's proxies>` around the repetitions, stopped with SIGINT,
     /// e.g. `--perf 'record -g -o agents.data'` or `--perf 'stat -e context-switches'`.
     #[arg(long, requires = "only", allow_hyphen_values = true)]
@@ -1743,4 +1743,37 @@ fn connect(quick: bool) -> anyhow::Result<serde_json::Value> {
     Ok(
         serde_json::json!({ "in_pod_listener": local, "redirected": redirected, "direct_remote": direct }),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn profiling_flags_need_a_path_and_a_known_measurement() {
+        let parse = |args: &[&str]| {
+            Args::try_parse_from(["meshlet-bench", "tunnel"].iter().chain(args)).map(|a| a.scenario)
+        };
+        let Ok(Scenario::Tunnel { profile }) =
+            parse(&["--only", "meshlet", "--what", "pingpong", "--repeat", "2"])
+        else {
+            panic!("a well-formed profile was refused");
+        };
+        assert_eq!(
+            (
+                profile.only.as_deref(),
+                profile.what.as_str(),
+                profile.repeat
+            ),
+            (Some("meshlet"), "pingpong", 2)
+        );
+        for bad in [
+            &["--what", "pingpong"][..],
+            &["--perf", "stat"],
+            &["--only", "meshlet", "--what", "everything"],
+            &["--only", "meshlet", "--repeat", "0"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
 }
