@@ -27,12 +27,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use h2::{client::SendRequest, server::SendResponse};
 use http::{Method, Request, Response, StatusCode};
 use meshlet_common::INBOUND_HBONE_PORT;
 use rustls::pki_types::ServerName;
-use tokio::net::TcpStream;
+use tokio::{
+    io::{AsyncRead, AsyncReadExt as _},
+    net::TcpStream,
+};
 use tracing::debug;
 
 use super::h2io::{Clocked, H2Stream, ReadClock};
@@ -62,6 +65,10 @@ const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 
 /// A TLS or HTTP/2 handshake that takes longer than this is abandoned.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Client bytes sent with a CONNECT ahead of its answer, at most: see [`Pool::connect`].
+pub const EARLY_DATA: usize = 64 * 1024;
+/// Bytes read from the client at once while the answer is awaited (one TLS record's worth).
+const EARLY_READ: usize = 16 * 1024;
 
 /// Why an HBONE tunnel could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +116,15 @@ pub enum Error {
     /// No certificate for the source identity.
     #[error(transparent)]
     Identity(#[from] identity::Error),
+    /// Reading the client's first bytes failed (it reset its connection) before the tunnel
+    /// opened.
+    #[error("reading the client before {peer} answered: {source}")]
+    Client {
+        /// The peer's HBONE address.
+        peer: SocketAddr,
+        /// The underlying error.
+        source: io::Error,
+    },
 }
 
 /// HTTP/2 limits of one HBONE peer connection (server side), each a flag.
@@ -196,31 +212,38 @@ impl Pool {
     /// pooled connection with room, or dialing one from `netns` (the source pod's namespace)
     /// with `tls` (the source's certificate, expecting `key.destination`).
     ///
+    /// While the answer is awaited, what `client` sends (up to [`EARLY_DATA`] bytes) already
+    /// goes on the stream: a client that speaks first, as most do, has its request at the
+    /// destination one round trip sooner. The server holds those bytes in the stream's window
+    /// until it has admitted the CONNECT and connected the application; a refused CONNECT
+    /// (401, 503) never delivers them. The end of `client`'s stream is left for the copy.
+    ///
     /// A pooled connection whose peer is going away (it sent GOAWAY: the agent there hands
     /// over to its successor) refuses new streams without processing them; such a stream is
-    /// opened again on a new connection, once, and the old connection leaves the pool.
-    pub async fn connect<F, Fut>(
+    /// opened again on a new connection, once, with the client's bytes sent again, and the old
+    /// connection leaves the pool.
+    pub async fn connect<F, Fut, R>(
         &self,
         key: &PoolKey,
         authority: SocketAddr,
         forwarded_for: SocketAddr,
+        client: &mut R,
         dial: F,
     ) -> Result<Tunnel, Error>
     where
         F: FnOnce(SocketAddr) -> Fut,
         Fut: Future<Output = Result<(TcpStream, Arc<rustls::ClientConfig>), Error>>,
+        R: AsyncRead + Unpin + ?Sized,
     {
         let peer = SocketAddr::new(key.destination_ip, INBOUND_HBONE_PORT);
+        let mut early = Early::default();
+        let connect = Target {
+            peer,
+            authority,
+            forwarded_for,
+        };
         if let Some((sender, streams)) = self.checkout(key) {
-            match open_stream(
-                sender,
-                Slot(streams.clone()),
-                peer,
-                authority,
-                forwarded_for,
-            )
-            .await
-            {
+            match open_stream(sender, Slot(streams.clone()), &connect, client, &mut early).await {
                 Err(Opening::Unprocessed(source)) => {
                     debug!(%peer, %source, "pooled HBONE connection going away; dialling anew");
                     self.forget(key, &streams);
@@ -249,7 +272,7 @@ impl Pool {
                 last_used: Instant::now(),
                 open,
             });
-        open_stream(sender, Slot(streams), peer, authority, forwarded_for)
+        open_stream(sender, Slot(streams), &connect, client, &mut early)
             .await
             .map_err(|failed| failed.into_error(peer))
     }
@@ -365,27 +388,76 @@ impl Opening {
     }
 }
 
-/// Sends a CONNECT to `authority` on `sender` and waits for the tunnel; `slot` is the stream's
-/// place in its connection.
-async fn open_stream(
-    sender: SendRequest<Bytes>,
-    slot: Slot,
+/// Where a CONNECT goes: the peer's HBONE address, the authority asked for, and the client
+/// named in `Forwarded`.
+#[derive(Debug)]
+struct Target {
     peer: SocketAddr,
     authority: SocketAddr,
     forwarded_for: SocketAddr,
-) -> Result<Tunnel, Opening> {
+}
+
+/// The client bytes sent on a CONNECT stream ahead of its answer, kept until the answer comes:
+/// if the server never processed the stream, they are sent again on the next one.
+#[derive(Debug, Default)]
+struct Early {
+    chunks: Vec<Bytes>,
+    len: usize,
+    /// The client ended its stream (the copy will read that end again and pass it on).
+    ended: bool,
+}
+
+/// Sends a CONNECT to `to.authority` on `sender` and waits for the tunnel, sending `early`'s
+/// bytes and then what `client` sends meanwhile (see [`Pool::connect`]); `slot` is the stream's
+/// place in its connection.
+async fn open_stream<R>(
+    sender: SendRequest<Bytes>,
+    slot: Slot,
+    to: &Target,
+    client: &mut R,
+    early: &mut Early,
+) -> Result<Tunnel, Opening>
+where
+    R: AsyncRead + Unpin + ?Sized,
+{
+    let peer = to.peer;
     // Not yet sent: any failure here leaves the server untouched.
     let mut sender = sender.ready().await.map_err(Opening::Unprocessed)?;
     let request = Request::builder()
         .method(Method::CONNECT)
-        .uri(authority.to_string())
-        .header(http::header::FORWARDED, format!("for=\"{forwarded_for}\""))
+        .uri(to.authority.to_string())
+        .header(
+            http::header::FORWARDED,
+            format!("for=\"{}\"", to.forwarded_for),
+        )
         .body(())
         .expect("a CONNECT request from valid parts");
-    let (response, send) = sender
+    let (mut response, mut send) = sender
         .send_request(request, false)
         .map_err(Opening::Unprocessed)?;
-    let response = response.await.map_err(|source| {
+    // h2 queues data beyond the stream's send window; EARLY_DATA bounds the queue. A failed send
+    // (the stream or connection is gone) stops sending: the answer says what happened.
+    let mut sending = early
+        .chunks
+        .iter()
+        .all(|chunk| send.send_data(chunk.clone(), false).is_ok());
+    let response = loop {
+        let room = sending && !early.ended && early.len < EARLY_DATA;
+        tokio::select! {
+            biased;
+            response = &mut response => break response,
+            read = read_chunk(client, EARLY_DATA - early.len), if room => match read {
+                Ok(chunk) if chunk.is_empty() => early.ended = true,
+                Ok(chunk) => {
+                    early.len += chunk.len();
+                    sending = send.send_data(chunk.clone(), false).is_ok();
+                    early.chunks.push(chunk);
+                }
+                Err(source) => return Err(Opening::Failed(Error::Client { peer, source })),
+            },
+        }
+    };
+    let response = response.map_err(|source| {
         if never_processed(&source) {
             Opening::Unprocessed(source)
         } else {
@@ -395,7 +467,7 @@ async fn open_stream(
     if response.status() != StatusCode::OK {
         return Err(Opening::Failed(Error::Refused {
             peer,
-            authority,
+            authority: to.authority,
             status: response.status(),
         }));
     }
@@ -403,6 +475,17 @@ async fn open_stream(
         io: H2Stream::new(send, response.into_body()),
         _slot: slot,
     })
+}
+
+/// Reads what `reader` has, up to `limit` (and [`EARLY_READ`]) bytes; empty at its end.
+/// Cancel-safe: nothing read is lost if the future is dropped before it is ready.
+async fn read_chunk<R>(reader: &mut R, limit: usize) -> io::Result<Bytes>
+where
+    R: AsyncRead + Unpin + ?Sized,
+{
+    let mut chunk = BytesMut::with_capacity(limit.min(EARLY_READ));
+    reader.read_buf(&mut chunk).await?;
+    Ok(chunk.freeze())
 }
 
 /// Whether a sent request failed before the server processed it: the connection was going
@@ -798,6 +881,7 @@ async fn handle<A, Fut>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncWriteExt as _;
 
     fn request(method: &str, uri: &str, forwarded: Option<&[u8]>) -> Request<()> {
         let mut builder = Request::builder().method(method).uri(uri);
@@ -883,5 +967,190 @@ mod tests {
             parse_connect(&request("CONNECT", "10.0.0.1:80", Some(b"for=\xff\xfe"))),
             Err(BadRequest::Header("forwarded".into()))
         );
+    }
+
+    /// An h2 client over an in-memory pipe to a server whose first stream `serve` handles; the
+    /// server keeps driving its connection until the client's end goes.
+    async fn client_of<S, Fut>(serve: S) -> SendRequest<Bytes>
+    where
+        S: FnOnce(Request<h2::RecvStream>, SendResponse<Bytes>) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let mut connection = h2::server::handshake(server_io).await.unwrap();
+            if let Some(Ok((request, respond))) = connection.accept().await {
+                tokio::spawn(serve(request, respond));
+            }
+            while connection.accept().await.is_some() {}
+        });
+        let (sender, connection) = h2::client::handshake(client_io).await.unwrap();
+        tokio::spawn(connection);
+        sender
+    }
+
+    /// Reads `len` bytes of a request body, as a server holding its answer would.
+    async fn read_body(body: &mut h2::RecvStream, len: usize) -> Vec<u8> {
+        let mut read = Vec::new();
+        while read.len() < len {
+            let chunk = body.data().await.expect("more body").expect("a DATA frame");
+            body.flow_control().release_capacity(chunk.len()).unwrap();
+            read.extend_from_slice(&chunk);
+        }
+        read
+    }
+
+    fn answer(status: StatusCode) -> Response<()> {
+        Response::builder().status(status).body(()).unwrap()
+    }
+
+    fn target() -> Target {
+        Target {
+            peer: "10.0.0.2:15008".parse().unwrap(),
+            authority: "10.0.0.2:8080".parse().unwrap(),
+            forwarded_for: "10.0.0.1:40000".parse().unwrap(),
+        }
+    }
+
+    /// A client that has written `bytes` and keeps its connection open.
+    async fn speaking_client(bytes: &[u8]) -> (tokio::io::DuplexStream, tokio::io::DuplexStream) {
+        let (mut app, agent_end) = tokio::io::duplex(bytes.len() + 1024);
+        app.write_all(bytes).await.unwrap();
+        (app, agent_end)
+    }
+
+    #[tokio::test]
+    async fn what_the_client_sends_first_goes_ahead_of_the_answer() {
+        // The server reads the request's bytes before it answers: a client that waited for
+        // the answer to send them would never get one.
+        let sender = client_of(|request, mut respond| async move {
+            let mut body = request.into_body();
+            assert_eq!(read_body(&mut body, 5).await, b"hello");
+            let mut send = respond
+                .send_response(answer(StatusCode::OK), false)
+                .unwrap();
+            send.send_data(Bytes::from_static(b"world"), true).unwrap();
+        })
+        .await;
+        let (_app, mut client) = speaking_client(b"hello").await;
+        let mut early = Early::default();
+        let opened = tokio::time::timeout(
+            Duration::from_secs(10),
+            open_stream(
+                sender,
+                Slot(Arc::new(AtomicUsize::new(1))),
+                &target(),
+                &mut client,
+                &mut early,
+            ),
+        )
+        .await
+        .expect("the server answers once it has the client's bytes");
+        let mut tunnel = opened.expect("a tunnel");
+        assert_eq!(early.chunks.concat(), b"hello");
+        let mut back = Vec::new();
+        tunnel.io.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, b"world");
+    }
+
+    #[tokio::test]
+    async fn a_stream_the_server_never_processed_is_opened_again_with_the_clients_bytes() {
+        let refusing = client_of(|request, mut respond| async move {
+            let mut body = request.into_body();
+            assert_eq!(read_body(&mut body, 5).await, b"hello");
+            respond.send_reset(h2::Reason::REFUSED_STREAM);
+        })
+        .await;
+        let (mut app, mut client) = speaking_client(b"hello").await;
+        let mut early = Early::default();
+        let refused = open_stream(
+            refusing,
+            Slot(Arc::new(AtomicUsize::new(1))),
+            &target(),
+            &mut client,
+            &mut early,
+        )
+        .await;
+        assert!(
+            matches!(refused, Err(Opening::Unprocessed(ref err)) if err.reason() == Some(h2::Reason::REFUSED_STREAM)),
+            "{refused:?}"
+        );
+        // What the client sends meanwhile follows the bytes sent again.
+        app.write_all(b" again").await.unwrap();
+        let (got, heard) = tokio::sync::oneshot::channel();
+        let accepting = client_of(|request, mut respond| async move {
+            let mut body = request.into_body();
+            let _ = got.send(read_body(&mut body, 11).await);
+            let _send = respond
+                .send_response(answer(StatusCode::OK), false)
+                .unwrap();
+        })
+        .await;
+        let opened = open_stream(
+            accepting,
+            Slot(Arc::new(AtomicUsize::new(1))),
+            &target(),
+            &mut client,
+            &mut early,
+        )
+        .await;
+        assert!(opened.is_ok(), "{:?}", opened.err());
+        assert_eq!(heard.await.unwrap(), b"hello again");
+    }
+
+    #[tokio::test]
+    async fn a_refused_connect_fails_with_its_status_though_bytes_went_ahead() {
+        let sender = client_of(|request, mut respond| async move {
+            let mut body = request.into_body();
+            assert_eq!(read_body(&mut body, 5).await, b"hello");
+            let _ = respond.send_response(answer(StatusCode::UNAUTHORIZED), true);
+        })
+        .await;
+        let (_app, mut client) = speaking_client(b"hello").await;
+        let refused = open_stream(
+            sender,
+            Slot(Arc::new(AtomicUsize::new(1))),
+            &target(),
+            &mut client,
+            &mut Early::default(),
+        )
+        .await;
+        assert!(
+            matches!(
+                refused,
+                Err(Opening::Failed(Error::Refused { status, .. })) if status == StatusCode::UNAUTHORIZED
+            ),
+            "{refused:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn no_more_than_early_data_goes_ahead_of_the_answer() {
+        let (got, heard) = tokio::sync::oneshot::channel();
+        let sender = client_of(|request, mut respond| async move {
+            let mut body = request.into_body();
+            let _ = got.send(read_body(&mut body, EARLY_DATA).await);
+            // Only what was sent ahead is in the window now: more arrives after the answer.
+            let _send = respond
+                .send_response(answer(StatusCode::OK), false)
+                .unwrap();
+        })
+        .await;
+        let (_app, mut client) = speaking_client(&vec![7u8; EARLY_DATA + 1000]).await;
+        let mut early = Early::default();
+        let opened = open_stream(
+            sender,
+            Slot(Arc::new(AtomicUsize::new(1))),
+            &target(),
+            &mut client,
+            &mut early,
+        )
+        .await;
+        assert!(opened.is_ok(), "{:?}", opened.err());
+        assert_eq!(early.len, EARLY_DATA);
+        assert_eq!(heard.await.unwrap().len(), EARLY_DATA);
+        // The rest is still the client's, for the copy.
+        let mut rest = vec![0; 1000];
+        client.read_exact(&mut rest).await.unwrap();
     }
 }

@@ -171,7 +171,15 @@ async fn carry(
         Route::Hbone { target, identity } => {
             // Boxed, so that this task, which lives as long as the connection, is sized for
             // copying rather than for opening (see `hbone::Pool::connect`).
-            let tunnel = Box::pin(open_tunnel(proxy, pod, peer, *target, identity)).await;
+            let tunnel = Box::pin(open_tunnel(
+                proxy,
+                pod,
+                peer,
+                *target,
+                identity,
+                &mut stream,
+            ))
+            .await;
             match tunnel {
                 Ok(mut tunnel) => super::copy(&mut stream, &mut tunnel.io).await,
                 Err(err) => {
@@ -246,13 +254,15 @@ async fn same_node(
 }
 
 /// Opens an HBONE stream to `target` for `pod`, over a connection of the pod's own pool
-/// (dialled from its namespace, so the server sees its address).
+/// (dialled from its namespace, so the server sees its address). What the client sends
+/// meanwhile goes ahead of the answer ([`hbone::Pool::connect`]).
 async fn open_tunnel(
     proxy: &Proxy,
     pod: &PodContext,
     peer: SocketAddr,
     target: SocketAddr,
     identity: &identity::Identity,
+    client: &mut crate::metrics::Counted<TcpStream>,
 ) -> Result<hbone::Tunnel, hbone::Error> {
     let key = hbone::PoolKey {
         source_pod: pod.uid.clone(),
@@ -266,18 +276,24 @@ async fn open_tunnel(
     let expected = identity.clone();
     proxy
         .pool
-        .connect(&key, target, forwarded_for, |hbone_peer| async move {
-            let tcp = proxy
-                .connect_in(&netns, hbone_peer, None, Leg::Tunnel)
-                .await
-                .map_err(|source| hbone::Error::Connect {
-                    peer: hbone_peer,
-                    source,
-                })?;
-            let certified = proxy.identities.certified(&source).await?;
-            let roots = proxy.identities.roots().current();
-            let tls = identity::client_config(&certified, expected, roots)?;
-            Ok((tcp, tls))
-        })
+        .connect(
+            &key,
+            target,
+            forwarded_for,
+            client,
+            |hbone_peer| async move {
+                let tcp = proxy
+                    .connect_in(&netns, hbone_peer, None, Leg::Tunnel)
+                    .await
+                    .map_err(|source| hbone::Error::Connect {
+                        peer: hbone_peer,
+                        source,
+                    })?;
+                let certified = proxy.identities.certified(&source).await?;
+                let roots = proxy.identities.roots().current();
+                let tls = identity::client_config(&certified, expected, roots)?;
+                Ok((tcp, tls))
+            },
+        )
         .await
 }
