@@ -10,7 +10,9 @@
 //! destination IP) — never shared between two pods, even of one service account — at most
 //! [`MAX_STREAMS`] streams each, closed after [`IDLE_TIMEOUT`] idle (all but one per key after
 //! [`SPARE_IDLE_TIMEOUT`]), with HTTP/2 keepalive
-//! pings. [`serve_connection`] is the server side of one accepted 15008 connection, and
+//! pings. The client does not wait for the `200` to send: what the application sends first (at
+//! most [`EARLY_DATA`]) goes on the stream with the request, and the server holds it unread in
+//! the stream's window until it has admitted the CONNECT and connected the application. [`serve_connection`] is the server side of one accepted 15008 connection, and
 //! [`parse_connect`] the validation of one request (pure, fuzzed). Both sides drive `h2`
 //! directly, each stream a [`H2Stream`] for the one copy path (why not hyper's upgrades: see
 //! [`super::h2io`]).

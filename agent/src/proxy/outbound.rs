@@ -182,6 +182,9 @@ async fn carry(
             .await;
             match tunnel {
                 Ok(mut tunnel) => super::copy(&mut stream, &mut tunnel.io).await,
+                // The client went away while the answer was awaited: its own doing, recorded
+                // as a copy that failed, not as the destination's failure.
+                Err(hbone::Error::Client { source, .. }) => Err(source),
                 Err(err) => {
                     debug!(pod = %pod.key, %destination, %err, "HBONE failed");
                     let flags = match err {
