@@ -1014,6 +1014,16 @@ mod tests {
         }
     }
 
+    /// Opens a stream on `sender`, the first of its connection, for `client`.
+    async fn open(
+        sender: SendRequest<Bytes>,
+        client: &mut tokio::io::DuplexStream,
+        early: &mut Early,
+    ) -> Result<Tunnel, Opening> {
+        let slot = Slot(Arc::new(AtomicUsize::new(1)));
+        open_stream(sender, slot, &target(), client, early).await
+    }
+
     /// A client that has written `bytes` and keeps its connection open.
     async fn speaking_client(bytes: &[u8]) -> (tokio::io::DuplexStream, tokio::io::DuplexStream) {
         let (mut app, agent_end) = tokio::io::duplex(bytes.len() + 1024);
@@ -1038,13 +1048,7 @@ mod tests {
         let mut early = Early::default();
         let opened = tokio::time::timeout(
             Duration::from_secs(10),
-            open_stream(
-                sender,
-                Slot(Arc::new(AtomicUsize::new(1))),
-                &target(),
-                &mut client,
-                &mut early,
-            ),
+            open(sender, &mut client, &mut early),
         )
         .await
         .expect("the server answers once it has the client's bytes");
@@ -1065,14 +1069,7 @@ mod tests {
         .await;
         let (mut app, mut client) = speaking_client(b"hello").await;
         let mut early = Early::default();
-        let refused = open_stream(
-            refusing,
-            Slot(Arc::new(AtomicUsize::new(1))),
-            &target(),
-            &mut client,
-            &mut early,
-        )
-        .await;
+        let refused = open(refusing, &mut client, &mut early).await;
         assert!(
             matches!(refused, Err(Opening::Unprocessed(ref err)) if err.reason() == Some(h2::Reason::REFUSED_STREAM)),
             "{refused:?}"
@@ -1088,14 +1085,7 @@ mod tests {
                 .unwrap();
         })
         .await;
-        let opened = open_stream(
-            accepting,
-            Slot(Arc::new(AtomicUsize::new(1))),
-            &target(),
-            &mut client,
-            &mut early,
-        )
-        .await;
+        let opened = open(accepting, &mut client, &mut early).await;
         assert!(opened.is_ok(), "{:?}", opened.err());
         assert_eq!(heard.await.unwrap(), b"hello again");
     }
@@ -1109,14 +1099,7 @@ mod tests {
         })
         .await;
         let (_app, mut client) = speaking_client(b"hello").await;
-        let refused = open_stream(
-            sender,
-            Slot(Arc::new(AtomicUsize::new(1))),
-            &target(),
-            &mut client,
-            &mut Early::default(),
-        )
-        .await;
+        let refused = open(sender, &mut client, &mut Early::default()).await;
         assert!(
             matches!(
                 refused,
@@ -1140,14 +1123,7 @@ mod tests {
         .await;
         let (_app, mut client) = speaking_client(&vec![7u8; EARLY_DATA + 1000]).await;
         let mut early = Early::default();
-        let opened = open_stream(
-            sender,
-            Slot(Arc::new(AtomicUsize::new(1))),
-            &target(),
-            &mut client,
-            &mut early,
-        )
-        .await;
+        let opened = open(sender, &mut client, &mut early).await;
         assert!(opened.is_ok(), "{:?}", opened.err());
         assert_eq!(early.len, EARLY_DATA);
         assert_eq!(heard.await.unwrap().len(), EARLY_DATA);
