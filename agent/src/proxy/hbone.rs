@@ -12,7 +12,8 @@
 //! [`SPARE_IDLE_TIMEOUT`]), with HTTP/2 keepalive
 //! pings. The client does not wait for the `200` to send: what the application sends first (at
 //! most [`EARLY_DATA`]) goes on the stream with the request, and the server holds it unread in
-//! the stream's window until it has admitted the CONNECT and connected the application. [`serve_connection`] is the server side of one accepted 15008 connection, and
+//! the stream's window until it has admitted the CONNECT and connected the application.
+//! [`serve_connection`] is the server side of one accepted 15008 connection, and
 //! [`parse_connect`] the validation of one request (pure, fuzzed). Both sides drive `h2`
 //! directly, each stream a [`H2Stream`] for the one copy path (why not hyper's upgrades: see
 //! [`super::h2io`]).
@@ -29,7 +30,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut as _, Bytes, BytesMut};
 use h2::{client::SendRequest, server::SendResponse};
 use http::{Method, Request, Response, StatusCode};
 use meshlet_common::INBOUND_HBONE_PORT;
@@ -239,13 +240,13 @@ impl Pool {
     {
         let peer = SocketAddr::new(key.destination_ip, INBOUND_HBONE_PORT);
         let mut early = Early::default();
-        let connect = Target {
+        let target = Target {
             peer,
             authority,
             forwarded_for,
         };
         if let Some((sender, streams)) = self.checkout(key) {
-            match open_stream(sender, Slot(streams.clone()), &connect, client, &mut early).await {
+            match open_stream(sender, Slot(streams.clone()), &target, client, &mut early).await {
                 Err(Opening::Unprocessed(source)) => {
                     debug!(%peer, %source, "pooled HBONE connection going away; dialling anew");
                     self.forget(key, &streams);
@@ -274,7 +275,7 @@ impl Pool {
                 last_used: Instant::now(),
                 open,
             });
-        open_stream(sender, Slot(streams), &connect, client, &mut early)
+        open_stream(sender, Slot(streams), &target, client, &mut early)
             .await
             .map_err(|failed| failed.into_error(peer))
     }
@@ -443,12 +444,14 @@ where
         .chunks
         .iter()
         .all(|chunk| send.send_data(chunk.clone(), false).is_ok());
+    // One allocation per opening: each chunk read is split off it, the rest read into.
+    let mut buf = BytesMut::new();
     let response = loop {
         let room = sending && !early.ended && early.len < EARLY_DATA;
         tokio::select! {
             biased;
             response = &mut response => break response,
-            read = read_chunk(client, EARLY_DATA - early.len), if room => match read {
+            read = read_chunk(client, &mut buf, EARLY_DATA - early.len), if room => match read {
                 Ok(chunk) if chunk.is_empty() => early.ended = true,
                 Ok(chunk) => {
                     early.len += chunk.len();
@@ -479,15 +482,18 @@ where
     })
 }
 
-/// Reads what `reader` has, up to `limit` (and [`EARLY_READ`]) bytes; empty at its end.
-/// Cancel-safe: nothing read is lost if the future is dropped before it is ready.
-async fn read_chunk<R>(reader: &mut R, limit: usize) -> io::Result<Bytes>
+/// Reads what `reader` has, up to `limit` bytes, into `buf`'s spare room ([`EARLY_READ`] when
+/// it has none) and splits it off; empty at the reader's end. Cancel-safe: nothing read is
+/// lost if the future is dropped before it is ready.
+async fn read_chunk<R>(reader: &mut R, buf: &mut BytesMut, limit: usize) -> io::Result<Bytes>
 where
     R: AsyncRead + Unpin + ?Sized,
 {
-    let mut chunk = BytesMut::with_capacity(limit.min(EARLY_READ));
-    reader.read_buf(&mut chunk).await?;
-    Ok(chunk.freeze())
+    if buf.capacity() == 0 {
+        buf.reserve(EARLY_READ);
+    }
+    reader.read_buf(&mut (&mut *buf).limit(limit)).await?;
+    Ok(buf.split().freeze())
 }
 
 /// Whether a sent request failed before the server processed it: the connection was going
@@ -1017,7 +1023,7 @@ mod tests {
     /// Opens a stream on `sender`, the first of its connection, for `client`.
     async fn open(
         sender: SendRequest<Bytes>,
-        client: &mut tokio::io::DuplexStream,
+        client: &mut (impl AsyncRead + Unpin),
         early: &mut Early,
     ) -> Result<Tunnel, Opening> {
         let slot = Slot(Arc::new(AtomicUsize::new(1)));
@@ -1088,6 +1094,38 @@ mod tests {
         let opened = open(accepting, &mut client, &mut early).await;
         assert!(opened.is_ok(), "{:?}", opened.err());
         assert_eq!(heard.await.unwrap(), b"hello again");
+    }
+
+    /// A client whose connection was reset.
+    struct Resetting;
+
+    impl AsyncRead for Resetting {
+        fn poll_read(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            _: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_reset_while_the_answer_is_awaited_fails_as_the_clients() {
+        let sender = client_of(|_request, respond| async move {
+            // Never answers.
+            let _respond = respond;
+            std::future::pending::<()>().await;
+        })
+        .await;
+        let failed = open(sender, &mut Resetting, &mut Early::default()).await;
+        assert!(
+            matches!(
+                failed,
+                Err(Opening::Failed(Error::Client { ref source, .. }))
+                    if source.kind() == io::ErrorKind::ConnectionReset
+            ),
+            "{failed:?}"
+        );
     }
 
     #[tokio::test]
