@@ -40,11 +40,23 @@ pub fn level_handle() -> Option<LevelHandle> {
     LEVEL.get().cloned()
 }
 
+/// The filter layer every subscriber of the agent starts from, and the handle that changes it
+/// while the agent runs.
+pub(crate) fn reloadable(
+    filter: EnvFilter,
+) -> (
+    tracing_subscriber::reload::Layer<EnvFilter, tracing_subscriber::Registry>,
+    LevelHandle,
+) {
+    let (layer, handle) = tracing_subscriber::reload::Layer::new(filter);
+    (layer, LevelHandle(handle))
+}
+
 /// Installs the global subscriber. Logs go to stderr; stdout stays free for command output.
 pub fn init(format: LogFormat) {
     use tracing_subscriber::{layer::SubscriberExt as _, util::SubscriberInitExt as _};
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let (filter, handle) = reloadable(filter);
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none();
     let registry = tracing_subscriber::registry().with(filter);
@@ -63,6 +75,6 @@ pub fn init(format: LogFormat) {
             .try_init(),
     };
     if installed.is_ok() {
-        let _ = LEVEL.set(LevelHandle(handle));
+        let _ = LEVEL.set(handle);
     }
 }

@@ -136,6 +136,11 @@ fn the_kube_source_enrolls_labelled_pods_and_recovers_from_a_lost_watch() {
         Duration::from_secs(15),
         || ready(readiness) == 200,
     );
+    wait_for(
+        "redirection annotation on the pod enrolled after the relist",
+        Duration::from_secs(5),
+        || redirection_annotation(&api, "late").as_deref() == Some("enabled"),
+    );
 
     // The watch drops again, with no compaction: the agent resumes and follows changes.
     api.drop_watches();
@@ -162,6 +167,18 @@ fn the_kube_source_enrolls_labelled_pods_and_recovers_from_a_lost_watch() {
         "both redirection annotations on the pod Istio's label enrolled",
         Duration::from_secs(5),
         || redirection_annotation(&api, "late").as_deref() == Some("enabled"),
+    );
+
+    // Istio's opt-out on the pod itself wins over its namespace's label. The pod is changed as
+    // kubectl label would, so the annotations written go only if the agent removes them.
+    let mut late = api.get("Pod", "demo", "late").expect("pod late");
+    late["metadata"]["labels"]["istio.io/dataplane-mode"] = "none".into();
+    api.apply(late);
+    wait_enrolled(&cluster.bpffs_dir(0), vec![], Duration::from_secs(10));
+    wait_for(
+        "redirection annotations removed from the pod that opted out",
+        Duration::from_secs(5),
+        || redirection_annotation(&api, "late").is_none(),
     );
     let _ = std::fs::remove_file(&kubeconfig);
 }

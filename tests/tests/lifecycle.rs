@@ -467,8 +467,31 @@ fn after_a_crash_the_next_agent_reports_what_died_and_how_fast_it_is_ready() {
     let load = client.load(to, 100, 400);
     mesh.agents[1].signal(libc::SIGKILL);
     mesh.agents[1].wait_exit(Duration::from_secs(5));
+    // While no agent runs, a plaintext client outside the mesh finds no listener in the pod:
+    // the pinned sk_lookup program drops its SYN (fail closed) and says so through aya-log, in
+    // the pinned ring the next agent reads.
+    let unserved = cluster
+        .pod("bystander")
+        .connect_with(to, 10, &["--timeout-ms", "300"]);
+    assert!(
+        unserved.error.is_some() && unserved.echoed == 0,
+        "nothing serves the pod: {unserved:?}"
+    );
     let agent = cluster.start_agent(1, &["--source", &source(&mesh)]);
     agent.wait_for_log("initial enrollment pass done", 1, Duration::from_secs(30));
+    let dropped = format!(
+        "sk_lookup: no listener for [::ffff:{}]:8080; dropped (fail closed)",
+        cluster.pod("server").ipv4
+    );
+    agent.wait_for_log(&dropped, 1, Duration::from_secs(5));
+    assert!(
+        agent
+            .log()
+            .lines()
+            .any(|line| line.contains(&dropped) && line.contains("WARN meshlet::ebpf")),
+        "logged at its level under meshlet::ebpf: {}",
+        agent.log()
+    );
     let log = agent.log();
     assert_eq!(
         logged(&log, "initial enrollment pass done", "predecessor_crashed"),

@@ -216,6 +216,56 @@ mod tests {
         );
     }
 
+    /// What a subscriber wrote, shared with the test.
+    #[derive(Clone, Default)]
+    struct Written(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Written {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            lock(&self.0).extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn events_are_logged_under_meshlet_ebpf_at_the_level_the_running_agent_is_set_to() {
+        use tracing_subscriber::{EnvFilter, layer::SubscriberExt as _};
+        let (filter, level) = crate::telemetry::reloadable(EnvFilter::new("info"));
+        let written = Written::default();
+        let writer = written.clone();
+        let subscriber = tracing_subscriber::registry().with(filter).with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_writer(move || writer.clone()),
+        );
+        let forward = Forward {
+            state: Arc::new(State::default()),
+        };
+        tracing::subscriber::with_default(subscriber, || {
+            record(&forward, 10, "shown at info");
+            // What `/logging?level=info,meshlet::ebpf=error` does.
+            level.set("info,meshlet::ebpf=error").unwrap();
+            record(&forward, 20, "hidden at error");
+            level.set("info").unwrap();
+            record(&forward, 30, "shown again");
+        });
+        let written = String::from_utf8(lock(&written.0).clone()).unwrap();
+        let lines: Vec<&str> = written.lines().collect();
+        assert_eq!(lines.len(), 2, "{written}");
+        assert!(
+            lines[0].contains("WARN meshlet::ebpf: shown at info folded=0"),
+            "{written}"
+        );
+        assert!(
+            lines[1].contains("WARN meshlet::ebpf: shown again folded=0"),
+            "{written}"
+        );
+    }
+
     #[test]
     fn a_burst_from_one_place_is_one_entry_whatever_it_carries_and_ends_reported() {
         let state = Arc::new(State::default());
