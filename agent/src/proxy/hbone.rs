@@ -850,12 +850,14 @@ async fn handle<A, Fut>(
         authority,
         forwarded,
     };
+    // Boxed: admission (policy, the dial into the pod) would otherwise size this task, which
+    // lives as long as the connection, for its largest step rather than for copying.
     let Upstream {
         stream: mut upstream,
         live,
         mut record,
         permit: _permit,
-    } = match admit(connect).await {
+    } = match Box::pin(admit(connect)).await {
         Admission::Reject(status, reason) => {
             debug!(%peer, %authority, %status, %reason, "CONNECT rejected");
             let _ = respond.send_response(response(status), true);

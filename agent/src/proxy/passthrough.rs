@@ -89,7 +89,8 @@ async fn carry_inbound(stream: TcpStream, peer: SocketAddr, proxy: &Proxy, pod: 
         destination_pod: pod.key.clone(),
         destination,
     });
-    let mut upstream = match proxy.connect_to_application(pod, destination, peer).await {
+    // Boxed, as admission on the HBONE side: the dial must not size this long-lived task.
+    let mut upstream = match Box::pin(proxy.connect_to_application(pod, destination, peer)).await {
         Ok(upstream) => upstream,
         Err(err) => {
             record.fail(Flags::Connect, format!("connect to the application: {err}"));
