@@ -318,6 +318,15 @@ impl Pod {
         SocketAddr::new(ip, port)
     }
 
+    /// What the `sk_lookup` program logs (aya-log) when it drops a connection to this pod's
+    /// IPv4 `port` because the pod has no proxy listener (fail closed).
+    pub fn dropped_without_listener(&self, port: u16) -> String {
+        format!(
+            "sk_lookup: no listener for [::ffff:{}]:{port}; dropped (fail closed)",
+            self.ipv4
+        )
+    }
+
     /// The cookie the kernel (and the eBPF programs) know this pod's network namespace by.
     pub fn netns_cookie(&self) -> u64 {
         self.netns.open().cookie().expect("netns cookie")

@@ -317,10 +317,7 @@ fn a_pod_without_a_listener_drops_inbound_and_the_program_reports_it_through_aya
         refused.error.is_some() && refused.echoed == 0,
         "fail closed: the SYN is dropped, so the connect times out: {refused:?}"
     );
-    let expected = format!(
-        "sk_lookup: no listener for [::ffff:{}]:8080; dropped (fail closed)",
-        server.ipv4
-    );
+    let expected = server.dropped_without_listener(8080);
     wait_until("the refusal in the eBPF log", || {
         let mut log = log.lock().unwrap();
         log.flush();
