@@ -23,6 +23,11 @@ use prometheus::{
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::{
+    identity::Identity,
+    workload::{model::Pod, naming::WorkloadNames},
+};
+
 /// Istio's connection labels, in ztunnel's order.
 const CONNECTION_LABELS: [&str; 23] = [
     "reporter",
@@ -54,66 +59,82 @@ const CONNECTION_LABELS: [&str; 23] = [
 pub const UNKNOWN: &str = "unknown";
 
 /// One end of a connection, as Istio's labels (and the access log) name it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Every open connection holds two, so a peer owns no strings: the pod's names are computed
+/// once per pod ([`Pod::names`]) and shared, the principal is the connection's
+/// [`Identity`] and the cluster the agent's. Cloning one is three reference counts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Peer {
-    /// The pod's own name, for the access log (never a label: it would make a series per pod).
-    pub pod: String,
-    /// The owning workload ([`crate::workload::naming`]).
-    pub workload: String,
-    /// The namespace.
-    pub namespace: String,
-    /// The canonical service (also `*_app`).
-    pub canonical_service: String,
-    /// The canonical revision (also `*_version`).
-    pub canonical_revision: String,
-    /// The SPIFFE identity: verified for the peer of a tunnel, `unknown` in plaintext.
-    pub principal: String,
-    /// The cluster (`--cluster-id`).
-    pub cluster: String,
-}
-
-impl Default for Peer {
-    fn default() -> Self {
-        let unknown = || UNKNOWN.to_owned();
-        Self {
-            pod: unknown(),
-            workload: unknown(),
-            namespace: unknown(),
-            canonical_service: unknown(),
-            canonical_revision: unknown(),
-            principal: unknown(),
-            cluster: unknown(),
-        }
-    }
+    /// The pod's names; `None` outside the cluster (every name `unknown`).
+    names: Option<Arc<WorkloadNames>>,
+    /// The SPIFFE identity: verified for the peer of a tunnel, `None` (`unknown`) in plaintext.
+    principal: Option<Identity>,
+    /// The cluster (`--cluster-id`) of a pod of this cluster.
+    cluster: Option<Arc<str>>,
 }
 
 impl Peer {
     /// The peer `pod` of `cluster`, with its principal `unknown` until it is proven.
-    pub fn of(pod: &crate::workload::model::Pod, cluster: &str) -> Self {
-        let names = crate::workload::naming::WorkloadNames::of(pod);
+    pub fn of(pod: &Pod, cluster: &Arc<str>) -> Self {
         Self {
-            pod: pod.key.name.clone(),
-            workload: names.workload,
-            namespace: pod.key.namespace.clone(),
-            canonical_service: names.canonical_service,
-            canonical_revision: names.canonical_revision,
-            principal: UNKNOWN.to_owned(),
-            cluster: cluster.to_owned(),
+            names: Some(pod.names().clone()),
+            principal: None,
+            cluster: Some(cluster.clone()),
         }
     }
 
     /// The peer, with `principal`.
-    pub fn with_principal(mut self, principal: impl ToString) -> Self {
-        self.principal = principal.to_string();
-        self
+    pub fn with_principal(self, principal: Identity) -> Self {
+        Self {
+            principal: Some(principal),
+            ..self
+        }
+    }
+
+    /// The pod's own name, for the access log (never a label: it would make a series per pod).
+    pub fn pod(&self) -> &str {
+        self.names.as_ref().map_or(UNKNOWN, |n| &n.pod)
+    }
+
+    /// The owning workload ([`crate::workload::naming`]).
+    pub fn workload(&self) -> &str {
+        self.names.as_ref().map_or(UNKNOWN, |n| &n.workload)
+    }
+
+    /// The namespace.
+    pub fn namespace(&self) -> &str {
+        self.names.as_ref().map_or(UNKNOWN, |n| &n.namespace)
+    }
+
+    /// The canonical service (also `*_app`).
+    pub fn canonical_service(&self) -> &str {
+        self.names
+            .as_ref()
+            .map_or(UNKNOWN, |n| &n.canonical_service)
+    }
+
+    /// The canonical revision (also `*_version`).
+    pub fn canonical_revision(&self) -> &str {
+        self.names
+            .as_ref()
+            .map_or(UNKNOWN, |n| &n.canonical_revision)
+    }
+
+    /// The SPIFFE identity, `unknown` when none was proven.
+    pub fn principal(&self) -> &str {
+        self.principal.as_ref().map_or(UNKNOWN, Identity::as_str)
+    }
+
+    /// The cluster.
+    pub fn cluster(&self) -> &str {
+        self.cluster.as_deref().unwrap_or(UNKNOWN)
     }
 
     /// `namespace/pod` for the access log, `unknown` outside the cluster.
     pub fn pod_key(&self) -> std::borrow::Cow<'_, str> {
-        if self.pod == UNKNOWN {
-            UNKNOWN.into()
-        } else {
-            format!("{}/{}", self.namespace, self.pod).into()
+        match &self.names {
+            Some(n) => format!("{}/{}", n.namespace, n.pod).into(),
+            None => UNKNOWN.into(),
         }
     }
 }
@@ -140,6 +161,13 @@ impl Default for ServiceName {
 }
 
 impl ServiceName {
+    /// No Service (a pod addressed directly): shared by every such connection.
+    pub fn unknown() -> Arc<Self> {
+        static UNKNOWN_SERVICE: std::sync::LazyLock<Arc<ServiceName>> =
+            std::sync::LazyLock::new(|| Arc::new(ServiceName::default()));
+        UNKNOWN_SERVICE.clone()
+    }
+
     /// The Service `key`, in the cluster DNS domain `domain`.
     pub fn new(key: &crate::workload::model::ObjectKey, domain: &str) -> Self {
         Self {
@@ -156,9 +184,9 @@ pub struct ConnectionLabels {
     /// `source` or `destination`: which end's agent reports.
     pub reporter: &'static str,
     /// The client.
-    pub source: Arc<Peer>,
+    pub source: Peer,
     /// The server.
-    pub destination: Arc<Peer>,
+    pub destination: Peer,
     /// The Service addressed, `unknown` when a pod was addressed directly.
     pub service: Arc<ServiceName>,
     /// `tcp`.
@@ -174,9 +202,9 @@ impl Default for ConnectionLabels {
     fn default() -> Self {
         Self {
             reporter: "source",
-            source: Arc::default(),
-            destination: Arc::default(),
-            service: Arc::default(),
+            source: Peer::default(),
+            destination: Peer::default(),
+            service: ServiceName::unknown(),
             request_protocol: "tcp",
             connection_security_policy: UNKNOWN,
             response_flags: "-",
@@ -186,28 +214,28 @@ impl Default for ConnectionLabels {
 
 impl ConnectionLabels {
     fn values(&self) -> [&str; 23] {
-        let (s, d, svc) = (&*self.source, &*self.destination, &*self.service);
+        let (s, d, svc) = (&self.source, &self.destination, &*self.service);
         [
             self.reporter,
-            &s.workload,
-            &s.canonical_service,
-            &s.canonical_revision,
-            &s.namespace,
-            &s.principal,
-            &s.canonical_service,
-            &s.canonical_revision,
-            &s.cluster,
+            s.workload(),
+            s.canonical_service(),
+            s.canonical_revision(),
+            s.namespace(),
+            s.principal(),
+            s.canonical_service(),
+            s.canonical_revision(),
+            s.cluster(),
             &svc.host,
             &svc.namespace,
             &svc.name,
-            &d.workload,
-            &d.canonical_service,
-            &d.canonical_revision,
-            &d.namespace,
-            &d.principal,
-            &d.canonical_service,
-            &d.canonical_revision,
-            &d.cluster,
+            d.workload(),
+            d.canonical_service(),
+            d.canonical_revision(),
+            d.namespace(),
+            d.principal(),
+            d.canonical_service(),
+            d.canonical_revision(),
+            d.cluster(),
             self.request_protocol,
             self.response_flags,
             self.connection_security_policy,
@@ -221,7 +249,7 @@ impl ConnectionLabels {
 pub struct Telemetry {
     /// This cluster's name in `source_cluster` and `destination_cluster` (`--cluster-id`, as
     /// istiod's `CLUSTER_ID`).
-    pub cluster_id: String,
+    pub cluster_id: Arc<str>,
     /// The cluster DNS domain of `destination_service` (`--cluster-domain`).
     pub cluster_domain: String,
     /// How long the series of a workload stay after its last pod is gone
@@ -232,7 +260,7 @@ pub struct Telemetry {
 impl Default for Telemetry {
     fn default() -> Self {
         Self {
-            cluster_id: "Kubernetes".to_owned(),
+            cluster_id: "Kubernetes".into(),
             cluster_domain: "cluster.local".to_owned(),
             series_grace: Duration::from_secs(300),
         }
@@ -630,7 +658,7 @@ pub async fn sweep_gone_workloads(
 
 /// The workloads the live pods of `pods` make up, as (namespace, name): a workload whose pods
 /// have all finished (a Job's) is gone.
-pub fn live_workloads(pods: &[Arc<crate::workload::model::Pod>]) -> HashSet<(String, String)> {
+pub fn live_workloads(pods: &[Arc<Pod>]) -> HashSet<(String, String)> {
     pods.iter()
         .filter(|pod| pod.is_live())
         .map(|pod| {
@@ -732,16 +760,13 @@ mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     use super::*;
-    use crate::workload::model::{ObjectKey, Pod};
+    use crate::workload::model::ObjectKey;
 
     #[tokio::test]
     async fn counts_bytes_as_they_pass_and_renders_istio_names() {
         let metrics = Metrics::new();
         let labels = ConnectionLabels {
-            source: Arc::new(Peer {
-                workload: "client".into(),
-                ..Peer::default()
-            }),
+            source: Peer::of(&Pod::fixture("shop", "client", &[]), &"east".into()),
             connection_security_policy: "mutual_tls",
             ..Default::default()
         };
@@ -791,8 +816,8 @@ mod tests {
     fn connection(metrics: &Metrics, from: &Pod, to: &Pod, closed_as: &'static str) {
         let mut labels = ConnectionLabels {
             reporter: "destination",
-            source: Arc::new(Peer::of(from, "Kubernetes")),
-            destination: Arc::new(Peer::of(to, "Kubernetes")),
+            source: Peer::of(from, &"Kubernetes".into()),
+            destination: Peer::of(to, &"Kubernetes".into()),
             ..Default::default()
         };
         metrics.open(&labels).add_sent(10);
@@ -814,8 +839,9 @@ mod tests {
         );
         let server = pod("db-0", Some(("StatefulSet", "db")), &[]);
         let labels = ConnectionLabels {
-            source: Arc::new(Peer::of(&client, "east").with_principal("spiffe://td/ns/shop/sa/c")),
-            destination: Arc::new(Peer::of(&server, "east")),
+            source: Peer::of(&client, &"east".into())
+                .with_principal(Identity::parse("spiffe://td/ns/shop/sa/c").unwrap()),
+            destination: Peer::of(&server, &"east".into()),
             service: Arc::new(ServiceName::new(
                 &ObjectKey::new("shop", "db"),
                 "corp.internal",

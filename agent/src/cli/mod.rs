@@ -644,7 +644,7 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
         drain_deadline: args.drain_deadline,
         handoff_socket,
         telemetry: crate::metrics::Telemetry {
-            cluster_id: args.cluster_id,
+            cluster_id: args.cluster_id.into(),
             cluster_domain: args.cluster_domain,
             series_grace: args.metrics_grace_period,
         },

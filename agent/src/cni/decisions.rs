@@ -179,6 +179,7 @@ mod tests {
             phase: "Pending".into(),
             ready: false,
             owner: None,
+            names: Default::default(),
         })
     }
 

@@ -46,35 +46,50 @@ const MAX_TRUST_DOMAIN_LEN: usize = 255;
 /// `-`, `_`), and the path is exactly `/ns/<namespace>/sa/<service-account>` with non-empty
 /// segments of letters, digits, `.`, `-` and `_`. Anything else (another scheme, a port, a query,
 /// extra path segments, percent-encoding) is refused.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+///
+/// It is held by every connection it names, so it is one shared string: cloning it is one
+/// reference count, and its parts are slices of it.
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Identity {
-    trust_domain: Arc<str>,
-    namespace: Arc<str>,
-    service_account: Arc<str>,
+    /// The whole SPIFFE ID, checked.
+    uri: Arc<str>,
+    /// Where the namespace starts in `uri`.
+    namespace_at: u16,
+    /// Where the service account starts in `uri`.
+    service_account_at: u16,
 }
+
+const SCHEME: &str = "spiffe://";
+const NAMESPACE_SEGMENT: &str = "/ns/";
+const SERVICE_ACCOUNT_SEGMENT: &str = "/sa/";
 
 impl Identity {
     /// The identity of `service_account` in `namespace`, in `trust_domain`.
     pub fn new(trust_domain: &str, namespace: &str, service_account: &str) -> Result<Self, Error> {
+        let uri = format!(
+            "{SCHEME}{trust_domain}{NAMESPACE_SEGMENT}{namespace}{SERVICE_ACCOUNT_SEGMENT}{service_account}"
+        );
         let invalid = |reason: String| Error::InvalidIdentity {
-            input: format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"),
+            input: uri.clone(),
             reason,
         };
         check_trust_domain(trust_domain).map_err(&invalid)?;
         check_segment("namespace", namespace).map_err(&invalid)?;
         check_segment("service account", service_account).map_err(&invalid)?;
-        let identity = Self {
-            trust_domain: trust_domain.into(),
-            namespace: namespace.into(),
-            service_account: service_account.into(),
-        };
-        let len = identity.to_string().len();
+        let len = uri.len();
         if len > MAX_ID_LEN {
             return Err(invalid(format!(
                 "it is {len} bytes long, SPIFFE IDs are at most {MAX_ID_LEN}"
             )));
         }
-        Ok(identity)
+        let namespace_at = SCHEME.len() + trust_domain.len() + NAMESPACE_SEGMENT.len();
+        let service_account_at = namespace_at + namespace.len() + SERVICE_ACCOUNT_SEGMENT.len();
+        Ok(Self {
+            uri: uri.into(),
+            // Both below MAX_ID_LEN.
+            namespace_at: namespace_at as u16,
+            service_account_at: service_account_at as u16,
+        })
     }
 
     /// Parses `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
@@ -84,7 +99,7 @@ impl Identity {
             reason: reason.to_owned(),
         };
         let rest = input
-            .strip_prefix("spiffe://")
+            .strip_prefix(SCHEME)
             .ok_or_else(|| invalid("it does not start with spiffe://"))?;
         let (trust_domain, path) = rest
             .split_once('/')
@@ -108,27 +123,45 @@ impl Identity {
 
     /// The trust domain, e.g. `cluster.local`.
     pub fn trust_domain(&self) -> &str {
-        &self.trust_domain
+        &self.uri[SCHEME.len()..usize::from(self.namespace_at) - NAMESPACE_SEGMENT.len()]
     }
 
     /// The Kubernetes namespace.
     pub fn namespace(&self) -> &str {
-        &self.namespace
+        &self.uri[usize::from(self.namespace_at)
+            ..usize::from(self.service_account_at) - SERVICE_ACCOUNT_SEGMENT.len()]
     }
 
     /// The Kubernetes service account.
     pub fn service_account(&self) -> &str {
-        &self.service_account
+        &self.uri[usize::from(self.service_account_at)..]
+    }
+
+    /// The SPIFFE ID, `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+    pub fn as_str(&self) -> &str {
+        &self.uri
+    }
+}
+
+/// Ordered by trust domain, then namespace, then service account.
+impl Ord for Identity {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        fn parts(id: &Identity) -> (&str, &str, &str) {
+            (id.trust_domain(), id.namespace(), id.service_account())
+        }
+        parts(self).cmp(&parts(other))
+    }
+}
+
+impl PartialOrd for Identity {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
     }
 }
 
 impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "spiffe://{}/ns/{}/sa/{}",
-            self.trust_domain, self.namespace, self.service_account
-        )
+        f.write_str(&self.uri)
     }
 }
 
@@ -519,6 +552,9 @@ mod tests {
         let a = Identity::parse("spiffe://cluster.local/ns/a/sa/z").unwrap();
         let b = Identity::parse("spiffe://cluster.local/ns/b/sa/a").unwrap();
         assert!(a < b);
+        // By the fields, not by the string ('-' sorts before '/').
+        let a_b = Identity::parse("spiffe://cluster.local/ns/a-b/sa/z").unwrap();
+        assert!(a < a_b);
         let set: std::collections::HashSet<_> = [a.clone(), a.clone(), b.clone()].into();
         assert_eq!(set.len(), 2);
     }

@@ -2138,6 +2138,7 @@ fn workload_from_pod() {
         phase: "Running".into(),
         ready: true,
         owner: None,
+        names: Default::default(),
     };
     let index = build(&[authz(
         NS,

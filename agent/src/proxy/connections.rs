@@ -5,17 +5,20 @@
 //! address, destination pod and address) and gets a [`Live`] handle that its copy task selects
 //! on: when a re-check denies it, the handle fires and the task drops both sockets. The entry
 //! is removed when the handle is dropped (the connection ended).
+//!
+//! The handle is held for as long as the connection is idle, so it is small: one [`Notify`]
+//! and the reason, about 100 bytes (a `watch` channel's state is four times that).
 
 use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicU64, Ordering},
     },
 };
 
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
 use crate::{identity::Identity, workload::model::ObjectKey};
 
@@ -35,7 +38,14 @@ pub struct ConnectionInfo {
 #[derive(Debug)]
 struct Entry {
     info: ConnectionInfo,
-    close: watch::Sender<Option<String>>,
+    close: Arc<Close>,
+}
+
+/// The close signal of one connection: the reason, set once, then the wake-up.
+#[derive(Debug, Default)]
+struct Close {
+    reason: OnceLock<String>,
+    notify: Notify,
 }
 
 /// The registry of one node's live inbound connections.
@@ -50,21 +60,18 @@ pub struct Registry {
 pub struct Live {
     id: u64,
     registry: Arc<Registry>,
-    closed: watch::Receiver<Option<String>>,
+    close: Arc<Close>,
 }
 
 impl Live {
-    /// Resolves, with the reason, when the connection must be closed.
+    /// Resolves, with the reason, when the connection must be closed. Cancel-safe: the reason
+    /// stays set, and a wake-up that came before the wait is kept as `Notify`'s permit.
     pub async fn closed(&mut self) -> String {
-        let reason = self
-            .closed
-            .wait_for(Option::is_some)
-            .await
-            .map(|reason| reason.clone().unwrap_or_default());
-        match reason {
-            Ok(reason) => reason,
-            // The registry entry is gone: never closed by policy.
-            Err(_) => std::future::pending().await,
+        loop {
+            if let Some(reason) = self.close.reason.get() {
+                return reason.clone();
+            }
+            self.close.notify.notified().await;
         }
     }
 }
@@ -88,15 +95,18 @@ impl Registry {
     /// Registers a connection.
     pub fn register(self: &Arc<Self>, info: ConnectionInfo) -> Live {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let (close, closed) = watch::channel(None);
-        self.live
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, Entry { info, close });
+        let close = Arc::new(Close::default());
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            id,
+            Entry {
+                info,
+                close: close.clone(),
+            },
+        );
         Live {
             id,
             registry: self.clone(),
-            closed,
+            close,
         }
     }
 
@@ -116,10 +126,11 @@ impl Registry {
         let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
         let mut closed = 0;
         for entry in live.values() {
-            if entry.close.borrow().is_none()
+            if entry.close.reason.get().is_none()
                 && let Some(reason) = verdict(&entry.info)
+                && entry.close.reason.set(reason).is_ok()
             {
-                let _ = entry.close.send(Some(reason));
+                entry.close.notify.notify_one();
                 closed += 1;
             }
         }
@@ -155,5 +166,23 @@ mod tests {
         drop(kept);
         drop(denied);
         assert!(registry.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_connection_waiting_for_its_close_is_woken_with_the_reason() {
+        let registry = Registry::new();
+        let mut live = registry.register(info(80));
+        let waiting = tokio::spawn(async move { live.closed().await });
+        // The waiter has registered with the Notify or not yet: either way it sees the reason.
+        tokio::task::yield_now().await;
+        assert_eq!(
+            registry.recheck(|_| Some("denied by demo/deny-all".into())),
+            1
+        );
+        assert_eq!(waiting.await.unwrap(), "denied by demo/deny-all");
+        assert!(
+            registry.is_empty(),
+            "the handle unregistered when its task ended"
+        );
     }
 }

@@ -325,9 +325,9 @@ impl Proxy {
 
     /// `service`'s names in Istio's telemetry (`unknown` without one).
     fn service_name(&self, service: Option<&Service>) -> Arc<ServiceName> {
-        Arc::new(service.map_or_else(ServiceName::default, |s| {
-            ServiceName::new(&s.key, &self.telemetry.cluster_domain)
-        }))
+        service.map_or_else(ServiceName::unknown, |s| {
+            Arc::new(ServiceName::new(&s.key, &self.telemetry.cluster_domain))
+        })
     }
 
     /// Istio connection labels, from what the caller already resolved: the source pod (when
@@ -343,12 +343,12 @@ impl Proxy {
     ) -> ConnectionLabels {
         let mut destination = destination.map_or_else(Peer::default, |pod| self.peer(pod));
         if let Some(principal) = destination_principal {
-            destination.principal = principal.to_string();
+            destination = destination.with_principal(principal.clone());
         }
         ConnectionLabels {
             reporter,
-            source: source.map_or_else(Arc::default, |pod| pod.peer.clone()),
-            destination: Arc::new(destination),
+            source: source.map_or_else(Peer::default, |pod| pod.peer.clone()),
+            destination,
             service: self.service_name(service),
             request_protocol: "tcp",
             connection_security_policy: if destination_principal.is_some() {
@@ -377,11 +377,11 @@ impl Proxy {
             .pod_by_ip(source_ip)
             .map_or_else(Peer::default, |pod| self.peer(&pod));
         if let Some(identity) = source {
-            peer.principal = identity.to_string();
+            peer = peer.with_principal(identity.clone());
         }
         ConnectionLabels {
             reporter: "destination",
-            source: Arc::new(peer),
+            source: peer,
             destination: destination.peer.clone(),
             service: self.service_name(
                 self.store
@@ -738,7 +738,7 @@ pub struct PodContext {
     /// Its SPIFFE identity.
     pub identity: Identity,
     /// Its names in metrics and logs (as it was when it was enrolled).
-    pub peer: Arc<Peer>,
+    pub peer: Peer,
     /// Its addresses.
     pub ips: Vec<IpAddr>,
     /// Its connection budget ([`Budgets::per_pod`]).
@@ -757,7 +757,7 @@ impl PodContext {
             key: pod.key.clone(),
             uid: pod.uid.clone(),
             netns,
-            peer: Arc::new(proxy.peer(pod).with_principal(&identity)),
+            peer: proxy.peer(pod).with_principal(identity.clone()),
             identity,
             ips: pod.ips.clone(),
             budget: Arc::new(Semaphore::new(proxy.budgets.per_pod)),

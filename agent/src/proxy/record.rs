@@ -205,9 +205,9 @@ impl Drop for Record {
             src = %self.source,
             dst = %self.destination,
             src_workload = %source.pod_key(),
-            src_identity = %source.principal,
+            src_identity = %source.principal(),
             dst_workload = %destination.pod_key(),
-            dst_identity = %destination.principal,
+            dst_identity = %destination.principal(),
             dst_service = %l.service.host,
             // The client wrote it: quoted and escaped, so it cannot pose as other fields.
             forwarded = self.forwarded.as_deref().map(tracing::field::debug),

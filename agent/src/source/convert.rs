@@ -124,6 +124,7 @@ pub fn pod(pod: &core::Pod) -> Result<Pod, ConvertError> {
                 kind: owner.kind.clone(),
                 name: owner.name.clone(),
             }),
+        names: Default::default(),
     })
 }
 

@@ -2,9 +2,15 @@
 //! sources (Kubernetes API and file) convert into these types, so everything downstream has
 //! one code path.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    sync::{Arc, OnceLock},
+};
 
 use serde::Serialize;
+
+use super::naming::WorkloadNames;
 
 /// Label (on a namespace or pod) that enrolls pods in the mesh: `ambient` enrolls, on a pod
 /// `none` opts out.
@@ -87,7 +93,47 @@ pub struct Pod {
     /// The controller among `metadata.ownerReferences` (a ReplicaSet, StatefulSet, Job, ...):
     /// what Istio's telemetry names the workload after ([`super::naming`]).
     pub owner: Option<Owner>,
+    /// Its names in telemetry, computed on first use ([`Pod::names`]).
+    #[serde(skip)]
+    pub names: Derived<Arc<WorkloadNames>>,
 }
+
+impl Pod {
+    /// Its names in Istio's telemetry, computed once and shared by every connection that
+    /// names the pod.
+    pub fn names(&self) -> &Arc<WorkloadNames> {
+        self.names
+            .0
+            .get_or_init(|| Arc::new(WorkloadNames::of(self)))
+    }
+}
+
+/// A value derived from the rest of an object on first use. It is not part of the object: equal
+/// objects are equal whether or not it was computed, and a clone (which may then be changed)
+/// starts without it. The object must not change once it was computed: objects are shared
+/// behind an `Arc` once built.
+#[derive(Debug)]
+pub struct Derived<T>(OnceLock<T>);
+
+impl<T> Default for Derived<T> {
+    fn default() -> Self {
+        Self(OnceLock::new())
+    }
+}
+
+impl<T> Clone for Derived<T> {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl<T> PartialEq for Derived<T> {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl<T> Eq for Derived<T> {}
 
 /// The controlling owner of an object (`ownerReferences[]` with `controller: true`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -118,6 +164,7 @@ impl Pod {
             phase: "Running".into(),
             ready: true,
             owner: None,
+            names: Derived::default(),
         }
     }
 

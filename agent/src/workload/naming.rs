@@ -38,6 +38,10 @@ const POD_TEMPLATE_HASH_LABEL: &str = "pod-template-hash";
 /// A pod's names in Istio's telemetry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkloadNames {
+    /// The pod's own name, for the access log (never a label: it would make a series per pod).
+    pub pod: String,
+    /// Its namespace.
+    pub namespace: String,
     /// The owning workload: a Deployment, StatefulSet, DaemonSet, Job or CronJob by name, or
     /// the pod itself.
     pub workload: String,
@@ -59,6 +63,8 @@ impl WorkloadNames {
                 .cloned()
         };
         Self {
+            pod: pod.key.name.clone(),
+            namespace: pod.key.namespace.clone(),
             canonical_service: first(&CANONICAL_NAME_LABELS).unwrap_or_else(|| workload.clone()),
             canonical_revision: first(&CANONICAL_REVISION_LABELS)
                 .unwrap_or_else(|| DEFAULT_REVISION.to_owned()),

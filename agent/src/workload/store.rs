@@ -467,6 +467,7 @@ mod tests {
             phase: "Running".into(),
             ready: true,
             owner: None,
+            names: Default::default(),
         }
     }
 

@@ -1504,6 +1504,7 @@ fn store(pods: usize, services: usize) -> anyhow::Result<serde_json::Value> {
             phase: "Running".into(),
             ready: true,
             owner: None,
+            names: Default::default(),
         }));
     }
     let load_pods = start.elapsed();
