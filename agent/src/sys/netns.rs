@@ -3,9 +3,10 @@
 //! Two kinds of thread enter a namespace: a scoped one per call ([`Netns::run`], for rare
 //! work such as opening listeners), and one long-lived thread per namespace that stays inside
 //! it ([`Netns::run_async`], for the proxy's upstream sockets: one per connection, where
-//! creating a thread each time cost more than the connect itself). That thread also makes the
-//! next upstream socket ahead of need ([`Netns::make_ahead`]), so a connection usually finds
-//! its socket ready and waits for no other thread.
+//! creating a thread each time cost more than the connect itself). That thread also makes
+//! upstream sockets ahead of need, a few at a time ([`Netns::make_ahead`]), so a connection
+//! usually finds its socket ready and waits for no other thread, and the thread is woken once
+//! per [`AHEAD`] connections, not once per connection.
 //!
 //! This is the one userspace module that talks to the kernel through raw syscalls (`setns(2)`,
 //! `getsockopt(SO_NETNS_COOKIE)`), so it is the one place `unsafe` is allowed. Entering a
@@ -34,13 +35,27 @@ pub struct Netns {
     /// The long-lived thread inside the namespace, started on first use of
     /// [`Netns::run_async`]; it ends when this handle is dropped.
     worker: std::sync::OnceLock<std::sync::mpsc::Sender<Job>>,
-    /// Descriptors the long-lived thread made ahead of need ([`Netns::make_ahead`]), one per
+    /// Descriptors the long-lived thread made ahead of need ([`Netns::make_ahead`]), per
     /// slot.
-    ahead: Arc<[Mutex<Option<OwnedFd>>; AHEAD_SLOTS]>,
+    ahead: Arc<[Mutex<Ahead>; AHEAD_SLOTS]>,
 }
 
 /// Slots of descriptors made ahead: one per address family of the proxy's upstream sockets.
 pub const AHEAD_SLOTS: usize = 2;
+
+/// Descriptors a slot is filled up to. Each refill wakes the namespace's thread once (a futex
+/// wake and two context switches, as much as the rest of an inbound connection's scheduling),
+/// so a batch spares that on all but one connection of [`AHEAD`]; a pod's namespace holds at
+/// most this many unconnected sockets per family.
+pub const AHEAD: usize = 4;
+
+/// One slot's descriptors made ahead.
+#[derive(Debug, Default)]
+struct Ahead {
+    ready: Vec<OwnedFd>,
+    /// A refill is queued or running.
+    refilling: bool,
+}
 
 /// Work for a namespace's long-lived thread.
 type Job = Box<dyn FnOnce() + Send>;
@@ -157,33 +172,54 @@ impl Netns {
             .map_err(|_| io::Error::other("the namespace's thread could not enter it"))
     }
 
-    /// Takes the descriptor [`Netns::make_ahead`] left in `slot`, if it is there yet: the
+    /// Takes a descriptor [`Netns::make_ahead`] left in `slot`, if one is there yet: the
     /// caller gets it without waiting for the namespace's thread.
     pub fn take_ahead(&self, slot: usize) -> Option<OwnedFd> {
+        self.slot(slot).ready.pop()
+    }
+
+    /// Unless `slot` still holds more than one descriptor or is being refilled, queues on the
+    /// namespace's long-lived thread a job that fills it up to [`AHEAD`] with what `make` makes,
+    /// for the next [`Netns::take_ahead`]s. A failure ends the refill: the taker falls back to
+    /// [`Netns::run_async`], which reports it.
+    pub fn make_ahead<F>(&self, slot: usize, make: F)
+    where
+        F: Fn() -> io::Result<OwnedFd> + Send + 'static,
+    {
+        {
+            let mut ahead = self.slot(slot);
+            if ahead.refilling || ahead.ready.len() > 1 {
+                return;
+            }
+            ahead.refilling = true;
+        }
+        let slots = Arc::clone(&self.ahead);
+        let job: Job = Box::new(move || {
+            let lock = || {
+                slots[slot]
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+            };
+            let missing = AHEAD.saturating_sub(lock().ready.len());
+            let made: Vec<OwnedFd> = (0..missing).map_while(|_| make().ok()).collect();
+            let mut ahead = lock();
+            ahead.ready.extend(made);
+            ahead.refilling = false;
+        });
+        let queued = self.worker().and_then(|worker| {
+            worker
+                .send(job)
+                .map_err(|_| io::Error::other("the namespace's thread is gone"))
+        });
+        if queued.is_err() {
+            self.slot(slot).refilling = false;
+        }
+    }
+
+    fn slot(&self, slot: usize) -> std::sync::MutexGuard<'_, Ahead> {
         self.ahead[slot]
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take()
-    }
-
-    /// Queues `make` on the namespace's long-lived thread and leaves what it makes in `slot`,
-    /// for the next [`Netns::take_ahead`]. Failures are dropped: the taker falls back to
-    /// [`Netns::run_async`], which reports them.
-    pub fn make_ahead<F>(&self, slot: usize, make: F)
-    where
-        F: FnOnce() -> io::Result<OwnedFd> + Send + 'static,
-    {
-        let ahead = Arc::clone(&self.ahead);
-        let job: Job = Box::new(move || {
-            if let Ok(fd) = make() {
-                *ahead[slot]
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(fd);
-            }
-        });
-        if let Ok(worker) = self.worker() {
-            let _ = worker.send(job);
-        }
     }
 
     /// The long-lived thread's queue, starting the thread on first use.
@@ -317,24 +353,45 @@ mod tests {
             .await
             .unwrap();
         let (made_by, made_on) = std::sync::mpsc::channel();
-        netns.make_ahead(1, move || {
+        let make = move || {
             made_by.send(std::thread::current().id()).unwrap();
             Ok(std::net::UdpSocket::bind(("127.0.0.1", 0))?.into())
-        });
-        // Jobs run in order: once a later one has run, the descriptor is in its slot.
+        };
+        netns.make_ahead(1, make.clone());
+        // Jobs run in order: once a later one has run, the slot is filled.
         netns.run_async(|| ()).await.unwrap();
-        assert_eq!(made_on.recv().unwrap(), worker);
-        assert!(netns.take_ahead(0).is_none(), "another slot");
-        let fd = netns.take_ahead(1).expect("made ahead");
+        let makers: Vec<_> = made_on.try_iter().collect();
         assert_eq!(
-            socket_netns_cookie(fd.as_fd()).unwrap(),
-            netns.cookie().unwrap()
+            makers,
+            vec![worker; AHEAD],
+            "one batch, by the namespace's thread"
         );
-        assert!(netns.take_ahead(1).is_none(), "taken once");
-        // A failure leaves the slot empty.
+        assert!(netns.take_ahead(0).is_none(), "another slot");
+        let cookie = netns.cookie().unwrap();
+        // The slot is refilled once it is down to one descriptor, not on every take.
+        for left in (1..AHEAD).rev() {
+            let fd = netns.take_ahead(1).expect("made ahead");
+            assert_eq!(socket_netns_cookie(fd.as_fd()).unwrap(), cookie);
+            netns.make_ahead(1, make.clone());
+            netns.run_async(|| ()).await.unwrap();
+            let refilled = made_on.try_iter().count();
+            assert_eq!(
+                refilled,
+                if left <= 1 { AHEAD - 1 } else { 0 },
+                "{left} left"
+            );
+        }
+        for _ in 0..AHEAD {
+            netns.take_ahead(1).expect("refilled");
+        }
+        assert!(netns.take_ahead(1).is_none(), "each taken once");
+        // A failure leaves the slot empty, and the next take may ask again.
         netns.make_ahead(1, || Err(io::Error::other("no")));
         netns.run_async(|| ()).await.unwrap();
         assert!(netns.take_ahead(1).is_none());
+        netns.make_ahead(1, make);
+        netns.run_async(|| ()).await.unwrap();
+        assert_eq!(made_on.try_iter().count(), AHEAD);
     }
 
     #[test]
