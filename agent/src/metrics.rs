@@ -755,6 +755,20 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
     }
 }
 
+impl<S: crate::proxy::copy::WriteOwned + Unpin> crate::proxy::copy::WriteOwned for Counted<S> {
+    fn poll_write_owned(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut bytes::BytesMut,
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write_owned(cx, buf);
+        if let Poll::Ready(Ok(written)) = &poll {
+            self.counters.add_sent(*written as u64);
+        }
+        poll
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};

@@ -21,7 +21,8 @@ use std::{
     task::{Context, Poll, ready},
 };
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use bytes::{Buf as _, BufMut as _, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 /// Bytes a direction starts with.
 pub const INITIAL: usize = 1024;
@@ -33,14 +34,41 @@ pub const MAX: usize = 256 * 1024;
 /// burst of medium transfers keeps 64 KiB buffers.
 pub const JUMBO_AFTER: u64 = 8 * 1024 * 1024;
 
+/// A writer the copy path hands its buffered bytes to. By default the bytes are written from
+/// the buffer (a socket copies them into the kernel); an HTTP/2 stream takes them as they are
+/// ([`super::h2io::H2Stream`]), sparing the copy into a frame of its own.
+pub trait WriteOwned: AsyncWrite {
+    /// Writes the front of `buf` and removes it from `buf`; returns how many bytes that was.
+    fn poll_write_owned(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+    ) -> Poll<io::Result<usize>> {
+        let written = ready!(self.poll_write(cx, buf))?;
+        buf.advance(written);
+        Poll::Ready(Ok(written))
+    }
+}
+
+impl WriteOwned for tokio::net::TcpStream {}
+
+impl<T: WriteOwned + Unpin + ?Sized> WriteOwned for &mut T {
+    fn poll_write_owned(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut **self).poll_write_owned(cx, buf)
+    }
+}
+
 /// One direction's buffer and progress.
 #[derive(Debug)]
 struct Buffer {
-    buf: Box<[u8]>,
-    /// Written out up to here.
-    pos: usize,
-    /// Filled up to here.
-    cap: usize,
+    /// Read and not written yet.
+    buf: BytesMut,
+    /// The most one fill holds.
+    size: usize,
     read_done: bool,
     need_flush: bool,
     /// Grow once the buffer is drained (the last read filled it).
@@ -51,9 +79,8 @@ struct Buffer {
 impl Buffer {
     fn new() -> Self {
         Self {
-            buf: vec![0; INITIAL].into_boxed_slice(),
-            pos: 0,
-            cap: 0,
+            buf: BytesMut::with_capacity(INITIAL),
+            size: INITIAL,
             read_done: false,
             need_flush: false,
             grow: false,
@@ -66,16 +93,18 @@ impl Buffer {
         cx: &mut Context<'_>,
         reader: Pin<&mut R>,
     ) -> Poll<io::Result<()>> {
-        let mut buf = ReadBuf::new(&mut self.buf);
-        buf.set_filled(self.cap);
-        let polled = reader.poll_read(cx, &mut buf);
-        if let Poll::Ready(Ok(())) = polled {
-            let filled = buf.filled().len();
-            self.read_done = self.cap == filled;
-            self.grow |= filled == self.buf.len();
-            self.cap = filled;
-        }
-        polled
+        let room = self.size - self.buf.len();
+        // Where the writer took the last bytes away (an HTTP/2 stream keeps them until they are
+        // framed), this is a new block; where it copied them, the same one again.
+        self.buf.reserve(room);
+        let read = ready!(tokio_util::io::poll_read_buf(
+            reader,
+            cx,
+            &mut (&mut self.buf).limit(room)
+        ))?;
+        self.read_done = read == 0;
+        self.grow |= self.buf.len() == self.size;
+        Poll::Ready(Ok(()))
     }
 
     fn poll_copy<R, W>(
@@ -86,15 +115,15 @@ impl Buffer {
     ) -> Poll<io::Result<u64>>
     where
         R: AsyncRead + ?Sized,
-        W: AsyncWrite + ?Sized,
+        W: WriteOwned + ?Sized,
     {
         loop {
             // Room left: read more first, so that writes are as large as they can be.
-            if self.cap < self.buf.len() && !self.read_done {
+            if self.buf.len() < self.size && !self.read_done {
                 match self.poll_fill(cx, reader.as_mut()) {
                     Poll::Ready(Ok(())) => {}
                     Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
-                    Poll::Pending if self.pos == self.cap => {
+                    Poll::Pending if self.buf.is_empty() => {
                         // Nothing to write either: flush what the writer holds (a TLS record,
                         // an HTTP/2 frame), since the other side may wait for it to answer.
                         if self.need_flush {
@@ -106,31 +135,24 @@ impl Buffer {
                     Poll::Pending => {}
                 }
             }
-            while self.pos < self.cap {
-                let written = ready!(
-                    writer
-                        .as_mut()
-                        .poll_write(cx, &self.buf[self.pos..self.cap])
-                )?;
+            while !self.buf.is_empty() {
+                let written = ready!(writer.as_mut().poll_write_owned(cx, &mut self.buf))?;
                 if written == 0 {
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::WriteZero,
                         "the writer took no bytes",
                     )));
                 }
-                self.pos += written;
                 self.amount += written as u64;
                 self.need_flush = true;
             }
-            self.pos = 0;
-            self.cap = 0;
             let limit = if self.amount >= JUMBO_AFTER {
                 MAX
             } else {
                 LARGE
             };
-            if self.grow && self.buf.len() < limit {
-                self.buf = vec![0; (self.buf.len() * 4).min(limit)].into_boxed_slice();
+            if self.grow && self.size < limit {
+                self.size = (self.size * 4).min(limit);
             }
             self.grow = false;
             if self.read_done {
@@ -158,7 +180,7 @@ impl Direction {
     ) -> Poll<io::Result<u64>>
     where
         R: AsyncRead + ?Sized,
-        W: AsyncWrite + ?Sized,
+        W: WriteOwned + ?Sized,
     {
         loop {
             match self {
@@ -180,8 +202,8 @@ impl Direction {
 /// side's writer shut down); returns the bytes copied a to b and b to a.
 pub async fn bidirectional<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
 where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    A: AsyncRead + WriteOwned + Unpin + ?Sized,
+    B: AsyncRead + WriteOwned + Unpin + ?Sized,
 {
     let mut a_to_b = Direction::Running(Buffer::new());
     let mut b_to_a = Direction::Running(Buffer::new());
@@ -200,6 +222,9 @@ mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     use super::*;
+
+    impl WriteOwned for tokio::io::DuplexStream {}
+    impl WriteOwned for Vec<u8> {}
 
     /// Runs `bidirectional` between two in-memory pipes and returns the far ends.
     fn relay() -> (
@@ -244,7 +269,7 @@ mod tests {
         let mut sink = Vec::new();
         let polled = buffer.poll_copy(&mut cx, Pin::new(&mut small), Pin::new(&mut sink));
         assert!(matches!(polled, Poll::Ready(Ok(4))));
-        assert_eq!(buffer.buf.len(), INITIAL);
+        assert_eq!(buffer.size, INITIAL);
         // A bulk read fills it each time: it grows fourfold per drain, up to LARGE.
         let mut buffer = Buffer::new();
         let bulk = vec![1u8; 1 << 20];
@@ -252,7 +277,7 @@ mod tests {
         let mut sink = Vec::new();
         let polled = buffer.poll_copy(&mut cx, Pin::new(&mut reader), Pin::new(&mut sink));
         assert!(matches!(polled, Poll::Ready(Ok(n)) if n == 1 << 20));
-        assert_eq!(buffer.buf.len(), LARGE);
+        assert_eq!(buffer.size, LARGE);
         assert_eq!(sink, bulk);
         // Past JUMBO_AFTER, a long transfer: up to MAX.
         let mut buffer = Buffer::new();
@@ -261,7 +286,7 @@ mod tests {
         let mut sink = Vec::new();
         let polled = buffer.poll_copy(&mut cx, Pin::new(&mut reader), Pin::new(&mut sink));
         assert!(matches!(polled, Poll::Ready(Ok(n)) if n == long.len() as u64));
-        assert_eq!(buffer.buf.len(), MAX);
+        assert_eq!(buffer.size, MAX);
         assert_eq!(sink.len(), long.len());
     }
 

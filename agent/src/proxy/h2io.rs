@@ -92,19 +92,17 @@ impl AsyncRead for H2Stream {
     }
 }
 
-impl AsyncWrite for H2Stream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
+impl H2Stream {
+    /// Waits for room in the stream's window; returns how many of `wanted` bytes it may send.
+    fn poll_send_capacity(
+        &mut self,
         cx: &mut Context<'_>,
-        buf: &[u8],
+        wanted: usize,
     ) -> Poll<io::Result<usize>> {
-        if buf.is_empty() {
-            return Poll::Ready(Ok(0));
-        }
         let send = &mut self.send;
         // Usually granted at once from the windows; only a stream out of window waits, and only
         // then is this task's waker left with h2.
-        send.reserve_capacity(buf.len());
+        send.reserve_capacity(wanted);
         let mut capacity = send.capacity();
         while capacity == 0 {
             match ready!(send.poll_capacity(cx)) {
@@ -114,14 +112,45 @@ impl AsyncWrite for H2Stream {
                 None => return Poll::Ready(Err(reset_reason(send, cx))),
             }
         }
-        let n = capacity.min(buf.len());
-        if send
-            .send_data(Bytes::copy_from_slice(&buf[..n]), false)
-            .is_err()
-        {
-            return Poll::Ready(Err(reset_reason(send, cx)));
+        Poll::Ready(Ok(capacity.min(wanted)))
+    }
+
+    fn send(&mut self, cx: &mut Context<'_>, data: Bytes) -> io::Result<usize> {
+        let n = data.len();
+        if self.send.send_data(data, false).is_err() {
+            return Err(reset_reason(&mut self.send, cx));
         }
-        Poll::Ready(Ok(n))
+        Ok(n)
+    }
+}
+
+/// The copy path's bytes go into DATA frames as they are: h2 holds the buffer's block until it
+/// has framed them, and the copy path reads on into a new one.
+impl super::copy::WriteOwned for H2Stream {
+    fn poll_write_owned(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut bytes::BytesMut,
+    ) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let n = ready!(self.poll_send_capacity(cx, buf.len()))?;
+        Poll::Ready(self.send(cx, buf.split_to(n).freeze()))
+    }
+}
+
+impl AsyncWrite for H2Stream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let n = ready!(self.poll_send_capacity(cx, buf.len()))?;
+        Poll::Ready(self.send(cx, Bytes::copy_from_slice(&buf[..n])))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -316,6 +345,33 @@ mod tests {
         server.write_all(b"bye").await.unwrap();
         server.shutdown().await.unwrap();
         assert_eq!(writer.await.unwrap(), b"bye");
+    }
+
+    #[tokio::test]
+    async fn the_copy_path_hands_its_buffers_to_the_stream_and_the_bytes_arrive_whole() {
+        let (mut client, mut server) = stream_pair().await;
+        let (mut application, mut accepted) = tokio::io::duplex(256 * 1024);
+        let relay = tokio::spawn(async move {
+            crate::proxy::copy::bidirectional(&mut accepted, &mut client).await
+        });
+        // Enough for the buffers to grow to 64 KiB, through a window of 16 KiB.
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            application.write_all(&sent).await.unwrap();
+            application.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            application.read_to_end(&mut back).await.unwrap();
+            back
+        });
+        let mut received = Vec::new();
+        server.read_to_end(&mut received).await.unwrap();
+        assert_eq!(received.len(), data.len());
+        assert!(received == data, "the bytes arrived changed");
+        server.write_all(b"bye").await.unwrap();
+        server.shutdown().await.unwrap();
+        assert_eq!(writer.await.unwrap(), b"bye");
+        assert_eq!(relay.await.unwrap().unwrap(), (3_000_000, 3));
     }
 
     #[tokio::test]
