@@ -91,11 +91,6 @@ impl Peer {
         }
     }
 
-    /// The pod's own name, for the access log (never a label: it would make a series per pod).
-    pub fn pod(&self) -> &str {
-        self.names.as_ref().map_or(UNKNOWN, |n| &n.pod)
-    }
-
     /// The owning workload ([`crate::workload::naming`]).
     pub fn workload(&self) -> &str {
         self.names.as_ref().map_or(UNKNOWN, |n| &n.workload)
