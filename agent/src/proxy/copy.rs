@@ -94,16 +94,26 @@ impl Buffer {
         reader: Pin<&mut R>,
     ) -> Poll<io::Result<()>> {
         let room = self.size - self.buf.len();
-        // Where the writer took the last bytes away (an HTTP/2 stream keeps them until they are
-        // framed), this is a new block; where it copied them, the same one again.
-        self.buf.reserve(room);
+        let spare = self.buf.capacity() - self.buf.len();
+        // Room for a whole fill where it is (a block the writer copied from, or whose pieces it
+        // has all let go, is taken back). Else what is left of the block, if that is a fair part
+        // of a fill: a block handed out in pieces (an HTTP/2 stream holds each until it is
+        // framed) is then used whole, not pinned by a few bytes per fill. Else a new block.
+        let limit = if self.buf.try_reclaim(room) {
+            room
+        } else if spare >= self.size / 4 {
+            spare
+        } else {
+            self.buf.reserve(room);
+            room
+        };
         let read = ready!(tokio_util::io::poll_read_buf(
             reader,
             cx,
-            &mut (&mut self.buf).limit(room)
+            &mut (&mut self.buf).limit(limit)
         ))?;
         self.read_done = read == 0;
-        self.grow |= self.buf.len() == self.size;
+        self.grow |= read == limit;
         Poll::Ready(Ok(()))
     }
 
@@ -288,6 +298,88 @@ mod tests {
         assert!(matches!(polled, Poll::Ready(Ok(n)) if n == long.len() as u64));
         assert_eq!(buffer.size, MAX);
         assert_eq!(sink.len(), long.len());
+    }
+
+    /// A reader that yields `piece` bytes per read, `count` times.
+    struct Trickle {
+        piece: usize,
+        count: usize,
+    }
+
+    impl AsyncRead for Trickle {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            if self.count > 0 {
+                self.count -= 1;
+                let n = self.piece.min(buf.remaining());
+                buf.put_slice(&vec![7u8; n]);
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A writer that keeps every piece it is handed, as an HTTP/2 stream does until it frames
+    /// them.
+    #[derive(Default)]
+    struct Keeper(Vec<bytes::Bytes>);
+
+    impl AsyncWrite for Keeper {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            unreachable!("the copy path hands its buffer over")
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl WriteOwned for Keeper {
+        fn poll_write_owned(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut BytesMut,
+        ) -> Poll<io::Result<usize>> {
+            let n = buf.len();
+            self.0.push(buf.split_to(n).freeze());
+            Poll::Ready(Ok(n))
+        }
+    }
+
+    #[test]
+    fn small_pieces_handed_out_share_blocks_rather_than_pinning_one_each() {
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let mut buffer = Buffer::new();
+        buffer.size = MAX;
+        let (pieces, piece) = (2_000, 100);
+        let mut reader = Trickle {
+            piece,
+            count: pieces,
+        };
+        let mut keeper = Keeper::default();
+        let polled = buffer.poll_copy(&mut cx, Pin::new(&mut reader), Pin::new(&mut keeper));
+        assert!(matches!(polled, Poll::Ready(Ok(n)) if n == (pieces * piece) as u64));
+        // Every piece is still held; count where a piece does not follow the one before in
+        // memory: a new block.
+        let blocks = 1 + keeper
+            .0
+            .windows(2)
+            .filter(|w| w[0].as_ptr().wrapping_add(w[0].len()) != w[1].as_ptr())
+            .count();
+        let most = pieces * piece / (MAX / 4) + 2;
+        assert!(
+            blocks <= most,
+            "{blocks} blocks for {pieces} pieces (at most {most})"
+        );
     }
 
     #[tokio::test]
