@@ -120,7 +120,9 @@ async fn carry(
     proxy: &Proxy,
     pod: &PodContext,
 ) -> anyhow::Result<()> {
-    let destination = socket::original_dst_fd(stream.as_fd(), stream.local_addr()?.is_ipv6())?;
+    // The socket's family is its peer's (an IPv6 listener's peers are IPv6, mapped or not): no
+    // `getsockname` needed.
+    let destination = socket::original_dst_fd(stream.as_fd(), peer.is_ipv6())?;
     let Routed {
         route,
         service,
