@@ -363,3 +363,26 @@ impl Object {
 pub fn selects(selector: &Labels, labels: &Labels) -> bool {
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pods_names_are_computed_once_and_a_changed_clone_computes_its_own() {
+        let pod = Pod::fixture("shop", "db-0", &[("app", "db")]);
+        let names = pod.names().clone();
+        assert_eq!(names.canonical_service, "db");
+        assert!(
+            Arc::ptr_eq(&names, pod.names()),
+            "computed once, then shared"
+        );
+        // Equal pods are equal whether or not their names were computed.
+        assert_eq!(pod, Pod::fixture("shop", "db-0", &[("app", "db")]));
+        // A clone starts without them: changed, it names itself anew.
+        let mut relabelled = pod.clone();
+        relabelled.labels.insert("app".into(), "orders".into());
+        assert_eq!(relabelled.names().canonical_service, "orders");
+        assert_eq!(pod.names().canonical_service, "db");
+    }
+}
