@@ -134,44 +134,7 @@ impl Peer {
     }
 }
 
-/// The Service a connection addressed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServiceName {
-    /// `<name>.<namespace>.svc.<cluster domain>`.
-    pub host: String,
-    /// The Service's name.
-    pub name: String,
-    /// Its namespace.
-    pub namespace: String,
-}
-
-impl Default for ServiceName {
-    fn default() -> Self {
-        Self {
-            host: UNKNOWN.to_owned(),
-            name: UNKNOWN.to_owned(),
-            namespace: UNKNOWN.to_owned(),
-        }
-    }
-}
-
-impl ServiceName {
-    /// No Service (a pod addressed directly): shared by every such connection.
-    pub fn unknown() -> Arc<Self> {
-        static UNKNOWN_SERVICE: std::sync::LazyLock<Arc<ServiceName>> =
-            std::sync::LazyLock::new(|| Arc::new(ServiceName::default()));
-        UNKNOWN_SERVICE.clone()
-    }
-
-    /// The Service `key`, in the cluster DNS domain `domain`.
-    pub fn new(key: &crate::workload::model::ObjectKey, domain: &str) -> Self {
-        Self {
-            host: format!("{}.{}.svc.{domain}", key.name, key.namespace),
-            name: key.name.clone(),
-            namespace: key.namespace.clone(),
-        }
-    }
-}
+pub use crate::workload::naming::ServiceName;
 
 /// The labels of one connection: the same set on all four `istio_tcp_*` families.
 #[derive(Debug, Clone)]

@@ -102,7 +102,9 @@ impl Default for Limits {
 /// How many connections the proxy carries at once, per pod and for the whole node, sized so
 /// that the agent never runs out of descriptors: each carried connection holds two (the
 /// accepted socket and its upstream), and [`Budgets::RESERVED_DESCRIPTORS`] stay for
-/// everything else (listeners, namespaces, the API watch, the metrics endpoint, files).
+/// everything else (listeners, namespaces, upstream sockets made ahead: up to
+/// [`crate::sys::netns::AHEAD`] per pod namespace and family, the API watch, the metrics
+/// endpoint, files).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Budgets {
     /// Per pod.
@@ -326,7 +328,7 @@ impl Proxy {
     /// `service`'s names in Istio's telemetry (`unknown` without one).
     fn service_name(&self, service: Option<&Service>) -> Arc<ServiceName> {
         service.map_or_else(ServiceName::unknown, |s| {
-            Arc::new(ServiceName::new(&s.key, &self.telemetry.cluster_domain))
+            ServiceName::of(s, &self.telemetry.cluster_domain)
         })
     }
 

@@ -168,6 +168,7 @@ pub fn service(svc: &core::Service) -> Result<Service, ConvertError> {
         cluster_ips,
         ports,
         selector: spec.selector,
+        names: Default::default(),
     })
 }
 

@@ -10,7 +10,7 @@ use std::{
 
 use serde::Serialize;
 
-use super::naming::WorkloadNames;
+use super::naming::{ServiceName, WorkloadNames};
 
 /// Label (on a namespace or pod) that enrolls pods in the mesh: `ambient` enrolls, on a pod
 /// `none` opts out.
@@ -102,9 +102,7 @@ impl Pod {
     /// Its names in Istio's telemetry, computed once and shared by every connection that
     /// names the pod.
     pub fn names(&self) -> &Arc<WorkloadNames> {
-        self.names
-            .0
-            .get_or_init(|| Arc::new(WorkloadNames::of(self)))
+        self.names.get_or_init(|| Arc::new(WorkloadNames::of(self)))
     }
 }
 
@@ -134,6 +132,13 @@ impl<T> PartialEq for Derived<T> {
 }
 
 impl<T> Eq for Derived<T> {}
+
+impl<T> Derived<T> {
+    /// The value, computed by `init` on first use.
+    pub fn get_or_init(&self, init: impl FnOnce() -> T) -> &T {
+        self.0.get_or_init(init)
+    }
+}
 
 /// The controlling owner of an object (`ownerReferences[]` with `controller: true`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -221,6 +226,9 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     /// `spec.selector`, if any.
     pub selector: Option<Labels>,
+    /// Its names in telemetry, made on first use ([`ServiceName::of`]).
+    #[serde(skip)]
+    pub names: Derived<Arc<ServiceName>>,
 }
 
 /// An endpoint of an EndpointSlice.

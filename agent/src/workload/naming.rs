@@ -16,7 +16,9 @@
 //! These names are telemetry, not identity: a pod can claim any of them, so nothing but labels
 //! and the access log reads them. Policy and the tunnel use the SPIFFE identity only.
 
-use super::model::Pod;
+use std::sync::{Arc, LazyLock};
+
+use super::model::{ObjectKey, Pod, Service};
 
 /// Labels naming a pod's canonical service, in order of precedence.
 const CANONICAL_NAME_LABELS: [&str; 3] = [
@@ -70,6 +72,64 @@ impl WorkloadNames {
                 .unwrap_or_else(|| DEFAULT_REVISION.to_owned()),
             workload,
         }
+    }
+}
+
+/// The Service a connection addressed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceName {
+    /// `<name>.<namespace>.svc.<cluster domain>`.
+    pub host: String,
+    /// The Service's name.
+    pub name: String,
+    /// Its namespace.
+    pub namespace: String,
+}
+
+impl Default for ServiceName {
+    fn default() -> Self {
+        Self {
+            host: crate::metrics::UNKNOWN.to_owned(),
+            name: crate::metrics::UNKNOWN.to_owned(),
+            namespace: crate::metrics::UNKNOWN.to_owned(),
+        }
+    }
+}
+
+impl ServiceName {
+    /// No Service (a pod addressed directly): shared by every such connection.
+    pub fn unknown() -> Arc<Self> {
+        static UNKNOWN_SERVICE: LazyLock<Arc<ServiceName>> =
+            LazyLock::new(|| Arc::new(ServiceName::default()));
+        UNKNOWN_SERVICE.clone()
+    }
+
+    /// The Service `key`, in the cluster DNS domain `domain`.
+    pub fn new(key: &ObjectKey, domain: &str) -> Self {
+        Self {
+            host: format!("{}.{}.svc.{domain}", key.name, key.namespace),
+            name: key.name.clone(),
+            namespace: key.namespace.clone(),
+        }
+    }
+
+    /// The names of `service` in the cluster DNS domain `domain`: made once per Service and
+    /// shared by its connections (a different domain, only ever in tests, makes new ones).
+    pub fn of(service: &Service, domain: &str) -> Arc<Self> {
+        let names = service
+            .names
+            .get_or_init(|| Arc::new(Self::new(&service.key, domain)));
+        if names.in_domain(domain) {
+            names.clone()
+        } else {
+            Arc::new(Self::new(&service.key, domain))
+        }
+    }
+
+    /// Whether these are the names of a Service in the cluster DNS domain `domain`.
+    fn in_domain(&self, domain: &str) -> bool {
+        self.host.len() == self.name.len() + self.namespace.len() + ".svc.".len() + 1 + domain.len()
+            && self.host.ends_with(domain)
     }
 }
 
@@ -238,5 +298,31 @@ mod tests {
             assert_eq!(names.canonical_service, service, "{case}");
             assert_eq!(names.canonical_revision, revision, "{case}");
         }
+    }
+
+    #[test]
+    fn a_services_names_are_made_once_per_domain() {
+        let service = Service {
+            key: ObjectKey::new("shop", "db"),
+            cluster_ips: vec![],
+            ports: vec![],
+            selector: None,
+            names: Default::default(),
+        };
+        let names = ServiceName::of(&service, "cluster.local");
+        assert_eq!(names.host, "db.shop.svc.cluster.local");
+        assert_eq!(
+            (names.name.as_str(), names.namespace.as_str()),
+            ("db", "shop")
+        );
+        assert!(Arc::ptr_eq(
+            &names,
+            &ServiceName::of(&service, "cluster.local")
+        ));
+        // Another domain is never answered with the first one's names.
+        let other = ServiceName::of(&service, "corp.internal");
+        assert_eq!(other.host, "db.shop.svc.corp.internal");
+        let suffix = ServiceName::of(&service, "local");
+        assert_eq!(suffix.host, "db.shop.svc.local");
     }
 }

@@ -482,6 +482,7 @@ mod tests {
                 protocol: "TCP".into(),
             }],
             selector: Some([("app".to_owned(), "server".to_owned())].into()),
+            names: Default::default(),
         }
     }
 

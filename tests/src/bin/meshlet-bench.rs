@@ -1521,6 +1521,7 @@ fn store(pods: usize, services: usize) -> anyhow::Result<serde_json::Value> {
                 protocol: "TCP".into(),
             }],
             selector: Some([("app".to_owned(), format!("app-{s}"))].into()),
+            names: Default::default(),
         }));
         store.upsert(Object::EndpointSlice(EndpointSlice {
             key: ObjectKey::new(namespace, format!("svc-{s}-abcde")),
