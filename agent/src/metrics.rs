@@ -56,7 +56,7 @@ const CONNECTION_LABELS: [&str; 23] = [
 ];
 
 /// The value of every label the agent cannot know.
-pub const UNKNOWN: &str = "unknown";
+pub use crate::workload::naming::UNKNOWN;
 
 /// One end of a connection, as Istio's labels (and the access log) name it.
 ///

@@ -195,14 +195,9 @@ impl Netns {
         }
         let slots = Arc::clone(&self.ahead);
         let job: Job = Box::new(move || {
-            let lock = || {
-                slots[slot]
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-            };
-            let missing = AHEAD.saturating_sub(lock().ready.len());
+            let missing = AHEAD.saturating_sub(lock(&slots[slot]).ready.len());
             let made: Vec<OwnedFd> = (0..missing).map_while(|_| make().ok()).collect();
-            let mut ahead = lock();
+            let mut ahead = lock(&slots[slot]);
             ahead.ready.extend(made);
             ahead.refilling = false;
         });
@@ -217,9 +212,7 @@ impl Netns {
     }
 
     fn slot(&self, slot: usize) -> std::sync::MutexGuard<'_, Ahead> {
-        self.ahead[slot]
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.ahead[slot])
     }
 
     /// The long-lived thread's queue, starting the thread on first use.
@@ -256,6 +249,12 @@ impl Netns {
             socket_netns_cookie(socket.as_fd())
         })?
     }
+}
+
+/// A slot of descriptors made ahead; a panic while it was held left nothing half-done.
+fn lock(slot: &Mutex<Ahead>) -> std::sync::MutexGuard<'_, Ahead> {
+    slot.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl AsFd for Netns {

@@ -20,6 +20,9 @@ use std::sync::{Arc, LazyLock};
 
 use super::model::{ObjectKey, Pod, Service};
 
+/// The name of whatever the agent cannot name (a peer outside the cluster, no Service).
+pub const UNKNOWN: &str = "unknown";
+
 /// Labels naming a pod's canonical service, in order of precedence.
 const CANONICAL_NAME_LABELS: [&str; 3] = [
     "service.istio.io/canonical-name",
@@ -89,9 +92,9 @@ pub struct ServiceName {
 impl Default for ServiceName {
     fn default() -> Self {
         Self {
-            host: crate::metrics::UNKNOWN.to_owned(),
-            name: crate::metrics::UNKNOWN.to_owned(),
-            namespace: crate::metrics::UNKNOWN.to_owned(),
+            host: UNKNOWN.to_owned(),
+            name: UNKNOWN.to_owned(),
+            namespace: UNKNOWN.to_owned(),
         }
     }
 }
