@@ -713,6 +713,22 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
     }
 }
 
+impl<S: crate::proxy::copy::ReadOwned + Unpin> crate::proxy::copy::ReadOwned for Counted<S> {
+    fn poll_read_owned(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut bytes::BytesMut,
+        limit: usize,
+        held: &mut bytes::Bytes,
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_read_owned(cx, buf, limit, held);
+        if let Poll::Ready(Ok(read)) = &poll {
+            self.counters.add_received(*read as u64);
+        }
+        poll
+    }
+}
+
 impl<S: crate::proxy::copy::WriteOwned + Unpin> crate::proxy::copy::WriteOwned for Counted<S> {
     fn poll_write_owned(
         mut self: Pin<&mut Self>,

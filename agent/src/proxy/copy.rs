@@ -10,6 +10,10 @@
 //! see docs/performance.md). It never shrinks: a connection that was bulk once is likely to be
 //! again.
 //!
+//! Bytes change hands without a copy where one side holds them in a buffer of its own: the copy
+//! path hands its buffer to an HTTP/2 stream to frame ([`WriteOwned`]), and a stream's received
+//! DATA is written to the socket from h2's buffer ([`ReadOwned`]), as ztunnel's copy does.
+//!
 //! The state machine follows tokio's `copy_bidirectional` (read while there is room, write
 //! what was read, flush when the reader has nothing, shut the writer down after EOF), which it
 //! replaces.
@@ -21,7 +25,7 @@ use std::{
     task::{Context, Poll, ready},
 };
 
-use bytes::{Buf as _, BufMut as _, BytesMut};
+use bytes::{Buf as _, BufMut as _, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 /// Bytes a direction starts with.
@@ -52,6 +56,37 @@ pub trait WriteOwned: AsyncWrite {
 
 impl WriteOwned for tokio::net::TcpStream {}
 
+/// A reader the copy path takes bytes from. By default they are read into the copy path's
+/// buffer; an HTTP/2 stream, which holds each DATA frame it received in a buffer of its own,
+/// hands the frame over as it is ([`super::h2io::H2Stream`]), sparing its copy.
+pub trait ReadOwned: AsyncRead {
+    /// Reads the next bytes: into `buf` (at most `limit` of them), or, only when `buf` is empty,
+    /// as `held`, bytes the reader already holds. Returns how many bytes; 0 is the end.
+    fn poll_read_owned(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        limit: usize,
+        _held: &mut Bytes,
+    ) -> Poll<io::Result<usize>> {
+        tokio_util::io::poll_read_buf(self, cx, &mut buf.limit(limit))
+    }
+}
+
+impl ReadOwned for tokio::net::TcpStream {}
+
+impl<T: ReadOwned + Unpin + ?Sized> ReadOwned for &mut T {
+    fn poll_read_owned(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        limit: usize,
+        held: &mut Bytes,
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut **self).poll_read_owned(cx, buf, limit, held)
+    }
+}
+
 impl<T: WriteOwned + Unpin + ?Sized> WriteOwned for &mut T {
     fn poll_write_owned(
         mut self: Pin<&mut Self>,
@@ -67,6 +102,9 @@ impl<T: WriteOwned + Unpin + ?Sized> WriteOwned for &mut T {
 struct Buffer {
     /// Read and not written yet.
     buf: BytesMut,
+    /// Read and not written yet, in the reader's own buffer: written before `buf` is filled
+    /// again (it is taken only while `buf` is empty).
+    held: Bytes,
     /// The most one fill holds.
     size: usize,
     read_done: bool,
@@ -80,6 +118,7 @@ impl Buffer {
     fn new() -> Self {
         Self {
             buf: BytesMut::with_capacity(INITIAL),
+            held: Bytes::new(),
             size: INITIAL,
             read_done: false,
             need_flush: false,
@@ -88,7 +127,7 @@ impl Buffer {
         }
     }
 
-    fn poll_fill<R: AsyncRead + ?Sized>(
+    fn poll_fill<R: ReadOwned + ?Sized>(
         &mut self,
         cx: &mut Context<'_>,
         reader: Pin<&mut R>,
@@ -107,14 +146,22 @@ impl Buffer {
             self.buf.reserve(room);
             room
         };
-        let read = ready!(tokio_util::io::poll_read_buf(
-            reader,
-            cx,
-            &mut (&mut self.buf).limit(limit)
-        ))?;
+        let read = ready!(reader.poll_read_owned(cx, &mut self.buf, limit, &mut self.held))?;
         self.read_done = read == 0;
-        self.grow |= read == limit;
+        self.grow |= read >= limit;
         Poll::Ready(Ok(()))
+    }
+
+    fn wrote(&mut self, written: usize) -> io::Result<()> {
+        if written == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "the writer took no bytes",
+            ));
+        }
+        self.amount += written as u64;
+        self.need_flush = true;
+        Ok(())
     }
 
     fn poll_copy<R, W>(
@@ -124,12 +171,12 @@ impl Buffer {
         mut writer: Pin<&mut W>,
     ) -> Poll<io::Result<u64>>
     where
-        R: AsyncRead + ?Sized,
+        R: ReadOwned + ?Sized,
         W: WriteOwned + ?Sized,
     {
         loop {
             // Room left: read more first, so that writes are as large as they can be.
-            if self.buf.len() < self.size && !self.read_done {
+            if self.held.is_empty() && self.buf.len() < self.size && !self.read_done {
                 match self.poll_fill(cx, reader.as_mut()) {
                     Poll::Ready(Ok(())) => {}
                     Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
@@ -145,16 +192,14 @@ impl Buffer {
                     Poll::Pending => {}
                 }
             }
+            while !self.held.is_empty() {
+                let written = ready!(writer.as_mut().poll_write(cx, &self.held))?;
+                self.held.advance(written);
+                self.wrote(written)?;
+            }
             while !self.buf.is_empty() {
                 let written = ready!(writer.as_mut().poll_write_owned(cx, &mut self.buf))?;
-                if written == 0 {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::WriteZero,
-                        "the writer took no bytes",
-                    )));
-                }
-                self.amount += written as u64;
-                self.need_flush = true;
+                self.wrote(written)?;
             }
             let limit = if self.amount >= JUMBO_AFTER {
                 MAX
@@ -189,7 +234,7 @@ impl Direction {
         mut writer: Pin<&mut W>,
     ) -> Poll<io::Result<u64>>
     where
-        R: AsyncRead + ?Sized,
+        R: ReadOwned + ?Sized,
         W: WriteOwned + ?Sized,
     {
         loop {
@@ -212,8 +257,8 @@ impl Direction {
 /// side's writer shut down); returns the bytes copied a to b and b to a.
 pub async fn bidirectional<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
 where
-    A: AsyncRead + WriteOwned + Unpin + ?Sized,
-    B: AsyncRead + WriteOwned + Unpin + ?Sized,
+    A: ReadOwned + WriteOwned + Unpin + ?Sized,
+    B: ReadOwned + WriteOwned + Unpin + ?Sized,
 {
     let mut a_to_b = Direction::Running(Buffer::new());
     let mut b_to_a = Direction::Running(Buffer::new());
@@ -234,7 +279,10 @@ mod tests {
     use super::*;
 
     impl WriteOwned for tokio::io::DuplexStream {}
+    impl ReadOwned for tokio::io::DuplexStream {}
     impl WriteOwned for Vec<u8> {}
+    impl ReadOwned for &[u8] {}
+    impl ReadOwned for Trickle {}
 
     /// Runs `bidirectional` between two in-memory pipes and returns the far ends.
     fn relay() -> (
@@ -324,7 +372,7 @@ mod tests {
     /// A writer that keeps every piece it is handed, as an HTTP/2 stream does until it frames
     /// them.
     #[derive(Default)]
-    struct Keeper(Vec<bytes::Bytes>);
+    struct Keeper(Vec<Bytes>);
 
     impl AsyncWrite for Keeper {
         fn poll_write(
@@ -379,6 +427,104 @@ mod tests {
         assert!(
             blocks <= most,
             "{blocks} blocks for {pieces} pieces (at most {most})"
+        );
+    }
+
+    /// A reader that holds its bytes in pieces of its own, as an HTTP/2 stream holds frames.
+    struct Holder(std::collections::VecDeque<Bytes>);
+
+    impl AsyncRead for Holder {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            unreachable!("the copy path takes held bytes over")
+        }
+    }
+
+    impl ReadOwned for Holder {
+        fn poll_read_owned(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut BytesMut,
+            limit: usize,
+            held: &mut Bytes,
+        ) -> Poll<io::Result<usize>> {
+            let Some(mut piece) = self.0.pop_front() else {
+                return Poll::Ready(Ok(0));
+            };
+            if buf.is_empty() {
+                let n = piece.len();
+                *held = piece;
+                return Poll::Ready(Ok(n));
+            }
+            // Behind bytes already in the buffer, a piece is copied after them.
+            let n = piece.len().min(limit);
+            buf.extend_from_slice(&piece.split_to(n));
+            if !piece.is_empty() {
+                self.0.push_front(piece);
+            }
+            Poll::Ready(Ok(n))
+        }
+    }
+
+    /// A writer that takes at most `most` bytes a write and notes where each write's bytes were.
+    #[derive(Default)]
+    struct Noter {
+        most: usize,
+        got: Vec<u8>,
+        from: Vec<(usize, usize)>,
+    }
+
+    impl AsyncWrite for Noter {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let n = buf.len().min(self.most);
+            self.got.extend_from_slice(&buf[..n]);
+            self.from.push((buf.as_ptr() as usize, n));
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl WriteOwned for Noter {}
+
+    #[test]
+    fn held_bytes_are_written_from_where_the_reader_holds_them_in_order() {
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let pieces: Vec<Bytes> = (0..50u8)
+            .map(|i| Bytes::from(vec![i; 1000 + usize::from(i) * 997]))
+            .collect();
+        let expected: Vec<u8> = pieces.iter().flat_map(|p| p.iter().copied()).collect();
+        let within = |(at, n): (usize, usize)| {
+            pieces
+                .iter()
+                .any(|p| at >= p.as_ptr() as usize && at + n <= p.as_ptr() as usize + p.len())
+        };
+        let mut reader = Holder(pieces.iter().cloned().collect());
+        // Partial writes: a held piece is written on from where the last write stopped.
+        let mut writer = Noter {
+            most: 7_000,
+            ..Noter::default()
+        };
+        let mut buffer = Buffer::new();
+        let polled = buffer.poll_copy(&mut cx, Pin::new(&mut reader), Pin::new(&mut writer));
+        assert!(matches!(polled, Poll::Ready(Ok(n)) if n == expected.len() as u64));
+        assert!(writer.got == expected, "the bytes arrived changed");
+        let copied = writer.from.iter().filter(|w| !within(**w)).count();
+        assert_eq!(
+            copied, 0,
+            "{copied} writes were not from the reader's own pieces"
         );
     }
 

@@ -15,7 +15,7 @@ use std::{
     task::{Context, Poll, ready},
 };
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -58,16 +58,12 @@ fn to_io(err: h2::Error) -> io::Error {
     io::Error::new(kind, err)
 }
 
-impl AsyncRead for H2Stream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        while this.pending.is_empty() {
-            match ready!(this.recv.poll_data(cx)) {
-                Some(Ok(chunk)) => this.pending = chunk,
+impl H2Stream {
+    /// Waits for received bytes in `pending`; leaves it empty at the end of the stream.
+    fn poll_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.pending.is_empty() {
+            match ready!(self.recv.poll_data(cx)) {
+                Some(Ok(chunk)) => self.pending = chunk,
                 // A peer that is done resets with NO_ERROR or CANCEL rather than END_STREAM
                 // (hyper, and so the tunnel before, read both as the end).
                 Some(Err(err))
@@ -83,12 +79,48 @@ impl AsyncRead for H2Stream {
                 None => return Poll::Ready(Ok(())),
             }
         }
-        let n = this.pending.len().min(buf.remaining());
-        buf.put_slice(&this.pending[..n]);
-        this.pending.advance(n);
-        // The peer may send as much again once these bytes are out of h2's hands.
-        let _ = this.recv.flow_control().release_capacity(n);
         Poll::Ready(Ok(()))
+    }
+
+    /// Takes `n` bytes off `pending`: the peer may send as much again once they are out of h2's
+    /// hands.
+    fn take_pending(&mut self, n: usize) -> Bytes {
+        let _ = self.recv.flow_control().release_capacity(n);
+        self.pending.split_to(n)
+    }
+}
+
+impl AsyncRead for H2Stream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        ready!(self.poll_pending(cx))?;
+        let n = self.pending.len().min(buf.remaining());
+        buf.put_slice(&self.take_pending(n));
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Received DATA goes to the writer from h2's buffer as it is, not through the copy path's.
+impl super::copy::ReadOwned for H2Stream {
+    fn poll_read_owned(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut bytes::BytesMut,
+        limit: usize,
+        held: &mut Bytes,
+    ) -> Poll<io::Result<usize>> {
+        ready!(self.poll_pending(cx))?;
+        if buf.is_empty() {
+            let n = self.pending.len();
+            *held = self.take_pending(n);
+            return Poll::Ready(Ok(n));
+        }
+        let n = self.pending.len().min(limit);
+        buf.extend_from_slice(&self.take_pending(n));
+        Poll::Ready(Ok(n))
     }
 }
 
@@ -366,6 +398,34 @@ mod tests {
         // Enough for the buffers to grow to 64 KiB, through a window of 16 KiB.
         send_and_answer(application, &mut server, 3_000_000).await;
         assert_eq!(relay.await.unwrap().unwrap(), (3_000_000, 3));
+    }
+
+    #[tokio::test]
+    async fn received_data_goes_from_the_stream_to_the_socket_whole() {
+        let (mut client, mut server) = stream_pair().await;
+        let (mut application, mut accepted) = tokio::io::duplex(256 * 1024);
+        let relay = tokio::spawn(async move {
+            crate::proxy::copy::bidirectional(&mut client, &mut accepted).await
+        });
+        // DATA frames through a 16 KiB window, each handed to the socket side as h2 holds it,
+        // while the application answers with a little of its own.
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 241) as u8).collect();
+        let sent = data.clone();
+        let far = tokio::spawn(async move {
+            server.write_all(&sent).await.unwrap();
+            server.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            server.read_to_end(&mut back).await.unwrap();
+            back
+        });
+        let mut received = Vec::new();
+        application.read_to_end(&mut received).await.unwrap();
+        assert_eq!(received.len(), data.len());
+        assert!(received == data, "the bytes arrived changed");
+        application.write_all(b"thanks").await.unwrap();
+        application.shutdown().await.unwrap();
+        assert_eq!(far.await.unwrap(), b"thanks");
+        assert_eq!(relay.await.unwrap().unwrap(), (3_000_000, 6));
     }
 
     #[tokio::test]

@@ -65,6 +65,10 @@ const MAX_FRAME: u32 = 1 << 20;
 /// trip.
 const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// Bytes a stream may queue in h2 ahead of the connection's writes: room for four of the copy
+/// path's largest fills (h2's default, 400 KiB, holds one and a half, so a bulk stream's copy
+/// task waited on the connection's task for each).
+const SEND_BUFFER: usize = 1024 * 1024;
 
 /// A TLS or HTTP/2 handshake that takes longer than this is abandoned.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -541,6 +545,7 @@ async fn handshake(
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
+            .max_send_buffer_size(SEND_BUFFER)
             // A peer's answers are a status line: what the server accepts of requests.
             .max_header_list_size(Limits::default().max_header_list_size)
             .initial_max_send_streams(MAX_STREAMS)
@@ -744,6 +749,7 @@ where
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
+        .max_send_buffer_size(SEND_BUFFER)
         .max_concurrent_streams(limits.max_streams)
         .max_header_list_size(limits.max_header_list_size)
         .max_pending_accept_reset_streams(limits.max_pending_accept_reset_streams)

@@ -147,8 +147,8 @@ impl Limits {
 /// bulk transfers ([`copy`](mod@copy)).
 pub async fn copy<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
 where
-    A: tokio::io::AsyncRead + copy::WriteOwned + Unpin + ?Sized,
-    B: tokio::io::AsyncRead + copy::WriteOwned + Unpin + ?Sized,
+    A: copy::ReadOwned + copy::WriteOwned + Unpin + ?Sized,
+    B: copy::ReadOwned + copy::WriteOwned + Unpin + ?Sized,
 {
     copy::bidirectional(a, b).await
 }
