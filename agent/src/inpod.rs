@@ -1124,6 +1124,8 @@ impl InPod {
         for (addr, role, listener) in opened {
             sockets.push((addr, role, OwnedFd::from(listener.try_clone()?)));
             listener.set_nonblocking(true)?;
+            // On the next data-plane thread, which carries every connection it accepts.
+            let _shard = self.proxy.shards.enter_next();
             let listener = tokio::net::TcpListener::from_std(listener)?;
             tasks
                 .0

@@ -687,6 +687,10 @@ fn ca(args: CaArgs) -> anyhow::Result<()> {
 /// spare.
 pub const RUNTIME_WORKERS: usize = 2;
 
+/// The agent's data-plane threads ([`crate::proxy::shards`]), beside that runtime: as many as
+/// its workers.
+pub const DATA_PLANE_THREADS: usize = RUNTIME_WORKERS;
+
 /// The runtime of the long-running commands ([`RUNTIME_WORKERS`] workers).
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()

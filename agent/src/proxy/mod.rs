@@ -27,6 +27,7 @@ pub mod local;
 pub mod outbound;
 pub mod passthrough;
 pub mod record;
+pub mod shards;
 
 use std::{
     io,
@@ -181,6 +182,8 @@ pub struct Proxy {
     pub telemetry: crate::metrics::Telemetry,
     /// Which labels enroll pods (here and, for routing, on other nodes).
     pub enrollment: enrollment::Rules,
+    /// The threads listeners are served on ([`shards`]; none: the placing runtime).
+    pub shards: shards::Shards,
     round_robin: AtomicUsize,
 }
 
@@ -216,6 +219,7 @@ impl Proxy {
             local: Arc::default(),
             telemetry: crate::metrics::Telemetry::default(),
             enrollment: enrollment::Rules::default(),
+            shards: shards::Shards::inline(),
             round_robin: AtomicUsize::new(0),
         }
     }
