@@ -214,6 +214,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     proxy.telemetry = config.telemetry.clone();
     proxy.enrollment = config.enrollment;
     proxy.shards = crate::proxy::shards::Shards::start(crate::cli::DATA_PLANE_THREADS)?;
+    metrics.observe_data_plane(proxy.shards.runtimes());
     let proxy = Arc::new(proxy);
     let series = tokio::spawn(crate::metrics::sweep_gone_workloads(
         metrics.clone(),

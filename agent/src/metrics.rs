@@ -260,6 +260,9 @@ pub struct Metrics {
     /// How long the agent held CNI ADDs of pods it enrolled.
     cni_add_duration: prometheus::Histogram,
     process: IntGaugeVec,
+    /// The data plane's runtimes ([`crate::proxy::shards`]), counted in the tokio gauges with
+    /// the runtime that scrapes.
+    data_plane: std::sync::OnceLock<Vec<tokio::runtime::Handle>>,
     /// Since when each workload (namespace, name) that has series has been gone.
     gone_since: Arc<Mutex<HashMap<(String, String), Instant>>>,
 }
@@ -422,6 +425,7 @@ impl Metrics {
             cni_requests,
             cni_add_duration,
             process,
+            data_plane: std::sync::OnceLock::new(),
             gone_since: Arc::default(),
         }
     }
@@ -557,15 +561,23 @@ impl Metrics {
                 .collect();
             set("cpu_milliseconds", ticks.iter().sum::<i64>() * 10);
         }
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            let runtime = handle.metrics();
-            set("tokio_workers", runtime.num_workers() as i64);
-            set("tokio_alive_tasks", runtime.num_alive_tasks() as i64);
-            set(
-                "tokio_global_queue_depth",
-                runtime.global_queue_depth() as i64,
-            );
+        let runtimes = tokio::runtime::Handle::try_current()
+            .into_iter()
+            .chain(self.data_plane.get().into_iter().flatten().cloned());
+        let (mut workers, mut tasks, mut queued) = (0, 0, 0);
+        for runtime in runtimes.map(|handle| handle.metrics()) {
+            workers += runtime.num_workers();
+            tasks += runtime.num_alive_tasks();
+            queued += runtime.global_queue_depth();
         }
+        set("tokio_workers", workers as i64);
+        set("tokio_alive_tasks", tasks as i64);
+        set("tokio_global_queue_depth", queued as i64);
+    }
+
+    /// Counts the data plane's runtimes in the tokio gauges too (set once, at start).
+    pub fn observe_data_plane(&self, runtimes: Vec<tokio::runtime::Handle>) {
+        let _ = self.data_plane.set(runtimes);
     }
 
     /// Counts a connection opened; returns its byte counters (sent, received).

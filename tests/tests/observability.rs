@@ -232,7 +232,11 @@ fn metrics_logs_readiness_and_inspection_commands_tell_what_happened() {
         .unwrap()
             > 1e6
     );
-    assert!(sample(&node0, "meshlet_process", &[("measure", "tokio_workers")]).unwrap() >= 1.0);
+    // The agent's runtime and its data-plane threads, one worker each.
+    assert_eq!(
+        sample(&node0, "meshlet_process", &[("measure", "tokio_workers")]),
+        Some((meshlet::cli::RUNTIME_WORKERS + meshlet::cli::DATA_PLANE_THREADS) as f64)
+    );
     let (ok, out, err) = meshlet(0, &["workloads", "--admin-addr", "127.0.0.1:1"]);
     assert!(
         !ok && out.is_empty() && err.lines().count() == 1 && err.contains("is the agent running"),

@@ -67,6 +67,11 @@ impl Shards {
         }
     }
 
+    /// Each thread's runtime.
+    pub fn runtimes(&self) -> Vec<Handle> {
+        self.handles.clone()
+    }
+
     /// How many threads.
     pub fn len(&self) -> usize {
         self.handles.len()
