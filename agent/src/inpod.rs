@@ -1121,11 +1121,12 @@ impl InPod {
     ) -> std::io::Result<(Accepting, Vec<(SocketAddr, Role, OwnedFd)>)> {
         let mut tasks = Accepting::default();
         let mut sockets = Vec::new();
+        let placement = self.proxy.shards.place_pod();
         for (addr, role, listener) in opened {
             sockets.push((addr, role, OwnedFd::from(listener.try_clone()?)));
             listener.set_nonblocking(true)?;
-            // On the next data-plane thread, which carries every connection it accepts.
-            let _shard = self.proxy.shards.enter_next();
+            // On its data-plane thread, which carries every connection it accepts.
+            let _shard = placement.enter(role);
             let listener = tokio::net::TcpListener::from_std(listener)?;
             tasks
                 .0

@@ -11,9 +11,10 @@
 //! thread: they hand over by waking a task in the same queue, and no lock is ever contended.
 //! Envoy's workers own their connections the same way.
 //!
-//! Listeners are placed round robin, so a node's pods spread over the threads; what one
-//! listener carries runs on one thread (one core). The control plane (the API watch,
-//! certificates, the admin endpoint) keeps its own runtime.
+//! Pods are placed round robin, so a node's pods spread over the threads: a pod's outbound
+//! listeners on one, its inbound ones on the next (a pod that both serves and calls can use two
+//! cores). What one listener carries runs on one thread (one core). The control plane (the API
+//! watch, certificates, the admin endpoint) keeps its own runtime.
 
 use std::{
     sync::atomic::{AtomicUsize, Ordering},
@@ -21,6 +22,8 @@ use std::{
 };
 
 use tokio::runtime::{EnterGuard, Handle};
+
+use super::Role;
 
 /// The data plane's threads.
 #[derive(Debug)]
@@ -82,16 +85,37 @@ impl Shards {
         self.handles.is_empty()
     }
 
-    /// Enters the next thread's runtime, round robin: while the guard lives, a listener made
-    /// (`TcpListener::from_std`) is that runtime's, and a task spawned (`tokio::spawn`) runs
-    /// there, as does every task it spawns. `None` when there are no threads: the current
-    /// runtime is used.
-    pub fn enter_next(&self) -> Option<EnterGuard<'_>> {
-        if self.handles.is_empty() {
+    /// Where the next pod's listeners run (pods round robin).
+    pub fn place_pod(&self) -> Placement<'_> {
+        Placement {
+            shards: self,
+            first: self.next.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+}
+
+/// Where one pod's listeners run.
+#[derive(Debug)]
+pub struct Placement<'a> {
+    shards: &'a Shards,
+    first: usize,
+}
+
+impl Placement<'_> {
+    /// Enters the runtime of the pod's `role` listeners (both families on the same one): while
+    /// the guard lives, a listener made (`TcpListener::from_std`) is that runtime's, and a task
+    /// spawned (`tokio::spawn`) runs there, as does every task it spawns. `None` when there are
+    /// no threads: the current runtime is used.
+    pub fn enter(&self, role: Role) -> Option<EnterGuard<'_>> {
+        let handles = &self.shards.handles;
+        if handles.is_empty() {
             return None;
         }
-        let next = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
-        Some(self.handles[next].enter())
+        let offset = match role {
+            Role::Outbound => 0,
+            Role::InboundHbone | Role::InboundPlaintext => 1,
+        };
+        Some(handles[(self.first + offset) % handles.len()].enter())
     }
 }
 
@@ -99,11 +123,11 @@ impl Shards {
 mod tests {
     use super::*;
 
-    /// The name of the thread that runs a task spawned under `shards.enter_next()`, and the
-    /// name of the thread that runs a task that task spawns.
-    async fn placed(shards: &Shards) -> (String, String) {
+    /// The name of the thread that runs a task spawned as `role`'s of `pod`, and the name of
+    /// the thread that runs a task that task spawns.
+    async fn placed(pod: &Placement<'_>, role: Role) -> (String, String) {
         let task = {
-            let _shard = shards.enter_next();
+            let _shard = pod.enter(role);
             tokio::spawn(async {
                 let here = thread::current().name().unwrap_or_default().to_owned();
                 let child =
@@ -115,24 +139,23 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn tasks_run_on_their_listener_thread_round_robin_and_their_children_with_them() {
+    async fn pods_alternate_and_a_pods_inbound_runs_on_the_thread_after_its_outbounds_children_included()
+     {
         let shards = Shards::start(2).unwrap();
         assert_eq!(shards.len(), 2);
         let mut seen = Vec::new();
-        for _ in 0..4 {
-            let (task, child) = placed(&shards).await;
-            assert_eq!(task, child, "a task's children stay on its thread");
-            seen.push(task);
+        for _ in 0..3 {
+            let pod = shards.place_pod();
+            let mut threads = Vec::new();
+            for role in [Role::Outbound, Role::InboundPlaintext, Role::InboundHbone] {
+                let (task, child) = placed(&pod, role).await;
+                assert_eq!(task, child, "a task's children stay on its thread");
+                threads.push(task);
+            }
+            seen.push(threads);
         }
-        assert_eq!(
-            seen,
-            [
-                "meshlet-dp-0",
-                "meshlet-dp-1",
-                "meshlet-dp-0",
-                "meshlet-dp-1"
-            ]
-        );
+        let (a, b) = ("meshlet-dp-0", "meshlet-dp-1");
+        assert_eq!(seen, [[a, b, b], [b, a, a], [a, b, b]]);
     }
 
     #[tokio::test]
@@ -140,7 +163,7 @@ mod tests {
         let shards = Shards::inline();
         assert!(shards.is_empty());
         let here = thread::current().name().unwrap_or_default().to_owned();
-        let (task, child) = placed(&shards).await;
+        let (task, child) = placed(&shards.place_pod(), Role::InboundHbone).await;
         assert_eq!(
             (task.as_str(), child.as_str()),
             (here.as_str(), here.as_str())
@@ -158,7 +181,8 @@ mod tests {
             }
         }
         {
-            let _shard = shards.enter_next();
+            let pod = shards.place_pod();
+            let _shard = pod.enter(Role::Outbound);
             let tell = Tell(dropped_tx);
             tokio::spawn(async move {
                 let _tell = tell;
