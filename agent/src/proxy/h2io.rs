@@ -360,9 +360,10 @@ mod tests {
 
     /// Sends `len` bytes from `client` (then its half-close) to `server`, which checks them
     /// and answers `bye` (then its half-close), which `client` reads to the end.
-    async fn send_and_answer<C>(mut client: C, server: &mut H2Stream, len: u32)
+    async fn send_and_answer<C, S>(mut client: C, server: &mut S, len: u32)
     where
         C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: AsyncRead + AsyncWrite + Unpin,
     {
         let data: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
         let sent = data.clone();
@@ -402,30 +403,14 @@ mod tests {
 
     #[tokio::test]
     async fn received_data_goes_from_the_stream_to_the_socket_whole() {
-        let (mut client, mut server) = stream_pair().await;
+        let (mut client, server) = stream_pair().await;
         let (mut application, mut accepted) = tokio::io::duplex(256 * 1024);
         let relay = tokio::spawn(async move {
             crate::proxy::copy::bidirectional(&mut client, &mut accepted).await
         });
-        // DATA frames through a 16 KiB window, each handed to the socket side as h2 holds it,
-        // while the application answers with a little of its own.
-        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 241) as u8).collect();
-        let sent = data.clone();
-        let far = tokio::spawn(async move {
-            server.write_all(&sent).await.unwrap();
-            server.shutdown().await.unwrap();
-            let mut back = Vec::new();
-            server.read_to_end(&mut back).await.unwrap();
-            back
-        });
-        let mut received = Vec::new();
-        application.read_to_end(&mut received).await.unwrap();
-        assert_eq!(received.len(), data.len());
-        assert!(received == data, "the bytes arrived changed");
-        application.write_all(b"thanks").await.unwrap();
-        application.shutdown().await.unwrap();
-        assert_eq!(far.await.unwrap(), b"thanks");
-        assert_eq!(relay.await.unwrap().unwrap(), (3_000_000, 6));
+        // DATA frames through a 16 KiB window, each handed to the socket side as h2 holds it.
+        send_and_answer(server, &mut application, 3_000_000).await;
+        assert_eq!(relay.await.unwrap().unwrap(), (3_000_000, 3));
     }
 
     #[tokio::test]
