@@ -11,8 +11,8 @@
 //! Every socket the proxy makes is marked and made inside the pod's network namespace, so the
 //! pod's address is the source on the wire and capture never loops.
 //!
-//! Every listener runs the one [`accept_loop`], which applies the per-pod connection limit and
-//! socket options, and every connection is accounted in one [`record::Record`]. Nothing that
+//! Every listener runs the one [`accept_loop`], which applies the per-pod connection limit (the
+//! socket options are the listener's, inherited by what it accepts), and every connection is accounted in one [`record::Record`]. Nothing that
 //! comes through the proxy comes back into it: inbound admission refuses original destinations
 //! on meshlet's own ports ([`Limits::reserved_ports`]), and the proxy's own sockets carry the
 //! mesh mark that capture skips. Each bound in [`Limits`] is a flag and counted in
@@ -505,7 +505,7 @@ impl Proxy {
                 ));
             }
         };
-        self.tune(&stream);
+        self.tune(socket2::SockRef::from(&stream));
         Ok(stream)
     }
 
@@ -528,22 +528,24 @@ impl Proxy {
 
     /// Socket options of every proxied TCP socket, accepted or connected: `TCP_NODELAY` (the
     /// proxy forwards small writes as they come: Nagle would hold a request's bytes, or an
-    /// HTTP/2 frame, until the peer acknowledged the previous ones) and keepalive.
-    fn tune(&self, stream: &TcpStream) {
-        let _ = stream.set_nodelay(true);
-        self.keepalive(stream);
+    /// HTTP/2 frame, until the peer acknowledged the previous ones) and keepalive
+    /// ([`Limits::tcp_keepalive`]). Set on a listener, they are inherited by every connection
+    /// it accepts.
+    fn tune(&self, socket: socket2::SockRef<'_>) {
+        tune(socket, self.limits.tcp_keepalive);
     }
+}
 
-    /// TCP keepalive ([`Limits::tcp_keepalive`]), on every proxied socket.
-    fn keepalive(&self, stream: &TcpStream) {
-        let time = self.limits.tcp_keepalive;
-        if !time.is_zero() {
-            let keepalive = socket2::TcpKeepalive::new()
-                .with_time(time)
-                .with_interval((time / 3).max(Duration::from_secs(1)))
-                .with_retries(3);
-            let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive);
-        }
+/// `TCP_NODELAY` and keepalive probes after `keepalive` idle (none if zero), then 3 probes 1/3
+/// of it apart ([`Proxy::tune`]).
+fn tune(socket: socket2::SockRef<'_>, keepalive: Duration) {
+    let _ = socket.set_tcp_nodelay(true);
+    if !keepalive.is_zero() {
+        let probes = socket2::TcpKeepalive::new()
+            .with_time(keepalive)
+            .with_interval((keepalive / 3).max(Duration::from_secs(1)))
+            .with_retries(3);
+        let _ = socket.set_tcp_keepalive(&probes);
     }
 }
 
@@ -591,7 +593,6 @@ pub async fn accept_loop<F, Fut>(
                     reset(stream);
                     continue;
                 };
-                proxy.tune(&stream);
                 tokio::spawn(proxy.drain.track(carry(stream, peer, permit)));
             }
             Err(err) => {
@@ -661,8 +662,9 @@ impl Role {
         pod: Arc<PodContext>,
     ) -> tokio::task::JoinHandle<()> {
         // On the listener, not each accepted socket: set once, inherited by every connection
-        // (and a listener handed over by a predecessor gets it here too).
+        // (and a listener handed over by a predecessor gets them here too).
         proxy.tune_leg(self.leg(), socket2::SockRef::from(&listener));
+        proxy.tune(socket2::SockRef::from(&listener));
         match self {
             Self::Outbound => tokio::spawn(outbound::serve(listener, proxy, pod)),
             Self::InboundPlaintext => {
@@ -856,6 +858,32 @@ impl PodContext {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connections_accepted_inherit_the_listeners_socket_options() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        tune(socket2::SockRef::from(&listener), Duration::from_secs(180));
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        let accepted = socket2::SockRef::from(&accepted);
+        assert!(accepted.tcp_nodelay().unwrap(), "TCP_NODELAY");
+        assert!(accepted.keepalive().unwrap(), "SO_KEEPALIVE");
+        assert_eq!(
+            accepted.tcp_keepalive_time().unwrap(),
+            Duration::from_secs(180)
+        );
+        assert_eq!(
+            accepted.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(60)
+        );
+        assert_eq!(accepted.tcp_keepalive_retries().unwrap(), 3);
+        // The control: a listener left alone hands out sockets without them.
+        let plain = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let _client = std::net::TcpStream::connect(plain.local_addr().unwrap()).unwrap();
+        let (accepted, _) = plain.accept().unwrap();
+        let accepted = socket2::SockRef::from(&accepted);
+        assert!(!accepted.tcp_nodelay().unwrap() && !accepted.keepalive().unwrap());
+    }
 
     #[test]
     fn meshlets_own_ports_and_port_zero_are_reserved() {
