@@ -485,7 +485,9 @@ impl Proxy {
         source: Option<SocketAddr>,
         leg: Leg,
     ) -> io::Result<TcpStream> {
-        let socket = socket::marked_socket_in(netns, destination.is_ipv6()).await?;
+        let socket =
+            socket::marked_socket_in(netns, destination.is_ipv6(), self.limits.tcp_keepalive)
+                .await?;
         if let Some(source) = source {
             transparent::make_transparent(&socket, source)?;
         }
@@ -505,7 +507,6 @@ impl Proxy {
                 ));
             }
         };
-        self.tune(socket2::SockRef::from(&stream));
         Ok(stream)
     }
 
@@ -526,26 +527,10 @@ impl Proxy {
         }
     }
 
-    /// Socket options of every proxied TCP socket, accepted or connected: `TCP_NODELAY` (the
-    /// proxy forwards small writes as they come: Nagle would hold a request's bytes, or an
-    /// HTTP/2 frame, until the peer acknowledged the previous ones) and keepalive
-    /// ([`Limits::tcp_keepalive`]). Set on a listener, they are inherited by every connection
-    /// it accepts.
+    /// Socket options of every proxied TCP socket ([`socket::tune`], with
+    /// [`Limits::tcp_keepalive`]).
     fn tune(&self, socket: socket2::SockRef<'_>) {
-        tune(socket, self.limits.tcp_keepalive);
-    }
-}
-
-/// `TCP_NODELAY` and keepalive probes after `keepalive` idle (none if zero), then 3 probes 1/3
-/// of it apart ([`Proxy::tune`]).
-fn tune(socket: socket2::SockRef<'_>, keepalive: Duration) {
-    let _ = socket.set_tcp_nodelay(true);
-    if !keepalive.is_zero() {
-        let probes = socket2::TcpKeepalive::new()
-            .with_time(keepalive)
-            .with_interval((keepalive / 3).max(Duration::from_secs(1)))
-            .with_retries(3);
-        let _ = socket.set_tcp_keepalive(&probes);
+        socket::tune(socket, self.limits.tcp_keepalive);
     }
 }
 
@@ -858,32 +843,6 @@ impl PodContext {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn connections_accepted_inherit_the_listeners_socket_options() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        tune(socket2::SockRef::from(&listener), Duration::from_secs(180));
-        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (accepted, _) = listener.accept().unwrap();
-        let accepted = socket2::SockRef::from(&accepted);
-        assert!(accepted.tcp_nodelay().unwrap(), "TCP_NODELAY");
-        assert!(accepted.keepalive().unwrap(), "SO_KEEPALIVE");
-        assert_eq!(
-            accepted.tcp_keepalive_time().unwrap(),
-            Duration::from_secs(180)
-        );
-        assert_eq!(
-            accepted.tcp_keepalive_interval().unwrap(),
-            Duration::from_secs(60)
-        );
-        assert_eq!(accepted.tcp_keepalive_retries().unwrap(), 3);
-        // The control: a listener left alone hands out sockets without them.
-        let plain = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let _client = std::net::TcpStream::connect(plain.local_addr().unwrap()).unwrap();
-        let (accepted, _) = plain.accept().unwrap();
-        let accepted = socket2::SockRef::from(&accepted);
-        assert!(!accepted.tcp_nodelay().unwrap() && !accepted.keepalive().unwrap());
-    }
 
     #[test]
     fn meshlets_own_ports_and_port_zero_are_reserved() {

@@ -6,6 +6,7 @@ use std::{
     io,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream},
     os::fd::{AsRawFd as _, BorrowedFd, OwnedFd},
+    time::Duration,
 };
 
 use meshlet_common::{MESH_MARK, SO_ORIGINAL_DST};
@@ -43,24 +44,54 @@ pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
 /// namespace's long-lived thread ([`Netns::run_async`]), one ahead of need: the caller takes
 /// the socket made for it last time and queues the next one, so a new connection crosses no
 /// thread (one unconnected socket per family and namespace waits in between).
-pub async fn marked_socket_in(netns: &Netns, ipv6: bool) -> io::Result<Socket> {
+/// It has `TCP_NODELAY` and keepalive already ([`tune`]), set on that thread too, off the
+/// connection's path.
+pub async fn marked_socket_in(
+    netns: &Netns,
+    ipv6: bool,
+    keepalive: Duration,
+) -> io::Result<Socket> {
     let slot = usize::from(ipv6);
     let socket = match netns.take_ahead(slot) {
         Some(fd) => Socket::from(fd),
-        None => netns.run_async(move || marked_socket(ipv6)).await??,
+        None => {
+            netns
+                .run_async(move || marked_socket(ipv6, keepalive))
+                .await??
+        }
     };
-    netns.make_ahead(slot, move || marked_socket(ipv6).map(OwnedFd::from));
+    netns.make_ahead(slot, move || {
+        marked_socket(ipv6, keepalive).map(OwnedFd::from)
+    });
     Ok(socket)
 }
 
-/// A TCP socket of the calling thread's namespace, with the mesh mark.
-fn marked_socket(ipv6: bool) -> io::Result<Socket> {
+/// A TCP socket of the calling thread's namespace, with the mesh mark, tuned.
+fn marked_socket(ipv6: bool, keepalive: Duration) -> io::Result<Socket> {
     let domain = if ipv6 { Domain::IPV6 } else { Domain::IPV4 };
     let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
     socket
         .set_mark(MESH_MARK)
         .map_err(|err| context(err, "set SO_MARK (needs CAP_NET_ADMIN)"))?;
+    tune(socket2::SockRef::from(&socket), keepalive);
     Ok(socket)
+}
+
+/// The options of every proxied TCP socket, accepted or connected: `TCP_NODELAY` (the proxy
+/// forwards small writes as they come: Nagle would hold a request's bytes, or an HTTP/2 frame,
+/// until the peer acknowledged the previous ones) and keepalive probes after `keepalive` idle
+/// (none if zero), then 3 probes 1/3 of it apart, so a peer that vanished is noticed. Set on a
+/// listener, they are inherited by every connection it accepts; set on a socket before it
+/// connects, they hold once it has.
+pub fn tune(socket: socket2::SockRef<'_>, keepalive: Duration) {
+    let _ = socket.set_tcp_nodelay(true);
+    if !keepalive.is_zero() {
+        let probes = socket2::TcpKeepalive::new()
+            .with_time(keepalive)
+            .with_interval((keepalive / 3).max(Duration::from_secs(1)))
+            .with_retries(3);
+        let _ = socket.set_tcp_keepalive(&probes);
+    }
 }
 
 /// Congestion controls for the proxy's legs that never leave the node, in order of preference;
@@ -231,6 +262,38 @@ pub fn port_holder(port: u16) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connections_accepted_inherit_the_listeners_socket_options() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        tune(socket2::SockRef::from(&listener), Duration::from_secs(180));
+        let _client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        let accepted = socket2::SockRef::from(&accepted);
+        assert!(accepted.tcp_nodelay().unwrap(), "TCP_NODELAY");
+        assert!(accepted.keepalive().unwrap(), "SO_KEEPALIVE");
+        assert_eq!(
+            accepted.tcp_keepalive_time().unwrap(),
+            Duration::from_secs(180)
+        );
+        assert_eq!(
+            accepted.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(60)
+        );
+        assert_eq!(accepted.tcp_keepalive_retries().unwrap(), 3);
+        // The control: a listener left alone hands out sockets without them.
+        let plain = TcpListener::bind("127.0.0.1:0").unwrap();
+        let _client = TcpStream::connect(plain.local_addr().unwrap()).unwrap();
+        let (accepted, _) = plain.accept().unwrap();
+        let accepted = socket2::SockRef::from(&accepted);
+        assert!(!accepted.tcp_nodelay().unwrap() && !accepted.keepalive().unwrap());
+        // A socket tuned before it connects (made ahead) keeps them once connected.
+        let early = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+        tune(socket2::SockRef::from(&early), Duration::from_secs(30));
+        early.connect(&plain.local_addr().unwrap().into()).unwrap();
+        assert!(early.tcp_nodelay().unwrap() && early.keepalive().unwrap());
+        assert_eq!(early.tcp_keepalive_time().unwrap(), Duration::from_secs(30));
+    }
 
     #[test]
     fn an_unpaced_socket_has_cubic_where_the_kernel_has_it_else_reno() {
