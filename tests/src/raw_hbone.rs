@@ -19,7 +19,8 @@ use crate::Cluster;
 /// Connects to `peer` from a marked socket made in `netns` (like the proxy's sockets: capture
 /// leaves it alone).
 pub async fn connect_in(netns: &Arc<Netns>, peer: SocketAddr) -> std::io::Result<TcpStream> {
-    let socket = socket::marked_socket_in(netns, peer.is_ipv6()).await?;
+    let keepalive = meshlet::proxy::Limits::default().tcp_keepalive;
+    let socket = socket::marked_socket_in(netns, peer.is_ipv6(), keepalive).await?;
     socket.set_nonblocking(true)?;
     TcpSocket::from_std_stream(socket.into())
         .connect(peer)
