@@ -75,6 +75,8 @@ pub struct Config {
     pub capture: capture::Config,
     /// Resource bounds and guards of the proxy.
     pub limits: crate::proxy::Limits,
+    /// The proxy's data-plane threads ([`crate::proxy::shards`]).
+    pub data_plane_threads: usize,
     /// The CNI plugin's socket and installation.
     pub cni: CniConfig,
     /// How long the agent serves its connections after SIGTERM (the pod's grace period minus
@@ -213,7 +215,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     proxy.telemetry = config.telemetry.clone();
     proxy.enrollment = config.enrollment;
-    proxy.shards = crate::proxy::shards::Shards::start(crate::cli::DATA_PLANE_THREADS)?;
+    proxy.shards = crate::proxy::shards::Shards::start(config.data_plane_threads)?;
     metrics.observe_data_plane(proxy.shards.runtimes());
     let proxy = Arc::new(proxy);
     let series = tokio::spawn(crate::metrics::sweep_gone_workloads(

@@ -221,6 +221,11 @@ pub struct AgentArgs {
     /// Idle time before TCP keepalive probes start on proxied sockets (`0s` disables).
     #[arg(long, env = "MESHLET_TCP_KEEPALIVE", default_value = "180s", value_parser = parse_duration)]
     pub tcp_keepalive: Duration,
+    /// Threads that carry the proxied connections, each with the pods placed on it (a pod's
+    /// outbound listeners on one, its inbound ones on the next); the control plane has its own.
+    /// What one pod's listener carries uses one thread's core at most.
+    #[arg(long, env = "MESHLET_DATA_PLANE_THREADS", default_value_t = DATA_PLANE_THREADS as u16, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub data_plane_threads: u16,
     /// Concurrent connections carried for one pod (its listeners plus HBONE streams to it);
     /// more are reset and counted [default: 10000, or a quarter of what the open-files limit
     /// allows the node, whichever is smaller].
@@ -642,6 +647,7 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
         limits,
         cni,
         drain_deadline: args.drain_deadline,
+        data_plane_threads: usize::from(args.data_plane_threads),
         handoff_socket,
         telemetry: crate::metrics::Telemetry {
             cluster_id: args.cluster_id.into(),
@@ -687,8 +693,8 @@ fn ca(args: CaArgs) -> anyhow::Result<()> {
 /// spare.
 pub const RUNTIME_WORKERS: usize = 2;
 
-/// The agent's data-plane threads ([`crate::proxy::shards`]), beside that runtime: as many as
-/// its workers.
+/// The agent's data-plane threads by default ([`crate::proxy::shards`], `--data-plane-threads`),
+/// beside that runtime: as many as its workers, and as ztunnel's default worker threads.
 pub const DATA_PLANE_THREADS: usize = RUNTIME_WORKERS;
 
 /// The runtime of the long-running commands ([`RUNTIME_WORKERS`] workers).
@@ -858,6 +864,25 @@ mod tests {
         ])
         .unwrap_err();
         assert!(err.to_string().contains("max-connections-per-pod"), "{err}");
+    }
+
+    #[test]
+    fn data_plane_threads_default_to_ztunnels_count_and_take_one_to_256() {
+        let parsed = |extra: &[&str]| {
+            let args = ["meshlet", "agent", "--node-name", "n"].iter().chain(extra);
+            Cli::try_parse_from(args).map(|cli| match cli.command {
+                Command::Agent(args) => usize::from(args.data_plane_threads),
+                _ => unreachable!("an agent command"),
+            })
+        };
+        assert_eq!(parsed(&[]).unwrap(), DATA_PLANE_THREADS);
+        assert_eq!(parsed(&["--data-plane-threads", "8"]).unwrap(), 8);
+        for bad in ["0", "257", "1.5", "two"] {
+            let err = parsed(&["--data-plane-threads", bad])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("data-plane-threads"), "{bad:?}: {err}");
+        }
     }
 
     #[test]

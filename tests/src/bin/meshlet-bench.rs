@@ -1046,7 +1046,7 @@ fn tunnel(
                 pod,
                 "legacy",
                 &config,
-                meshlet::cli::RUNTIME_WORKERS,
+                meshlet::cli::DATA_PLANE_THREADS,
             ));
         }
         for client in ["zclient", "zneighbour"] {
