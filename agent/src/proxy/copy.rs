@@ -148,7 +148,9 @@ impl Buffer {
         };
         let read = ready!(reader.poll_read_owned(cx, &mut self.buf, limit, &mut self.held))?;
         self.read_done = read == 0;
-        self.grow |= read >= limit;
+        // Bytes the reader held say nothing about this buffer's size: it stays as it is (an
+        // HTTP/2 stream's reads never need it).
+        self.grow |= self.held.is_empty() && read == limit;
         Poll::Ready(Ok(()))
     }
 
@@ -526,6 +528,8 @@ mod tests {
             copied, 0,
             "{copied} writes were not from the reader's own pieces"
         );
+        // Nothing went through the buffer, so it did not grow.
+        assert_eq!((buffer.size, buffer.buf.capacity()), (INITIAL, INITIAL));
     }
 
     #[tokio::test]
