@@ -8,8 +8,8 @@
 //! (one stream across nodes: a `futex` call per 256 KiB and three times ztunnel's context
 //! switches, see docs/performance.md). Here a listener's accept loop, every connection it
 //! accepts and every task those start (an HBONE connection's driver, its streams) stay on one
-//! thread: they hand over by waking a task in the same queue, and no lock is ever contended.
-//! Envoy's workers own their connections the same way.
+//! thread: they hand over by waking a task in the same queue, and the lock they share is never
+//! contended. Envoy's workers own their connections the same way.
 //!
 //! Pods are placed round robin, so a node's pods spread over the threads: a pod's outbound
 //! listeners on one, its inbound ones on the next (a pod that both serves and calls can use two
