@@ -75,16 +75,6 @@ impl Shards {
         self.handles.clone()
     }
 
-    /// How many threads.
-    pub fn len(&self) -> usize {
-        self.handles.len()
-    }
-
-    /// Whether the proxy runs on the runtime that places its listeners.
-    pub fn is_empty(&self) -> bool {
-        self.handles.is_empty()
-    }
-
     /// Where the next pod's listeners run (pods round robin).
     pub fn place_pod(&self) -> Placement<'_> {
         Placement {
@@ -142,7 +132,7 @@ mod tests {
     async fn pods_alternate_and_a_pods_inbound_runs_on_the_thread_after_its_outbounds_children_included()
      {
         let shards = Shards::start(2).unwrap();
-        assert_eq!(shards.len(), 2);
+        assert_eq!(shards.runtimes().len(), 2);
         let mut seen = Vec::new();
         for _ in 0..3 {
             let pod = shards.place_pod();
@@ -161,7 +151,7 @@ mod tests {
     #[tokio::test]
     async fn without_threads_tasks_run_where_they_are_placed() {
         let shards = Shards::inline();
-        assert!(shards.is_empty());
+        assert!(shards.runtimes().is_empty());
         let here = thread::current().name().unwrap_or_default().to_owned();
         let (task, child) = placed(&shards.place_pod(), Role::InboundHbone).await;
         assert_eq!(
