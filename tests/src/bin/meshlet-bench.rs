@@ -783,6 +783,7 @@ fn main() -> anyhow::Result<()> {
         "cores".into(),
         std::thread::available_parallelism()?.get().into(),
     );
+    report.insert("wake_cost".into(), wake_cost()?);
     match args.scenario {
         Scenario::All { namespaces } => {
             report.insert("enroll".into(), enroll(namespaces, args.quick)?);
@@ -965,6 +966,76 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
         .map(|v| v.parse::<u64>().unwrap_or(0))
         .sum();
     Ok(ticks as f64 / 100.0)
+}
+
+/// What waking a thread costs on this machine: two threads pass one byte back and forth over
+/// a socket pair, `ROUND_TRIPS` times, both on CPU 0, then on CPUs 0 and 1. Every message a
+/// proxy carries wakes it and then the next hop, so on a virtual machine whose idle vCPUs halt,
+/// waking a thread on another vCPU (an interrupt to a halted vCPU) is what the latency, ping-pong
+/// and connection-rate rows are mostly made of, for every proxy alike. Reported with the
+/// figures so that runs on different machines can be read.
+fn wake_cost() -> anyhow::Result<serde_json::Value> {
+    const ROUND_TRIPS: u32 = 20_000;
+    fn pin(cpu: usize) -> std::io::Result<()> {
+        use nix::sched::{CpuSet, sched_setaffinity};
+        let mut set = CpuSet::new();
+        set.set(cpu)?;
+        // Pid 0: the calling thread only.
+        sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)?;
+        Ok(())
+    }
+    fn bounce(
+        mut socket: std::os::unix::net::UnixStream,
+        cpu: usize,
+        first: bool,
+    ) -> std::io::Result<()> {
+        use std::io::{Read as _, Write as _};
+        pin(cpu)?;
+        let mut byte = [0u8; 1];
+        for _ in 0..ROUND_TRIPS {
+            if first {
+                socket.write_all(&byte)?;
+                socket.read_exact(&mut byte)?;
+            } else {
+                socket.read_exact(&mut byte)?;
+                socket.write_all(&byte)?;
+            }
+        }
+        Ok(())
+    }
+    let round_trip_us = |a: usize, b: usize| -> anyhow::Result<f64> {
+        let (left, right) = std::os::unix::net::UnixStream::pair()?;
+        let start = Instant::now();
+        let echo = std::thread::spawn(move || bounce(right, b, false));
+        bounce(left, a, true).context("ping")?;
+        echo.join()
+            .map_err(|_| anyhow::anyhow!("the echo thread panicked"))??;
+        Ok(start.elapsed().as_secs_f64() * 1e6 / f64::from(ROUND_TRIPS))
+    };
+    // Read before any thread is pinned (it is the calling thread's affinity).
+    let cpus = std::thread::available_parallelism()?.get();
+    // On a thread of its own, so that pinning leaves the bench's threads as they were.
+    let measured = std::thread::spawn(move || -> anyhow::Result<(f64, Option<f64>)> {
+        let same = round_trip_us(0, 0)?;
+        let across = if cpus > 1 {
+            Some(round_trip_us(0, 1)?)
+        } else {
+            None
+        };
+        Ok((same, across))
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the wake-up probe panicked"))??;
+    let (same, across) = measured;
+    match across {
+        Some(across) => println!(
+            "machine: a thread woken on its waker's CPU {same:.1} µs per round trip, on another \
+             CPU {across:.1} µs (x{:.1})",
+            across / same
+        ),
+        None => println!("machine: a thread woken on its waker's CPU {same:.1} µs per round trip"),
+    }
+    Ok(serde_json::json!({ "same_cpu_round_trip_us": same, "other_cpu_round_trip_us": across }))
 }
 
 /// How long opening the idle connections of the memory measurement may take.
