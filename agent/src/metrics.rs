@@ -725,6 +725,21 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
     }
 }
 
+/// A spliced socket's bytes are counted as they are moved, as read and written ones are.
+impl<S: crate::proxy::copy::Splice + Unpin> crate::proxy::copy::Splice for Counted<S> {
+    fn socket(&self) -> Option<&tokio::net::TcpStream> {
+        self.inner.socket()
+    }
+
+    fn spliced(mut self: Pin<&mut Self>, moved: crate::proxy::copy::Moved) {
+        match moved {
+            crate::proxy::copy::Moved::Received(n) => self.counters.add_received(n),
+            crate::proxy::copy::Moved::Sent(n) => self.counters.add_sent(n),
+        }
+        Pin::new(&mut self.inner).spliced(moved);
+    }
+}
+
 impl<S: crate::proxy::copy::ReadOwned + Unpin> crate::proxy::copy::ReadOwned for Counted<S> {
     fn poll_read_owned(
         mut self: Pin<&mut Self>,
@@ -803,6 +818,49 @@ mod tests {
             .unwrap();
         assert!(received.ends_with(" 6"), "{received}");
         assert!(text.contains("meshlet_build_info{version="), "{text}");
+    }
+
+    #[tokio::test]
+    async fn counts_spliced_bytes_as_read_and_written_ones() {
+        async fn pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let (connected, accepted) = tokio::join!(
+                tokio::net::TcpStream::connect(listener.local_addr().unwrap()),
+                listener.accept()
+            );
+            (connected.unwrap(), accepted.unwrap().0)
+        }
+        let metrics = Metrics::new();
+        let counters = metrics.open(&ConnectionLabels::default());
+        let ((mut client, near), (mut upstream, mut server)) = tokio::join!(pair(), pair());
+        let tally = counters.clone();
+        // A bulk transfer each way between two sockets: spliced once the buffer has grown.
+        let relay = tokio::spawn(async move {
+            let mut near = Counted::new(near, counters);
+            crate::proxy::copy::bidirectional(&mut near, &mut upstream).await
+        });
+        let up = vec![3u8; 2_000_000];
+        let down = vec![5u8; 1_500_000];
+        let (sent, answered) = tokio::join!(
+            async {
+                client.write_all(&up).await.unwrap();
+                client.shutdown().await.unwrap();
+                let mut got = Vec::new();
+                client.read_to_end(&mut got).await.unwrap();
+                got
+            },
+            async {
+                let mut got = Vec::new();
+                server.read_to_end(&mut got).await.unwrap();
+                server.write_all(&down).await.unwrap();
+                server.shutdown().await.unwrap();
+                got
+            }
+        );
+        assert_eq!((answered.len(), sent.len()), (2_000_000, 1_500_000));
+        assert_eq!(relay.await.unwrap().unwrap(), (2_000_000, 1_500_000));
+        // Sent to the client, received from it: every byte, spliced or copied.
+        assert_eq!(tally.tally(), (1_500_000, 2_000_000));
     }
 
     fn pod(name: &str, owner: Option<(&str, &str)>, labels: &[(&str, &str)]) -> Pod {

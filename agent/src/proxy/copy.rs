@@ -13,6 +13,9 @@
 //! Bytes change hands without a copy where one side holds them in a buffer of its own: the copy
 //! path hands its buffer to an HTTP/2 stream to frame ([`WriteOwned`]), and a stream's received
 //! DATA is written to the socket from h2's buffer ([`ReadOwned`]), as ztunnel's copy does.
+//! Between two plain TCP sockets (plaintext passthrough, the same-node path) a direction that
+//! has grown its buffer to [`LARGE`] is a bulk transfer, and from then on its bytes never reach
+//! user space: the kernel moves them through a pipe with `splice(2)` ([`Splice`]).
 //!
 //! The state machine follows tokio's `copy_bidirectional` (read while there is room, write
 //! what was read, flush when the reader has nothing, shut the writer down after EOF), which it
@@ -25,8 +28,14 @@ use std::{
     task::{Context, Poll, ready},
 };
 
+use std::os::fd::OwnedFd;
+
 use bytes::{Buf as _, BufMut as _, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite};
+use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, Interest},
+    net::TcpStream,
+};
 
 /// Bytes a direction starts with.
 pub const INITIAL: usize = 1024;
@@ -38,10 +47,53 @@ pub const MAX: usize = 256 * 1024;
 /// burst of medium transfers keeps 64 KiB buffers.
 pub const JUMBO_AFTER: u64 = 8 * 1024 * 1024;
 
+/// The pipe a spliced direction's bytes pass through: as large as the largest buffer, so a
+/// wake-up moves as much as a buffered one would.
+pub const PIPE_SIZE: usize = MAX;
+
+/// An end of a proxied connection, which may be a plain TCP socket. Between two sockets the
+/// copy path splices a bulk direction instead of copying it: the kernel moves the bytes from
+/// one socket to the other through a pipe, without copying them to user space and back.
+pub trait Splice {
+    /// The socket, if this end is one and its bytes may be spliced.
+    fn socket(&self) -> Option<&TcpStream> {
+        None
+    }
+
+    /// Bytes spliced from this end (`Moved::Received`) or to it (`Moved::Sent`), for whoever
+    /// counts what crosses it.
+    fn spliced(self: Pin<&mut Self>, _moved: Moved) {}
+}
+
+/// What a splice moved, seen from the end it crossed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Moved {
+    /// Read from this end.
+    Received(u64),
+    /// Written to this end.
+    Sent(u64),
+}
+
+impl Splice for TcpStream {
+    fn socket(&self) -> Option<&TcpStream> {
+        Some(self)
+    }
+}
+
+impl<T: Splice + Unpin + ?Sized> Splice for &mut T {
+    fn socket(&self) -> Option<&TcpStream> {
+        (**self).socket()
+    }
+
+    fn spliced(mut self: Pin<&mut Self>, moved: Moved) {
+        Pin::new(&mut **self).spliced(moved);
+    }
+}
+
 /// A writer the copy path hands its buffered bytes to. By default the bytes are written from
 /// the buffer (a socket copies them into the kernel); an HTTP/2 stream takes them as they are
 /// ([`super::h2io::H2Stream`]), sparing the copy into a frame of its own.
-pub trait WriteOwned: AsyncWrite {
+pub trait WriteOwned: AsyncWrite + Splice {
     /// Writes the front of `buf` and removes it from `buf`; returns how many bytes that was.
     fn poll_write_owned(
         self: Pin<&mut Self>,
@@ -54,12 +106,12 @@ pub trait WriteOwned: AsyncWrite {
     }
 }
 
-impl WriteOwned for tokio::net::TcpStream {}
+impl WriteOwned for TcpStream {}
 
 /// A reader the copy path takes bytes from. By default they are read into the copy path's
 /// buffer; an HTTP/2 stream, which holds each DATA frame it received in a buffer of its own,
 /// hands the frame over as it is ([`super::h2io::H2Stream`]), sparing its copy.
-pub trait ReadOwned: AsyncRead {
+pub trait ReadOwned: AsyncRead + Splice {
     /// Reads the next bytes: into `buf` (at most `limit` of them), or, only when `buf` is empty,
     /// as `held`, bytes the reader already holds. Returns how many bytes; 0 is the end.
     fn poll_read_owned(
@@ -73,7 +125,7 @@ pub trait ReadOwned: AsyncRead {
     }
 }
 
-impl ReadOwned for tokio::net::TcpStream {}
+impl ReadOwned for TcpStream {}
 
 impl<T: ReadOwned + Unpin + ?Sized> ReadOwned for &mut T {
     fn poll_read_owned(
@@ -112,6 +164,10 @@ struct Buffer {
     /// Grow once the buffer is drained (the last read filled it).
     grow: bool,
     amount: u64,
+    /// Spliced from here on: both ends are sockets and the direction is a bulk transfer.
+    pipe: Option<Pipe>,
+    /// Whether splicing was considered (once, when the buffer reached [`LARGE`]).
+    splice_considered: bool,
 }
 
 impl Buffer {
@@ -124,6 +180,8 @@ impl Buffer {
             need_flush: false,
             grow: false,
             amount: 0,
+            pipe: None,
+            splice_considered: false,
         }
     }
 
@@ -177,6 +235,17 @@ impl Buffer {
         W: WriteOwned + ?Sized,
     {
         loop {
+            if let Some(pipe) = &mut self.pipe {
+                ready!(pipe.poll_splice(
+                    cx,
+                    reader.as_mut(),
+                    writer.as_mut(),
+                    &mut self.read_done,
+                    &mut self.amount
+                ))?;
+                ready!(writer.as_mut().poll_flush(cx))?;
+                return Poll::Ready(Ok(self.amount));
+            }
             // Room left: read more first, so that writes are as large as they can be.
             if self.held.is_empty() && self.buf.len() < self.size && !self.read_done {
                 match self.poll_fill(cx, reader.as_mut()) {
@@ -212,12 +281,146 @@ impl Buffer {
                 self.size = (self.size * 4).min(limit);
             }
             self.grow = false;
+            // Everything read is written: a bulk direction between two sockets splices on.
+            if self.size >= LARGE && !self.splice_considered && !self.read_done {
+                self.splice_considered = true;
+                if reader.as_ref().get_ref().socket().is_some()
+                    && writer.as_ref().get_ref().socket().is_some()
+                {
+                    match Pipe::new() {
+                        Ok(pipe) => {
+                            self.pipe = Some(pipe);
+                            self.buf = BytesMut::new();
+                            continue;
+                        }
+                        // Out of descriptors, say: the buffer carries on.
+                        Err(err) => tracing::debug!(%err, "no pipe to splice through: copying"),
+                    }
+                }
+            }
             if self.read_done {
                 ready!(writer.as_mut().poll_flush(cx))?;
                 return Poll::Ready(Ok(self.amount));
             }
         }
     }
+}
+
+/// A spliced direction's pipe and what it holds: bytes spliced from the reader's socket into
+/// the pipe and from the pipe into the writer's, page references moved by the kernel, never
+/// copied to user space.
+#[derive(Debug)]
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+    /// Bytes the pipe takes.
+    capacity: usize,
+    /// Bytes in the pipe: spliced from the reader, not yet to the writer.
+    held: usize,
+}
+
+impl Pipe {
+    fn new() -> io::Result<Self> {
+        let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+        // A pipe takes 64 KiB unless told otherwise, and the kernel may refuse more (its
+        // per-user budget of pipe memory): the size it has is what it takes.
+        let capacity = nix::fcntl::fcntl(&write, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE as i32))
+            .or_else(|_| nix::fcntl::fcntl(&write, FcntlArg::F_GETPIPE_SZ))?;
+        Ok(Self {
+            read,
+            write,
+            capacity: usize::try_from(capacity).unwrap_or(0).max(1),
+            held: 0,
+        })
+    }
+
+    /// Splices from `reader`'s socket to `writer`'s until the reader's end has been read
+    /// (`read_done`) and the pipe is empty; `amount` counts what reached the writer.
+    fn poll_splice<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut reader: Pin<&mut R>,
+        mut writer: Pin<&mut W>,
+        read_done: &mut bool,
+        amount: &mut u64,
+    ) -> Poll<io::Result<()>>
+    where
+        R: ReadOwned + ?Sized,
+        W: WriteOwned + ?Sized,
+    {
+        loop {
+            // Whether to go round again: bytes moved, or a socket's readiness was found stale
+            // and must be polled again (which registers this task's waker).
+            let mut again = false;
+            if !*read_done && self.held < self.capacity {
+                let source = reader.as_ref().get_ref().socket().ok_or_else(not_socket)?;
+                if let Poll::Ready(ready) = source.poll_read_ready(cx) {
+                    ready?;
+                    let room = self.capacity - self.held;
+                    let splice = || splice(source, &self.write, room);
+                    // With the pipe empty, EAGAIN can only mean the socket has nothing, and
+                    // tokio forgets its readiness; with bytes in the pipe it may mean the pipe
+                    // has no free slot, and the readiness stands.
+                    let spliced = if self.held == 0 {
+                        source.try_io(Interest::READABLE, splice)
+                    } else {
+                        splice()
+                    };
+                    match spliced {
+                        Ok(0) => {
+                            *read_done = true;
+                            again = true;
+                        }
+                        Ok(n) => {
+                            self.held += n;
+                            reader.as_mut().spliced(Moved::Received(n as u64));
+                            again = true;
+                        }
+                        Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                            again = self.held == 0;
+                        }
+                        Err(err) => return Poll::Ready(Err(err)),
+                    }
+                }
+            }
+            if self.held > 0 {
+                let sink = writer.as_ref().get_ref().socket().ok_or_else(not_socket)?;
+                if let Poll::Ready(ready) = sink.poll_write_ready(cx) {
+                    ready?;
+                    match sink.try_io(Interest::WRITABLE, || splice(&self.read, sink, self.held)) {
+                        Ok(n) => {
+                            self.held -= n;
+                            *amount += n as u64;
+                            writer.as_mut().spliced(Moved::Sent(n as u64));
+                        }
+                        Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(err) => return Poll::Ready(Err(err)),
+                    }
+                    again = true;
+                }
+            }
+            if *read_done && self.held == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            if !again {
+                return Poll::Pending;
+            }
+        }
+    }
+}
+
+/// One non-blocking `splice(2)` of at most `len` bytes, moving pages rather than copying them.
+fn splice(
+    from: impl std::os::fd::AsFd,
+    to: impl std::os::fd::AsFd,
+    len: usize,
+) -> io::Result<usize> {
+    let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
+    Ok(nix::fcntl::splice(from, None, to, None, len, flags)?)
+}
+
+fn not_socket() -> io::Error {
+    io::Error::other("a spliced end is no longer a socket")
 }
 
 /// Where one direction stands.
@@ -282,9 +485,16 @@ mod tests {
 
     impl WriteOwned for tokio::io::DuplexStream {}
     impl ReadOwned for tokio::io::DuplexStream {}
+    impl Splice for tokio::io::DuplexStream {}
     impl WriteOwned for Vec<u8> {}
+    impl Splice for Vec<u8> {}
     impl ReadOwned for &[u8] {}
+    impl Splice for &[u8] {}
     impl ReadOwned for Trickle {}
+    impl Splice for Trickle {}
+    impl Splice for Keeper {}
+    impl Splice for Holder {}
+    impl Splice for Noter {}
 
     /// Runs `bidirectional` between two in-memory pipes and returns the far ends.
     fn relay() -> (
@@ -530,6 +740,156 @@ mod tests {
         );
         // Nothing went through the buffer, so it did not grow.
         assert_eq!((buffer.size, buffer.buf.capacity()), (INITIAL, INITIAL));
+    }
+
+    /// Two ends of a loopback TCP connection.
+    async fn socket_pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (connected, accepted) = tokio::join!(
+            TcpStream::connect(listener.local_addr().unwrap()),
+            listener.accept()
+        );
+        (connected.unwrap(), accepted.unwrap().0)
+    }
+
+    /// A socket end that notes what was spliced across it.
+    struct Watched {
+        stream: TcpStream,
+        received: u64,
+        sent: u64,
+    }
+
+    impl AsyncRead for Watched {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.stream).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Watched {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.stream).poll_write(cx, buf)
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.stream).poll_flush(cx)
+        }
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.stream).poll_shutdown(cx)
+        }
+    }
+
+    impl ReadOwned for Watched {}
+    impl WriteOwned for Watched {}
+    impl Splice for Watched {
+        fn socket(&self) -> Option<&TcpStream> {
+            Some(&self.stream)
+        }
+        fn spliced(mut self: Pin<&mut Self>, moved: Moved) {
+            match moved {
+                Moved::Received(n) => self.received += n,
+                Moved::Sent(n) => self.sent += n,
+            }
+        }
+    }
+
+    /// A relay between two loopback connections, its near end watched: the far ends and the
+    /// relay's task, which returns the copy's outcome and the watched end.
+    async fn socket_relay() -> (
+        TcpStream,
+        TcpStream,
+        tokio::task::JoinHandle<(io::Result<(u64, u64)>, Watched)>,
+    ) {
+        let ((client, near_a), (near_b, server)) = tokio::join!(socket_pair(), socket_pair());
+        let relay = tokio::spawn(async move {
+            let mut near_a = Watched {
+                stream: near_a,
+                received: 0,
+                sent: 0,
+            };
+            let mut near_b = near_b;
+            let copied = bidirectional(&mut near_a, &mut near_b).await;
+            (copied, near_a)
+        });
+        (client, server, relay)
+    }
+
+    #[tokio::test]
+    async fn bulk_between_sockets_is_spliced_intact_both_ways_and_half_closes_pass_on() {
+        let (mut client, mut server, relay) = socket_relay().await;
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let back: Vec<u8> = data.iter().rev().copied().collect();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&sent).await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        let mut received = Vec::new();
+        server.read_to_end(&mut received).await.unwrap();
+        assert!(received == data, "a to b changed, after a's half-close");
+        server.write_all(&back).await.unwrap();
+        server.shutdown().await.unwrap();
+        assert!(writer.await.unwrap() == back, "b to a changed");
+        let (copied, watched) = relay.await.unwrap();
+        assert_eq!(copied.unwrap(), (3_000_000, 3_000_000));
+        // Past the first fills (the buffer growing to LARGE), the bytes went through the pipe.
+        let by_buffer = 100_000;
+        assert!(
+            watched.received > 3_000_000 - by_buffer && watched.sent > 3_000_000 - by_buffer,
+            "spliced: {} received, {} sent of 3,000,000 each way",
+            watched.received,
+            watched.sent
+        );
+    }
+
+    #[tokio::test]
+    async fn small_messages_between_sockets_are_not_spliced() {
+        let (mut client, mut server, relay) = socket_relay().await;
+        for _ in 0..100 {
+            client.write_all(b"ping").await.unwrap();
+            let mut got = [0u8; 4];
+            server.read_exact(&mut got).await.unwrap();
+            server.write_all(b"pong").await.unwrap();
+            client.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"pong");
+        }
+        drop((client, server));
+        let (_, watched) = relay.await.unwrap();
+        assert_eq!((watched.received, watched.sent), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_reset_during_a_spliced_transfer_ends_the_copy_with_an_error() {
+        let (mut client, server, relay) = socket_relay().await;
+        let mut server = server;
+        // Enough to be spliced, then the server resets its connection.
+        client.write_all(&vec![1u8; 1_000_000]).await.unwrap();
+        let mut got = vec![0u8; 1_000_000];
+        server.read_exact(&mut got).await.unwrap();
+        socket2::SockRef::from(&server)
+            .set_linger(Some(std::time::Duration::ZERO))
+            .unwrap();
+        drop(server);
+        let (copied, watched) = relay.await.unwrap();
+        assert!(watched.received > 0, "nothing was spliced");
+        let err = copied.unwrap_err();
+        assert!(
+            matches!(
+                err.kind(),
+                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+            ),
+            "{err:?}"
+        );
+        drop(client);
     }
 
     #[tokio::test]

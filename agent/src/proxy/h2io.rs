@@ -103,6 +103,9 @@ impl AsyncRead for H2Stream {
     }
 }
 
+/// An HTTP/2 stream is no socket: its bytes are framed, never spliced.
+impl super::copy::Splice for H2Stream {}
+
 /// Received DATA goes to the writer from h2's buffer as it is, not through the copy path's.
 impl super::copy::ReadOwned for H2Stream {
     fn poll_read_owned(

@@ -1184,6 +1184,14 @@ fn tunnel(
             addr("server", 8080),
             addr("server", 9000),
         ),
+        // A mesh pod to one outside the mesh: its agent carries the connection in plaintext
+        // (what leaves the mesh is not tunnelled), the same route as direct plus the capture.
+        (
+            "meshlet-passthrough",
+            "client",
+            addr("plain-server", 8080),
+            addr("plain-server", 9000),
+        ),
     ];
     let mut external = Vec::new();
     if let Some(command) = external_proxy {
