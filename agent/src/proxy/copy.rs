@@ -25,6 +25,7 @@ use std::{
     future::poll_fn,
     io,
     pin::Pin,
+    sync::atomic::{AtomicUsize, Ordering},
     task::{Context, Poll, ready},
 };
 
@@ -50,6 +51,14 @@ pub const JUMBO_AFTER: u64 = 8 * 1024 * 1024;
 /// The pipe a spliced direction's bytes pass through: as large as the largest buffer, so a
 /// wake-up moves as much as a buffered one would.
 pub const PIPE_SIZE: usize = MAX;
+
+/// Pipes that may exist at once, each two descriptors: half of what the connection budget
+/// keeps back ([`crate::proxy::Budgets::RESERVED_DESCRIPTORS`]), so splicing never takes a
+/// descriptor a connection or a listener needs. A direction that finds none free copies.
+pub const MAX_PIPES: usize = (crate::proxy::Budgets::RESERVED_DESCRIPTORS / 4) as usize;
+
+/// The pipes of every spliced direction in the agent.
+static PIPES: PipeSlots = PipeSlots::new(MAX_PIPES);
 
 /// An end of a proxied connection, which may be a plain TCP socket. Between two sockets the
 /// copy path splices a bulk direction instead of copying it: the kernel moves the bytes from
@@ -311,6 +320,7 @@ impl Buffer {
 /// copied to user space.
 #[derive(Debug)]
 struct Pipe {
+    _slot: PipeSlot,
     read: OwnedFd,
     write: OwnedFd,
     /// Bytes the pipe takes.
@@ -321,12 +331,14 @@ struct Pipe {
 
 impl Pipe {
     fn new() -> io::Result<Self> {
+        let slot = PIPES.take()?;
         let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
         // A pipe takes 64 KiB unless told otherwise, and the kernel may refuse more (its
         // per-user budget of pipe memory): the size it has is what it takes.
         let capacity = nix::fcntl::fcntl(&write, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE as i32))
             .or_else(|_| nix::fcntl::fcntl(&write, FcntlArg::F_GETPIPE_SZ))?;
         Ok(Self {
+            _slot: slot,
             read,
             write,
             capacity: usize::try_from(capacity).unwrap_or(0).max(1),
@@ -406,6 +418,42 @@ impl Pipe {
                 return Poll::Pending;
             }
         }
+    }
+}
+
+/// A count of pipes in use, at most `max` at once.
+#[derive(Debug)]
+struct PipeSlots {
+    in_use: AtomicUsize,
+    max: usize,
+}
+
+impl PipeSlots {
+    const fn new(max: usize) -> Self {
+        Self {
+            in_use: AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    /// A slot for one pipe, given back when it is dropped; an error when all are taken.
+    fn take(&'static self) -> io::Result<PipeSlot> {
+        self.in_use
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                (used < self.max).then_some(used + 1)
+            })
+            .map(|_| PipeSlot(self))
+            .map_err(|_| io::Error::other(format!("all {} pipes are in use", self.max)))
+    }
+}
+
+/// One of a [`PipeSlots`]' pipes, held by a [`Pipe`].
+#[derive(Debug)]
+struct PipeSlot(&'static PipeSlots);
+
+impl Drop for PipeSlot {
+    fn drop(&mut self) {
+        self.0.in_use.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -890,6 +938,20 @@ mod tests {
             "{err:?}"
         );
         drop(client);
+    }
+
+    #[test]
+    fn pipes_are_counted_and_given_back() {
+        static SLOTS: PipeSlots = PipeSlots::new(2);
+        let first = SLOTS.take().unwrap();
+        let second = SLOTS.take().unwrap();
+        let refused = SLOTS.take().unwrap_err();
+        assert_eq!(refused.to_string(), "all 2 pipes are in use");
+        drop(first);
+        let third = SLOTS.take().expect("a dropped pipe gives its slot back");
+        assert_eq!(SLOTS.in_use.load(Ordering::Acquire), 2);
+        drop((second, third));
+        assert_eq!(SLOTS.in_use.load(Ordering::Acquire), 0);
     }
 
     #[tokio::test]

@@ -104,8 +104,8 @@ impl Default for Limits {
 /// that the agent never runs out of descriptors: each carried connection holds two (the
 /// accepted socket and its upstream), and [`Budgets::RESERVED_DESCRIPTORS`] stay for
 /// everything else (listeners, namespaces, upstream sockets made ahead: up to
-/// [`crate::sys::netns::AHEAD`] per pod namespace and family, the API watch, the metrics
-/// endpoint, files).
+/// [`crate::sys::netns::AHEAD`] per pod namespace and family, splice pipes: up to
+/// [`copy::MAX_PIPES`], the API watch, the metrics endpoint, files).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Budgets {
     /// Per pod.
