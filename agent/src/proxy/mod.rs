@@ -492,7 +492,6 @@ impl Proxy {
             transparent::make_transparent(&socket, source)?;
         }
         self.tune_leg(leg, socket2::SockRef::from(&socket));
-        socket.set_nonblocking(true)?;
         let connecting = TcpSocket::from_std_stream(socket.into()).connect(destination);
         let stream = match tokio::time::timeout(self.limits.connect_timeout, connecting).await {
             Ok(connected) => connected?,

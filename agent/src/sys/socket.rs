@@ -44,8 +44,8 @@ pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
 /// namespace's long-lived thread ([`Netns::run_async`]), one ahead of need: the caller takes
 /// the socket made for it last time and queues the next one, so a new connection crosses no
 /// thread (one unconnected socket per family and namespace waits in between).
-/// It has `TCP_NODELAY` and keepalive already ([`tune`]), set on that thread too, off the
-/// connection's path.
+/// It is non-blocking and has `TCP_NODELAY` and keepalive already ([`tune`]), set on that
+/// thread too, off the connection's path.
 pub async fn marked_socket_in(
     netns: &Netns,
     ipv6: bool,
@@ -66,10 +66,11 @@ pub async fn marked_socket_in(
     Ok(socket)
 }
 
-/// A TCP socket of the calling thread's namespace, with the mesh mark, tuned.
+/// A TCP socket of the calling thread's namespace, with the mesh mark, tuned, and
+/// non-blocking from `socket(2)` on (no `fcntl(2)` pair on the connection's path).
 fn marked_socket(ipv6: bool, keepalive: Duration) -> io::Result<Socket> {
     let domain = if ipv6 { Domain::IPV6 } else { Domain::IPV4 };
-    let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+    let socket = Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
     socket
         .set_mark(MESH_MARK)
         .map_err(|err| context(err, "set SO_MARK (needs CAP_NET_ADMIN)"))?;
