@@ -52,10 +52,11 @@ pub const JUMBO_AFTER: u64 = 8 * 1024 * 1024;
 /// wake-up moves as much as a buffered one would.
 pub const PIPE_SIZE: usize = MAX;
 
-/// Pipes that may exist at once, each two descriptors: half of what the connection budget
-/// keeps back ([`crate::proxy::Budgets::RESERVED_DESCRIPTORS`]), so splicing never takes a
-/// descriptor a connection or a listener needs. A direction that finds none free copies.
-pub const MAX_PIPES: usize = (crate::proxy::Budgets::RESERVED_DESCRIPTORS / 4) as usize;
+/// Pipes that may exist at once, each two descriptors: an eighth of what the connection
+/// budget keeps back ([`crate::proxy::Budgets::RESERVED_DESCRIPTORS`]), which is mostly the
+/// pods' listeners and the sockets made ahead for them (about 15 per pod). A direction that
+/// finds none free copies, as it would without splicing.
+pub const MAX_PIPES: usize = (crate::proxy::Budgets::RESERVED_DESCRIPTORS / 16) as usize;
 
 /// The pipes of every spliced direction in the agent.
 static PIPES: PipeSlots = PipeSlots::new(MAX_PIPES);
@@ -400,6 +401,15 @@ impl Pipe {
                 if let Poll::Ready(ready) = sink.poll_write_ready(cx) {
                     ready?;
                     match sink.try_io(Interest::WRITABLE, || splice(&self.read, sink, self.held)) {
+                        // The pipe holds bytes and only we write to it: nothing can empty it
+                        // but us, so the kernel never answers 0 here; if it ever did, going
+                        // round again would spin.
+                        Ok(0) => {
+                            return Poll::Ready(Err(io::Error::new(
+                                io::ErrorKind::WriteZero,
+                                "splice moved nothing out of a pipe that holds bytes",
+                            )));
+                        }
                         Ok(n) => {
                             self.held -= n;
                             *amount += n as u64;
@@ -458,6 +468,8 @@ impl Drop for PipeSlot {
 }
 
 /// One non-blocking `splice(2)` of at most `len` bytes, moving pages rather than copying them.
+/// Into a socket the peer has reset it raises `SIGPIPE` (splice has no `MSG_NOSIGNAL`), which
+/// Rust's runtime ignores from `main` on: the call fails with `EPIPE` instead.
 fn splice(
     from: impl std::os::fd::AsFd,
     to: impl std::os::fd::AsFd,
