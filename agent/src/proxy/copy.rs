@@ -25,7 +25,6 @@ use std::{
     future::poll_fn,
     io,
     pin::Pin,
-    sync::atomic::{AtomicUsize, Ordering},
     task::{Context, Poll, ready},
 };
 
@@ -36,6 +35,7 @@ use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags};
 use tokio::{
     io::{AsyncRead, AsyncWrite, Interest},
     net::TcpStream,
+    sync::{Semaphore, SemaphorePermit},
 };
 
 /// Bytes a direction starts with.
@@ -58,8 +58,8 @@ pub const PIPE_SIZE: usize = MAX;
 /// finds none free copies, as it would without splicing.
 pub const MAX_PIPES: usize = (crate::proxy::Budgets::RESERVED_DESCRIPTORS / 16) as usize;
 
-/// The pipes of every spliced direction in the agent.
-static PIPES: PipeSlots = PipeSlots::new(MAX_PIPES);
+/// The pipes of every spliced direction in the agent: a permit each.
+static PIPES: Semaphore = Semaphore::const_new(MAX_PIPES);
 
 /// An end of a proxied connection, which may be a plain TCP socket. Between two sockets the
 /// copy path splices a bulk direction instead of copying it: the kernel moves the bytes from
@@ -321,7 +321,7 @@ impl Buffer {
 /// copied to user space.
 #[derive(Debug)]
 struct Pipe {
-    _slot: PipeSlot,
+    _slot: SemaphorePermit<'static>,
     read: OwnedFd,
     write: OwnedFd,
     /// Bytes the pipe takes.
@@ -332,7 +332,9 @@ struct Pipe {
 
 impl Pipe {
     fn new() -> io::Result<Self> {
-        let slot = PIPES.take()?;
+        let slot = PIPES
+            .try_acquire()
+            .map_err(|_| io::Error::other(format!("all {MAX_PIPES} pipes are in use")))?;
         let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
         // A pipe takes 64 KiB unless told otherwise, and the kernel may refuse more (its
         // per-user budget of pipe memory): the size it has is what it takes.
@@ -428,42 +430,6 @@ impl Pipe {
                 return Poll::Pending;
             }
         }
-    }
-}
-
-/// A count of pipes in use, at most `max` at once.
-#[derive(Debug)]
-struct PipeSlots {
-    in_use: AtomicUsize,
-    max: usize,
-}
-
-impl PipeSlots {
-    const fn new(max: usize) -> Self {
-        Self {
-            in_use: AtomicUsize::new(0),
-            max,
-        }
-    }
-
-    /// A slot for one pipe, given back when it is dropped; an error when all are taken.
-    fn take(&'static self) -> io::Result<PipeSlot> {
-        self.in_use
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-                (used < self.max).then_some(used + 1)
-            })
-            .map(|_| PipeSlot(self))
-            .map_err(|_| io::Error::other(format!("all {} pipes are in use", self.max)))
-    }
-}
-
-/// One of a [`PipeSlots`]' pipes, held by a [`Pipe`].
-#[derive(Debug)]
-struct PipeSlot(&'static PipeSlots);
-
-impl Drop for PipeSlot {
-    fn drop(&mut self) {
-        self.0.in_use.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -950,20 +916,6 @@ mod tests {
             "{err:?}"
         );
         drop(client);
-    }
-
-    #[test]
-    fn pipes_are_counted_and_given_back() {
-        static SLOTS: PipeSlots = PipeSlots::new(2);
-        let first = SLOTS.take().unwrap();
-        let second = SLOTS.take().unwrap();
-        let refused = SLOTS.take().unwrap_err();
-        assert_eq!(refused.to_string(), "all 2 pipes are in use");
-        drop(first);
-        let third = SLOTS.take().expect("a dropped pipe gives its slot back");
-        assert_eq!(SLOTS.in_use.load(Ordering::Acquire), 2);
-        drop((second, third));
-        assert_eq!(SLOTS.in_use.load(Ordering::Acquire), 0);
     }
 
     #[tokio::test]
