@@ -403,6 +403,8 @@ pub struct Cluster {
     fabric: NetnsGuard,
     bpffs: BpffsGuard,
     cgroup: CgroupGuard,
+    /// Open-files limits (soft and hard) given to the agents of some nodes.
+    agent_open_files: Vec<(usize, u64)>,
 }
 
 /// `mlt-<pid>-<n>`: unique across the test processes of a run, the prefix of everything one
@@ -461,6 +463,7 @@ impl Cluster {
             fabric,
             bpffs,
             cgroup,
+            agent_open_files: Vec::new(),
         };
         for index in 0..nodes {
             cluster.add_node(index, nodes);
@@ -693,7 +696,29 @@ impl Cluster {
         let cgroup = self.cgroup_root(index).join("meshlet");
         fs::create_dir_all(&cgroup)
             .unwrap_or_else(|err| panic!("create {}: {err}", cgroup.display()));
-        process::in_pod(process::meshlet_binary(), &node.netns.path(), &cgroup)
+        match self
+            .agent_open_files
+            .iter()
+            .find(|(node, _)| *node == index)
+        {
+            // prlimit(1) sets the limit and execs the agent (same process).
+            Some((_, limit)) => {
+                let mut command = process::in_pod("prlimit", &node.netns.path(), &cgroup);
+                command
+                    .arg(format!("--nofile={limit}:{limit}"))
+                    .arg("--")
+                    .arg(process::meshlet_binary());
+                command
+            }
+            None => process::in_pod(process::meshlet_binary(), &node.netns.path(), &cgroup),
+        }
+    }
+
+    /// Agents of node `index` started from now on run with `limit` open files (soft and hard),
+    /// so the budgets they derive from it are small enough for a test to reach.
+    pub fn limit_agent_open_files(&mut self, index: usize, limit: u64) {
+        self.agent_open_files.retain(|(node, _)| *node != index);
+        self.agent_open_files.push((index, limit));
     }
 
     /// Starts a stand-in for the proxy's in-pod listeners in `pod`'s network namespace: marked

@@ -10,7 +10,9 @@
 //! - a client on the node (hostNetwork) goes through capture and STRICT, while kubelet's probes
 //!   (from kubelet's cgroup) pass;
 //! - a labelled pod whose capture was never confirmed is reached in plaintext;
-//! - a flood of 20,000 idle connections at one pod leaves another pod of the node served.
+//! - a flood of 20,000 idle connections at one pod leaves another pod of the node served;
+//! - the node's budget counts the sockets connections hold: one a tunneled connection, two a
+//!   plaintext one.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -489,6 +491,75 @@ fn a_flood_at_one_pod_leaves_the_other_pods_of_the_node_served() {
     eprintln!(
         "flood: {summary}; budget {limit} per pod; {over} reset over it; agent descriptors {} -> {}, RSS {} -> {} KiB",
         before.0, during.0, before.1, during.1
+    );
+}
+
+/// The node's budget counts sockets, not connections: with room for 6, the client's agent
+/// carries 5 tunneled connections (a socket each, and one for the tunnel they share) and
+/// resets the rest; with room for 11, the server's agent carries those 5 (a socket each to the
+/// application, one for the tunnel) and 2 plaintext connections (two sockets each), and resets
+/// a third. Counted as two sockets a connection, as before, the client's agent would have
+/// stopped at 3 tunneled connections.
+#[test]
+fn the_nodes_budget_counts_sockets_one_per_tunneled_connection_two_per_plaintext_one() {
+    let reserved = meshlet::proxy::Budgets::RESERVED_DESCRIPTORS;
+    let mut cluster = Cluster::new(2);
+    for (name, node) in [("client", 0), ("outsider", 0), ("server", 1)] {
+        cluster.add_pod(name, node);
+    }
+    cluster.limit_agent_open_files(0, reserved + 6);
+    cluster.limit_agent_open_files(1, reserved + 11);
+    let mesh = FileMesh::layout_on(
+        cluster,
+        &[("client", 0), ("server", 1)],
+        &[("outsider", 0)],
+        vec![],
+        // Per pod: as much as the node's budget allows.
+        |_, _| vec!["--max-connections-per-pod".into(), "100".into()],
+    );
+    for (node, slots) in [(0, 6), (1, 11)] {
+        assert!(
+            mesh.agents[node]
+                .log()
+                .contains(&format!("per_node={slots}")),
+            "node-{node}'s agent derived another budget: {}",
+            mesh.agents[node].log()
+        );
+    }
+    let cluster = &mesh.cluster;
+    let _server = cluster.pod("server").echo_server(8080);
+    let server = cluster.pod("server").addr(false, 8080).to_string();
+    let node_spent = |node| {
+        cluster.metric(
+            node,
+            "meshlet_proxy_limit_total",
+            &[("limit", "node_connections")],
+        )
+    };
+    let flood = |from: &str, count: usize| {
+        let mut flood = cluster.pod(from).command(testpod_binary());
+        flood.args(["flood", "--echo", "--to", &server, "--count"]);
+        flood.arg(count.to_string());
+        let mut flood = Process::spawn_ready(flood);
+        let summary: Value = serde_json::from_str(&flood.next_line().unwrap()).unwrap();
+        (flood, summary)
+    };
+
+    let (_tunneled, summary) = flood("client", 7);
+    assert_eq!(summary["echoed"], 5, "tunneled: {summary}");
+    assert_eq!(
+        node_spent(0),
+        2.0,
+        "the client's agent reset the 6th and 7th"
+    );
+    assert_eq!(node_spent(1), 0.0, "the server's agent had room for all 5");
+
+    let (_plaintext, summary) = flood("outsider", 3);
+    assert_eq!(summary["echoed"], 2, "plaintext: {summary}");
+    assert_eq!(
+        node_spent(1),
+        1.0,
+        "the server's agent reset the third plaintext connection"
     );
 }
 

@@ -185,6 +185,19 @@ impl Pooled {
     }
 }
 
+/// A new HBONE connection's socket, dialled from the source pod's namespace, with the TLS
+/// configuration to speak on it and the socket's slot in the node's budget, which the
+/// connection holds until it ends.
+#[derive(Debug)]
+pub struct Dialled {
+    /// The socket, connected to the peer's 15008.
+    pub tcp: TcpStream,
+    /// The source's certificate, expecting the destination's identity.
+    pub tls: Arc<rustls::ClientConfig>,
+    /// The socket's slot in the node's budget.
+    pub slot: super::SocketSlot,
+}
+
 /// An open HBONE stream: bytes to and from the destination, and the stream's slot in its
 /// pooled connection (released on drop).
 #[derive(Debug)]
@@ -239,7 +252,7 @@ impl Pool {
     ) -> Result<Tunnel, Error>
     where
         F: FnOnce(SocketAddr) -> Fut,
-        Fut: Future<Output = Result<(TcpStream, Arc<rustls::ClientConfig>), Error>>,
+        Fut: Future<Output = Result<Dialled, Error>>,
         R: AsyncRead + Unpin + ?Sized,
     {
         let peer = SocketAddr::new(key.destination_ip, INBOUND_HBONE_PORT);
@@ -263,8 +276,8 @@ impl Pool {
         // its whole life (kilobytes per idle connection), though only the first stream of a
         // pooled connection ever needs them.
         let (sender, open) = Box::pin(async {
-            let (tcp, tls) = dial(peer).await?;
-            handshake(peer, tcp, tls).await
+            let dialled = dial(peer).await?;
+            handshake(peer, dialled).await
         })
         .await?;
         let streams = Arc::new(AtomicUsize::new(1));
@@ -530,8 +543,7 @@ async fn keepalive(mut ping_pong: h2::PingPong, reads: ReadClock) {
 
 async fn handshake(
     peer: SocketAddr,
-    tcp: TcpStream,
-    tls: Arc<rustls::ClientConfig>,
+    Dialled { tcp, tls, slot }: Dialled,
 ) -> Result<(SendRequest<Bytes>, Arc<AtomicBool>), Error> {
     let connecting = async {
         // No SNI is sent (the config disables it); rustls still wants a name.
@@ -556,6 +568,8 @@ async fn handshake(
         let pings = connection.ping_pong().expect("taken once, here");
         let ended = open.clone();
         tokio::spawn(async move {
+            // The socket's slot in the node's budget goes with the connection.
+            let _slot = slot;
             tokio::select! {
                 served = &mut connection => {
                     if let Err(err) = served {

@@ -100,17 +100,21 @@ impl Default for Limits {
     }
 }
 
-/// How many connections the proxy carries at once, per pod and for the whole node, sized so
-/// that the agent never runs out of descriptors: each carried connection holds two (the
-/// accepted socket and its upstream), and [`Budgets::RESERVED_DESCRIPTORS`] stay for
-/// everything else (listeners, namespaces, upstream sockets made ahead: up to
-/// [`crate::sys::netns::AHEAD`] per pod namespace and family, splice pipes: up to
-/// [`copy::MAX_PIPES`], the API watch, the metrics endpoint, files).
+/// How much the proxy carries at once, per pod and for the whole node, sized so that the
+/// agent never runs out of descriptors. A pod's budget counts its connections. The node's
+/// counts the descriptors they hold, one slot per socket, because what a connection holds
+/// depends on its path: a tunneled one holds one socket at each agent (the accepted socket at
+/// the client's, the application's at the server's; its HBONE stream shares the tunnel's
+/// socket, which holds a slot of its own), a plaintext or same-node one two. Counting two per
+/// connection would leave half the descriptors unused where the mesh carries its traffic.
+/// [`Budgets::RESERVED_DESCRIPTORS`] stay for everything else (listeners, namespaces, upstream
+/// sockets made ahead: up to [`crate::sys::netns::AHEAD`] per pod namespace and family, splice
+/// pipes: up to [`copy::MAX_PIPES`], the API watch, the metrics endpoint, files).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Budgets {
-    /// Per pod.
+    /// Connections per pod.
     pub per_pod: usize,
-    /// For the whole node.
+    /// Descriptors (sockets) for the whole node.
     pub per_node: usize,
 }
 
@@ -121,15 +125,16 @@ impl Budgets {
     pub const DEFAULT_PER_POD: usize = 10_000;
 
     /// The budgets for an agent allowed `open_files` descriptors: the node's is what the
-    /// descriptors allow; a pod's is `per_pod` if given, else [`Self::DEFAULT_PER_POD`] or a
-    /// quarter of the node's, whichever is smaller (so a flood at one pod leaves room for
-    /// the others).
+    /// descriptors allow; a pod's is `per_pod` if given, else [`Self::DEFAULT_PER_POD`] or an
+    /// eighth of the node's, whichever is smaller: at two sockets a connection at most, one
+    /// pod's connections then hold at most a quarter of the node's descriptors, so a flood at
+    /// one pod leaves room for the others.
     pub fn for_descriptors(open_files: u64, per_pod: Option<usize>) -> Self {
-        let per_node = usize::try_from(open_files.saturating_sub(Self::RESERVED_DESCRIPTORS) / 2)
+        let per_node = usize::try_from(open_files.saturating_sub(Self::RESERVED_DESCRIPTORS))
             .unwrap_or(usize::MAX)
             .max(1);
         let per_pod = per_pod
-            .unwrap_or(Self::DEFAULT_PER_POD.min(per_node / 4))
+            .unwrap_or(Self::DEFAULT_PER_POD.min(per_node / 8))
             .clamp(1, per_node);
         Self { per_pod, per_node }
     }
@@ -663,8 +668,9 @@ impl Role {
     }
 }
 
-/// The node's connection budget ([`Budgets::per_node`]), shared by every pod, and the most
-/// connections carried at once lately (what [`crate::memory`] watches to see a burst end).
+/// The node's connection budget ([`Budgets::per_node`], in sockets), shared by every pod,
+/// and the most sockets held at once lately (what [`crate::memory`] watches to see a burst
+/// end).
 #[derive(Debug)]
 pub struct NodeBudget {
     slots: Arc<Semaphore>,
@@ -673,7 +679,7 @@ pub struct NodeBudget {
 }
 
 impl NodeBudget {
-    /// A budget of `size` connections, none in use.
+    /// A budget of `size` sockets, none in use.
     pub fn new(size: usize) -> Self {
         Self {
             slots: Arc::new(Semaphore::new(size)),
@@ -689,13 +695,13 @@ impl NodeBudget {
         Some(slot)
     }
 
-    /// Connections carried now.
+    /// Sockets held by carried connections now.
     pub fn in_use(&self) -> usize {
         self.size.saturating_sub(self.slots.available_permits())
     }
 
-    /// The most connections carried at once since the last call (or since the start); the
-    /// next period starts from the number carried now.
+    /// The most sockets held at once since the last call (or since the start); the next
+    /// period starts from the number held now.
     pub fn take_peak(&self) -> usize {
         self.peak.swap(self.in_use(), Ordering::AcqRel)
     }
@@ -704,8 +710,15 @@ impl NodeBudget {
 /// A carried connection's slots in the node's and its pod's budgets, released on drop.
 #[derive(Debug)]
 pub struct Permit {
-    _node: OwnedSemaphorePermit,
+    _node: SocketSlot,
     _pod: OwnedSemaphorePermit,
+}
+
+/// One socket's slot in the node's budget ([`Budgets::per_node`]), released on drop: held as
+/// long as the socket it was taken for.
+#[derive(Debug)]
+pub struct SocketSlot {
+    _permit: OwnedSemaphorePermit,
 }
 
 /// Why admission refused a connection, and the policy that refused it, if one did.
@@ -788,18 +801,10 @@ impl PodContext {
         .then_some(SocketAddr::new(ip, client.port()))
     }
 
-    /// Takes a slot of the node's and of the pod's connection budget, or counts (and now and
-    /// then logs) which is spent.
+    /// Takes a slot of the node's and of the pod's connection budget (for the connection's
+    /// first socket), or counts (and now and then logs) which is spent.
     pub fn admit_connection(&self, proxy: &Proxy) -> Option<Permit> {
-        let Some(node) = proxy.node_budget.try_acquire() else {
-            proxy.metrics.limit_reached("node_connections");
-            self.warn_now_and_then(
-                "the node's connection budget (sized from the open-files limit) is spent; new \
-                 connections are reset (raise the agent's open-files limit)",
-                proxy.budgets.per_node,
-            );
-            return None;
-        };
+        let node = self.socket_slot(proxy)?;
         let Ok(pod) = self.budget.clone().try_acquire_owned() else {
             proxy.metrics.limit_reached("pod_connections");
             self.warn_now_and_then(
@@ -813,6 +818,22 @@ impl PodContext {
             _node: node,
             _pod: pod,
         })
+    }
+
+    /// A slot of the node's budget for one more socket a connection of this pod opens (its
+    /// plaintext upstream, a new HBONE connection), or `None`, counted (and now and then
+    /// logged), when the node's budget is spent.
+    pub fn socket_slot(&self, proxy: &Proxy) -> Option<SocketSlot> {
+        let slot = proxy.node_budget.try_acquire();
+        if slot.is_none() {
+            proxy.metrics.limit_reached("node_connections");
+            self.warn_now_and_then(
+                "the node's connection budget (sized from the open-files limit) is spent; new \
+                 connections are reset (raise the agent's open-files limit)",
+                proxy.budgets.per_node,
+            );
+        }
+        slot.map(|permit| SocketSlot { _permit: permit })
     }
 
     fn warn_now_and_then(&self, message: &str, limit: usize) {
@@ -860,9 +881,10 @@ mod tests {
 
     #[test]
     fn budgets_fit_the_descriptors_the_agent_may_open() {
-        // This machine's hard limit: one pod may not take every descriptor.
+        // This machine's hard limit: a slot per descriptor past the reserve, and one pod's
+        // connections (two sockets each at most) may hold a quarter of them.
         let budgets = Budgets::for_descriptors(20_000, None);
-        assert_eq!(budgets.per_node, 8_976);
+        assert_eq!(budgets.per_node, 17_952);
         assert_eq!(budgets.per_pod, 2_244);
         // A DaemonSet's usual limit: the default per pod.
         let budgets = Budgets::for_descriptors(1 << 20, None);
@@ -871,7 +893,7 @@ mod tests {
         assert_eq!(Budgets::for_descriptors(20_000, Some(1_000)).per_pod, 1_000);
         assert_eq!(
             Budgets::for_descriptors(20_000, Some(1 << 30)).per_pod,
-            8_976
+            17_952
         );
         assert_eq!(
             Budgets::for_descriptors(100, None),

@@ -159,6 +159,12 @@ async fn carry(
     }
     let copied = match &route {
         Route::Passthrough { target } => {
+            // The upstream is a socket of its own: a second slot of the node's budget.
+            let Some(_upstream_slot) = pod.socket_slot(proxy) else {
+                record.fail(Flags::Connect, "the node's connection budget is spent");
+                super::reset(stream.into_inner());
+                anyhow::bail!("the node's connection budget is spent");
+            };
             match Box::pin(proxy.connect_in(&pod.netns, *target, None, Leg::Network)).await {
                 Ok(mut upstream) => super::copy(&mut stream, &mut upstream).await,
                 Err(err) => {
@@ -281,12 +287,15 @@ async fn open_tunnel(
     let expected = identity.clone();
     proxy
         .pool
-        .connect(
-            &key,
-            target,
-            forwarded_for,
-            client,
-            |hbone_peer| async move {
+        .connect(&key, target, forwarded_for, client, |hbone_peer| {
+            // A new HBONE connection is a socket of its own, held for as long as the pool
+            // keeps it: a slot of the node's budget, which the connection holds.
+            let slot = pod.socket_slot(proxy);
+            async move {
+                let slot = slot.ok_or_else(|| hbone::Error::Connect {
+                    peer: hbone_peer,
+                    source: std::io::Error::other("the node's connection budget is spent"),
+                })?;
                 let tcp = proxy
                     .connect_in(&netns, hbone_peer, None, Leg::Tunnel)
                     .await
@@ -297,8 +306,8 @@ async fn open_tunnel(
                 let certified = proxy.identities.certified(&source).await?;
                 let roots = proxy.identities.roots().current();
                 let tls = identity::client_config(&certified, expected, roots)?;
-                Ok((tcp, tls))
-            },
-        )
+                Ok(hbone::Dialled { tcp, tls, slot })
+            }
+        })
         .await
 }

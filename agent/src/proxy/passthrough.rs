@@ -89,6 +89,11 @@ async fn carry_inbound(stream: TcpStream, peer: SocketAddr, proxy: &Proxy, pod: 
         destination_pod: pod.key.clone(),
         destination,
     });
+    // The upstream is a socket of its own: a second slot of the node's budget.
+    let Some(_upstream_slot) = pod.socket_slot(proxy) else {
+        record.fail(Flags::Connect, "the node's connection budget is spent");
+        return super::reset(stream);
+    };
     // Boxed, as admission on the HBONE side: the dial must not size this long-lived task.
     let mut upstream = match Box::pin(proxy.connect_to_application(pod, destination, peer)).await {
         Ok(upstream) => upstream,
