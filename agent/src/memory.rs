@@ -6,12 +6,12 @@
 //! (`cargo xtask bench`), an agent stayed at 3-5 times its idle RSS 30 s after an
 //! 8,876-connection burst had closed.
 //!
-//! [`give_back_after_bursts`] watches the node's connection count ([`NodeBudget`]: every
-//! proxied connection, outbound or an inbound HBONE stream) and the TCP connections that carry
-//! them: the HBONE pool, whose spare connections a burst leaves behind close shortly after it
+//! [`give_back_after_bursts`] watches the sockets the node's connections hold ([`NodeBudget`]:
+//! one per accepted socket, upstream socket and HBONE connection) and the TCP connections that
+//! carry them: the HBONE pool, whose spare connections a burst leaves behind close shortly after it
 //! ([`hbone::SPARE_IDLE_TIMEOUT`]), and the accepted ones ([`Drain::live`]), among which the
-//! peers' HBONE connections close when their pools let go of them. Once the proxied
-//! connections have fallen by at least [`MIN_DROP`] since their peak, or the TCP ones by
+//! peers' HBONE connections close when their pools let go of them. Once those sockets have
+//! fallen by at least [`MIN_DROP`] since their peak, or the TCP ones by
 //! [`MIN_TCP_DROP`] since the last look, it has the allocator release its free pages
 //! ([`sys::release_free_memory`]). The check costs two atomic loads every [`CHECK_INTERVAL`];
 //! the release runs on a blocking thread, a few milliseconds after a burst, never on the data

@@ -152,7 +152,7 @@ pub struct ConnectionLabels {
     /// `mutual_tls` or `unknown`.
     pub connection_security_policy: &'static str,
     /// `-`, `DENY` (policy), `CONNECT` (upstream connect failure), `NR` (a destination on
-    /// meshlet's own ports), `UO` (the pod's connection budget is spent).
+    /// meshlet's own ports), `UO` (the pod's or the node's connection budget is spent).
     pub response_flags: &'static str,
 }
 

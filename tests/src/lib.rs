@@ -714,8 +714,10 @@ impl Cluster {
         }
     }
 
-    /// Agents of node `index` started from now on run with `limit` open files (soft and hard),
-    /// so the budgets they derive from it are small enough for a test to reach.
+    /// Agents of node `index` started from now on in its namespace ([`Cluster::agent_command`]:
+    /// [`Cluster::start_agent`], [`Cluster::start_agent_in_node`]) run with `limit` open files
+    /// (soft and hard, through prlimit(1)), so the budgets they derive from it are small enough
+    /// for a test to reach.
     pub fn limit_agent_open_files(&mut self, index: usize, limit: u64) {
         self.agent_open_files.retain(|(node, _)| *node != index);
         self.agent_open_files.push((index, limit));

@@ -227,8 +227,8 @@ pub struct AgentArgs {
     #[arg(long, env = "MESHLET_DATA_PLANE_THREADS", default_value_t = DATA_PLANE_THREADS as u16, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub data_plane_threads: u16,
     /// Concurrent connections carried for one pod (its listeners plus HBONE streams to it);
-    /// more are reset and counted [default: 10000, or a quarter of what the open-files limit
-    /// allows the node, whichever is smaller].
+    /// more are reset and counted [default: 10000, or an eighth of the sockets the open-files
+    /// limit allows the node, whichever is smaller].
     #[arg(long, env = "MESHLET_MAX_CONNECTIONS_PER_POD", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections_per_pod: Option<u32>,
     /// Concurrent TLS handshakes per HBONE (15008) listener; more wait.

@@ -80,6 +80,12 @@ const EARLY_READ: usize = 16 * 1024;
 /// Why an HBONE tunnel could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A new connection would take a socket the node's budget does not have.
+    #[error("no new connection to {peer}: the node's connection budget is spent")]
+    Budget {
+        /// The peer's HBONE address.
+        peer: SocketAddr,
+    },
     /// TCP to the peer's 15008 failed.
     #[error("connect to {peer}: {source} (is a NetworkPolicy blocking port 15008?)")]
     Connect {
@@ -568,8 +574,9 @@ async fn handshake(
         let pings = connection.ping_pong().expect("taken once, here");
         let ended = open.clone();
         tokio::spawn(async move {
-            // The socket's slot in the node's budget goes with the connection.
+            // The socket's slot in the node's budget goes with the connection, freed after it.
             let _slot = slot;
+            let mut connection = connection;
             tokio::select! {
                 served = &mut connection => {
                     if let Err(err) = served {

@@ -145,10 +145,13 @@ pub(super) async fn admit(
             return reject(StatusCode::UNAUTHORIZED, refusal.reason);
         }
     };
-    let Some(permit) = pod.admit_connection(proxy) else {
-        let reason = "the pod's concurrent connection limit is reached".to_owned();
-        Record::refused(&proxy.metrics, opening, Flags::Overflow, reason.clone());
-        return reject(StatusCode::SERVICE_UNAVAILABLE, reason);
+    let permit = match pod.admit_connection(proxy) {
+        Ok(permit) => permit,
+        Err(spent) => {
+            let reason = spent.to_string();
+            Record::refused(&proxy.metrics, opening, Flags::Overflow, reason.clone());
+            return reject(StatusCode::SERVICE_UNAVAILABLE, reason);
+        }
     };
     let mut record = Record::open(&proxy.metrics, opening);
     record.forwarded(connect.forwarded.as_deref());

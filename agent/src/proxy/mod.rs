@@ -106,7 +106,9 @@ impl Default for Limits {
 /// depends on its path: a tunneled one holds one socket at each agent (the accepted socket at
 /// the client's, the application's at the server's; its HBONE stream shares the tunnel's
 /// socket, which holds a slot of its own), a plaintext or same-node one two. Counting two per
-/// connection would leave half the descriptors unused where the mesh carries its traffic.
+/// connection would leave half the descriptors unused where the mesh carries its traffic. The
+/// tunnels a pod's connections ride count for the node, not for the pod (the pool keeps one
+/// idle a while per destination).
 /// [`Budgets::RESERVED_DESCRIPTORS`] stay for everything else (listeners, namespaces, upstream
 /// sockets made ahead: up to [`crate::sys::netns::AHEAD`] per pod namespace and family, splice
 /// pipes: up to [`copy::MAX_PIPES`], the API watch, the metrics endpoint, files).
@@ -175,7 +177,7 @@ pub struct Proxy {
     pub limits: Limits,
     /// Connection budgets (sized from the open-files limit).
     pub budgets: Budgets,
-    /// The node's connection budget, shared by every pod.
+    /// The node's budget of sockets for carried connections, shared by every pod.
     pub node_budget: Arc<NodeBudget>,
     /// The policies in force (kept up to date by the agent; the proxy only reads them).
     pub policy_cache: Arc<policy::Cache>,
@@ -577,10 +579,13 @@ pub async fn accept_loop<F, Fut>(
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                let Some(permit) = pod.admit_connection(&proxy) else {
-                    tracing::debug!(pod = %pod.key, port, %peer, "connection over the pod's limit reset");
-                    reset(stream);
-                    continue;
+                let permit = match pod.admit_connection(&proxy) {
+                    Ok(permit) => permit,
+                    Err(spent) => {
+                        tracing::debug!(pod = %pod.key, port, %peer, "connection reset: {spent}");
+                        reset(stream);
+                        continue;
+                    }
                 };
                 tokio::spawn(proxy.drain.track(carry(stream, peer, permit)));
             }
@@ -714,6 +719,24 @@ pub struct Permit {
     _pod: OwnedSemaphorePermit,
 }
 
+/// Which budget refused a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spent {
+    /// The node's (its sockets: [`Budgets::per_node`]).
+    Node,
+    /// The pod's (its connections: [`Budgets::per_pod`]).
+    Pod,
+}
+
+impl std::fmt::Display for Spent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Node => "the node's connection budget is spent",
+            Self::Pod => "the pod's concurrent connection limit is reached",
+        })
+    }
+}
+
 /// One socket's slot in the node's budget ([`Budgets::per_node`]), released on drop: held as
 /// long as the socket it was taken for.
 #[derive(Debug)]
@@ -803,8 +826,8 @@ impl PodContext {
 
     /// Takes a slot of the node's and of the pod's connection budget (for the connection's
     /// first socket), or counts (and now and then logs) which is spent.
-    pub fn admit_connection(&self, proxy: &Proxy) -> Option<Permit> {
-        let node = self.socket_slot(proxy)?;
+    pub fn admit_connection(&self, proxy: &Proxy) -> Result<Permit, Spent> {
+        let node = self.socket_slot(proxy).ok_or(Spent::Node)?;
         let Ok(pod) = self.budget.clone().try_acquire_owned() else {
             proxy.metrics.limit_reached("pod_connections");
             self.warn_now_and_then(
@@ -812,9 +835,9 @@ impl PodContext {
                  (--max-connections-per-pod)",
                 proxy.budgets.per_pod,
             );
-            return None;
+            return Err(Spent::Pod);
         };
-        Some(Permit {
+        Ok(Permit {
             _node: node,
             _pod: pod,
         })

@@ -10,7 +10,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
 use super::{
-    Leg, PodContext, Proxy, hbone,
+    Leg, PodContext, Proxy, Spent, hbone,
     record::{Direction, Flags, Opening, Record},
 };
 use crate::{
@@ -161,9 +161,10 @@ async fn carry(
         Route::Passthrough { target } => {
             // The upstream is a socket of its own: a second slot of the node's budget.
             let Some(_upstream_slot) = pod.socket_slot(proxy) else {
-                record.fail(Flags::Connect, "the node's connection budget is spent");
+                // Counted and logged now and then by `socket_slot`, not once per connection.
+                record.fail(Flags::Overflow, Spent::Node.to_string());
                 super::reset(stream.into_inner());
-                anyhow::bail!("the node's connection budget is spent");
+                return Ok(());
             };
             match Box::pin(proxy.connect_in(&pod.netns, *target, None, Leg::Network)).await {
                 Ok(mut upstream) => super::copy(&mut stream, &mut upstream).await,
@@ -193,6 +194,12 @@ async fn carry(
                 // The client went away while the answer was awaited: its own doing, recorded
                 // as a copy that failed, not as the destination's failure.
                 Err(hbone::Error::Client { source, .. }) => Err(source),
+                // Counted and logged now and then by `socket_slot`, not once per connection.
+                Err(err @ hbone::Error::Budget { .. }) => {
+                    record.fail(Flags::Overflow, err.to_string());
+                    super::reset(stream.into_inner());
+                    return Ok(());
+                }
                 Err(err) => {
                     debug!(pod = %pod.key, %destination, %err, "HBONE failed");
                     let flags = match err {
@@ -292,10 +299,7 @@ async fn open_tunnel(
             // keeps it: a slot of the node's budget, which the connection holds.
             let slot = pod.socket_slot(proxy);
             async move {
-                let slot = slot.ok_or_else(|| hbone::Error::Connect {
-                    peer: hbone_peer,
-                    source: std::io::Error::other("the node's connection budget is spent"),
-                })?;
+                let slot = slot.ok_or(hbone::Error::Budget { peer: hbone_peer })?;
                 let tcp = proxy
                     .connect_in(&netns, hbone_peer, None, Leg::Tunnel)
                     .await

@@ -81,6 +81,18 @@ async fn carry_inbound(stream: TcpStream, peer: SocketAddr, proxy: &Proxy, pod: 
             return super::reset(stream);
         }
     };
+    // The upstream is a socket of its own: a second slot of the node's budget.
+    let Some(_upstream_slot) = pod.socket_slot(proxy) else {
+        let mut record = Record::refused(
+            &proxy.metrics,
+            opening,
+            Flags::Overflow,
+            super::Spent::Node.to_string(),
+        );
+        record.decided_by(policy);
+        drop(record);
+        return super::reset(stream);
+    };
     let mut record = Record::open(&proxy.metrics, opening);
     record.decided_by(policy);
     let mut live = proxy.connections.register(ConnectionInfo {
@@ -89,11 +101,6 @@ async fn carry_inbound(stream: TcpStream, peer: SocketAddr, proxy: &Proxy, pod: 
         destination_pod: pod.key.clone(),
         destination,
     });
-    // The upstream is a socket of its own: a second slot of the node's budget.
-    let Some(_upstream_slot) = pod.socket_slot(proxy) else {
-        record.fail(Flags::Connect, "the node's connection budget is spent");
-        return super::reset(stream);
-    };
     // Boxed, as admission on the HBONE side: the dial must not size this long-lived task.
     let mut upstream = match Box::pin(proxy.connect_to_application(pod, destination, peer)).await {
         Ok(upstream) => upstream,

@@ -50,7 +50,7 @@ pub enum Flags {
     /// The original destination is one of meshlet's own ports: nothing to route to (`NR`,
     /// Envoy's "no route").
     NoRoute,
-    /// The pod's connection budget is spent (`UO`, Envoy's "upstream overflow").
+    /// The pod's or the node's connection budget is spent (`UO`, Envoy's "upstream overflow").
     Overflow,
 }
 
