@@ -494,15 +494,18 @@ fn a_flood_at_one_pod_leaves_the_other_pods_of_the_node_served() {
     );
 }
 
-/// The node's budget counts sockets, not connections: with room for 6, the client's agent
-/// carries 5 tunneled connections (a socket each, and one for the tunnel they share) and
-/// resets the rest; with room for 11, the server's agent carries those 5 (a socket each to the
-/// application, one for the tunnel) and 2 plaintext connections (two sockets each), and resets
-/// a third. Counted as two sockets a connection, as before, the client's agent would have
-/// stopped at 3 tunneled connections.
+/// The node's budget counts sockets, not connections, and each enrolled pod holds 16 of it
+/// for its own descriptors: with room for 6 past its pod's, the client's agent carries 5
+/// tunneled connections (a socket each, and one for the tunnel they share) and resets the
+/// rest; with room for 11 past its pod's, the server's agent carries those 5 (a socket each to
+/// the application, one for the tunnel) and 2 plaintext connections (two sockets each), and
+/// resets a third. Counted as two sockets a connection, as before, the client's agent would
+/// have stopped at 3 tunneled connections; without the pods' share, at 21.
 #[test]
 fn the_nodes_budget_counts_sockets_one_per_tunneled_connection_two_per_plaintext_one() {
-    let reserved = meshlet::proxy::Budgets::RESERVED_DESCRIPTORS;
+    use meshlet::proxy::Budgets;
+    // One enrolled pod on each node (`outsider` is outside the mesh).
+    let reserved = Budgets::RESERVED_DESCRIPTORS + u64::from(Budgets::POD_DESCRIPTORS);
     let mut cluster = Cluster::new(2);
     for (name, node) in [("client", 0), ("outsider", 0), ("server", 1)] {
         cluster.add_pod(name, node);
@@ -517,7 +520,8 @@ fn the_nodes_budget_counts_sockets_one_per_tunneled_connection_two_per_plaintext
         // Per pod: as much as the node's budget allows.
         |_, _| vec!["--max-connections-per-pod".into(), "100".into()],
     );
-    for (node, slots) in [(0, 6), (1, 11)] {
+    let pod = u64::from(Budgets::POD_DESCRIPTORS);
+    for (node, slots) in [(0, 6 + pod), (1, 11 + pod)] {
         let log = mesh.agents[node].log();
         let line = log
             .lines()

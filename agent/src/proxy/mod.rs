@@ -108,10 +108,10 @@ impl Default for Limits {
 /// socket, which holds a slot of its own), a plaintext or same-node one two. Counting two per
 /// connection would leave half the descriptors unused where the mesh carries its traffic. The
 /// tunnels a pod's connections ride count for the node, not for the pod (the pool keeps one
-/// idle a while per destination).
-/// [`Budgets::RESERVED_DESCRIPTORS`] stay for everything else (listeners, namespaces, upstream
-/// sockets made ahead: up to [`crate::sys::netns::AHEAD`] per pod namespace and family, splice
-/// pipes: up to [`copy::MAX_PIPES`], the API watch, the metrics endpoint, files).
+/// idle a while per destination). Each enrolled pod holds [`Budgets::POD_DESCRIPTORS`] slots
+/// for its own descriptors (listeners, namespace, sockets made ahead), so the budget shrinks
+/// as pods come; [`Budgets::RESERVED_DESCRIPTORS`] stay for the agent's own (splice pipes: up
+/// to [`copy::MAX_PIPES`], the API watch, the endpoints, files).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Budgets {
     /// Connections per pod.
@@ -123,6 +123,10 @@ pub struct Budgets {
 impl Budgets {
     /// Descriptors kept out of the connection budget.
     pub const RESERVED_DESCRIPTORS: u64 = 2048;
+    /// Slots of the node's budget an enrolled pod holds for its own descriptors: its listeners
+    /// (6), its namespace (1), the upstream sockets made ahead in it
+    /// ([`crate::sys::netns::AHEAD`] per family, 8), and one spare.
+    pub const POD_DESCRIPTORS: u32 = 16;
     /// The per-pod budget when the open-files limit allows it.
     pub const DEFAULT_PER_POD: usize = 10_000;
 
@@ -695,9 +699,14 @@ impl NodeBudget {
 
     /// A slot, if one is free.
     fn try_acquire(&self) -> Option<OwnedSemaphorePermit> {
-        let slot = self.slots.clone().try_acquire_owned().ok()?;
+        self.try_acquire_many(1)
+    }
+
+    /// `slots` slots at once, if that many are free.
+    fn try_acquire_many(&self, slots: u32) -> Option<OwnedSemaphorePermit> {
+        let held = self.slots.clone().try_acquire_many_owned(slots).ok()?;
         self.peak.fetch_max(self.in_use(), Ordering::AcqRel);
-        Some(slot)
+        Some(held)
     }
 
     /// Sockets held by carried connections now.
@@ -776,6 +785,9 @@ pub struct PodContext {
     /// Its namespace is prepared for transparent connections ([`crate::sys::transparent`]):
     /// the application sees its client's address, not the pod's own.
     pub preserves_source: bool,
+    /// Its own descriptors' slots in the node's budget ([`Budgets::POD_DESCRIPTORS`]); `None`
+    /// when the budget had no room for them (enrollment does not wait on traffic).
+    _descriptors: Option<OwnedSemaphorePermit>,
 }
 
 impl PodContext {
@@ -791,6 +803,7 @@ impl PodContext {
             budget: Arc::new(Semaphore::new(proxy.budgets.per_pod)),
             last_limit_warning: AtomicU64::new(0),
             preserves_source: false,
+            _descriptors: proxy.node_budget.try_acquire_many(Budgets::POD_DESCRIPTORS),
         }
     }
 
