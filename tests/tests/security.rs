@@ -500,7 +500,9 @@ fn a_flood_at_one_pod_leaves_the_other_pods_of_the_node_served() {
 /// rest; with room for 11 past its pod's, the server's agent carries those 5 (a socket each to
 /// the application, one for the tunnel) and 2 plaintext connections (two sockets each), and
 /// resets a third. Counted as two sockets a connection, as before, the client's agent would
-/// have stopped at 3 tunneled connections; without the pods' share, at 21.
+/// have stopped at 3 tunneled connections; without the pods' share, at 21. The counts rely on
+/// `meshlet-testpod flood` opening its connections one after another (each echoed before the
+/// next), so the tunneled ones share the one pooled connection the first opened.
 #[test]
 fn the_nodes_budget_counts_sockets_one_per_tunneled_connection_two_per_plaintext_one() {
     use meshlet::proxy::Budgets;
