@@ -53,9 +53,10 @@ pub const JUMBO_AFTER: u64 = 8 * 1024 * 1024;
 pub const PIPE_SIZE: usize = MAX;
 
 /// Pipes that may exist at once, each two descriptors: an eighth of what the connection
-/// budget keeps back ([`crate::proxy::Budgets::RESERVED_DESCRIPTORS`]), which is mostly the
-/// pods' listeners and the sockets made ahead for them (about 15 per pod). A direction that
-/// finds none free copies, as it would without splicing.
+/// budget keeps back for the agent's own descriptors
+/// ([`crate::proxy::Budgets::RESERVED_DESCRIPTORS`]; the pods' listeners and the sockets made
+/// ahead for them hold slots of the budget instead). A direction that finds none free copies,
+/// as it would without splicing.
 pub const MAX_PIPES: usize = (crate::proxy::Budgets::RESERVED_DESCRIPTORS / 16) as usize;
 
 /// The pipes of every spliced direction in the agent: a permit each.
