@@ -494,6 +494,19 @@ fn a_flood_at_one_pod_leaves_the_other_pods_of_the_node_served() {
     );
 }
 
+/// The node's budget (in sockets) the agent of `node` logged at start.
+fn node_budget(mesh: &FileMesh, node: usize) -> u64 {
+    let log = mesh.agents[node].log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("connection budgets"))
+        .expect("the agent logs its connection budgets");
+    line.split("per_node=")
+        .nth(1)
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no per_node budget in {line}"))
+}
+
 /// The node's budget counts sockets, not connections, and each enrolled pod holds 16 of it
 /// for its own descriptors: with room for 6 past its pod's, the client's agent carries 5
 /// tunneled connections (a socket each, and one for the tunnel they share) and resets the
@@ -524,16 +537,7 @@ fn the_nodes_budget_counts_sockets_one_per_tunneled_connection_two_per_plaintext
     );
     let pod = u64::from(Budgets::POD_DESCRIPTORS);
     for (node, slots) in [(0, 6 + pod), (1, 11 + pod)] {
-        let log = mesh.agents[node].log();
-        let line = log
-            .lines()
-            .find(|l| l.contains("connection budgets"))
-            .expect("the agent logs its connection budgets");
-        let per_node: Option<u64> = line
-            .split("per_node=")
-            .nth(1)
-            .and_then(|v| v.split_whitespace().next()?.parse().ok());
-        assert_eq!(per_node, Some(slots), "node-{node}: {line}");
+        assert_eq!(node_budget(&mesh, node), slots, "node-{node}");
     }
     let cluster = &mesh.cluster;
     let _server = cluster.pod("server").echo_server(8080);
@@ -569,6 +573,77 @@ fn the_nodes_budget_counts_sockets_one_per_tunneled_connection_two_per_plaintext
         node_spent(1),
         1.0,
         "the server's agent reset the third plaintext connection"
+    );
+}
+
+/// Idle pooled HBONE connections hold slots of the node's budget (one per source pod and
+/// destination, kept 5 minutes), but they are a cache: a connection that finds the budget
+/// spent has them closed and takes a slot one frees, rather than being reset. With room for 4
+/// sockets past its pods' share, the client's node is left holding 3 idle tunnels by three
+/// connections, one after another; a fourth needs 2 slots (its accepted socket, a tunnel of its
+/// own) and would be reset without the closing.
+#[test]
+fn idle_tunnels_give_their_slots_to_a_connection_the_nodes_budget_would_refuse() {
+    use meshlet::proxy::Budgets;
+    let pods = 2;
+    let reserved = Budgets::RESERVED_DESCRIPTORS + pods * u64::from(Budgets::POD_DESCRIPTORS);
+    let mut cluster = Cluster::new(2);
+    for (name, node) in [
+        ("client", 0),
+        ("second", 0),
+        ("server-a", 1),
+        ("server-b", 1),
+    ] {
+        cluster.add_pod(name, node);
+    }
+    cluster.limit_agent_open_files(0, reserved + 4);
+    let mesh = FileMesh::layout_on(
+        cluster,
+        &[
+            ("client", 0),
+            ("second", 0),
+            ("server-a", 1),
+            ("server-b", 1),
+        ],
+        &[],
+        vec![],
+        |_, _| vec!["--max-connections-per-pod".into(), "100".into()],
+    );
+    assert_eq!(
+        node_budget(&mesh, 0),
+        4 + pods * u64::from(Budgets::POD_DESCRIPTORS)
+    );
+    let cluster = &mesh.cluster;
+    let _servers = ["server-a", "server-b"].map(|name| cluster.pod(name).echo_server(8080));
+    let to = |name: &str| cluster.pod(name).addr(false, 8080);
+    let node_spent = || {
+        cluster.metric(
+            0,
+            "meshlet_proxy_limit_total",
+            &[("limit", "node_connections")],
+        )
+    };
+    // Each leaves one idle tunnel: (client, a), (client, b), (second, a).
+    for (from, server) in [
+        ("client", "server-a"),
+        ("client", "server-b"),
+        ("second", "server-a"),
+    ] {
+        cluster
+            .pod(from)
+            .connect(to(server), 1000)
+            .assert_echoed(1000);
+    }
+    assert_eq!(node_spent(), 0.0, "room for the three and their tunnels");
+    // The fourth takes the last slot for its socket; its tunnel's slot comes from the idle ones.
+    cluster
+        .pod("second")
+        .connect(to("server-b"), 1000)
+        .assert_echoed(1000);
+    assert_eq!(
+        node_spent(),
+        0.0,
+        "no connection was refused while idle tunnels held the budget"
     );
 }
 

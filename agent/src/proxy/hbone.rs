@@ -9,8 +9,8 @@
 //! [`Pool`] is the client: connections pooled per (source pod, destination identity,
 //! destination IP) — never shared between two pods, even of one service account — at most
 //! [`MAX_STREAMS`] streams each, closed after [`IDLE_TIMEOUT`] idle (all but one per key after
-//! [`SPARE_IDLE_TIMEOUT`]), with HTTP/2 keepalive
-//! pings. The client does not wait for the `200` to send: what the application sends first (at
+//! [`SPARE_IDLE_TIMEOUT`]; every idle one at once when the node's budget is spent,
+//! [`Pool::close_idle`]), with HTTP/2 keepalive pings. The client does not wait for the `200` to send: what the application sends first (at
 //! most [`EARLY_DATA`]) goes on the stream with the request, and the server holds it unread in
 //! the stream's window until it has admitted the CONNECT and connected the application.
 //! [`serve_connection`] is the server side of one accepted 15008 connection, and
@@ -55,6 +55,10 @@ pub const SPARE_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// connections close soon after [`SPARE_IDLE_TIMEOUT`] (at 10 s, a spare could live 20 s, and
 /// the memory it held came back only after that), cheap as it only walks the pool.
 pub const REAP_INTERVAL: Duration = Duration::from_secs(2);
+/// How often at most a spent node budget has the pool look for idle connections to close
+/// ([`Pool::close_idle`]): a flood the budget refuses does not walk the pool once per
+/// connection.
+pub const CLOSE_IDLE_INTERVAL: Duration = Duration::from_millis(100);
 /// Interval of HTTP/2 keepalive pings.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// A keepalive ping not answered within this closes the connection.
@@ -226,6 +230,8 @@ impl Drop for Slot {
 #[derive(Debug, Default)]
 pub struct Pool {
     connections: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
+    /// When [`Pool::close_idle`] last walked the pool.
+    closed_idle_at: Mutex<Option<Instant>>,
 }
 
 impl Pool {
@@ -341,6 +347,37 @@ impl Pool {
         }
         connections.retain(|_, pooled| !pooled.is_empty());
         connections.values().map(Vec::len).sum()
+    }
+
+    /// Closes every idle connection (no stream) now, whatever its key and however recently
+    /// used, and returns how many: the node's budget is spent, and an idle pooled connection,
+    /// which holds a slot of it, is a cache worth less than a connection the budget would
+    /// refuse. Each closes once its task sees its last handle gone (at once: nothing else holds
+    /// one), which frees its slot. Walks the pool at most once per [`CLOSE_IDLE_INTERVAL`]
+    /// (returning 0 in between).
+    pub fn close_idle(&self, now: Instant) -> usize {
+        {
+            let mut at = self
+                .closed_idle_at
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if at.is_some_and(|at| now.saturating_duration_since(at) < CLOSE_IDLE_INTERVAL) {
+                return 0;
+            }
+            *at = Some(now);
+        }
+        let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        let mut closing = 0;
+        for pooled in connections.values_mut() {
+            // `checkout` takes a stream under this lock, so none starts on one dropped here.
+            pooled.retain(|p| {
+                let idle = !p.is_closed() && p.streams.load(Ordering::Acquire) == 0;
+                closing += usize::from(idle);
+                !idle && !p.is_closed()
+            });
+        }
+        connections.retain(|_, pooled| !pooled.is_empty());
+        closing
     }
 
     /// Connections pooled now.
@@ -956,6 +993,76 @@ mod tests {
         // Spares idle for less than SPARE_IDLE_TIMEOUT stay.
         let fresh = [(0, ago(2)), (0, ago(1))];
         assert_eq!(keep_after_reaping(&fresh, now), [true, true]);
+    }
+
+    /// A pooled connection over an in-memory pipe, with `streams` streams counted on it, and
+    /// the task driving it (it ends when the connection closes, as an agent's frees the
+    /// connection's slot in the node's budget).
+    async fn pooled(streams: usize) -> (Pooled, tokio::task::JoinHandle<()>) {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let mut connection = h2::server::handshake(server_io).await.unwrap();
+            while connection.accept().await.is_some() {}
+        });
+        let (sender, connection) = h2::client::handshake(client_io).await.unwrap();
+        let open = Arc::new(AtomicBool::new(true));
+        let driver = tokio::spawn({
+            let open = open.clone();
+            async move {
+                let _ = connection.await;
+                open.store(false, Ordering::Release);
+            }
+        });
+        let pooled = Pooled {
+            sender,
+            streams: Arc::new(AtomicUsize::new(streams)),
+            last_used: Instant::now(),
+            open,
+        };
+        (pooled, driver)
+    }
+
+    #[tokio::test]
+    async fn a_spent_budget_closes_every_idle_connection_and_only_those() {
+        let key = |ip: &str| PoolKey {
+            source_pod: "client-uid".into(),
+            source: Identity::new("cluster.local", "default", "client").unwrap(),
+            destination: Identity::new("cluster.local", "default", "server").unwrap(),
+            destination_ip: ip.parse().unwrap(),
+        };
+        let pool = Pool::new();
+        let (idle, idle_driver) = pooled(0).await;
+        let (spare, spare_driver) = pooled(0).await;
+        let (busy, busy_driver) = pooled(1).await;
+        let busy_streams = busy.streams.clone();
+        {
+            let mut connections = pool.connections.lock().unwrap();
+            // One key's last used idle connection, which a reap would keep for IDLE_TIMEOUT,
+            // and another key's busy connection and idle spare.
+            connections.insert(key("10.0.1.1"), vec![idle]);
+            connections.insert(key("10.0.1.2"), vec![busy, spare]);
+        }
+        let now = Instant::now();
+        assert_eq!(pool.close_idle(now), 2, "both idle connections close");
+        assert_eq!(pool.len(), 1, "the busy one stays pooled");
+        // Their tasks end (and with them, in the agent, their slots): waited on, not slept for.
+        for driver in [idle_driver, spare_driver] {
+            tokio::time::timeout(Duration::from_secs(10), driver)
+                .await
+                .expect("an idle connection closed")
+                .unwrap();
+        }
+        assert!(
+            !busy_driver.is_finished(),
+            "the busy connection is still open"
+        );
+
+        // A flood refused by the spent budget does not walk the pool for each connection.
+        busy_streams.store(0, Ordering::Release);
+        assert_eq!(pool.close_idle(now + CLOSE_IDLE_INTERVAL / 2), 0);
+        assert_eq!(pool.len(), 1);
+        assert_eq!(pool.close_idle(now + CLOSE_IDLE_INTERVAL), 1);
+        assert!(pool.is_empty());
     }
 
     #[test]

@@ -145,7 +145,7 @@ pub(super) async fn admit(
             return reject(StatusCode::UNAUTHORIZED, refusal.reason);
         }
     };
-    let permit = match pod.admit_connection(proxy) {
+    let permit = match pod.admit_connection(proxy).await {
         Ok(permit) => permit,
         Err(spent) => {
             let reason = spent.to_string();

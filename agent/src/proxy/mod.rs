@@ -108,7 +108,9 @@ impl Default for Limits {
 /// socket, which holds a slot of its own), a plaintext or same-node one two. Counting two per
 /// connection would leave half the descriptors unused where the mesh carries its traffic. The
 /// tunnels a pod's connections ride count for the node, not for the pod (the pool keeps one
-/// idle a while per destination). Each enrolled pod holds [`Budgets::POD_DESCRIPTORS`] slots
+/// idle a while per destination); idle ones are a cache, closed when the node's budget is
+/// spent before any connection is refused ([`PodContext::socket_slot`]), so the idle tunnels a
+/// pod left to many destinations never keep another pod's connection out. Each enrolled pod holds [`Budgets::POD_DESCRIPTORS`] slots
 /// for its own descriptors (listeners, namespace, sockets made ahead), so the budget shrinks
 /// as pods come; [`Budgets::RESERVED_DESCRIPTORS`] stay for the agent's own (splice pipes: up
 /// to [`copy::MAX_PIPES`], the API watch, the endpoints, files).
@@ -583,7 +585,7 @@ pub async fn accept_loop<F, Fut>(
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                let permit = match pod.admit_connection(&proxy) {
+                let permit = match pod.admit_connection(&proxy).await {
                     Ok(permit) => permit,
                     Err(spent) => {
                         tracing::debug!(pod = %pod.key, port, %peer, "connection reset: {spent}");
@@ -702,6 +704,20 @@ impl NodeBudget {
         self.try_acquire_many(1)
     }
 
+    /// A slot freed by the `closing` connections being closed to make room: waits up to
+    /// [`FREED_WAIT`] for one, as long as any is closing.
+    async fn acquire_freed(&self, closing: usize) -> Option<OwnedSemaphorePermit> {
+        if closing == 0 {
+            return None;
+        }
+        let held = tokio::time::timeout(FREED_WAIT, self.slots.clone().acquire_owned())
+            .await
+            .ok()?
+            .ok()?;
+        self.peak.fetch_max(self.in_use(), Ordering::AcqRel);
+        Some(held)
+    }
+
     /// `slots` slots at once, if that many are free.
     fn try_acquire_many(&self, slots: u32) -> Option<OwnedSemaphorePermit> {
         let held = self.slots.clone().try_acquire_many_owned(slots).ok()?;
@@ -720,6 +736,11 @@ impl NodeBudget {
         self.peak.swap(self.in_use(), Ordering::AcqRel)
     }
 }
+
+/// How long a connection that found the node's budget spent waits for a slot of the idle
+/// pooled connections closed for it ([`hbone::Pool::close_idle`]); each frees its slot as soon
+/// as its task runs, so this only bounds a data-plane thread too busy to run it.
+const FREED_WAIT: Duration = Duration::from_millis(250);
 
 /// A carried connection's slots in the node's and its pod's budgets, released on drop.
 #[derive(Debug)]
@@ -839,8 +860,8 @@ impl PodContext {
 
     /// Takes a slot of the node's and of the pod's connection budget (for the connection's
     /// first socket), or counts (and now and then logs) which is spent.
-    pub fn admit_connection(&self, proxy: &Proxy) -> Result<Permit, Spent> {
-        let node = self.socket_slot(proxy).ok_or(Spent::Node)?;
+    pub async fn admit_connection(&self, proxy: &Proxy) -> Result<Permit, Spent> {
+        let node = self.socket_slot(proxy).await.ok_or(Spent::Node)?;
         let Ok(pod) = self.budget.clone().try_acquire_owned() else {
             proxy.metrics.limit_reached("pod_connections");
             self.warn_now_and_then(
@@ -858,9 +879,21 @@ impl PodContext {
 
     /// A slot of the node's budget for one more socket a connection of this pod opens (its
     /// plaintext upstream, a new HBONE connection), or `None`, counted (and now and then
-    /// logged), when the node's budget is spent.
-    pub fn socket_slot(&self, proxy: &Proxy) -> Option<SocketSlot> {
-        let slot = proxy.node_budget.try_acquire();
+    /// logged), when the node's budget is spent. A spent budget first closes the idle pooled
+    /// HBONE connections, every pod's, and waits for a slot one of them frees.
+    pub async fn socket_slot(&self, proxy: &Proxy) -> Option<SocketSlot> {
+        let mut slot = proxy.node_budget.try_acquire();
+        if slot.is_none() {
+            let closing = proxy.pool.close_idle(std::time::Instant::now());
+            if closing > 0 {
+                tracing::debug!(
+                    pod = %self.key,
+                    closing,
+                    "the node's connection budget is spent: closing idle HBONE connections"
+                );
+            }
+            slot = proxy.node_budget.acquire_freed(closing).await;
+        }
         if slot.is_none() {
             proxy.metrics.limit_reached("node_connections");
             self.warn_now_and_then(

@@ -160,7 +160,7 @@ async fn carry(
     let copied = match &route {
         Route::Passthrough { target } => {
             // The upstream is a socket of its own: a second slot of the node's budget.
-            let Some(_upstream_slot) = pod.socket_slot(proxy) else {
+            let Some(_upstream_slot) = pod.socket_slot(proxy).await else {
                 // Counted and logged now and then by `socket_slot`, not once per connection.
                 record.fail(Flags::Overflow, Spent::Node.to_string());
                 super::reset(stream.into_inner());
@@ -297,9 +297,11 @@ async fn open_tunnel(
         .connect(&key, target, forwarded_for, client, |hbone_peer| {
             // A new HBONE connection is a socket of its own, held for as long as the pool
             // keeps it: a slot of the node's budget, which the connection holds.
-            let slot = pod.socket_slot(proxy);
             async move {
-                let slot = slot.ok_or(hbone::Error::Budget { peer: hbone_peer })?;
+                let slot = pod
+                    .socket_slot(proxy)
+                    .await
+                    .ok_or(hbone::Error::Budget { peer: hbone_peer })?;
                 let tcp = proxy
                     .connect_in(&netns, hbone_peer, None, Leg::Tunnel)
                     .await

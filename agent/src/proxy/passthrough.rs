@@ -82,7 +82,7 @@ async fn carry_inbound(stream: TcpStream, peer: SocketAddr, proxy: &Proxy, pod: 
         }
     };
     // The upstream is a socket of its own: a second slot of the node's budget.
-    let Some(_upstream_slot) = pod.socket_slot(proxy) else {
+    let Some(_upstream_slot) = pod.socket_slot(proxy).await else {
         let mut record = Record::refused(
             &proxy.metrics,
             opening,
