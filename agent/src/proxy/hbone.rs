@@ -10,7 +10,8 @@
 //! destination IP) — never shared between two pods, even of one service account — at most
 //! [`MAX_STREAMS`] streams each, closed after [`IDLE_TIMEOUT`] idle (all but one per key after
 //! [`SPARE_IDLE_TIMEOUT`]; every idle one at once when the node's budget is spent,
-//! [`Pool::close_idle`]), with HTTP/2 keepalive pings. The client does not wait for the `200` to send: what the application sends first (at
+//! [`Pool::close_idle`]), with HTTP/2 keepalive pings. The client does not wait for the `200`
+//! to send: what the application sends first (at
 //! most [`EARLY_DATA`]) goes on the stream with the request, and the server holds it unread in
 //! the stream's window until it has admitted the CONNECT and connected the application.
 //! [`serve_connection`] is the server side of one accepted 15008 connection, and
@@ -230,8 +231,8 @@ impl Drop for Slot {
 #[derive(Debug, Default)]
 pub struct Pool {
     connections: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
-    /// When [`Pool::close_idle`] last walked the pool.
-    closed_idle_at: Mutex<Option<Instant>>,
+    /// When [`Pool::close_idle`] last walked the pool, and how many connections it closed.
+    closed_idle: Mutex<Option<(Instant, usize)>>,
 }
 
 impl Pool {
@@ -353,31 +354,42 @@ impl Pool {
     /// used, and returns how many: the node's budget is spent, and an idle pooled connection,
     /// which holds a slot of it, is a cache worth less than a connection the budget would
     /// refuse. Each closes once its task sees its last handle gone (at once: nothing else holds
-    /// one), which frees its slot. Walks the pool at most once per [`CLOSE_IDLE_INTERVAL`]
-    /// (returning 0 in between).
+    /// one), which frees its slot. Walks the pool at most once per [`CLOSE_IDLE_INTERVAL`]; in
+    /// between, returns what the last walk closed (slots may still be on their way).
     pub fn close_idle(&self, now: Instant) -> usize {
         {
-            let mut at = self
-                .closed_idle_at
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            if at.is_some_and(|at| now.saturating_duration_since(at) < CLOSE_IDLE_INTERVAL) {
-                return 0;
+            let mut last = self.closed_idle.lock().unwrap_or_else(|p| p.into_inner());
+            match *last {
+                Some((at, closed)) if now.saturating_duration_since(at) < CLOSE_IDLE_INTERVAL => {
+                    return closed;
+                }
+                // Taken before the walk, so that concurrent callers do not walk too.
+                _ => *last = Some((now, 0)),
             }
-            *at = Some(now);
         }
-        let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
-        let mut closing = 0;
-        for pooled in connections.values_mut() {
-            // `checkout` takes a stream under this lock, so none starts on one dropped here.
-            pooled.retain(|p| {
-                let idle = !p.is_closed() && p.streams.load(Ordering::Acquire) == 0;
-                closing += usize::from(idle);
-                !idle && !p.is_closed()
-            });
+        let mut closing = Vec::new();
+        {
+            let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+            for pooled in connections.values_mut() {
+                // `checkout` takes a stream under this lock, so none starts on one taken here.
+                pooled.retain(|p| !p.is_closed());
+                let (idle, busy) = std::mem::take(pooled)
+                    .into_iter()
+                    .partition(|p| p.streams.load(Ordering::Acquire) == 0);
+                *pooled = busy;
+                closing.extend(idle);
+            }
+            connections.retain(|_, pooled| !pooled.is_empty());
         }
-        connections.retain(|_, pooled| !pooled.is_empty());
-        closing
+        let closed = closing.len();
+        self.closed_idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace((now, closed));
+        // Dropped outside the pool's lock: each drop wakes its connection's task, maybe on
+        // another data-plane thread, and `checkout` on every thread waits on that lock.
+        drop(closing);
+        closed
     }
 
     /// Connections pooled now.
@@ -1057,12 +1069,14 @@ mod tests {
             "the busy connection is still open"
         );
 
-        // A flood refused by the spent budget does not walk the pool for each connection.
+        // A flood refused by the spent budget does not walk the pool for each connection: in
+        // between, the last walk's count says slots may still be coming.
         busy_streams.store(0, Ordering::Release);
-        assert_eq!(pool.close_idle(now + CLOSE_IDLE_INTERVAL / 2), 0);
-        assert_eq!(pool.len(), 1);
+        assert_eq!(pool.close_idle(now + CLOSE_IDLE_INTERVAL / 2), 2);
+        assert_eq!(pool.len(), 1, "not walked again");
         assert_eq!(pool.close_idle(now + CLOSE_IDLE_INTERVAL), 1);
         assert!(pool.is_empty());
+        assert_eq!(pool.close_idle(now + CLOSE_IDLE_INTERVAL * 2), 0);
     }
 
     #[test]

@@ -109,9 +109,9 @@ impl Default for Limits {
 /// connection would leave half the descriptors unused where the mesh carries its traffic. The
 /// tunnels a pod's connections ride count for the node, not for the pod (the pool keeps one
 /// idle a while per destination); idle ones are a cache, closed when the node's budget is
-/// spent before any connection is refused ([`PodContext::socket_slot`]), so the idle tunnels a
-/// pod left to many destinations never keep another pod's connection out. Each enrolled pod holds [`Budgets::POD_DESCRIPTORS`] slots
-/// for its own descriptors (listeners, namespace, sockets made ahead), so the budget shrinks
+/// spent ([`PodContext::socket_slot`]), so the idle tunnels a pod left to many destinations
+/// do not keep another pod's connections out. Each enrolled pod holds
+/// [`Budgets::POD_DESCRIPTORS`] slots for its own descriptors (listeners, namespace, sockets made ahead), so the budget shrinks
 /// as pods come; [`Budgets::RESERVED_DESCRIPTORS`] stay for the agent's own (splice pipes: up
 /// to [`copy::MAX_PIPES`], the API watch, the endpoints, files).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -738,8 +738,11 @@ impl NodeBudget {
 }
 
 /// How long a connection that found the node's budget spent waits for a slot of the idle
-/// pooled connections closed for it ([`hbone::Pool::close_idle`]); each frees its slot as soon
-/// as its task runs, so this only bounds a data-plane thread too busy to run it.
+/// pooled connections closed for it ([`hbone::Pool::close_idle`]). Each frees its slot as soon
+/// as its task runs, so the wait is short unless that data-plane thread is busy, or the slots
+/// went to other connections first (a closed tunnel's task on another thread can free its slot
+/// before this one waits, and another thread's connection take it): then the connection is
+/// refused after this long, its listener's accept loop having waited as long.
 const FREED_WAIT: Duration = Duration::from_millis(250);
 
 /// A carried connection's slots in the node's and its pod's budgets, released on drop.
@@ -860,8 +863,9 @@ impl PodContext {
 
     /// Takes a slot of the node's and of the pod's connection budget (for the connection's
     /// first socket), or counts (and now and then logs) which is spent.
+    /// The pod's is taken first: a pod over its own budget must not close the node's idle
+    /// tunnels for a connection it will refuse anyway.
     pub async fn admit_connection(&self, proxy: &Proxy) -> Result<Permit, Spent> {
-        let node = self.socket_slot(proxy).await.ok_or(Spent::Node)?;
         let Ok(pod) = self.budget.clone().try_acquire_owned() else {
             proxy.metrics.limit_reached("pod_connections");
             self.warn_now_and_then(
@@ -871,6 +875,7 @@ impl PodContext {
             );
             return Err(Spent::Pod);
         };
+        let node = self.socket_slot(proxy).await.ok_or(Spent::Node)?;
         Ok(Permit {
             _node: node,
             _pod: pod,
